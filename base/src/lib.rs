@@ -1,0 +1,19 @@
+//! hostmem-base: the only crate in hostmem with `unsafe` syscall code.
+//!
+//! Everything that touches raw memory or a raw syscall lives here behind a safe API:
+//! memfds ([`shm::SharedMemory`]), RAII mappings ([`mmap::MemoryMapping`]), the hostmem
+//! [`window::Window`] (reserve, MAP_FIXED place, restore background), KVM VMs and
+//! memslots ([`kvm`]), seccomp filter installation ([`seccomp`]), the namespace sandbox
+//! spawner ([`sandbox`]) and small `/proc` readers ([`procfs`]). Every `unsafe` block has a
+//! `// SAFETY:` comment that says why it holds.
+
+pub mod error;
+pub mod kvm;
+pub mod mmap;
+pub mod procfs;
+pub mod sandbox;
+pub mod seccomp;
+pub mod shm;
+pub mod window;
+
+pub use error::{Error, Result};

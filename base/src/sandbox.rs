@@ -1,0 +1,1 @@
+//! placeholder (module owned by a parallel work item)

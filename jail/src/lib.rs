@@ -1,0 +1,1 @@
+//! hostmem-jail: placeholder, being written.
