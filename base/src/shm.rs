@@ -1,0 +1,186 @@
+//! `SharedMemory`: a memfd with CLOEXEC and sealing, the unit of memory hostmem moves
+//! between processes (the hostmem window's background and every shm blob).
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::stat::{fstat, SFlag};
+
+use crate::{Error, Result};
+
+/// A memfd-backed shared memory object that owns its fd.
+#[derive(Debug)]
+pub struct SharedMemory {
+    fd: OwnedFd,
+    size: u64,
+}
+
+/// What `fstat` and the seals say about a file someone handed us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileFacts {
+    /// Size in bytes.
+    pub size: u64,
+    /// `st_mode`.
+    pub mode: u32,
+    /// Seals, if the file supports them (memfds do).
+    pub seals: Option<i32>,
+}
+
+impl FileFacts {
+    /// True if the file can neither shrink nor grow (F_SEAL_SHRINK and F_SEAL_GROW set).
+    pub fn size_sealed(&self) -> bool {
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        self.seals.is_some_and(|s| s & want == want)
+    }
+    /// True if it is a regular file (memfds and shm files are).
+    pub fn is_regular(&self) -> bool {
+        SFlag::from_bits_truncate(self.mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
+    }
+}
+
+/// `fstat` + `F_GET_SEALS` on any fd.
+pub fn file_facts(fd: BorrowedFd<'_>) -> Result<FileFacts> {
+    let st = fstat(fd.as_raw_fd()).map_err(Error::Fstat)?;
+    let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).ok();
+    Ok(FileFacts {
+        size: st.st_size as u64,
+        mode: st.st_mode,
+        seals,
+    })
+}
+
+impl SharedMemory {
+    /// Creates a memfd of `size` bytes (zero-filled), CLOEXEC, sealing allowed.
+    pub fn new(name: &str, size: u64) -> Result<Self> {
+        if size == 0 || i64::try_from(size).is_err() {
+            return Err(Error::InvalidSize(size));
+        }
+        let cname = CString::new(name.replace('\0', "_")).map_err(|_| Error::InvalidSize(size))?;
+        let fd = memfd_create(
+            &cname,
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .map_err(Error::MemfdCreate)?;
+        nix::unistd::ftruncate(&fd, size as i64)
+            .map_err(|errno| Error::Truncate { size, errno })?;
+        Ok(SharedMemory { fd, size })
+    }
+
+    /// Adopts an fd received from another process after checking that it is a regular file
+    /// of at least `min_size` bytes. The size recorded is the file's real size.
+    pub fn from_fd(fd: OwnedFd, min_size: u64) -> Result<Self> {
+        let facts = file_facts(fd.as_fd())?;
+        if !facts.is_regular() {
+            return Err(Error::NotRegularFile { mode: facts.mode });
+        }
+        if facts.size < min_size {
+            return Err(Error::FileTooSmall {
+                need: min_size,
+                have: facts.size,
+            });
+        }
+        Ok(SharedMemory {
+            fd,
+            size: facts.size,
+        })
+    }
+
+    /// Seals the size (F_SEAL_SHRINK | F_SEAL_GROW) so that a mapping of it can never
+    /// turn into a SIGBUS hole.
+    pub fn seal_size(&self) -> Result<()> {
+        fcntl(
+            self.fd.as_raw_fd(),
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+        )
+        .map_err(Error::Seal)?;
+        Ok(())
+    }
+
+    /// Current seals.
+    pub fn seals(&self) -> Result<i32> {
+        fcntl(self.fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(Error::Seal)
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A new owned fd for the same file (CLOEXEC), e.g. to send to another process.
+    pub fn try_clone_fd(&self) -> Result<OwnedFd> {
+        self.fd.try_clone().map_err(|e| Error::Fd {
+            op: "dup",
+            errno: Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+        })
+    }
+
+    /// Frees the pages of `offset..offset+len` so they read as zeros again.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        nix::fcntl::fallocate(
+            self.fd.as_raw_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+        .map_err(Error::PunchHole)
+    }
+
+    /// Gives up ownership of the fd.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+impl AsFd for SharedMemory {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memfd_is_cloexec_and_sealable() {
+        let shm = SharedMemory::new("t", 8192).unwrap();
+        let flags = fcntl(shm.as_fd().as_raw_fd(), FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        shm.seal_size().unwrap();
+        let facts = file_facts(shm.as_fd()).unwrap();
+        assert!(facts.size_sealed());
+        assert!(facts.is_regular());
+        assert_eq!(facts.size, 8192);
+        // A sealed memfd refuses to shrink.
+        assert!(nix::unistd::ftruncate(shm.as_fd(), 4096).is_err());
+    }
+
+    #[test]
+    fn from_fd_checks_kind_and_size() {
+        let shm = SharedMemory::new("t", 4096).unwrap();
+        let err = SharedMemory::from_fd(shm.try_clone_fd().unwrap(), 8192).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::FileTooSmall {
+                need: 8192,
+                have: 4096
+            }
+        ));
+        assert!(SharedMemory::from_fd(shm.try_clone_fd().unwrap(), 4096).is_ok());
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let err = SharedMemory::from_fd(r, 1).unwrap_err();
+        assert!(matches!(err, Error::NotRegularFile { .. }));
+    }
+
+    #[test]
+    fn zero_size_refused() {
+        assert!(matches!(
+            SharedMemory::new("t", 0),
+            Err(Error::InvalidSize(0))
+        ));
+    }
+}

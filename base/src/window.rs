@@ -1,0 +1,365 @@
+//! The hostmem `Window`: one memfd mapped once, MAP_SHARED, into which blobs are placed with
+//! `MAP_FIXED` and out of which they are removed by mapping the window's own background
+//! back (DESIGN.md invariants 2 and 7).
+//!
+//! The same type serves the VMM (whose window KVM reads as one memslot) and the device
+//! (whose *mirror* maps the same memfd). Bookkeeping keeps placements non-overlapping,
+//! page-aligned and inside the window (checked arithmetic), and a VMA budget refuses new
+//! placements before the process gets close enough to `vm.max_map_count` that a restore
+//! could fail with ENOMEM and leave a hole.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Mutex;
+
+use nix::sys::mman::MapFlags;
+
+use crate::mmap::{check_range, is_page_aligned, MemoryMapping, Prot};
+use crate::shm::{file_facts, SharedMemory};
+use crate::{procfs, Error, Result};
+
+/// VMAs kept free below the limit by default: enough for restores, thread stacks and malloc.
+pub const DEFAULT_VMA_RESERVE: usize = 128;
+/// Re-count `/proc/self/maps` after this many placements even when far from the limit.
+const RECOUNT_EVERY: u32 = 256;
+
+/// One live placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// Window offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Offset inside the placed file.
+    pub fd_offset: u64,
+    /// Protection.
+    pub prot: Prot,
+}
+
+/// The VMA budget: the limit, the reserve and an estimate of the process's VMA count that
+/// is re-counted from `/proc/self/maps` now and then and whenever it gets close.
+#[derive(Debug)]
+struct VmaBudget {
+    limit: usize,
+    reserve: usize,
+    counted: usize,
+    since_count: u32,
+    added_since_count: usize,
+}
+
+impl VmaBudget {
+    fn used_estimate(&self) -> usize {
+        self.counted + self.added_since_count
+    }
+
+    fn recount(&mut self) -> Result<()> {
+        self.counted = procfs::vma_count()?;
+        self.since_count = 0;
+        self.added_since_count = 0;
+        Ok(())
+    }
+
+    /// Ok if one more placement (at most 2 new VMAs) still leaves the reserve free.
+    fn admit(&mut self) -> Result<()> {
+        let near = self.used_estimate() + 2 + 2 * self.reserve >= self.limit;
+        if near || self.since_count >= RECOUNT_EVERY {
+            self.recount()?;
+        }
+        let used = self.used_estimate();
+        if used + 2 + self.reserve > self.limit {
+            return Err(Error::VmaHeadroom {
+                used,
+                limit: self.limit,
+                reserve: self.reserve,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    placements: BTreeMap<u64, Placement>,
+    budget: VmaBudget,
+}
+
+/// The hostmem window (or the device's mirror of it).
+#[derive(Debug)]
+pub struct Window {
+    memfd: SharedMemory,
+    map: MemoryMapping,
+    state: Mutex<State>,
+}
+
+impl Window {
+    /// Creates the window's memfd (`size` bytes, size-sealed) and maps it: the VMM's side.
+    pub fn new(size: u64) -> Result<Self> {
+        if size == 0 || !is_page_aligned(size) {
+            return Err(Error::InvalidSize(size));
+        }
+        let memfd = SharedMemory::new("hostmem-window", size)?;
+        memfd.seal_size()?;
+        Self::from_memfd(memfd)
+    }
+
+    /// Maps an existing window memfd (the device's mirror of the VMM's window).
+    pub fn from_memfd(memfd: SharedMemory) -> Result<Self> {
+        let size = memfd.size();
+        if size == 0 || !is_page_aligned(size) {
+            return Err(Error::InvalidSize(size));
+        }
+        let len = usize::try_from(size).map_err(|_| Error::InvalidSize(size))?;
+        let map = MemoryMapping::from_fd(memfd.as_fd(), 0, len, Prot::READ_WRITE)?;
+        let mut budget = VmaBudget {
+            limit: procfs::max_map_count()?,
+            reserve: DEFAULT_VMA_RESERVE,
+            counted: 0,
+            since_count: 0,
+            added_since_count: 0,
+        };
+        budget.recount()?;
+        Ok(Window {
+            memfd,
+            map,
+            state: Mutex::new(State {
+                placements: BTreeMap::new(),
+                budget,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the table half-updated (every update
+        // is a single insert/remove after the syscall), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Window size in bytes.
+    pub fn size(&self) -> u64 {
+        self.memfd.size()
+    }
+
+    /// The window's memfd (to send to the device, or to register as a memslot).
+    pub fn memfd(&self) -> &SharedMemory {
+        &self.memfd
+    }
+
+    /// The host address range of the window: `(start, len)`.
+    pub fn host_range(&self) -> (usize, usize) {
+        (self.map.as_ptr() as usize, self.map.size())
+    }
+
+    /// Overrides the VMA limit (default `vm.max_map_count`) and reserve, e.g. for tests.
+    pub fn set_vma_limit(&self, limit: usize, reserve: usize) {
+        let mut st = self.lock();
+        st.budget.limit = limit;
+        st.budget.reserve = reserve;
+    }
+
+    /// VMAs still available for placements: `limit - reserve - used`, from a fresh count.
+    pub fn vma_headroom(&self) -> Result<usize> {
+        let mut st = self.lock();
+        st.budget.recount()?;
+        let b = &st.budget;
+        Ok(b.limit.saturating_sub(b.reserve + b.used_estimate()))
+    }
+
+    /// Checks a placement against the window without any syscall: non-zero, page-aligned,
+    /// inside the window with checked arithmetic, no overlap with a live placement.
+    pub fn check_place(&self, offset: u64, len: u64) -> Result<()> {
+        Self::check_place_in(&self.lock().placements, self.size(), offset, len)
+    }
+
+    fn check_place_in(
+        placements: &BTreeMap<u64, Placement>,
+        size: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        if len == 0 {
+            return Err(Error::InvalidSize(0));
+        }
+        for (what, value) in [("offset", offset), ("length", len)] {
+            if !is_page_aligned(value) {
+                return Err(Error::Misaligned { what, value });
+            }
+        }
+        check_range(offset, len, size)?;
+        let end = offset + len; // cannot overflow: check_range passed
+                                // The only candidates for overlap: the last placement starting before `end`.
+        if let Some((_, p)) = placements.range(..end).next_back() {
+            if p.offset + p.len > offset {
+                return Err(Error::Overlap {
+                    offset,
+                    len,
+                    other: p.offset,
+                    other_len: p.len,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Places `len` bytes of `fd` (from `fd_offset`) at window offset `offset` with
+    /// MAP_FIXED | MAP_SHARED. Everything is checked before the syscall: the range, overlap,
+    /// protection (never EXEC), that the fd is a regular file at least `fd_offset + len`
+    /// long, and that the VMA budget leaves room to restore.
+    pub fn place(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+        prot: Prot,
+    ) -> Result<()> {
+        let mut st = self.lock();
+        Self::check_place_in(&st.placements, self.size(), offset, len)?;
+        if !is_page_aligned(fd_offset) {
+            return Err(Error::Misaligned {
+                what: "fd offset",
+                value: fd_offset,
+            });
+        }
+        let facts = file_facts(fd)?;
+        if !facts.is_regular() {
+            return Err(Error::NotRegularFile { mode: facts.mode });
+        }
+        let need = fd_offset.checked_add(len).ok_or(Error::OutOfRange {
+            offset: fd_offset,
+            len,
+            limit: facts.size,
+        })?;
+        if facts.size < need {
+            return Err(Error::FileTooSmall {
+                need,
+                have: facts.size,
+            });
+        }
+        st.budget.admit()?;
+        self.map_fixed(offset, len, fd, fd_offset, prot)?;
+        st.budget.since_count += 1;
+        st.budget.added_since_count += 2;
+        st.placements.insert(
+            offset,
+            Placement {
+                offset,
+                len,
+                fd_offset,
+                prot,
+            },
+        );
+        Ok(())
+    }
+
+    /// The one MAP_FIXED in hostmem. `offset..offset+len` must have been checked to lie
+    /// inside the window.
+    fn map_fixed(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+        prot: Prot,
+    ) -> Result<()> {
+        let err = |errno| Error::MapFixed { offset, len, errno };
+        let size = NonZeroUsize::new(len as usize).ok_or(Error::InvalidSize(len))?;
+        let file_off = i64::try_from(fd_offset).map_err(|_| Error::InvalidSize(fd_offset))?;
+        debug_assert!(check_range(offset, len, self.size()).is_ok());
+        let addr = self.map.as_ptr() as usize + offset as usize;
+        let want = NonZeroUsize::new(addr).ok_or(Error::InvalidSize(offset))?;
+        // SAFETY: addr..addr+len lies inside this window's own mapping (checked by every
+        // caller with check_range against the window size), which this object owns for its
+        // whole life. Replacing those pages with another MAP_SHARED file mapping cannot
+        // invalidate any Rust reference: the window's memory is only ever accessed through
+        // copies (MemoryMapping's API), by other processes, or by KVM, never via references.
+        let got = unsafe {
+            nix::sys::mman::mmap(
+                Some(want),
+                size,
+                prot.flags(),
+                MapFlags::MAP_SHARED | MapFlags::MAP_FIXED,
+                fd,
+                file_off,
+            )
+        }
+        .map_err(err)?;
+        if got.as_ptr() as usize != addr {
+            // MAP_FIXED never moves a mapping; treat anything else as a failed placement.
+            return Err(err(nix::errno::Errno::EINVAL));
+        }
+        Ok(())
+    }
+
+    /// Removes the live placement at exactly `offset..offset+len`: the window's background
+    /// (its own memfd at the same offset, read/write) is mapped back and its pages are
+    /// punched so the range reads zeros. On failure the placement stays recorded.
+    pub fn restore(&self, offset: u64, len: u64) -> Result<Placement> {
+        let mut st = self.lock();
+        let p = match st.placements.get(&offset) {
+            Some(p) if p.len == len => *p,
+            _ => return Err(Error::NotPlaced { offset, len }),
+        };
+        self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE)?;
+        st.placements.remove(&offset);
+        st.budget.added_since_count = st.budget.added_since_count.saturating_sub(2);
+        drop(st);
+        if let Err(e) = self.memfd.punch_hole(offset, len) {
+            // The background is mapped back (no hole); only stale bytes may remain.
+            log::warn!("restore {offset:#x}+{len:#x}: {e}; background not zeroed");
+            self.map.fill(offset as usize, len as usize, 0)?;
+        }
+        Ok(p)
+    }
+
+    /// Restores the whole window to background in one MAP_FIXED (which can only lower the
+    /// VMA count) and zeroes it; returns the placements that were live.
+    pub fn restore_all(&self) -> Result<Vec<Placement>> {
+        let mut st = self.lock();
+        self.map_fixed(0, self.size(), self.memfd.as_fd(), 0, Prot::READ_WRITE)?;
+        let was: Vec<Placement> = std::mem::take(&mut st.placements).into_values().collect();
+        st.budget.recount()?;
+        drop(st);
+        self.memfd.punch_hole(0, self.size())?;
+        Ok(was)
+    }
+
+    /// The live placements, by offset.
+    pub fn placements(&self) -> Vec<Placement> {
+        self.lock().placements.values().copied().collect()
+    }
+
+    /// Number of live placements.
+    pub fn live(&self) -> usize {
+        self.lock().placements.len()
+    }
+
+    /// Copies bytes out of the window (host view).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.map.read_slice(offset as usize, buf)
+    }
+
+    /// Copies bytes into the window (host view; only valid over writable placements or
+    /// background).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_range(offset, data.len() as u64, self.size())?;
+        let st = self.lock();
+        let end = offset + data.len() as u64;
+        let read_only = st
+            .placements
+            .range(..end)
+            .rev()
+            .take_while(|(_, p)| p.offset + p.len > offset)
+            .find(|(_, p)| p.prot != Prot::READ_WRITE);
+        if let Some((_, p)) = read_only {
+            return Err(Error::BadProtection(p.prot.bits()));
+        }
+        self.map.write_slice(offset as usize, data)
+    }
+
+    /// The window's mapping (for registering it as a memslot).
+    pub fn mapping(&self) -> &MemoryMapping {
+        &self.map
+    }
+}

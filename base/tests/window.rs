@@ -1,0 +1,196 @@
+//! Window behaviour: place, read through the window, restore to zeros, refuse bad ranges.
+
+use std::os::fd::AsFd;
+
+use hostmem_base::mmap::{page_size, MemoryMapping, Prot};
+use hostmem_base::shm::SharedMemory;
+use hostmem_base::window::Window;
+use hostmem_base::Error;
+
+const PAGE: u64 = 4096;
+
+fn blob(size: u64, byte: u8) -> SharedMemory {
+    let shm = SharedMemory::new("blob", size).unwrap();
+    let m = MemoryMapping::from_fd(shm.as_fd(), 0, size as usize, Prot::READ_WRITE).unwrap();
+    m.fill(0, size as usize, byte).unwrap();
+    shm.seal_size().unwrap();
+    shm
+}
+
+fn read(w: &Window, offset: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    w.read(offset, &mut v).unwrap();
+    v
+}
+
+#[test]
+fn place_read_restore_zero_and_place_again() {
+    assert_eq!(page_size(), PAGE);
+    let w = Window::new(64 * PAGE).unwrap();
+    let b = blob(4 * PAGE, 0xab);
+    w.place(8 * PAGE, 4 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    assert!(read(&w, 8 * PAGE, 4 * PAGE as usize)
+        .iter()
+        .all(|&x| x == 0xab));
+    assert!(read(&w, 7 * PAGE, PAGE as usize).iter().all(|&x| x == 0));
+    assert!(read(&w, 12 * PAGE, PAGE as usize).iter().all(|&x| x == 0));
+
+    // A write through the window reaches the blob (shared pages).
+    w.write(8 * PAGE + 5, b"xyz").unwrap();
+    let m = MemoryMapping::from_fd(b.as_fd(), 0, PAGE as usize, Prot::READ).unwrap();
+    let mut got = [0u8; 3];
+    m.read_slice(5, &mut got).unwrap();
+    assert_eq!(&got, b"xyz");
+
+    w.restore(8 * PAGE, 4 * PAGE).unwrap();
+    assert!(read(&w, 8 * PAGE, 4 * PAGE as usize)
+        .iter()
+        .all(|&x| x == 0));
+    assert_eq!(w.live(), 0);
+
+    // The restored range takes a placement again, at a partial fd offset.
+    w.place(8 * PAGE, 2 * PAGE, b.as_fd(), 2 * PAGE, Prot::READ)
+        .unwrap();
+    assert!(read(&w, 8 * PAGE, 2 * PAGE as usize)
+        .iter()
+        .all(|&x| x == 0xab));
+    // A read-only placement refuses host writes through the window API.
+    assert!(matches!(
+        w.write(8 * PAGE, b"no"),
+        Err(Error::BadProtection(_))
+    ));
+    w.restore(8 * PAGE, 2 * PAGE).unwrap();
+}
+
+#[test]
+fn background_writes_are_zeroed_by_restore() {
+    let w = Window::new(16 * PAGE).unwrap();
+    let b = blob(PAGE, 1);
+    w.write(0, &[9u8; 4096]).unwrap();
+    w.place(0, PAGE, b.as_fd(), 0, Prot::READ_WRITE).unwrap();
+    w.restore(0, PAGE).unwrap();
+    assert!(read(&w, 0, PAGE as usize).iter().all(|&x| x == 0));
+}
+
+#[test]
+fn bad_ranges_are_refused_before_any_syscall() {
+    let w = Window::new(16 * PAGE).unwrap();
+    let b = blob(4 * PAGE, 7);
+    let fd = b.as_fd();
+    w.place(4 * PAGE, 4 * PAGE, fd, 0, Prot::READ_WRITE)
+        .unwrap();
+    let rw = Prot::READ_WRITE;
+    assert!(matches!(
+        w.place(6 * PAGE, 4 * PAGE, fd, 0, rw),
+        Err(Error::Overlap { .. })
+    ));
+    assert!(matches!(
+        w.place(2 * PAGE, 4 * PAGE, fd, 0, rw),
+        Err(Error::Overlap { .. })
+    ));
+    assert!(matches!(
+        w.place(5 * PAGE, PAGE, fd, 0, rw),
+        Err(Error::Overlap { .. })
+    ));
+    assert!(matches!(
+        w.place(14 * PAGE, 4 * PAGE, fd, 0, rw),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        w.place(16 * PAGE, PAGE, fd, 0, rw),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        w.place(u64::MAX - PAGE + 1, 2 * PAGE, fd, 0, rw),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        w.place(PAGE + 1, PAGE, fd, 0, rw),
+        Err(Error::Misaligned { .. })
+    ));
+    assert!(matches!(
+        w.place(0, 100, fd, 0, rw),
+        Err(Error::Misaligned { .. })
+    ));
+    assert!(matches!(
+        w.place(0, 0, fd, 0, rw),
+        Err(Error::InvalidSize(0))
+    ));
+    assert!(matches!(
+        w.place(0, PAGE, fd, 1, rw),
+        Err(Error::Misaligned { .. })
+    ));
+    // The file must hold fd_offset + len bytes, with checked arithmetic.
+    assert!(matches!(
+        w.place(0, 2 * PAGE, fd, 3 * PAGE, rw),
+        Err(Error::FileTooSmall { .. })
+    ));
+    assert!(w.place(0, PAGE, fd, u64::MAX - PAGE + 1, rw).is_err());
+    // Adjacent placements are fine.
+    w.place(8 * PAGE, PAGE, fd, 0, rw).unwrap();
+    w.place(3 * PAGE, PAGE, fd, 0, rw).unwrap();
+    // A pipe is not a mappable file.
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    assert!(matches!(
+        w.place(12 * PAGE, PAGE, r.as_fd(), 0, rw),
+        Err(Error::NotRegularFile { .. })
+    ));
+    // Restore must name exactly one live placement.
+    assert!(matches!(
+        w.restore(4 * PAGE, PAGE),
+        Err(Error::NotPlaced { .. })
+    ));
+    assert!(matches!(
+        w.restore(12 * PAGE, PAGE),
+        Err(Error::NotPlaced { .. })
+    ));
+    assert_eq!(w.live(), 3);
+    assert_eq!(w.restore_all().unwrap().len(), 3);
+    assert_eq!(w.live(), 0);
+}
+
+#[test]
+fn vma_headroom_refuses_before_restore_could_fail() {
+    let w = Window::new(256 * PAGE).unwrap();
+    let b = blob(PAGE, 3);
+    let now = hostmem_base::procfs::vma_count().unwrap();
+    // Room for a handful of placements above the current count, 8 VMAs of reserve.
+    w.set_vma_limit(now + 8 + 10, 8);
+    let mut placed = Vec::new();
+    let mut refused = None;
+    for i in 0..100u64 {
+        match w.place(i * 2 * PAGE, PAGE, b.as_fd(), 0, Prot::READ_WRITE) {
+            Ok(()) => placed.push(i * 2 * PAGE),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(refused, Some(Error::VmaHeadroom { .. })),
+        "{refused:?}"
+    );
+    assert!(!placed.is_empty() && placed.len() < 10, "{}", placed.len());
+    // Every restore still succeeds.
+    for off in placed {
+        w.restore(off, PAGE).unwrap();
+    }
+    assert!(w.vma_headroom().unwrap() > 0);
+}
+
+#[test]
+fn maps_show_the_placements() {
+    let w = Window::new(16 * PAGE).unwrap();
+    let b = blob(PAGE, 3);
+    w.place(4 * PAGE, PAGE, b.as_fd(), 0, Prot::READ).unwrap();
+    let (start, len) = w.host_range();
+    let maps = hostmem_base::procfs::maps_in_range(start, start + len).unwrap();
+    assert_eq!(maps.len(), 3, "{maps:?}");
+    assert_eq!(maps[1].start, start + 4 * PAGE as usize);
+    assert_eq!(maps[1].perms, "r--s");
+    w.restore(4 * PAGE, PAGE).unwrap();
+    let maps = hostmem_base::procfs::maps_in_range(start, start + len).unwrap();
+    assert_eq!(maps.len(), 1, "background VMAs merge back: {maps:?}");
+}
