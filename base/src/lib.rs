@@ -8,6 +8,7 @@
 //! `// SAFETY:` comment that says why it holds.
 
 pub mod error;
+pub mod fd;
 pub mod kvm;
 pub mod mmap;
 pub mod procfs;

@@ -1,1 +1,16 @@
-//! placeholder
+//! hostmem-ipc: the message tube between the VMM and the device, and the protocol on it.
+//!
+//! A [`Tube`] is a `SOCK_SEQPACKET` socket: one message per datagram, so framing is the
+//! kernel's job. Typed messages travel as serde_json with up to [`MAX_FDS`] fds attached
+//! via `SCM_RIGHTS`; raw byte messages (the virtio-gpu control queue, whose commands keep
+//! their wire layout) travel as they are. Every failure on receive is a typed [`Error`],
+//! and any fds that arrived with a bad message are closed, never leaked.
+//!
+//! [`protocol`] holds the message types and the versioned `Hello` handshake.
+
+#![forbid(unsafe_code)]
+
+pub mod protocol;
+mod tube;
+
+pub use tube::{Error, Message, Result, Tube, MAX_FDS, MAX_MESSAGE};

@@ -1,0 +1,252 @@
+//! The `Tube`: SOCK_SEQPACKET + serde_json + SCM_RIGHTS.
+
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use hostmem_base::fd::recv_with_fds;
+use nix::errno::Errno;
+use nix::sys::socket::{
+    getsockopt, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage, MsgFlags,
+    SockFlag, SockType,
+};
+use nix::sys::time::TimeVal;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Largest message a tube sends or accepts, in bytes.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Most fds one message may carry.
+pub const MAX_FDS: usize = 4;
+
+/// Result alias for hostmem-ipc.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong on a tube.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `socketpair` failed.
+    #[error("socketpair failed: {0}")]
+    SocketPair(Errno),
+    /// An inherited fd is not a SOCK_SEQPACKET socket.
+    #[error("fd {fd} is not a SOCK_SEQPACKET socket")]
+    NotSeqpacket {
+        /// The fd.
+        fd: RawFd,
+    },
+    /// Setting a socket option (timeouts) failed.
+    #[error("setsockopt {what} failed: {errno}")]
+    SockOpt {
+        /// Which option.
+        what: &'static str,
+        /// The errno.
+        errno: Errno,
+    },
+    /// `sendmsg` failed.
+    #[error("send failed: {0}")]
+    Send(Errno),
+    /// `recvmsg` failed.
+    #[error("receive failed: {0}")]
+    Recv(Errno),
+    /// The peer closed its end.
+    #[error("peer hung up")]
+    Hangup,
+    /// A send or receive timed out.
+    #[error("timed out")]
+    Timeout,
+    /// A message to send is larger than [`MAX_MESSAGE`].
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    Oversized {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A received message was cut short (MSG_TRUNC): it was larger than [`MAX_MESSAGE`].
+    #[error("received message truncated (larger than {MAX_MESSAGE} bytes)")]
+    Truncated,
+    /// Received fds were cut short (MSG_CTRUNC): more fds than [`MAX_FDS`] were sent.
+    #[error("received control data truncated (far more fds than {MAX_FDS})")]
+    ControlTruncated,
+    /// Too many fds to send.
+    #[error("{got} fds exceed the limit of {max}")]
+    TooManyFds {
+        /// How many.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A message arrived with a different number of fds than its type carries.
+    #[error("message carries {got} fds, {expected} expected")]
+    UnexpectedFds {
+        /// Received.
+        got: usize,
+        /// Expected for this message.
+        expected: usize,
+    },
+    /// The message is not valid JSON for the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    /// The peer speaks another protocol version or role.
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+}
+
+/// A typed message that knows how many fds travel with it.
+pub trait Message: Serialize + DeserializeOwned {
+    /// Number of fds this message carries.
+    fn fd_count(&self) -> usize;
+}
+
+/// One end of a SOCK_SEQPACKET connection.
+#[derive(Debug)]
+pub struct Tube {
+    sock: OwnedFd,
+}
+
+impl Tube {
+    /// A connected pair of tubes (CLOEXEC).
+    pub fn pair() -> Result<(Tube, Tube)> {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(Error::SocketPair)?;
+        Ok((Tube { sock: a }, Tube { sock: b }))
+    }
+
+    /// Adopts an inherited fd after checking it is a SOCK_SEQPACKET socket.
+    pub fn from_fd(fd: OwnedFd) -> Result<Tube> {
+        match getsockopt(&fd, sockopt::SockType) {
+            Ok(SockType::SeqPacket) => Ok(Tube { sock: fd }),
+            _ => Err(Error::NotSeqpacket { fd: fd.as_raw_fd() }),
+        }
+    }
+
+    /// Gives up the socket.
+    pub fn into_fd(self) -> OwnedFd {
+        self.sock
+    }
+
+    /// Sets (or clears, with `None`) the receive timeout.
+    pub fn set_recv_timeout(&self, t: Option<Duration>) -> Result<()> {
+        let tv = to_timeval(t);
+        setsockopt(&self.sock, sockopt::ReceiveTimeout, &tv).map_err(|errno| Error::SockOpt {
+            what: "SO_RCVTIMEO",
+            errno,
+        })
+    }
+
+    /// Sets (or clears, with `None`) the send timeout.
+    pub fn set_send_timeout(&self, t: Option<Duration>) -> Result<()> {
+        let tv = to_timeval(t);
+        setsockopt(&self.sock, sockopt::SendTimeout, &tv).map_err(|errno| Error::SockOpt {
+            what: "SO_SNDTIMEO",
+            errno,
+        })
+    }
+
+    /// Sends raw bytes with fds attached.
+    pub fn send_bytes(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        if bytes.len() > MAX_MESSAGE {
+            return Err(Error::Oversized {
+                len: bytes.len(),
+                max: MAX_MESSAGE,
+            });
+        }
+        if fds.len() > MAX_FDS {
+            return Err(Error::TooManyFds {
+                got: fds.len(),
+                max: MAX_FDS,
+            });
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+        let iov = [IoSlice::new(bytes)];
+        loop {
+            match sendmsg::<()>(
+                self.sock.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(Error::Hangup),
+                Err(Errno::EAGAIN) => return Err(Error::Timeout),
+                Err(e) => return Err(Error::Send(e)),
+            }
+        }
+    }
+
+    /// Receives one raw message and the fds that came with it (CLOEXEC, owned). A message
+    /// that was truncated, or whose fds were, is an error and its fds are closed.
+    pub fn recv_bytes(&self) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let got = match recv_with_fds(self.sock.as_fd(), &mut buf) {
+            Ok(r) => r,
+            Err(Errno::EAGAIN) => return Err(Error::Timeout),
+            Err(Errno::ECONNRESET) => return Err(Error::Hangup),
+            Err(e) => return Err(Error::Recv(e)),
+        };
+        // Dropping `got` on any error below closes the fds that came with the message.
+        if got.control_truncated {
+            return Err(Error::ControlTruncated);
+        }
+        if got.truncated {
+            return Err(Error::Truncated);
+        }
+        if got.fds.len() > MAX_FDS {
+            return Err(Error::TooManyFds {
+                got: got.fds.len(),
+                max: MAX_FDS,
+            });
+        }
+        if got.len == 0 && got.fds.is_empty() {
+            return Err(Error::Hangup);
+        }
+        buf.truncate(got.len);
+        Ok((buf, got.fds))
+    }
+
+    /// Sends a typed message as JSON; the fds must match `msg.fd_count()`.
+    pub fn send<T: Message>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<()> {
+        if fds.len() != msg.fd_count() {
+            return Err(Error::UnexpectedFds {
+                got: fds.len(),
+                expected: msg.fd_count(),
+            });
+        }
+        let bytes = serde_json::to_vec(msg)?;
+        self.send_bytes(&bytes, fds)
+    }
+
+    /// Receives a typed message; its fd count is checked against what the message says it
+    /// carries, and on any error every received fd is closed.
+    pub fn recv<T: Message>(&self) -> Result<(T, Vec<OwnedFd>)> {
+        let (bytes, fds) = self.recv_bytes()?;
+        let msg: T = serde_json::from_slice(&bytes)?;
+        if fds.len() != msg.fd_count() {
+            return Err(Error::UnexpectedFds {
+                got: fds.len(),
+                expected: msg.fd_count(),
+            });
+        }
+        Ok((msg, fds))
+    }
+}
+
+impl AsFd for Tube {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+}
+
+fn to_timeval(t: Option<Duration>) -> TimeVal {
+    let t = t.unwrap_or_default();
+    TimeVal::new(t.as_secs() as _, t.subsec_micros() as _)
+}
