@@ -49,7 +49,7 @@ pub fn page_size() -> u64 {
 
 /// True if `v` is a multiple of the page size.
 pub fn is_page_aligned(v: u64) -> bool {
-    v % page_size() == 0
+    v.is_multiple_of(page_size())
 }
 
 /// Checks that `offset..offset+len` lies inside `0..limit`, with checked arithmetic.
