@@ -1,1 +1,19 @@
-//! placeholder
+//! hostmem-device: the virtio-gpu hostmem device (runs as the jailed `hostmem-gpu-device`).
+//!
+//! * [`wire`]: virtio-gpu control commands and responses in their little-endian wire layout.
+//! * [`backend`]: the renderer backend trait, the `shm` backend and (feature `virgl`) the
+//!   virglrenderer backend.
+//! * [`gpu`]: the command handler: blob table, validation, error responses; placement goes
+//!   through the [`gpu::Placer`] trait.
+//! * [`mirror`]: the device's `Placer`: MAP_FIXED into the window mirror, then report the
+//!   placement to the VMM over the mapping tube and wait for its acknowledgment.
+
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod error;
+pub mod gpu;
+pub mod mirror;
+pub mod wire;
+
+pub use error::{Error, Result};

@@ -1,0 +1,92 @@
+//! Renderer backends. A backend owns blob memory and the renderer's command streams; the
+//! device's command handler ([`crate::gpu`]) owns validation, the blob table and placement.
+
+use std::os::fd::OwnedFd;
+
+pub mod shm;
+#[cfg(feature = "virgl")]
+pub mod virgl;
+
+/// Why a backend refused an operation. The handler turns it into a virtio-gpu error
+/// response ([`BackendError::response`]) and logs the message.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The resource or context id is unknown to the backend.
+    #[error("invalid resource or context id: {0}")]
+    InvalidId(String),
+    /// The arguments are malformed or unsupported.
+    #[error("invalid parameter: {0}")]
+    InvalidParameter(String),
+    /// Allocation failed.
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    /// Anything else, with the reason (e.g. "vrend HOST3D blob is pointer-only").
+    #[error("{0}")]
+    Unspec(String),
+}
+
+/// One capability set the backend offers (`GET_CAPSET_INFO`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapsetInfo {
+    /// `VIRTIO_GPU_CAPSET_*` id.
+    pub id: u32,
+    /// Highest version.
+    pub max_version: u32,
+    /// Size of the capset blob in bytes.
+    pub max_size: u32,
+}
+
+/// Arguments of `RESOURCE_CREATE_BLOB` after the handler validated them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobCreate {
+    /// Context the blob belongs to (0 for none).
+    pub ctx_id: u32,
+    /// Guest-chosen resource id (non-zero, unused).
+    pub resource_id: u32,
+    /// `VIRTIO_GPU_BLOB_MEM_*`.
+    pub blob_mem: u32,
+    /// `VIRTIO_GPU_BLOB_FLAG_*`.
+    pub blob_flags: u32,
+    /// Renderer object id (venus/vrend), 0 for plain memory.
+    pub blob_id: u64,
+    /// Size in bytes (non-zero, page-aligned).
+    pub size: u64,
+}
+
+/// A blob exported so that it can cross processes and be placed with MAP_FIXED.
+#[derive(Debug)]
+pub struct ExportedBlob {
+    /// A mappable fd (memfd / shm / dma-buf) holding the blob.
+    pub fd: OwnedFd,
+    /// Where the blob's bytes start inside `fd`.
+    pub fd_offset: u64,
+    /// Length of the blob in bytes.
+    pub size: u64,
+    /// `VIRTIO_GPU_MAP_CACHE_*` for `OK_MAP_INFO`.
+    pub map_info: u32,
+}
+
+/// A renderer backend.
+pub trait Backend: Send {
+    /// Short name (`shm`, `virgl`).
+    fn name(&self) -> &'static str;
+    /// Capability sets offered.
+    fn capsets(&self) -> Vec<CapsetInfo>;
+    /// The capset blob for `id`/`version`.
+    fn capset(&mut self, id: u32, version: u32) -> Result<Vec<u8>, BackendError>;
+    /// `CTX_CREATE`.
+    fn create_context(&mut self, ctx_id: u32, capset_id: u32, name: &[u8])
+        -> Result<(), BackendError>;
+    /// `CTX_DESTROY`.
+    fn destroy_context(&mut self, ctx_id: u32) -> Result<(), BackendError>;
+    /// `RESOURCE_CREATE_BLOB`.
+    fn create_blob(&mut self, args: &BlobCreate) -> Result<(), BackendError>;
+    /// `RESOURCE_UNREF` (the handler has already unmapped it if it was mapped).
+    fn unref(&mut self, resource_id: u32) -> Result<(), BackendError>;
+    /// `SUBMIT_3D`: run a command stream in a context. Returns reply bytes that the device
+    /// appends after the response header (the shm backend's checksum query; empty otherwise).
+    fn submit_3d(&mut self, ctx_id: u32, stream: &[u8]) -> Result<Vec<u8>, BackendError>;
+    /// Export a blob for placement (called for `RESOURCE_MAP_BLOB`). A blob that cannot
+    /// cross processes (pointer-only) must fail with [`BackendError::Unspec`] and a reason.
+    fn export_blob(&mut self, resource_id: u32) -> Result<ExportedBlob, BackendError>;
+}

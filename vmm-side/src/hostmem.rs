@@ -1,0 +1,515 @@
+//! The VMM's hostmem state and the mapping service's checks (DESIGN.md invariant 1).
+//!
+//! [`Hostmem`] owns the window and, when KVM is there, the VM whose memslots back it. In
+//! `fixed` mode the window is one memslot for its whole life and every accepted placement
+//! is repeated in it with MAP_FIXED; in `per-blob-slot` mode (the legacy way) each blob gets
+//! a memslot of its own at `window_gpa + offset`.
+//!
+//! Nothing from the device is trusted: [`Hostmem::check_map`] runs every check before any
+//! syscall, and placements must answer a guest command that is in flight
+//! ([`Hostmem::expect`]). The VMM keeps no blob fd after a placement: the mapping holds the
+//! file, and restoring the range releases it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use hostmem_base::kvm::Vm;
+use hostmem_base::mmap::{check_range, is_page_aligned, MemoryMapping, Prot};
+use hostmem_base::shm::{file_facts, FileFacts};
+use hostmem_base::window::Window;
+use hostmem_ipc::protocol::{Outcome, RefuseCode};
+use serde::Serialize;
+
+/// Guest physical address of the hostmem window (above 4 GiB, clear of guest RAM).
+pub const DEFAULT_WINDOW_GPA: u64 = 1 << 32;
+/// Memslot of the window in fixed mode (slot 0 is the probe's guest RAM).
+pub const WINDOW_SLOT: u32 = 1;
+/// First memslot used for blobs in per-blob-slot mode.
+const FIRST_BLOB_SLOT: u32 = 2;
+/// Default limit of live placements.
+pub const DEFAULT_MAX_LIVE: usize = 16 * 1024;
+
+/// How blobs reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// One memslot for the window, MAP_FIXED placements (the default).
+    Fixed,
+    /// One memslot per mapped blob (legacy, for comparison).
+    PerBlobSlot,
+}
+
+impl Mode {
+    /// The name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Fixed => "fixed",
+            Mode::PerBlobSlot => "per-blob-slot",
+        }
+    }
+}
+
+/// A refused event: the category for the virtio-gpu error and the reason for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    /// Category.
+    pub code: RefuseCode,
+    /// Why.
+    pub reason: String,
+}
+
+impl Refusal {
+    fn invalid(reason: impl Into<String>) -> Self {
+        Refusal {
+            code: RefuseCode::InvalidParameter,
+            reason: reason.into(),
+        }
+    }
+    fn oom(reason: impl Into<String>) -> Self {
+        Refusal {
+            code: RefuseCode::OutOfMemory,
+            reason: reason.into(),
+        }
+    }
+    fn unspec(reason: impl Into<String>) -> Self {
+        Refusal {
+            code: RefuseCode::Unspec,
+            reason: reason.into(),
+        }
+    }
+    /// The reply to send to the device.
+    pub fn outcome(&self) -> Outcome {
+        Outcome::Refused {
+            code: self.code,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// A placement event as the device sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEvent {
+    /// Resource id.
+    pub resource_id: u32,
+    /// Window offset.
+    pub offset: u64,
+    /// Length.
+    pub len: u64,
+    /// Offset inside the blob's fd.
+    pub fd_offset: u64,
+    /// PROT_* bits.
+    pub prot: u32,
+}
+
+/// What the VMM expects the device to report for a guest command in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// `RESOURCE_MAP_BLOB` of a blob of `len` bytes at `offset`.
+    Map {
+        /// Window offset the guest asked for.
+        offset: u64,
+        /// The blob's size (known from its creation).
+        len: u64,
+    },
+    /// `RESOURCE_UNMAP_BLOB` or `RESOURCE_UNREF`: an unmap of this resource may follow.
+    Unmap,
+}
+
+/// Limits on what the device can make the VMM hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Live placements.
+    pub max_live: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_live: DEFAULT_MAX_LIVE,
+        }
+    }
+}
+
+/// A live placement in the VMM.
+#[derive(Debug)]
+struct Live {
+    resource_id: u32,
+    len: u64,
+    /// Per-blob-slot mode: the slot and the mapping that backs it.
+    slot: Option<(u32, Arc<MemoryMapping>)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    live: BTreeMap<u64, Live>,
+    inflight: HashMap<u32, Expect>,
+    free_slots: Vec<u32>,
+    next_slot: u32,
+    max_live_seen: usize,
+}
+
+/// Counters the run reports.
+#[derive(Debug, Default, Serialize, Clone, Copy)]
+pub struct Counters {
+    /// Placement events accepted.
+    pub maps_ok: u64,
+    /// Unmap events accepted.
+    pub unmaps_ok: u64,
+    /// Events refused.
+    pub refused: u64,
+    /// Messages that were not valid events (malformed, wrong fds …).
+    pub protocol_errors: u64,
+    /// Times the whole window was reset after a device death.
+    pub resets: u64,
+}
+
+/// The VMM's hostmem: window, VM, mode, live placements and in-flight commands.
+#[derive(Debug)]
+pub struct Hostmem {
+    window: Arc<Window>,
+    vm: Option<Arc<Vm>>,
+    window_gpa: u64,
+    mode: Mode,
+    limits: Limits,
+    state: Mutex<State>,
+    maps_ok: AtomicU64,
+    unmaps_ok: AtomicU64,
+    refused: AtomicU64,
+    protocol_errors: AtomicU64,
+    resets: AtomicU64,
+}
+
+impl Hostmem {
+    /// Creates the window (`size` bytes) and, with a VM in fixed mode, registers it as one
+    /// memslot at `window_gpa`.
+    pub fn new(
+        size: u64,
+        vm: Option<Arc<Vm>>,
+        window_gpa: u64,
+        mode: Mode,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
+        let window = Arc::new(Window::new(size)?);
+        if let (Some(vm), Mode::Fixed) = (&vm, mode) {
+            vm.set_region(WINDOW_SLOT, window_gpa, window.clone(), 0, size as usize)?;
+        }
+        Ok(Hostmem {
+            window,
+            vm,
+            window_gpa,
+            mode,
+            limits,
+            state: Mutex::new(State {
+                next_slot: FIRST_BLOB_SLOT,
+                ..State::default()
+            }),
+            maps_ok: AtomicU64::new(0),
+            unmaps_ok: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            protocol_errors: AtomicU64::new(0),
+            resets: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The window.
+    pub fn window(&self) -> &Arc<Window> {
+        &self.window
+    }
+
+    /// The VM, if KVM is in use.
+    pub fn vm(&self) -> Option<&Arc<Vm>> {
+        self.vm.as_ref()
+    }
+
+    /// Mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Guest physical address of the window.
+    pub fn window_gpa(&self) -> u64 {
+        self.window_gpa
+    }
+
+    /// Live placements now.
+    pub fn live(&self) -> usize {
+        self.lock().live.len()
+    }
+
+    /// Most live placements seen at once.
+    pub fn max_live_seen(&self) -> usize {
+        self.lock().max_live_seen
+    }
+
+    /// `(offset, len)` of every live placement.
+    pub fn live_ranges(&self) -> Vec<(u64, u64)> {
+        self.lock().live.iter().map(|(o, l)| (*o, l.len)).collect()
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            maps_ok: self.maps_ok.load(Ordering::Relaxed),
+            unmaps_ok: self.unmaps_ok.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+            protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
+            resets: self.resets.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records a protocol error (a message that is not a valid event).
+    pub fn note_protocol_error(&self) {
+        self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Memslot changes so far (0 without KVM).
+    pub fn memslot_changes(&self) -> u64 {
+        self.vm.as_ref().map_or(0, |vm| vm.memslot_changes())
+    }
+
+    /// The guest driver announces a command whose placement event may follow.
+    pub fn expect(&self, resource_id: u32, what: Expect) {
+        self.lock().inflight.insert(resource_id, what);
+    }
+
+    /// The guest driver saw the command complete: no event may refer to it any more.
+    pub fn done(&self, resource_id: u32) {
+        self.lock().inflight.remove(&resource_id);
+    }
+
+    /// Every check of invariant 1 on a placement event, before any syscall: alignment,
+    /// range (checked arithmetic), overlap, protection, the fd's kind, size and seals, the
+    /// live-placement limit and the in-flight command it must answer.
+    pub fn check_map(&self, ev: &MapEvent, facts: &FileFacts) -> Result<Prot, Refusal> {
+        let st = self.lock();
+        check_map_in(&st, &self.limits, self.window.size(), ev, facts)
+    }
+
+    /// Handles a placement event: checks it, then repeats the placement (MAP_FIXED in fixed
+    /// mode, a new memslot in per-blob-slot mode). The fd is dropped (closed) either way.
+    pub fn handle_map(&self, ev: &MapEvent, fd: Option<OwnedFd>) -> Outcome {
+        let res = self.try_map(ev, fd);
+        self.finish(res, &self.maps_ok, "map", ev.resource_id, ev.offset, ev.len)
+    }
+
+    fn finish(
+        &self,
+        res: Result<(), Refusal>,
+        ok: &AtomicU64,
+        what: &str,
+        resource_id: u32,
+        offset: u64,
+        len: u64,
+    ) -> Outcome {
+        match res {
+            Ok(()) => {
+                ok.fetch_add(1, Ordering::Relaxed);
+                Outcome::Ok
+            }
+            Err(r) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "refused {what} of resource {resource_id} at {offset:#x}+{len:#x}: {}",
+                    r.reason
+                );
+                r.outcome()
+            }
+        }
+    }
+
+    fn try_map(&self, ev: &MapEvent, fd: Option<OwnedFd>) -> Result<(), Refusal> {
+        let fd = fd.ok_or_else(|| Refusal::invalid("placement event without an fd"))?;
+        let facts = file_facts(fd.as_fd()).map_err(|e| Refusal::invalid(format!("fd: {e}")))?;
+        let mut st = self.lock();
+        let prot = check_map_in(&st, &self.limits, self.window.size(), ev, &facts)?;
+        let slot = match (self.mode, &self.vm) {
+            (Mode::Fixed, _) => {
+                self.window
+                    .place(ev.offset, ev.len, fd.as_fd(), ev.fd_offset, prot)
+                    .map_err(|e| match e {
+                        hostmem_base::Error::VmaHeadroom { .. } => Refusal::oom(e.to_string()),
+                        hostmem_base::Error::MapFixed { .. } => Refusal::oom(e.to_string()),
+                        _ => Refusal::invalid(e.to_string()),
+                    })?;
+                None
+            }
+            (Mode::PerBlobSlot, vm) => {
+                let map = MemoryMapping::from_fd(fd.as_fd(), ev.fd_offset, ev.len as usize, prot)
+                    .map_err(|e| Refusal::oom(format!("mapping blob: {e}")))?;
+                let map = Arc::new(map);
+                let slot = st.free_slots.pop().unwrap_or_else(|| {
+                    st.next_slot += 1;
+                    st.next_slot - 1
+                });
+                if let Some(vm) = vm {
+                    let gpa = self.window_gpa + ev.offset;
+                    if let Err(e) = vm.set_region(slot, gpa, map.clone(), 0, ev.len as usize) {
+                        st.free_slots.push(slot);
+                        return Err(Refusal::oom(format!("memslot {slot}: {e}")));
+                    }
+                }
+                Some((slot, map))
+            }
+        };
+        st.inflight.remove(&ev.resource_id);
+        st.live.insert(
+            ev.offset,
+            Live {
+                resource_id: ev.resource_id,
+                len: ev.len,
+                slot,
+            },
+        );
+        st.max_live_seen = st.max_live_seen.max(st.live.len());
+        Ok(())
+    }
+
+    /// Handles an unmap event: the range must be a live placement of that resource, with
+    /// an unmap or unref of it in flight. The background is back in the VMM's window (or
+    /// the blob's memslot is gone) before this returns, i.e. before the guest's command can
+    /// complete.
+    pub fn handle_unmap(&self, resource_id: u32, offset: u64, len: u64) -> Outcome {
+        let res = self.try_unmap(resource_id, offset, len);
+        self.finish(res, &self.unmaps_ok, "unmap", resource_id, offset, len)
+    }
+
+    fn try_unmap(&self, resource_id: u32, offset: u64, len: u64) -> Result<(), Refusal> {
+        let mut st = self.lock();
+        match st.live.get(&offset) {
+            Some(l) if l.len == len && l.resource_id == resource_id => {}
+            Some(l) => {
+                return Err(Refusal::invalid(format!(
+                    "live placement at {offset:#x} is resource {} (+{:#x})",
+                    l.resource_id, l.len
+                )))
+            }
+            None => return Err(Refusal::invalid("no live placement there")),
+        }
+        if st.inflight.get(&resource_id) != Some(&Expect::Unmap) {
+            return Err(Refusal::invalid(
+                "no unmap or unref of this resource is in flight",
+            ));
+        }
+        self.remove_live(&mut st, offset)
+    }
+
+    fn remove_live(&self, st: &mut State, offset: u64) -> Result<(), Refusal> {
+        let Some(live) = st.live.get(&offset) else {
+            return Err(Refusal::invalid("no live placement there"));
+        };
+        match &live.slot {
+            None => {
+                self.window
+                    .restore(offset, live.len)
+                    .map_err(|e| Refusal::unspec(format!("restore: {e}")))?;
+            }
+            Some((slot, _)) => {
+                if let Some(vm) = &self.vm {
+                    vm.remove_region(*slot)
+                        .map_err(|e| Refusal::unspec(format!("memslot {slot} delete: {e}")))?;
+                }
+                st.free_slots.push(*slot);
+            }
+        }
+        st.live.remove(&offset);
+        Ok(())
+    }
+
+    /// After a device death: every placement goes (window restored to background in one
+    /// MAP_FIXED, per-blob memslots deleted), nothing is in flight. Returns how many
+    /// placements were live.
+    pub fn reset(&self) -> anyhow::Result<usize> {
+        let mut st = self.lock();
+        let n = st.live.len();
+        let offsets: Vec<u64> = st.live.keys().copied().collect();
+        for off in offsets {
+            if let Some(Live {
+                slot: Some((slot, _)),
+                ..
+            }) = st.live.get(&off)
+            {
+                let slot = *slot;
+                if let Some(vm) = &self.vm {
+                    vm.remove_region(slot)?;
+                }
+                st.free_slots.push(slot);
+                st.live.remove(&off);
+            }
+        }
+        st.live.clear();
+        st.inflight.clear();
+        drop(st);
+        self.window.restore_all()?;
+        self.resets.fetch_add(1, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn check_map_in(
+    st: &State,
+    limits: &Limits,
+    window_size: u64,
+    ev: &MapEvent,
+    facts: &FileFacts,
+) -> Result<Prot, Refusal> {
+    if ev.len == 0 {
+        return Err(Refusal::invalid("zero length"));
+    }
+    for (what, v) in [("offset", ev.offset), ("length", ev.len), ("fd offset", ev.fd_offset)] {
+        if !is_page_aligned(v) {
+            return Err(Refusal::invalid(format!("{what} {v:#x} not page-aligned")));
+        }
+    }
+    check_range(ev.offset, ev.len, window_size).map_err(|e| Refusal::invalid(e.to_string()))?;
+    let end = ev.offset + ev.len;
+    if let Some((o, l)) = st.live.range(..end).next_back() {
+        if o + l.len > ev.offset {
+            return Err(Refusal::invalid(format!(
+                "overlaps live placement {o:#x}+{:#x} (resource {})",
+                l.len, l.resource_id
+            )));
+        }
+    }
+    let prot = Prot::from_bits(ev.prot).map_err(|e| Refusal::invalid(e.to_string()))?;
+    if !facts.is_regular() {
+        return Err(Refusal::invalid(format!(
+            "fd is not a regular mappable file (mode {:#o})",
+            facts.mode
+        )));
+    }
+    let need = ev
+        .fd_offset
+        .checked_add(ev.len)
+        .ok_or_else(|| Refusal::invalid("fd offset + length overflows"))?;
+    if facts.size < need {
+        return Err(Refusal::invalid(format!(
+            "fd holds {} bytes, placement needs {need}",
+            facts.size
+        )));
+    }
+    // A file that can shrink could turn a guest access into SIGBUS in the VMM: refuse it.
+    if !facts.seals.is_some_and(|s| s & libc::F_SEAL_SHRINK != 0) {
+        return Err(Refusal::invalid("fd is not sealed against shrinking (F_SEAL_SHRINK)"));
+    }
+    if st.live.len() >= limits.max_live {
+        return Err(Refusal::oom(format!("{} live placements is the limit", limits.max_live)));
+    }
+    match st.inflight.get(&ev.resource_id) {
+        Some(Expect::Map { offset, len }) if *offset == ev.offset && *len == ev.len => Ok(prot),
+        Some(Expect::Map { offset, len }) => Err(Refusal::invalid(format!(
+            "guest asked to map resource {} at {offset:#x}+{len:#x}, not {:#x}+{:#x}",
+            ev.resource_id, ev.offset, ev.len
+        ))),
+        _ => Err(Refusal::invalid(format!(
+            "no map command for resource {} is in flight",
+            ev.resource_id
+        ))),
+    }
+}
