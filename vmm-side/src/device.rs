@@ -1,0 +1,334 @@
+//! Launching and supervising the device process.
+//!
+//! [`Device::start`] builds the jail (or, for comparison, a plain child with fd hygiene),
+//! hands the device exactly two channels (the control queue at fd 3 and the mapping tube at
+//! fd 4) plus stderr, completes the handshake, **checks from outside that the device is
+//! jailed** (`/proc/<pid>/status`: `Seccomp: 2`, `NoNewPrivs: 1`, `CapEff: 0`) and only then
+//! sends the hostmem memfd. A mapping-service thread then serves the device's events.
+//!
+//! [`Device::stop`] / death handling: on tube EOF, child exit or a command timeout the
+//! device is killed if needed, its exit is reported (signal; for SIGSYS the syscall), the
+//! whole window goes back to background and every blob memslot is deleted, so the guest keeps
+//! running and reads zeros where blobs were.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hostmem_base::procfs;
+use hostmem_ipc::protocol::{handshake, DeviceMsg, Role, VmmMsg};
+use hostmem_ipc::Tube;
+use hostmem_jail::launch::{self, ExitInfo, JailConfig, JailedChild};
+use serde::Serialize;
+
+use crate::hostmem::Hostmem;
+use crate::service::{serve, ServeEnd};
+
+/// Fd number of the control queue in the device.
+pub const CONTROL_FD: i32 = 3;
+/// Fd number of the mapping tube in the device.
+pub const MAPPING_FD: i32 = 4;
+/// How long the device has to say hello and get ready.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How to start the device.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// The device program and the arguments that select device mode.
+    pub program: PathBuf,
+    /// Arguments before ours (e.g. `["device"]` when the program is `hostmem` itself).
+    pub pre_args: Vec<String>,
+    /// Renderer backend name.
+    pub backend: String,
+    /// Jail it (namespaces, empty root, no caps, seccomp).
+    pub jailed: bool,
+    /// The seccomp policy file (minijail syntax); `None` = no filter (only when unjailed).
+    pub policy: Option<PathBuf>,
+    /// Log violations instead of killing.
+    pub seccomp_log: bool,
+    /// Read-only bind mounts the backend needs (library paths for Mesa).
+    pub ro_binds: Vec<PathBuf>,
+    /// `RUST_LOG` for the device.
+    pub log_filter: Option<String>,
+}
+
+impl DeviceConfig {
+    /// Finds the device program: `$HOSTMEM_DEVICE_BIN`, else `hostmem-gpu-device` next to
+    /// the running executable (or one level up, for test binaries in `deps/`).
+    pub fn find_program() -> anyhow::Result<PathBuf> {
+        if let Some(p) = std::env::var_os("HOSTMEM_DEVICE_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        let exe = std::env::current_exe()?;
+        let mut dir = exe.parent().map(PathBuf::from);
+        for _ in 0..2 {
+            let Some(d) = dir else { break };
+            let candidate = d.join("hostmem-gpu-device");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+            dir = d.parent().map(PathBuf::from);
+        }
+        bail!("hostmem-gpu-device not found next to {} (build it, or set HOSTMEM_DEVICE_BIN)", exe.display())
+    }
+}
+
+/// What was checked about the running device from outside.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceFacts {
+    /// Host pid.
+    pub pid: i32,
+    /// Started in the jail.
+    pub jailed: bool,
+    /// `Seccomp:` from /proc.
+    pub seccomp: u32,
+    /// `NoNewPrivs:`.
+    pub no_new_privs: bool,
+    /// `CapEff:` as 16 hex digits.
+    pub cap_eff: String,
+    /// Fds the device holds.
+    pub open_fds: usize,
+    /// Start-up time: spawn to Ready, in ms.
+    pub start_ms: f64,
+}
+
+/// How a device instance ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceExit {
+    /// Host pid.
+    pub pid: i32,
+    /// Exit code, if it exited.
+    pub code: Option<i32>,
+    /// Signal, if it was killed.
+    pub signal: Option<i32>,
+    /// For SIGSYS: the syscall that was refused.
+    pub syscall: Option<String>,
+    /// Placements that were live and have been restored to background.
+    pub restored: usize,
+    /// Why the VMM noticed.
+    pub cause: String,
+}
+
+/// A running device.
+pub struct Device {
+    child: JailedChild,
+    /// `None` once stopping: dropping it tells a healthy device to exit.
+    control: Option<Tube>,
+    mapping: Arc<Tube>,
+    service: Option<JoinHandle<ServeEnd>>,
+    hostmem: Arc<Hostmem>,
+    facts: DeviceFacts,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("facts", &self.facts).finish()
+    }
+}
+
+impl Device {
+    /// Starts a device and connects it to `hostmem`.
+    pub fn start(cfg: &DeviceConfig, hostmem: Arc<Hostmem>) -> anyhow::Result<Device> {
+        let t0 = Instant::now();
+        let (control, control_dev) = Tube::pair()?;
+        let (mapping, mapping_dev) = Tube::pair()?;
+        let mut args: Vec<String> = cfg.pre_args.clone();
+        args.extend([
+            "--control-fd".into(),
+            CONTROL_FD.to_string(),
+            "--mapping-fd".into(),
+            MAPPING_FD.to_string(),
+            "--backend".into(),
+            cfg.backend.clone(),
+        ]);
+        let seccomp = match &cfg.policy {
+            Some(p) => Some(crate::policy::compile_device_policy(p, cfg.seccomp_log)?),
+            None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),
+            None => None,
+        };
+        let mut env = vec![];
+        if let Some(f) = &cfg.log_filter {
+            env.push(("RUST_LOG".into(), f.into()));
+        }
+        let jail = JailConfig {
+            program: cfg.program.clone(),
+            args: args.into_iter().map(Into::into).collect(),
+            keep_fds: vec![
+                (control_dev.into_fd(), CONTROL_FD),
+                (mapping_dev.into_fd(), MAPPING_FD),
+            ],
+            env,
+            namespaces: cfg.jailed,
+            ro_binds: cfg.ro_binds.clone(),
+            seccomp,
+            seccomp_log: cfg.seccomp_log,
+            ..JailConfig::default()
+        };
+        let mut child = launch::spawn(jail).context("spawning the device")?;
+        let pid = child.pid();
+        let connect = || -> anyhow::Result<DeviceFacts> {
+            handshake::<VmmMsg, DeviceMsg>(&mapping, Role::Vmm, START_TIMEOUT)
+                .context("handshake with the device")?;
+            // Check the jail from outside before the device gets the hostmem memfd.
+            let st = procfs::status_of(&pid.to_string())?;
+            if cfg.jailed {
+                launch::verify_jailed(pid).context("the device is not properly jailed")?;
+                if st.seccomp != 2 || !st.no_new_privs || st.cap_eff != 0 {
+                    bail!("device pid {pid} not jailed: {st:?}");
+                }
+            }
+            let window = hostmem.window();
+            mapping.send(
+                &VmmMsg::Hostmem {
+                    size: window.size(),
+                },
+                &[window.memfd().as_fd()],
+            )?;
+            mapping.set_recv_timeout(Some(START_TIMEOUT))?;
+            let (msg, _) = mapping.recv::<DeviceMsg>().context("waiting for Ready")?;
+            mapping.set_recv_timeout(None)?;
+            if !matches!(msg, DeviceMsg::Ready { .. }) {
+                bail!("device sent {msg:?} instead of Ready");
+            }
+            Ok(DeviceFacts {
+                pid,
+                jailed: cfg.jailed,
+                seccomp: st.seccomp,
+                no_new_privs: st.no_new_privs,
+                cap_eff: format!("{:016x}", st.cap_eff),
+                open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
+                start_ms: t0.elapsed().as_secs_f64() * 1e3,
+            })
+        };
+        let facts = match connect() {
+            Ok(f) => f,
+            Err(e) => {
+                child.kill(libc::SIGKILL);
+                let exit = child.wait().ok();
+                let why = exit.map(|x| describe(&x, &child)).unwrap_or_default();
+                return Err(e.context(format!("device pid {pid} failed to start {why}")));
+            }
+        };
+        log::info!(
+            "device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, no_new_privs {}, CapEff {}, {} fds)",
+            facts.start_ms,
+            if facts.jailed { "" } else { "NOT " },
+            facts.seccomp,
+            facts.no_new_privs,
+            facts.cap_eff,
+            facts.open_fds
+        );
+        let mapping = Arc::new(mapping);
+        let service = {
+            let (hm, tube) = (hostmem.clone(), mapping.clone());
+            std::thread::Builder::new()
+                .name(format!("mapping-service-{pid}"))
+                .spawn(move || serve(&hm, &tube))?
+        };
+        Ok(Device {
+            child,
+            control: Some(control),
+            mapping,
+            service: Some(service),
+            hostmem,
+            facts,
+        })
+    }
+
+    /// The control queue (the stand-in guest driver writes commands here).
+    pub fn control(&self) -> &Tube {
+        // Only `stop` (which consumes self) takes it.
+        self.control.as_ref().expect("control queue present until stop")
+    }
+
+    /// What was checked at start.
+    pub fn facts(&self) -> &DeviceFacts {
+        &self.facts
+    }
+
+    /// Host pid.
+    pub fn pid(&self) -> i32 {
+        self.facts.pid
+    }
+
+    /// Kills the device with `signal` (e.g. for fault injection).
+    pub fn kill(&self, signal: i32) {
+        self.child.kill(signal);
+    }
+
+    /// True if the child has exited or the mapping service ended.
+    pub fn is_dead(&mut self) -> bool {
+        self.service.as_ref().is_some_and(|s| s.is_finished())
+            || matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Ends the device (killing it if it is still alive), restores the window and reports
+    /// how it ended. `cause` says why the VMM is doing this.
+    pub fn stop(mut self, cause: &str) -> DeviceExit {
+        // Closing the control queue asks a healthy device to exit; give it a moment.
+        let _ = self.mapping.send(&VmmMsg::Shutdown, &[]);
+        drop(self.control.take());
+        let info = match self.child.wait_timeout(Duration::from_millis(500)) {
+            Ok(Some(info)) => Some(info),
+            _ => {
+                self.child.kill(libc::SIGKILL);
+                self.child.wait().ok()
+            }
+        };
+        if let Some(s) = self.service.take() {
+            // The child is gone, so the service sees EOF and returns.
+            let _ = s.join();
+        }
+        let restored = match self.hostmem.reset() {
+            Ok(n) => n,
+            Err(e) => {
+                log::error!("restoring the window after device exit failed: {e:#}");
+                0
+            }
+        };
+        let mut exit = DeviceExit {
+            pid: self.facts.pid,
+            code: None,
+            signal: None,
+            syscall: None,
+            restored,
+            cause: cause.to_string(),
+        };
+        if let Some(info) = &info {
+            match info {
+                ExitInfo::Exited(c) => exit.code = Some(*c),
+                ExitInfo::Signaled { signal, .. } => {
+                    exit.signal = Some(*signal);
+                    if *signal == libc::SIGSYS {
+                        exit.syscall = self.child.sigsys_report().map(|r| r.to_string());
+                    }
+                }
+            }
+        }
+        log::warn!(
+            "device pid {} ended ({cause}): {}; {} placements restored to background",
+            exit.pid,
+            info.map(|i| describe(&i, &self.child)).unwrap_or_else(|| "unknown status".into()),
+            restored
+        );
+        exit
+    }
+}
+
+fn describe(info: &ExitInfo, child: &JailedChild) -> String {
+    match info {
+        ExitInfo::Exited(c) => format!("exited with code {c}"),
+        ExitInfo::Signaled { signal, .. } => {
+            let name = nix::sys::signal::Signal::try_from(*signal)
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_else(|_| signal.to_string());
+            match (*signal == libc::SIGSYS).then(|| child.sigsys_report()).flatten() {
+                Some(r) => format!("killed by {name} (seccomp: {r})"),
+                None => format!("killed by {name}"),
+            }
+        }
+    }
+}
