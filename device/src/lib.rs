@@ -14,6 +14,7 @@ pub mod backend;
 pub mod error;
 pub mod gpu;
 pub mod mirror;
+pub mod process;
 pub mod wire;
 
 pub use error::{Error, Result};

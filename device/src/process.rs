@@ -1,0 +1,153 @@
+//! The device process: what `hostmem-gpu-device` runs after the launcher exec'd it.
+//!
+//! Order matters: the seccomp filter the launcher handed over is installed **first**, before
+//! any input is read; then the handshake, the hostmem memfd (mapped as the mirror), `Ready`,
+//! and the command loop on the control queue until the VMM closes it.
+
+use std::time::Duration;
+
+use hostmem_base::shm::SharedMemory;
+use hostmem_base::window::Window;
+use hostmem_ipc::protocol::{frame, handshake, unframe, DeviceMsg, Role, VmmMsg};
+use hostmem_ipc::{Error as TubeError, Tube};
+
+use crate::backend::Backend;
+use crate::gpu::Gpu;
+use crate::mirror::MirrorPlacer;
+use crate::{Error, Result};
+
+/// Exit code when the VMM broke the protocol or the mapping tube failed.
+pub const EXIT_TUBE: i32 = 3;
+/// Exit code for bad arguments or a failed start.
+pub const EXIT_START: i32 = 2;
+
+/// Parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    /// Fd of the control queue.
+    pub control_fd: i32,
+    /// Fd of the mapping tube.
+    pub mapping_fd: i32,
+    /// Fd holding the compiled seccomp program, if any.
+    pub seccomp_fd: Option<i32>,
+    /// Renderer backend.
+    pub backend: String,
+}
+
+impl Args {
+    /// Parses `--control-fd N --mapping-fd N [--seccomp-fd N] [--backend NAME]`.
+    pub fn parse(args: &[String]) -> std::result::Result<Args, String> {
+        let mut a = Args {
+            control_fd: -1,
+            mapping_fd: -1,
+            seccomp_fd: None,
+            backend: "shm".into(),
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+            let fd = |v: &String| v.parse::<i32>().map_err(|_| format!("{flag}: bad fd {v}"));
+            match flag.as_str() {
+                "--control-fd" => a.control_fd = fd(val()?)?,
+                "--mapping-fd" => a.mapping_fd = fd(val()?)?,
+                "--seccomp-fd" => a.seccomp_fd = Some(fd(val()?)?),
+                "--backend" => a.backend = val()?.clone(),
+                other => return Err(format!("unknown argument {other}")),
+            }
+        }
+        if a.control_fd < 0 || a.mapping_fd < 0 {
+            return Err("--control-fd and --mapping-fd are required".into());
+        }
+        Ok(a)
+    }
+}
+
+/// Creates the named backend.
+pub fn make_backend(name: &str) -> Result<Box<dyn Backend>> {
+    match name {
+        "shm" => Ok(Box::new(crate::backend::shm::ShmBackend::new())),
+        #[cfg(feature = "virgl")]
+        "virgl" => Ok(Box::new(
+            crate::backend::virgl::VirglBackend::new().map_err(|e| Error::Backend(e.to_string()))?,
+        )),
+        other => Err(Error::Backend(format!(
+            "unknown backend {other} (this build has: shm{})",
+            if cfg!(feature = "virgl") { ", virgl" } else { "" }
+        ))),
+    }
+}
+
+/// The device's main: returns the process exit code.
+pub fn main_with_args(args: &[String]) -> i32 {
+    let args = match Args::parse(args) {
+        Ok(a) => a,
+        Err(e) => {
+            log::error!("hostmem-gpu-device: {e}");
+            return EXIT_START;
+        }
+    };
+    // First act: the seccomp filter, before any input from anyone is read.
+    if let Some(fd) = args.seccomp_fd {
+        if let Err(e) = hostmem_jail::launch::child_install_seccomp(fd) {
+            log::error!("installing the seccomp filter failed: {e}");
+            return EXIT_START;
+        }
+    }
+    match run(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("device: {e}");
+            EXIT_TUBE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let take = |fd| hostmem_base::fd::take_inherited(fd).map_err(Error::Base);
+    let control = Tube::from_fd(take(args.control_fd)?)?;
+    let mapping = Tube::from_fd(take(args.mapping_fd)?)?;
+    handshake::<DeviceMsg, VmmMsg>(&mapping, Role::Device, Duration::from_secs(20))?;
+    mapping.set_recv_timeout(Some(Duration::from_secs(20)))?;
+    let (msg, mut fds) = mapping.recv::<VmmMsg>()?;
+    let VmmMsg::Hostmem { size } = msg else {
+        return Err(Error::Protocol(format!("expected Hostmem, got {msg:?}")));
+    };
+    let memfd = fds.pop().ok_or_else(|| Error::Protocol("Hostmem without fd".into()))?;
+    let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
+    let backend = make_backend(&args.backend)?;
+    let backend_name = backend.name().to_string();
+    mapping.send(&DeviceMsg::Ready { backend: backend_name.clone() }, &[])?;
+    log::info!("device ready: backend {backend_name}, window {size:#x} bytes");
+    let mut gpu = Gpu::new(backend, MirrorPlacer::new(mirror, mapping));
+    loop {
+        let (bytes, fds) = match control.recv_bytes() {
+            Ok(m) => m,
+            Err(TubeError::Hangup) => {
+                log::info!("control queue closed: exiting");
+                return Ok(());
+            }
+            Err(e) => {
+                log::warn!("control queue: dropped a bad message: {e}");
+                continue;
+            }
+        };
+        if !fds.is_empty() {
+            log::warn!("control queue: ignoring {} unexpected fds", fds.len());
+        }
+        drop(fds);
+        let Some((tag, cmd)) = unframe(&bytes) else {
+            log::warn!("control queue: message of {} bytes has no tag", bytes.len());
+            continue;
+        };
+        let response = gpu.handle(cmd);
+        control.send_bytes(&frame(tag, &response), &[])?;
+        let placer = gpu.placer();
+        if placer.shutdown_requested() {
+            log::info!("VMM asked for shutdown");
+            return Ok(());
+        }
+        if let Some(why) = placer.broken() {
+            return Err(Error::Protocol(format!("mapping tube: {why}")));
+        }
+    }
+}
