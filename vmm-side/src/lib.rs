@@ -1,1 +1,20 @@
-//! placeholder
+//! hostmem-vmm: the VMM side of hostmem (binary `hostmem`).
+//!
+//! * [`hostmem`]: the window, the VM and its memslots, and every check the VMM makes of a
+//!   placement event before it repeats it (DESIGN.md invariant 1).
+//! * [`service`]: the mapping-service thread on the mapping tube.
+//! * [`device`]: starting the jailed device, checking its jail, supervising and restarting it.
+//! * [`driver`]: the stand-in guest driver that writes virtio-gpu commands on the control queue.
+//! * [`probe`]: a real KVM vCPU (ring-3 guest) that reads and writes the window as the guest.
+//! * [`run`]: the `hostmem run` workload and its report.
+//! * [`policy`]: compiling the device's seccomp policy.
+
+#![forbid(unsafe_code)]
+
+pub mod device;
+pub mod driver;
+pub mod hostmem;
+pub mod policy;
+pub mod probe;
+pub mod run;
+pub mod service;

@@ -1,1 +1,156 @@
-fn main() {}
+//! `hostmem`: the VMM-side command line.
+//!
+//! * `hostmem run`: the main job (see `hostmem_vmm::run`).
+//! * `hostmem policy check|explain|lint`: seccomp policy tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hostmem_vmm::hostmem::Mode;
+use hostmem_vmm::run::{self, Restart, RunOptions};
+
+mod policy_cmd;
+
+#[derive(Debug, Parser)]
+#[command(name = "hostmem", version, about = "Sandboxed virtio-gpu hostmem: one memslot, MAP_FIXED blobs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the workload: blobs through the jailed device, checked by a KVM guest.
+    Run(RunArgs),
+    /// Seccomp policy tools.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCmd),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Placement mode.
+    #[arg(long, value_enum, default_value = "fixed")]
+    mode: Mode,
+    /// Window size (bytes; K/M/G suffixes allowed).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    window: u64,
+    /// Number of blobs.
+    #[arg(long, default_value_t = 1000)]
+    blobs: u32,
+    /// Seed of the generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Most blobs mapped at once.
+    #[arg(long, default_value_t = 64)]
+    max_live: usize,
+    /// Renderer backend: shm (always) or virgl (feature `virgl`).
+    #[arg(long, default_value = "shm")]
+    backend: String,
+    /// Restart policy: never | on-failure[:N].
+    #[arg(long, default_value = "on-failure:3")]
+    restart: Restart,
+    /// Log seccomp violations (name and args) instead of killing the device.
+    #[arg(long)]
+    seccomp_log: bool,
+    /// Run the device without the jail (for comparison only).
+    #[arg(long)]
+    no_jail: bool,
+    /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    /// Fault injection: SIGKILL the device once this many blobs are mapped.
+    #[arg(long, hide = true)]
+    kill_after: Option<u32>,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.trim().to_ascii_uppercase().chars().last() {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("bad size {s}"))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_timestamp_micros()
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Policy(p) => policy_cmd::run(p),
+    };
+    match res {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("hostmem: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
+    let mut device = run::default_device(&a.backend, a.policy_dir)?;
+    device.seccomp_log = a.seccomp_log;
+    if a.no_jail {
+        device.jailed = false;
+        device.policy = None;
+        eprintln!("hostmem: --no-jail: the device runs WITHOUT namespaces or seccomp");
+    }
+    if a.backend == "virgl" {
+        device.ro_binds = hostmem_vmm::policy::virgl_ro_binds();
+    }
+    let opts = RunOptions {
+        mode: a.mode,
+        window: a.window,
+        blobs: a.blobs,
+        seed: a.seed,
+        max_live: a.max_live.max(1),
+        device,
+        restart: a.restart,
+        kill_after: a.kill_after,
+        show_progress: !a.json,
+        use_kvm: true,
+    };
+    let r = run::run(&opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("hostmem run: mode {}, backend {}, window {} MiB, seed {}", r.mode, r.backend, r.window_bytes >> 20, r.seed);
+        println!("  blobs mapped          {}", r.blobs_mapped);
+        if r.kvm {
+            println!("  guest verified        {} ({} mismatches, {} holes)", r.guest_verified, r.guest_mismatches, r.guest_holes);
+        } else {
+            println!("  guest verified        0 (no /dev/kvm: nothing was checked by a guest)");
+        }
+        println!("  memslot changes       {}", r.memslot_changes);
+        println!("  max live placements   {}", r.max_live_placements);
+        println!("  MAP_BLOB   p50 {:8.1} µs   p99 {:8.1} µs", r.map_latency_us.p50, r.map_latency_us.p99);
+        println!("  UNMAP_BLOB p50 {:8.1} µs   p99 {:8.1} µs", r.unmap_latency_us.p50, r.unmap_latency_us.p99);
+        let d = &r.device;
+        println!(
+            "  device pid {}: jailed {}, seccomp {}, no_new_privs {}, CapEff {}, {} fds",
+            d.pid, d.jailed, d.seccomp, d.no_new_privs, d.cap_eff, d.open_fds
+        );
+        for x in &r.device_exits {
+            println!("  device exit: {x:?}");
+        }
+        println!("  {:.1} s, {} errors", r.seconds, r.errors.len());
+        for e in &r.errors {
+            println!("    {e}");
+        }
+    }
+    let ok = r.guest_mismatches == 0 && r.errors.is_empty() && r.blobs_mapped > 0;
+    Ok(if ok { 0 } else { 1 })
+}

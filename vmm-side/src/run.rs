@@ -1,0 +1,464 @@
+//! `hostmem run`: the main job. A seeded workload of blobs created, filled by the renderer,
+//! mapped at generated offsets (many live at once), checked through a real KVM guest,
+//! written by the guest and checked by the device, unmapped (the guest must then read
+//! zeros) and unref'd, all through the jailed device process.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use hostmem_base::kvm::Vm;
+use hostmem_base::procfs;
+use hostmem_device::backend::shm::{checksum, encode_stream, pattern_qword, ShmOp};
+use hostmem_ipc::Tube;
+use serde::Serialize;
+
+use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
+use crate::driver::{CmdError, Driver};
+use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use crate::probe::{expected_hash, GuestProbe, ProbeRead};
+
+const PAGE: u64 = 4096;
+/// The context the workload's blobs live in.
+const CTX: u32 = 1;
+/// Guest RAM for the probe.
+const PROBE_RAM: usize = 8 << 20;
+
+/// When to restart a dead device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// Never: the run ends with the device.
+    Never,
+    /// Up to this many times.
+    OnFailure(u32),
+}
+
+impl std::str::FromStr for Restart {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "never" => Ok(Restart::Never),
+            "on-failure" => Ok(Restart::OnFailure(3)),
+            _ => match s.strip_prefix("on-failure:").map(str::parse) {
+                Some(Ok(n)) => Ok(Restart::OnFailure(n)),
+                _ => Err(format!("--restart: expected never|on-failure[:N], got {s}")),
+            },
+        }
+    }
+}
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Placement mode.
+    pub mode: Mode,
+    /// Window size in bytes.
+    pub window: u64,
+    /// Blobs to create and map.
+    pub blobs: u32,
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Most blobs mapped at once.
+    pub max_live: usize,
+    /// Device options.
+    pub device: DeviceConfig,
+    /// Restart policy.
+    pub restart: Restart,
+    /// Fault injection: SIGKILL the device once this many blobs are mapped.
+    pub kill_after: Option<u32>,
+    /// Draw a progress bar on a terminal.
+    pub show_progress: bool,
+    /// Use KVM if it is there (tests may turn it off).
+    pub use_kvm: bool,
+}
+
+/// Latency summary in µs.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+impl Latency {
+    /// From samples in µs.
+    pub fn of(samples: &mut [f64]) -> Latency {
+        if samples.is_empty() {
+            return Latency::default();
+        }
+        samples.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Latency {
+            p50: at(0.5),
+            p99: at(0.99),
+        }
+    }
+}
+
+/// The report of a run (`--json` prints it).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// `fixed` or `per-blob-slot`.
+    pub mode: &'static str,
+    /// Backend.
+    pub backend: String,
+    /// Window size.
+    pub window_bytes: u64,
+    /// Seed.
+    pub seed: u64,
+    /// Blobs mapped successfully.
+    pub blobs_mapped: u64,
+    /// Whether a KVM guest checked what it sees.
+    pub kvm: bool,
+    /// Guest checks that matched (blob patterns, zeros after unmap, guest writes seen by
+    /// the device).
+    pub guest_verified: u64,
+    /// Guest checks that did not match.
+    pub guest_mismatches: u64,
+    /// Guest reads that hit unbacked memory.
+    pub guest_holes: u64,
+    /// Memslot changes made by the hostmem window over the whole run.
+    pub memslot_changes: u64,
+    /// Most placements live at once.
+    pub max_live_placements: usize,
+    /// MAP_BLOB latency (guest command to completion) in µs.
+    pub map_latency_us: Latency,
+    /// UNMAP_BLOB latency in µs.
+    pub unmap_latency_us: Latency,
+    /// Facts of the (last) device.
+    pub device: DeviceFacts,
+    /// Device exits (crashes, kills) and what was restored.
+    pub device_exits: Vec<DeviceExit>,
+    /// Device restarts.
+    pub restarts: u32,
+    /// Events the VMM refused.
+    pub refused_events: u64,
+    /// Fds of the VMM at the start and at the end (after the device was stopped).
+    pub vmm_fds: (usize, usize),
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Errors that are not guest mismatches.
+    pub errors: Vec<String>,
+}
+
+/// splitmix64: the seeded generator.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    /// Next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// A blob size from 4 KiB to 2 MiB, log-uniform in pages.
+    pub fn blob_size(&mut self) -> u64 {
+        let shift = self.below(10); // 1..512 pages
+        let pages = (1u64 << shift) + self.below(1u64 << shift);
+        pages.min(512) * PAGE
+    }
+}
+
+/// The bytes the shm backend's FILL writes for `seed` over a blob of `len` bytes.
+pub fn pattern_bytes(seed: u64, len: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len as usize);
+    for i in 0..len / 8 {
+        v.extend_from_slice(&pattern_qword(seed, i).to_le_bytes());
+    }
+    v
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LiveBlob {
+    res: u32,
+    offset: u64,
+    size: u64,
+    seed: u64,
+}
+
+struct Session {
+    device: Device,
+    driver: Driver,
+}
+
+fn connect(opts: &RunOptions, hostmem: &Arc<Hostmem>) -> anyhow::Result<Session> {
+    let device = Device::start(&opts.device, hostmem.clone())?;
+    let control = Tube::from_fd(
+        std::os::fd::AsFd::as_fd(device.control())
+            .try_clone_to_owned()
+            .context("dup of the control queue")?,
+    )?;
+    let mut driver = Driver::new(control, hostmem.clone())?;
+    driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
+    Ok(Session { device, driver })
+}
+
+struct Checker<'a> {
+    probe: Option<&'a mut GuestProbe>,
+    verified: u64,
+    mismatches: u64,
+    holes: u64,
+    errors: &'a mut Vec<String>,
+}
+
+impl Checker<'_> {
+    /// The guest reads `len` bytes at `offset` and must see `expected`.
+    fn guest_sees(&mut self, offset: u64, expected: &[u8], what: &str) {
+        let Some(probe) = self.probe.as_deref_mut() else {
+            return;
+        };
+        match probe.hash(offset, expected.len() as u64) {
+            Ok(ProbeRead::Value(h)) if h == expected_hash(expected) => self.verified += 1,
+            Ok(ProbeRead::Value(_)) => {
+                self.mismatches += 1;
+                log::error!("guest mismatch: {what} at {offset:#x}+{:#x}", expected.len());
+            }
+            Ok(ProbeRead::Hole { gpa }) => {
+                self.holes += 1;
+                self.mismatches += 1;
+                log::error!("guest hit a hole at gpa {gpa:#x}: {what}");
+            }
+            Err(e) => self.errors.push(format!("guest probe: {e}")),
+        }
+    }
+}
+
+/// Runs the workload and returns its report.
+pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
+    let t0 = Instant::now();
+    let fds_start = procfs::fd_count()?;
+    let vm = if opts.use_kvm {
+        match Vm::available() {
+            Ok(()) => Some(Arc::new(Vm::open()?)),
+            Err(why) => {
+                log::warn!("no KVM ({why}): running without the guest probe, nothing is verified");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let hostmem = Arc::new(Hostmem::new(
+        opts.window,
+        vm.clone(),
+        DEFAULT_WINDOW_GPA,
+        opts.mode,
+        Limits::default(),
+    )?);
+    let mut probe = match &vm {
+        Some(vm) => Some(GuestProbe::new(vm.clone(), DEFAULT_WINDOW_GPA, opts.window, PROBE_RAM)?),
+        None => None,
+    };
+    let mut errors = Vec::new();
+    let mut exits = Vec::new();
+    let mut restarts = 0u32;
+    let mut session = Some(connect(opts, &hostmem)?);
+    let mut facts = session.as_ref().map(|s| s.device.facts().clone()).unwrap_or_default();
+    let mut rng = Rng::new(opts.seed);
+    let mut live: Vec<LiveBlob> = Vec::new();
+    let (mut map_us, mut unmap_us) = (Vec::new(), Vec::new());
+    let mut mapped = 0u64;
+    let mut next_res = 1u32;
+    let mut killed = false;
+    let mut chk = Checker {
+        probe: probe.as_mut(),
+        verified: 0,
+        mismatches: 0,
+        holes: 0,
+        errors: &mut errors,
+    };
+    let progress = opts.show_progress && std::io::stderr().is_terminal();
+
+    let mut i = 0u32;
+    while i < opts.blobs {
+        let Some(s) = session.as_mut() else { break };
+        if progress && i % 10 == 0 {
+            let w = 40 * i as usize / opts.blobs.max(1) as usize;
+            eprint!("\r[{}{}] {i}/{}", "#".repeat(w), " ".repeat(40 - w), opts.blobs);
+        }
+        if opts.kill_after == Some(i) && !killed && !live.is_empty() {
+            killed = true;
+            log::warn!("fault injection: SIGKILL to device pid {} with {} live blobs", s.device.pid(), live.len());
+            s.device.kill(libc::SIGKILL);
+        }
+        let step = (|| -> Result<(), CmdError> {
+            // Make room: unmap (or unref while mapped) the oldest blobs beyond the limit.
+            while live.len() >= opts.max_live || (live.len() > 1 && rng.below(4) == 0) {
+                let b = live.remove(0);
+                let t = Instant::now();
+                if rng.below(8) == 0 {
+                    s.driver.unref(b.res)?; // unref of a mapped blob unmaps it first
+                    unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
+                } else {
+                    s.driver.unmap_blob(CTX, b.res)?;
+                    unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    s.driver.unref(b.res)?;
+                }
+                chk.guest_sees(b.offset, &vec![0u8; b.size as usize], "zeros after unmap");
+            }
+            let size = rng.blob_size();
+            let res = next_res;
+            next_res += 1;
+            let seed = rng.next_u64();
+            s.driver.create_blob(CTX, res, 0, size)?;
+            let fill = encode_stream(&[ShmOp::Fill { resource_id: res, offset: 0, len: size, seed }]);
+            s.driver.submit_3d(CTX, fill)?;
+            let Some(offset) = free_offset(&mut rng, &live, size, opts.window) else {
+                s.driver.unref(res)?;
+                return Ok(());
+            };
+            let t = Instant::now();
+            s.driver.map_blob(CTX, res, offset, size)?;
+            map_us.push(t.elapsed().as_secs_f64() * 1e6);
+            mapped += 1;
+            let mut expected = pattern_bytes(seed, size);
+            chk.guest_sees(offset, &expected, "blob pattern");
+            // Now and then the guest writes into the blob and the device must see it.
+            if res % 4 == 0 {
+                if let Some(p) = chk.probe.as_deref_mut() {
+                    let at = rng.below(size / 8) * 8;
+                    let value = rng.next_u64();
+                    match p.write_u64(offset + at, value) {
+                        Ok(_) => {
+                            expected[at as usize..at as usize + 8].copy_from_slice(&value.to_le_bytes());
+                            let q = encode_stream(&[ShmOp::Checksum { resource_id: res, offset: 0, len: size }]);
+                            let reply = s.driver.submit_3d(CTX, q)?;
+                            let got = reply.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+                            if got == Some(checksum(&expected)) {
+                                chk.verified += 1;
+                            } else {
+                                chk.mismatches += 1;
+                                log::error!("device checksum after a guest write at {:#x} does not match", offset + at);
+                            }
+                        }
+                        Err(e) => chk.errors.push(format!("guest write: {e}")),
+                    }
+                }
+            }
+            live.push(LiveBlob { res, offset, size, seed });
+            Ok(())
+        })();
+        match step {
+            Ok(()) => i += 1,
+            Err(e) if e.device_lost() => {
+                let Some(s) = session.take() else { break };
+                let before: Vec<LiveBlob> = std::mem::take(&mut live);
+                let exit = s.device.stop(&e.to_string());
+                // Everything the dead device had placed must read zeros now.
+                for b in &before {
+                    chk.guest_sees(b.offset, &vec![0u8; b.size as usize], "zeros after device death");
+                }
+                if hostmem.live() != 0 {
+                    chk.errors.push(format!("{} placements survived the device", hostmem.live()));
+                }
+                exits.push(exit);
+                match opts.restart {
+                    Restart::OnFailure(n) if restarts < n => {
+                        restarts += 1;
+                        match connect(opts, &hostmem) {
+                            Ok(s) => {
+                                facts = s.device.facts().clone();
+                                session = Some(s);
+                            }
+                            Err(e) => chk.errors.push(format!("restart failed: {e:#}")),
+                        }
+                    }
+                    _ => chk.errors.push(format!("device lost and not restarted: {e}")),
+                }
+            }
+            Err(e) => {
+                // A refused command: log it and go on with the next blob.
+                chk.errors.push(format!("blob {i}: {e}"));
+                i += 1;
+            }
+        }
+    }
+    if progress {
+        eprintln!("\r[{}] {}/{}", "#".repeat(40), opts.blobs, opts.blobs);
+    }
+    // Drain: unmap and unref everything still live, checking zeros.
+    if let Some(s) = session.as_mut() {
+        for b in std::mem::take(&mut live) {
+            let t = Instant::now();
+            match s.driver.unmap_blob(CTX, b.res).and_then(|()| s.driver.unref(b.res)) {
+                Ok(()) => {
+                    unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    chk.guest_sees(b.offset, &vec![0u8; b.size as usize], "zeros after unmap");
+                }
+                Err(e) => chk.errors.push(format!("final unmap of {}: {e}", b.res)),
+            }
+        }
+    }
+    let (verified, mismatches, holes) = (chk.verified, chk.mismatches, chk.holes);
+    if let Some(s) = session.take() {
+        drop(s.driver);
+        let exit = s.device.stop("run finished");
+        if exit.code != Some(0) {
+            errors.push(format!("device did not exit cleanly at the end: {exit:?}"));
+        }
+    }
+    drop(probe);
+    let counters = hostmem.counters();
+    let report = Report {
+        mode: opts.mode.name(),
+        backend: opts.device.backend.clone(),
+        window_bytes: opts.window,
+        seed: opts.seed,
+        blobs_mapped: mapped,
+        kvm: vm.is_some(),
+        guest_verified: verified,
+        guest_mismatches: mismatches,
+        guest_holes: holes,
+        memslot_changes: hostmem.memslot_changes(),
+        max_live_placements: hostmem.max_live_seen(),
+        map_latency_us: Latency::of(&mut map_us),
+        unmap_latency_us: Latency::of(&mut unmap_us),
+        device: facts,
+        device_exits: exits,
+        restarts,
+        refused_events: counters.refused,
+        vmm_fds: (fds_start, procfs::fd_count()?),
+        seconds: t0.elapsed().as_secs_f64(),
+        errors,
+    };
+    Ok(report)
+}
+
+/// A random page-aligned offset where `size` bytes fit without overlapping `live`.
+fn free_offset(rng: &mut Rng, live: &[LiveBlob], size: u64, window: u64) -> Option<u64> {
+    let slots = (window.checked_sub(size)? / PAGE) + 1;
+    (0..64).find_map(|_| {
+        let off = rng.below(slots) * PAGE;
+        let clear = live.iter().all(|b| off + size <= b.offset || b.offset + b.size <= off);
+        clear.then_some(off)
+    })
+}
+
+/// Default device config for the run: jailed under the shm policy.
+pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Result<DeviceConfig> {
+    let dir = policy_dir.unwrap_or_else(crate::policy::default_dir);
+    Ok(DeviceConfig {
+        program: DeviceConfig::find_program()?,
+        pre_args: vec![],
+        backend: backend.to_string(),
+        jailed: true,
+        policy: Some(dir.join(format!("gpu_device_{backend}.policy"))),
+        seccomp_log: false,
+        ro_binds: vec![],
+        log_filter: std::env::var("RUST_LOG").ok(),
+    })
+}
