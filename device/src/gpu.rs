@@ -1,0 +1,640 @@
+//! The command handler: decodes a control-queue command ([`crate::wire`]), validates it
+//! against the blob table and the contexts, drives the renderer [`Backend`] and places
+//! mapped blobs through a [`Placer`]. Every failure is an answer, never a panic: the
+//! spec's error response, with the reason logged (`log::warn!`).
+//!
+//! # Rules
+//!
+//! * Resource ids are device-global (as in virtio-gpu); the header's `ctx_id` of
+//!   MAP/UNMAP/UNREF is not checked.
+//! * `RESOURCE_CREATE_BLOB`: id non-zero and unused (`ERR_INVALID_RESOURCE_ID`);
+//!   `blob_mem` GUEST or HOST3D, flags ⊆ MAPPABLE|SHAREABLE|CROSS_DEVICE, size non-zero,
+//!   page-aligned and ≤ the window size, HOST3D without mem entries, GUEST with at most
+//!   [`MAX_MEM_ENTRIES`] (which are otherwise ignored: there is no guest RAM here)
+//!   (`ERR_INVALID_PARAMETER`); a non-zero header `ctx_id` must be a live context and
+//!   HOST3D needs one (`ERR_INVALID_CONTEXT_ID`); at most [`MAX_BLOBS`] blobs
+//!   (`ERR_OUT_OF_MEMORY`).
+//! * `RESOURCE_MAP_BLOB`: the resource exists, is MAPPABLE and not mapped yet (the QEMU
+//!   map_fixed patch refuses a second mapping of the same resource); the offset is
+//!   page-aligned, `offset + size` lies inside the window (checked arithmetic) and does
+//!   not overlap another mapped blob. Then `Backend::export_blob` and [`Placer::map`];
+//!   a refusal is answered with the placer's error and changes nothing.
+//! * `RESOURCE_UNMAP_BLOB`: the resource must be mapped; [`Placer::unmap`] then `OK_NODATA`.
+//!   If the placer fails, the blob stays recorded as mapped.
+//! * `RESOURCE_UNREF`: a mapped blob is first unmapped through the placer (so the VMM hears
+//!   of it); if that fails, nothing is unref'd.
+//! * `CTX_CREATE`: id non-zero and unused, capset 0 or one the backend offers.
+//!   `CTX_DESTROY` destroys the context only: **its blobs stay alive and mapped**. Resource
+//!   ids are global and may have been shared (SHAREABLE / CROSS_DEVICE), and the guest
+//!   still sends `RESOURCE_UNREF` for them; the backend stops letting streams touch them.
+//! * `SUBMIT_3D` runs the stream in the header's context (which must exist). **Hostmem
+//!   extension:** the backend's reply bytes (e.g. the shm backend's checksums) are appended
+//!   after the `OK_NODATA` header ([`Response::OkNoData`]'s `reply`); a plain virtio-gpu
+//!   driver reads only the header and never sees them.
+//! * A truncated command or an unknown / unsupported type gets `ERR_UNSPEC` (as QEMU does);
+//!   a length field that disagrees with the message gets `ERR_INVALID_PARAMETER`.
+//! * Responses echo the request's fence (`FLAG_FENCE`, `fence_id`, `ctx_id`, `ring_idx`):
+//!   every command completes before `handle` returns.
+
+use std::collections::BTreeMap;
+
+use hostmem_base::mmap::{is_page_aligned, Prot};
+
+use crate::backend::{Backend, BackendError, BlobCreate, ExportedBlob};
+use crate::wire::{
+    ctrl_type_name, Command, CtrlHdr, CtxCreate, ErrorCode, GetCapset, GetCapsetInfo,
+    ResourceCreateBlob, ResourceMapBlob, Response, Submit3d, WireError, VIRTIO_GPU_BLOB_FLAGS_ALL,
+    VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D,
+    VIRTIO_GPU_RESP_ERR_UNSPEC,
+};
+
+/// Most live blobs the handler keeps (`ERR_OUT_OF_MEMORY` beyond).
+pub const MAX_BLOBS: usize = 65536;
+/// Most live contexts (`ERR_OUT_OF_MEMORY` beyond).
+pub const MAX_CONTEXTS: usize = 4096;
+/// Most mem entries a GUEST blob may name (QEMU's limit).
+pub const MAX_MEM_ENTRIES: usize = 16384;
+
+/// One placement the handler asks for.
+#[derive(Debug)]
+pub struct MapRequest<'a> {
+    /// The resource being mapped.
+    pub resource_id: u32,
+    /// Window offset (page-aligned, checked to lie inside the window).
+    pub offset: u64,
+    /// Length (the blob's size, page-aligned).
+    pub len: u64,
+    /// The exported blob (fd, fd offset, size, map info).
+    pub blob: &'a ExportedBlob,
+    /// Protection of the placement.
+    pub prot: Prot,
+    /// `VIRTIO_GPU_MAP_CACHE_*` answered to the guest.
+    pub map_info: u32,
+}
+
+/// Why a placement was refused. Each maps to one error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlaceError {
+    /// Limits reached (VMA headroom, placements, fds): `ERR_OUT_OF_MEMORY`.
+    OutOfMemory(String),
+    /// A field failed validation: `ERR_INVALID_PARAMETER`.
+    InvalidParameter(String),
+    /// Anything else: `ERR_UNSPEC`.
+    Unspec(String),
+}
+
+impl PlaceError {
+    /// The error response for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            PlaceError::OutOfMemory(_) => ErrorCode::OutOfMemory,
+            PlaceError::InvalidParameter(_) => ErrorCode::InvalidParameter,
+            PlaceError::Unspec(_) => ErrorCode::Unspec,
+        }
+    }
+
+    /// The reason.
+    pub fn reason(&self) -> &str {
+        match self {
+            PlaceError::OutOfMemory(s)
+            | PlaceError::InvalidParameter(s)
+            | PlaceError::Unspec(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for PlaceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code(), self.reason())
+    }
+}
+
+/// Places blobs in the hostmem window (the device's mirror + the VMM's window, or a fake in
+/// tests).
+pub trait Placer {
+    /// Places `req.blob` at `req.offset`.
+    fn map(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError>;
+    /// Restores the background over `offset..offset + len`, where `resource_id` was placed.
+    fn unmap(&mut self, resource_id: u32, offset: u64, len: u64) -> Result<(), PlaceError>;
+    /// Size of the window in bytes.
+    fn window_size(&self) -> u64;
+}
+
+impl BackendError {
+    /// The error response for this backend error. `InvalidId` answers
+    /// `ERR_INVALID_RESOURCE_ID` (the handler answers `ERR_INVALID_CONTEXT_ID` instead for
+    /// context commands).
+    pub fn response(&self) -> ErrorCode {
+        match self {
+            BackendError::InvalidId(_) => ErrorCode::InvalidResourceId,
+            BackendError::InvalidParameter(_) => ErrorCode::InvalidParameter,
+            BackendError::OutOfMemory(_) => ErrorCode::OutOfMemory,
+            BackendError::Unspec(_) => ErrorCode::Unspec,
+        }
+    }
+}
+
+/// What the handler knows about one blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// Resource id.
+    pub resource_id: u32,
+    /// Context named at creation (0: none). Stays set after that context is destroyed.
+    pub ctx_id: u32,
+    /// `VIRTIO_GPU_BLOB_MEM_*`.
+    pub blob_mem: u32,
+    /// `VIRTIO_GPU_BLOB_FLAG_*`.
+    pub blob_flags: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Window offset while mapped.
+    pub mapped_at: Option<u64>,
+}
+
+/// A failed command: the response code and the reason to log.
+type Refusal = (ErrorCode, String);
+
+fn refuse<T>(code: ErrorCode, reason: impl Into<String>) -> Result<T, Refusal> {
+    Err((code, reason.into()))
+}
+
+fn backend_refusal(e: BackendError) -> Refusal {
+    (e.response(), format!("backend: {e}"))
+}
+
+fn ctx_refusal(e: BackendError) -> Refusal {
+    let code = match e {
+        BackendError::InvalidId(_) => ErrorCode::InvalidContextId,
+        ref other => other.response(),
+    };
+    (code, format!("backend: {e}"))
+}
+
+fn place_refusal(e: PlaceError) -> Refusal {
+    (e.code(), format!("placer: {}", e.reason()))
+}
+
+/// The virtio-gpu hostmem command handler. `B` is the renderer backend (usually
+/// `dyn Backend`), `P` the placer.
+pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
+    backend: Box<B>,
+    placer: P,
+    blobs: BTreeMap<u32, BlobInfo>,
+    /// Live contexts and the capset each asked for.
+    contexts: BTreeMap<u32, u32>,
+    max_blobs: usize,
+}
+
+impl<P: Placer + std::fmt::Debug, B: Backend + ?Sized> std::fmt::Debug for Gpu<P, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("backend", &self.backend.name())
+            .field("placer", &self.placer)
+            .field("blobs", &self.blobs.len())
+            .field("contexts", &self.contexts.len())
+            .finish()
+    }
+}
+
+impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
+    /// A handler over `backend` placing through `placer`.
+    pub fn new(backend: Box<B>, placer: P) -> Self {
+        Gpu {
+            backend,
+            placer,
+            blobs: BTreeMap::new(),
+            contexts: BTreeMap::new(),
+            max_blobs: MAX_BLOBS,
+        }
+    }
+
+    /// Lowers the blob limit (tests, small jails).
+    pub fn set_max_blobs(&mut self, max: usize) {
+        self.max_blobs = max;
+    }
+
+    /// The placer.
+    pub fn placer(&self) -> &P {
+        &self.placer
+    }
+
+    /// The placer, mutably.
+    pub fn placer_mut(&mut self) -> &mut P {
+        &mut self.placer
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// One blob.
+    pub fn blob(&self, resource_id: u32) -> Option<BlobInfo> {
+        self.blobs.get(&resource_id).copied()
+    }
+
+    /// Every blob, by resource id.
+    pub fn blobs(&self) -> impl Iterator<Item = BlobInfo> + '_ {
+        self.blobs.values().copied()
+    }
+
+    /// Mapped blobs as `(resource_id, offset, len)`, by resource id.
+    pub fn mapped(&self) -> impl Iterator<Item = (u32, u64, u64)> + '_ {
+        self.blobs
+            .values()
+            .filter_map(|b| b.mapped_at.map(|off| (b.resource_id, off, b.size)))
+    }
+
+    /// Live context ids.
+    pub fn contexts(&self) -> impl Iterator<Item = u32> + '_ {
+        self.contexts.keys().copied()
+    }
+
+    /// Forgets every placement without calling the placer (the VMM side restarted and
+    /// restored its window; the mirror must be restored by its owner). Blobs stay alive
+    /// and can be mapped again. Returns how many placements were forgotten.
+    pub fn reset_mappings(&mut self) -> usize {
+        let mut n = 0;
+        for b in self.blobs.values_mut() {
+            if b.mapped_at.take().is_some() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            log::info!("forgot {n} placements");
+        }
+        n
+    }
+
+    /// Handles one command and returns the response bytes. Never panics.
+    pub fn handle(&mut self, request: &[u8]) -> Vec<u8> {
+        self.handle_command(request).encode()
+    }
+
+    /// [`Gpu::handle`], returning the decoded response.
+    pub fn handle_command(&mut self, request: &[u8]) -> Response {
+        let hdr = match CtrlHdr::parse(request) {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!("control command refused: {e}");
+                return Response::Err {
+                    hdr: CtrlHdr::new(VIRTIO_GPU_RESP_ERR_UNSPEC),
+                    code: ErrorCode::Unspec,
+                };
+            }
+        };
+        let cmd = match Command::parse(request) {
+            Ok(c) => c,
+            Err(e) => {
+                let code = match e {
+                    WireError::BadLength(_) => ErrorCode::InvalidParameter,
+                    WireError::Truncated { .. } | WireError::UnknownType(_) => ErrorCode::Unspec,
+                };
+                log::warn!(
+                    "{} ({:#06x}) ctx {}: {code}: {e}",
+                    ctrl_type_name(hdr.type_),
+                    hdr.type_,
+                    hdr.ctx_id
+                );
+                return Response::error_for(&hdr, code);
+            }
+        };
+        match self.dispatch(&cmd) {
+            Ok(r) => r,
+            Err((code, reason)) => {
+                log::warn!(
+                    "{} ctx {}: {code}: {reason}",
+                    ctrl_type_name(hdr.type_),
+                    hdr.ctx_id
+                );
+                Response::error_for(&hdr, code)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, cmd: &Command) -> Result<Response, Refusal> {
+        let hdr = cmd.hdr();
+        match cmd {
+            Command::ResourceCreateBlob(c) => self.create_blob(c).map(|()| ok(hdr)),
+            Command::ResourceMapBlob(c) => {
+                let map_info = self.map_blob(c)?;
+                Ok(Response::OkMapInfo {
+                    hdr: hdr.response(crate::wire::VIRTIO_GPU_RESP_OK_MAP_INFO),
+                    map_info,
+                })
+            }
+            Command::ResourceUnmapBlob(c) => self.unmap_blob(c.resource_id).map(|()| ok(hdr)),
+            Command::ResourceUnref(c) => self.unref(c.resource_id).map(|()| ok(hdr)),
+            Command::CtxCreate(c) => self.ctx_create(c).map(|()| ok(hdr)),
+            Command::CtxDestroy(h) => self.ctx_destroy(h.ctx_id).map(|()| ok(hdr)),
+            Command::Submit3d(c) => {
+                let reply = self.submit_3d(c)?;
+                Ok(Response::ok_for(hdr, reply))
+            }
+            Command::GetCapsetInfo(c) => self.capset_info(c),
+            Command::GetCapset(c) => self.capset(c),
+        }
+    }
+
+    fn create_blob(&mut self, c: &ResourceCreateBlob) -> Result<(), Refusal> {
+        let id = c.resource_id;
+        let ctx_id = c.hdr.ctx_id;
+        if id == 0 {
+            return refuse(ErrorCode::InvalidResourceId, "resource id 0");
+        }
+        if self.blobs.contains_key(&id) {
+            return refuse(
+                ErrorCode::InvalidResourceId,
+                format!("resource {id} exists"),
+            );
+        }
+        match c.blob_mem {
+            VIRTIO_GPU_BLOB_MEM_GUEST => {
+                if c.entries.len() > MAX_MEM_ENTRIES {
+                    return refuse(
+                        ErrorCode::InvalidParameter,
+                        format!("{} mem entries > {MAX_MEM_ENTRIES}", c.entries.len()),
+                    );
+                }
+            }
+            VIRTIO_GPU_BLOB_MEM_HOST3D => {
+                if !c.entries.is_empty() {
+                    return refuse(
+                        ErrorCode::InvalidParameter,
+                        format!("HOST3D blob with {} mem entries", c.entries.len()),
+                    );
+                }
+                if ctx_id == 0 {
+                    return refuse(ErrorCode::InvalidContextId, "HOST3D blob needs a context");
+                }
+            }
+            other => {
+                return refuse(
+                    ErrorCode::InvalidParameter,
+                    format!("blob_mem {other} not supported (GUEST or HOST3D only)"),
+                )
+            }
+        }
+        if c.blob_flags & !VIRTIO_GPU_BLOB_FLAGS_ALL != 0 {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!("unknown blob flags {:#x}", c.blob_flags),
+            );
+        }
+        let window = self.placer.window_size();
+        if c.size == 0 || !is_page_aligned(c.size) || c.size > window {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!(
+                    "size {:#x}: must be non-zero, page-aligned and at most the window ({window:#x})",
+                    c.size
+                ),
+            );
+        }
+        if ctx_id != 0 && !self.contexts.contains_key(&ctx_id) {
+            return refuse(ErrorCode::InvalidContextId, format!("no context {ctx_id}"));
+        }
+        if self.blobs.len() >= self.max_blobs {
+            return refuse(
+                ErrorCode::OutOfMemory,
+                format!("{} blobs: limit reached", self.blobs.len()),
+            );
+        }
+        self.backend
+            .create_blob(&BlobCreate {
+                ctx_id,
+                resource_id: id,
+                blob_mem: c.blob_mem,
+                blob_flags: c.blob_flags,
+                blob_id: c.blob_id,
+                size: c.size,
+            })
+            .map_err(backend_refusal)?;
+        self.blobs.insert(
+            id,
+            BlobInfo {
+                resource_id: id,
+                ctx_id,
+                blob_mem: c.blob_mem,
+                blob_flags: c.blob_flags,
+                size: c.size,
+                mapped_at: None,
+            },
+        );
+        log::debug!("resource {id}: created {:#x} bytes in ctx {ctx_id}", c.size);
+        Ok(())
+    }
+
+    fn map_blob(&mut self, c: &ResourceMapBlob) -> Result<u32, Refusal> {
+        let id = c.resource_id;
+        let blob = match self.blobs.get(&id) {
+            Some(b) => *b,
+            None => return refuse(ErrorCode::InvalidResourceId, format!("no resource {id}")),
+        };
+        if blob.blob_flags & VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE == 0 {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!("resource {id} is not MAPPABLE"),
+            );
+        }
+        if let Some(at) = blob.mapped_at {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!("resource {id} is already mapped at {at:#x}"),
+            );
+        }
+        let offset = c.offset;
+        if !is_page_aligned(offset) {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!("offset {offset:#x} is not page-aligned"),
+            );
+        }
+        let window = self.placer.window_size();
+        let end = match offset.checked_add(blob.size) {
+            Some(end) if end <= window => end,
+            _ => {
+                return refuse(
+                    ErrorCode::InvalidParameter,
+                    format!(
+                        "{offset:#x}+{:#x} is outside the window of {window:#x} bytes",
+                        blob.size
+                    ),
+                )
+            }
+        };
+        if let Some((other, o_off, o_len)) = self
+            .mapped()
+            .find(|&(_, o_off, o_len)| o_off < end && offset < o_off + o_len)
+        {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!(
+                    "{offset:#x}+{:#x} overlaps resource {other} at {o_off:#x}+{o_len:#x}",
+                    blob.size
+                ),
+            );
+        }
+        let exported = self.backend.export_blob(id).map_err(backend_refusal)?;
+        if exported.size < blob.size {
+            return refuse(
+                ErrorCode::Unspec,
+                format!(
+                    "backend exported {:#x} bytes for a blob of {:#x}",
+                    exported.size, blob.size
+                ),
+            );
+        }
+        let req = MapRequest {
+            resource_id: id,
+            offset,
+            len: blob.size,
+            blob: &exported,
+            prot: Prot::READ_WRITE,
+            map_info: exported.map_info,
+        };
+        self.placer.map(&req).map_err(place_refusal)?;
+        if let Some(b) = self.blobs.get_mut(&id) {
+            b.mapped_at = Some(offset);
+        }
+        log::debug!("resource {id}: mapped at {offset:#x}+{:#x}", blob.size);
+        Ok(exported.map_info)
+    }
+
+    fn unmap_blob(&mut self, id: u32) -> Result<(), Refusal> {
+        let blob = match self.blobs.get(&id) {
+            Some(b) => *b,
+            None => return refuse(ErrorCode::InvalidResourceId, format!("no resource {id}")),
+        };
+        let Some(offset) = blob.mapped_at else {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!("resource {id} is not mapped"),
+            );
+        };
+        self.placer
+            .unmap(id, offset, blob.size)
+            .map_err(place_refusal)?;
+        if let Some(b) = self.blobs.get_mut(&id) {
+            b.mapped_at = None;
+        }
+        log::debug!("resource {id}: unmapped from {offset:#x}");
+        Ok(())
+    }
+
+    fn unref(&mut self, id: u32) -> Result<(), Refusal> {
+        let blob = match self.blobs.get(&id) {
+            Some(b) => *b,
+            None => return refuse(ErrorCode::InvalidResourceId, format!("no resource {id}")),
+        };
+        if blob.mapped_at.is_some() {
+            self.unmap_blob(id)?;
+        }
+        self.backend.unref(id).map_err(backend_refusal)?;
+        self.blobs.remove(&id);
+        log::debug!("resource {id}: unref'd");
+        Ok(())
+    }
+
+    fn ctx_create(&mut self, c: &CtxCreate) -> Result<(), Refusal> {
+        let ctx_id = c.hdr.ctx_id;
+        if ctx_id == 0 {
+            return refuse(ErrorCode::InvalidContextId, "context id 0");
+        }
+        if self.contexts.contains_key(&ctx_id) {
+            return refuse(
+                ErrorCode::InvalidContextId,
+                format!("context {ctx_id} exists"),
+            );
+        }
+        let capset_id = c.capset_id();
+        if capset_id != 0 && !self.backend.capsets().iter().any(|i| i.id == capset_id) {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!(
+                    "capset {capset_id} not offered by backend {}",
+                    self.backend.name()
+                ),
+            );
+        }
+        if self.contexts.len() >= MAX_CONTEXTS {
+            return refuse(ErrorCode::OutOfMemory, "context limit reached");
+        }
+        self.backend
+            .create_context(ctx_id, capset_id, &c.debug_name)
+            .map_err(ctx_refusal)?;
+        self.contexts.insert(ctx_id, capset_id);
+        Ok(())
+    }
+
+    fn ctx_destroy(&mut self, ctx_id: u32) -> Result<(), Refusal> {
+        if !self.contexts.contains_key(&ctx_id) {
+            return refuse(ErrorCode::InvalidContextId, format!("no context {ctx_id}"));
+        }
+        self.backend.destroy_context(ctx_id).map_err(ctx_refusal)?;
+        self.contexts.remove(&ctx_id);
+        Ok(())
+    }
+
+    fn submit_3d(&mut self, c: &Submit3d) -> Result<Vec<u8>, Refusal> {
+        let ctx_id = c.hdr.ctx_id;
+        if !self.contexts.contains_key(&ctx_id) {
+            return refuse(ErrorCode::InvalidContextId, format!("no context {ctx_id}"));
+        }
+        self.backend
+            .submit_3d(ctx_id, &c.stream)
+            .map_err(|e| match e {
+                BackendError::InvalidId(_) => {
+                    (ErrorCode::InvalidContextId, format!("backend: {e}"))
+                }
+                other => backend_refusal(other),
+            })
+    }
+
+    fn capset_info(&mut self, c: &GetCapsetInfo) -> Result<Response, Refusal> {
+        let caps = self.backend.capsets();
+        let Some(info) = caps.get(c.capset_index as usize) else {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!("capset index {} of {}", c.capset_index, caps.len()),
+            );
+        };
+        Ok(Response::OkCapsetInfo {
+            hdr: c.hdr.response(crate::wire::VIRTIO_GPU_RESP_OK_CAPSET_INFO),
+            capset_id: info.id,
+            capset_max_version: info.max_version,
+            capset_max_size: info.max_size,
+        })
+    }
+
+    fn capset(&mut self, c: &GetCapset) -> Result<Response, Refusal> {
+        let known = self
+            .backend
+            .capsets()
+            .iter()
+            .any(|i| i.id == c.capset_id && c.capset_version <= i.max_version);
+        if !known {
+            return refuse(
+                ErrorCode::InvalidParameter,
+                format!("no capset {} version {}", c.capset_id, c.capset_version),
+            );
+        }
+        let data = self
+            .backend
+            .capset(c.capset_id, c.capset_version)
+            .map_err(backend_refusal)?;
+        Ok(Response::OkCapset {
+            hdr: c.hdr.response(crate::wire::VIRTIO_GPU_RESP_OK_CAPSET),
+            data,
+        })
+    }
+}
+
+fn ok(hdr: &CtrlHdr) -> Response {
+    Response::ok_for(hdr, Vec::new())
+}

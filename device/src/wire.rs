@@ -1,0 +1,1010 @@
+//! virtio-gpu control commands and responses in their exact little-endian wire layout
+//! (virtio spec 1.2+ §5.7.6, Linux `include/uapi/linux/virtio_gpu.h`).
+//!
+//! Only the commands the hostmem device serves are decoded: blob resources, contexts,
+//! `SUBMIT_3D` and capsets. Everything here is plain data: [`Command::parse`] and
+//! [`Response::parse`] never panic on any input (short buffers, unknown types, lengths that
+//! disagree with the message) and never allocate more than the message holds, so a fuzz
+//! target can call them directly.
+//!
+//! Trailing bytes after a fixed-size command are ignored, as virtio devices do with
+//! descriptor chains longer than the command. Variable parts are checked against the
+//! message: `RESOURCE_CREATE_BLOB`'s `nr_entries` mem entries, `SUBMIT_3D`'s `size`
+//! payload bytes, `CTX_CREATE`'s `nlen` (≤ 64).
+
+use std::fmt;
+
+// ---- command types (enum virtio_gpu_ctrl_type) ----
+
+/// `VIRTIO_GPU_CMD_GET_DISPLAY_INFO` (2D; not served by hostmem, answered `ERR_UNSPEC`).
+pub const VIRTIO_GPU_CMD_GET_DISPLAY_INFO: u32 = 0x0100;
+/// `VIRTIO_GPU_CMD_RESOURCE_UNREF`.
+pub const VIRTIO_GPU_CMD_RESOURCE_UNREF: u32 = 0x0102;
+/// `VIRTIO_GPU_CMD_GET_CAPSET_INFO`.
+pub const VIRTIO_GPU_CMD_GET_CAPSET_INFO: u32 = 0x0108;
+/// `VIRTIO_GPU_CMD_GET_CAPSET`.
+pub const VIRTIO_GPU_CMD_GET_CAPSET: u32 = 0x0109;
+/// `VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB`.
+pub const VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB: u32 = 0x010c;
+/// `VIRTIO_GPU_CMD_CTX_CREATE`.
+pub const VIRTIO_GPU_CMD_CTX_CREATE: u32 = 0x0200;
+/// `VIRTIO_GPU_CMD_CTX_DESTROY`.
+pub const VIRTIO_GPU_CMD_CTX_DESTROY: u32 = 0x0201;
+/// `VIRTIO_GPU_CMD_SUBMIT_3D`.
+pub const VIRTIO_GPU_CMD_SUBMIT_3D: u32 = 0x0207;
+/// `VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB`.
+pub const VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB: u32 = 0x0208;
+/// `VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB`.
+pub const VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB: u32 = 0x0209;
+
+// ---- response types ----
+
+/// `VIRTIO_GPU_RESP_OK_NODATA`.
+pub const VIRTIO_GPU_RESP_OK_NODATA: u32 = 0x1100;
+/// `VIRTIO_GPU_RESP_OK_CAPSET_INFO`.
+pub const VIRTIO_GPU_RESP_OK_CAPSET_INFO: u32 = 0x1102;
+/// `VIRTIO_GPU_RESP_OK_CAPSET`.
+pub const VIRTIO_GPU_RESP_OK_CAPSET: u32 = 0x1103;
+/// `VIRTIO_GPU_RESP_OK_MAP_INFO`.
+pub const VIRTIO_GPU_RESP_OK_MAP_INFO: u32 = 0x1106;
+/// `VIRTIO_GPU_RESP_ERR_UNSPEC`.
+pub const VIRTIO_GPU_RESP_ERR_UNSPEC: u32 = 0x1200;
+/// `VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY`.
+pub const VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY: u32 = 0x1201;
+/// `VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID`.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID: u32 = 0x1202;
+/// `VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID`.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID: u32 = 0x1203;
+/// `VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID`.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID: u32 = 0x1204;
+/// `VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER`.
+pub const VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER: u32 = 0x1205;
+
+// ---- header flags ----
+
+/// `VIRTIO_GPU_FLAG_FENCE`: the driver wants the fence `fence_id` signalled on completion.
+pub const VIRTIO_GPU_FLAG_FENCE: u32 = 1 << 0;
+/// `VIRTIO_GPU_FLAG_INFO_RING_IDX`: `ring_idx` is valid (context-specific fence ring).
+pub const VIRTIO_GPU_FLAG_INFO_RING_IDX: u32 = 1 << 1;
+
+// ---- blobs ----
+
+/// `VIRTIO_GPU_BLOB_MEM_GUEST`: blob backed by guest memory (here: plain device memory).
+pub const VIRTIO_GPU_BLOB_MEM_GUEST: u32 = 0x0001;
+/// `VIRTIO_GPU_BLOB_MEM_HOST3D`: blob allocated by the host renderer.
+pub const VIRTIO_GPU_BLOB_MEM_HOST3D: u32 = 0x0002;
+/// `VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST`: host renderer object backed by guest memory.
+pub const VIRTIO_GPU_BLOB_MEM_HOST3D_GUEST: u32 = 0x0003;
+/// `VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE`: the blob may be mapped into hostmem.
+pub const VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE: u32 = 0x0001;
+/// `VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE`: the blob may be shared with other processes.
+pub const VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE: u32 = 0x0002;
+/// `VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE`: the blob may be shared with other devices.
+pub const VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE: u32 = 0x0004;
+/// Every blob flag the spec defines.
+pub const VIRTIO_GPU_BLOB_FLAGS_ALL: u32 = VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE
+    | VIRTIO_GPU_BLOB_FLAG_USE_SHAREABLE
+    | VIRTIO_GPU_BLOB_FLAG_USE_CROSS_DEVICE;
+
+// ---- map info ----
+
+/// `VIRTIO_GPU_MAP_CACHE_MASK`.
+pub const VIRTIO_GPU_MAP_CACHE_MASK: u32 = 0x0f;
+/// `VIRTIO_GPU_MAP_CACHE_NONE`.
+pub const VIRTIO_GPU_MAP_CACHE_NONE: u32 = 0x00;
+/// `VIRTIO_GPU_MAP_CACHE_CACHED`.
+pub const VIRTIO_GPU_MAP_CACHE_CACHED: u32 = 0x01;
+/// `VIRTIO_GPU_MAP_CACHE_UNCACHED`.
+pub const VIRTIO_GPU_MAP_CACHE_UNCACHED: u32 = 0x02;
+/// `VIRTIO_GPU_MAP_CACHE_WC`.
+pub const VIRTIO_GPU_MAP_CACHE_WC: u32 = 0x03;
+
+// ---- capsets and contexts ----
+
+/// `VIRTIO_GPU_CAPSET_VIRGL`.
+pub const VIRTIO_GPU_CAPSET_VIRGL: u32 = 1;
+/// `VIRTIO_GPU_CAPSET_VIRGL2`.
+pub const VIRTIO_GPU_CAPSET_VIRGL2: u32 = 2;
+/// `VIRTIO_GPU_CAPSET_GFXSTREAM_VULKAN`.
+pub const VIRTIO_GPU_CAPSET_GFXSTREAM_VULKAN: u32 = 3;
+/// `VIRTIO_GPU_CAPSET_VENUS`.
+pub const VIRTIO_GPU_CAPSET_VENUS: u32 = 4;
+/// `VIRTIO_GPU_CAPSET_CROSS_DOMAIN`.
+pub const VIRTIO_GPU_CAPSET_CROSS_DOMAIN: u32 = 5;
+/// `VIRTIO_GPU_CAPSET_DRM`.
+pub const VIRTIO_GPU_CAPSET_DRM: u32 = 6;
+/// `VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK`: the capset id in `CTX_CREATE.context_init`.
+pub const VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK: u32 = 0xff;
+
+// ---- sizes ----
+
+/// `sizeof(struct virtio_gpu_ctrl_hdr)`.
+pub const CTRL_HDR_SIZE: usize = 24;
+/// `sizeof(struct virtio_gpu_mem_entry)`.
+pub const MEM_ENTRY_SIZE: usize = 16;
+/// `sizeof(struct virtio_gpu_resource_create_blob)` (without the mem entries).
+pub const RESOURCE_CREATE_BLOB_SIZE: usize = CTRL_HDR_SIZE + 32;
+/// `sizeof(struct virtio_gpu_resource_map_blob)`.
+pub const RESOURCE_MAP_BLOB_SIZE: usize = CTRL_HDR_SIZE + 16;
+/// `sizeof(struct virtio_gpu_resource_unmap_blob)` (also `resource_unref`).
+pub const RESOURCE_UNMAP_BLOB_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_resource_unref)`.
+pub const RESOURCE_UNREF_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// Bytes of `debug_name` in `CTX_CREATE`.
+pub const CTX_DEBUG_NAME_LEN: usize = 64;
+/// `sizeof(struct virtio_gpu_ctx_create)`.
+pub const CTX_CREATE_SIZE: usize = CTRL_HDR_SIZE + 8 + CTX_DEBUG_NAME_LEN;
+/// `sizeof(struct virtio_gpu_cmd_submit)` (the stream follows).
+pub const SUBMIT_3D_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_get_capset_info)`.
+pub const GET_CAPSET_INFO_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_get_capset)`.
+pub const GET_CAPSET_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_resp_map_info)`.
+pub const RESP_MAP_INFO_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_resp_capset_info)`.
+pub const RESP_CAPSET_INFO_SIZE: usize = CTRL_HDR_SIZE + 16;
+
+/// Why a buffer is not a well-formed command or response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Shorter than the structure its type announces (or than the header).
+    #[error("{what}: need {need} bytes, got {got}")]
+    Truncated {
+        /// Which structure.
+        what: &'static str,
+        /// Bytes the structure needs.
+        need: usize,
+        /// Bytes available.
+        got: usize,
+    },
+    /// A type this decoder does not know (or the device does not serve).
+    #[error("unknown or unsupported type {0:#06x}")]
+    UnknownType(u32),
+    /// A length field disagrees with the message (nr_entries, size, nlen).
+    #[error("bad length: {0}")]
+    BadLength(String),
+}
+
+/// `struct virtio_gpu_ctrl_hdr`: 24 bytes at the start of every command and response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtrlHdr {
+    /// Command or response type.
+    pub type_: u32,
+    /// `VIRTIO_GPU_FLAG_*`.
+    pub flags: u32,
+    /// Fence id (valid with `VIRTIO_GPU_FLAG_FENCE`).
+    pub fence_id: u64,
+    /// Rendering context.
+    pub ctx_id: u32,
+    /// Fence ring (valid with `VIRTIO_GPU_FLAG_INFO_RING_IDX`).
+    pub ring_idx: u8,
+    /// Padding, kept for an exact round trip.
+    pub padding: [u8; 3],
+}
+
+impl CtrlHdr {
+    /// A header of `type_` with everything else zero.
+    pub fn new(type_: u32) -> Self {
+        CtrlHdr {
+            type_,
+            ..Default::default()
+        }
+    }
+
+    /// A header of `type_` in context `ctx_id`.
+    pub fn with_ctx(type_: u32, ctx_id: u32) -> Self {
+        CtrlHdr {
+            type_,
+            ctx_id,
+            ..Default::default()
+        }
+    }
+
+    /// Decodes the first 24 bytes of `bytes`.
+    pub fn parse(bytes: &[u8]) -> Result<CtrlHdr, WireError> {
+        let r = Reader::new(bytes, "ctrl_hdr", CTRL_HDR_SIZE)?;
+        Ok(CtrlHdr {
+            type_: r.u32(0),
+            flags: r.u32(4),
+            fence_id: r.u64(8),
+            ctx_id: r.u32(16),
+            ring_idx: r.u8(20),
+            padding: [r.u8(21), r.u8(22), r.u8(23)],
+        })
+    }
+
+    /// Appends the 24-byte encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.type_.to_le_bytes());
+        out.extend_from_slice(&self.flags.to_le_bytes());
+        out.extend_from_slice(&self.fence_id.to_le_bytes());
+        out.extend_from_slice(&self.ctx_id.to_le_bytes());
+        out.push(self.ring_idx);
+        out.extend_from_slice(&self.padding);
+    }
+
+    /// The header of a response to a command with this header: `type_`, and the fence
+    /// (flags FENCE and INFO_RING_IDX, fence_id, ctx_id, ring_idx) echoed, as the spec
+    /// requires for fenced commands.
+    pub fn response(&self, type_: u32) -> CtrlHdr {
+        let flags = self.flags & (VIRTIO_GPU_FLAG_FENCE | VIRTIO_GPU_FLAG_INFO_RING_IDX);
+        let fenced = flags & VIRTIO_GPU_FLAG_FENCE != 0;
+        CtrlHdr {
+            type_,
+            flags,
+            fence_id: if fenced { self.fence_id } else { 0 },
+            ctx_id: self.ctx_id,
+            ring_idx: if flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
+                self.ring_idx
+            } else {
+                0
+            },
+            padding: [0; 3],
+        }
+    }
+}
+
+/// `struct virtio_gpu_mem_entry`: one guest memory range backing a GUEST blob.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemEntry {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub length: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB` and its mem entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceCreateBlob {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Guest-chosen id.
+    pub resource_id: u32,
+    /// `VIRTIO_GPU_BLOB_MEM_*`.
+    pub blob_mem: u32,
+    /// `VIRTIO_GPU_BLOB_FLAG_*`.
+    pub blob_flags: u32,
+    /// Renderer object id.
+    pub blob_id: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The `nr_entries` mem entries that follow (encoded `nr_entries` = `entries.len()`).
+    pub entries: Vec<MemEntry>,
+}
+
+/// `VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceMapBlob {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Resource.
+    pub resource_id: u32,
+    /// Padding.
+    pub padding: u32,
+    /// Offset inside the hostmem window.
+    pub offset: u64,
+}
+
+/// A command that names only a resource: `RESOURCE_UNMAP_BLOB`, `RESOURCE_UNREF`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceCmd {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Resource.
+    pub resource_id: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_CTX_CREATE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtxCreate {
+    /// Header (`ctx_id` is the new context).
+    pub hdr: CtrlHdr,
+    /// `context_init`: capset id in the low 8 bits.
+    pub context_init: u32,
+    /// The first `nlen` bytes of `debug_name` (≤ 64).
+    pub debug_name: Vec<u8>,
+}
+
+impl CtxCreate {
+    /// The capset id requested in `context_init` (0: the default).
+    pub fn capset_id(&self) -> u32 {
+        self.context_init & VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK
+    }
+}
+
+/// `VIRTIO_GPU_CMD_SUBMIT_3D` and its command stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submit3d {
+    /// Header (`ctx_id` is the submitting context).
+    pub hdr: CtrlHdr,
+    /// The `size` stream bytes that follow.
+    pub stream: Vec<u8>,
+    /// Padding (newer specs call it `num_in_fences`; must be zero here).
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_GET_CAPSET_INFO`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GetCapsetInfo {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Index into the device's capset list.
+    pub capset_index: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_GET_CAPSET`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GetCapset {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Capset id.
+    pub capset_id: u32,
+    /// Capset version.
+    pub capset_version: u32,
+}
+
+/// A control-queue command the hostmem device serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `RESOURCE_CREATE_BLOB`.
+    ResourceCreateBlob(ResourceCreateBlob),
+    /// `RESOURCE_MAP_BLOB`.
+    ResourceMapBlob(ResourceMapBlob),
+    /// `RESOURCE_UNMAP_BLOB`.
+    ResourceUnmapBlob(ResourceCmd),
+    /// `RESOURCE_UNREF`.
+    ResourceUnref(ResourceCmd),
+    /// `CTX_CREATE`.
+    CtxCreate(CtxCreate),
+    /// `CTX_DESTROY` (the header's `ctx_id`).
+    CtxDestroy(CtrlHdr),
+    /// `SUBMIT_3D`.
+    Submit3d(Submit3d),
+    /// `GET_CAPSET_INFO`.
+    GetCapsetInfo(GetCapsetInfo),
+    /// `GET_CAPSET`.
+    GetCapset(GetCapset),
+}
+
+/// Bounds-checked little-endian reads from a buffer known to hold `need` bytes.
+struct Reader<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8], what: &'static str, need: usize) -> Result<Self, WireError> {
+        if b.len() < need {
+            return Err(WireError::Truncated {
+                what,
+                need,
+                got: b.len(),
+            });
+        }
+        Ok(Reader { b })
+    }
+    // The constructor checked `need`; callers only read below it. `get` keeps even a
+    // wrong offset from panicking (it reads as zero instead).
+    fn arr<const N: usize>(&self, at: usize) -> [u8; N] {
+        self.b
+            .get(at..at.saturating_add(N))
+            .and_then(|s| s.try_into().ok())
+            .unwrap_or([0; N])
+    }
+    fn u8(&self, at: usize) -> u8 {
+        self.arr::<1>(at)[0]
+    }
+    fn u32(&self, at: usize) -> u32 {
+        u32::from_le_bytes(self.arr(at))
+    }
+    fn u64(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.arr(at))
+    }
+}
+
+fn type_name(t: u32) -> &'static str {
+    match t {
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB => "RESOURCE_CREATE_BLOB",
+        VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => "RESOURCE_MAP_BLOB",
+        VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => "RESOURCE_UNMAP_BLOB",
+        VIRTIO_GPU_CMD_RESOURCE_UNREF => "RESOURCE_UNREF",
+        VIRTIO_GPU_CMD_CTX_CREATE => "CTX_CREATE",
+        VIRTIO_GPU_CMD_CTX_DESTROY => "CTX_DESTROY",
+        VIRTIO_GPU_CMD_SUBMIT_3D => "SUBMIT_3D",
+        VIRTIO_GPU_CMD_GET_CAPSET_INFO => "GET_CAPSET_INFO",
+        VIRTIO_GPU_CMD_GET_CAPSET => "GET_CAPSET",
+        VIRTIO_GPU_RESP_OK_NODATA => "OK_NODATA",
+        VIRTIO_GPU_RESP_OK_MAP_INFO => "OK_MAP_INFO",
+        VIRTIO_GPU_RESP_OK_CAPSET_INFO => "OK_CAPSET_INFO",
+        VIRTIO_GPU_RESP_OK_CAPSET => "OK_CAPSET",
+        VIRTIO_GPU_RESP_ERR_UNSPEC => "ERR_UNSPEC",
+        VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY => "ERR_OUT_OF_MEMORY",
+        VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID => "ERR_INVALID_SCANOUT_ID",
+        VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID => "ERR_INVALID_RESOURCE_ID",
+        VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID => "ERR_INVALID_CONTEXT_ID",
+        VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER => "ERR_INVALID_PARAMETER",
+        _ => "unknown",
+    }
+}
+
+/// A printable name of a command or response type (`"RESOURCE_MAP_BLOB"`, `"unknown"`).
+pub fn ctrl_type_name(t: u32) -> &'static str {
+    type_name(t)
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+impl Command {
+    /// Decodes one command. Never panics; see the module docs for what is checked.
+    pub fn parse(bytes: &[u8]) -> Result<Command, WireError> {
+        let hdr = CtrlHdr::parse(bytes)?;
+        let t = hdr.type_;
+        let name = type_name(t);
+        match t {
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB => {
+                let r = Reader::new(bytes, name, RESOURCE_CREATE_BLOB_SIZE)?;
+                let nr_entries = r.u32(36);
+                let avail = (bytes.len() - RESOURCE_CREATE_BLOB_SIZE) / MEM_ENTRY_SIZE;
+                if nr_entries as usize > avail {
+                    return Err(WireError::BadLength(format!(
+                        "{name}: nr_entries {nr_entries} but the message holds {avail} entries"
+                    )));
+                }
+                let entries = bytes[RESOURCE_CREATE_BLOB_SIZE..]
+                    .chunks_exact(MEM_ENTRY_SIZE)
+                    .take(nr_entries as usize)
+                    .map(|c| {
+                        let e = Reader { b: c };
+                        MemEntry {
+                            addr: e.u64(0),
+                            length: e.u32(8),
+                            padding: e.u32(12),
+                        }
+                    })
+                    .collect();
+                Ok(Command::ResourceCreateBlob(ResourceCreateBlob {
+                    hdr,
+                    resource_id: r.u32(24),
+                    blob_mem: r.u32(28),
+                    blob_flags: r.u32(32),
+                    blob_id: r.u64(40),
+                    size: r.u64(48),
+                    entries,
+                }))
+            }
+            VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => {
+                let r = Reader::new(bytes, name, RESOURCE_MAP_BLOB_SIZE)?;
+                Ok(Command::ResourceMapBlob(ResourceMapBlob {
+                    hdr,
+                    resource_id: r.u32(24),
+                    padding: r.u32(28),
+                    offset: r.u64(32),
+                }))
+            }
+            VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB | VIRTIO_GPU_CMD_RESOURCE_UNREF => {
+                let r = Reader::new(bytes, name, RESOURCE_UNREF_SIZE)?;
+                let c = ResourceCmd {
+                    hdr,
+                    resource_id: r.u32(24),
+                    padding: r.u32(28),
+                };
+                Ok(if t == VIRTIO_GPU_CMD_RESOURCE_UNREF {
+                    Command::ResourceUnref(c)
+                } else {
+                    Command::ResourceUnmapBlob(c)
+                })
+            }
+            VIRTIO_GPU_CMD_CTX_CREATE => {
+                let r = Reader::new(bytes, name, CTX_CREATE_SIZE)?;
+                let nlen = r.u32(24);
+                if nlen as usize > CTX_DEBUG_NAME_LEN {
+                    return Err(WireError::BadLength(format!(
+                        "{name}: nlen {nlen} > {CTX_DEBUG_NAME_LEN}"
+                    )));
+                }
+                let start = CTRL_HDR_SIZE + 8;
+                Ok(Command::CtxCreate(CtxCreate {
+                    hdr,
+                    context_init: r.u32(28),
+                    debug_name: bytes[start..start + nlen as usize].to_vec(),
+                }))
+            }
+            VIRTIO_GPU_CMD_CTX_DESTROY => Ok(Command::CtxDestroy(hdr)),
+            VIRTIO_GPU_CMD_SUBMIT_3D => {
+                let r = Reader::new(bytes, name, SUBMIT_3D_SIZE)?;
+                let size = r.u32(24);
+                let avail = bytes.len() - SUBMIT_3D_SIZE;
+                if size as usize > avail {
+                    return Err(WireError::BadLength(format!(
+                        "{name}: size {size} but {avail} stream bytes follow"
+                    )));
+                }
+                Ok(Command::Submit3d(Submit3d {
+                    hdr,
+                    padding: r.u32(28),
+                    stream: bytes[SUBMIT_3D_SIZE..SUBMIT_3D_SIZE + size as usize].to_vec(),
+                }))
+            }
+            VIRTIO_GPU_CMD_GET_CAPSET_INFO => {
+                let r = Reader::new(bytes, name, GET_CAPSET_INFO_SIZE)?;
+                Ok(Command::GetCapsetInfo(GetCapsetInfo {
+                    hdr,
+                    capset_index: r.u32(24),
+                    padding: r.u32(28),
+                }))
+            }
+            VIRTIO_GPU_CMD_GET_CAPSET => {
+                let r = Reader::new(bytes, name, GET_CAPSET_SIZE)?;
+                Ok(Command::GetCapset(GetCapset {
+                    hdr,
+                    capset_id: r.u32(24),
+                    capset_version: r.u32(28),
+                }))
+            }
+            other => Err(WireError::UnknownType(other)),
+        }
+    }
+
+    /// The command's header.
+    pub fn hdr(&self) -> &CtrlHdr {
+        match self {
+            Command::ResourceCreateBlob(c) => &c.hdr,
+            Command::ResourceMapBlob(c) => &c.hdr,
+            Command::ResourceUnmapBlob(c) | Command::ResourceUnref(c) => &c.hdr,
+            Command::CtxCreate(c) => &c.hdr,
+            Command::CtxDestroy(h) => h,
+            Command::Submit3d(c) => &c.hdr,
+            Command::GetCapsetInfo(c) => &c.hdr,
+            Command::GetCapset(c) => &c.hdr,
+        }
+    }
+
+    /// The wire type of this command (`VIRTIO_GPU_CMD_*`).
+    pub fn type_(&self) -> u32 {
+        match self {
+            Command::ResourceCreateBlob(_) => VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB,
+            Command::ResourceMapBlob(_) => VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+            Command::ResourceUnmapBlob(_) => VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
+            Command::ResourceUnref(_) => VIRTIO_GPU_CMD_RESOURCE_UNREF,
+            Command::CtxCreate(_) => VIRTIO_GPU_CMD_CTX_CREATE,
+            Command::CtxDestroy(_) => VIRTIO_GPU_CMD_CTX_DESTROY,
+            Command::Submit3d(_) => VIRTIO_GPU_CMD_SUBMIT_3D,
+            Command::GetCapsetInfo(_) => VIRTIO_GPU_CMD_GET_CAPSET_INFO,
+            Command::GetCapset(_) => VIRTIO_GPU_CMD_GET_CAPSET,
+        }
+    }
+
+    /// Encodes the command in its wire layout. The header's `type_` is taken from the
+    /// variant (whatever `hdr.type_` says); `nr_entries`, `size` and `nlen` are taken from
+    /// the lengths of `entries`, `stream` and `debug_name` (a name longer than 64 bytes is
+    /// cut at 64).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(CTX_CREATE_SIZE);
+        let hdr = CtrlHdr {
+            type_: self.type_(),
+            ..*self.hdr()
+        };
+        hdr.encode_into(&mut out);
+        match self {
+            Command::ResourceCreateBlob(c) => {
+                put_u32(&mut out, c.resource_id);
+                put_u32(&mut out, c.blob_mem);
+                put_u32(&mut out, c.blob_flags);
+                put_u32(&mut out, c.entries.len() as u32);
+                put_u64(&mut out, c.blob_id);
+                put_u64(&mut out, c.size);
+                for e in &c.entries {
+                    put_u64(&mut out, e.addr);
+                    put_u32(&mut out, e.length);
+                    put_u32(&mut out, e.padding);
+                }
+            }
+            Command::ResourceMapBlob(c) => {
+                put_u32(&mut out, c.resource_id);
+                put_u32(&mut out, c.padding);
+                put_u64(&mut out, c.offset);
+            }
+            Command::ResourceUnmapBlob(c) | Command::ResourceUnref(c) => {
+                put_u32(&mut out, c.resource_id);
+                put_u32(&mut out, c.padding);
+            }
+            Command::CtxCreate(c) => {
+                let n = c.debug_name.len().min(CTX_DEBUG_NAME_LEN);
+                put_u32(&mut out, n as u32);
+                put_u32(&mut out, c.context_init);
+                let mut name = [0u8; CTX_DEBUG_NAME_LEN];
+                name[..n].copy_from_slice(&c.debug_name[..n]);
+                out.extend_from_slice(&name);
+            }
+            Command::CtxDestroy(_) => {}
+            Command::Submit3d(c) => {
+                put_u32(&mut out, c.stream.len() as u32);
+                put_u32(&mut out, c.padding);
+                out.extend_from_slice(&c.stream);
+            }
+            Command::GetCapsetInfo(c) => {
+                put_u32(&mut out, c.capset_index);
+                put_u32(&mut out, c.padding);
+            }
+            Command::GetCapset(c) => {
+                put_u32(&mut out, c.capset_id);
+                put_u32(&mut out, c.capset_version);
+            }
+        }
+        out
+    }
+
+    // ---- builders for drivers and tests ----
+
+    /// `RESOURCE_CREATE_BLOB` in `ctx_id` without mem entries.
+    pub fn create_blob(
+        ctx_id: u32,
+        resource_id: u32,
+        blob_mem: u32,
+        blob_flags: u32,
+        blob_id: u64,
+        size: u64,
+    ) -> Command {
+        Command::ResourceCreateBlob(ResourceCreateBlob {
+            hdr: CtrlHdr::with_ctx(VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB, ctx_id),
+            resource_id,
+            blob_mem,
+            blob_flags,
+            blob_id,
+            size,
+            entries: Vec::new(),
+        })
+    }
+
+    /// `RESOURCE_MAP_BLOB` of `resource_id` at window `offset`.
+    pub fn map_blob(ctx_id: u32, resource_id: u32, offset: u64) -> Command {
+        Command::ResourceMapBlob(ResourceMapBlob {
+            hdr: CtrlHdr::with_ctx(VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB, ctx_id),
+            resource_id,
+            padding: 0,
+            offset,
+        })
+    }
+
+    /// `RESOURCE_UNMAP_BLOB`.
+    pub fn unmap_blob(ctx_id: u32, resource_id: u32) -> Command {
+        Command::ResourceUnmapBlob(ResourceCmd {
+            hdr: CtrlHdr::with_ctx(VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB, ctx_id),
+            resource_id,
+            padding: 0,
+        })
+    }
+
+    /// `RESOURCE_UNREF`.
+    pub fn unref(resource_id: u32) -> Command {
+        Command::ResourceUnref(ResourceCmd {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_RESOURCE_UNREF),
+            resource_id,
+            padding: 0,
+        })
+    }
+
+    /// `CTX_CREATE` of `ctx_id` for `capset_id` (0: default) with a debug name.
+    pub fn ctx_create(ctx_id: u32, capset_id: u32, name: &[u8]) -> Command {
+        Command::CtxCreate(CtxCreate {
+            hdr: CtrlHdr::with_ctx(VIRTIO_GPU_CMD_CTX_CREATE, ctx_id),
+            context_init: capset_id & VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK,
+            debug_name: name[..name.len().min(CTX_DEBUG_NAME_LEN)].to_vec(),
+        })
+    }
+
+    /// `CTX_DESTROY` of `ctx_id`.
+    pub fn ctx_destroy(ctx_id: u32) -> Command {
+        Command::CtxDestroy(CtrlHdr::with_ctx(VIRTIO_GPU_CMD_CTX_DESTROY, ctx_id))
+    }
+
+    /// `SUBMIT_3D` of `stream` in `ctx_id`.
+    pub fn submit_3d(ctx_id: u32, stream: Vec<u8>) -> Command {
+        Command::Submit3d(Submit3d {
+            hdr: CtrlHdr::with_ctx(VIRTIO_GPU_CMD_SUBMIT_3D, ctx_id),
+            stream,
+            padding: 0,
+        })
+    }
+
+    /// `GET_CAPSET_INFO` for `capset_index`.
+    pub fn get_capset_info(capset_index: u32) -> Command {
+        Command::GetCapsetInfo(GetCapsetInfo {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_GET_CAPSET_INFO),
+            capset_index,
+            padding: 0,
+        })
+    }
+
+    /// `GET_CAPSET` of `capset_id`/`capset_version`.
+    pub fn get_capset(capset_id: u32, capset_version: u32) -> Command {
+        Command::GetCapset(GetCapset {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_GET_CAPSET),
+            capset_id,
+            capset_version,
+        })
+    }
+
+    /// The same command with `VIRTIO_GPU_FLAG_FENCE` and `fence_id` set.
+    pub fn fenced(mut self, fence_id: u64) -> Command {
+        let hdr = match &mut self {
+            Command::ResourceCreateBlob(c) => &mut c.hdr,
+            Command::ResourceMapBlob(c) => &mut c.hdr,
+            Command::ResourceUnmapBlob(c) | Command::ResourceUnref(c) => &mut c.hdr,
+            Command::CtxCreate(c) => &mut c.hdr,
+            Command::CtxDestroy(h) => h,
+            Command::Submit3d(c) => &mut c.hdr,
+            Command::GetCapsetInfo(c) => &mut c.hdr,
+            Command::GetCapset(c) => &mut c.hdr,
+        };
+        hdr.flags |= VIRTIO_GPU_FLAG_FENCE;
+        hdr.fence_id = fence_id;
+        self
+    }
+}
+
+/// The error responses (`VIRTIO_GPU_RESP_ERR_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// `ERR_UNSPEC`.
+    Unspec,
+    /// `ERR_OUT_OF_MEMORY`.
+    OutOfMemory,
+    /// `ERR_INVALID_SCANOUT_ID`.
+    InvalidScanoutId,
+    /// `ERR_INVALID_RESOURCE_ID`.
+    InvalidResourceId,
+    /// `ERR_INVALID_CONTEXT_ID`.
+    InvalidContextId,
+    /// `ERR_INVALID_PARAMETER`.
+    InvalidParameter,
+}
+
+impl ErrorCode {
+    /// The wire type.
+    pub fn to_u32(self) -> u32 {
+        match self {
+            ErrorCode::Unspec => VIRTIO_GPU_RESP_ERR_UNSPEC,
+            ErrorCode::OutOfMemory => VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY,
+            ErrorCode::InvalidScanoutId => VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID,
+            ErrorCode::InvalidResourceId => VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID,
+            ErrorCode::InvalidContextId => VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID,
+            ErrorCode::InvalidParameter => VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER,
+        }
+    }
+
+    /// The code for a wire type, if it is an error response.
+    pub fn from_u32(t: u32) -> Option<ErrorCode> {
+        Some(match t {
+            VIRTIO_GPU_RESP_ERR_UNSPEC => ErrorCode::Unspec,
+            VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY => ErrorCode::OutOfMemory,
+            VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID => ErrorCode::InvalidScanoutId,
+            VIRTIO_GPU_RESP_ERR_INVALID_RESOURCE_ID => ErrorCode::InvalidResourceId,
+            VIRTIO_GPU_RESP_ERR_INVALID_CONTEXT_ID => ErrorCode::InvalidContextId,
+            VIRTIO_GPU_RESP_ERR_INVALID_PARAMETER => ErrorCode::InvalidParameter,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(type_name(self.to_u32()))
+    }
+}
+
+/// A control-queue response.
+///
+/// `hdr.type_` is ignored by [`Response::encode`] (the variant decides) and set by
+/// [`Response::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// `OK_NODATA`. `reply` is the **hostmem extension**: bytes a `SUBMIT_3D` stream
+    /// produced (e.g. the shm backend's checksums), appended right after the 24-byte
+    /// header. Empty for every other command, so the response is a plain `OK_NODATA`.
+    OkNoData {
+        /// Header.
+        hdr: CtrlHdr,
+        /// Reply bytes after the header (hostmem extension; usually empty).
+        reply: Vec<u8>,
+    },
+    /// `OK_MAP_INFO`.
+    OkMapInfo {
+        /// Header.
+        hdr: CtrlHdr,
+        /// `VIRTIO_GPU_MAP_CACHE_*`.
+        map_info: u32,
+    },
+    /// `OK_CAPSET_INFO`.
+    OkCapsetInfo {
+        /// Header.
+        hdr: CtrlHdr,
+        /// Capset id.
+        capset_id: u32,
+        /// Highest version.
+        capset_max_version: u32,
+        /// Size of the capset.
+        capset_max_size: u32,
+    },
+    /// `OK_CAPSET`.
+    OkCapset {
+        /// Header.
+        hdr: CtrlHdr,
+        /// The capset bytes.
+        data: Vec<u8>,
+    },
+    /// One of the `ERR_*` responses.
+    Err {
+        /// Header.
+        hdr: CtrlHdr,
+        /// Which error.
+        code: ErrorCode,
+    },
+}
+
+impl Response {
+    /// The response's header.
+    pub fn hdr(&self) -> &CtrlHdr {
+        match self {
+            Response::OkNoData { hdr, .. }
+            | Response::OkMapInfo { hdr, .. }
+            | Response::OkCapsetInfo { hdr, .. }
+            | Response::OkCapset { hdr, .. }
+            | Response::Err { hdr, .. } => hdr,
+        }
+    }
+
+    /// The wire type of this response.
+    pub fn type_(&self) -> u32 {
+        match self {
+            Response::OkNoData { .. } => VIRTIO_GPU_RESP_OK_NODATA,
+            Response::OkMapInfo { .. } => VIRTIO_GPU_RESP_OK_MAP_INFO,
+            Response::OkCapsetInfo { .. } => VIRTIO_GPU_RESP_OK_CAPSET_INFO,
+            Response::OkCapset { .. } => VIRTIO_GPU_RESP_OK_CAPSET,
+            Response::Err { code, .. } => code.to_u32(),
+        }
+    }
+
+    /// The error code, if this is an error response.
+    pub fn error(&self) -> Option<ErrorCode> {
+        match self {
+            Response::Err { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Encodes the response in its wire layout.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(RESP_CAPSET_INFO_SIZE);
+        let hdr = CtrlHdr {
+            type_: self.type_(),
+            ..*self.hdr()
+        };
+        hdr.encode_into(&mut out);
+        match self {
+            Response::OkNoData { reply, .. } => out.extend_from_slice(reply),
+            Response::OkMapInfo { map_info, .. } => {
+                put_u32(&mut out, *map_info);
+                put_u32(&mut out, 0);
+            }
+            Response::OkCapsetInfo {
+                capset_id,
+                capset_max_version,
+                capset_max_size,
+                ..
+            } => {
+                put_u32(&mut out, *capset_id);
+                put_u32(&mut out, *capset_max_version);
+                put_u32(&mut out, *capset_max_size);
+                put_u32(&mut out, 0);
+            }
+            Response::OkCapset { data, .. } => out.extend_from_slice(data),
+            Response::Err { .. } => {}
+        }
+        out
+    }
+
+    /// Decodes a response. Never panics. Bytes after an `OK_NODATA` header are its `reply`
+    /// (the hostmem extension); bytes after an `OK_CAPSET` header are the capset.
+    pub fn parse(bytes: &[u8]) -> Result<Response, WireError> {
+        let hdr = CtrlHdr::parse(bytes)?;
+        let t = hdr.type_;
+        let rest = bytes.get(CTRL_HDR_SIZE..).unwrap_or_default();
+        Ok(match t {
+            VIRTIO_GPU_RESP_OK_NODATA => Response::OkNoData {
+                hdr,
+                reply: rest.to_vec(),
+            },
+            VIRTIO_GPU_RESP_OK_MAP_INFO => {
+                let r = Reader::new(bytes, "OK_MAP_INFO", RESP_MAP_INFO_SIZE)?;
+                Response::OkMapInfo {
+                    hdr,
+                    map_info: r.u32(24),
+                }
+            }
+            VIRTIO_GPU_RESP_OK_CAPSET_INFO => {
+                let r = Reader::new(bytes, "OK_CAPSET_INFO", RESP_CAPSET_INFO_SIZE)?;
+                Response::OkCapsetInfo {
+                    hdr,
+                    capset_id: r.u32(24),
+                    capset_max_version: r.u32(28),
+                    capset_max_size: r.u32(32),
+                }
+            }
+            VIRTIO_GPU_RESP_OK_CAPSET => Response::OkCapset {
+                hdr,
+                data: rest.to_vec(),
+            },
+            other => match ErrorCode::from_u32(other) {
+                Some(code) => Response::Err { hdr, code },
+                None => return Err(WireError::UnknownType(other)),
+            },
+        })
+    }
+
+    /// An error response to a command with header `req` (fence echoed).
+    pub fn error_for(req: &CtrlHdr, code: ErrorCode) -> Response {
+        Response::Err {
+            hdr: req.response(code.to_u32()),
+            code,
+        }
+    }
+
+    /// `OK_NODATA` (with hostmem `reply` bytes, usually empty) for `req`.
+    pub fn ok_for(req: &CtrlHdr, reply: Vec<u8>) -> Response {
+        Response::OkNoData {
+            hdr: req.response(VIRTIO_GPU_RESP_OK_NODATA),
+            reply,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_sizes_match_the_spec() {
+        assert_eq!(Command::map_blob(1, 2, 3).encode().len(), 40);
+        assert_eq!(Command::unmap_blob(1, 2).encode().len(), 32);
+        assert_eq!(Command::unref(2).encode().len(), 32);
+        assert_eq!(Command::create_blob(1, 2, 2, 1, 0, 4096).encode().len(), 56);
+        assert_eq!(Command::ctx_create(1, 0, b"x").encode().len(), 96);
+        assert_eq!(Command::ctx_destroy(1).encode().len(), 24);
+        assert_eq!(Command::submit_3d(1, vec![1, 2, 3]).encode().len(), 35);
+        assert_eq!(Command::get_capset_info(0).encode().len(), 32);
+        assert_eq!(Command::get_capset(1, 1).encode().len(), 32);
+    }
+
+    #[test]
+    fn header_fields_are_little_endian_at_their_offsets() {
+        let b = Command::map_blob(7, 0x1122_3344, 0x0102_0304_0506_0708)
+            .fenced(0xaabb)
+            .encode();
+        assert_eq!(&b[0..4], &0x0208u32.to_le_bytes());
+        assert_eq!(&b[4..8], &1u32.to_le_bytes());
+        assert_eq!(&b[8..16], &0xaabbu64.to_le_bytes());
+        assert_eq!(&b[16..20], &7u32.to_le_bytes());
+        assert_eq!(&b[24..28], &0x1122_3344u32.to_le_bytes());
+        assert_eq!(&b[32..40], &0x0102_0304_0506_0708u64.to_le_bytes());
+    }
+
+    #[test]
+    fn huge_nr_entries_is_refused_without_allocating() {
+        let mut b = Command::create_blob(0, 1, 1, 1, 0, 4096).encode();
+        b[36..40].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Command::parse(&b), Err(WireError::BadLength(_))));
+    }
+}
