@@ -199,11 +199,15 @@ fn create_map_fill_checksum_unmap_unref() {
     let mut got = vec![0u8; size as usize];
     map.read_slice(0, &mut got).unwrap();
     assert_eq!(got, whole);
-    let q = 104 / 8; // first whole qword inside the fill
-    assert_eq!(
-        got[q * 8..q * 8 + 8],
-        pattern_qword(seed, q as u64).to_le_bytes()
-    );
+    // Independently of pattern_bytes: every whole qword inside the fill.
+    for q in f_off.div_ceil(8)..(f_off + f_len) / 8 {
+        let at = q as usize * 8;
+        assert_eq!(
+            got[at..at + 8],
+            pattern_qword(seed, q).to_le_bytes(),
+            "qword {q}"
+        );
+    }
 
     // WRITE lands too.
     let stream = encode_stream(&[ShmOp::Write {
