@@ -32,6 +32,9 @@ pub struct Args {
     pub seccomp_fd: Option<i32>,
     /// Renderer backend.
     pub backend: String,
+    /// Test knob: allow the mirror only this many VMAs above the count at start (8 of them
+    /// kept in reserve), to exercise the headroom refusal.
+    pub vma_limit: Option<usize>,
 }
 
 impl Args {
@@ -42,6 +45,7 @@ impl Args {
             mapping_fd: -1,
             seccomp_fd: None,
             backend: "shm".into(),
+            vma_limit: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -52,6 +56,10 @@ impl Args {
                 "--mapping-fd" => a.mapping_fd = fd(val()?)?,
                 "--seccomp-fd" => a.seccomp_fd = Some(fd(val()?)?),
                 "--backend" => a.backend = val()?.clone(),
+                "--vma-limit" => {
+                    let v = val()?;
+                    a.vma_limit = Some(v.parse().map_err(|_| format!("--vma-limit: bad {v}"))?)
+                }
                 other => return Err(format!("unknown argument {other}")),
             }
         }
@@ -75,6 +83,15 @@ pub fn make_backend(name: &str) -> Result<Box<dyn Backend>> {
             if cfg!(feature = "virgl") { ", virgl" } else { "" }
         ))),
     }
+}
+
+/// Logging to stderr for the device process: `RUST_LOG` (default `info`), no colours (so no
+/// terminal ioctl is ever needed under seccomp).
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_micros()
+        .write_style(env_logger::WriteStyle::Never)
+        .init();
 }
 
 /// The device's main: returns the process exit code.
@@ -114,6 +131,11 @@ fn run(args: &Args) -> Result<()> {
     };
     let memfd = fds.pop().ok_or_else(|| Error::Protocol("Hostmem without fd".into()))?;
     let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
+    if let Some(limit) = args.vma_limit {
+        let now = hostmem_base::procfs::vma_count()?;
+        log::warn!("test knob: mirror VMA limit {now} + {limit} (reserve 8)");
+        mirror.set_vma_limit(now + limit, 8);
+    }
     let backend = make_backend(&args.backend)?;
     let backend_name = backend.name().to_string();
     mapping.send(&DeviceMsg::Ready { backend: backend_name.clone() }, &[])?;

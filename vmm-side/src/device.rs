@@ -41,6 +41,8 @@ pub struct DeviceConfig {
     pub program: PathBuf,
     /// Arguments before ours (e.g. `["device"]` when the program is `hostmem` itself).
     pub pre_args: Vec<String>,
+    /// Arguments after ours (e.g. `--vma-limit N` for tests).
+    pub extra_args: Vec<String>,
     /// Renderer backend name.
     pub backend: String,
     /// Jail it (namespaces, empty root, no caps, seccomp).
@@ -57,10 +59,12 @@ pub struct DeviceConfig {
 
 impl DeviceConfig {
     /// Finds the device program: `$HOSTMEM_DEVICE_BIN`, else `hostmem-gpu-device` next to
-    /// the running executable (or one level up, for test binaries in `deps/`).
-    pub fn find_program() -> anyhow::Result<PathBuf> {
+    /// the running executable (or one level up, for test binaries in `deps/`), else the
+    /// running `hostmem` itself in its hidden `device` mode. Returns the program and the
+    /// arguments that select device mode.
+    pub fn find_program() -> anyhow::Result<(PathBuf, Vec<String>)> {
         if let Some(p) = std::env::var_os("HOSTMEM_DEVICE_BIN") {
-            return Ok(PathBuf::from(p));
+            return Ok((PathBuf::from(p), vec![]));
         }
         let exe = std::env::current_exe()?;
         let mut dir = exe.parent().map(PathBuf::from);
@@ -68,11 +72,17 @@ impl DeviceConfig {
             let Some(d) = dir else { break };
             let candidate = d.join("hostmem-gpu-device");
             if candidate.is_file() {
-                return Ok(candidate);
+                return Ok((candidate, vec![]));
             }
             dir = d.parent().map(PathBuf::from);
         }
-        bail!("hostmem-gpu-device not found next to {} (build it, or set HOSTMEM_DEVICE_BIN)", exe.display())
+        if exe.file_name().is_some_and(|n| n == "hostmem") {
+            return Ok((exe, vec!["device".into()]));
+        }
+        bail!(
+            "hostmem-gpu-device not found next to {} (build it, or set HOSTMEM_DEVICE_BIN)",
+            exe.display()
+        )
     }
 }
 
@@ -144,6 +154,7 @@ impl Device {
             "--backend".into(),
             cfg.backend.clone(),
         ]);
+        args.extend(cfg.extra_args.iter().cloned());
         let seccomp = match &cfg.policy {
             Some(p) => Some(crate::policy::compile_device_policy(p, cfg.seccomp_log)?),
             None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),

@@ -26,6 +26,14 @@ enum Cmd {
     /// Seccomp policy tools.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
+    /// Run as the device process (what the launcher execs when hostmem-gpu-device is not
+    /// installed beside hostmem).
+    #[command(hide = true)]
+    Device {
+        /// The device's own arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +91,12 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some("device") {
+        // Device mode: same start-up as hostmem-gpu-device (no clap, seccomp first).
+        hostmem_device::process::init_logging();
+        return ExitCode::from(hostmem_device::process::main_with_args(&raw[2..]) as u8);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp_micros()
         .init();
@@ -90,6 +104,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Policy(p) => policy_cmd::run(p),
+        Cmd::Device { .. } => unreachable!("handled before clap"),
     };
     match res {
         Ok(code) => ExitCode::from(code as u8),

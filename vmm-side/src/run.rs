@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::Context;
 use hostmem_base::kvm::Vm;
 use hostmem_base::procfs;
-use hostmem_device::backend::shm::{checksum, encode_stream, pattern_qword, ShmOp};
+use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp};
 use hostmem_ipc::Tube;
 use serde::Serialize;
 
@@ -173,21 +173,11 @@ impl Rng {
     }
 }
 
-/// The bytes the shm backend's FILL writes for `seed` over a blob of `len` bytes.
-pub fn pattern_bytes(seed: u64, len: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len as usize);
-    for i in 0..len / 8 {
-        v.extend_from_slice(&pattern_qword(seed, i).to_le_bytes());
-    }
-    v
-}
-
 #[derive(Debug, Clone, Copy)]
 struct LiveBlob {
     res: u32,
     offset: u64,
     size: u64,
-    seed: u64,
 }
 
 struct Session {
@@ -325,7 +315,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             s.driver.map_blob(CTX, res, offset, size)?;
             map_us.push(t.elapsed().as_secs_f64() * 1e6);
             mapped += 1;
-            let mut expected = pattern_bytes(seed, size);
+            let mut expected = pattern_bytes(seed, 0, size as usize);
             chk.guest_sees(offset, &expected, "blob pattern");
             // Now and then the guest writes into the blob and the device must see it.
             if res % 4 == 0 {
@@ -349,7 +339,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                     }
                 }
             }
-            live.push(LiveBlob { res, offset, size, seed });
+            live.push(LiveBlob { res, offset, size });
             Ok(())
         })();
         match step {
@@ -451,9 +441,11 @@ fn free_offset(rng: &mut Rng, live: &[LiveBlob], size: u64, window: u64) -> Opti
 /// Default device config for the run: jailed under the shm policy.
 pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Result<DeviceConfig> {
     let dir = policy_dir.unwrap_or_else(crate::policy::default_dir);
+    let (program, pre_args) = DeviceConfig::find_program()?;
     Ok(DeviceConfig {
-        program: DeviceConfig::find_program()?,
-        pre_args: vec![],
+        program,
+        pre_args,
+        extra_args: vec![],
         backend: backend.to_string(),
         jailed: true,
         policy: Some(dir.join(format!("gpu_device_{backend}.policy"))),

@@ -2,9 +2,7 @@
 //! launcher inside the jail. See `hostmem_device::process`.
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_micros()
-        .init();
+    hostmem_device::process::init_logging();
     let args: Vec<String> = std::env::args().skip(1).collect();
     std::process::exit(hostmem_device::process::main_with_args(&args));
 }

@@ -1,0 +1,223 @@
+//! End to end across the two processes on real KVM: the jailed device places blobs, the
+//! VMM repeats them, and a ring-3 KVM guest reads them through one memslot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hostmem_base::kvm::Vm;
+use hostmem_vmm::device::{Device, DeviceConfig};
+use hostmem_vmm::driver::{CmdError, Driver};
+use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use hostmem_vmm::run::{run, Restart, RunOptions};
+
+/// The device config for tests: the `hostmem` binary in device mode, jailed when the
+/// machine allows user namespaces.
+fn device_config() -> DeviceConfig {
+    let jailed = jail_works();
+    DeviceConfig {
+        program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem")),
+        pre_args: vec!["device".into()],
+        extra_args: vec![],
+        backend: "shm".into(),
+        jailed,
+        policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
+        seccomp_log: false,
+        ro_binds: vec![],
+        log_filter: Some("warn".into()),
+    }
+}
+
+fn jail_works() -> bool {
+    let ok = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .map(|s| s.trim() != "0")
+        .unwrap_or(false);
+    if !ok {
+        println!("skipped: user namespaces unavailable, device runs unjailed in this test");
+    }
+    ok
+}
+
+fn kvm() -> bool {
+    match Vm::available() {
+        Ok(()) => true,
+        Err(why) => {
+            println!("skipped: /dev/kvm unusable ({why})");
+            false
+        }
+    }
+}
+
+fn options(mode: Mode, blobs: u32) -> RunOptions {
+    RunOptions {
+        mode,
+        window: 64 << 20,
+        blobs,
+        seed: 7,
+        max_live: 16,
+        device: device_config(),
+        restart: Restart::OnFailure(2),
+        kill_after: None,
+        show_progress: false,
+        use_kvm: true,
+    }
+}
+
+#[test]
+fn fixed_mode_guest_sees_blobs_with_one_memslot() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&options(Mode::Fixed, 120)).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.blobs_mapped, 120);
+    assert_eq!(r.guest_mismatches, 0);
+    assert_eq!(r.guest_holes, 0);
+    // Every blob read once, zeros after every unmap, and the guest writes seen by the device.
+    assert!(r.guest_verified >= 240, "{}", r.guest_verified);
+    assert_eq!(r.memslot_changes, 1, "fixed mode keeps exactly one memslot");
+    assert!(r.max_live_placements > 1);
+    assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fd count back to baseline");
+    if r.device.jailed {
+        assert_eq!(r.device.seccomp, 2);
+        assert!(r.device.no_new_privs);
+        assert_eq!(r.device.cap_eff, "0000000000000000");
+    }
+}
+
+#[test]
+fn per_blob_slot_mode_guest_sees_blobs_and_slots_churn() {
+    if !kvm() {
+        return;
+    }
+    let r = run(&options(Mode::PerBlobSlot, 60)).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.blobs_mapped, 60);
+    assert_eq!(r.guest_mismatches, 0);
+    assert!(r.guest_verified >= 60);
+    // One add and one delete per blob; no window slot.
+    assert_eq!(r.memslot_changes, 2 * 60);
+}
+
+#[test]
+fn device_killed_mid_run_restores_window_and_restarts() {
+    if !kvm() {
+        return;
+    }
+    let mut o = options(Mode::Fixed, 80);
+    o.kill_after = Some(30);
+    let r = run(&o).unwrap();
+    assert_eq!(r.device_exits.len(), 1, "{:?}", r.device_exits);
+    let exit = &r.device_exits[0];
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    assert!(exit.restored > 0, "live placements were restored: {exit:?}");
+    assert_eq!(r.restarts, 1);
+    // The guest read zeros where the dead device's blobs were (counted as verified, no
+    // mismatch), and the run went on with new blobs.
+    assert_eq!(r.guest_mismatches, 0);
+    assert!(r.blobs_mapped >= 79, "{}", r.blobs_mapped);
+    assert_eq!(r.memslot_changes, 1);
+    assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fds back to baseline after the death");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+}
+
+/// A device and a driver without KVM, for command-level checks.
+fn start(extra: &[&str]) -> (Arc<Hostmem>, Device, Driver) {
+    let hm = Arc::new(Hostmem::new(16 << 20, None, DEFAULT_WINDOW_GPA, Mode::Fixed, Limits::default()).unwrap());
+    let mut cfg = device_config();
+    cfg.extra_args = extra.iter().map(|s| s.to_string()).collect();
+    let dev = Device::start(&cfg, hm.clone()).unwrap();
+    let control = hostmem_ipc::Tube::from_fd(
+        std::os::fd::AsFd::as_fd(dev.control()).try_clone_to_owned().unwrap(),
+    )
+    .unwrap();
+    let mut drv = Driver::new(control, hm.clone()).unwrap();
+    drv.ctx_create(1, 0).unwrap();
+    (hm, dev, drv)
+}
+
+fn code(r: Result<impl std::fmt::Debug, CmdError>) -> String {
+    match r {
+        Err(CmdError::Device(c)) => format!("{c:?}"),
+        other => format!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn bad_guest_commands_get_error_responses_and_device_keeps_serving() {
+    let (hm, dev, mut d) = start(&[]);
+    const P: u64 = 4096;
+    assert_eq!(code(d.map_blob(1, 99, 0, P)), "InvalidResourceId");
+    assert_eq!(code(d.create_blob(1, 0, 0, P)), "InvalidResourceId");
+    assert_eq!(code(d.create_blob(1, 5, 0, 100)), "InvalidParameter");
+    assert_eq!(code(d.create_blob(1, 5, 0, 0)), "InvalidParameter");
+    d.create_blob(1, 5, 0, 2 * P).unwrap();
+    assert_eq!(code(d.create_blob(1, 5, 0, P)), "InvalidResourceId");
+    assert_eq!(code(d.map_blob(1, 5, 123, 2 * P)), "InvalidParameter");
+    assert_eq!(code(d.map_blob(1, 5, (16 << 20) - P, 2 * P)), "InvalidParameter");
+    assert_eq!(code(d.map_blob(1, 5, u64::MAX - P + 1, 2 * P)), "InvalidParameter");
+    assert_eq!(code(d.unmap_blob(1, 5)), "InvalidParameter");
+    d.map_blob(1, 5, 4 * P, 2 * P).unwrap();
+    assert_eq!(code(d.map_blob(1, 5, 8 * P, 2 * P)), "InvalidParameter");
+    // Garbage on the control queue: an error response, not a crash.
+    let resp = d.call(&[1, 2, 3], None).unwrap();
+    let parsed = hostmem_device::wire::Response::parse(&resp).unwrap();
+    assert!(matches!(parsed, hostmem_device::wire::Response::Err { .. }));
+    // Still serving.
+    assert_eq!(hm.live(), 1);
+    d.unmap_blob(1, 5).unwrap();
+    d.unref(5).unwrap();
+    assert_eq!(hm.live(), 0);
+    assert_eq!(hm.counters().refused, 0, "the device caught all of it before the VMM");
+    let exit = dev.stop("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+}
+
+#[test]
+fn vma_headroom_refuses_with_out_of_memory_and_unmaps_still_succeed() {
+    const P: u64 = 4096;
+    // VMM side: few VMAs left in the VMM's window.
+    let (hm, dev, mut d) = start(&[]);
+    let now = hostmem_base::procfs::vma_count().unwrap();
+    hm.window().set_vma_limit(now + 8 + 12, 8);
+    let mut mapped = vec![];
+    let mut refused = None;
+    for res in 1..200u32 {
+        d.create_blob(1, res, 0, P).unwrap();
+        match d.map_blob(1, res, 2 * P * res as u64, P) {
+            Ok(_) => mapped.push(res),
+            Err(e) => {
+                refused = Some(code(Err::<(), _>(e)));
+                break;
+            }
+        }
+    }
+    assert_eq!(refused.as_deref(), Some("OutOfMemory"));
+    assert!(!mapped.is_empty());
+    for res in &mapped {
+        d.unmap_blob(1, *res).unwrap();
+    }
+    assert_eq!(hm.live(), 0);
+    dev.stop("test done");
+
+    // Device side: the mirror refuses first, the VMM never hears of it.
+    let (hm, dev, mut d) = start(&["--vma-limit", "20"]);
+    let mut mapped = vec![];
+    let mut refused = None;
+    for res in 1..200u32 {
+        d.create_blob(1, res, 0, P).unwrap();
+        match d.map_blob(1, res, 2 * P * res as u64, P) {
+            Ok(_) => mapped.push(res),
+            Err(e) => {
+                refused = Some(code(Err::<(), _>(e)));
+                break;
+            }
+        }
+    }
+    assert_eq!(refused.as_deref(), Some("OutOfMemory"));
+    assert_eq!(hm.counters().refused, 0);
+    for res in &mapped {
+        d.unmap_blob(1, *res).unwrap();
+    }
+    assert_eq!(hm.live(), 0);
+    dev.stop("test done");
+}
