@@ -136,7 +136,8 @@ pub struct Report {
     pub restarts: u32,
     /// Events the VMM refused.
     pub refused_events: u64,
-    /// Fds of the VMM at the start and at the end (after the device was stopped).
+    /// Fds of the VMM once the window, VM and probe exist, and at the end (after the
+    /// device was stopped): equal unless something leaked.
     pub vmm_fds: (usize, usize),
     /// Wall time in seconds.
     pub seconds: f64,
@@ -230,7 +231,6 @@ impl Checker<'_> {
 /// Runs the workload and returns its report.
 pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let t0 = Instant::now();
-    let fds_start = procfs::fd_count()?;
     let vm = if opts.use_kvm {
         match Vm::available() {
             Ok(()) => Some(Arc::new(Vm::open()?)),
@@ -253,6 +253,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         Some(vm) => Some(GuestProbe::new(vm.clone(), DEFAULT_WINDOW_GPA, opts.window, PROBE_RAM)?),
         None => None,
     };
+    // Baseline after the window, VM and probe exist: from here on the device's comings and
+    // goings must leave the VMM's fd count unchanged.
+    let fds_start = procfs::fd_count()?;
     let mut errors = Vec::new();
     let mut exits = Vec::new();
     let mut restarts = 0u32;
