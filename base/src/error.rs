@@ -130,6 +130,9 @@ pub enum Error {
         /// What was missing or malformed.
         what: String,
     },
+    /// A KVM operation failed.
+    #[error("KVM: {0}")]
+    Kvm(String),
     /// An fd operation (dup, fcntl, close) failed.
     #[error("{op} failed: {errno}")]
     Fd {
@@ -138,4 +141,10 @@ pub enum Error {
         /// The errno.
         errno: Errno,
     },
+}
+
+impl From<crate::kvm::KvmError> for Error {
+    fn from(e: crate::kvm::KvmError) -> Self {
+        Error::Kvm(e.to_string())
+    }
 }
