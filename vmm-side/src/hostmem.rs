@@ -180,6 +180,9 @@ pub struct Hostmem {
     refused: AtomicU64,
     protocol_errors: AtomicU64,
     resets: AtomicU64,
+    /// Memslot changes made for the window (adds and deletes), not counting other users
+    /// of the VM such as the guest probe's RAM.
+    slot_changes: AtomicU64,
 }
 
 impl Hostmem {
@@ -193,8 +196,10 @@ impl Hostmem {
         limits: Limits,
     ) -> anyhow::Result<Self> {
         let window = Arc::new(Window::new(size)?);
+        let mut slot_changes = 0;
         if let (Some(vm), Mode::Fixed) = (&vm, mode) {
             vm.set_region(WINDOW_SLOT, window_gpa, window.clone(), 0, size as usize)?;
+            slot_changes = 1;
         }
         Ok(Hostmem {
             window,
@@ -211,6 +216,7 @@ impl Hostmem {
             refused: AtomicU64::new(0),
             protocol_errors: AtomicU64::new(0),
             resets: AtomicU64::new(0),
+            slot_changes: AtomicU64::new(slot_changes),
         })
     }
 
@@ -269,9 +275,10 @@ impl Hostmem {
         self.protocol_errors.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Memslot changes so far (0 without KVM).
+    /// Memslot changes made for the window so far (0 without KVM): 1 in fixed mode for the
+    /// whole run, two per blob in per-blob-slot mode.
     pub fn memslot_changes(&self) -> u64 {
-        self.vm.as_ref().map_or(0, |vm| vm.memslot_changes())
+        self.slot_changes.load(Ordering::Relaxed)
     }
 
     /// The guest driver announces a command whose placement event may follow.
@@ -354,6 +361,7 @@ impl Hostmem {
                         st.free_slots.push(slot);
                         return Err(Refusal::oom(format!("memslot {slot}: {e}")));
                     }
+                    self.slot_changes.fetch_add(1, Ordering::Relaxed);
                 }
                 Some((slot, map))
             }
@@ -414,6 +422,7 @@ impl Hostmem {
                 if let Some(vm) = &self.vm {
                     vm.remove_region(*slot)
                         .map_err(|e| Refusal::unspec(format!("memslot {slot} delete: {e}")))?;
+                    self.slot_changes.fetch_add(1, Ordering::Relaxed);
                 }
                 st.free_slots.push(*slot);
             }
@@ -438,6 +447,7 @@ impl Hostmem {
                 let slot = *slot;
                 if let Some(vm) = &self.vm {
                     vm.remove_region(slot)?;
+                    self.slot_changes.fetch_add(1, Ordering::Relaxed);
                 }
                 st.free_slots.push(slot);
                 st.live.remove(&off);
@@ -462,7 +472,11 @@ fn check_map_in(
     if ev.len == 0 {
         return Err(Refusal::invalid("zero length"));
     }
-    for (what, v) in [("offset", ev.offset), ("length", ev.len), ("fd offset", ev.fd_offset)] {
+    for (what, v) in [
+        ("offset", ev.offset),
+        ("length", ev.len),
+        ("fd offset", ev.fd_offset),
+    ] {
         if !is_page_aligned(v) {
             return Err(Refusal::invalid(format!("{what} {v:#x} not page-aligned")));
         }
@@ -496,10 +510,15 @@ fn check_map_in(
     }
     // A file that can shrink could turn a guest access into SIGBUS in the VMM: refuse it.
     if !facts.seals.is_some_and(|s| s & libc::F_SEAL_SHRINK != 0) {
-        return Err(Refusal::invalid("fd is not sealed against shrinking (F_SEAL_SHRINK)"));
+        return Err(Refusal::invalid(
+            "fd is not sealed against shrinking (F_SEAL_SHRINK)",
+        ));
     }
     if st.live.len() >= limits.max_live {
-        return Err(Refusal::oom(format!("{} live placements is the limit", limits.max_live)));
+        return Err(Refusal::oom(format!(
+            "{} live placements is the limit",
+            limits.max_live
+        )));
     }
     match st.inflight.get(&ev.resource_id) {
         Some(Expect::Map { offset, len }) if *offset == ev.offset && *len == ev.len => Ok(prot),
