@@ -135,7 +135,9 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("facts", &self.facts).finish()
+        f.debug_struct("Device")
+            .field("facts", &self.facts)
+            .finish()
     }
 }
 
@@ -252,7 +254,9 @@ impl Device {
     /// The control queue (the stand-in guest driver writes commands here).
     pub fn control(&self) -> &Tube {
         // Only `stop` (which consumes self) takes it.
-        self.control.as_ref().expect("control queue present until stop")
+        self.control
+            .as_ref()
+            .expect("control queue present until stop")
     }
 
     /// What was checked at start.
@@ -322,7 +326,8 @@ impl Device {
         log::warn!(
             "device pid {} ended ({cause}): {}; {} placements restored to background",
             exit.pid,
-            info.map(|i| describe(&i, &self.child)).unwrap_or_else(|| "unknown status".into()),
+            info.map(|i| describe(&i, &self.child))
+                .unwrap_or_else(|| "unknown status".into()),
             restored
         );
         exit
@@ -336,7 +341,10 @@ fn describe(info: &ExitInfo, child: &JailedChild) -> String {
             let name = nix::sys::signal::Signal::try_from(*signal)
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_else(|_| signal.to_string());
-            match (*signal == libc::SIGSYS).then(|| child.sigsys_report()).flatten() {
+            match (*signal == libc::SIGSYS)
+                .then(|| child.sigsys_report())
+                .flatten()
+            {
                 Some(r) => format!("killed by {name} (seccomp: {r})"),
                 None => format!("killed by {name}"),
             }

@@ -70,7 +70,11 @@ impl Driver {
     }
 
     /// Sends one command. `expect` announces the placement event it may cause.
-    pub fn submit(&mut self, cmd: &[u8], expect: Option<(u32, Expect)>) -> Result<u64, DriverError> {
+    pub fn submit(
+        &mut self,
+        cmd: &[u8],
+        expect: Option<(u32, Expect)>,
+    ) -> Result<u64, DriverError> {
         let tag = self.next_tag;
         self.next_tag += 1;
         if let Some((res, what)) = expect {
@@ -94,7 +98,10 @@ impl Driver {
             }
             let (bytes, _fds) = self.control.recv_bytes()?;
             let (got, payload) = unframe(&bytes).ok_or(DriverError::Untagged(bytes.len()))?;
-            let p = self.pending.remove(&got).ok_or(DriverError::UnknownTag(got))?;
+            let p = self
+                .pending
+                .remove(&got)
+                .ok_or(DriverError::UnknownTag(got))?;
             if let Some(res) = p.resource {
                 self.hostmem.done(res);
             }
@@ -103,7 +110,11 @@ impl Driver {
     }
 
     /// Sends one command and waits for its response.
-    pub fn call(&mut self, cmd: &[u8], expect: Option<(u32, Expect)>) -> Result<Vec<u8>, DriverError> {
+    pub fn call(
+        &mut self,
+        cmd: &[u8],
+        expect: Option<(u32, Expect)>,
+    ) -> Result<Vec<u8>, DriverError> {
         let tag = self.submit(cmd, expect)?;
         self.wait(tag)
     }
@@ -145,18 +156,29 @@ fn expect_ok(bytes: &[u8]) -> Result<Response, CmdError> {
 
 impl Driver {
     /// Sends a typed command and parses the response; an error response is `Err`.
-    pub fn command(&mut self, cmd: &Command, expect: Option<(u32, Expect)>) -> Result<Response, CmdError> {
+    pub fn command(
+        &mut self,
+        cmd: &Command,
+        expect: Option<(u32, Expect)>,
+    ) -> Result<Response, CmdError> {
         let bytes = self.call(&cmd.encode(), expect)?;
         expect_ok(&bytes)
     }
 
     /// `CTX_CREATE`.
     pub fn ctx_create(&mut self, ctx: u32, capset: u32) -> Result<(), CmdError> {
-        self.command(&Command::ctx_create(ctx, capset, b"hostmem"), None).map(drop)
+        self.command(&Command::ctx_create(ctx, capset, b"hostmem"), None)
+            .map(drop)
     }
 
     /// `RESOURCE_CREATE_BLOB` of a mappable HOST3D blob.
-    pub fn create_blob(&mut self, ctx: u32, res: u32, blob_id: u64, size: u64) -> Result<(), CmdError> {
+    pub fn create_blob(
+        &mut self,
+        ctx: u32,
+        res: u32,
+        blob_id: u64,
+        size: u64,
+    ) -> Result<(), CmdError> {
         let cmd = Command::create_blob(
             ctx,
             res,
@@ -169,14 +191,23 @@ impl Driver {
     }
 
     /// Encodes `RESOURCE_MAP_BLOB` and announces the placement it causes.
-    pub fn submit_map(&mut self, ctx: u32, res: u32, offset: u64, size: u64) -> Result<u64, DriverError> {
+    pub fn submit_map(
+        &mut self,
+        ctx: u32,
+        res: u32,
+        offset: u64,
+        size: u64,
+    ) -> Result<u64, DriverError> {
         let cmd = Command::map_blob(ctx, res, offset).encode();
         self.submit(&cmd, Some((res, Expect::Map { offset, len: size })))
     }
 
     /// Encodes `RESOURCE_UNMAP_BLOB` and announces the unmap it causes.
     pub fn submit_unmap(&mut self, ctx: u32, res: u32) -> Result<u64, DriverError> {
-        self.submit(&Command::unmap_blob(ctx, res).encode(), Some((res, Expect::Unmap)))
+        self.submit(
+            &Command::unmap_blob(ctx, res).encode(),
+            Some((res, Expect::Unmap)),
+        )
     }
 
     /// Waits for a map response: the map_info.
@@ -191,12 +222,20 @@ impl Driver {
     pub fn wait_ok(&mut self, tag: u64) -> Result<Vec<u8>, CmdError> {
         match expect_ok(&self.wait(tag)?)? {
             Response::OkNoData { reply, .. } => Ok(reply),
-            other => Err(CmdError::BadResponse(format!("{other:?} instead of OK_NODATA"))),
+            other => Err(CmdError::BadResponse(format!(
+                "{other:?} instead of OK_NODATA"
+            ))),
         }
     }
 
     /// `RESOURCE_MAP_BLOB` of a blob of `size` bytes at `offset`; returns the map_info.
-    pub fn map_blob(&mut self, ctx: u32, res: u32, offset: u64, size: u64) -> Result<u32, CmdError> {
+    pub fn map_blob(
+        &mut self,
+        ctx: u32,
+        res: u32,
+        offset: u64,
+        size: u64,
+    ) -> Result<u32, CmdError> {
         let tag = self.submit_map(ctx, res, offset, size)?;
         self.wait_map(tag)
     }

@@ -13,7 +13,11 @@ use hostmem_vmm::run::{self, Restart, RunOptions};
 mod policy_cmd;
 
 #[derive(Debug, Parser)]
-#[command(name = "hostmem", version, about = "Sandboxed virtio-gpu hostmem: one memslot, MAP_FIXED blobs")]
+#[command(
+    name = "hostmem",
+    version,
+    about = "Sandboxed virtio-gpu hostmem: one memslot, MAP_FIXED blobs"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -92,6 +96,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some("jail-stage") {
+        // The jail's single-threaded first stage (see hostmem_jail::launch).
+        return ExitCode::from(hostmem_jail::launch::stage_main() as u8);
+    }
     if raw.get(1).map(String::as_str) == Some("device") {
         // Device mode: same start-up as hostmem-gpu-device (no clap, seccomp first).
         hostmem_device::process::init_logging();
@@ -124,7 +132,9 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         eprintln!("hostmem: --no-jail: the device runs WITHOUT namespaces or seccomp");
     }
     if a.backend == "virgl" {
-        device.ro_binds = hostmem_vmm::policy::virgl_ro_binds();
+        device
+            .ro_binds
+            .extend(hostmem_vmm::policy::virgl_ro_binds());
     }
     let opts = RunOptions {
         mode: a.mode,
@@ -142,17 +152,32 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
-        println!("hostmem run: mode {}, backend {}, window {} MiB, seed {}", r.mode, r.backend, r.window_bytes >> 20, r.seed);
+        println!(
+            "hostmem run: mode {}, backend {}, window {} MiB, seed {}",
+            r.mode,
+            r.backend,
+            r.window_bytes >> 20,
+            r.seed
+        );
         println!("  blobs mapped          {}", r.blobs_mapped);
         if r.kvm {
-            println!("  guest verified        {} ({} mismatches, {} holes)", r.guest_verified, r.guest_mismatches, r.guest_holes);
+            println!(
+                "  guest verified        {} ({} mismatches, {} holes)",
+                r.guest_verified, r.guest_mismatches, r.guest_holes
+            );
         } else {
             println!("  guest verified        0 (no /dev/kvm: nothing was checked by a guest)");
         }
         println!("  memslot changes       {}", r.memslot_changes);
         println!("  max live placements   {}", r.max_live_placements);
-        println!("  MAP_BLOB   p50 {:8.1} µs   p99 {:8.1} µs", r.map_latency_us.p50, r.map_latency_us.p99);
-        println!("  UNMAP_BLOB p50 {:8.1} µs   p99 {:8.1} µs", r.unmap_latency_us.p50, r.unmap_latency_us.p99);
+        println!(
+            "  MAP_BLOB   p50 {:8.1} µs   p99 {:8.1} µs",
+            r.map_latency_us.p50, r.map_latency_us.p99
+        );
+        println!(
+            "  UNMAP_BLOB p50 {:8.1} µs   p99 {:8.1} µs",
+            r.unmap_latency_us.p50, r.unmap_latency_us.p99
+        );
         let d = &r.device;
         println!(
             "  device pid {}: jailed {}, seccomp {}, no_new_privs {}, CapEff {}, {} fds",

@@ -216,7 +216,10 @@ impl Checker<'_> {
             Ok(ProbeRead::Value(h)) if h == expected_hash(expected) => self.verified += 1,
             Ok(ProbeRead::Value(_)) => {
                 self.mismatches += 1;
-                log::error!("guest mismatch: {what} at {offset:#x}+{:#x}", expected.len());
+                log::error!(
+                    "guest mismatch: {what} at {offset:#x}+{:#x}",
+                    expected.len()
+                );
             }
             Ok(ProbeRead::Hole { gpa }) => {
                 self.holes += 1;
@@ -250,7 +253,12 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         Limits::default(),
     )?);
     let mut probe = match &vm {
-        Some(vm) => Some(GuestProbe::new(vm.clone(), DEFAULT_WINDOW_GPA, opts.window, PROBE_RAM)?),
+        Some(vm) => Some(GuestProbe::new(
+            vm.clone(),
+            DEFAULT_WINDOW_GPA,
+            opts.window,
+            PROBE_RAM,
+        )?),
         None => None,
     };
     // Baseline after the window, VM and probe exist: from here on the device's comings and
@@ -260,7 +268,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let mut exits = Vec::new();
     let mut restarts = 0u32;
     let mut session = Some(connect(opts, &hostmem)?);
-    let mut facts = session.as_ref().map(|s| s.device.facts().clone()).unwrap_or_default();
+    let mut facts = session
+        .as_ref()
+        .map(|s| s.device.facts().clone())
+        .unwrap_or_default();
     let mut rng = Rng::new(opts.seed);
     let mut live: Vec<LiveBlob> = Vec::new();
     let (mut map_us, mut unmap_us) = (Vec::new(), Vec::new());
@@ -281,11 +292,20 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         let Some(s) = session.as_mut() else { break };
         if progress && i % 10 == 0 {
             let w = 40 * i as usize / opts.blobs.max(1) as usize;
-            eprint!("\r[{}{}] {i}/{}", "#".repeat(w), " ".repeat(40 - w), opts.blobs);
+            eprint!(
+                "\r[{}{}] {i}/{}",
+                "#".repeat(w),
+                " ".repeat(40 - w),
+                opts.blobs
+            );
         }
         if opts.kill_after == Some(i) && !killed && !live.is_empty() {
             killed = true;
-            log::warn!("fault injection: SIGKILL to device pid {} with {} live blobs", s.device.pid(), live.len());
+            log::warn!(
+                "fault injection: SIGKILL to device pid {} with {} live blobs",
+                s.device.pid(),
+                live.len()
+            );
             s.device.kill(libc::SIGKILL);
         }
         let step = (|| -> Result<(), CmdError> {
@@ -308,7 +328,12 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             next_res += 1;
             let seed = rng.next_u64();
             s.driver.create_blob(CTX, res, 0, size)?;
-            let fill = encode_stream(&[ShmOp::Fill { resource_id: res, offset: 0, len: size, seed }]);
+            let fill = encode_stream(&[ShmOp::Fill {
+                resource_id: res,
+                offset: 0,
+                len: size,
+                seed,
+            }]);
             s.driver.submit_3d(CTX, fill)?;
             let Some(offset) = free_offset(&mut rng, &live, size, opts.window) else {
                 s.driver.unref(res)?;
@@ -327,15 +352,25 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                     let value = rng.next_u64();
                     match p.write_u64(offset + at, value) {
                         Ok(_) => {
-                            expected[at as usize..at as usize + 8].copy_from_slice(&value.to_le_bytes());
-                            let q = encode_stream(&[ShmOp::Checksum { resource_id: res, offset: 0, len: size }]);
+                            expected[at as usize..at as usize + 8]
+                                .copy_from_slice(&value.to_le_bytes());
+                            let q = encode_stream(&[ShmOp::Checksum {
+                                resource_id: res,
+                                offset: 0,
+                                len: size,
+                            }]);
                             let reply = s.driver.submit_3d(CTX, q)?;
-                            let got = reply.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+                            let got = reply
+                                .get(..8)
+                                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
                             if got == Some(checksum(&expected)) {
                                 chk.verified += 1;
                             } else {
                                 chk.mismatches += 1;
-                                log::error!("device checksum after a guest write at {:#x} does not match", offset + at);
+                                log::error!(
+                                    "device checksum after a guest write at {:#x} does not match",
+                                    offset + at
+                                );
                             }
                         }
                         Err(e) => chk.errors.push(format!("guest write: {e}")),
@@ -353,10 +388,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 let exit = s.device.stop(&e.to_string());
                 // Everything the dead device had placed must read zeros now.
                 for b in &before {
-                    chk.guest_sees(b.offset, &vec![0u8; b.size as usize], "zeros after device death");
+                    chk.guest_sees(
+                        b.offset,
+                        &vec![0u8; b.size as usize],
+                        "zeros after device death",
+                    );
                 }
                 if hostmem.live() != 0 {
-                    chk.errors.push(format!("{} placements survived the device", hostmem.live()));
+                    chk.errors
+                        .push(format!("{} placements survived the device", hostmem.live()));
                 }
                 exits.push(exit);
                 match opts.restart {
@@ -370,7 +410,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                             Err(e) => chk.errors.push(format!("restart failed: {e:#}")),
                         }
                     }
-                    _ => chk.errors.push(format!("device lost and not restarted: {e}")),
+                    _ => chk
+                        .errors
+                        .push(format!("device lost and not restarted: {e}")),
                 }
             }
             Err(e) => {
@@ -387,7 +429,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     if let Some(s) = session.as_mut() {
         for b in std::mem::take(&mut live) {
             let t = Instant::now();
-            match s.driver.unmap_blob(CTX, b.res).and_then(|()| s.driver.unref(b.res)) {
+            match s
+                .driver
+                .unmap_blob(CTX, b.res)
+                .and_then(|()| s.driver.unref(b.res))
+            {
                 Ok(()) => {
                     unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
                     chk.guest_sees(b.offset, &vec![0u8; b.size as usize], "zeros after unmap");
@@ -436,7 +482,9 @@ fn free_offset(rng: &mut Rng, live: &[LiveBlob], size: u64, window: u64) -> Opti
     let slots = (window.checked_sub(size)? / PAGE) + 1;
     (0..64).find_map(|_| {
         let off = rng.below(slots) * PAGE;
-        let clear = live.iter().all(|b| off + size <= b.offset || b.offset + b.size <= off);
+        let clear = live
+            .iter()
+            .all(|b| off + size <= b.offset || b.offset + b.size <= off);
         clear.then_some(off)
     })
 }
@@ -453,7 +501,7 @@ pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Res
         jailed: true,
         policy: Some(dir.join(format!("gpu_device_{backend}.policy"))),
         seccomp_log: false,
-        ro_binds: vec![],
+        ro_binds: crate::policy::loader_ro_binds(),
         log_filter: std::env::var("RUST_LOG").ok(),
     })
 }

@@ -22,7 +22,7 @@ fn device_config() -> DeviceConfig {
         jailed,
         policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
         seccomp_log: false,
-        ro_binds: vec![],
+        ro_binds: hostmem_vmm::policy::loader_ro_binds(),
         log_filter: Some("warn".into()),
     }
 }
@@ -116,18 +116,32 @@ fn device_killed_mid_run_restores_window_and_restarts() {
     assert_eq!(r.guest_mismatches, 0);
     assert!(r.blobs_mapped >= 79, "{}", r.blobs_mapped);
     assert_eq!(r.memslot_changes, 1);
-    assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fds back to baseline after the death");
+    assert_eq!(
+        r.vmm_fds.0, r.vmm_fds.1,
+        "VMM fds back to baseline after the death"
+    );
     assert!(r.errors.is_empty(), "{:?}", r.errors);
 }
 
 /// A device and a driver without KVM, for command-level checks.
 fn start(extra: &[&str]) -> (Arc<Hostmem>, Device, Driver) {
-    let hm = Arc::new(Hostmem::new(16 << 20, None, DEFAULT_WINDOW_GPA, Mode::Fixed, Limits::default()).unwrap());
+    let hm = Arc::new(
+        Hostmem::new(
+            16 << 20,
+            None,
+            DEFAULT_WINDOW_GPA,
+            Mode::Fixed,
+            Limits::default(),
+        )
+        .unwrap(),
+    );
     let mut cfg = device_config();
     cfg.extra_args = extra.iter().map(|s| s.to_string()).collect();
     let dev = Device::start(&cfg, hm.clone()).unwrap();
     let control = hostmem_ipc::Tube::from_fd(
-        std::os::fd::AsFd::as_fd(dev.control()).try_clone_to_owned().unwrap(),
+        std::os::fd::AsFd::as_fd(dev.control())
+            .try_clone_to_owned()
+            .unwrap(),
     )
     .unwrap();
     let mut drv = Driver::new(control, hm.clone()).unwrap();
@@ -153,8 +167,14 @@ fn bad_guest_commands_get_error_responses_and_device_keeps_serving() {
     d.create_blob(1, 5, 0, 2 * P).unwrap();
     assert_eq!(code(d.create_blob(1, 5, 0, P)), "InvalidResourceId");
     assert_eq!(code(d.map_blob(1, 5, 123, 2 * P)), "InvalidParameter");
-    assert_eq!(code(d.map_blob(1, 5, (16 << 20) - P, 2 * P)), "InvalidParameter");
-    assert_eq!(code(d.map_blob(1, 5, u64::MAX - P + 1, 2 * P)), "InvalidParameter");
+    assert_eq!(
+        code(d.map_blob(1, 5, (16 << 20) - P, 2 * P)),
+        "InvalidParameter"
+    );
+    assert_eq!(
+        code(d.map_blob(1, 5, u64::MAX - P + 1, 2 * P)),
+        "InvalidParameter"
+    );
     assert_eq!(code(d.unmap_blob(1, 5)), "InvalidParameter");
     d.map_blob(1, 5, 4 * P, 2 * P).unwrap();
     assert_eq!(code(d.map_blob(1, 5, 8 * P, 2 * P)), "InvalidParameter");
@@ -167,7 +187,11 @@ fn bad_guest_commands_get_error_responses_and_device_keeps_serving() {
     d.unmap_blob(1, 5).unwrap();
     d.unref(5).unwrap();
     assert_eq!(hm.live(), 0);
-    assert_eq!(hm.counters().refused, 0, "the device caught all of it before the VMM");
+    assert_eq!(
+        hm.counters().refused,
+        0,
+        "the device caught all of it before the VMM"
+    );
     let exit = dev.stop("test done");
     assert_eq!(exit.code, Some(0), "{exit:?}");
 }

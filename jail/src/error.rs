@@ -1,0 +1,41 @@
+//! The crate's error type.
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can fail in hostmem-jail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A policy file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A policy does not parse: file, line, column and what is wrong.
+    #[error("{file}:{line}:{col}: {msg}")]
+    Parse {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        col: usize,
+        /// What is wrong.
+        msg: String,
+    },
+    /// The compiled program is too large for the kernel.
+    #[error("compiled program has {0} instructions (the kernel takes at most 4096)")]
+    TooLarge(usize),
+    /// Launching the jailed program failed (the step and errno are in the message).
+    #[error("launch: {0}")]
+    Launch(String),
+    /// The program is not jailed as required.
+    #[error("not jailed: {0}")]
+    NotJailed(String),
+    /// Installing the seccomp filter in the jailed program failed.
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+}
