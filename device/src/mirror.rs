@@ -88,7 +88,11 @@ impl MirrorPlacer {
     }
 
     /// Sends an event and waits for the reply with the same seq.
-    fn report(&mut self, msg: DeviceMsg, fd: Option<std::os::fd::BorrowedFd<'_>>) -> Result<(), PlaceError> {
+    fn report(
+        &mut self,
+        msg: DeviceMsg,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> Result<(), PlaceError> {
         if let Some(why) = &self.broken {
             return Err(PlaceError::Unspec(format!("mapping tube unusable: {why}")));
         }
@@ -131,7 +135,13 @@ impl MirrorPlacer {
 impl Placer for MirrorPlacer {
     fn map(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError> {
         self.window
-            .place(req.offset, req.len, req.blob.fd.as_fd(), req.blob.fd_offset, req.prot)
+            .place(
+                req.offset,
+                req.len,
+                req.blob.fd.as_fd(),
+                req.blob.fd_offset,
+                req.prot,
+            )
             .map_err(window_error)?;
         self.seq += 1;
         let msg = DeviceMsg::Map {
@@ -146,7 +156,10 @@ impl Placer for MirrorPlacer {
         if let Err(e) = self.report(msg, Some(req.blob.fd.as_fd())) {
             // Undo the mirror so that both views stay identical.
             if let Err(undo) = self.window.restore(req.offset, req.len) {
-                log::error!("undo of mirror placement at {:#x} failed: {undo}", req.offset);
+                log::error!(
+                    "undo of mirror placement at {:#x} failed: {undo}",
+                    req.offset
+                );
             }
             return Err(e);
         }

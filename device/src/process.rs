@@ -74,13 +74,8 @@ impl Args {
 pub fn make_backend(name: &str) -> Result<Box<dyn Backend>> {
     match name {
         "shm" => Ok(Box::new(crate::backend::shm::ShmBackend::new())),
-        #[cfg(feature = "virgl")]
-        "virgl" => Ok(Box::new(
-            crate::backend::virgl::VirglBackend::new().map_err(|e| Error::Backend(e.to_string()))?,
-        )),
         other => Err(Error::Backend(format!(
-            "unknown backend {other} (this build has: shm{})",
-            if cfg!(feature = "virgl") { ", virgl" } else { "" }
+            "unknown backend {other} (this build has: shm)"
         ))),
     }
 }
@@ -129,7 +124,9 @@ fn run(args: &Args) -> Result<()> {
     let VmmMsg::Hostmem { size } = msg else {
         return Err(Error::Protocol(format!("expected Hostmem, got {msg:?}")));
     };
-    let memfd = fds.pop().ok_or_else(|| Error::Protocol("Hostmem without fd".into()))?;
+    let memfd = fds
+        .pop()
+        .ok_or_else(|| Error::Protocol("Hostmem without fd".into()))?;
     let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
     if let Some(limit) = args.vma_limit {
         let now = hostmem_base::procfs::vma_count()?;
@@ -138,7 +135,12 @@ fn run(args: &Args) -> Result<()> {
     }
     let backend = make_backend(&args.backend)?;
     let backend_name = backend.name().to_string();
-    mapping.send(&DeviceMsg::Ready { backend: backend_name.clone() }, &[])?;
+    mapping.send(
+        &DeviceMsg::Ready {
+            backend: backend_name.clone(),
+        },
+        &[],
+    )?;
     log::info!("device ready: backend {backend_name}, window {size:#x} bytes");
     let mut gpu = Gpu::new(backend, MirrorPlacer::new(mirror, mapping));
     loop {

@@ -264,6 +264,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     // Baseline after the window, VM and probe exist: from here on the device's comings and
     // goings must leave the VMM's fd count unchanged.
     let fds_start = procfs::fd_count()?;
+    log::debug!("VMM fds at start: {:?}", procfs::open_fds()?);
     let mut errors = Vec::new();
     let mut exits = Vec::new();
     let mut restarts = 0u32;
@@ -450,7 +451,6 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             errors.push(format!("device did not exit cleanly at the end: {exit:?}"));
         }
     }
-    drop(probe);
     let counters = hostmem.counters();
     let report = Report {
         mode: opts.mode.name(),
@@ -470,7 +470,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         device_exits: exits,
         restarts,
         refused_events: counters.refused,
-        vmm_fds: (fds_start, procfs::fd_count()?),
+        vmm_fds: (fds_start, {
+            log::debug!("VMM fds at the end: {:?}", procfs::open_fds()?);
+            procfs::fd_count()?
+        }),
         seconds: t0.elapsed().as_secs_f64(),
         errors,
     };

@@ -4,8 +4,6 @@
 use std::os::fd::OwnedFd;
 
 pub mod shm;
-#[cfg(feature = "virgl")]
-pub mod virgl;
 
 /// Why a backend refused an operation. The handler turns it into a virtio-gpu error
 /// response ([`BackendError::response`]) and logs the message.
@@ -75,8 +73,12 @@ pub trait Backend: Send {
     /// The capset blob for `id`/`version`.
     fn capset(&mut self, id: u32, version: u32) -> Result<Vec<u8>, BackendError>;
     /// `CTX_CREATE`.
-    fn create_context(&mut self, ctx_id: u32, capset_id: u32, name: &[u8])
-        -> Result<(), BackendError>;
+    fn create_context(
+        &mut self,
+        ctx_id: u32,
+        capset_id: u32,
+        name: &[u8],
+    ) -> Result<(), BackendError>;
     /// `CTX_DESTROY`.
     fn destroy_context(&mut self, ctx_id: u32) -> Result<(), BackendError>;
     /// `RESOURCE_CREATE_BLOB`.
