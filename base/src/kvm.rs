@@ -123,7 +123,11 @@ impl Vm {
             have: region.size(),
         };
         let end = offset.checked_add(size).ok_or_else(bad)?;
-        if size == 0 || end > region.size() || offset % 4096 != 0 || size % 4096 != 0 {
+        if size == 0
+            || end > region.size()
+            || !offset.is_multiple_of(4096)
+            || !size.is_multiple_of(4096)
+        {
             return Err(bad());
         }
         let mut slots = self.lock();

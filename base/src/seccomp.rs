@@ -84,7 +84,7 @@ pub fn program_to_bytes(prog: &[SockFilter]) -> Vec<u8> {
 
 /// Parses a program serialised by [`program_to_bytes`].
 pub fn program_from_bytes(bytes: &[u8]) -> Result<Vec<SockFilter>, SeccompError> {
-    if bytes.is_empty() || bytes.len() % 8 != 0 || bytes.len() / 8 > BPF_MAXINSNS {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(8) || bytes.len() / 8 > BPF_MAXINSNS {
         return Err(SeccompError::BadProgram(format!("{} bytes", bytes.len())));
     }
     Ok(bytes

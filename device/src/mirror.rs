@@ -42,9 +42,10 @@ fn window_error(e: hostmem_base::Error) -> PlaceError {
     use hostmem_base::Error as E;
     match e {
         E::VmaHeadroom { .. } => PlaceError::OutOfMemory(e.to_string()),
-        E::MapFixed { errno, .. } if errno == nix::errno::Errno::ENOMEM => {
-            PlaceError::OutOfMemory(e.to_string())
-        }
+        E::MapFixed {
+            errno: nix::errno::Errno::ENOMEM,
+            ..
+        } => PlaceError::OutOfMemory(e.to_string()),
         E::Overlap { .. }
         | E::OutOfRange { .. }
         | E::Misaligned { .. }
@@ -105,23 +106,17 @@ impl MirrorPlacer {
         if let Err(e) = sent {
             return Err(self.break_with(format!("send: {e}")));
         }
-        loop {
-            match self.tube.recv::<VmmMsg>() {
-                Ok((VmmMsg::Reply { seq: s, outcome }, _)) if s == seq => {
-                    return match outcome {
-                        Outcome::Ok => Ok(()),
-                        Outcome::Refused { code, reason } => Err(refuse(code, reason)),
-                    }
-                }
-                Ok((VmmMsg::Shutdown, _)) => {
-                    self.shutdown = true;
-                    return Err(self.break_with("shutdown requested".into()));
-                }
-                Ok((other, _)) => {
-                    return Err(self.break_with(format!("unexpected message {other:?}")))
-                }
-                Err(e) => return Err(self.break_with(format!("receive: {e}"))),
+        match self.tube.recv::<VmmMsg>() {
+            Ok((VmmMsg::Reply { seq: s, outcome }, _)) if s == seq => match outcome {
+                Outcome::Ok => Ok(()),
+                Outcome::Refused { code, reason } => Err(refuse(code, reason)),
+            },
+            Ok((VmmMsg::Shutdown, _)) => {
+                self.shutdown = true;
+                Err(self.break_with("shutdown requested".into()))
             }
+            Ok((other, _)) => Err(self.break_with(format!("unexpected message {other:?}"))),
+            Err(e) => Err(self.break_with(format!("receive: {e}"))),
         }
     }
 

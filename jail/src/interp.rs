@@ -42,7 +42,7 @@ impl SeccompData {
             b[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_le_bytes());
         }
         let o = off as usize;
-        (off % 4 == 0 && o + 4 <= 64)
+        (off.is_multiple_of(4) && o + 4 <= 64)
             .then(|| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]))
     }
 }

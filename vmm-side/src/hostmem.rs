@@ -509,7 +509,7 @@ fn check_map_in(
         )));
     }
     // A file that can shrink could turn a guest access into SIGBUS in the VMM: refuse it.
-    if !facts.seals.is_some_and(|s| s & libc::F_SEAL_SHRINK != 0) {
+    if facts.seals.is_none_or(|s| s & libc::F_SEAL_SHRINK == 0) {
         return Err(Refusal::invalid(
             "fd is not sealed against shrinking (F_SEAL_SHRINK)",
         ));

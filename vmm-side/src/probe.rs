@@ -166,7 +166,7 @@ impl GuestProbe {
         ram_size: usize,
     ) -> Result<Self, ProbeError> {
         let ram_size = ram_size.max(4 << 20).next_multiple_of(2 << 20);
-        if window_gpa < ram_size as u64 || window_gpa % (2 << 20) != 0 {
+        if window_gpa < ram_size as u64 || !window_gpa.is_multiple_of(2 << 20) {
             return Err(setup("window must be 2 MiB aligned and above guest RAM"));
         }
         let ram = Arc::new(MemoryMapping::anonymous(ram_size).map_err(setup)?);

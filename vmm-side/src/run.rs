@@ -291,7 +291,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let mut i = 0u32;
     while i < opts.blobs {
         let Some(s) = session.as_mut() else { break };
-        if progress && i % 10 == 0 {
+        if progress && i.is_multiple_of(10) {
             let w = 40 * i as usize / opts.blobs.max(1) as usize;
             eprint!(
                 "\r[{}{}] {i}/{}",
@@ -347,7 +347,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             let mut expected = pattern_bytes(seed, 0, size as usize);
             chk.guest_sees(offset, &expected, "blob pattern");
             // Now and then the guest writes into the blob and the device must see it.
-            if res % 4 == 0 {
+            if res.is_multiple_of(4) {
                 if let Some(p) = chk.probe.as_deref_mut() {
                     let at = rng.below(size / 8) * 8;
                     let value = rng.next_u64();

@@ -108,6 +108,6 @@ fn per_blob_slots_leave_holes_between_blobs() {
         ProbeRead::Hole { .. }
     ));
     // The vCPU survives holes and still works.
-    assert!(matches!(probe.write_u64(0, 1).unwrap(), Some(_)));
+    assert!(probe.write_u64(0, 1).unwrap().is_some());
     assert_eq!(vm.memslot_changes(), 3);
 }
