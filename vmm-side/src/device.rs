@@ -286,7 +286,7 @@ impl Device {
         // Closing the control queue asks a healthy device to exit; give it a moment.
         let _ = self.mapping.send(&VmmMsg::Shutdown, &[]);
         drop(self.control.take());
-        let info = match self.child.wait_timeout(Duration::from_millis(500)) {
+        let info = match self.child.wait_timeout(Duration::from_secs(2)) {
             Ok(Some(info)) => Some(info),
             _ => {
                 self.child.kill(libc::SIGKILL);

@@ -291,8 +291,17 @@ impl GuestProbe {
     }
 
     /// The guest reads `len` bytes (a multiple of 8) at window `offset` and hashes them.
+    /// It first touches one qword per page, so unbacked memory costs one exit per page, not
+    /// one per qword.
     pub fn hash(&mut self, offset: u64, len: u64) -> Result<ProbeRead, ProbeError> {
         let gpa = self.gpa(offset, len)?;
+        let (_, hole, _) = self.call(3, |r| {
+            r.rdi = gpa;
+            r.rsi = len.div_ceil(4096).max(1);
+        })?;
+        if let Some(gpa) = hole {
+            return Ok(ProbeRead::Hole { gpa });
+        }
         let (r, hole, _) = self.call(0, |r| {
             r.rdi = gpa;
             r.rsi = len / 8;

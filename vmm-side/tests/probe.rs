@@ -111,3 +111,23 @@ fn per_blob_slots_leave_holes_between_blobs() {
     assert!(probe.write_u64(0, 1).unwrap().is_some());
     assert_eq!(vm.memslot_changes(), 3);
 }
+
+#[test]
+fn scratch_measure() {
+    let Some(vm) = vm() else { return };
+    let window = Arc::new(Window::new(64 << 20).unwrap());
+    vm.set_region(1, GPA, window.clone(), 0, 64 << 20).unwrap();
+    let mut probe = GuestProbe::new(vm.clone(), GPA, 64 << 20, 8 << 20).unwrap();
+    for _ in 0..100 {
+        probe.read_u64(0).unwrap();
+    }
+    let t = std::time::Instant::now();
+    for _ in 0..2000 {
+        probe.read_u64(0).unwrap();
+    }
+    println!("rt {:?}", t.elapsed() / 2000);
+    probe.hash(0, 64 << 20).unwrap();
+    let t = std::time::Instant::now();
+    probe.hash(0, 64 << 20).unwrap();
+    println!("hash 64MiB {:?}", t.elapsed());
+}
