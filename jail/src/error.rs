@@ -7,12 +7,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A policy file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}: {err}")]
     Read {
         /// The file.
         path: String,
         /// The cause.
-        source: std::io::Error,
+        err: std::io::Error,
     },
     /// A policy does not parse: file, line, column and what is wrong.
     #[error("{file}:{line}:{col}: {msg}")]

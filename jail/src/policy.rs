@@ -215,9 +215,9 @@ fn parse_into(
     p: &mut Policy,
     stack: &mut Vec<PathBuf>,
 ) -> Result<()> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+    let text = std::fs::read_to_string(path).map_err(|err| Error::Read {
         path: path.display().to_string(),
-        source,
+        err,
     })?;
     if stack.iter().any(|s| s == path) || stack.len() > 16 {
         return Err(Error::Parse {
@@ -271,15 +271,15 @@ fn parse_text(
             let arg = arg.trim();
             match kw {
                 "include" => {
-                    let mut target = PathBuf::from(arg);
-                    if let Some((from, to)) = &opts.rewrite_prefix {
-                        if let Some(rel) = arg.strip_prefix(from.as_str()) {
-                            target = to.join(rel);
+                    // A rewritten prefix is taken as given (relative to the working
+                    // directory); anything else relative is relative to this file.
+                    let target = match &opts.rewrite_prefix {
+                        Some((from, to)) if arg.starts_with(from.as_str()) => {
+                            to.join(&arg[from.len()..])
                         }
-                    }
-                    if target.is_relative() {
-                        target = dir.join(target);
-                    }
+                        _ if Path::new(arg).is_relative() => dir.join(arg),
+                        _ => PathBuf::from(arg),
+                    };
                     parse_into(&target, opts, p, stack)?;
                 }
                 "frequency" => {}

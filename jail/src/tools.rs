@@ -47,7 +47,7 @@ pub fn explain(
         Ok(r) => format!("{:?}", Action::from_ret(r)),
         Err(e) => format!("filter error: {e}"),
     };
-    Ok(format!("{syscall} (nr {nr}) {args:x?} -> {verdict}"))
+    Ok(format!("{syscall} (nr {nr}) {args:#x?} -> {verdict}"))
 }
 
 /// A dangerous rule.

@@ -1,0 +1,67 @@
+//! Test helper for the seccomp policy suite: installs the filter it was handed
+//! (`--seccomp-fd N`, as the jail launcher passes it), then makes one forbidden call named
+//! on the command line. Exit 0 means the call returned (the policy allowed it or answered
+//! with an errno: the errno is printed), death by SIGSYS means the filter killed it.
+
+use std::io::Read;
+
+use hostmem_base::seccomp::{install_filter, program_from_bytes, set_no_new_privs};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().cloned().unwrap_or_default();
+    if let Some(i) = args.iter().position(|a| a == "--seccomp-fd") {
+        let fd: i32 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(-1);
+        let mut f = std::fs::File::from(hostmem_base::fd::take_inherited(fd).expect("seccomp fd"));
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).expect("read program");
+        let prog = program_from_bytes(&bytes).expect("program");
+        set_no_new_privs().expect("no_new_privs");
+        if install_filter(&prog, false).is_err() {
+            std::process::exit(3);
+        }
+    }
+    let r = call(&what);
+    println!("{what}: returned {r}");
+}
+
+fn call(what: &str) -> i64 {
+    // SAFETY: each call passes integer arguments or null pointers that the kernel checks
+    // (it fails with EFAULT rather than touching our memory), so no Rust memory is affected;
+    // the point is only to see whether seccomp lets the syscall through.
+    unsafe {
+        match what {
+            "execve" => libc::syscall(
+                libc::SYS_execve,
+                c"/bin/true".as_ptr(),
+                std::ptr::null::<u8>(),
+                std::ptr::null::<u8>(),
+            ),
+            "socket_inet" => libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0),
+            "ptrace" => libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0),
+            "mmap_exec" => libc::syscall(
+                libc::SYS_mmap,
+                0,
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            ),
+            "mprotect_exec" => libc::syscall(
+                libc::SYS_mprotect,
+                0,
+                4096,
+                libc::PROT_READ | libc::PROT_EXEC,
+            ),
+            "open_host_path" => {
+                libc::syscall(libc::SYS_open, c"/etc/passwd".as_ptr(), libc::O_RDONLY)
+            }
+            // Outside the jail this would be the parent; signal 0 only probes.
+            "kill_parent" => libc::syscall(libc::SYS_kill, 1, 0),
+            "clone_process" => libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0),
+            "getpid" => libc::syscall(libc::SYS_getpid),
+            _ => -1,
+        }
+    }
+}
