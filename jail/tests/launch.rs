@@ -87,3 +87,116 @@ fn rust_program_runs_in_the_empty_root() {
         Some(ExitInfo::Exited(0))
     );
 }
+
+fn probe() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("hostmem-syscall-probe");
+    if p.is_file() {
+        Some(p)
+    } else {
+        println!("skipped: hostmem-syscall-probe not built (tools/test builds it)");
+        None
+    }
+}
+
+fn probe_exit(what: &str, keep: Vec<(std::os::fd::OwnedFd, i32)>, env: Vec<(&str, &str)>) -> Option<ExitInfo> {
+    let (stage, probe) = (stage()?, probe()?);
+    let cfg = JailConfig {
+        stage: Some(stage),
+        program: probe,
+        args: vec![what.into()],
+        keep_fds: keep,
+        env: env.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        namespaces: true,
+        ro_binds: loader(),
+        ..JailConfig::default()
+    };
+    let mut c = spawn(cfg).unwrap();
+    Some(c.wait_timeout(Duration::from_secs(10)).unwrap().expect("probe exits"))
+}
+
+#[test]
+fn root_is_empty_but_for_the_loader_and_proc() {
+    // lib, lib64 (symlinks), usr (the bind mounts) and proc: nothing else of the host.
+    if let Some(x) = probe_exit("count_root", vec![], vec![]) {
+        assert_eq!(x, ExitInfo::Exited(4));
+    }
+}
+
+#[test]
+fn only_the_listed_fds_survive() {
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    let _extra = std::fs::File::open("/proc/self/status").unwrap(); // must not leak in
+    // 0, 1, 2 (always) + the one we keep at 7.
+    if let Some(x) = probe_exit("count_fds", vec![(r, 7)], vec![]) {
+        assert_eq!(x, ExitInfo::Exited(4));
+    }
+}
+
+#[test]
+fn network_is_unreachable() {
+    if let Some(x) = probe_exit("connect_loopback", vec![], vec![]) {
+        assert_eq!(x, ExitInfo::Exited(0), "loopback reachable from the jail");
+    }
+}
+
+#[test]
+fn environment_is_only_the_allowed_vars() {
+    if let Some(x) = probe_exit("env_count", vec![], vec![("RUST_LOG", "info")]) {
+        assert_eq!(x, ExitInfo::Exited(1));
+    }
+}
+
+#[test]
+fn missing_program_is_a_typed_error_naming_the_step() {
+    let Some(stage) = stage() else { return };
+    let cfg = JailConfig {
+        stage: Some(stage),
+        program: "/no/such/program".into(),
+        namespaces: true,
+        ..JailConfig::default()
+    };
+    let e = spawn(cfg).unwrap_err().to_string();
+    assert!(e.contains("opening /no/such/program"), "{e}");
+    // A bind mount that does not exist fails in the child, and the step is named.
+    let Some(stage) = self::stage() else { return };
+    let cfg = JailConfig {
+        stage: Some(stage),
+        program: "/usr/bin/true".into(),
+        namespaces: true,
+        ro_binds: vec!["/no/such/dir".into()],
+        ..JailConfig::default()
+    };
+    let e = spawn(cfg).unwrap_err().to_string();
+    assert!(e.contains("lstat bind path") && e.contains("ENOENT"), "{e}");
+}
+
+#[test]
+fn spawning_leaks_no_fds_in_the_parent() {
+    let Some(stage) = stage() else { return };
+    // Count only fds that point at a memfd made for this test: other tests run in parallel.
+    let marker = hostmem_base::shm::SharedMemory::new("leak-marker", 4096).unwrap();
+    let mine = || {
+        hostmem_base::procfs::open_fds()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| t.contains("leak-marker"))
+            .count()
+    };
+    assert_eq!(mine(), 1);
+    for _ in 0..20 {
+        let fd = marker.try_clone_fd().unwrap();
+        let cfg = JailConfig {
+            stage: Some(stage.clone()),
+            program: "/usr/bin/true".into(),
+            keep_fds: vec![(fd, 5)],
+            namespaces: true,
+            ro_binds: loader(),
+            seccomp: None,
+            ..JailConfig::default()
+        };
+        let mut c = spawn(cfg).unwrap();
+        assert_eq!(c.wait().unwrap(), ExitInfo::Exited(0));
+    }
+    assert_eq!(mine(), 1, "every fd handed to a child was closed in the parent");
+}

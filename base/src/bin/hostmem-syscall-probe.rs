@@ -21,6 +21,25 @@ fn main() {
             std::process::exit(3);
         }
     }
+    // Facts about the jail, reported through the exit code (stdout is /dev/null there).
+    match what.as_str() {
+        "count_root" => std::process::exit(std::fs::read_dir("/").map_or(255, |d| d.count() as i32)),
+        "count_fds" => std::process::exit(std::fs::read_dir("/proc/self/fd").map_or(255, |d| d.count() as i32 - 1)),
+        "connect_loopback" => {
+            let ok = std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], 22)),
+                std::time::Duration::from_millis(200),
+            );
+            // 0: the network is unreachable (what the jail promises), 1: it connected or was
+            // refused by a listener (a reachable network).
+            std::process::exit(match ok {
+                Err(e) if e.raw_os_error() == Some(libc::ENETUNREACH) => 0,
+                _ => 1,
+            })
+        }
+        "env_count" => std::process::exit(std::env::vars().count() as i32),
+        _ => {}
+    }
     let r = call(&what);
     println!("{what}: returned {r}");
 }
