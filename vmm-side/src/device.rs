@@ -118,6 +118,9 @@ pub struct DeviceExit {
     pub syscall: Option<String>,
     /// Placements that were live and have been restored to background.
     pub restored: usize,
+    /// Seccomp violations the kernel logged for this device (log mode: the syscalls the
+    /// policy is missing, by name).
+    pub seccomp_violations: Vec<String>,
     /// Why the VMM noticed.
     pub cause: String,
 }
@@ -310,8 +313,21 @@ impl Device {
             signal: None,
             syscall: None,
             restored,
+            seccomp_violations: vec![],
             cause: cause.to_string(),
         };
+        let mut names: Vec<String> = self
+            .child
+            .seccomp_log()
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        for n in &names {
+            log::warn!("device pid {}: seccomp violation: {n}", exit.pid);
+        }
+        exit.seccomp_violations = names;
         if let Some(info) = &info {
             match info {
                 ExitInfo::Exited(c) => exit.code = Some(*c),

@@ -186,6 +186,12 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         for x in &r.device_exits {
             println!("  device exit: {x:?}");
         }
+        if !r.seccomp_violations.is_empty() {
+            println!(
+                "  seccomp violations (log mode): {}",
+                r.seccomp_violations.join(", ")
+            );
+        }
         println!("  {:.1} s, {} errors", r.seconds, r.errors.len());
         for e in &r.errors {
             println!("    {e}");

@@ -141,6 +141,8 @@ pub struct Report {
     pub vmm_fds: (usize, usize),
     /// Wall time in seconds.
     pub seconds: f64,
+    /// Syscalls the device's seccomp filter refused or (log mode) logged, by name.
+    pub seccomp_violations: Vec<String>,
     /// Errors that are not guest mismatches.
     pub errors: Vec<String>,
 }
@@ -291,6 +293,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     log::debug!("VMM fds at start: {:?}", procfs::open_fds()?);
     let mut errors = Vec::new();
     let mut exits = Vec::new();
+    let mut violations: Vec<String> = Vec::new();
     let mut restarts = 0u32;
     let mut session = Some(connect(opts, &hostmem)?);
     let mut facts = session
@@ -412,6 +415,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 let Some(s) = session.take() else { break };
                 let before: Vec<LiveBlob> = std::mem::take(&mut live);
                 let exit = s.device.stop(&e.to_string());
+                exits_violations(&mut violations, &exit);
                 // Everything the dead device had placed must read zeros now.
                 for b in &before {
                     chk.guest_sees(
@@ -472,6 +476,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     if let Some(s) = session.take() {
         drop(s.driver);
         let exit = s.device.stop("run finished");
+        exits_violations(&mut violations, &exit);
         if exit.code != Some(0) {
             errors.push(format!("device did not exit cleanly at the end: {exit:?}"));
         }
@@ -495,6 +500,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         device_exits: exits,
         restarts,
         refused_events: counters.refused,
+        seccomp_violations: violations,
         vmm_fds: (fds_start, {
             log::debug!("VMM fds at the end: {:?}", procfs::open_fds()?);
             procfs::fd_count()?
@@ -503,6 +509,14 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         errors,
     };
     Ok(report)
+}
+
+fn exits_violations(all: &mut Vec<String>, exit: &DeviceExit) {
+    for v in exit.seccomp_violations.iter().chain(exit.syscall.iter()) {
+        if !all.contains(v) {
+            all.push(v.clone());
+        }
+    }
 }
 
 /// A random page-aligned offset where `size` bytes fit without overlapping `live`.
