@@ -86,6 +86,12 @@ fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     assert_eq!(r.memslot_changes, 1, "fixed mode keeps exactly one memslot");
     assert!(r.max_live_placements > 1);
     assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fd count back to baseline");
+    // The whole workload under gpu_device_shm.policy with the kill action: no violation.
+    assert!(
+        r.seccomp_violations.is_empty(),
+        "{:?}",
+        r.seccomp_violations
+    );
     if r.device.jailed {
         assert_eq!(r.device.seccomp, 2);
         assert!(r.device.no_new_privs);
@@ -263,4 +269,99 @@ fn vma_headroom_refuses_with_out_of_memory_and_unmaps_still_succeed() {
     assert_eq!(hm.live(), 0);
     drop(d);
     dev.stop("test done");
+}
+
+/// A policy folder like ours but without `memfd_create` (what the shm backend needs for
+/// every blob).
+fn policy_without_memfd_create() -> tempdir::Dir {
+    let d = tempdir::Dir::new();
+    let ours = hostmem_vmm::policy::default_dir();
+    std::fs::copy(
+        ours.join("common_device.policy"),
+        d.path().join("common_device.policy"),
+    )
+    .unwrap();
+    let shm = std::fs::read_to_string(ours.join("gpu_device_shm.policy")).unwrap();
+    let cut: String = shm
+        .lines()
+        .filter(|l| !l.starts_with("memfd_create"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(d.path().join("gpu_device_shm.policy"), cut).unwrap();
+    d
+}
+
+mod tempdir {
+    /// A temporary folder removed on drop.
+    pub struct Dir(std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> Dir {
+            let p = std::env::temp_dir().join(format!(
+                "hostmem-e2e-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+        pub fn path(&self) -> &std::path::Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[test]
+fn missing_rule_kills_the_device_by_sigsys_and_the_vmm_names_it() {
+    let _serial = serial();
+    if !jail_works() {
+        return;
+    }
+    let dir = policy_without_memfd_create();
+    let mut o = options(Mode::Fixed, 5);
+    o.use_kvm = false;
+    o.restart = Restart::Never;
+    o.device.policy = Some(dir.path().join("gpu_device_shm.policy"));
+    let r = run(&o).unwrap();
+    let exit = r.device_exits.first().expect("the device died");
+    assert_eq!(exit.signal, Some(libc::SIGSYS), "{exit:?}");
+    match &exit.syscall {
+        Some(name) => assert!(name.starts_with("memfd_create"), "{name}"),
+        None => {
+            println!("skipped: the kernel's seccomp audit record was not readable from /dev/kmsg")
+        }
+    }
+    assert!(!r.errors.is_empty(), "the run says it lost the device");
+}
+
+#[test]
+fn log_mode_reports_the_missing_rule_and_keeps_running() {
+    let _serial = serial();
+    if !jail_works() {
+        return;
+    }
+    let dir = policy_without_memfd_create();
+    let mut o = options(Mode::Fixed, 10);
+    o.use_kvm = false;
+    o.device.policy = Some(dir.path().join("gpu_device_shm.policy"));
+    o.device.seccomp_log = true;
+    let r = run(&o).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.blobs_mapped, 10, "log mode lets the call through");
+    if r.seccomp_violations.is_empty() {
+        println!("skipped: no seccomp audit records readable from /dev/kmsg");
+    } else {
+        assert!(
+            r.seccomp_violations
+                .iter()
+                .any(|v| v.starts_with("memfd_create")),
+            "{:?}",
+            r.seccomp_violations
+        );
+    }
 }
