@@ -27,6 +27,8 @@ struct Cli {
 enum Cmd {
     /// Run the workload: blobs through the jailed device, checked by a KVM guest.
     Run(RunArgs),
+    /// Benchmark: fixed vs memslot-per-blob, in-process vs sandboxed, against the MAP_FIXED floor.
+    Bench(BenchArgs),
     /// Seccomp policy tools.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
@@ -80,6 +82,46 @@ struct RunArgs {
     json: bool,
 }
 
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// Short run (under a minute on 2 cores).
+    #[arg(long)]
+    quick: bool,
+    /// Also find the largest number of simultaneously mapped blobs per mode.
+    #[arg(long)]
+    limits: bool,
+    /// Commands in flight in the pipelined case.
+    #[arg(long, default_value_t = 16)]
+    queue_depth: usize,
+    /// Seed of blob sizes, offsets and patterns.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Window size (bytes; K/M/G suffixes allowed).
+    #[arg(long, value_parser = parse_size)]
+    window: Option<u64>,
+    /// Rounds per level (each case runs one batch per round).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Cycles per batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Levels of background placements, e.g. 0,128,512 (the first gives the headline).
+    #[arg(long, value_delimiter = ',')]
+    levels: Option<Vec<usize>>,
+    /// Cases to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    cases: Option<Vec<hostmem_vmm::bench::CaseKind>>,
+    /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    /// Print the numbers as JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Write bench.json and bench.svg into this folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.trim().to_ascii_uppercase().chars().last() {
         Some('K') => (&s[..s.len() - 1], 1u64 << 10),
@@ -111,6 +153,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
+        Cmd::Bench(a) => cmd_bench(a),
         Cmd::Policy(p) => policy_cmd::run(p),
         Cmd::Device { .. } => unreachable!("handled before clap"),
     };
@@ -199,4 +242,50 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     }
     let ok = r.guest_mismatches == 0 && r.errors.is_empty() && r.blobs_mapped > 0;
     Ok(if ok { 0 } else { 1 })
+}
+
+fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
+    use hostmem_vmm::bench;
+    let mut device = run::default_device("shm", a.policy_dir)?;
+    if device.log_filter.is_none() {
+        device.log_filter = Some("error".into());
+    }
+    let mut o = if a.quick {
+        bench::BenchOptions::quick(device)
+    } else {
+        bench::BenchOptions::full(device)
+    };
+    o.limits = a.limits;
+    o.queue_depth = a.queue_depth.max(1);
+    o.blobs = o.blobs.max(o.queue_depth);
+    o.seed = a.seed;
+    o.show_progress = !a.json;
+    if let Some(w) = a.window {
+        o.window = w;
+    }
+    if let Some(r) = a.rounds {
+        o.rounds = r.max(1);
+    }
+    if let Some(b) = a.batch {
+        o.batch = b.max(1);
+    }
+    if let Some(l) = a.levels {
+        o.levels = l;
+    }
+    if let Some(c) = a.cases {
+        o.cases = c;
+    }
+    let r = bench::run(&o)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", bench::render(&r));
+    }
+    if let Some(dir) = &a.out {
+        bench::write_out(&r, dir)?;
+        if !a.json {
+            println!("wrote {0}/bench.json and {0}/bench.svg", dir.display());
+        }
+    }
+    Ok(if r.errors.is_empty() { 0 } else { 1 })
 }
