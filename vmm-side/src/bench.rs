@@ -827,12 +827,16 @@ impl CaseRun {
             std::thread::scope(|s| {
                 let spinner = s.spawn(|| -> anyhow::Result<RemapReport> {
                     let mut r = RemapReport::default();
-                    while !stop.load(Ordering::Acquire) {
+                    // At least one chunk, however fast the host is.
+                    loop {
                         let st = probe.spin_read(a.offset, SPIN_CHUNK)?;
                         r.spin_reads += st.reads;
                         r.spin_changes += st.changes;
                         r.spin_zero_reads += st.zero_reads;
                         r.spin_holes += st.holes;
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
                     }
                     Ok(r)
                 });

@@ -1,0 +1,205 @@
+//! The benchmark's correctness on a tiny size: every case really mapped and unmapped what
+//! it claims (host and guest checks), memslot counts match each mode, ratios and targets
+//! come from the measured numbers, the outputs are written. No timing assertions: the speed
+//! targets live in `hostmem bench`, not here.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+
+use hostmem_base::kvm::Vm;
+use hostmem_base::mmap::{MemoryMapping, Prot};
+use hostmem_base::shm::SharedMemory;
+use hostmem_base::window::Window;
+use hostmem_device::backend::shm::{pattern_bytes, pattern_qword};
+use hostmem_vmm::bench::{self, BenchOptions, CaseKind, Workload};
+use hostmem_vmm::device::DeviceConfig;
+
+fn device_config() -> DeviceConfig {
+    let jailed = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .map(|s| s.trim() != "0")
+        .unwrap_or(false);
+    if !jailed {
+        println!("skipped: user namespaces unavailable, the device runs unjailed here");
+    }
+    DeviceConfig {
+        program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem")),
+        pre_args: vec!["device".into()],
+        extra_args: vec![],
+        backend: "shm".into(),
+        jailed,
+        policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
+        seccomp_log: false,
+        ro_binds: hostmem_vmm::policy::loader_ro_binds(),
+        log_filter: Some("error".into()),
+    }
+}
+
+fn kvm() -> bool {
+    match Vm::available() {
+        Ok(()) => true,
+        Err(why) => {
+            println!("skipped: /dev/kvm unusable ({why})");
+            false
+        }
+    }
+}
+
+/// What the floor case does, checked from the host: the window shows the blob's pattern
+/// after the MAP_FIXED place and zeros after the restore.
+#[test]
+fn floor_places_and_restores() {
+    let w = Window::new(8 << 20).unwrap();
+    let size = 16 << 10;
+    let shm = SharedMemory::new("blob", size).unwrap();
+    let pattern = pattern_bytes(7, 0, size as usize);
+    MemoryMapping::from_fd(shm.as_fd(), 0, size as usize, Prot::READ_WRITE)
+        .unwrap()
+        .write_slice(0, &pattern)
+        .unwrap();
+    w.place(1 << 20, size, shm.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    let mut got = vec![0u8; size as usize];
+    w.read(1 << 20, &mut got).unwrap();
+    assert_eq!(got, pattern, "window must show the blob after place");
+    w.restore(1 << 20, size).unwrap();
+    w.read(1 << 20, &mut got).unwrap();
+    assert!(
+        got.iter().all(|b| *b == 0),
+        "window must read zeros after restore"
+    );
+    assert_eq!(w.live(), 0);
+}
+
+#[test]
+fn workload_is_deterministic_and_disjoint() {
+    let o = BenchOptions::tiny(device_config());
+    let a = Workload::new(&o).unwrap();
+    let b = Workload::new(&o).unwrap();
+    assert_eq!(a.cycling, b.cycling);
+    assert_eq!(a.background, b.background);
+    let mut all: Vec<_> = a.cycling.iter().chain(a.background.iter()).collect();
+    all.push(&a.spin[0]);
+    all.sort_by_key(|s| s.offset);
+    for pair in all.windows(2) {
+        assert!(
+            pair[0].offset + pair[0].size <= pair[1].offset,
+            "{pair:?} overlap"
+        );
+    }
+    assert_eq!(a.spin[0].offset, a.spin[1].offset);
+    assert_ne!(a.spin[0].first_qword(), a.spin[1].first_qword());
+    assert_eq!(
+        a.cycling[0].first_qword(),
+        pattern_qword(a.cycling[0].seed, 0)
+    );
+    assert!(a
+        .cycling
+        .iter()
+        .all(|c| c.size % 4096 == 0 && c.offset % 4096 == 0));
+}
+
+#[test]
+fn tiny_bench_every_case_maps_what_it_claims() {
+    if !kvm() {
+        return;
+    }
+    let mut o = BenchOptions::tiny(device_config());
+    o.limits = true;
+    let r = bench::run(&o).expect("bench");
+    assert!(r.errors.is_empty(), "errors: {:?}", r.errors);
+    assert_eq!(r.cases.len(), CaseKind::ALL.len());
+    let per_level = (o.rounds * o.batch) as u64;
+    for c in &r.cases {
+        let ch = &c.checks;
+        assert!(c.failed.is_none(), "{}: {:?}", c.name, c.failed);
+        assert_eq!(ch.guest_mismatches, 0, "{}: {ch:?}", c.name);
+        assert_eq!(ch.stale_reads, 0, "{}: {ch:?}", c.name);
+        assert_eq!(ch.host_mismatches, 0, "{}: {ch:?}", c.name);
+        // Warm-up (2 reads per blob), 2 reads per timed cycle at every level, the sync
+        // remaps (in slot mode the reads after an unmap are holes) and the quiescent check.
+        let cycles: u64 = c.sweep.iter().map(|p| p.cycles).sum();
+        assert_eq!(cycles, per_level * o.levels.len() as u64, "{}", c.name);
+        let sync_verified = if c.mode == "fixed" {
+            o.sync_remaps
+        } else {
+            o.sync_remaps / 2
+        };
+        assert_eq!(
+            ch.guest_verified,
+            2 * o.blobs as u64 + 2 * cycles + sync_verified + 1,
+            "{}: {ch:?}",
+            c.name
+        );
+        assert_eq!(c.sweep.len(), o.levels.len(), "{}", c.name);
+        assert_eq!(c.cycles, per_level, "{}", c.name);
+        assert!(c.map_us.p50 > 0.0 && c.unmap_us.p50 > 0.0 && c.cycles_per_s > 0.0);
+        assert!(c.guest_refault_us.p50 > 0.0, "{}", c.name);
+        assert!(
+            c.remap.remaps >= o.remaps && c.remap.spin_reads > 0,
+            "{}",
+            c.name
+        );
+        let max_bg = *o.levels.iter().max().unwrap();
+        if c.name == "fixed-sandboxed-pipelined" {
+            assert!(c.peak_live >= max_bg + o.queue_depth, "{}", c.name);
+        } else {
+            assert!(c.peak_live > max_bg, "{}: peak {}", c.name, c.peak_live);
+        }
+        if c.mode == "fixed" {
+            assert_eq!(ch.host_verified, 2 * o.blobs as u64, "{}", c.name);
+            assert_eq!(
+                c.memslot_changes, 1,
+                "{}: fixed mode has one memslot",
+                c.name
+            );
+            assert_eq!(c.guest_holes, 0, "{}", c.name);
+        } else {
+            // Two per timed cycle, and more for warm-up, background and remaps.
+            assert!(c.memslot_changes > 2 * cycles, "{}", c.name);
+            assert_eq!(c.memslot_changes_per_cycle, 2.0, "{}", c.name);
+            assert!(c.guest_holes > 0, "{}: unmapped slots are holes", c.name);
+        }
+    }
+    // Ratios are the case numbers divided.
+    let cyc = |n: &str| r.case(n).unwrap().cycle_us.p50;
+    let rf = |n: &str| r.case(n).unwrap().guest_refault_us.p50;
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(1.0);
+    assert!(close(
+        r.ratios["slot_vs_fixed_sandboxed_cycle"],
+        cyc("slot-sandboxed") / cyc("fixed-sandboxed")
+    ));
+    assert!(close(
+        r.ratios["slot_vs_fixed_sandboxed_refault"],
+        rf("slot-sandboxed") / rf("fixed-sandboxed")
+    ));
+    assert!(close(
+        r.ratios["pipelined_vs_floor"],
+        cyc("fixed-sandboxed-pipelined") / cyc("floor")
+    ));
+    assert!(close(
+        r.ratios["fixed_sandboxed_vs_floor"],
+        cyc("fixed-sandboxed") / cyc("floor")
+    ));
+    assert_eq!(r.targets.len(), 6);
+    for t in &r.targets {
+        assert!(t.value.is_some() && t.pass.is_some(), "{t:?}");
+    }
+    assert_eq!(r.cold_starts, o.cold_starts);
+    assert!(r.cold_start_ms.p50 > 0.0 && r.device_memory.idle_rss_kib > 0);
+    // Limits: the cap (64) is reached in every mode at this size.
+    assert_eq!(r.limits.len(), 5);
+    for l in &r.limits {
+        assert_eq!(l.mapped, o.limit_cap, "{l:?}");
+    }
+    // Outputs.
+    let dir = std::env::temp_dir().join(format!("hostmem-bench-smoke-{}", std::process::id()));
+    bench::write_out(&r, &dir).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap();
+    assert_eq!(json["cases"].as_array().unwrap().len(), 6);
+    assert!(json["cases"][0]["map_us"]["p50"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(dir.join("bench.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("fixed-sandboxed"));
+    assert!(bench::render(&r).contains("slot-sandboxed"));
+    let _ = std::fs::remove_dir_all(dir);
+}
