@@ -27,7 +27,17 @@ impl Rng {
     }
 }
 
-const VALUES: [u64; 9] = [0, 1, 5, 0x7fff_ffff, 0xffff_ffff, 0x1_0000_0000, 0x1_0000_0005, 0xffff_ffff_0000_0000, u64::MAX];
+const VALUES: [u64; 9] = [
+    0,
+    1,
+    5,
+    0x7fff_ffff,
+    0xffff_ffff,
+    0x1_0000_0000,
+    0x1_0000_0005,
+    0xffff_ffff_0000_0000,
+    u64::MAX,
+];
 const OPS: [(&str, fn(u64) -> SeccompCmpOp); 6] = [
     ("==", |_| SeccompCmpOp::Eq),
     ("!=", |_| SeccompCmpOp::Ne),
@@ -36,7 +46,13 @@ const OPS: [(&str, fn(u64) -> SeccompCmpOp); 6] = [
     (">", |_| SeccompCmpOp::Gt),
     (">=", |_| SeccompCmpOp::Ge),
 ];
-const SYSCALLS: [(&str, i64); 5] = [("read", 0), ("write", 1), ("close", 3), ("mmap", 9), ("ioctl", 16)];
+const SYSCALLS: [(&str, i64); 5] = [
+    ("read", 0),
+    ("write", 1),
+    ("close", 3),
+    ("mmap", 9),
+    ("ioctl", 16),
+];
 
 fn value(r: &mut Rng) -> u64 {
     let v = VALUES[r.below(VALUES.len() as u64) as usize];
@@ -49,7 +65,12 @@ fn value(r: &mut Rng) -> u64 {
 
 fn to_ours(p: &BpfProgram) -> Vec<SockFilter> {
     p.iter()
-        .map(|i| SockFilter { code: i.code, jt: i.jt, jf: i.jf, k: i.k })
+        .map(|i| SockFilter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
         .collect()
 }
 
@@ -74,7 +95,9 @@ fn same_verdicts_as_seccompiler_on_random_policies_and_calls() {
                     let (op, mk) = OPS[r.below(OPS.len() as u64) as usize];
                     let v = value(&mut r);
                     ands.push(format!("arg{arg} {op} {v:#x}"));
-                    conds.push(SeccompCondition::new(arg, SeccompCmpArgLen::Qword, mk(v), v).unwrap());
+                    conds.push(
+                        SeccompCondition::new(arg, SeccompCmpArgLen::Qword, mk(v), v).unwrap(),
+                    );
                 }
                 ors.push(ands.join(" && "));
                 sc_rules.push(SeccompRule::new(conds).unwrap());
@@ -82,14 +105,27 @@ fn same_verdicts_as_seccompiler_on_random_policies_and_calls() {
             text.push_str(&format!("{name}: {}\n", ors.join(" || ")));
             rules.insert(nr, sc_rules);
         }
-        let ours = compile(&parse_str(&text, &ParseOptions::default()).unwrap(), &CompileOptions::default()).unwrap();
-        let theirs: BpfProgram = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let ours = compile(
+            &parse_str(&text, &ParseOptions::default()).unwrap(),
+            &CompileOptions::default(),
+        )
+        .unwrap();
+        let theirs: BpfProgram = SeccompFilter::new(
+            rules,
+            SeccompAction::KillProcess,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .unwrap()
+        .try_into()
+        .unwrap();
         let theirs = to_ours(&theirs);
         for _ in 0..400 {
-            let nr = if r.below(10) == 0 { 2 } else { SYSCALLS[r.below(5) as usize].1 as u32 };
+            let nr = if r.below(10) == 0 {
+                2
+            } else {
+                SYSCALLS[r.below(5) as usize].1 as u32
+            };
             let args = [value(&mut r), value(&mut r), value(&mut r), 0, 0, 0];
             let d = SeccompData::x86_64(nr, args);
             let a = Action::from_ret(run(&ours, &d).unwrap());

@@ -99,7 +99,11 @@ fn probe() -> Option<PathBuf> {
     }
 }
 
-fn probe_exit(what: &str, keep: Vec<(std::os::fd::OwnedFd, i32)>, env: Vec<(&str, &str)>) -> Option<ExitInfo> {
+fn probe_exit(
+    what: &str,
+    keep: Vec<(std::os::fd::OwnedFd, i32)>,
+    env: Vec<(&str, &str)>,
+) -> Option<ExitInfo> {
     let (stage, probe) = (stage()?, probe()?);
     let cfg = JailConfig {
         stage: Some(stage),
@@ -112,7 +116,11 @@ fn probe_exit(what: &str, keep: Vec<(std::os::fd::OwnedFd, i32)>, env: Vec<(&str
         ..JailConfig::default()
     };
     let mut c = spawn(cfg).unwrap();
-    Some(c.wait_timeout(Duration::from_secs(10)).unwrap().expect("probe exits"))
+    Some(
+        c.wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("probe exits"),
+    )
 }
 
 #[test]
@@ -127,7 +135,7 @@ fn root_is_empty_but_for_the_loader_and_proc() {
 fn only_the_listed_fds_survive() {
     let (r, _w) = nix::unistd::pipe().unwrap();
     let _extra = std::fs::File::open("/proc/self/status").unwrap(); // must not leak in
-    // 0, 1, 2 (always) + the one we keep at 7.
+                                                                    // 0, 1, 2 (always) + the one we keep at 7.
     if let Some(x) = probe_exit("count_fds", vec![(r, 7)], vec![]) {
         assert_eq!(x, ExitInfo::Exited(4));
     }
@@ -198,5 +206,9 @@ fn spawning_leaks_no_fds_in_the_parent() {
         let mut c = spawn(cfg).unwrap();
         assert_eq!(c.wait().unwrap(), ExitInfo::Exited(0));
     }
-    assert_eq!(mine(), 1, "every fd handed to a child was closed in the parent");
+    assert_eq!(
+        mine(),
+        1,
+        "every fd handed to a child was closed in the parent"
+    );
 }

@@ -23,8 +23,12 @@ fn main() {
     }
     // Facts about the jail, reported through the exit code (stdout is /dev/null there).
     match what.as_str() {
-        "count_root" => std::process::exit(std::fs::read_dir("/").map_or(255, |d| d.count() as i32)),
-        "count_fds" => std::process::exit(std::fs::read_dir("/proc/self/fd").map_or(255, |d| d.count() as i32 - 1)),
+        "count_root" => {
+            std::process::exit(std::fs::read_dir("/").map_or(255, |d| d.count() as i32))
+        }
+        "count_fds" => std::process::exit(
+            std::fs::read_dir("/proc/self/fd").map_or(255, |d| d.count() as i32 - 1),
+        ),
         "connect_loopback" => {
             let ok = std::net::TcpStream::connect_timeout(
                 &std::net::SocketAddr::from(([127, 0, 0, 1], 22)),
