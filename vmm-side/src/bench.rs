@@ -264,7 +264,7 @@ impl Workload {
     /// The workload of `opts` (deterministic in `opts.seed`).
     pub fn new(opts: &BenchOptions) -> anyhow::Result<Workload> {
         let w = opts.window;
-        if w < (8 << 20) || w % (2 << 20) != 0 {
+        if w < (8 << 20) || !w.is_multiple_of(2 << 20) {
             bail!("window must be a multiple of 2 MiB, at least 8 MiB");
         }
         let mut rng = Rng::new(opts.seed);
@@ -387,7 +387,7 @@ enum Route {
     },
     Sandboxed {
         driver: Option<Driver>,
-        device: Option<Device>,
+        device: Option<Box<Device>>,
     },
 }
 
@@ -585,7 +585,7 @@ impl CaseRun {
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {
                     driver: Some(driver),
-                    device: Some(device),
+                    device: Some(Box::new(device)),
                 }
             }
         };
@@ -782,7 +782,7 @@ impl CaseRun {
         let [a, b] = wl.spin;
         // Synchronous: after every acknowledged op the guest must see exactly the new state.
         for i in 0..opts.sync_remaps {
-            let blob = if (i / 2) % 2 == 0 { a } else { b };
+            let blob = if (i / 2).is_multiple_of(2) { a } else { b };
             let mapping = i % 2 == 0;
             if mapping {
                 self.path.map(&self.hostmem, &blob)?;
@@ -806,8 +806,8 @@ impl CaseRun {
             }
             self.remap.sync_remaps += 1;
         }
-        if opts.sync_remaps % 2 == 1 {
-            let last = if ((opts.sync_remaps - 1) / 2) % 2 == 0 {
+        if !opts.sync_remaps.is_multiple_of(2) {
+            let last = if ((opts.sync_remaps - 1) / 2).is_multiple_of(2) {
                 a
             } else {
                 b
