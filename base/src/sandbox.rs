@@ -1,259 +1,835 @@
-//! The unsafe primitives of the jail launcher (`hostmem_jail::launch` has the safe logic):
-//! forking a **single-threaded** process, dropping every capability, the final
-//! fd-renumbering exec, and dying with another process's exit status.
+//! The unsafe half of the jail launcher (`hostmem_jail::launch` has the safe logic and the
+//! configuration): one `clone(2)` into new user, pid, mount, net, ipc and uts namespaces that
+//! is sound in a **multi-threaded** parent, the child's set-up up to `execveat`, and the
+//! SIGSYS reporter a jailed program installs before its seccomp filter.
+//!
+//! After `clone` the child is a copy of one thread of a process whose other threads may
+//! have held locks (the allocator's among them), so it runs only raw, async-signal-safe
+//! system calls on data prepared before the clone: every path is a `CString`, `argv` and
+//! `envp` are ready pointer arrays, scratch space is pre-allocated. No allocation, no
+//! locking, no panics (no indexing) until `execveat` or `_exit`. A failure is written to a
+//! CLOEXEC error pipe as `(step, errno, index)` and the child `_exit`s with 127, so the
+//! parent learns which step failed; a successful exec closes the pipe (EOF).
 
 use std::ffi::CString;
+use std::fs::File;
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::errno::Errno;
-use nix::unistd::Pid;
 
-/// Result of [`fork_single_threaded`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Forked {
-    /// In the parent; the child's pid (as seen from the parent's pid namespace).
-    Parent(Pid),
-    /// In the child.
-    Child,
-}
-
-/// Sandbox primitive failures.
-#[derive(Debug, thiserror::Error)]
-pub enum SandboxError {
-    /// The process has more than one thread, so a fork would copy locks held elsewhere.
-    #[error("refusing to fork: process has {0} threads")]
-    Threaded(usize),
-    /// `fork` failed.
-    #[error("fork: {0}")]
-    Fork(Errno),
-    /// A capability call failed.
-    #[error("{op}: {errno}")]
-    Caps {
-        /// Which call.
-        op: &'static str,
-        /// The errno.
-        errno: Errno,
+/// One operation that builds the jail's root, run in order in the child (inside the new
+/// mount namespace, before `pivot_root`). Every path is absolute in the host's view, i.e.
+/// already under [`JailPlan::new_root`].
+#[derive(Debug, Clone)]
+pub enum RootOp {
+    /// `mkdir(path, 0755)`; an existing directory is fine.
+    Mkdir(CString),
+    /// `symlink(target, path)` (recreates e.g. Debian's `/lib64 -> usr/lib64`).
+    Symlink {
+        /// The link's contents.
+        target: CString,
+        /// Where the link is created.
+        path: CString,
     },
+    /// Creates an empty file (the mount point of a file bind mount).
+    Touch(CString),
+    /// Bind-mounts `src` at `dst`, then remounts it read-only, nosuid, nodev. `src` should
+    /// be `/proc/self/fd/N` of an `O_PATH` fd opened before the root changed.
+    BindRo {
+        /// The source.
+        src: CString,
+        /// The mount point.
+        dst: CString,
+    },
+    /// Mounts a read-only (nosuid, nodev, noexec) procfs of the new pid namespace at `path`.
+    Proc(CString),
 }
 
-fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+/// A step of the jailed launch, as reported by [`SpawnError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    /// Creating the sync/error pipes.
+    Pipe = 1,
+    /// `clone(2)`.
+    Clone,
+    /// Writing `/proc/<pid>/setgroups`.
+    Setgroups,
+    /// Writing `/proc/<pid>/uid_map`.
+    UidMap,
+    /// Writing `/proc/<pid>/gid_map`.
+    GidMap,
+    /// Waiting for the parent's go-ahead (the parent died or failed).
+    WaitParent,
+    /// `prctl(PR_SET_PDEATHSIG)`.
+    Pdeathsig,
+    /// `setresgid`/`setresuid` to 0 of the new user namespace.
+    SetIds,
+    /// `mount --make-rprivate /`.
+    MakePrivate,
+    /// Mounting the tmpfs that becomes the root.
+    MountRoot,
+    /// A [`RootOp::Mkdir`].
+    Mkdir,
+    /// A [`RootOp::Symlink`].
+    Symlink,
+    /// A [`RootOp::Touch`].
+    Touch,
+    /// The bind mount of a [`RootOp::BindRo`].
+    Bind,
+    /// The read-only remount of a [`RootOp::BindRo`].
+    RemountBindRo,
+    /// A [`RootOp::Proc`].
+    MountProc,
+    /// `chdir` into the new root.
+    ChdirNewRoot,
+    /// `pivot_root(".", ".")`.
+    PivotRoot,
+    /// `umount2(old root, MNT_DETACH)`.
+    DetachOldRoot,
+    /// `chdir("/")`.
+    ChdirSlash,
+    /// Remounting the new root read-only.
+    RemountRootRo,
+    /// `sethostname`.
+    Hostname,
+    /// A `prlimit64` (index = position in [`JailPlan::rlimits`]).
+    Rlimit,
+    /// `PR_CAPBSET_DROP` (index = the capability).
+    CapBoundingDrop,
+    /// `PR_CAP_AMBIENT_CLEAR_ALL`.
+    CapAmbientClear,
+    /// `capset` to empty effective/permitted/inheritable sets.
+    Capset,
+    /// `PR_SET_NO_NEW_PRIVS`.
+    NoNewPrivs,
+    /// Moving or renumbering the kept fds, or closing the rest.
+    Fds,
+    /// `execveat` of the program.
+    Exec,
 }
 
-/// Forks, but only if this process has exactly one thread: then the child is an exact copy
-/// with no lock held by a thread that does not exist in it, and may run ordinary code.
-pub fn fork_single_threaded() -> Result<Forked, SandboxError> {
-    let n = thread_count();
-    if n != 1 {
-        return Err(SandboxError::Threaded(n));
+impl Step {
+    const ALL: [Step; 29] = [
+        Step::Pipe,
+        Step::Clone,
+        Step::Setgroups,
+        Step::UidMap,
+        Step::GidMap,
+        Step::WaitParent,
+        Step::Pdeathsig,
+        Step::SetIds,
+        Step::MakePrivate,
+        Step::MountRoot,
+        Step::Mkdir,
+        Step::Symlink,
+        Step::Touch,
+        Step::Bind,
+        Step::RemountBindRo,
+        Step::MountProc,
+        Step::ChdirNewRoot,
+        Step::PivotRoot,
+        Step::DetachOldRoot,
+        Step::ChdirSlash,
+        Step::RemountRootRo,
+        Step::Hostname,
+        Step::Rlimit,
+        Step::CapBoundingDrop,
+        Step::CapAmbientClear,
+        Step::Capset,
+        Step::NoNewPrivs,
+        Step::Fds,
+        Step::Exec,
+    ];
+
+    fn from_u32(v: u32) -> Option<Step> {
+        Step::ALL.iter().copied().find(|s| *s as u32 == v)
     }
-    // SAFETY: the process is single-threaded (checked just above, and nothing between the
-    // check and the fork starts a thread), so the child inherits a consistent heap and no
-    // lock can be held by a missing thread.
-    match unsafe { nix::unistd::fork() }.map_err(SandboxError::Fork)? {
-        nix::unistd::ForkResult::Parent { child } => Ok(Forked::Parent(child)),
-        nix::unistd::ForkResult::Child => Ok(Forked::Child),
-    }
-}
 
-/// Drops every capability: the bounding set (so an exec as uid 0 gains nothing), the
-/// ambient set, and the effective, permitted and inheritable sets.
-pub fn drop_all_capabilities() -> Result<(), SandboxError> {
-    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
-        .ok()
-        .and_then(|s| s.trim().parse::<libc::c_ulong>().ok())
-        .unwrap_or(40);
-    for cap in 0..=last {
-        // SAFETY: prctl(PR_CAPBSET_DROP, cap) takes plain integers and touches no memory.
-        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        if r != 0 && Errno::last() != Errno::EINVAL {
-            return Err(SandboxError::Caps {
-                op: "PR_CAPBSET_DROP",
-                errno: Errno::last(),
-            });
+    /// A short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Pipe => "pipe",
+            Step::Clone => "clone",
+            Step::Setgroups => "setgroups",
+            Step::UidMap => "uid_map",
+            Step::GidMap => "gid_map",
+            Step::WaitParent => "wait for parent",
+            Step::Pdeathsig => "pdeathsig",
+            Step::SetIds => "setresuid/setresgid",
+            Step::MakePrivate => "make / private",
+            Step::MountRoot => "mount tmpfs root",
+            Step::Mkdir => "mkdir",
+            Step::Symlink => "symlink",
+            Step::Touch => "create mount point",
+            Step::Bind => "bind mount",
+            Step::RemountBindRo => "remount bind read-only",
+            Step::MountProc => "mount /proc",
+            Step::ChdirNewRoot => "chdir new root",
+            Step::PivotRoot => "pivot_root",
+            Step::DetachOldRoot => "detach old root",
+            Step::ChdirSlash => "chdir /",
+            Step::RemountRootRo => "remount / read-only",
+            Step::Hostname => "sethostname",
+            Step::Rlimit => "setrlimit",
+            Step::CapBoundingDrop => "PR_CAPBSET_DROP",
+            Step::CapAmbientClear => "PR_CAP_AMBIENT_CLEAR_ALL",
+            Step::Capset => "capset",
+            Step::NoNewPrivs => "no_new_privs",
+            Step::Fds => "renumber fds",
+            Step::Exec => "execveat",
         }
     }
-    // SAFETY: plain integer arguments, no memory is touched.
-    let r = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(SandboxError::Caps {
-            op: "PR_CAP_AMBIENT_CLEAR_ALL",
-            errno: Errno::last(),
-        });
-    }
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let mut hdr = Header {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-        pid: 0,
-    };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: capset reads a version-3 header and two data structs, which is exactly what
-    // `hdr` and `data` are (#[repr(C)], live for the call).
-    let r = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
-    if r != 0 {
-        return Err(SandboxError::Caps {
-            op: "capset",
-            errno: Errno::last(),
-        });
-    }
-    Ok(())
 }
 
-/// What [`exec_jailed`] execs.
+/// A failed launch step: which, its errno, and an index (the [`RootOp`], rlimit or
+/// capability it concerned), if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("jail step '{}' failed: {errno}", step.name())]
+pub struct SpawnError {
+    /// The step.
+    pub step: Step,
+    /// Its errno.
+    pub errno: Errno,
+    /// The index of the op/rlimit/capability, if the step has one.
+    pub index: Option<usize>,
+}
+
+/// Everything the child needs, prepared before the clone.
 #[derive(Debug)]
-pub struct ExecSpec {
-    /// The program, opened before the root changed.
+pub struct JailPlan {
+    /// New user, pid, mount, net, ipc and uts namespaces with an empty root and no
+    /// capabilities. `false`: plain fork+exec with fd/env hygiene, rlimits, no_new_privs.
+    pub namespaces: bool,
+    /// Uid and gid outside that root (uid 0) inside the user namespace maps to.
+    pub outside_ids: (u32, u32),
+    /// An existing host directory over which the new root's tmpfs is mounted (inside the
+    /// child's private mount namespace only), e.g. `/tmp`.
+    pub new_root: CString,
+    /// tmpfs mount options, e.g. `size=1m,mode=0755`.
+    pub root_options: CString,
+    /// The ops that populate the new root.
+    pub root_ops: Vec<RootOp>,
+    /// The hostname in the new uts namespace.
+    pub hostname: CString,
+    /// `(resource, limit)`: soft and hard limit (`u64::MAX` = unlimited).
+    pub rlimits: Vec<(u32, u64)>,
+    /// The highest capability number (`/proc/sys/kernel/cap_last_cap`).
+    pub cap_last_cap: u32,
+    /// The program, opened before the root changes (executed with `execveat`).
     pub program: OwnedFd,
     /// argv (argv[0] first).
-    pub args: Vec<CString>,
-    /// The whole environment.
-    pub env: Vec<CString>,
-    /// Fds to keep, with their number in the new program.
+    pub argv: Vec<CString>,
+    /// The whole environment (`KEY=value`).
+    pub envp: Vec<CString>,
+    /// Fds to keep, with their number in the program. Everything else is closed.
     pub keep: Vec<(OwnedFd, RawFd)>,
-    /// Where to write the errno (4 bytes) if something fails; closed on exec (CLOEXEC).
-    pub error_pipe: Option<OwnedFd>,
 }
 
-/// Renumbers the kept fds, closes every other fd, and execs the program. Never returns: on
-/// failure it writes the errno to the error pipe and exits with status 127. Taking every
-/// fd by value and never returning is what makes closing all other fds sound: no code of
-/// this process runs after them.
-pub fn exec_jailed(spec: ExecSpec) -> ! {
-    let ExecSpec {
-        program,
-        args,
-        env,
-        keep,
-        error_pipe,
-    } = spec;
-    let fail = |errno: Errno, pipe: &Option<OwnedFd>| -> ! {
-        if let Some(p) = pipe {
-            let _ = nix::unistd::write(p, &(errno as i32).to_le_bytes());
-        }
-        // SAFETY: _exit ends the process immediately without running destructors, which is
-        // what we want in a half-exec'd child.
-        unsafe { libc::_exit(127) }
+/// Data for the child, all allocated before the clone.
+struct Prepared<'a> {
+    plan: &'a JailPlan,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// Pre-allocated room for the moved kept fds.
+    moved: Vec<RawFd>,
+    /// The targets, sorted.
+    targets: Vec<RawFd>,
+    high: RawFd,
+    sync_r: RawFd,
+    sync_w: RawFd,
+    err_w: RawFd,
+}
+
+fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| SpawnError {
+        step: Step::Pipe,
+        errno,
+        index: None,
+    })
+}
+
+/// Clones the jailed child, lets it set itself up and exec `plan.program`, and returns its
+/// pid (in our pid namespace) once the exec has happened, or the step that failed (the
+/// child is reaped then). Sound in a multi-threaded process (see the module docs). The
+/// child gets `PR_SET_PDEATHSIG(SIGKILL)`: it dies when the *thread* that called this ends.
+pub fn spawn_jailed(plan: &JailPlan) -> Result<i32, SpawnError> {
+    let (sync_r, sync_w) = pipe_cloexec()?;
+    let (err_r, err_w) = pipe_cloexec()?;
+    let mut targets: Vec<RawFd> = plan.keep.iter().map(|(_, t)| *t).collect();
+    targets.sort_unstable();
+    let high = targets.last().copied().unwrap_or(2).max(2) + 1;
+    let argv = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let envp = plan
+        .envp
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let mut prep = Prepared {
+        plan,
+        argv,
+        envp,
+        moved: vec![-1; plan.keep.len()],
+        targets,
+        high,
+        sync_r: sync_r.as_raw_fd(),
+        sync_w: sync_w.as_raw_fd(),
+        err_w: err_w.as_raw_fd(),
     };
-    // Move every fd we still need above the target range first, so dup2 into targets can
-    // never clobber a source.
-    let max_target = keep.iter().map(|(_, t)| *t).max().unwrap_or(2);
-    let high = (max_target + 1).max(100);
-    let mut moved = Vec::with_capacity(keep.len());
-    for (fd, target) in &keep {
-        match nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(high)) {
-            Ok(n) => moved.push((n, *target)),
-            Err(e) => fail(e, &error_pipe),
-        }
+    let flags = if plan.namespaces {
+        libc::CLONE_NEWUSER
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+    } else {
+        0
+    };
+    // SAFETY: a fork-like clone (no new stack: the child continues on a copy-on-write copy
+    // of this stack, no CLONE_VM). The child only runs `child_main`, which uses raw
+    // async-signal-safe syscalls on memory prepared above and never returns, so no lock
+    // held by another thread of ours and no allocator state is touched in the child.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid == 0 {
+        child_main(&mut prep);
     }
-    let prog = match nix::fcntl::fcntl(
-        program.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(high),
-    ) {
-        Ok(n) => n,
-        Err(e) => fail(e, &error_pipe),
+    if pid < 0 {
+        return Err(SpawnError {
+            step: Step::Clone,
+            errno: Errno::last(),
+            index: None,
+        });
+    }
+    let pid = pid as i32;
+    drop(prep);
+    drop(sync_r);
+    drop(err_w);
+    let reap = |e: SpawnError| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        e
     };
-    let pipe_fd = match &error_pipe {
-        Some(p) => {
-            match nix::fcntl::fcntl(p.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(high)) {
-                Ok(n) => Some(n),
-                Err(e) => fail(e, &error_pipe),
+    if plan.namespaces {
+        let (uid, gid) = plan.outside_ids;
+        for (step, file, text) in [
+            (Step::Setgroups, "setgroups", "deny".to_string()),
+            (Step::UidMap, "uid_map", format!("0 {uid} 1")),
+            (Step::GidMap, "gid_map", format!("0 {gid} 1")),
+        ] {
+            if let Err(e) = std::fs::write(format!("/proc/{pid}/{file}"), text) {
+                return Err(reap(SpawnError {
+                    step,
+                    errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                    index: None,
+                }));
             }
         }
-        None => None,
-    };
-    for (n, target) in &moved {
-        // SAFETY: dup2 onto `target` closes whatever was there; no Rust object will use
-        // that fd again because this function never returns.
-        if unsafe { libc::dup2(*n, *target) } < 0 {
-            fail(Errno::last(), &error_pipe);
+    }
+    // Go: the child may now act as root of its user namespace.
+    if let Err(errno) = nix::unistd::write(&sync_w, &[1u8]) {
+        return Err(reap(SpawnError {
+            step: Step::WaitParent,
+            errno,
+            index: None,
+        }));
+    }
+    drop(sync_w);
+    // EOF without data = the exec happened (the CLOEXEC pipe closed).
+    let mut buf = [0u8; 12];
+    let mut got = 0;
+    let mut f = File::from(err_r);
+    while got < buf.len() {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
         }
     }
-    // Close everything except the targets, the program and the error pipe.
-    let mut keep_nums: Vec<RawFd> = moved.iter().map(|(_, t)| *t).collect();
-    keep_nums.push(prog);
-    keep_nums.extend(pipe_fd);
-    keep_nums.sort_unstable();
-    let mut next = 0;
-    for k in keep_nums.iter().copied().chain([i32::MAX]) {
-        if next < k {
-            // SAFETY: closes fds next..=k-1; none of them is used again (this function never
-            // returns and the process is about to exec).
-            unsafe { libc::syscall(libc::SYS_close_range, next as u32, (k - 1) as u32, 0u32) };
-        }
-        next = k.saturating_add(1);
+    if got == 0 {
+        return Ok(pid);
     }
-    let argv: Vec<*const libc::c_char> = args
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
-    let envp: Vec<*const libc::c_char> = env
-        .iter()
-        .map(|a| a.as_ptr())
-        .chain([std::ptr::null()])
-        .collect();
-    let empty = c"";
-    // SAFETY: argv/envp are NULL-terminated arrays of pointers to live NUL-terminated
-    // strings (`args`/`env` outlive the call); `prog` is an open fd of the program.
+    let word = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+    let step = Step::from_u32(word(0)).unwrap_or(Step::Exec);
+    let index = word(8);
+    Err(reap(SpawnError {
+        step,
+        errno: Errno::from_raw(word(4) as i32),
+        index: (index != u32::MAX).then_some(index as usize),
+    }))
+}
+
+/// Writes `(step, errno, index)` to the error pipe and exits with 127. Async-signal-safe.
+fn child_fail(err_w: RawFd, step: Step, index: Option<usize>) -> ! {
+    let errno = Errno::last_raw() as u32;
+    let index = index.map_or(u32::MAX, |i| i as u32);
+    let mut msg = [0u8; 12];
+    let parts = [step as u32, errno, index];
+    for (chunk, v) in msg.chunks_exact_mut(4).zip(parts) {
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+    // SAFETY: `msg` is a live 12-byte buffer; write(2) and _exit(2) are async-signal-safe and
+    // end this child without running any Rust code of the parent's threads.
     unsafe {
+        libc::write(err_w, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// The child after clone: raw syscalls only (see the module docs). Never returns.
+fn child_main(p: &mut Prepared<'_>) -> ! {
+    let plan = p.plan;
+    let err_w = p.err_w;
+    macro_rules! check {
+        ($r:expr, $step:expr) => {
+            check!($r, $step, None)
+        };
+        ($r:expr, $step:expr, $idx:expr) => {
+            if ($r as i64) < 0 {
+                child_fail(err_w, $step, $idx);
+            }
+        };
+    }
+    // SAFETY (for every block below): each call is a raw syscall wrapper taking integers
+    // and pointers to NUL-terminated strings or structs that live in `p`/`plan` (prepared
+    // before the clone) or on this stack; none allocates, locks or touches state another
+    // thread of the parent could have left inconsistent.
+    unsafe {
+        libc::close(p.sync_w);
+        check!(
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0
+            ),
+            Step::Pdeathsig
+        );
+        // Wait until the parent has written our uid/gid maps (EOF: it died or gave up).
+        let mut b = 0u8;
+        loop {
+            let n = libc::read(p.sync_r, (&mut b as *mut u8).cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && Errno::last_raw() == libc::EINTR {
+                continue;
+            }
+            if n == 0 {
+                Errno::set_raw(libc::EPIPE);
+            }
+            child_fail(err_w, Step::WaitParent, None);
+        }
+        libc::close(p.sync_r);
+    }
+    if plan.namespaces {
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY: see above.
+        unsafe {
+            // Become uid/gid 0 of the namespace (the ids we had are unmapped in it). Raw
+            // syscalls: glibc's wrappers would signal the parent's other threads, which do
+            // not exist here.
+            check!(
+                libc::syscall(libc::SYS_setresgid, 0u32, 0u32, 0u32),
+                Step::SetIds
+            );
+            check!(
+                libc::syscall(libc::SYS_setresuid, 0u32, 0u32, 0u32),
+                Step::SetIds
+            );
+            check!(
+                libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null()
+                ),
+                Step::MakePrivate
+            );
+            check!(
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    plan.new_root.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    plan.root_options.as_ptr().cast()
+                ),
+                Step::MountRoot
+            );
+        }
+        for (i, op) in plan.root_ops.iter().enumerate() {
+            let idx = Some(i);
+            // SAFETY: see above.
+            unsafe {
+                match op {
+                    RootOp::Mkdir(path) => {
+                        if libc::mkdir(path.as_ptr(), 0o755) < 0
+                            && Errno::last_raw() != libc::EEXIST
+                        {
+                            child_fail(err_w, Step::Mkdir, idx);
+                        }
+                    }
+                    RootOp::Symlink { target, path } => check!(
+                        libc::symlink(target.as_ptr(), path.as_ptr()),
+                        Step::Symlink,
+                        idx
+                    ),
+                    RootOp::Touch(path) => {
+                        let fd = libc::open(
+                            path.as_ptr(),
+                            libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o644,
+                        );
+                        check!(fd, Step::Touch, idx);
+                        libc::close(fd);
+                    }
+                    RootOp::BindRo { src, dst } => {
+                        check!(
+                            libc::mount(
+                                src.as_ptr(),
+                                dst.as_ptr(),
+                                null,
+                                libc::MS_BIND | libc::MS_REC,
+                                std::ptr::null()
+                            ),
+                            Step::Bind,
+                            idx
+                        );
+                        check!(
+                            libc::mount(
+                                null,
+                                dst.as_ptr(),
+                                null,
+                                libc::MS_REMOUNT
+                                    | libc::MS_BIND
+                                    | libc::MS_RDONLY
+                                    | libc::MS_NOSUID
+                                    | libc::MS_NODEV,
+                                std::ptr::null()
+                            ),
+                            Step::RemountBindRo,
+                            idx
+                        );
+                    }
+                    RootOp::Proc(path) => check!(
+                        libc::mount(
+                            c"proc".as_ptr(),
+                            path.as_ptr(),
+                            c"proc".as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
+                            std::ptr::null()
+                        ),
+                        Step::MountProc,
+                        idx
+                    ),
+                }
+            }
+        }
+        // SAFETY: see above.
+        unsafe {
+            check!(libc::chdir(plan.new_root.as_ptr()), Step::ChdirNewRoot);
+            check!(
+                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()),
+                Step::PivotRoot
+            );
+            check!(
+                libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+                Step::DetachOldRoot
+            );
+            check!(libc::chdir(c"/".as_ptr()), Step::ChdirSlash);
+            check!(
+                libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REMOUNT
+                        | libc::MS_BIND
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV,
+                    std::ptr::null()
+                ),
+                Step::RemountRootRo
+            );
+            check!(
+                libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()),
+                Step::Hostname
+            );
+        }
+    }
+    for (i, (res, lim)) in plan.rlimits.iter().enumerate() {
+        let rl = libc::rlimit64 {
+            rlim_cur: *lim,
+            rlim_max: *lim,
+        };
+        // SAFETY: see above; `rl` lives on this stack for the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                *res as libc::c_int,
+                &rl as *const libc::rlimit64,
+                std::ptr::null::<libc::rlimit64>(),
+            )
+        };
+        check!(r, Step::Rlimit, Some(i));
+    }
+    if plan.namespaces {
+        for cap in 0..=plan.cap_last_cap {
+            // SAFETY: see above.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            if r < 0 && Errno::last_raw() != libc::EINVAL {
+                child_fail(err_w, Step::CapBoundingDrop, Some(cap as usize));
+            }
+        }
+        // SAFETY: see above.
+        unsafe {
+            check!(
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                    0,
+                    0,
+                    0
+                ),
+                Step::CapAmbientClear
+            );
+        }
+        let hdr = CapHeader {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let data = [CapData::default(); 2];
+        // SAFETY: capset reads a version-3 header and two data structs, exactly what `hdr`
+        // and `data` are (#[repr(C)], on this stack for the call).
+        let r = unsafe { libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr()) };
+        check!(r, Step::Capset);
+    }
+    // SAFETY: see above.
+    unsafe {
+        check!(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0),
+            Step::NoNewPrivs
+        );
+    }
+    // Fds: move the error pipe, the program and every kept fd above all target numbers,
+    // renumber the kept ones, close the gaps below and mark everything above CLOEXEC.
+    // SAFETY: see above. Closing fds here is sound: this process only execs or _exits.
+    unsafe {
+        let err_hi = libc::fcntl(err_w, libc::F_DUPFD_CLOEXEC, p.high);
+        check!(err_hi, Step::Fds);
+        let err_w = err_hi;
+        let prog = libc::fcntl(plan.program.as_raw_fd(), libc::F_DUPFD_CLOEXEC, p.high);
+        check!(prog, Step::Fds);
+        for (slot, (fd, _)) in p.moved.iter_mut().zip(&plan.keep) {
+            *slot = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, p.high);
+            check!(*slot, Step::Fds);
+        }
+        for (moved, (_, target)) in p.moved.iter().zip(&plan.keep) {
+            check!(libc::dup2(*moved, *target), Step::Fds);
+        }
+        let mut next: u32 = 0;
+        for t in p.targets.iter().copied() {
+            if (next as i32) < t {
+                check!(
+                    libc::syscall(libc::SYS_close_range, next, (t - 1) as u32, 0u32),
+                    Step::Fds
+                );
+            }
+            next = t as u32 + 1;
+        }
+        // Everything from here up is ours (CLOEXEC already) or a leftover: close on exec.
+        check!(
+            libc::syscall(
+                libc::SYS_close_range,
+                next,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC
+            ),
+            Step::Fds
+        );
         libc::syscall(
             libc::SYS_execveat,
             prog,
-            empty.as_ptr(),
-            argv.as_ptr(),
-            envp.as_ptr(),
+            c"".as_ptr(),
+            p.argv.as_ptr(),
+            p.envp.as_ptr(),
             libc::AT_EMPTY_PATH,
-        )
-    };
-    let errno = Errno::last();
-    if let Some(p) = pipe_fd {
-        let bytes = (errno as i32).to_le_bytes();
-        // SAFETY: `p` is our dup of the error pipe; `bytes` is a live 4-byte buffer.
-        unsafe { libc::write(p, bytes.as_ptr().cast(), 4) };
+        );
+        child_fail(err_w, Step::Exec, None)
     }
-    // SAFETY: see `fail`.
-    unsafe { libc::_exit(127) }
 }
 
-/// Ends this process the way another one ended: the same exit code, or the same signal
-/// (default action restored first, so e.g. SIGSYS really kills). Used by the jail's first
-/// stage to pass the device's fate on to the VMM.
-pub fn exit_like(code: Option<i32>, signal: Option<i32>) -> ! {
-    if let Some(sig) = signal {
-        // SAFETY: resetting a signal's disposition to SIG_DFL and unblocking it touches no
-        // Rust state; the process dies right after.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, sig);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            libc::raise(sig);
-        }
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Sends `signal` to `pid` (no-op on an invalid signal or a reaped pid).
+pub fn kill(pid: i32, signal: i32) {
+    if let Ok(sig) = nix::sys::signal::Signal::try_from(signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
-    // SAFETY: immediate exit, no destructors needed.
-    unsafe { libc::_exit(code.unwrap_or(128 + signal.unwrap_or(0))) }
+}
+
+// ---------------------------------------------------------------------------------------
+// SIGSYS reporting (SECCOMP_RET_TRAP).
+
+/// Size of one record the SIGSYS handler writes (see [`SigsysRecord::parse`]).
+pub const SIGSYS_RECORD_LEN: usize = 72;
+const SIGSYS_MAGIC: u32 = 0x5359_5331; // "SYS1"
+
+/// What the SIGSYS handler saw: a syscall seccomp trapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SigsysRecord {
+    /// Syscall number (`si_syscall`).
+    pub nr: i32,
+    /// Audit arch (`si_arch`, 0xc000003e for x86-64).
+    pub arch: u32,
+    /// The six argument registers (rdi, rsi, rdx, r10, r8, r9).
+    pub args: [u64; 6],
+    /// The address after the syscall instruction.
+    pub ip: u64,
+}
+
+impl SigsysRecord {
+    /// Parses one [`SIGSYS_RECORD_LEN`]-byte record; `None` if it is not one.
+    pub fn parse(b: &[u8]) -> Option<SigsysRecord> {
+        if b.len() < SIGSYS_RECORD_LEN {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_ne_bytes(w)
+        };
+        if u32_at(0) != SIGSYS_MAGIC {
+            return None;
+        }
+        let mut args = [0u64; 6];
+        for (i, a) in args.iter_mut().enumerate() {
+            *a = u64_at(16 + 8 * i);
+        }
+        Some(SigsysRecord {
+            nr: u32_at(4) as i32,
+            arch: u32_at(8),
+            args,
+            ip: u64_at(64),
+        })
+    }
+}
+
+static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The layout of the SIGSYS member of `siginfo_t` (after signo, errno, code and padding).
+#[repr(C)]
+struct SigsysInfo {
+    signo: i32,
+    errno: i32,
+    code: i32,
+    _pad: i32,
+    call_addr: *mut libc::c_void,
+    syscall: i32,
+    arch: u32,
+}
+
+extern "C" fn sigsys_handler(
+    _sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo_t (whose SIGSYS union member has the
+    // `SigsysInfo` layout on x86-64) and a valid ucontext_t for an SA_SIGINFO handler. Only
+    // async-signal-safe work follows: reading them, a raw write(2) of a stack buffer, and
+    // moving the saved instruction pointer.
+    unsafe {
+        let si = &*(info as *const SigsysInfo);
+        let uc = &mut *(ctx as *mut libc::ucontext_t);
+        let g = &mut uc.uc_mcontext.gregs;
+        let mut rec = [0u8; SIGSYS_RECORD_LEN];
+        rec[0..4].copy_from_slice(&SIGSYS_MAGIC.to_ne_bytes());
+        rec[4..8].copy_from_slice(&si.syscall.to_ne_bytes());
+        rec[8..12].copy_from_slice(&si.arch.to_ne_bytes());
+        let regs = [
+            libc::REG_RDI,
+            libc::REG_RSI,
+            libc::REG_RDX,
+            libc::REG_R10,
+            libc::REG_R8,
+            libc::REG_R9,
+        ];
+        for (i, r) in regs.iter().enumerate() {
+            let v = g[*r as usize] as u64;
+            rec[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_ne_bytes());
+        }
+        rec[64..72].copy_from_slice(&(si.call_addr as u64).to_ne_bytes());
+        let fd = REPORT_FD.load(Ordering::Relaxed);
+        if fd >= 0 {
+            libc::write(fd, rec.as_ptr().cast(), rec.len());
+        }
+        // SA_RESETHAND made SIGSYS's action SIG_DFL on entry. Step back over the 2-byte
+        // syscall instruction (syscall, int 0x80 and sysenter are all 2 bytes; the kernel
+        // rolled the registers back to the call's), so on return the same call traps
+        // again and the kernel's forced SIGSYS kills the process: the exit status says
+        // SIGSYS even for a pid-namespace init, which ignores raise().
+        g[libc::REG_RIP as usize] -= 2;
+    }
+}
+
+/// Installs the SIGSYS reporter: on a `SECCOMP_RET_TRAP` the handler writes one
+/// [`SigsysRecord`] (raw bytes) to `report_fd` and then lets the process die by SIGSYS.
+/// Call before installing a filter whose kill actions were turned into traps. The fd is
+/// used from the signal handler and must stay open for the process's life.
+pub fn install_sigsys_reporter(report_fd: RawFd) -> Result<(), Errno> {
+    REPORT_FD.store(report_fd, Ordering::Relaxed);
+    // SAFETY: a zeroed sigaction is valid; we set a handler with the SA_SIGINFO signature
+    // and an empty mask, and pass pointers to live locals.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = sigsys_handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(Errno::last());
+        }
+        // SIGSYS must not be blocked (the kernel would force SIG_DFL and skip the report).
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSYS);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    Ok(())
 }

@@ -38,4 +38,13 @@ pub enum Error {
     /// Installing the seccomp filter in the jailed program failed.
     #[error("seccomp: {0}")]
     Seccomp(String),
+    /// A step of the jailed launch failed (in the parent, or in the child before exec):
+    /// its name, with the path or item it concerned, and the errno.
+    #[error("jail step '{step}' failed: {errno}")]
+    LaunchStep {
+        /// The step, e.g. `execveat` or `bind mount /lib64`.
+        step: String,
+        /// The errno.
+        errno: nix::errno::Errno,
+    },
 }

@@ -1,43 +1,63 @@
-//! The jailed launch, minijail0-style, in two stages.
+//! The jailed launch, minijail0-style, in one `clone(2)`.
 //!
-//! The VMM is multi-threaded, so it never forks without exec: [`spawn`] starts the **stage**
-//! program (e.g. `hostmem jail-stage`) with plain fork+exec and sends it the config and the
-//! fds over a socket on its stdin. The stage is single-threaded and may therefore do real
-//! work after fork: it unshares user, mount, pid, net, ipc and uts namespaces, maps uid/gid 0
-//! to ours, forks the device as pid 1 of the new pid namespace, and waits for it. The device
-//! side of the fork mounts a fresh tmpfs as its root with only the declared read-only bind
-//! mounts and a read-only `/proc`, pivots into it, sets rlimits, drops every capability
-//! (bounding, ambient, effective/permitted/inheritable), sets no_new_privs, keeps only the
-//! listed fds (renumbered), clears the environment but for an allow-list and execs the
-//! program through an fd opened before the root changed. The stage reports the device's host
-//! pid (or the failed step and errno) back, then ends the way the device ends (same code or
-//! same signal), so the VMM sees e.g. SIGSYS directly.
+//! [`spawn`] prepares everything in the (possibly multi-threaded) caller: opens the
+//! program and every bind-mount source before the root changes, builds argv/envp and the
+//! list of root operations, and then `hostmem_base::sandbox::spawn_jailed` clones the child
+//! into new user, pid, mount, net, ipc and uts namespaces. The parent writes the child's
+//! `setgroups`/`uid_map`/`gid_map` (root inside = an unprivileged id outside: `nobody` when
+//! we are root, else our own uid) and signals it through a pipe. The child (raw syscalls
+//! only) makes `/` private, mounts a small tmpfs as its new root holding only the read-only
+//! bind mounts (and a read-only `/proc` of its pid namespace, unless disabled), pivots into
+//! it and detaches the old root, sets its hostname and rlimits, drops every capability
+//! (bounding, ambient, effective/permitted/inheritable: `CapEff` is 0 after exec even as
+//! uid 0 of the namespace), sets no_new_privs and PDEATHSIG, renumbers the kept fds and
+//! closes everything else, and `execveat`s the program through its fd. A failure in any
+//! step comes back over a CLOEXEC error pipe, so [`spawn`] returns
+//! [`Error::LaunchStep`] naming it. The child is pid 1 of its pid namespace; we see its
+//! real pid and reap it directly.
 //!
-//! Seccomp is installed by the device itself as its first act ([`child_install_seccomp`]),
-//! from a program the launcher compiled and handed over as a kept memfd; the VMM then checks
-//! `/proc/<pid>/status` from outside ([`verify_jailed`]) before it trusts the device with
-//! anything.
+//! Seccomp is installed by the program itself as its first act ([`child_install_seccomp`]),
+//! from the program bytes the launcher handed over as a kept memfd (`--seccomp-fd N`). The
+//! VMM then checks `/proc/<pid>/status` and the namespaces from outside ([`verify_jailed`]).
+//!
+//! **SIGSYS reporting.** With a seccomp program, the launcher also hands the child the write
+//! end of a report pipe and names it in the environment ([`SIGSYS_FD_ENV`]).
+//! [`child_install_seccomp`] then installs a SIGSYS handler and turns the program's kill
+//! actions into `SECCOMP_RET_TRAP`: a forbidden call is not executed, the handler writes
+//! the syscall number and its six arguments to the pipe with one raw `write`, and the call
+//! is re-issued with SIGSYS at its default action, so the process still dies by SIGSYS.
+//! [`JailedChild::sigsys_report`] reads the record (falling back to the kernel's audit line
+//! in `/dev/kmsg` for programs without the handler). **Log mode** keeps the compiler's
+//! `SECCOMP_RET_LOG` (the call goes through, which policy development needs); the kernel
+//! logs it and [`JailedChild::seccomp_log`] reads those records from `/dev/kmsg`.
 
 use std::ffi::{CString, OsString};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use hostmem_base::sandbox::{self, ExecSpec, Forked};
+use hostmem_base::sandbox::{self, JailPlan, RootOp, SigsysRecord, SpawnError, Step};
+use hostmem_base::seccomp::SockFilter;
 use hostmem_base::shm::SharedMemory;
 use nix::errno::Errno;
-use nix::sys::socket::{
-    sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType,
-};
+use nix::fcntl::OFlag;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 
-/// Resource limits for the device.
+/// The environment variable that tells [`child_install_seccomp`] which fd is the SIGSYS
+/// report pipe.
+pub const SIGSYS_FD_ENV: &str = "HOSTMEM_SIGSYS_FD";
+
+/// `SECCOMP_RET_TRAP`.
+const RET_TRAP: u32 = 0x0003_0000;
+
+/// Resource limits for the jailed program.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Rlimits {
     /// RLIMIT_NOFILE.
@@ -62,24 +82,29 @@ impl Default for Rlimits {
 }
 
 /// How to jail and start a program.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JailConfig {
-    /// The stage program (e.g. the `hostmem` binary) and the arguments that select its
-    /// stage mode (e.g. `["jail-stage"]`); `None` = find it ([`default_stage`]).
+    /// Ignored: the launcher used to start a separate stage process; it now clones the
+    /// program directly. Kept so existing callers still compile.
     pub stage: Option<(PathBuf, Vec<String>)>,
-    /// The program to jail.
+    /// The program to jail (opened before the root changes, executed through its fd; must
+    /// be an ELF executable, not a `#!` script).
     pub program: PathBuf,
     /// Its arguments (without argv[0]).
     pub args: Vec<OsString>,
-    /// Fds to keep, with their number in the program. Everything else is closed.
+    /// Fds to keep, with their number in the program. Everything else is closed. Fds 0 and
+    /// 1 default to `/dev/null`, 2 to [`JailConfig::stderr`] (or our stderr).
     pub keep_fds: Vec<(OwnedFd, RawFd)>,
-    /// The environment (cleared but for these).
+    /// The environment (cleared but for these; [`SIGSYS_FD_ENV`] is added with seccomp).
     pub env: Vec<(OsString, OsString)>,
-    /// New namespaces, empty root, no capabilities. `false`: only fd/env hygiene (for
-    /// comparisons).
+    /// New namespaces, empty root, no capabilities. `false`: plain fork+exec with fd/env
+    /// hygiene, rlimits and no_new_privs (for comparisons).
     pub namespaces: bool,
     /// Read-only bind mounts (same path inside), e.g. the dynamic loader's libraries.
+    /// Symlinks on the way are recreated (Debian's `/lib64 -> usr/lib64`).
     pub ro_binds: Vec<PathBuf>,
+    /// Mount a read-only `/proc` of the new pid namespace (the device counts its own VMAs).
+    pub mount_proc: bool,
     /// Resource limits.
     pub rlimits: Rlimits,
     /// A compiled seccomp program (bytes of `hostmem_base::seccomp::program_to_bytes`),
@@ -87,27 +112,31 @@ pub struct JailConfig {
     pub seccomp: Option<Vec<u8>>,
     /// The program was compiled in log mode (informational).
     pub seccomp_log: bool,
+    /// The program's stderr (fd 2) unless `keep_fds` has one; `None` = ours.
+    pub stderr: Option<OwnedFd>,
+    /// The uid and gid outside that uid/gid 0 inside maps to; `None` = 65534 (`nobody`)
+    /// when we are root, else our own ids.
+    pub outside_ids: Option<(u32, u32)>,
 }
 
-/// The stage's instructions, sent as JSON with the fds (program first, then `keep_fds`).
-#[derive(Debug, Serialize, Deserialize)]
-struct StageConfig {
-    program: PathBuf,
-    args: Vec<Vec<u8>>,
-    env: Vec<(Vec<u8>, Vec<u8>)>,
-    targets: Vec<RawFd>,
-    namespaces: bool,
-    ro_binds: Vec<PathBuf>,
-    rlimits: Rlimits,
-    uid: u32,
-    gid: u32,
-}
-
-/// What the stage reports back.
-#[derive(Debug, Serialize, Deserialize)]
-enum StageReport {
-    Started { pid: i32 },
-    Failed { step: String, errno: i32 },
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            stage: None,
+            program: PathBuf::new(),
+            args: vec![],
+            keep_fds: vec![],
+            env: vec![],
+            namespaces: false,
+            ro_binds: vec![],
+            mount_proc: true,
+            rlimits: Rlimits::default(),
+            seccomp: None,
+            seccomp_log: false,
+            stderr: None,
+            outside_ids: None,
+        }
+    }
 }
 
 /// How a jailed program ended.
@@ -124,20 +153,32 @@ pub enum ExitInfo {
     },
 }
 
-/// A syscall the kernel's seccomp audit reported for the device.
+/// A syscall seccomp stopped (SIGSYS handler record) or logged (kernel audit record).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SyscallReport {
     /// Syscall number.
     pub nr: u32,
     /// Its name.
     pub name: String,
-    /// The seccomp action code from the audit record (0x80000000 kill, 0x7ffc0000 log).
+    /// The six arguments, when the SIGSYS handler reported the call (the audit record has
+    /// none).
+    pub args: Option<[u64; 6]>,
+    /// The seccomp action: 0x00030000 trap (handler record), 0x80000000 kill or 0x7ffc0000
+    /// log (audit records).
     pub code: u32,
 }
 
 impl std::fmt::Display for SyscallReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} (nr {})", self.name, self.nr)
+        write!(f, "{} (nr {})", self.name, self.nr)?;
+        if let Some(a) = &self.args {
+            write!(
+                f,
+                " args {:#x}, {:#x}, {:#x}, {:#x}, {:#x}, {:#x}",
+                a[0], a[1], a[2], a[3], a[4], a[5]
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -147,11 +188,43 @@ pub fn syscall_name(nr: u32) -> String {
         .map_or_else(|| format!("syscall_{nr}"), |s| s.name().to_string())
 }
 
-/// A running jailed program.
+/// Turns SIGSYS handler records (raw bytes from the report pipe) into reports, in order.
+pub fn sigsys_reports_from_bytes(bytes: &[u8]) -> Vec<SyscallReport> {
+    bytes
+        .chunks_exact(sandbox::SIGSYS_RECORD_LEN)
+        .filter_map(SigsysRecord::parse)
+        .map(|r| SyscallReport {
+            nr: r.nr as u32,
+            name: if r.arch == 0xc000_003e {
+                syscall_name(r.nr as u32)
+            } else {
+                format!("syscall_{} (arch {:#x})", r.nr, r.arch)
+            },
+            args: Some(r.args),
+            code: RET_TRAP,
+        })
+        .collect()
+}
+
+/// A running jailed program. Dropping it kills (SIGKILL) and reaps the program if it is
+/// still running.
 #[derive(Debug)]
 pub struct JailedChild {
-    stage: std::process::Child,
     pid: i32,
+    status: Option<ExitInfo>,
+    report: Option<OwnedFd>,
+    records: Mutex<Vec<u8>>,
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn step_err(step: impl Into<String>, errno: Errno) -> Error {
+    Error::LaunchStep {
+        step: step.into(),
+        errno,
+    }
 }
 
 impl JailedChild {
@@ -160,45 +233,63 @@ impl JailedChild {
         self.pid
     }
 
-    /// Sends `signal` to the program.
+    /// Sends `signal` to the program. Note: it is pid 1 of its pid namespace, so only
+    /// SIGKILL/SIGSTOP and signals it handles have an effect.
     pub fn kill(&self, signal: i32) {
-        if let Ok(sig) = nix::sys::signal::Signal::try_from(signal) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig);
+        if self.status.is_none() {
+            sandbox::kill(self.pid, signal);
         }
     }
 
-    fn info(s: std::process::ExitStatus) -> ExitInfo {
-        match (s.code(), s.signal()) {
-            (Some(c), _) => ExitInfo::Exited(c),
-            (None, Some(signal)) => ExitInfo::Signaled {
-                signal,
-                core: s.core_dumped(),
+    fn reaped(&mut self, ws: WaitStatus) -> Option<ExitInfo> {
+        let info = match ws {
+            WaitStatus::Exited(_, c) => ExitInfo::Exited(c),
+            WaitStatus::Signaled(_, s, core) => ExitInfo::Signaled {
+                signal: s as i32,
+                core,
             },
-            (None, None) => ExitInfo::Exited(-1),
-        }
+            _ => return None,
+        };
+        self.status = Some(info);
+        Some(info)
     }
 
-    /// The exit, if the program has ended.
+    /// The exit, if the program has ended (reaps it).
     pub fn try_wait(&mut self) -> Result<Option<ExitInfo>, Error> {
-        Ok(self
-            .stage
-            .try_wait()
-            .map_err(|e| Error::Launch(format!("waitpid: {e}")))?
-            .map(Self::info))
+        if let Some(s) = self.status {
+            return Ok(Some(s));
+        }
+        loop {
+            match waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(ws) => return Ok(self.reaped(ws)),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(step_err("waitpid", e)),
+            }
+        }
     }
 
     /// Waits for the program to end.
     pub fn wait(&mut self) -> Result<ExitInfo, Error> {
-        Ok(Self::info(
-            self.stage
-                .wait()
-                .map_err(|e| Error::Launch(format!("waitpid: {e}")))?,
-        ))
+        if let Some(s) = self.status {
+            return Ok(s);
+        }
+        loop {
+            match waitpid(Pid::from_raw(self.pid), None) {
+                Ok(ws) => {
+                    if let Some(i) = self.reaped(ws) {
+                        return Ok(i);
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(step_err("waitpid", e)),
+            }
+        }
     }
 
     /// Waits up to `t`.
     pub fn wait_timeout(&mut self, t: Duration) -> Result<Option<ExitInfo>, Error> {
         let t0 = Instant::now();
+        let mut nap = Duration::from_micros(200);
         loop {
             if let Some(x) = self.try_wait()? {
                 return Ok(Some(x));
@@ -206,12 +297,31 @@ impl JailedChild {
             if t0.elapsed() >= t {
                 return Ok(None);
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(10));
         }
     }
 
-    /// The syscall seccomp killed the program for, from the kernel's audit record.
+    fn drain_reports(&self) -> Vec<SyscallReport> {
+        let mut rec = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = &self.report {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                rec.extend_from_slice(&buf[..n]);
+            }
+        }
+        sigsys_reports_from_bytes(&rec)
+    }
+
+    /// The syscall seccomp stopped the program for: the SIGSYS handler's record (number,
+    /// name and arguments), else the kernel's audit record of a kill in `/dev/kmsg`.
     pub fn sigsys_report(&self) -> Option<SyscallReport> {
+        if let Some(r) = self.drain_reports().pop() {
+            return Some(r);
+        }
         // The audit line may lag the exit a little.
         for _ in 0..20 {
             if let Some(r) = seccomp_reports(self.pid)
@@ -226,10 +336,22 @@ impl JailedChild {
         None
     }
 
-    /// Every seccomp audit record of the program (log mode: each violation once per call
-    /// site and rate limit of the kernel).
+    /// Every violation reported for the program: SIGSYS handler records, then the kernel's
+    /// seccomp audit records (log mode: each `SECCOMP_RET_LOG`, as far as the kernel's
+    /// rate limit and audit backlog let them through).
     pub fn seccomp_log(&self) -> Vec<SyscallReport> {
-        seccomp_reports(self.pid)
+        let mut v = self.drain_reports();
+        v.extend(seccomp_reports(self.pid));
+        v
+    }
+}
+
+impl Drop for JailedChild {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            sandbox::kill(self.pid, libc::SIGKILL);
+            let _ = self.wait();
+        }
     }
 }
 
@@ -266,6 +388,7 @@ pub fn seccomp_reports(pid: i32) -> Vec<SyscallReport> {
                     out.push(SyscallReport {
                         nr,
                         name: syscall_name(nr),
+                        args: None,
                         code,
                     });
                 }
@@ -277,481 +400,304 @@ pub fn seccomp_reports(pid: i32) -> Vec<SyscallReport> {
     out
 }
 
-/// The default stage: `hostmem jail-stage` next to the running executable (or the running
-/// executable itself when it is `hostmem`).
-pub fn default_stage() -> Result<(PathBuf, Vec<String>), Error> {
-    let exe = std::env::current_exe().map_err(|e| Error::Launch(format!("current_exe: {e}")))?;
-    let mut dir = exe.parent().map(Path::to_path_buf);
-    if exe.file_name().is_some_and(|n| n == "hostmem") {
-        return Ok((exe, vec!["jail-stage".into()]));
-    }
-    for _ in 0..2 {
-        let Some(d) = dir else { break };
-        if d.join("hostmem").is_file() {
-            return Ok((d.join("hostmem"), vec!["jail-stage".into()]));
-        }
-        dir = d.parent().map(Path::to_path_buf);
-    }
-    Err(Error::Launch(
-        "no jail stage: the hostmem binary was not found".into(),
-    ))
-}
-
-/// Starts `cfg.program` jailed. Returns once the program has been exec'd (or with the step
-/// that failed).
-pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
-    let launch = |what: &str, e: &dyn std::fmt::Display| Error::Launch(format!("{what}: {e}"));
-    let (stage_prog, stage_args) = match cfg.stage {
-        Some(s) => s,
-        None => default_stage()?,
-    };
-    let program = std::fs::File::open(&cfg.program)
-        .map_err(|e| launch(&format!("opening {}", cfg.program.display()), &e))?;
-    let mut keep = cfg.keep_fds;
-    // Standard fds: a program's runtime (Rust's, glibc's) expects 0-2 open and would try
-    // to open /dev/null itself, which the empty root does not have. 0 and 1 are /dev/null
-    // opened here; 2 is our stderr (the device's log).
-    for (target, path) in [(0, Some("/dev/null")), (1, Some("/dev/null")), (2, None)] {
-        if keep.iter().any(|(_, t)| *t == target) {
-            continue;
-        }
-        let fd: OwnedFd = match path {
-            Some(p) => std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .map_err(|e| launch(p, &e))?
-                .into(),
-            None => std::io::stderr()
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| launch("dup stderr", &e))?,
-        };
-        keep.push((fd, target));
-    }
-    let mut args = cfg.args;
-    if let Some(prog) = &cfg.seccomp {
-        let shm = SharedMemory::new("hostmem-seccomp", prog.len() as u64)
-            .map_err(|e| launch("seccomp memfd", &e))?;
-        let mut f = std::fs::File::from(shm.into_fd());
-        f.write_all(prog).map_err(|e| launch("seccomp memfd", &e))?;
-        // The device reads from the shared file offset: rewind.
-        std::io::Seek::rewind(&mut f).map_err(|e| launch("seccomp memfd", &e))?;
-        let n = keep.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
-        args.push("--seccomp-fd".into());
-        args.push(n.to_string().into());
-        keep.push((f.into(), n));
-    }
-    let mut argv = vec![cfg.program.as_os_str().as_bytes().to_vec()];
-    argv.extend(args.iter().map(|a| a.as_bytes().to_vec()));
-    let sc = StageConfig {
-        program: cfg.program.clone(),
-        args: argv,
-        env: cfg
-            .env
-            .iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            .collect(),
-        targets: keep.iter().map(|(_, t)| *t).collect(),
-        namespaces: cfg.namespaces,
-        ro_binds: cfg.ro_binds,
-        rlimits: cfg.rlimits,
-        uid: nix::unistd::getuid().as_raw(),
-        gid: nix::unistd::getgid().as_raw(),
-    };
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| launch("socketpair", &e))?;
-    let mut stage = Command::new(&stage_prog)
-        .args(&stage_args)
-        .env_clear()
-        .stdin(Stdio::from(theirs))
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| {
-            launch(
-                &format!("starting the jail stage {}", stage_prog.display()),
-                &e,
-            )
-        })?;
-    let json = serde_json::to_vec(&sc).map_err(|e| launch("config", &e))?;
-    let mut fds: Vec<RawFd> = vec![program.as_raw_fd()];
-    fds.extend(keep.iter().map(|(f, _)| f.as_raw_fd()));
-    let sent = sendmsg::<()>(
-        ours.as_raw_fd(),
-        &[std::io::IoSlice::new(&json)],
-        &[ControlMessage::ScmRights(&fds)],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    );
-    drop(keep);
-    drop(program);
-    let fail = |stage: &mut std::process::Child, e: Error| {
-        let _ = stage.kill();
-        let _ = stage.wait();
-        e
-    };
-    if let Err(e) = sent {
-        return Err(fail(
-            &mut stage,
-            launch("sending the config to the stage", &e),
-        ));
-    }
-    let mut buf = vec![0u8; 4096];
-    let n = match hostmem_base::fd::recv_with_fds(ours.as_fd(), &mut buf) {
-        Ok(r) if r.len > 0 => r.len,
-        Ok(_) => {
-            return Err(fail(
-                &mut stage,
-                Error::Launch("the jail stage died before starting the program".into()),
-            ))
-        }
-        Err(e) => return Err(fail(&mut stage, launch("reading the stage's report", &e))),
-    };
-    match serde_json::from_slice::<StageReport>(&buf[..n]) {
-        Ok(StageReport::Started { pid }) => Ok(JailedChild { stage, pid }),
-        Ok(StageReport::Failed { step, errno }) => Err(fail(
-            &mut stage,
-            Error::Launch(format!(
-                "jail step '{step}' failed: {}",
-                Errno::from_raw(errno)
-            )),
-        )),
-        Err(e) => Err(fail(&mut stage, launch("stage report", &e))),
-    }
-}
-
-/// A failed step in the stage or the child: its name and errno.
-struct StepError(&'static str, Errno);
-
-fn step<T>(name: &'static str, r: nix::Result<T>) -> Result<T, StepError> {
-    r.map_err(|e| StepError(name, e))
-}
-
-fn io_step<T>(name: &'static str, r: std::io::Result<T>) -> Result<T, StepError> {
-    r.map_err(|e| StepError(name, Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))
-}
-
-/// The stage's main (`hostmem jail-stage`): stdin is the socket from [`spawn`]. Returns
-/// only on failure before the fork; afterwards it exits the way the program exits.
+/// Kept for the `hostmem jail-stage` entry point of older callers: the launcher no longer
+/// uses a stage process, so this only logs and returns 2.
 pub fn stage_main() -> i32 {
-    let sock = match hostmem_base::fd::take_inherited(0) {
-        Ok(s) => s,
-        Err(_) => return 126,
-    };
-    let mut buf = vec![0u8; 64 * 1024];
-    let Ok(msg) = hostmem_base::fd::recv_with_fds(sock.as_fd(), &mut buf) else {
-        return 126;
-    };
-    let report = |r: &StageReport| {
-        if let Ok(b) = serde_json::to_vec(r) {
-            let _ = nix::sys::socket::send(sock.as_raw_fd(), &b, MsgFlags::MSG_NOSIGNAL);
-        }
-    };
-    let Ok(cfg) = serde_json::from_slice::<StageConfig>(&buf[..msg.len]) else {
-        report(&StageReport::Failed {
-            step: "config".into(),
-            errno: libc::EINVAL,
-        });
-        return 126;
-    };
-    let mut fds = msg.fds.into_iter();
-    let (Some(program), true) = (fds.next(), cfg.targets.len() == fds.len()) else {
-        report(&StageReport::Failed {
-            step: "config fds".into(),
-            errno: libc::EINVAL,
-        });
-        return 126;
-    };
-    let keep: Vec<(OwnedFd, RawFd)> = fds.zip(cfg.targets.iter().copied()).collect();
-    match stage_run(&cfg, program, keep, &sock) {
-        Ok(info) => match info {
-            ExitInfo::Exited(c) => sandbox::exit_like(Some(c), None),
-            ExitInfo::Signaled { signal, .. } => sandbox::exit_like(None, Some(signal)),
-        },
-        Err(StepError(s, e)) => {
-            report(&StageReport::Failed {
-                step: s.into(),
-                errno: e as i32,
-            });
-            126
-        }
-    }
+    log::error!("jail-stage is obsolete: hostmem_jail::launch::spawn clones the program itself");
+    2
 }
 
-fn stage_run(
-    cfg: &StageConfig,
-    program: OwnedFd,
-    keep: Vec<(OwnedFd, RawFd)>,
-    sock: &OwnedFd,
-) -> Result<ExitInfo, StepError> {
-    use nix::sched::CloneFlags;
-    step(
-        "pdeathsig",
-        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
-    )?;
-    if cfg.namespaces {
-        let flags = CloneFlags::CLONE_NEWUSER
-            | CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
-            | CloneFlags::CLONE_NEWNET
-            | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS;
-        step("unshare", nix::sched::unshare(flags))?;
-        io_step("setgroups", std::fs::write("/proc/self/setgroups", "deny"))?;
-        io_step(
-            "uid_map",
-            std::fs::write("/proc/self/uid_map", format!("0 {} 1", cfg.uid)),
-        )?;
-        io_step(
-            "gid_map",
-            std::fs::write("/proc/self/gid_map", format!("0 {} 1", cfg.gid)),
-        )?;
+fn cstring(b: &[u8], what: &str) -> Result<CString, Error> {
+    CString::new(b).map_err(|_| step_err(format!("{what}: NUL byte"), Errno::EINVAL))
+}
+
+fn cpath(p: &Path) -> Result<CString, Error> {
+    cstring(p.as_os_str().as_bytes(), &p.display().to_string())
+}
+
+/// Host directories the new root's tmpfs may be mounted over (in the child's private mount
+/// namespace only): the first that exists, is not a symlink and holds no bind source.
+const ROOT_CANDIDATES: [&str; 8] = [
+    "/tmp", "/mnt", "/media", "/srv", "/opt", "/var/tmp", "/run", "/home",
+];
+
+fn pick_new_root(sources: &[PathBuf]) -> Result<PathBuf, Error> {
+    ROOT_CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|c| {
+            std::fs::symlink_metadata(c).is_ok_and(|m| m.is_dir())
+                && !sources.iter().any(|s| s.starts_with(c))
+        })
+        .ok_or_else(|| step_err("no directory to mount the new root on", Errno::ENOENT))
+}
+
+/// Plans the root: ops that recreate bind paths (read-only) inside `root`, with the
+/// symlinks on their way.
+struct RootPlan {
+    ops: Vec<RootOp>,
+    /// What each op concerns (the path inside the jail), for error messages.
+    names: Vec<String>,
+    /// The host paths bound (symlinks resolved).
+    sources: Vec<PathBuf>,
+    made: std::collections::HashSet<PathBuf>,
+}
+
+impl RootPlan {
+    fn push(&mut self, op: RootOp, name: &Path) {
+        self.ops.push(op);
+        self.names.push(name.display().to_string());
     }
-    let (err_r, err_w) = step("pipe", nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC))?;
-    let forked = sandbox::fork_single_threaded().map_err(|e| match e {
-        sandbox::SandboxError::Fork(errno) => StepError("fork", errno),
-        _ => StepError("fork (threads)", Errno::EBUSY),
-    })?;
-    match forked {
-        Forked::Child => {
-            drop(err_r);
-            let err = match child_setup(cfg) {
-                Ok(()) => {
-                    let args = cfg
-                        .args
-                        .iter()
-                        .filter_map(|a| CString::new(a.clone()).ok())
-                        .collect();
-                    let env = cfg
-                        .env
-                        .iter()
-                        .filter_map(|(k, v)| {
-                            CString::new([k.as_slice(), b"=", v.as_slice()].concat()).ok()
-                        })
-                        .collect();
-                    sandbox::exec_jailed(ExecSpec {
-                        program,
-                        args,
-                        env,
-                        keep,
-                        error_pipe: Some(err_w),
-                    })
-                }
-                Err(e) => e,
-            };
-            let mut msg = (err.1 as i32).to_le_bytes().to_vec();
-            msg.extend_from_slice(err.0.as_bytes());
-            let _ = nix::unistd::write(&err_w, &msg);
-            sandbox::exit_like(Some(127), None)
+
+    fn mkdirs(&mut self, root: &Path, inside: &Path) -> Result<(), Error> {
+        let mut prefix = PathBuf::from("/");
+        for c in inside.components().skip(1) {
+            prefix.push(c);
+            if self.made.insert(prefix.clone()) {
+                let host = root.join(prefix.strip_prefix("/").unwrap_or(&prefix));
+                self.push(RootOp::Mkdir(cpath(&host)?), &prefix);
+            }
         }
-        Forked::Parent(child) => {
-            drop(err_w);
-            drop(keep);
-            drop(program);
-            let mut f = std::fs::File::from(err_r);
-            let mut buf = Vec::new();
-            let _ = f.read_to_end(&mut buf);
-            if buf.len() >= 4 {
-                let errno = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                let what = String::from_utf8_lossy(&buf[4..]).into_owned();
-                let what = if what.is_empty() {
-                    "exec".to_string()
-                } else {
-                    what
-                };
-                let r = StageReport::Failed { step: what, errno };
-                let _ = nix::sys::socket::send(
-                    sock.as_raw_fd(),
-                    &serde_json::to_vec(&r).unwrap_or_default(),
-                    MsgFlags::MSG_NOSIGNAL,
+        Ok(())
+    }
+
+    fn bind_ro(&mut self, root: &Path, p: &Path, depth: usize) -> Result<(), Error> {
+        if !p.is_absolute() || depth > 16 {
+            return Err(step_err(
+                format!("bind path {}", p.display()),
+                Errno::EINVAL,
+            ));
+        }
+        let mut prefix = PathBuf::from("/");
+        let comps: Vec<_> = p.components().skip(1).collect();
+        for (i, comp) in comps.iter().enumerate() {
+            prefix.push(comp);
+            let meta = std::fs::symlink_metadata(&prefix).map_err(|e| {
+                step_err(
+                    format!("lstat bind path {}", prefix.display()),
+                    errno_of(&e),
+                )
+            })?;
+            if !meta.file_type().is_symlink() {
+                continue;
+            }
+            let target = std::fs::read_link(&prefix)
+                .map_err(|e| step_err(format!("readlink {}", prefix.display()), errno_of(&e)))?;
+            if let Some(parent) = prefix.parent() {
+                self.mkdirs(root, parent)?;
+            }
+            if self.made.insert(prefix.clone()) {
+                let host = root.join(prefix.strip_prefix("/").unwrap_or(&prefix));
+                self.push(
+                    RootOp::Symlink {
+                        target: cpath(&target)?,
+                        path: cpath(&host)?,
+                    },
+                    &prefix,
                 );
-                let _ = nix::sys::wait::waitpid(child, None);
-                return Ok(ExitInfo::Exited(127));
-            }
-            let r = StageReport::Started {
-                pid: child.as_raw(),
-            };
-            let _ = nix::sys::socket::send(
-                sock.as_raw_fd(),
-                &serde_json::to_vec(&r).unwrap_or_default(),
-                MsgFlags::MSG_NOSIGNAL,
-            );
-            loop {
-                match nix::sys::wait::waitpid(child, None) {
-                    Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => return Ok(ExitInfo::Exited(c)),
-                    Ok(nix::sys::wait::WaitStatus::Signaled(_, s, core)) => {
-                        return Ok(ExitInfo::Signaled {
-                            signal: s as i32,
-                            core,
-                        })
-                    }
-                    Ok(_) | Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(StepError("waitpid", e)),
-                }
-            }
-        }
-    }
-}
-
-/// In the forked child (pid 1 of the new pid namespace): root, rlimits, capabilities,
-/// no_new_privs.
-fn child_setup(cfg: &StageConfig) -> Result<(), StepError> {
-    use nix::mount::{mount, umount2, MntFlags, MsFlags};
-    use nix::sys::resource::{setrlimit, Resource};
-    step(
-        "pdeathsig",
-        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
-    )?;
-    if cfg.namespaces {
-        let none: Option<&str> = None;
-        step(
-            "make / private",
-            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none),
-        )?;
-        let root = Path::new("/tmp");
-        step(
-            "mount tmpfs root",
-            mount(
-                Some("tmpfs"),
-                root,
-                Some("tmpfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some("size=1m,mode=0755"),
-            ),
-        )?;
-        for p in &cfg.ro_binds {
-            bind_ro(root, p)?;
-        }
-        io_step("mkdir /proc", std::fs::create_dir_all(root.join("proc")))?;
-        step(
-            "mount /proc",
-            mount(
-                Some("proc"),
-                &root.join("proc"),
-                Some("proc"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-                none,
-            ),
-        )?;
-        step("chdir new root", nix::unistd::chdir(root))?;
-        step("pivot_root", nix::unistd::pivot_root(".", "."))?;
-        step("detach old root", umount2(".", MntFlags::MNT_DETACH))?;
-        step("chdir /", nix::unistd::chdir("/"))?;
-        step(
-            "remount / read-only",
-            mount(
-                none,
-                "/",
-                none,
-                MsFlags::MS_REMOUNT
-                    | MsFlags::MS_BIND
-                    | MsFlags::MS_RDONLY
-                    | MsFlags::MS_NOSUID
-                    | MsFlags::MS_NODEV,
-                none,
-            ),
-        )?;
-        step("sethostname", nix::unistd::sethostname("hostmem-device"))?;
-    }
-    let r = &cfg.rlimits;
-    step(
-        "RLIMIT_NOFILE",
-        setrlimit(Resource::RLIMIT_NOFILE, r.nofile, r.nofile),
-    )?;
-    step(
-        "RLIMIT_CORE",
-        setrlimit(Resource::RLIMIT_CORE, r.core, r.core),
-    )?;
-    step(
-        "RLIMIT_FSIZE",
-        setrlimit(Resource::RLIMIT_FSIZE, r.fsize, r.fsize),
-    )?;
-    if let Some(a) = r.address_space {
-        step("RLIMIT_AS", setrlimit(Resource::RLIMIT_AS, a, a))?;
-    }
-    if cfg.namespaces {
-        sandbox::drop_all_capabilities().map_err(|e| match e {
-            sandbox::SandboxError::Caps { op, errno } => StepError(op, errno),
-            _ => StepError("capabilities", Errno::EPERM),
-        })?;
-    }
-    hostmem_base::seccomp::set_no_new_privs().map_err(|e| match e {
-        hostmem_base::seccomp::SeccompError::NoNewPrivs(errno) => StepError("no_new_privs", errno),
-        _ => StepError("no_new_privs", Errno::EPERM),
-    })?;
-    Ok(())
-}
-
-/// Bind-mounts host path `p` read-only at the same path under `root`, recreating any
-/// symlinks on the way (Debian's `/lib64 -> usr/lib64`).
-fn bind_ro(root: &Path, p: &Path) -> Result<(), StepError> {
-    use nix::mount::{mount, MsFlags};
-    let mut prefix = PathBuf::from("/");
-    for comp in p.components().skip(1) {
-        prefix.push(comp);
-        let meta = io_step("lstat bind path", std::fs::symlink_metadata(&prefix))?;
-        let inside = root.join(prefix.strip_prefix("/").unwrap_or(&prefix));
-        if meta.file_type().is_symlink() {
-            let target = io_step("readlink", std::fs::read_link(&prefix))?;
-            if std::fs::symlink_metadata(&inside).is_err() {
-                if let Some(parent) = inside.parent() {
-                    io_step("mkdir", std::fs::create_dir_all(parent))?;
-                }
-                io_step("symlink", std::os::unix::fs::symlink(&target, &inside))?;
             }
             let resolved = if target.is_absolute() {
                 target
             } else {
                 prefix.parent().unwrap_or(Path::new("/")).join(target)
             };
-            let rest: PathBuf = p.components().skip(prefix.components().count()).collect();
-            return bind_ro(root, &resolved.join(rest));
+            let rest: PathBuf = comps[i + 1..].iter().collect();
+            let next = normalize(&resolved.join(rest));
+            return self.bind_ro(root, &next, depth + 1);
+        }
+        let is_dir = std::fs::metadata(p)
+            .map_err(|e| step_err(format!("stat bind source {}", p.display()), errno_of(&e)))?
+            .is_dir();
+        let host = root.join(p.strip_prefix("/").unwrap_or(p));
+        if is_dir {
+            self.mkdirs(root, p)?;
+        } else {
+            if let Some(parent) = p.parent() {
+                self.mkdirs(root, parent)?;
+            }
+            self.push(RootOp::Touch(cpath(&host)?), p);
+        }
+        self.push(
+            RootOp::BindRo {
+                src: cpath(p)?,
+                dst: cpath(&host)?,
+            },
+            p,
+        );
+        self.sources.push(p.to_path_buf());
+        Ok(())
+    }
+}
+
+/// Removes `.` and resolves `..` lexically (symlink targets like `../usr/lib`).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
         }
     }
-    let inside = root.join(p.strip_prefix("/").unwrap_or(p));
-    let meta = io_step("stat bind source", std::fs::metadata(p))?;
-    if meta.is_dir() {
-        io_step("mkdir mount point", std::fs::create_dir_all(&inside))?;
+    out
+}
+
+fn describe_step(e: &SpawnError, names: &[String], rlimit_names: &[&str]) -> String {
+    let base = e.step.name();
+    match (e.step, e.index) {
+        (
+            Step::Mkdir
+            | Step::Symlink
+            | Step::Touch
+            | Step::Bind
+            | Step::RemountBindRo
+            | Step::MountProc,
+            Some(i),
+        ) => format!("{base} {}", names.get(i).map(String::as_str).unwrap_or("?")),
+        (Step::Rlimit, Some(i)) => {
+            format!("{base} {}", rlimit_names.get(i).copied().unwrap_or("?"))
+        }
+        (Step::CapBoundingDrop, Some(i)) => format!("{base} cap {i}"),
+        _ => base.to_string(),
+    }
+}
+
+/// Starts `cfg.program` jailed. Returns once the program has been exec'd, or with
+/// [`Error::LaunchStep`] naming the step that failed.
+pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
+    let program = std::fs::File::open(&cfg.program).map_err(|e| {
+        step_err(
+            format!("open program {}", cfg.program.display()),
+            errno_of(&e),
+        )
+    })?;
+    let mut keep = cfg.keep_fds;
+    // Standard fds: a program's runtime (Rust's, glibc's) expects 0-2 open and would try to
+    // open /dev/null itself, which the empty root does not have (and a pid-namespace init
+    // ignores the resulting SIGABRT). 0 and 1 are /dev/null, 2 the given stderr or ours.
+    let mut stderr = cfg.stderr;
+    for target in 0..3 {
+        if keep.iter().any(|(_, t)| *t == target) {
+            continue;
+        }
+        let fd: OwnedFd = match (target, stderr.take()) {
+            (2, Some(fd)) => fd,
+            (2, None) => std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| step_err("dup stderr", errno_of(&e)))?,
+            _ => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map_err(|e| step_err("open /dev/null", errno_of(&e)))?
+                .into(),
+        };
+        keep.push((fd, target));
+    }
+    let mut args = cfg.args;
+    let mut env = cfg.env;
+    let mut report = None;
+    if let Some(prog) = &cfg.seccomp {
+        let shm = SharedMemory::new("hostmem-seccomp", prog.len() as u64)
+            .map_err(|e| step_err(format!("seccomp memfd: {e}"), Errno::EIO))?;
+        let mut f = std::fs::File::from(shm.into_fd());
+        f.write_all(prog)
+            .and_then(|_| std::io::Seek::rewind(&mut f))
+            .map_err(|e| step_err("write seccomp memfd", errno_of(&e)))?;
+        let n = keep.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
+        args.push("--seccomp-fd".into());
+        args.push(n.to_string().into());
+        keep.push((f.into(), n));
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+            .map_err(|e| step_err("report pipe", e))?;
+        keep.push((w, n + 1));
+        env.push((SIGSYS_FD_ENV.into(), (n + 1).to_string().into()));
+        report = Some(r);
+    }
+    let mut argv = vec![cpath(&cfg.program)?];
+    for a in &args {
+        argv.push(cstring(a.as_bytes(), "argument")?);
+    }
+    let envp = env
+        .iter()
+        .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat(), "environment"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let plan_root = |root: &Path| -> Result<RootPlan, Error> {
+        let mut rp = RootPlan {
+            ops: vec![],
+            names: vec![],
+            sources: vec![],
+            made: Default::default(),
+        };
+        if cfg.namespaces {
+            for p in &cfg.ro_binds {
+                rp.bind_ro(root, p, 0)?;
+            }
+            if cfg.mount_proc {
+                rp.mkdirs(root, Path::new("/proc"))?;
+                rp.push(RootOp::Proc(cpath(&root.join("proc"))?), Path::new("/proc"));
+            }
+        }
+        Ok(rp)
+    };
+    // Plan once to learn the bind sources, then again under a root that hides none.
+    let root = pick_new_root(&plan_root(Path::new("/"))?.sources)?;
+    let rp = plan_root(&root)?;
+    let r = cfg.rlimits;
+    let mut rlimits = vec![
+        (libc::RLIMIT_NOFILE, r.nofile),
+        (libc::RLIMIT_CORE, r.core),
+        (libc::RLIMIT_FSIZE, r.fsize),
+    ];
+    let mut rlimit_names = vec!["RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_FSIZE"];
+    if let Some(a) = r.address_space {
+        rlimits.push((libc::RLIMIT_AS, a));
+        rlimit_names.push("RLIMIT_AS");
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    let outside_ids = cfg.outside_ids.unwrap_or(if euid == 0 {
+        (65534, 65534)
     } else {
-        if let Some(parent) = inside.parent() {
-            io_step("mkdir", std::fs::create_dir_all(parent))?;
-        }
-        io_step(
-            "create mount point",
-            std::fs::File::create(&inside).map(drop),
-        )?;
-    }
-    let none: Option<&str> = None;
-    step(
-        "bind mount",
-        mount(
-            Some(p),
-            &inside,
-            none,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            none,
-        ),
-    )?;
-    step(
-        "remount bind read-only",
-        mount(
-            none,
-            &inside,
-            none,
-            MsFlags::MS_REMOUNT
-                | MsFlags::MS_BIND
-                | MsFlags::MS_RDONLY
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_NODEV,
-            none,
-        ),
-    )?;
-    Ok(())
+        (euid, nix::unistd::getegid().as_raw())
+    });
+    let cap_last_cap = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63);
+    let plan = JailPlan {
+        namespaces: cfg.namespaces,
+        outside_ids,
+        new_root: cpath(&root)?,
+        root_options: c"size=1m,mode=0755,nr_inodes=4096".to_owned(),
+        root_ops: rp.ops,
+        hostname: c"hostmem-jail".to_owned(),
+        rlimits: rlimits.into_iter().map(|(k, v)| (k as u32, v)).collect(),
+        cap_last_cap,
+        program: program.into(),
+        argv,
+        envp,
+        keep,
+    };
+    let t0 = Instant::now();
+    let pid = sandbox::spawn_jailed(&plan).map_err(|e| Error::LaunchStep {
+        step: describe_step(&e, &rp.names, &rlimit_names),
+        errno: e.errno,
+    })?;
+    log::debug!(
+        "jailed {} as pid {pid} in {:?}",
+        cfg.program.display(),
+        t0.elapsed()
+    );
+    drop(plan); // our copies of the kept fds and the program
+    Ok(JailedChild {
+        pid,
+        status: None,
+        report,
+        records: Mutex::new(vec![]),
+    })
 }
 
 /// What [`verify_jailed`] checked.
@@ -763,42 +709,84 @@ pub struct JailFacts {
     pub no_new_privs: bool,
     /// `CapEff:`.
     pub cap_eff: u64,
+    /// `CapPrm:`.
+    pub cap_prm: u64,
+    /// `CapBnd:`.
+    pub cap_bnd: u64,
+    /// `CapAmb:`.
+    pub cap_amb: u64,
     /// Namespaces that differ from ours.
     pub new_namespaces: Vec<String>,
 }
 
-/// Checks from outside that `pid` is jailed: seccomp filter on, no_new_privs, no effective
-/// capabilities, and its own user, pid, mount, net, ipc and uts namespaces.
-pub fn verify_jailed(pid: i32) -> Result<JailFacts, Error> {
+/// The namespaces a jailed program must not share with us.
+pub const JAIL_NAMESPACES: [&str; 6] = ["user", "pid", "mnt", "net", "ipc", "uts"];
+
+/// Reads the jail facts of `pid` from `/proc` without judging them.
+pub fn jail_facts(pid: i32) -> Result<JailFacts, Error> {
     let st = hostmem_base::procfs::status_of(&pid.to_string())
-        .map_err(|e| Error::Launch(e.to_string()))?;
+        .map_err(|e| Error::NotJailed(e.to_string()))?;
     let mut new_ns = Vec::new();
-    for ns in ["user", "pid", "mnt", "net", "ipc", "uts"] {
+    for ns in JAIL_NAMESPACES {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}"));
         match (theirs, ours) {
             (Ok(t), Ok(o)) if t != o => new_ns.push(ns.to_string()),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(Error::NotJailed(format!("pid {pid}: ns/{ns}: {e}")))
+            }
             _ => {}
         }
     }
-    let facts = JailFacts {
+    Ok(JailFacts {
         seccomp: st.seccomp,
         no_new_privs: st.no_new_privs,
         cap_eff: st.cap_eff,
+        cap_prm: st.cap_prm,
+        cap_bnd: st.cap_bnd,
+        cap_amb: st.cap_amb,
         new_namespaces: new_ns,
-    };
+    })
+}
+
+/// Checks from outside that `pid` is jailed: seccomp filter on (`Seccomp: 2`),
+/// no_new_privs, no capabilities (effective, permitted, ambient, bounding), and its own
+/// user, pid, mount, net, ipc and uts namespaces.
+pub fn verify_jailed(pid: i32) -> Result<JailFacts, Error> {
+    let facts = jail_facts(pid)?;
     if facts.seccomp != 2
         || !facts.no_new_privs
         || facts.cap_eff != 0
-        || facts.new_namespaces.len() != 6
+        || facts.cap_prm != 0
+        || facts.cap_amb != 0
+        || facts.cap_bnd != 0
+        || facts.new_namespaces.len() != JAIL_NAMESPACES.len()
     {
         return Err(Error::NotJailed(format!("pid {pid}: {facts:?}")));
     }
     Ok(facts)
 }
 
-/// The jailed program's first act: read the BPF program from `fd`, set no_new_privs and
-/// install it. Nothing the program reads afterwards can run outside the filter.
+/// Turns every kill action (`SECCOMP_RET_KILL_PROCESS`, `_KILL_THREAD`) of `prog` into
+/// `SECCOMP_RET_TRAP`, for the SIGSYS reporter. Returns how many were changed.
+pub fn kills_to_traps(prog: &mut [SockFilter]) -> usize {
+    const BPF_RET_K: u16 = 0x06;
+    let mut n = 0;
+    for i in prog.iter_mut() {
+        let action = i.k & 0xffff_0000;
+        if i.code == BPF_RET_K && (action == 0x8000_0000 || action == 0) {
+            i.k = RET_TRAP;
+            n += 1;
+        }
+    }
+    n
+}
+
+/// The jailed program's first act: read the BPF program from `fd`, close it, set
+/// no_new_privs and install the filter. If the launcher named a SIGSYS report fd
+/// ([`SIGSYS_FD_ENV`]), a SIGSYS handler is installed first and kill actions become traps,
+/// so a forbidden call is reported (number and arguments) before the process dies by
+/// SIGSYS. Nothing the program reads afterwards can run outside the filter.
 pub fn child_install_seccomp(fd: RawFd) -> Result<(), Error> {
     let owned = hostmem_base::fd::take_inherited(fd).map_err(|e| Error::Seccomp(e.to_string()))?;
     let mut f = std::fs::File::from(owned);
@@ -807,8 +795,21 @@ pub fn child_install_seccomp(fd: RawFd) -> Result<(), Error> {
     f.read_to_end(&mut bytes)
         .map_err(|e| Error::Seccomp(format!("reading the program: {e}")))?;
     drop(f);
-    let prog = hostmem_base::seccomp::program_from_bytes(&bytes)
+    let mut prog = hostmem_base::seccomp::program_from_bytes(&bytes)
         .map_err(|e| Error::Seccomp(e.to_string()))?;
+    let report_fd = std::env::var(SIGSYS_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok());
+    if let Some(rfd) = report_fd {
+        let owned = hostmem_base::fd::take_inherited(rfd)
+            .map_err(|e| Error::Seccomp(format!("report fd {rfd}: {e}")))?;
+        // The handler writes to it for the rest of the process's life.
+        let rfd = owned.into_raw_fd();
+        sandbox::install_sigsys_reporter(rfd)
+            .map_err(|e| Error::Seccomp(format!("SIGSYS handler: {e}")))?;
+        let n = kills_to_traps(&mut prog);
+        log::debug!("seccomp: {n} kill actions report through fd {rfd}");
+    }
     hostmem_base::seccomp::set_no_new_privs().map_err(|e| Error::Seccomp(e.to_string()))?;
     hostmem_base::seccomp::install_filter(&prog, false).map_err(|e| Error::Seccomp(e.to_string()))
 }
