@@ -1430,6 +1430,7 @@ pub fn run_limits(opts: &BenchOptions) -> Vec<LimitReport> {
     };
     for (mode, limits) in [
         (Mode::PerBlobSlot, Limits::default()),
+        (Mode::PerBlobSlot, unlimited),
         (Mode::Fixed, Limits::default()),
         (Mode::Fixed, unlimited),
     ] {
@@ -1659,10 +1660,13 @@ pub fn render(r: &BenchReport) -> String {
     if !r.limits.is_empty() {
         let _ = writeln!(s, "\nlimits (largest number of blobs mapped at once):");
         for l in &r.limits {
+            let limit = l
+                .max_live_limit
+                .map_or("no live limit".to_string(), |m| format!("live limit {m}"));
             let _ = writeln!(
                 s,
-                "  {:<14} {:<10} {:>6} mapped in {:5.1} s; stopped by: {}",
-                l.mode, l.path, l.mapped, l.seconds, l.stopped_by
+                "  {:<14} {:<10} {:<17} {:>6} mapped in {:5.1} s; stopped by: {}",
+                l.mode, l.path, limit, l.mapped, l.seconds, l.stopped_by
             );
         }
     }

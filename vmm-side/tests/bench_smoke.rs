@@ -187,7 +187,7 @@ fn tiny_bench_every_case_maps_what_it_claims() {
     assert_eq!(r.cold_starts, o.cold_starts);
     assert!(r.cold_start_ms.p50 > 0.0 && r.device_memory.idle_rss_kib > 0);
     // Limits: the cap (64) is reached in every mode at this size.
-    assert_eq!(r.limits.len(), 5);
+    assert_eq!(r.limits.len(), 6);
     for l in &r.limits {
         assert_eq!(l.mapped, o.limit_cap, "{l:?}");
     }
