@@ -411,10 +411,11 @@ fn child_main(p: &mut Prepared<'_>) -> ! {
             }
         };
     }
-    // SAFETY (for every block below): each call is a raw syscall wrapper taking integers
-    // and pointers to NUL-terminated strings or structs that live in `p`/`plan` (prepared
-    // before the clone) or on this stack; none allocates, locks or touches state another
-    // thread of the parent could have left inconsistent.
+    // Every unsafe block below ("see above") holds for the same reason: each call is a raw
+    // syscall wrapper taking integers and pointers to NUL-terminated strings or structs
+    // that live in `p`/`plan` (prepared before the clone) or on this stack; none allocates,
+    // locks or touches state another thread of the parent could have left inconsistent.
+    // SAFETY: see above.
     unsafe {
         libc::close(p.sync_w);
         check!(

@@ -674,7 +674,7 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
         root_options: c"size=1m,mode=0755,nr_inodes=4096".to_owned(),
         root_ops: rp.ops,
         hostname: c"hostmem-jail".to_owned(),
-        rlimits: rlimits.into_iter().map(|(k, v)| (k as u32, v)).collect(),
+        rlimits,
         cap_last_cap,
         program: program.into(),
         argv,
