@@ -24,7 +24,8 @@ pub unsafe trait HostRegion: Send + Sync {
     fn size(&self) -> usize;
 }
 
-/// KVM failures, each with the errno.
+/// KVM failures: one variant per failed operation, each carrying the kernel's errno (see
+/// [`KvmError::errno`]).
 #[derive(Debug, thiserror::Error)]
 pub enum KvmError {
     /// Opening `/dev/kvm` failed.
@@ -41,11 +42,16 @@ pub enum KvmError {
         /// The error.
         err: kvm_ioctls::Error,
     },
-    /// The region range is outside the host region, misaligned or empty.
-    #[error("bad region for slot {slot}: offset {offset:#x} size {size:#x} of {have:#x}")]
+    /// The region range is outside the host region, misaligned or empty, or the guest
+    /// address is misaligned or overflows.
+    #[error(
+        "bad region for slot {slot}: gpa {gpa:#x} offset {offset:#x} size {size:#x} of {have:#x}"
+    )]
     BadRegion {
         /// Slot.
         slot: u32,
+        /// Guest-physical address asked for.
+        gpa: u64,
         /// Offset in the host region.
         offset: usize,
         /// Size.
@@ -53,32 +59,72 @@ pub enum KvmError {
         /// Size of the host region.
         have: usize,
     },
+    /// The slot is already in use (delete it first).
+    #[error("slot {0} is already in use")]
+    SlotInUse(u32),
     /// The slot is not in use.
     #[error("slot {0} is not in use")]
     NoSuchSlot(u32),
-    /// `KVM_CREATE_VCPU` or CPUID setup failed.
-    #[error("vCPU setup: {0}")]
-    Vcpu(kvm_ioctls::Error),
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("KVM_CREATE_VCPU {id}: {err}")]
+    CreateVcpu {
+        /// vCPU id.
+        id: u64,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
+    /// `KVM_GET_SUPPORTED_CPUID` failed.
+    #[error("KVM_GET_SUPPORTED_CPUID: {0}")]
+    GetCpuid(kvm_ioctls::Error),
+    /// `KVM_SET_CPUID2` failed.
+    #[error("KVM_SET_CPUID2: {0}")]
+    SetCpuid(kvm_ioctls::Error),
 }
 
-struct Slot {
-    _region: Arc<dyn HostRegion>,
+impl KvmError {
+    /// The errno behind the failure, if it came from the kernel.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            KvmError::Open(e)
+            | KvmError::CreateVm(e)
+            | KvmError::SetRegion { err: e, .. }
+            | KvmError::CreateVcpu { err: e, .. }
+            | KvmError::GetCpuid(e)
+            | KvmError::SetCpuid(e) => Some(e.errno()),
+            KvmError::BadRegion { .. } | KvmError::SlotInUse(_) | KvmError::NoSuchSlot(_) => None,
+        }
+    }
 }
 
-/// A KVM VM.
+const PAGE: usize = 4096;
+
+/// The regions behind live memslots, by slot. Shared (via `Arc`) by the [`Vm`] and every
+/// [`Vcpu`], because the kernel VM lives as long as its last fd: a vCPU fd keeps it, and
+/// with it every memslot, alive after the `Vm` is dropped.
+type SlotTable = Arc<Mutex<HashMap<u32, Arc<dyn HostRegion>>>>;
+
+/// A KVM VM whose memslots hold their host regions alive, with every memslot change
+/// counted. `Send + Sync`: memslots may be changed from one thread while a vCPU runs on
+/// another.
 pub struct Vm {
     kvm: Kvm,
+    // Declared before `slots`: the VM fd closes before the regions may be unmapped.
     vm: VmFd,
-    slots: Mutex<HashMap<u32, Slot>>,
+    slots: SlotTable,
     changes: AtomicU64,
 }
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
+            .field("live_slots", &self.live_slots())
             .field("memslot_changes", &self.memslot_changes())
             .finish()
     }
+}
+
+fn lock_slots(slots: &SlotTable) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<dyn HostRegion>>> {
+    slots.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Vm {
@@ -90,24 +136,23 @@ impl Vm {
             .map_err(|e| format!("KVM_CREATE_VM: {e}"))
     }
 
-    /// Opens `/dev/kvm` and creates a VM.
+    /// Opens `/dev/kvm` and creates a VM (no memslots, no vCPUs).
     pub fn open() -> Result<Vm, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let vm = kvm.create_vm().map_err(KvmError::CreateVm)?;
         Ok(Vm {
             kvm,
             vm,
-            slots: Mutex::new(HashMap::new()),
+            slots: Arc::new(Mutex::new(HashMap::new())),
             changes: AtomicU64::new(0),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers `region[offset..offset+size]` as memslot `slot` at guest address `gpa`
-    /// (replacing nothing: the slot must be free). Counts one memslot change.
+    /// Registers `region[offset..offset + size]` as memslot `slot` at guest-physical `gpa`.
+    /// The slot must be free; `gpa`, `offset` and `size` page-aligned, `size > 0`, the range
+    /// inside the region (checked arithmetic). The slot keeps `region` alive until
+    /// [`Vm::remove_region`] (or until the VM and all its vCPUs are gone). Counts one
+    /// memslot change.
     pub fn set_region(
         &self,
         slot: u32,
@@ -116,41 +161,55 @@ impl Vm {
         offset: usize,
         size: usize,
     ) -> Result<(), KvmError> {
+        let have = region.size();
         let bad = || KvmError::BadRegion {
             slot,
+            gpa,
             offset,
             size,
-            have: region.size(),
+            have,
         };
         let end = offset.checked_add(size).ok_or_else(bad)?;
+        let host = (region.host_addr() as usize)
+            .checked_add(offset)
+            .ok_or_else(bad)?;
         if size == 0
-            || end > region.size()
-            || !offset.is_multiple_of(4096)
-            || !size.is_multiple_of(4096)
+            || end > have
+            || !offset.is_multiple_of(PAGE)
+            || !size.is_multiple_of(PAGE)
+            || !host.is_multiple_of(PAGE)
+            || !gpa.is_multiple_of(PAGE as u64)
+            || gpa.checked_add(size as u64).is_none()
         {
             return Err(bad());
         }
-        let mut slots = self.lock();
+        let mut slots = lock_slots(&self.slots);
+        if slots.contains_key(&slot) {
+            return Err(KvmError::SlotInUse(slot));
+        }
         let mem = kvm_userspace_memory_region {
             slot,
             flags: 0,
             guest_phys_addr: gpa,
             memory_size: size as u64,
-            userspace_addr: region.host_addr() as u64 + offset as u64,
+            userspace_addr: host as u64,
         };
         // SAFETY: the host range lies inside `region` (checked above), which by the
-        // HostRegion contract stays mapped while the Arc lives; the Arc is kept in the slot
-        // table until the slot is deleted, so KVM never sees a dangling address.
+        // HostRegion contract stays mapped while the Arc lives. The Arc goes into the slot
+        // table (shared with every vCPU) right below, under the same lock, and leaves it
+        // only after KVM has deleted the slot, so KVM never holds a dangling address.
         unsafe { self.vm.set_user_memory_region(mem) }
             .map_err(|err| KvmError::SetRegion { slot, err })?;
         self.changes.fetch_add(1, Ordering::Relaxed);
-        slots.insert(slot, Slot { _region: region });
+        slots.insert(slot, region);
         Ok(())
     }
 
-    /// Deletes memslot `slot` and releases its region. Counts one memslot change.
+    /// Deletes memslot `slot` and releases its region. Counts one memslot change. When this
+    /// returns, no vCPU can reach the region through the slot any more (KVM waits for its
+    /// SRCU readers), so guest accesses to those addresses exit as MMIO.
     pub fn remove_region(&self, slot: u32) -> Result<(), KvmError> {
-        let mut slots = self.lock();
+        let mut slots = lock_slots(&self.slots);
         if !slots.contains_key(&slot) {
             return Err(KvmError::NoSuchSlot(slot));
         }
@@ -177,7 +236,7 @@ impl Vm {
 
     /// Slots in use.
     pub fn live_slots(&self) -> usize {
-        self.lock().len()
+        lock_slots(&self.slots).len()
     }
 
     /// KVM's limit on memslots (`KVM_CAP_NR_MEMSLOTS`).
@@ -191,14 +250,48 @@ impl Vm {
     }
 
     /// Creates vCPU `id` with the host's supported CPUID.
-    pub fn create_vcpu(&self, id: u64) -> Result<VcpuFd, KvmError> {
-        let vcpu = self.vm.create_vcpu(id).map_err(KvmError::Vcpu)?;
+    pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, KvmError> {
+        let fd = self
+            .vm
+            .create_vcpu(id)
+            .map_err(|err| KvmError::CreateVcpu { id, err })?;
         let cpuid: CpuId = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(KvmError::Vcpu)?;
-        vcpu.set_cpuid2(&cpuid).map_err(KvmError::Vcpu)?;
-        Ok(vcpu)
+            .map_err(KvmError::GetCpuid)?;
+        fd.set_cpuid2(&cpuid).map_err(KvmError::SetCpuid)?;
+        Ok(Vcpu {
+            fd,
+            _slots: self.slots.clone(),
+        })
+    }
+}
+
+/// A vCPU of a [`Vm`]. Derefs to [`VcpuFd`] for the register and run ioctls. It holds the
+/// VM's slot table, so the regions behind the memslots stay mapped as long as the vCPU can
+/// run, even if the [`Vm`] itself is dropped first.
+pub struct Vcpu {
+    // Declared first: the vCPU fd closes before the regions may be unmapped.
+    fd: VcpuFd,
+    _slots: SlotTable,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for Vcpu {
+    type Target = VcpuFd;
+    fn deref(&self) -> &VcpuFd {
+        &self.fd
+    }
+}
+
+impl std::ops::DerefMut for Vcpu {
+    fn deref_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 }
 
@@ -220,5 +313,83 @@ unsafe impl HostRegion for crate::mmap::MemoryMapping {
     }
     fn size(&self) -> usize {
         crate::mmap::MemoryMapping::size(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mmap::MemoryMapping;
+
+    fn vm() -> Option<Vm> {
+        match Vm::available() {
+            Ok(()) => Some(Vm::open().unwrap()),
+            Err(why) => {
+                println!("skipped: /dev/kvm unusable ({why})");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn slots_are_checked_and_every_change_counted() {
+        let Some(vm) = vm() else { return };
+        let mem: Arc<dyn HostRegion> = Arc::new(MemoryMapping::anonymous(16 * PAGE).unwrap());
+        let bad = [
+            (0x10_0000, 0, 0),                 // empty
+            (0x10_0000, 1, PAGE),              // misaligned offset
+            (0x10_0000, 0, PAGE + 1),          // misaligned size
+            (0x10_0001, 0, PAGE),              // misaligned gpa
+            (0x10_0000, 8 * PAGE, 9 * PAGE),   // past the end
+            (0x10_0000, usize::MAX - 1, PAGE), // overflow
+            (!0xfff, 0, 2 * PAGE),             // gpa overflow
+        ];
+        for (gpa, offset, size) in bad {
+            let e = vm
+                .set_region(1, gpa, mem.clone(), offset, size)
+                .unwrap_err();
+            assert!(matches!(e, KvmError::BadRegion { .. }), "{e}");
+            assert_eq!(e.errno(), None);
+        }
+        assert_eq!((vm.memslot_changes(), vm.live_slots()), (0, 0));
+
+        vm.set_region(1, 0x10_0000, mem.clone(), 4 * PAGE, 4 * PAGE)
+            .unwrap();
+        assert!(matches!(
+            vm.set_region(1, 0x20_0000, mem.clone(), 0, PAGE),
+            Err(KvmError::SlotInUse(1))
+        ));
+        // KVM itself refuses an overlapping slot: the error carries the errno.
+        let e = vm
+            .set_region(2, 0x10_1000, mem.clone(), 0, PAGE)
+            .unwrap_err();
+        assert!(matches!(e, KvmError::SetRegion { slot: 2, .. }), "{e}");
+        assert_eq!(e.errno(), Some(libc::EEXIST));
+        assert_eq!((vm.memslot_changes(), vm.live_slots()), (1, 1));
+        // The slot holds the region: 2 strong refs (ours + the slot's).
+        assert_eq!(Arc::strong_count(&mem), 2);
+
+        vm.remove_region(1).unwrap();
+        assert!(matches!(vm.remove_region(1), Err(KvmError::NoSuchSlot(1))));
+        assert_eq!((vm.memslot_changes(), vm.live_slots()), (2, 0));
+        assert_eq!(Arc::strong_count(&mem), 1, "the slot released the region");
+        assert!(vm.max_memslots() >= 32);
+    }
+
+    #[test]
+    fn a_vcpu_keeps_the_regions_alive_after_the_vm_is_dropped() {
+        let Some(vm) = vm() else { return };
+        let mem: Arc<dyn HostRegion> = Arc::new(MemoryMapping::anonymous(4 * PAGE).unwrap());
+        vm.set_region(0, 0, mem.clone(), 0, 4 * PAGE).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        drop(vm);
+        assert_eq!(
+            Arc::strong_count(&mem),
+            2,
+            "the vCPU still holds the slot table"
+        );
+        assert!(vcpu.get_regs().is_ok());
+        drop(vcpu);
+        assert_eq!(Arc::strong_count(&mem), 1);
     }
 }

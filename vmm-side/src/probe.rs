@@ -1,86 +1,222 @@
-//! The KVM guest probe: a real vCPU running tiny hand-assembled 64-bit routines in **ring 3**
-//! (this machine's KVM emulates ring 0 instruction by instruction; ring 3 runs natively). The
-//! host points RIP at a routine, passes arguments in registers, runs the vCPU until the
-//! routine's `out` exits, and reads the result from registers. Page tables identity-map
-//! guest RAM and the whole hostmem window with user-accessible 2 MiB pages.
+//! The KVM guest probe: a real vCPU running a tiny hand-assembled 64-bit guest in **ring 3**
+//! (this machine's KVM emulates ring 0 instruction by instruction; ring 3 runs natively:
+//! CS has RPL/DPL 3, RFLAGS.IOPL is 3 so ring 3 may use port I/O, and every page-table entry
+//! has the U/S bit).
+//!
+//! # How the host talks to the guest
+//!
+//! Guest RAM (memslot [`RAM_SLOT`] at GPA 0) holds the GDT, identity-mapping page tables
+//! (2 MiB pages covering RAM and the whole hostmem window), a mailbox, the guest program
+//! and a working-set area. The guest sits in a loop: it reads a request (op, address,
+//! count, value) from the mailbox, executes it, writes the results back into the mailbox
+//! and executes `out 0x10, al`. That port-I/O exit hands control to the host, which reads
+//! the results, writes the next request and resumes the vCPU: one `KVM_RUN` per request,
+//! no register ioctls.
+//!
+//! # Holes
 //!
 //! A guest access to guest-physical memory with no memslot behind it (a *hole*: in
-//! per-blob-slot mode, the window between blobs) exits as MMIO; the probe answers reads with
-//! zero, counts the hole and lets the routine continue, so a hole is reported, never fatal.
+//! per-blob-slot mode, the window between blobs or after an unmap) exits as MMIO. The probe
+//! never treats that as fatal. For [`GuestProbe::spin_read`] it answers the read with 0,
+//! counts it and lets the loop continue. Every other request stops at the first hole: the
+//! host completes the pending access (a `KVM_RUN` with `immediate_exit`), points the vCPU
+//! back at the request loop and returns [`ProbeRead::Hole`] / [`ProbeWrite::Hole`] with the
+//! address. A vCPU that stops in any other way (shutdown, internal error, failed entry) is a
+//! [`ProbeError::Guest`] with the exit reason; the probe then resets the vCPU's registers so
+//! the next request can still run.
+//!
+//! # The hash
+//!
+//! [`GuestProbe::hash`] and [`expected_hash`] compute, over the little-endian qwords `q` of
+//! the range, starting from `h = 0`: `h = ((h ^ q) rotl 5) * 0x0100_0193` (wrapping; the
+//! multiplier is the odd 32-bit FNV prime). Trailing bytes that do not fill a qword are
+//! ignored by both.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hostmem_base::kvm::kvm_ioctls::{VcpuExit, VcpuFd};
-use hostmem_base::kvm::Vm;
+use hostmem_base::kvm::kvm_bindings::{kvm_regs, kvm_sregs};
+use hostmem_base::kvm::kvm_ioctls::VcpuExit;
+use hostmem_base::kvm::{Vcpu, Vm};
 use hostmem_base::mmap::MemoryMapping;
 
 /// Memslot of the probe's guest RAM.
 pub const RAM_SLOT: u32 = 0;
+
+// Guest-physical layout of guest RAM.
 const GDT: u64 = 0x1000;
 const PML4: u64 = 0x2000;
 const PDPT: u64 = 0x3000;
+/// Page directories, one per GiB that holds RAM or window (at most `MAX_PDS`).
 const PD_BASE: u64 = 0x4000;
+const MAX_PDS: usize = 32;
+const MAILBOX: u64 = 0x8_0000;
 const CODE: u64 = 0x10_0000;
 const STACK_TOP: u64 = 0x1f_f000;
 /// Start of the guest RAM working set used by [`GuestProbe::touch_ram`].
 const WORKING_SET: u64 = 0x20_0000;
+const MIN_RAM: usize = 4 << 20;
 const EXIT_PORT: u16 = 0x10;
 const FNV_PRIME: u64 = 0x0100_0193;
 
-/// Guest routines (x86-64 machine code; each ends with `out 0x10, al; jmp $`).
-mod code {
-    /// rdi = address, rsi = qwords → rax = hash (see `expected_hash`).
-    pub const HASH: &[u8] = &[
-        0x31, 0xC0, // xor eax, eax
-        0x48, 0x85, 0xF6, // loop: test rsi, rsi
-        0x74, 0x1A, // jz done
-        0x48, 0x8B, 0x0F, // mov rcx, [rdi]
-        0x48, 0x31, 0xC8, // xor rax, rcx
-        0x48, 0xC1, 0xC0, 0x05, // rol rax, 5
-        0x48, 0x69, 0xC0, 0x93, 0x01, 0x00, 0x01, // imul rax, rax, 0x01000193
-        0x48, 0x83, 0xC7, 0x08, // add rdi, 8
-        0x48, 0xFF, 0xCE, // dec rsi
-        0xEB, 0xE1, // jmp loop
-        0xE6, 0x10, 0xEB, 0xFE, // done: out 0x10, al; jmp $
-    ];
-    /// rdi = address → rax = [rdi].
-    pub const READ: &[u8] = &[0x48, 0x8B, 0x07, 0xE6, 0x10, 0xEB, 0xFE];
-    /// rdi = address, rsi = value: [rdi] = rsi.
-    pub const WRITE: &[u8] = &[0x48, 0x89, 0x37, 0xE6, 0x10, 0xEB, 0xFE];
-    /// rdi = address, rsi = pages (> 0): read one qword per 4 KiB page.
-    pub const TOUCH: &[u8] = &[
-        0x48, 0x8B, 0x0F, // loop: mov rcx, [rdi]
-        0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00, // add rdi, 4096
-        0x48, 0xFF, 0xCE, // dec rsi
-        0x75, 0xF1, // jnz loop
-        0xE6, 0x10, 0xEB, 0xFE,
-    ];
-    /// rdi = address, rsi = iterations (> 0), r8 = initial value; counts zero reads in r9
-    /// and value changes in r10; r8 ends as the last value.
-    pub const SPIN: &[u8] = &[
-        0x48, 0x8B, 0x07, // loop: mov rax, [rdi]
-        0x48, 0x85, 0xC0, // test rax, rax
-        0x75, 0x03, // jnz nz
-        0x49, 0xFF, 0xC1, // inc r9
-        0x4C, 0x39, 0xC0, // nz: cmp rax, r8
-        0x74, 0x06, // je same
-        0x49, 0xFF, 0xC2, // inc r10
-        0x49, 0x89, 0xC0, // mov r8, rax
-        0x48, 0xFF, 0xCE, // same: dec rsi
-        0x75, 0xE5, // jnz loop
-        0xE6, 0x10, 0xEB, 0xFE,
-    ];
+/// Mailbox layout (qword offsets from `MAILBOX`): the request, then the results.
+mod mailbox {
+    pub const OP: usize = 0;
+    pub const ADDR: usize = 8;
+    pub const COUNT: usize = 16;
+    pub const VALUE: usize = 24;
+    pub const RES0: usize = 32;
+    pub const RES1: usize = 40;
+    pub const RES2: usize = 48;
+    pub const LEN: usize = 56;
 }
 
-const ROUTINES: [&[u8]; 5] = [code::HASH, code::READ, code::WRITE, code::TOUCH, code::SPIN];
+/// Request codes understood by the guest program. Any other code (we use 0 as a ping)
+/// makes the guest write `u64::MAX` into result 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Ping = 0,
+    /// addr, count = qwords → res0 = hash.
+    Hash = 1,
+    /// addr → res0 = [addr].
+    Read = 2,
+    /// addr, value: [addr] = value.
+    Write = 3,
+    /// addr, count = qwords, value: qword i = value + i.
+    Fill = 4,
+    /// addr, count = pages: one qword read per 4 KiB page → res0 = their sum.
+    Touch = 5,
+    /// addr, count = iterations (> 0) → res0 = last value, res1 = zero reads, res2 = changes.
+    Spin = 6,
+}
 
-/// The hash the guest computes over qwords: `h = ((h ^ q) rotl 5) * 0x01000193`, from 0.
+/// The guest program, assembled from this source (`as --64`, Intel syntax), entered at
+/// `dispatch` with `rbx` = mailbox:
+///
+/// ```text
+/// done:     out 0x10, al                  ; request finished: exit to the host
+/// dispatch: mov rax, [rbx]                ; op
+///           mov rdi, [rbx+8]              ; address
+///           mov rsi, [rbx+16]             ; count
+///           mov rdx, [rbx+24]             ; value
+///           cmp rax, 1 / je op_hash  … cmp rax, 6 / je op_spin
+///           mov qword ptr [rbx+32], -1    ; unknown op (ping)
+///           jmp done
+/// op_hash:  xor eax, eax
+///       1:  test rsi, rsi / jz 2f
+///           mov rcx, [rdi] / xor rax, rcx / rol rax, 5 / imul rax, rax, 0x01000193
+///           add rdi, 8 / dec rsi / jmp 1b
+///       2:  mov [rbx+32], rax / jmp done
+/// op_read:  mov rax, [rdi] / mov [rbx+32], rax / jmp done
+/// op_write: mov [rdi], rdx / jmp done
+/// op_fill:  test rsi, rsi / jz done / mov [rdi], rdx / inc rdx / add rdi, 8 / dec rsi / jmp op_fill
+/// op_touch: xor eax, eax
+///       1:  test rsi, rsi / jz 2f / add rax, [rdi] / add rdi, 4096 / dec rsi / jmp 1b
+///       2:  mov [rbx+32], rax / jmp done
+/// op_spin:  xor r8d, r8d / xor r9d, r9d / xor r10d, r10d
+///       1:  mov rax, [rdi] / test rax, rax / jnz 2f / inc r9
+///       2:  cmp rax, r8 / je 3f / inc r10 / mov r8, rax
+///       3:  dec rsi / jnz 1b
+///           mov [rbx+32], r8 / mov [rbx+40], r9 / mov [rbx+48], r10 / jmp done
+/// ```
+#[rustfmt::skip]
+const PROGRAM: &[u8] = &[
+    // done:
+    0xE6, 0x10, // 0x00: out 0x10,al
+    // dispatch:
+    0x48, 0x8B, 0x03, // 0x02: mov rax,[rbx]
+    0x48, 0x8B, 0x7B, 0x08, // 0x05: mov rdi,[rbx+0x8]
+    0x48, 0x8B, 0x73, 0x10, // 0x09: mov rsi,[rbx+0x10]
+    0x48, 0x8B, 0x53, 0x18, // 0x0d: mov rdx,[rbx+0x18]
+    0x48, 0x83, 0xF8, 0x01, // 0x11: cmp rax,0x1
+    0x74, 0x28, // 0x15: je 3f
+    0x48, 0x83, 0xF8, 0x02, // 0x17: cmp rax,0x2
+    0x74, 0x49, // 0x1b: je 66
+    0x48, 0x83, 0xF8, 0x03, // 0x1d: cmp rax,0x3
+    0x74, 0x4C, // 0x21: je 6f
+    0x48, 0x83, 0xF8, 0x04, // 0x23: cmp rax,0x4
+    0x74, 0x4B, // 0x27: je 74
+    0x48, 0x83, 0xF8, 0x05, // 0x29: cmp rax,0x5
+    0x74, 0x59, // 0x2d: je 88
+    0x48, 0x83, 0xF8, 0x06, // 0x2f: cmp rax,0x6
+    0x74, 0x72, // 0x33: je a7
+    0x48, 0xC7, 0x43, 0x20, 0xFF, 0xFF, 0xFF, 0xFF, // 0x35: mov [rbx+0x20],0xffffffffffffffff
+    0xEB, 0xC1, // 0x3d: jmp 0
+    // op_hash:
+    0x31, 0xC0, // 0x3f: xor eax,eax
+    0x48, 0x85, 0xF6, // 0x41: test rsi,rsi
+    0x74, 0x1A, // 0x44: je 60
+    0x48, 0x8B, 0x0F, // 0x46: mov rcx,[rdi]
+    0x48, 0x31, 0xC8, // 0x49: xor rax,rcx
+    0x48, 0xC1, 0xC0, 0x05, // 0x4c: rol rax,0x5
+    0x48, 0x69, 0xC0, 0x93, 0x01, 0x00, 0x01, // 0x50: imul rax,rax,0x1000193
+    0x48, 0x83, 0xC7, 0x08, // 0x57: add rdi,0x8
+    0x48, 0xFF, 0xCE, // 0x5b: dec rsi
+    0xEB, 0xE1, // 0x5e: jmp 41
+    0x48, 0x89, 0x43, 0x20, // 0x60: mov [rbx+0x20],rax
+    0xEB, 0x9A, // 0x64: jmp 0
+    // op_read:
+    0x48, 0x8B, 0x07, // 0x66: mov rax,[rdi]
+    0x48, 0x89, 0x43, 0x20, // 0x69: mov [rbx+0x20],rax
+    0xEB, 0x91, // 0x6d: jmp 0
+    // op_write:
+    0x48, 0x89, 0x17, // 0x6f: mov [rdi],rdx
+    0xEB, 0x8C, // 0x72: jmp 0
+    // op_fill:
+    0x48, 0x85, 0xF6, // 0x74: test rsi,rsi
+    0x74, 0x87, // 0x77: je 0
+    0x48, 0x89, 0x17, // 0x79: mov [rdi],rdx
+    0x48, 0xFF, 0xC2, // 0x7c: inc rdx
+    0x48, 0x83, 0xC7, 0x08, // 0x7f: add rdi,0x8
+    0x48, 0xFF, 0xCE, // 0x83: dec rsi
+    0xEB, 0xEC, // 0x86: jmp 74
+    // op_touch:
+    0x31, 0xC0, // 0x88: xor eax,eax
+    0x48, 0x85, 0xF6, // 0x8a: test rsi,rsi
+    0x74, 0x0F, // 0x8d: je 9e
+    0x48, 0x03, 0x07, // 0x8f: add rax,[rdi]
+    0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00, // 0x92: add rdi,0x1000
+    0x48, 0xFF, 0xCE, // 0x99: dec rsi
+    0xEB, 0xEC, // 0x9c: jmp 8a
+    0x48, 0x89, 0x43, 0x20, // 0x9e: mov [rbx+0x20],rax
+    0xE9, 0x59, 0xFF, 0xFF, 0xFF, // 0xa2: jmp 0
+    // op_spin:
+    0x45, 0x31, 0xC0, // 0xa7: xor r8d,r8d
+    0x45, 0x31, 0xC9, // 0xaa: xor r9d,r9d
+    0x45, 0x31, 0xD2, // 0xad: xor r10d,r10d
+    0x48, 0x8B, 0x07, // 0xb0: mov rax,[rdi]
+    0x48, 0x85, 0xC0, // 0xb3: test rax,rax
+    0x75, 0x03, // 0xb6: jne bb
+    0x49, 0xFF, 0xC1, // 0xb8: inc r9
+    0x4C, 0x39, 0xC0, // 0xbb: cmp rax,r8
+    0x74, 0x06, // 0xbe: je c6
+    0x49, 0xFF, 0xC2, // 0xc0: inc r10
+    0x49, 0x89, 0xC0, // 0xc3: mov r8,rax
+    0x48, 0xFF, 0xCE, // 0xc6: dec rsi
+    0x75, 0xE5, // 0xc9: jne b0
+    0x4C, 0x89, 0x43, 0x20, // 0xcb: mov [rbx+0x20],r8
+    0x4C, 0x89, 0x4B, 0x28, // 0xcf: mov [rbx+0x28],r9
+    0x4C, 0x89, 0x53, 0x30, // 0xd3: mov [rbx+0x30],r10
+    0xE9, 0x24, 0xFF, 0xFF, 0xFF, // 0xd7: jmp 0
+];
+/// Offset of `dispatch` in [`PROGRAM`].
+const DISPATCH: u64 = CODE + 2;
+
+/// The hash the guest computes over qwords: `h = ((h ^ q) rotl 5) * 0x0100_0193`, from 0
+/// (see the module docs). Trailing bytes that do not fill a qword are ignored.
 pub fn expected_hash(bytes: &[u8]) -> u64 {
     bytes.chunks_exact(8).fold(0u64, |h, q| {
         let q = u64::from_le_bytes(q.try_into().unwrap_or([0; 8]));
         (h ^ q).rotate_left(5).wrapping_mul(FNV_PRIME)
     })
+}
+
+/// The bytes [`GuestProbe::fill`] writes: `len / 8` little-endian qwords, qword `i` being
+/// `value + i` (wrapping).
+pub fn fill_pattern(len: u64, value: u64) -> Vec<u8> {
+    (0..len / 8)
+        .flat_map(|i| value.wrapping_add(i).to_le_bytes())
+        .collect()
 }
 
 /// What a guest read saw.
@@ -95,19 +231,33 @@ pub enum ProbeRead {
     },
 }
 
+/// What a guest write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeWrite {
+    /// Every byte was written to memory.
+    Written,
+    /// The write hit guest-physical memory with no memslot behind it (and stopped there).
+    Hole {
+        /// First unbacked address hit.
+        gpa: u64,
+    },
+}
+
 /// Result of [`GuestProbe::spin_read`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpinStats {
     /// Reads done.
     pub reads: u64,
-    /// Reads that returned zero.
+    /// Reads that returned zero (holes read as zero and count here too).
     pub zero_reads: u64,
-    /// Times the value read changed.
+    /// Times the value read differed from the one before (the first read compares with 0).
     pub changes: u64,
     /// Reads that hit unbacked memory (MMIO exits).
     pub holes: u64,
     /// The last value read.
     pub last: u64,
+    /// How long the vCPU spent on the request.
+    pub elapsed: Duration,
 }
 
 /// Probe failures.
@@ -117,11 +267,15 @@ pub enum ProbeError {
     #[error("probe setup: {0}")]
     Setup(String),
     /// A vCPU ioctl failed.
-    #[error("vCPU: {0}")]
+    #[error("vCPU ioctl: {0}")]
     Vcpu(#[from] hostmem_base::kvm::kvm_ioctls::Error),
-    /// The guest stopped in a way it never should (shutdown, internal error, …).
+    /// The guest stopped in a way it never should (shutdown, internal error, failed entry,
+    /// unexpected exit); carries the exit reason.
     #[error("guest stopped unexpectedly: {0}")]
     Guest(String),
+    /// The guest program did not answer as it should (mailbox protocol broken).
+    #[error("guest protocol: {0}")]
+    Protocol(String),
     /// The offset/length lies outside the window.
     #[error("range {offset:#x}+{len:#x} outside the window")]
     Range {
@@ -132,22 +286,42 @@ pub enum ProbeError {
     },
 }
 
-/// The guest probe: one vCPU, its RAM and the routines.
+/// How a request treats MMIO exits (holes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnHole {
+    /// Stop the request at the first hole.
+    Stop,
+    /// Read zero, count it, carry on.
+    Continue,
+}
+
+/// What one request did.
+struct Outcome {
+    res: [u64; 3],
+    first_hole: Option<u64>,
+    holes: u64,
+}
+
+/// The guest probe: one vCPU, its RAM and the guest program. `Send`: it may be moved to a
+/// thread that runs requests while another thread changes memslots or window mappings.
 pub struct GuestProbe {
     vm: Arc<Vm>,
-    vcpu: VcpuFd,
-    _ram: Arc<MemoryMapping>,
+    vcpu: Vcpu,
+    ram: Arc<MemoryMapping>,
     ram_size: u64,
     window_gpa: u64,
     window_size: u64,
-    entry: [u64; 5],
+    sregs: kvm_sregs,
+    requests: u64,
 }
 
 impl std::fmt::Debug for GuestProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GuestProbe")
+            .field("ram_size", &self.ram_size)
             .field("window_gpa", &self.window_gpa)
             .field("window_size", &self.window_size)
+            .field("requests", &self.requests)
             .finish()
     }
 }
@@ -156,98 +330,160 @@ fn setup<E: std::fmt::Display>(e: E) -> ProbeError {
     ProbeError::Setup(e.to_string())
 }
 
+/// Writes the identity-mapping page tables and the GDT into `ram`.
+fn write_tables(ram: &MemoryMapping, window_gpa: u64, window_end: u64) -> Result<(), ProbeError> {
+    let w64 = |gpa: u64, v: u64| {
+        ram.write_slice(gpa as usize, &v.to_le_bytes())
+            .map_err(setup)
+    };
+    // PML4[0] → PDPT (covers the low 512 GiB); PDPT[g] → a PD for each GiB g that holds
+    // RAM (GiB 0) or part of the window.
+    const P_RW_US: u64 = 0x7; // present | writable | user
+    const PAGE_2M: u64 = 0x80;
+    w64(PML4, PDPT | P_RW_US)?;
+    let mut gibs: Vec<u64> = vec![0];
+    gibs.extend(((window_gpa >> 30)..=((window_end - 1) >> 30)).filter(|g| *g != 0));
+    if (window_end - 1) >> 30 >= 512 || gibs.len() > MAX_PDS {
+        return Err(setup(format!(
+            "window {window_gpa:#x}..{window_end:#x} is too large or too high for the probe's \
+             page tables (below 512 GiB, at most {} GiB)",
+            MAX_PDS - 1
+        )));
+    }
+    for (i, gib) in gibs.iter().enumerate() {
+        let pd = PD_BASE + 0x1000 * i as u64;
+        w64(PDPT + 8 * gib, pd | P_RW_US)?;
+        for e in 0..512u64 {
+            w64(pd + 8 * e, ((gib << 30) + (e << 21)) | PAGE_2M | P_RW_US)?;
+        }
+    }
+    // GDT: null, unused, unused, 64-bit code DPL 3 (selector 0x1b), data DPL 3 (0x23).
+    for (i, d) in [0u64, 0, 0, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff]
+        .iter()
+        .enumerate()
+    {
+        w64(GDT + 8 * i as u64, *d)?;
+    }
+    Ok(())
+}
+
+/// Long mode with paging, ring-3 code and data segments matching the GDT.
+fn long_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
+    s.cr3 = PML4;
+    s.cr4 = 0x20; // PAE
+    s.cr0 = 0x8000_0000 | 0x20 | 0x10 | 0x1; // PG | NE | ET | PE
+    s.efer = 0x500; // LME | LMA
+    s.gdt.base = GDT;
+    s.gdt.limit = 5 * 8 - 1;
+    s.cs.base = 0;
+    s.cs.limit = 0xffff_ffff;
+    s.cs.selector = (3 << 3) | 3;
+    s.cs.type_ = 0xb; // execute/read, accessed
+    s.cs.present = 1;
+    s.cs.dpl = 3;
+    s.cs.db = 0;
+    s.cs.s = 1;
+    s.cs.l = 1;
+    s.cs.g = 1;
+    let mut data = s.cs;
+    data.selector = (4 << 3) | 3;
+    data.type_ = 0x3; // read/write, accessed
+    data.l = 0;
+    data.db = 1;
+    s.ds = data;
+    s.es = data;
+    s.ss = data;
+    s.fs = data;
+    s.gs = data;
+    s.tr.present = 1;
+    s.tr.type_ = 0xb; // busy 64-bit TSS
+    s.tr.limit = 0x67;
+    s.tr.s = 0;
+    s
+}
+
 impl GuestProbe {
-    /// Creates guest RAM (`ram_size` bytes, at least 4 MiB, as memslot 0 at GPA 0), page
-    /// tables covering RAM and `window_gpa..+window_size`, and a vCPU in 64-bit ring 3.
+    /// Creates guest RAM (`ram_size` bytes rounded up to 2 MiB, at least 4 MiB, as memslot
+    /// [`RAM_SLOT`] at GPA 0), page tables covering RAM and `window_gpa..+window_size`, and a
+    /// vCPU in 64-bit ring 3 waiting for requests. The window must be 2 MiB-aligned, above
+    /// RAM and below 512 GiB; the probe does not register it (the caller does, as one slot or
+    /// one slot per blob).
     pub fn new(
         vm: Arc<Vm>,
         window_gpa: u64,
         window_size: u64,
         ram_size: usize,
     ) -> Result<Self, ProbeError> {
-        let ram_size = ram_size.max(4 << 20).next_multiple_of(2 << 20);
+        let ram_size = ram_size.max(MIN_RAM).next_multiple_of(2 << 20);
+        let window_end = window_gpa
+            .checked_add(window_size)
+            .filter(|_| window_size > 0)
+            .ok_or_else(|| setup("empty or overflowing window"))?;
         if window_gpa < ram_size as u64 || !window_gpa.is_multiple_of(2 << 20) {
             return Err(setup("window must be 2 MiB aligned and above guest RAM"));
         }
         let ram = Arc::new(MemoryMapping::anonymous(ram_size).map_err(setup)?);
-        let w64 = |gpa: u64, v: u64| ram.write_slice(gpa as usize, &v.to_le_bytes());
-        // Page tables: PML4[0] → PDPT; PDPT[i] → PD for each GiB that holds RAM or window.
-        w64(PML4, PDPT | 7).map_err(setup)?;
-        let mut gibs: Vec<u64> = vec![0];
-        let (first, last) = (window_gpa >> 30, (window_gpa + window_size - 1) >> 30);
-        gibs.extend((first..=last).filter(|g| *g != 0));
-        if last >= 512 || gibs.len() > 32 {
-            return Err(setup(
-                "window too large or too high for the probe's page tables",
-            ));
-        }
-        for (i, gib) in gibs.iter().enumerate() {
-            let pd = PD_BASE + 0x1000 * i as u64;
-            w64(PDPT + 8 * gib, pd | 7).map_err(setup)?;
-            for e in 0..512u64 {
-                // Present | writable | user | 2 MiB page.
-                w64(pd + 8 * e, ((gib << 30) + (e << 21)) | 0x87).map_err(setup)?;
-            }
-        }
-        // A GDT matching the segment registers (null, unused, unused, code64 DPL3, data DPL3).
-        for (i, d) in [0u64, 0, 0, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff]
-            .iter()
-            .enumerate()
-        {
-            w64(GDT + 8 * i as u64, *d).map_err(setup)?;
-        }
-        let mut entry = [0u64; 5];
-        let mut at = CODE;
-        for (i, r) in ROUTINES.iter().enumerate() {
-            ram.write_slice(at as usize, r).map_err(setup)?;
-            entry[i] = at;
-            at += 0x100;
-        }
+        write_tables(&ram, window_gpa, window_end)?;
+        ram.write_slice(CODE as usize, PROGRAM).map_err(setup)?;
         vm.set_region(RAM_SLOT, 0, ram.clone(), 0, ram_size)
             .map_err(setup)?;
         let vcpu = vm.create_vcpu(0).map_err(setup)?;
-        let mut s = vcpu.get_sregs()?;
-        s.cr3 = PML4;
-        s.cr4 = 0x20; // PAE
-        s.cr0 = 0x8000_0001 | 0x10 | 0x20; // PG | PE | ET | NE
-        s.efer = 0x500; // LME | LMA
-        s.gdt.base = GDT;
-        s.gdt.limit = 5 * 8 - 1;
-        s.cs.base = 0;
-        s.cs.limit = 0xffff_ffff;
-        s.cs.selector = (3 << 3) | 3;
-        s.cs.type_ = 0xb;
-        s.cs.present = 1;
-        s.cs.dpl = 3;
-        s.cs.db = 0;
-        s.cs.s = 1;
-        s.cs.l = 1;
-        s.cs.g = 1;
-        let mut data = s.cs;
-        data.selector = (4 << 3) | 3;
-        data.type_ = 0x3;
-        data.l = 0;
-        data.db = 1;
-        s.ds = data;
-        s.es = data;
-        s.ss = data;
-        s.fs = data;
-        s.gs = data;
-        s.tr.present = 1;
-        s.tr.type_ = 0xb;
-        s.tr.limit = 0x67;
-        s.tr.s = 0;
-        vcpu.set_sregs(&s)?;
-        let probe = GuestProbe {
+        let sregs = long_mode_sregs(vcpu.get_sregs()?);
+        vcpu.set_sregs(&sregs)?;
+        let mut probe = GuestProbe {
             vm,
             vcpu,
-            _ram: ram,
+            ram,
             ram_size: ram_size as u64,
             window_gpa,
             window_size,
-            entry,
+            sregs,
+            requests: 0,
         };
+        probe.park()?;
+        // One round trip proves the guest runs before anyone relies on it.
+        probe.ping()?;
         Ok(probe)
+    }
+
+    /// Points the vCPU at the request loop with a clean register file.
+    fn park(&mut self) -> Result<(), ProbeError> {
+        let regs = kvm_regs {
+            rip: DISPATCH,
+            rbx: MAILBOX,
+            rsp: STACK_TOP,
+            rflags: 0x3002, // IOPL 3 so ring 3 may `out`; IF clear; bit 1 reserved
+            ..Default::default()
+        };
+        self.vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
+    /// Completes whatever exit is pending (KVM requires that before registers change) and
+    /// parks the vCPU at the request loop.
+    fn abandon_request(&mut self) -> Result<(), ProbeError> {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let r = self.vcpu.run().map(drop);
+        self.vcpu.set_kvm_immediate_exit(0);
+        match r {
+            Ok(()) => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(ProbeError::Vcpu(e)),
+        }
+        self.park()
+    }
+
+    /// After a failure: restore the segment/control registers too, then park.
+    fn recover(&mut self) {
+        let sregs = self.sregs;
+        let r = self
+            .vcpu
+            .set_sregs(&sregs)
+            .map_err(ProbeError::Vcpu)
+            .and_then(|()| self.abandon_request());
+        if let Err(e) = r {
+            log::warn!("guest probe: resetting the vCPU failed: {e}");
+        }
     }
 
     fn gpa(&self, offset: u64, len: u64) -> Result<u64, ProbeError> {
@@ -257,86 +493,143 @@ impl GuestProbe {
         }
     }
 
-    /// Runs routine `idx` with the given registers until its `out`; returns the registers
-    /// and the first hole hit (and how many).
-    fn call(
+    /// Runs one request through the mailbox.
+    fn request(
         &mut self,
-        idx: usize,
-        set: impl FnOnce(&mut hostmem_base::kvm::kvm_bindings::kvm_regs),
-    ) -> Result<(hostmem_base::kvm::kvm_bindings::kvm_regs, Option<u64>, u64), ProbeError> {
-        let mut r = self.vcpu.get_regs()?;
-        r.rip = self.entry[idx];
-        r.rsp = STACK_TOP;
-        r.rflags = 0x3002; // IOPL 3 so ring 3 may `out`; IF clear
-        set(&mut r);
-        self.vcpu.set_regs(&r)?;
+        op: Op,
+        addr: u64,
+        count: u64,
+        value: u64,
+        on_hole: OnHole,
+    ) -> Result<Outcome, ProbeError> {
+        let mut mb = [0u8; mailbox::LEN];
+        for (at, v) in [
+            (mailbox::OP, op as u64),
+            (mailbox::ADDR, addr),
+            (mailbox::COUNT, count),
+            (mailbox::VALUE, value),
+        ] {
+            mb[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        self.ram.write_slice(MAILBOX as usize, &mb).map_err(setup)?;
+        self.requests += 1;
         let mut first_hole = None;
         let mut holes = 0u64;
+        enum Ev {
+            Done,
+            Hole(u64),
+            Again,
+            Stopped(String),
+        }
         loop {
-            match self.vcpu.run()? {
-                VcpuExit::IoOut(port, _) if port == EXIT_PORT => break,
-                VcpuExit::MmioRead(addr, data) => {
+            let ev = match self.vcpu.run() {
+                Ok(VcpuExit::IoOut(EXIT_PORT, _)) => Ev::Done,
+                Ok(VcpuExit::MmioRead(gpa, data)) => {
                     data.fill(0);
-                    holes += 1;
-                    first_hole.get_or_insert(addr);
+                    Ev::Hole(gpa)
                 }
-                VcpuExit::MmioWrite(addr, _) => {
-                    holes += 1;
-                    first_hole.get_or_insert(addr);
+                Ok(VcpuExit::MmioWrite(gpa, _)) => Ev::Hole(gpa),
+                Ok(VcpuExit::Intr) => Ev::Again,
+                Ok(other) => Ev::Stopped(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ev::Again,
+                Err(e) => {
+                    self.recover();
+                    return Err(ProbeError::Vcpu(e));
                 }
-                other => return Err(ProbeError::Guest(format!("{other:?}"))),
+            };
+            match ev {
+                Ev::Done => break,
+                Ev::Again => {}
+                Ev::Hole(gpa) => {
+                    holes += 1;
+                    first_hole.get_or_insert(gpa);
+                    if on_hole == OnHole::Stop {
+                        self.abandon_request()?;
+                        return Ok(Outcome {
+                            res: [0; 3],
+                            first_hole,
+                            holes,
+                        });
+                    }
+                }
+                Ev::Stopped(why) => {
+                    self.recover();
+                    return Err(ProbeError::Guest(why));
+                }
             }
         }
-        Ok((self.vcpu.get_regs()?, first_hole, holes))
+        let mut out = [0u8; mailbox::LEN];
+        self.ram
+            .read_slice(MAILBOX as usize, &mut out)
+            .map_err(setup)?;
+        let q = |at: usize| u64::from_le_bytes(out[at..at + 8].try_into().unwrap_or([0; 8]));
+        Ok(Outcome {
+            res: [q(mailbox::RES0), q(mailbox::RES1), q(mailbox::RES2)],
+            first_hole,
+            holes,
+        })
     }
 
-    /// The guest reads `len` bytes (a multiple of 8) at window `offset` and hashes them.
-    /// It first touches one qword per page, so unbacked memory costs one exit per page, not
-    /// one per qword.
+    /// One empty request (the guest answers `u64::MAX`); returns the round-trip time.
+    pub fn ping(&mut self) -> Result<Duration, ProbeError> {
+        let t = Instant::now();
+        let out = self.request(Op::Ping, 0, 0, 0, OnHole::Stop)?;
+        let took = t.elapsed();
+        if out.res[0] != u64::MAX {
+            return Err(ProbeError::Protocol(format!(
+                "ping answered {:#x}, not u64::MAX",
+                out.res[0]
+            )));
+        }
+        Ok(took)
+    }
+
+    /// The guest reads `len` bytes at window `offset` qword by qword and hashes them (see
+    /// [`expected_hash`]; a trailing partial qword is ignored). Stops at the first hole.
     pub fn hash(&mut self, offset: u64, len: u64) -> Result<ProbeRead, ProbeError> {
         let gpa = self.gpa(offset, len)?;
-        let (_, hole, _) = self.call(3, |r| {
-            r.rdi = gpa;
-            r.rsi = len.div_ceil(4096).max(1);
-        })?;
-        if let Some(gpa) = hole {
-            return Ok(ProbeRead::Hole { gpa });
-        }
-        let (r, hole, _) = self.call(0, |r| {
-            r.rdi = gpa;
-            r.rsi = len / 8;
-        })?;
-        Ok(hole.map_or(ProbeRead::Value(r.rax), |gpa| ProbeRead::Hole { gpa }))
+        let out = self.request(Op::Hash, gpa, len / 8, 0, OnHole::Stop)?;
+        Ok(read_result(&out))
     }
 
     /// The guest reads the qword at window `offset`.
     pub fn read_u64(&mut self, offset: u64) -> Result<ProbeRead, ProbeError> {
         let gpa = self.gpa(offset, 8)?;
-        let (r, hole, _) = self.call(1, |r| r.rdi = gpa)?;
-        Ok(hole.map_or(ProbeRead::Value(r.rax), |gpa| ProbeRead::Hole { gpa }))
+        let out = self.request(Op::Read, gpa, 1, 0, OnHole::Stop)?;
+        Ok(read_result(&out))
     }
 
-    /// The guest writes `value` at window `offset`. `Ok(Some(gpa))` if it hit a hole.
-    pub fn write_u64(&mut self, offset: u64, value: u64) -> Result<Option<u64>, ProbeError> {
+    /// The guest writes `value` at window `offset`.
+    pub fn write_u64(&mut self, offset: u64, value: u64) -> Result<ProbeWrite, ProbeError> {
         let gpa = self.gpa(offset, 8)?;
-        let (_, hole, _) = self.call(2, |r| {
-            r.rdi = gpa;
-            r.rsi = value;
-        })?;
-        Ok(hole)
+        let out = self.request(Op::Write, gpa, 1, value, OnHole::Stop)?;
+        Ok(write_result(&out))
     }
 
-    /// The guest reads one qword per page of `bytes` of its own RAM; returns how long the
-    /// vCPU took (the bench's refault measure: after a memslot change KVM zaps and the
-    /// guest refaults its working set).
+    /// The guest writes `len / 8` qwords at window `offset`, qword `i` being `value + i`
+    /// (see [`fill_pattern`]). Stops at the first hole.
+    pub fn fill(&mut self, offset: u64, len: u64, value: u64) -> Result<ProbeWrite, ProbeError> {
+        let gpa = self.gpa(offset, len)?;
+        let out = self.request(Op::Fill, gpa, len / 8, value, OnHole::Stop)?;
+        Ok(write_result(&out))
+    }
+
+    /// The guest reads one qword per 4 KiB page of the first `bytes` of its working set (its
+    /// own RAM above the program; clamped to [`GuestProbe::working_set_capacity`], at least
+    /// one page) and returns how long the request took, round trip included. This is the
+    /// bench's refault measure: after a memslot change KVM zaps far more than the slot and
+    /// the guest refaults its working set.
     pub fn touch_ram(&mut self, bytes: u64) -> Result<Duration, ProbeError> {
-        let pages = (bytes / 4096).clamp(1, (self.ram_size - WORKING_SET) / 4096);
+        let pages = (bytes / 4096).clamp(1, self.working_set_capacity() / 4096);
         let t = Instant::now();
-        self.call(3, |r| {
-            r.rdi = WORKING_SET;
-            r.rsi = pages;
-        })?;
-        Ok(t.elapsed())
+        let out = self.request(Op::Touch, WORKING_SET, pages, 0, OnHole::Stop)?;
+        let took = t.elapsed();
+        if let Some(gpa) = out.first_hole {
+            return Err(ProbeError::Protocol(format!(
+                "guest RAM at {gpa:#x} is not backed"
+            )));
+        }
+        Ok(took)
     }
 
     /// Bytes of guest RAM available to [`GuestProbe::touch_ram`].
@@ -344,29 +637,93 @@ impl GuestProbe {
         self.ram_size - WORKING_SET
     }
 
-    /// The vCPU reads the qword at `offset` `iterations` times in a tight loop (while the
-    /// host may remap it from another thread) and reports what it saw.
+    /// The vCPU reads the qword at window `offset` `iterations` times (at least once) in a
+    /// tight loop, while the host may remap it from another thread, and reports what it
+    /// saw. Holes read as zero and are counted; the loop carries on through them.
     pub fn spin_read(&mut self, offset: u64, iterations: u64) -> Result<SpinStats, ProbeError> {
         let gpa = self.gpa(offset, 8)?;
         let iterations = iterations.max(1);
-        let (r, _, holes) = self.call(4, |r| {
-            r.rdi = gpa;
-            r.rsi = iterations;
-            r.r8 = 0;
-            r.r9 = 0;
-            r.r10 = 0;
-        })?;
+        let t = Instant::now();
+        let out = self.request(Op::Spin, gpa, iterations, 0, OnHole::Continue)?;
         Ok(SpinStats {
             reads: iterations,
-            zero_reads: r.r9,
-            changes: r.r10,
-            holes,
-            last: r.r8,
+            zero_reads: out.res[1],
+            changes: out.res[2],
+            holes: out.holes,
+            last: out.res[0],
+            elapsed: t.elapsed(),
         })
+    }
+
+    /// Requests served so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
     }
 
     /// The VM the probe runs in.
     pub fn vm(&self) -> &Arc<Vm> {
         &self.vm
+    }
+}
+
+fn read_result(out: &Outcome) -> ProbeRead {
+    out.first_hole
+        .map_or(ProbeRead::Value(out.res[0]), |gpa| ProbeRead::Hole { gpa })
+}
+
+fn write_result(out: &Outcome) -> ProbeWrite {
+    out.first_hole
+        .map_or(ProbeWrite::Written, |gpa| ProbeWrite::Hole { gpa })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_pattern_and_hash_agree_on_layout() {
+        let p = fill_pattern(24, u64::MAX);
+        assert_eq!(p.len(), 24);
+        assert_eq!(&p[..8], &u64::MAX.to_le_bytes());
+        assert_eq!(&p[8..16], &0u64.to_le_bytes());
+        assert_eq!(&p[16..], &1u64.to_le_bytes());
+        // Trailing bytes are ignored; order matters.
+        assert_eq!(
+            expected_hash(&p),
+            expected_hash(&[&p[..], &[1, 2, 3]].concat())
+        );
+        assert_ne!(expected_hash(&p), expected_hash(&fill_pattern(24, 0)));
+        assert_eq!(expected_hash(&[]), 0);
+        let one = 7u64.rotate_left(5).wrapping_mul(0x0100_0193);
+        assert_eq!(expected_hash(&7u64.to_le_bytes()), one);
+    }
+
+    /// A guest fault (a non-canonical address: #GP with no IDT, so a triple fault) is an
+    /// error carrying the exit reason, and the probe resets the vCPU so it keeps working.
+    #[test]
+    fn guest_failure_is_an_error_and_the_probe_recovers() {
+        if let Err(why) = Vm::available() {
+            println!("skipped: /dev/kvm unusable ({why})");
+            return;
+        }
+        let vm = Arc::new(Vm::open().unwrap());
+        let mut probe = GuestProbe::new(vm, 1 << 32, 2 << 20, 4 << 20).unwrap();
+        let r = probe.request(Op::Read, 1 << 63, 1, 0, OnHole::Stop);
+        match r {
+            Err(ProbeError::Guest(why)) => println!("guest stopped as expected: {why}"),
+            other => panic!("expected a guest failure, got {:?}", other.map(|o| o.res)),
+        }
+        probe.ping().unwrap();
+        assert_eq!(probe.read_u64(0).unwrap(), ProbeRead::Hole { gpa: 1 << 32 });
+        assert!(probe.touch_ram(4096).is_ok());
+        assert!(matches!(
+            probe.read_u64(2 << 20),
+            Err(ProbeError::Range { .. })
+        ));
     }
 }
