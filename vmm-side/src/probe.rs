@@ -18,7 +18,7 @@
 //! A guest access to guest-physical memory with no memslot behind it (a *hole*: in
 //! per-blob-slot mode, the window between blobs or after an unmap) exits as MMIO. The probe
 //! never treats that as fatal. For [`GuestProbe::spin_read`] it answers the read with 0,
-//! counts it and lets the loop continue. Every other request stops at the first hole: the
+//! counts it and lets the loop continue (up to [`SPIN_MAX_HOLES`]). Every other request stops at the first hole: the
 //! host completes the pending access (a `KVM_RUN` with `immediate_exit`), points the vCPU
 //! back at the request loop and returns [`ProbeRead::Hole`] / [`ProbeWrite::Hole`] with the
 //! address. A vCPU that stops in any other way (shutdown, internal error, failed entry) is a
@@ -42,6 +42,8 @@ use hostmem_base::mmap::MemoryMapping;
 
 /// Memslot of the probe's guest RAM.
 pub const RAM_SLOT: u32 = 0;
+/// Holes after which [`GuestProbe::spin_read`] stops early (each hole is an exit).
+pub const SPIN_MAX_HOLES: u64 = 1024;
 
 // Guest-physical layout of guest RAM.
 const GDT: u64 = 0x1000;
@@ -246,7 +248,8 @@ pub enum ProbeWrite {
 /// Result of [`GuestProbe::spin_read`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpinStats {
-    /// Reads done.
+    /// Reads done: the iterations asked for, or fewer if the spin stopped early after
+    /// [`SPIN_MAX_HOLES`] holes.
     pub reads: u64,
     /// Reads that returned zero (holes read as zero and count here too).
     pub zero_reads: u64,
@@ -291,8 +294,9 @@ pub enum ProbeError {
 enum OnHole {
     /// Stop the request at the first hole.
     Stop,
-    /// Read zero, count it, carry on.
-    Continue,
+    /// Read zero, count it, carry on; after `max` holes, stop and report the partial
+    /// results the guest holds in its registers.
+    Continue { max: u64 },
 }
 
 /// What one request did.
@@ -300,6 +304,8 @@ struct Outcome {
     res: [u64; 3],
     first_hole: Option<u64>,
     holes: u64,
+    /// Iterations the guest had not done when the request was cut short (`rsi`).
+    remaining: u64,
 }
 
 /// The guest probe: one vCPU, its RAM and the guest program. `Send`: it may be moved to a
@@ -459,17 +465,23 @@ impl GuestProbe {
         Ok(())
     }
 
-    /// Completes whatever exit is pending (KVM requires that before registers change) and
-    /// parks the vCPU at the request loop.
-    fn abandon_request(&mut self) -> Result<(), ProbeError> {
+    /// Completes whatever exit is pending (a `KVM_RUN` with `immediate_exit` finishes the
+    /// interrupted instruction and returns at once; KVM requires that before registers
+    /// change).
+    fn complete_pending(&mut self) -> Result<(), ProbeError> {
         self.vcpu.set_kvm_immediate_exit(1);
         let r = self.vcpu.run().map(drop);
         self.vcpu.set_kvm_immediate_exit(0);
         match r {
-            Ok(()) => {}
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => return Err(ProbeError::Vcpu(e)),
+            Ok(()) => Ok(()),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(ProbeError::Vcpu(e)),
         }
+    }
+
+    /// Completes whatever exit is pending and parks the vCPU at the request loop.
+    fn abandon_request(&mut self) -> Result<(), ProbeError> {
+        self.complete_pending()?;
         self.park()
     }
 
@@ -540,18 +552,34 @@ impl GuestProbe {
             match ev {
                 Ev::Done => break,
                 Ev::Again => {}
-                Ev::Hole(gpa) => {
-                    holes += 1;
-                    first_hole.get_or_insert(gpa);
-                    if on_hole == OnHole::Stop {
+                Ev::Hole(gpa) => match on_hole {
+                    OnHole::Stop => {
                         self.abandon_request()?;
                         return Ok(Outcome {
                             res: [0; 3],
-                            first_hole,
-                            holes,
+                            first_hole: Some(gpa),
+                            holes: 1,
+                            remaining: 0,
                         });
                     }
-                }
+                    OnHole::Continue { max } if holes >= max => {
+                        // Cut the loop short; this access (not counted) completes as a
+                        // zero read before the loop's counters see it.
+                        self.complete_pending()?;
+                        let r = self.vcpu.get_regs()?;
+                        self.park()?;
+                        return Ok(Outcome {
+                            res: [r.r8, r.r9, r.r10],
+                            first_hole,
+                            holes,
+                            remaining: r.rsi,
+                        });
+                    }
+                    OnHole::Continue { .. } => {
+                        holes += 1;
+                        first_hole.get_or_insert(gpa);
+                    }
+                },
                 Ev::Stopped(why) => {
                     self.recover();
                     return Err(ProbeError::Guest(why));
@@ -567,6 +595,7 @@ impl GuestProbe {
             res: [q(mailbox::RES0), q(mailbox::RES1), q(mailbox::RES2)],
             first_hole,
             holes,
+            remaining: 0,
         })
     }
 
@@ -639,14 +668,19 @@ impl GuestProbe {
 
     /// The vCPU reads the qword at window `offset` `iterations` times (at least once) in a
     /// tight loop, while the host may remap it from another thread, and reports what it
-    /// saw. Holes read as zero and are counted; the loop carries on through them.
+    /// saw. Holes read as zero and are counted; the loop carries on through them, but each
+    /// one is a full exit to the host (tens of µs here), so after [`SPIN_MAX_HOLES`] holes
+    /// the request ends early and [`SpinStats::reads`] says how many reads were done.
     pub fn spin_read(&mut self, offset: u64, iterations: u64) -> Result<SpinStats, ProbeError> {
         let gpa = self.gpa(offset, 8)?;
         let iterations = iterations.max(1);
         let t = Instant::now();
-        let out = self.request(Op::Spin, gpa, iterations, 0, OnHole::Continue)?;
+        let on_hole = OnHole::Continue {
+            max: SPIN_MAX_HOLES,
+        };
+        let out = self.request(Op::Spin, gpa, iterations, 0, on_hole)?;
         Ok(SpinStats {
-            reads: iterations,
+            reads: iterations - out.remaining.min(iterations),
             zero_reads: out.res[1],
             changes: out.res[2],
             holes: out.holes,

@@ -13,7 +13,7 @@ use hostmem_base::mmap::{MemoryMapping, Prot};
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
 use hostmem_vmm::probe::{
-    expected_hash, fill_pattern, GuestProbe, ProbeRead, ProbeWrite, RAM_SLOT,
+    expected_hash, fill_pattern, GuestProbe, ProbeRead, ProbeWrite, RAM_SLOT, SPIN_MAX_HOLES,
 };
 
 const GPA: u64 = 1 << 32;
@@ -153,6 +153,13 @@ fn per_blob_slots_leave_holes_between_blobs() {
         ProbeRead::Hole { gpa: GPA }
     );
     assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // A spin on a hole carries on through holes, but only up to SPIN_MAX_HOLES exits.
+    let s = probe.spin_read(0, 10_000_000).unwrap();
+    assert_eq!(
+        (s.reads, s.holes, s.zero_reads, s.changes),
+        (SPIN_MAX_HOLES, SPIN_MAX_HOLES, SPIN_MAX_HOLES, 0),
+        "{s:?}"
+    );
 
     let (b, bytes) = blob(4 * P, 3);
     let m =
