@@ -84,9 +84,6 @@ impl Default for Rlimits {
 /// How to jail and start a program.
 #[derive(Debug)]
 pub struct JailConfig {
-    /// Ignored: the launcher used to start a separate stage process; it now clones the
-    /// program directly. Kept so existing callers still compile.
-    pub stage: Option<(PathBuf, Vec<String>)>,
     /// The program to jail (opened before the root changes, executed through its fd; must
     /// be an ELF executable, not a `#!` script).
     pub program: PathBuf,
@@ -122,7 +119,6 @@ pub struct JailConfig {
 impl Default for JailConfig {
     fn default() -> Self {
         JailConfig {
-            stage: None,
             program: PathBuf::new(),
             args: vec![],
             keep_fds: vec![],
@@ -398,13 +394,6 @@ pub fn seccomp_reports(pid: i32) -> Vec<SyscallReport> {
         }
     }
     out
-}
-
-/// Kept for the `hostmem jail-stage` entry point of older callers: the launcher no longer
-/// uses a stage process, so this only logs and returns 2.
-pub fn stage_main() -> i32 {
-    log::error!("jail-stage is obsolete: hostmem_jail::launch::spawn clones the program itself");
-    2
 }
 
 fn cstring(b: &[u8], what: &str) -> Result<CString, Error> {

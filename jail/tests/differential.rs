@@ -38,7 +38,10 @@ const VALUES: [u64; 9] = [
     0xffff_ffff_0000_0000,
     u64::MAX,
 ];
-const OPS: [(&str, fn(u64) -> SeccompCmpOp); 6] = [
+/// An operator in policy syntax and its seccompiler equivalent.
+type OpPair = (&'static str, fn(u64) -> SeccompCmpOp);
+
+const OPS: [OpPair; 6] = [
     ("==", |_| SeccompCmpOp::Eq),
     ("!=", |_| SeccompCmpOp::Ne),
     ("<", |_| SeccompCmpOp::Lt),

@@ -54,17 +54,6 @@ fn probe_bin() -> Option<PathBuf> {
     }
 }
 
-fn stage() -> Option<(PathBuf, Vec<String>)> {
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("hostmem");
-    if p.is_file() {
-        Some((p, vec!["jail-stage".into()]))
-    } else {
-        println!("skipped: hostmem binary not built (tools/test builds it)");
-        None
-    }
-}
-
 #[test]
 fn every_policy_parses_compiles_and_loads_in_the_kernel() {
     let mut files: Vec<(PathBuf, CompileOptions)> =
@@ -82,7 +71,6 @@ fn every_policy_parses_compiles_and_loads_in_the_kernel() {
         assert!(files.len() > 30, "{}", files.len());
     }
     let probe = probe_bin();
-    let stage = stage();
     for (f, opts) in &files {
         let prog = compile_file(f, opts).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         assert!(
@@ -92,9 +80,8 @@ fn every_policy_parses_compiles_and_loads_in_the_kernel() {
             prog.len()
         );
         // The kernel accepts it: a child installs it (exit 3 would mean the kernel refused).
-        if let (Some(p), Some(s)) = (&probe, &stage) {
+        if let Some(p) = &probe {
             let cfg = hostmem_jail::launch::JailConfig {
-                stage: Some(s.clone()),
                 program: p.clone(),
                 args: vec!["none".into()],
                 seccomp: Some(hostmem_base::seccomp::program_to_bytes(&prog)),
@@ -293,7 +280,7 @@ fn lint_flags_what_crosvm_allows_and_ours_does_not() {
 /// A forbidden call in a really jailed child ends in SIGSYS and is reported by name.
 #[test]
 fn forbidden_calls_die_by_sigsys_and_are_named() {
-    let (Some(probe), Some(stage)) = (probe_bin(), stage()) else {
+    let Some(probe) = probe_bin() else {
         return;
     };
     let policy = root().join("jail-policies/x86_64/gpu_device_shm.policy");
@@ -314,7 +301,6 @@ fn forbidden_calls_die_by_sigsys_and_are_named() {
         ("clone_process", "clone"),
     ] {
         let cfg = hostmem_jail::launch::JailConfig {
-            stage: Some(stage.clone()),
             program: probe.clone(),
             args: vec![what.into()],
             namespaces: true,

@@ -138,10 +138,6 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().collect();
-    if raw.get(1).map(String::as_str) == Some("jail-stage") {
-        // The jail's single-threaded first stage (see hostmem_jail::launch).
-        return ExitCode::from(hostmem_jail::launch::stage_main() as u8);
-    }
     if raw.get(1).map(String::as_str) == Some("device") {
         // Device mode: same start-up as hostmem-gpu-device (no clap, seccomp first).
         hostmem_device::process::init_logging();
