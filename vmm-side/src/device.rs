@@ -31,6 +31,15 @@ use crate::service::{serve, ServeEnd};
 pub const CONTROL_FD: i32 = 3;
 /// Fd number of the mapping tube in the device.
 pub const MAPPING_FD: i32 = 4;
+/// RLIMIT_NOFILE wanted for the device: blobs are fds in the shm backend.
+pub const DEVICE_NOFILE: u64 = 65536;
+
+/// [`DEVICE_NOFILE`], capped at our own hard limit (a process in a new user namespace cannot
+/// raise it past that).
+fn device_nofile() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(_, hard)| hard.min(DEVICE_NOFILE))
+}
 /// How long the device has to say hello and get ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -181,6 +190,12 @@ impl Device {
             ro_binds: cfg.ro_binds.clone(),
             seccomp,
             seccomp_log: cfg.seccomp_log,
+            // The shm backend holds one memfd per blob: allow as many fds as the VMM allows
+            // live placements (plus headroom for unmapped blobs), not the default 1024.
+            rlimits: launch::Rlimits {
+                nofile: device_nofile(),
+                ..launch::Rlimits::default()
+            },
             ..JailConfig::default()
         };
         let mut child = launch::spawn(jail).context("spawning the device")?;
