@@ -16,6 +16,14 @@ fn main() {
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).expect("read program");
         let prog = program_from_bytes(&bytes).expect("program");
+        // As the device does: report a trapped call (number and arguments) on the pipe the
+        // launcher named, before the filter goes in.
+        if let Some(fd) = std::env::var("HOSTMEM_SIGSYS_FD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            hostmem_base::sandbox::install_sigsys_reporter(fd).expect("SIGSYS reporter");
+        }
         set_no_new_privs().expect("no_new_privs");
         if install_filter(&prog, false).is_err() {
             std::process::exit(3);
