@@ -27,20 +27,32 @@
 //! the syscall number and its six arguments to the pipe with one raw `write`, and the call
 //! is re-issued with SIGSYS at its default action, so the process still dies by SIGSYS.
 //! [`JailedChild::sigsys_report`] reads the record (falling back to the kernel's audit line
-//! in `/dev/kmsg` for programs without the handler). **Log mode** keeps the compiler's
-//! `SECCOMP_RET_LOG` (the call goes through, which policy development needs); the kernel
-//! logs it and [`JailedChild::seccomp_log`] reads those records from `/dev/kmsg`.
+//! in `/dev/kmsg` for programs without the handler).
+//!
+//! **Log mode** (policy development: find what a policy is missing without dying on the
+//! first call). The compiler turns kill actions into `SECCOMP_RET_LOG`; the launcher sets
+//! [`SECCOMP_NOTIFY_ENV`] and [`child_install_seccomp`] turns those into
+//! `SECCOMP_RET_USER_NOTIF`, installing the filter with a listener. A thread of ours takes a
+//! copy of the listener out of the child with `pidfd_getfd` (found by its
+//! `anon_inode:seccomp notify` link in `/proc/<pid>/fd`, so the child never has to send it
+//! — its own `sendmsg` could be a notified call and would wait forever), records each
+//! notified call with its arguments and answers `CONTINUE`, so the call runs as if allowed.
+//! A call made before the thread holds the listener simply waits for it. The price is a
+//! round trip per violating call, and the listener fd stays open in the child: log mode is
+//! for development, not production. Programs that do not use [`child_install_seccomp`]
+//! keep `SECCOMP_RET_LOG`, which the kernel logs by name only (read from `/dev/kmsg`).
 
 use std::ffi::{CString, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hostmem_base::sandbox::{self, JailPlan, RootOp, SigsysRecord, SpawnError, Step};
-use hostmem_base::seccomp::SockFilter;
+use hostmem_base::seccomp::{ListenerEvent, NotifyListener, SeccompError, SockFilter};
 use hostmem_base::shm::SharedMemory;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
@@ -54,8 +66,20 @@ use crate::error::Error;
 /// report pipe.
 pub const SIGSYS_FD_ENV: &str = "HOSTMEM_SIGSYS_FD";
 
+/// The environment variable that tells [`child_install_seccomp`] to turn log actions into
+/// user notifications (log mode, see the module doc).
+pub const SECCOMP_NOTIFY_ENV: &str = "HOSTMEM_SECCOMP_NOTIFY";
+
 /// `SECCOMP_RET_TRAP`.
 const RET_TRAP: u32 = 0x0003_0000;
+/// `SECCOMP_RET_LOG`.
+const RET_LOG: u32 = 0x7ffc_0000;
+/// `SECCOMP_RET_USER_NOTIF`.
+const RET_USER_NOTIF: u32 = 0x7fc0_0000;
+/// Distinct (syscall, arguments) records log mode keeps per program.
+const MAX_NOTIFIED: usize = 4096;
+/// How long log mode waits for the program to install its filter.
+const LISTENER_WAIT: Duration = Duration::from_secs(10);
 
 /// Resource limits for the jailed program.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -156,11 +180,11 @@ pub struct SyscallReport {
     pub nr: u32,
     /// Its name.
     pub name: String,
-    /// The six arguments, when the SIGSYS handler reported the call (the audit record has
-    /// none).
+    /// The six arguments, when the SIGSYS handler or the log-mode listener reported the
+    /// call (the audit record has none).
     pub args: Option<[u64; 6]>,
-    /// The seccomp action: 0x00030000 trap (handler record), 0x80000000 kill or 0x7ffc0000
-    /// log (audit records).
+    /// The seccomp action: 0x00030000 trap (handler record), 0x7fc00000 user notification
+    /// (log-mode listener), 0x80000000 kill or 0x7ffc0000 log (audit records).
     pub code: u32,
 }
 
@@ -210,6 +234,141 @@ pub struct JailedChild {
     status: Option<ExitInfo>,
     report: Option<OwnedFd>,
     records: Mutex<Vec<u8>>,
+    notifier: Option<Notifier>,
+}
+
+/// The log-mode listener thread of one program (see the module doc).
+#[derive(Debug)]
+struct Notifier {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<SyscallReport>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Notifier {
+    fn start(pid: i32) -> Result<Notifier, Error> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s, v) = (stop.clone(), seen.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("seccomp-log-{pid}"))
+            .spawn(move || serve_notifications(pid, &s, &v))
+            .map_err(|e| step_err("log-mode listener thread", errno_of(&e)))?;
+        Ok(Notifier {
+            stop,
+            seen,
+            thread: Some(thread),
+        })
+    }
+
+    fn reports(&self) -> Vec<SyscallReport> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops the thread once the program is gone (no more notifications can come).
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The fd number of the seccomp listener in `pid`'s fd table, if it has one.
+fn find_listener_fd(pid: i32) -> Option<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .find(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|t| t.as_os_str().as_bytes() == b"anon_inode:seccomp notify")
+        })
+        .and_then(|e| e.file_name().to_str()?.parse().ok())
+}
+
+fn serve_notifications(pid: i32, stop: &AtomicBool, seen: &Mutex<Vec<SyscallReport>>) {
+    let t0 = Instant::now();
+    let listener = loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(fd) = find_listener_fd(pid) {
+            match NotifyListener::take_from(pid, fd) {
+                Ok(l) => break l,
+                Err(e) => {
+                    log::error!("seccomp log mode: pid {pid}: {e}; its calls outside the policy will wait until it is killed");
+                    return;
+                }
+            }
+        }
+        if t0.elapsed() > LISTENER_WAIT {
+            log::warn!("seccomp log mode: pid {pid} installed no listener within {LISTENER_WAIT:?}; nothing to report");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    log::debug!("seccomp log mode: serving pid {pid}'s listener");
+    let mut dropped = 0u64;
+    loop {
+        match listener.wait(100) {
+            Ok(ListenerEvent::Ready) => {}
+            Ok(ListenerEvent::Timeout) => {
+                // The program may be stopped for good while still holding the filter
+                // (a zombie never hangs up); the owner tells us.
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                continue;
+            }
+            Ok(ListenerEvent::Hangup) => break,
+            Err(e) => {
+                log::error!("seccomp log mode: pid {pid}: {e}");
+                break;
+            }
+        }
+        let n = match listener.recv() {
+            Ok(n) => n,
+            // The caller was interrupted or died between the poll and the receive.
+            Err(SeccompError::Notify {
+                errno: Errno::ENOENT,
+                ..
+            }) => continue,
+            Err(e) => {
+                log::error!("seccomp log mode: pid {pid}: {e}");
+                break;
+            }
+        };
+        let report = SyscallReport {
+            nr: n.nr as u32,
+            name: if n.arch == 0xc000_003e {
+                syscall_name(n.nr as u32)
+            } else {
+                format!("syscall_{} (arch {:#x})", n.nr, n.arch)
+            },
+            args: Some(n.args),
+            code: RET_USER_NOTIF,
+        };
+        {
+            let mut v = seen.lock().unwrap_or_else(|e| e.into_inner());
+            if !v.contains(&report) {
+                if v.len() < MAX_NOTIFIED {
+                    if !v.iter().any(|r| r.nr == report.nr) {
+                        log::warn!("seccomp log mode: pid {pid} (thread {}) called {report}: not allowed by the policy, let through", n.pid);
+                    }
+                    v.push(report);
+                } else {
+                    dropped += 1;
+                }
+            }
+        }
+        if let Err(e) = listener.continue_call(n.id) {
+            log::error!("seccomp log mode: pid {pid}: answering call {}: {e}", n.id);
+            break;
+        }
+    }
+    if dropped > 0 {
+        log::warn!("seccomp log mode: pid {pid}: {dropped} more distinct calls not recorded (limit {MAX_NOTIFIED})");
+    }
 }
 
 fn errno_of(e: &std::io::Error) -> Errno {
@@ -247,6 +406,9 @@ impl JailedChild {
             _ => return None,
         };
         self.status = Some(info);
+        if let Some(n) = &mut self.notifier {
+            n.finish();
+        }
         Some(info)
     }
 
@@ -332,11 +494,15 @@ impl JailedChild {
         None
     }
 
-    /// Every violation reported for the program: SIGSYS handler records, then the kernel's
-    /// seccomp audit records (log mode: each `SECCOMP_RET_LOG`, as far as the kernel's
+    /// Every violation reported for the program: SIGSYS handler records, log-mode listener
+    /// records (each distinct call with its arguments), then the kernel's seccomp audit
+    /// records (`SECCOMP_RET_LOG` of programs without the listener, as far as the kernel's
     /// rate limit and audit backlog let them through).
     pub fn seccomp_log(&self) -> Vec<SyscallReport> {
         let mut v = self.drain_reports();
+        if let Some(n) = &self.notifier {
+            v.extend(n.reports());
+        }
         v.extend(seccomp_reports(self.pid));
         v
     }
@@ -347,6 +513,9 @@ impl Drop for JailedChild {
         if self.status.is_none() {
             sandbox::kill(self.pid, libc::SIGKILL);
             let _ = self.wait();
+        }
+        if let Some(n) = &mut self.notifier {
+            n.finish();
         }
     }
 }
@@ -604,6 +773,9 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
             .map_err(|e| step_err("report pipe", e))?;
         keep.push((w, n + 1));
         env.push((SIGSYS_FD_ENV.into(), (n + 1).to_string().into()));
+        if cfg.seccomp_log {
+            env.push((SECCOMP_NOTIFY_ENV.into(), "1".into()));
+        }
         report = Some(r);
     }
     let mut argv = vec![cpath(&cfg.program)?];
@@ -681,12 +853,18 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
         t0.elapsed()
     );
     drop(plan); // our copies of the kept fds and the program
-    Ok(JailedChild {
+    let mut child = JailedChild {
         pid,
         status: None,
         report,
         records: Mutex::new(vec![]),
-    })
+        notifier: None,
+    };
+    if cfg.seccomp_log && cfg.seccomp.is_some() {
+        // On failure `child` is dropped: killed and reaped.
+        child.notifier = Some(Notifier::start(pid)?);
+    }
+    Ok(child)
 }
 
 /// What [`verify_jailed`] checked.
@@ -756,6 +934,20 @@ pub fn verify_jailed(pid: i32) -> Result<JailFacts, Error> {
     Ok(facts)
 }
 
+/// Turns every `SECCOMP_RET_LOG` of `prog` into `SECCOMP_RET_USER_NOTIF` (log mode with
+/// arguments, see the module doc). Returns how many were changed.
+pub fn logs_to_notifications(prog: &mut [SockFilter]) -> usize {
+    const BPF_RET_K: u16 = 0x06;
+    let mut n = 0;
+    for i in prog.iter_mut() {
+        if i.code == BPF_RET_K && i.k & 0xffff_0000 == RET_LOG {
+            i.k = RET_USER_NOTIF;
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Turns every kill action (`SECCOMP_RET_KILL_PROCESS`, `_KILL_THREAD`) of `prog` into
 /// `SECCOMP_RET_TRAP`, for the SIGSYS reporter. Returns how many were changed.
 pub fn kills_to_traps(prog: &mut [SockFilter]) -> usize {
@@ -775,7 +967,9 @@ pub fn kills_to_traps(prog: &mut [SockFilter]) -> usize {
 /// no_new_privs and install the filter. If the launcher named a SIGSYS report fd
 /// ([`SIGSYS_FD_ENV`]), a SIGSYS handler is installed first and kill actions become traps,
 /// so a forbidden call is reported (number and arguments) before the process dies by
-/// SIGSYS. Nothing the program reads afterwards can run outside the filter.
+/// SIGSYS. In log mode ([`SECCOMP_NOTIFY_ENV`]) log actions become user notifications and
+/// the filter gets a listener, which the launcher's thread takes (see the module doc).
+/// Nothing the program reads afterwards can run outside the filter.
 pub fn child_install_seccomp(fd: RawFd) -> Result<(), Error> {
     let owned = hostmem_base::fd::take_inherited(fd).map_err(|e| Error::Seccomp(e.to_string()))?;
     let mut f = std::fs::File::from(owned);
@@ -800,5 +994,14 @@ pub fn child_install_seccomp(fd: RawFd) -> Result<(), Error> {
         log::debug!("seccomp: {n} kill actions report through fd {rfd}");
     }
     hostmem_base::seccomp::set_no_new_privs().map_err(|e| Error::Seccomp(e.to_string()))?;
+    if std::env::var_os(SECCOMP_NOTIFY_ENV).is_some() {
+        let n = logs_to_notifications(&mut prog);
+        let listener = hostmem_base::seccomp::install_filter_with_listener(&prog)
+            .map_err(|e| Error::Seccomp(e.to_string()))?;
+        // Stays open for the process's life: the launcher takes its copy with pidfd_getfd.
+        let lfd = listener.into_raw_fd();
+        log::debug!("seccomp log mode: {n} log actions notify through listener fd {lfd}");
+        return Ok(());
+    }
     hostmem_base::seccomp::install_filter(&prog, false).map_err(|e| Error::Seccomp(e.to_string()))
 }
