@@ -15,6 +15,8 @@ pub mod procfs;
 pub mod sandbox;
 pub mod seccomp;
 pub mod shm;
+#[cfg(feature = "virgl")]
+pub mod virgl;
 pub mod window;
 
 pub use error::{Error, Result};

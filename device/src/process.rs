@@ -35,6 +35,8 @@ pub struct Args {
     /// Test knob: allow the mirror only this many VMAs above the count at start (8 of them
     /// kept in reserve), to exercise the headroom refusal.
     pub vma_limit: Option<usize>,
+    /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
+    pub test_ops: bool,
 }
 
 impl Args {
@@ -46,6 +48,7 @@ impl Args {
             seccomp_fd: None,
             backend: "shm".into(),
             vma_limit: None,
+            test_ops: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -56,6 +59,7 @@ impl Args {
                 "--mapping-fd" => a.mapping_fd = fd(val()?)?,
                 "--seccomp-fd" => a.seccomp_fd = Some(fd(val()?)?),
                 "--backend" => a.backend = val()?.clone(),
+                "--test-ops" => a.test_ops = true,
                 "--vma-limit" => {
                     let v = val()?;
                     a.vma_limit = Some(v.parse().map_err(|_| format!("--vma-limit: bad {v}"))?)
@@ -72,11 +76,28 @@ impl Args {
 
 /// Creates the named backend.
 pub fn make_backend(name: &str) -> Result<Box<dyn Backend>> {
+    make_backend_with(name, false)
+}
+
+/// Creates the named backend; `test_ops` turns on its hostmem-private test ops (virgl).
+pub fn make_backend_with(name: &str, test_ops: bool) -> Result<Box<dyn Backend>> {
     match name {
         "shm" => Ok(Box::new(crate::backend::shm::ShmBackend::new())),
-        other => Err(Error::Backend(format!(
-            "unknown backend {other} (this build has: shm)"
-        ))),
+        #[cfg(feature = "virgl")]
+        "virgl" => crate::backend::virgl::VirglBackend::new(test_ops)
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .map_err(|e| Error::Backend(format!("virgl: {e}"))),
+        other => {
+            let _ = test_ops;
+            let built = if cfg!(feature = "virgl") {
+                "shm, virgl"
+            } else {
+                "shm"
+            };
+            Err(Error::Backend(format!(
+                "unknown backend {other} (this build has: {built})"
+            )))
+        }
     }
 }
 
@@ -133,7 +154,7 @@ fn run(args: &Args) -> Result<()> {
         log::warn!("test knob: mirror VMA limit {now} + {limit} (reserve 8)");
         mirror.set_vma_limit(now + limit, 8);
     }
-    let backend = make_backend(&args.backend)?;
+    let backend = make_backend_with(&args.backend, args.test_ops)?;
     let backend_name = backend.name().to_string();
     mapping.send(
         &DeviceMsg::Ready {

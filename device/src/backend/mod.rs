@@ -4,6 +4,8 @@
 use std::os::fd::OwnedFd;
 
 pub mod shm;
+#[cfg(feature = "virgl")]
+pub mod virgl;
 
 /// Why a backend refused an operation. The handler turns it into a virtio-gpu error
 /// response ([`BackendError::response`]) and logs the message.

@@ -1,0 +1,461 @@
+//! A safe wrapper of the system's virglrenderer (Debian 12: 0.10.4), for the device's
+//! `virgl` backend. Behind the `virgl` feature of this crate.
+//!
+//! # Why `virglrenderer-sys`
+//!
+//! The `virglrenderer-sys` crate (0.1.4) runs bindgen over the installed
+//! `<virgl/virglrenderer.h>` (found with pkg-config, `>= 0.10`, with
+//! `VIRGL_RENDERER_UNSTABLE_APIS`), so its declarations are exactly those of the library we
+//! link: it builds against 0.10.4 here with `libvirglrenderer-dev`, `pkg-config` and
+//! `libclang-dev`. Hand-written declarations would have to be kept in sync with the header
+//! by hand; the generated ones cannot drift.
+//!
+//! The one function the 0.10.4 header lacks, `virgl_renderer_resource_map_fixed` (from
+//! 1.3.0 on), is looked up at run time with `dlsym` ([`Renderer::has_map_fixed`]).
+//!
+//! # Global state
+//!
+//! virglrenderer is one global renderer per process: [`Renderer::init`] succeeds once at a
+//! time (a second live `Renderer` is refused), and dropping the `Renderer` calls
+//! `virgl_renderer_cleanup`. The library is not thread-safe; `Renderer` is `Send` but not
+//! `Sync`, so all calls come from the thread that owns it.
+//!
+//! # Resource ids
+//!
+//! virglrenderer looks resource ids up in its own table, but some versions dereference an
+//! unknown id before checking it (1.3.0's `map_fixed`). Callers (the device's backend) must
+//! pass only ids they created; this wrapper additionally refuses id 0.
+
+use std::ffi::{c_char, c_int, c_void};
+use std::marker::PhantomData;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use virglrenderer_sys as sys;
+
+/// `VIRGL_RENDERER_USE_EGL`.
+pub const USE_EGL: u32 = 1;
+/// `VIRGL_RENDERER_USE_SURFACELESS`.
+pub const USE_SURFACELESS: u32 = 1 << 3;
+/// `VIRGL_RENDERER_USE_GLES`.
+pub const USE_GLES: u32 = 1 << 4;
+/// `VIRGL_RENDERER_VENUS`.
+pub const VENUS: u32 = 1 << 6;
+/// The flags that work headless on Mesa llvmpipe/lavapipe (0x59): EGL alone and GLX need
+/// a render node; SURFACELESS without EGL crashes inside the library.
+pub const HEADLESS_FLAGS: u32 = USE_EGL | USE_SURFACELESS | USE_GLES | VENUS;
+
+/// `VIRGL_RENDERER_BLOB_FD_TYPE_DMABUF`.
+pub const FD_TYPE_DMABUF: u32 = 1;
+/// `VIRGL_RENDERER_BLOB_FD_TYPE_OPAQUE`.
+pub const FD_TYPE_OPAQUE: u32 = 2;
+/// `VIRGL_RENDERER_BLOB_FD_TYPE_SHM`.
+pub const FD_TYPE_SHM: u32 = 3;
+
+/// Largest capset blob we accept from `virgl_renderer_get_cap_set` (venus's is ~160 B,
+/// virgl2's ~1 KiB); a bigger answer is treated as a library bug.
+pub const MAX_CAPSET_SIZE: u32 = 1 << 16;
+
+/// Why a virglrenderer call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A `Renderer` is alive already (the library is one global renderer).
+    #[error("virglrenderer is already initialized in this process")]
+    AlreadyInitialized,
+    /// `virgl_renderer_init` failed.
+    #[error("virgl_renderer_init(flags {flags:#x}) failed: {ret}")]
+    Init {
+        /// The flags.
+        flags: u32,
+        /// Its return value.
+        ret: i32,
+    },
+    /// A library call returned an error.
+    #[error("{op} of {id} failed: {ret} ({})", errno_name(*.ret))]
+    Call {
+        /// The function.
+        op: &'static str,
+        /// Resource or context id.
+        id: u32,
+        /// Its return value (often `-errno`).
+        ret: i32,
+    },
+    /// An argument this wrapper refuses before calling the library.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+fn errno_name(ret: i32) -> String {
+    if ret < 0 {
+        nix::errno::Errno::from_raw(-ret).desc().to_string()
+    } else {
+        "error".into()
+    }
+}
+
+/// Result alias of this module.
+pub type Result<T> = std::result::Result<T, Error>;
+
+static INITIALIZED: AtomicBool = AtomicBool::new(false);
+/// The cookie handed to the library: it refuses a null cookie, and our callbacks ignore it.
+static COOKIE: u8 = 0;
+
+fn cookie() -> *mut c_void {
+    std::ptr::addr_of!(COOKIE).cast_mut().cast()
+}
+/// Highest fence id the renderer reported through `write_fence`.
+static LAST_FENCE: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn write_fence(_cookie: *mut c_void, fence: u32) {
+    LAST_FENCE.fetch_max(u64::from(fence), Ordering::SeqCst);
+}
+
+extern "C" fn write_context_fence(_cookie: *mut c_void, ctx_id: u32, ring_idx: u32, fence: u64) {
+    log::debug!("virgl: context {ctx_id} ring {ring_idx} fence {fence} signalled");
+}
+
+/// The `virgl_renderer_resource_map_fixed(res, addr)` signature of virglrenderer >= 1.3.0.
+type MapFixedFn = unsafe extern "C" fn(u32, *mut c_void) -> c_int;
+
+/// What `virgl_renderer_resource_export_blob` gave.
+#[derive(Debug)]
+pub struct ExportedFd {
+    /// `FD_TYPE_*`.
+    pub fd_type: u32,
+    /// The fd (ours: the library hands out a dup).
+    pub fd: OwnedFd,
+}
+
+/// The process's virglrenderer. See the module docs.
+#[derive(Debug)]
+pub struct Renderer {
+    flags: u32,
+    map_fixed: Option<MapFixedFn>,
+    /// Not `Sync`: the library is not thread-safe.
+    _not_sync: PhantomData<std::cell::Cell<()>>,
+}
+
+impl Renderer {
+    /// `virgl_renderer_init(flags)` with our fence callbacks, and the run-time lookup of
+    /// `virgl_renderer_resource_map_fixed`.
+    pub fn init(flags: u32) -> Result<Renderer> {
+        if INITIALIZED.swap(true, Ordering::SeqCst) {
+            return Err(Error::AlreadyInitialized);
+        }
+        // The library keeps the pointer to the callbacks for its whole life: a static.
+        static mut CALLBACKS: sys::virgl_renderer_callbacks = sys::virgl_renderer_callbacks {
+            version: 3,
+            write_fence: Some(write_fence),
+            create_gl_context: None,
+            destroy_gl_context: None,
+            make_current: None,
+            get_drm_fd: None,
+            write_context_fence: Some(write_context_fence),
+            get_server_fd: None,
+            get_egl_display: None,
+        };
+        let flags_c = c_int::try_from(flags)
+            .map_err(|_| Error::InvalidArgument(format!("flags {flags:#x}")))?;
+        // SAFETY: CALLBACKS is a static (lives forever) that only the library reads, and
+        // INITIALIZED makes this the only init in the process until cleanup; the cookie is
+        // never dereferenced (our callbacks ignore it), it only has to be non-null.
+        let ret = unsafe {
+            sys::virgl_renderer_init(cookie(), flags_c, std::ptr::addr_of_mut!(CALLBACKS))
+        };
+        if ret != 0 {
+            INITIALIZED.store(false, Ordering::SeqCst);
+            return Err(Error::Init { flags, ret });
+        }
+        let name = c"virgl_renderer_resource_map_fixed";
+        // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads the loaded
+        // objects' symbol tables.
+        let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        let map_fixed = if sym.is_null() {
+            None
+        } else {
+            // SAFETY: the symbol of that name has this signature in every virglrenderer that
+            // exports it (1.3.0 on); a non-null pointer from dlsym is a valid function address.
+            Some(unsafe { std::mem::transmute::<*mut c_void, MapFixedFn>(sym) })
+        };
+        log::info!(
+            "virglrenderer initialized (flags {flags:#x}); virgl_renderer_resource_map_fixed {}",
+            if map_fixed.is_some() {
+                "present"
+            } else {
+                "absent (placement exports the blob and maps its fd)"
+            }
+        );
+        Ok(Renderer {
+            flags,
+            map_fixed,
+            _not_sync: PhantomData,
+        })
+    }
+
+    /// The init flags.
+    pub fn flags(&self) -> u32 {
+        self.flags
+    }
+
+    /// Whether the loaded library has `virgl_renderer_resource_map_fixed` (>= 1.3.0).
+    pub fn has_map_fixed(&self) -> bool {
+        self.map_fixed.is_some()
+    }
+
+    /// `virgl_renderer_get_cap_set`: `(max_version, max_size)`; size 0 when not offered.
+    /// (0.10.4 reports venus with max version 0: the size says whether a set exists.)
+    pub fn capset_info(&self, set: u32) -> (u32, u32) {
+        let (mut ver, mut size) = (0u32, 0u32);
+        // SAFETY: two valid out-pointers to u32s on our stack.
+        unsafe { sys::virgl_renderer_get_cap_set(set, &mut ver, &mut size) };
+        (ver, size)
+    }
+
+    /// `virgl_renderer_fill_caps`: the capset blob of `set`/`version`.
+    pub fn fill_caps(&self, set: u32, version: u32) -> Result<Vec<u8>> {
+        let (max_ver, size) = self.capset_info(set);
+        if size == 0 || version > max_ver || size > MAX_CAPSET_SIZE {
+            return Err(Error::InvalidArgument(format!(
+                "capset {set} version {version} (offered: version {max_ver}, {size} bytes)"
+            )));
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: the library writes at most the `size` it reported for this set, and buf
+        // has exactly that many bytes.
+        unsafe { sys::virgl_renderer_fill_caps(set, version, buf.as_mut_ptr().cast()) };
+        Ok(buf)
+    }
+
+    /// `virgl_renderer_context_create_with_flags` with the capset id in the flags.
+    pub fn context_create(&self, ctx_id: u32, capset_id: u32, name: &[u8]) -> Result<()> {
+        if ctx_id == 0 || capset_id > 0xff {
+            return Err(Error::InvalidArgument(format!(
+                "context {ctx_id} capset {capset_id}"
+            )));
+        }
+        let nlen = u32::try_from(name.len().min(64)).unwrap_or(64);
+        // SAFETY: name points to at least nlen readable bytes; the library copies them.
+        let ret = unsafe {
+            sys::virgl_renderer_context_create_with_flags(
+                ctx_id,
+                capset_id,
+                nlen,
+                name.as_ptr().cast::<c_char>(),
+            )
+        };
+        check("virgl_renderer_context_create_with_flags", ctx_id, ret)
+    }
+
+    /// `virgl_renderer_context_destroy`.
+    pub fn context_destroy(&self, ctx_id: u32) {
+        // SAFETY: the library looks the id up and ignores unknown ids.
+        unsafe { sys::virgl_renderer_context_destroy(ctx_id) };
+    }
+
+    /// `virgl_renderer_submit_cmd`: `stream` must be whole dwords.
+    pub fn submit_cmd(&self, ctx_id: u32, stream: &[u8]) -> Result<()> {
+        if !stream.len().is_multiple_of(4) {
+            return Err(Error::InvalidArgument(format!(
+                "stream of {} bytes is not whole dwords",
+                stream.len()
+            )));
+        }
+        let ndw = c_int::try_from(stream.len() / 4)
+            .map_err(|_| Error::InvalidArgument("stream too long".into()))?;
+        // The library takes a mutable, dword-aligned buffer: copy into u32s.
+        let mut dwords: Vec<u32> = stream
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let ctx = c_int::try_from(ctx_id)
+            .map_err(|_| Error::InvalidArgument(format!("context {ctx_id}")))?;
+        // SAFETY: dwords holds exactly ndw u32s, aligned, alive for the call.
+        let ret = unsafe { sys::virgl_renderer_submit_cmd(dwords.as_mut_ptr().cast(), ctx, ndw) };
+        check("virgl_renderer_submit_cmd", ctx_id, ret)
+    }
+
+    /// `virgl_renderer_create_fence` then `virgl_renderer_poll` until the fence signalled
+    /// or `spins` polls passed; returns whether it signalled.
+    pub fn fence_and_wait(&self, fence_id: u32, ctx_id: u32, spins: u32) -> Result<bool> {
+        let fence = c_int::try_from(fence_id)
+            .map_err(|_| Error::InvalidArgument(format!("fence {fence_id}")))?;
+        // SAFETY: plain integer arguments.
+        let ret = unsafe { sys::virgl_renderer_create_fence(fence, ctx_id) };
+        check("virgl_renderer_create_fence", ctx_id, ret)?;
+        for _ in 0..spins {
+            // SAFETY: no arguments; runs our write_fence callback for retired fences.
+            unsafe { sys::virgl_renderer_poll() };
+            if LAST_FENCE.load(Ordering::SeqCst) >= u64::from(fence_id) {
+                return Ok(true);
+            }
+            std::thread::yield_now();
+        }
+        Ok(false)
+    }
+
+    /// `virgl_renderer_resource_create_blob` (no iovecs: HOST3D only).
+    pub fn create_blob(
+        &self,
+        res_id: u32,
+        ctx_id: u32,
+        blob_mem: u32,
+        blob_flags: u32,
+        blob_id: u64,
+        size: u64,
+    ) -> Result<()> {
+        if res_id == 0 {
+            return Err(Error::InvalidArgument("resource id 0".into()));
+        }
+        let args = sys::virgl_renderer_resource_create_blob_args {
+            res_handle: res_id,
+            ctx_id,
+            blob_mem,
+            blob_flags,
+            blob_id,
+            size,
+            iovecs: std::ptr::null(),
+            num_iovs: 0,
+        };
+        // SAFETY: args is a valid struct with no iovecs (null, 0), read during the call.
+        let ret = unsafe { sys::virgl_renderer_resource_create_blob(&args) };
+        check("virgl_renderer_resource_create_blob", res_id, ret)
+    }
+
+    /// `virgl_renderer_resource_unref`.
+    pub fn resource_unref(&self, res_id: u32) {
+        // SAFETY: the library looks the id up and ignores unknown ids.
+        unsafe { sys::virgl_renderer_resource_unref(res_id) };
+    }
+
+    /// `virgl_renderer_resource_get_map_info` (needs `fill_caps` to have run once).
+    pub fn map_info(&self, res_id: u32) -> Result<u32> {
+        let mut info = 0u32;
+        // SAFETY: a valid out-pointer.
+        let ret = unsafe { sys::virgl_renderer_resource_get_map_info(res_id, &mut info) };
+        check("virgl_renderer_resource_get_map_info", res_id, ret).map(|()| info)
+    }
+
+    /// `virgl_renderer_resource_export_blob`: the blob's fd, which we own.
+    pub fn export_blob(&self, res_id: u32) -> Result<ExportedFd> {
+        let (mut fd_type, mut fd) = (0u32, -1 as c_int);
+        // SAFETY: two valid out-pointers.
+        let ret =
+            unsafe { sys::virgl_renderer_resource_export_blob(res_id, &mut fd_type, &mut fd) };
+        check("virgl_renderer_resource_export_blob", res_id, ret)?;
+        if fd < 0 {
+            return Err(Error::Call {
+                op: "virgl_renderer_resource_export_blob (no fd)",
+                id: res_id,
+                ret: fd,
+            });
+        }
+        // SAFETY: on success the library handed us a fresh fd (a dup) that nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(ExportedFd { fd_type, fd })
+    }
+
+    /// `virgl_renderer_resource_map`: the renderer's own mapping of the blob, unmapped when
+    /// the returned value drops. The library allows one mapping per resource at a time.
+    pub fn map(&self, res_id: u32) -> Result<RendererMapping<'_>> {
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        let mut size = 0u64;
+        // SAFETY: two valid out-pointers.
+        let ret = unsafe { sys::virgl_renderer_resource_map(res_id, &mut ptr, &mut size) };
+        check("virgl_renderer_resource_map", res_id, ret)?;
+        let len = usize::try_from(size).unwrap_or(0);
+        if ptr.is_null() || len == 0 {
+            // SAFETY: the map succeeded, so undoing it is valid.
+            unsafe { sys::virgl_renderer_resource_unmap(res_id) };
+            return Err(Error::Call {
+                op: "virgl_renderer_resource_map (empty)",
+                id: res_id,
+                ret: 0,
+            });
+        }
+        Ok(RendererMapping {
+            res_id,
+            ptr: ptr.cast(),
+            len,
+            _renderer: PhantomData,
+        })
+    }
+}
+
+impl Drop for Renderer {
+    fn drop(&mut self) {
+        // SAFETY: init succeeded for this Renderer and nothing borrows it any more
+        // (RendererMapping borrows it); cleanup frees every context and resource.
+        unsafe { sys::virgl_renderer_cleanup(cookie()) };
+        INITIALIZED.store(false, Ordering::SeqCst);
+    }
+}
+
+fn check(op: &'static str, id: u32, ret: c_int) -> Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(Error::Call { op, id, ret })
+    }
+}
+
+/// The renderer's own mapping of one resource (`virgl_renderer_resource_map`), for reads
+/// and writes through the renderer's view. Unmapped on drop.
+#[derive(Debug)]
+pub struct RendererMapping<'r> {
+    res_id: u32,
+    ptr: *mut u8,
+    len: usize,
+    _renderer: PhantomData<&'r Renderer>,
+}
+
+impl RendererMapping<'_> {
+    /// Length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true (an empty map is refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn range(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(Error::InvalidArgument(format!(
+                "{offset:#x}+{len:#x} outside a mapping of {:#x} bytes",
+                self.len
+            ))),
+        }
+    }
+
+    /// Copies `buf.len()` bytes at `offset` out of the mapping.
+    pub fn read_slice(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.range(offset, buf.len())?;
+        // SAFETY: the range is inside the live mapping (checked above); volatile-free copy
+        // is fine because nothing else in this process writes it concurrently.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `data` into the mapping at `offset`.
+    pub fn write_slice(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.range(offset, data.len())?;
+        // SAFETY: the range is inside the live, writable mapping (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) };
+        Ok(())
+    }
+}
+
+impl Drop for RendererMapping<'_> {
+    fn drop(&mut self) {
+        // SAFETY: this resource was mapped by Renderer::map and not unmapped since.
+        let ret = unsafe { sys::virgl_renderer_resource_unmap(self.res_id) };
+        if ret != 0 {
+            log::warn!(
+                "virgl_renderer_resource_unmap({}) failed: {ret}",
+                self.res_id
+            );
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! The `virgl` backend: a real renderer, Debian's virglrenderer 0.10.4 through the safe
+//! wrapper [`hostmem_base::virgl`] (cargo feature `virgl`).
+//!
+//! # Renderer
+//!
+//! `virgl_renderer_init` with `EGL | SURFACELESS | GLES | VENUS` (0x59): headless on Mesa
+//! llvmpipe (GL, for vrend contexts) and lavapipe (Vulkan, for venus contexts). At start
+//! the backend asks the library which of the capsets VIRGL (1), VIRGL2 (2) and VENUS (4) it
+//! offers and fills each once (`virgl_renderer_fill_caps` must have run before
+//! `virgl_renderer_resource_get_map_info` answers).
+//!
+//! # Contexts, blobs, streams
+//!
+//! * `CTX_CREATE` with capset 0 makes a VIRGL2 (vrend) context; 1, 2, 4 as asked.
+//! * `RESOURCE_CREATE_BLOB`: HOST3D only (GUEST needs guest RAM, which the device does not
+//!   have), in a renderer context. A venus blob with `blob_id` 0 and flags exactly MAPPABLE
+//!   is an SHM memfd inside the renderer; a vrend blob names a pipe resource that the
+//!   context's stream created (`VIRGL_CCMD_PIPE_RESOURCE_CREATE` with that blob id).
+//! * `SUBMIT_3D` is passed to `virgl_renderer_submit_cmd`; for vrend contexts the backend
+//!   then creates a fence and polls until it signals, so the command is complete when the
+//!   guest's response (which echoes the guest's fence) goes out.
+//! * **Every resource id is checked against the backend's own table before it reaches the
+//!   library** (unknown ids are `InvalidId`): some virglrenderer versions dereference an
+//!   unknown id before they check it.
+//!
+//! # Placement
+//!
+//! `RESOURCE_MAP_BLOB` exports the blob (`virgl_renderer_resource_export_blob`):
+//!
+//! * SHM (type 3): the memfd is sealed against shrinking and growing (the VMM refuses
+//!   unsealed fds: a file that shrinks under a mapping is a SIGBUS hole), `fd_offset` 0, and
+//!   the map info the library reports. The device's mirror places it with MAP_FIXED and
+//!   sends it to the VMM like any blob.
+//! * OPAQUE (type 2, lavapipe's VkDeviceMemory): the data does not start at file offset 0
+//!   and the library does not say where: refused with `ERR_UNSPEC`.
+//! * Export fails (EINVAL) for a **pointer-only** blob (a vrend HOST3D buffer: the library
+//!   has only an in-process pointer from `glMapBufferRange`). Nothing can cross into the
+//!   VMM, so MAP_BLOB answers `ERR_UNSPEC` and a log line says why — never a success that
+//!   maps nothing.
+//!
+//! `virgl_renderer_resource_map_fixed` (virglrenderer >= 1.3.0) is looked up at run time and
+//! its presence logged; Debian's 0.10.4 lacks it. For SHM fds it does exactly the MAP_FIXED
+//! of the exported fd that the mirror does, so placement always takes the export path.
+//!
+//! # Test ops (hostmem-private, off unless the device runs with `--test-ops`)
+//!
+//! To prove that the guest sees what the renderer sees, with `--test-ops` the backend also
+//! offers capset [`TEST_CAPSET_ID`]. A context of that capset has no renderer context; its
+//! `SUBMIT_3D` streams are the shm backend's FILL / WRITE / CHECKSUM ops
+//! ([`super::shm::decode_stream`]) and run **through the renderer's own mapping**
+//! (`virgl_renderer_resource_map`) of any blob the backend holds, so a FILL is a write by
+//! the renderer that the KVM guest must then read through the window, and a CHECKSUM reads
+//! back a guest write through the renderer. A device started without `--test-ops` does not
+//! offer the capset and refuses contexts of it.
+
+use std::collections::BTreeMap;
+
+use hostmem_base::shm::SharedMemory;
+use hostmem_base::virgl::{self, Renderer, FD_TYPE_DMABUF, FD_TYPE_OPAQUE, FD_TYPE_SHM};
+
+use super::shm::{decode_stream, pattern_bytes, Checksum, ShmOp, CHECKSUM_INIT};
+use super::{Backend, BackendError, BlobCreate, CapsetInfo, ExportedBlob};
+use crate::wire::{
+    VIRTIO_GPU_BLOB_MEM_HOST3D, VIRTIO_GPU_CAPSET_VENUS, VIRTIO_GPU_CAPSET_VIRGL,
+    VIRTIO_GPU_CAPSET_VIRGL2,
+};
+
+/// The hostmem-private test capset (not a spec id; next to the shm backend's 0x48).
+pub const TEST_CAPSET_ID: u32 = 0x49;
+/// Its only version.
+pub const TEST_CAPSET_VERSION: u32 = 1;
+/// Its bytes: `b"HMVIRGL\0"` and the op bit mask of the shm stream (FILL, WRITE, CHECKSUM).
+pub const TEST_CAPSET_BYTES: &[u8; 12] = b"HMVIRGL\0\x0e\0\0\0";
+
+/// Capsets asked of the library, in `GET_CAPSET_INFO` index order.
+const LIBRARY_CAPSETS: [u32; 3] = [
+    VIRTIO_GPU_CAPSET_VIRGL,
+    VIRTIO_GPU_CAPSET_VIRGL2,
+    VIRTIO_GPU_CAPSET_VENUS,
+];
+
+/// Polls of `virgl_renderer_poll` before a vrend fence counts as lost.
+const FENCE_SPINS: u32 = 100_000;
+
+/// Chunk size of FILL and CHECKSUM.
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+struct VirglBlob {
+    ctx_id: u32,
+    size: u64,
+}
+
+/// The virgl backend (see the module docs).
+#[derive(Debug)]
+pub struct VirglBackend {
+    renderer: Renderer,
+    capsets: Vec<CapsetInfo>,
+    test_ops: bool,
+    /// Live contexts and their capset (TEST_CAPSET_ID: no renderer context).
+    contexts: BTreeMap<u32, u32>,
+    blobs: BTreeMap<u32, VirglBlob>,
+    next_fence: u32,
+}
+
+fn call_error(what: &str, e: virgl::Error) -> BackendError {
+    BackendError::Unspec(format!("{what}: {e}"))
+}
+
+impl VirglBackend {
+    /// Initializes virglrenderer headless and reads its capsets. `test_ops` offers the
+    /// private [`TEST_CAPSET_ID`] (see the module docs).
+    pub fn new(test_ops: bool) -> Result<Self, BackendError> {
+        let renderer = Renderer::init(virgl::HEADLESS_FLAGS)
+            .map_err(|e| BackendError::Unspec(format!("virglrenderer: {e}")))?;
+        let mut capsets = Vec::new();
+        for id in LIBRARY_CAPSETS {
+            let (max_version, max_size) = renderer.capset_info(id);
+            // 0.10.4 reports venus as version 0: only the size says whether a set exists.
+            if max_size == 0 {
+                log::info!("virgl: capset {id} not offered by the library");
+                continue;
+            }
+            // Filling once is what makes get_map_info answer (vrend reads its caps there).
+            renderer
+                .fill_caps(id, max_version)
+                .map_err(|e| call_error("virgl_renderer_fill_caps", e))?;
+            capsets.push(CapsetInfo {
+                id,
+                max_version,
+                max_size,
+            });
+        }
+        if test_ops {
+            log::warn!("virgl: hostmem test ops enabled (capset {TEST_CAPSET_ID:#x})");
+            capsets.push(CapsetInfo {
+                id: TEST_CAPSET_ID,
+                max_version: TEST_CAPSET_VERSION,
+                max_size: TEST_CAPSET_BYTES.len() as u32,
+            });
+        }
+        log::info!(
+            "virgl: capsets {:?}",
+            capsets.iter().map(|c| c.id).collect::<Vec<_>>()
+        );
+        Ok(VirglBackend {
+            renderer,
+            capsets,
+            test_ops,
+            contexts: BTreeMap::new(),
+            blobs: BTreeMap::new(),
+            next_fence: 1,
+        })
+    }
+
+    /// Whether the loaded library has `virgl_renderer_resource_map_fixed`.
+    pub fn has_map_fixed(&self) -> bool {
+        self.renderer.has_map_fixed()
+    }
+
+    /// Number of live blobs.
+    pub fn blob_count(&self) -> usize {
+        self.blobs.len()
+    }
+
+    fn blob(&self, id: u32) -> Result<VirglBlob, BackendError> {
+        self.blobs
+            .get(&id)
+            .copied()
+            .ok_or_else(|| BackendError::InvalidId(format!("no resource {id}")))
+    }
+
+    fn run_test_ops(&self, stream: &[u8]) -> Result<Vec<u8>, BackendError> {
+        let ops = decode_stream(stream)?;
+        // Check everything before anything runs, as the shm backend does.
+        for op in &ops {
+            let id = op.resource_id();
+            let blob = self.blob(id).map_err(|_| {
+                BackendError::InvalidParameter(format!("stream names unknown resource {id}"))
+            })?;
+            let (offset, len) = op.range();
+            if offset.checked_add(len).is_none_or(|end| end > blob.size) {
+                return Err(BackendError::InvalidParameter(format!(
+                    "range {offset:#x}+{len:#x} outside resource {id} of {:#x} bytes",
+                    blob.size
+                )));
+            }
+        }
+        let mut reply = Vec::new();
+        for op in &ops {
+            let id = op.resource_id();
+            let (offset, len) = op.range();
+            if len == 0 {
+                if matches!(op, ShmOp::Checksum { .. }) {
+                    reply.extend_from_slice(&CHECKSUM_INIT.to_le_bytes());
+                }
+                continue;
+            }
+            // The renderer's own mapping: what the renderer writes and reads.
+            let map = self
+                .renderer
+                .map(id)
+                .map_err(|e| call_error("renderer mapping", e))?;
+            let io = |e: virgl::Error| BackendError::Unspec(format!("resource {id}: {e}"));
+            let to_usize = |v: u64| {
+                usize::try_from(v)
+                    .map_err(|_| BackendError::InvalidParameter(format!("{v:#x} too large")))
+            };
+            let (start, len) = (to_usize(offset)?, to_usize(len)?);
+            match op {
+                ShmOp::Fill { seed, .. } => {
+                    let mut done = 0usize;
+                    while done < len {
+                        let n = CHUNK.min(len - done);
+                        let at = start + done;
+                        map.write_slice(at, &pattern_bytes(*seed, at as u64, n))
+                            .map_err(io)?;
+                        done += n;
+                    }
+                }
+                ShmOp::Write { data, .. } => map.write_slice(start, data).map_err(io)?,
+                ShmOp::Checksum { .. } => {
+                    let mut c = Checksum::new();
+                    let mut buf = vec![0u8; CHUNK.min(len)];
+                    let mut done = 0usize;
+                    while done < len {
+                        let n = CHUNK.min(len - done);
+                        map.read_slice(start + done, &mut buf[..n]).map_err(io)?;
+                        c.update(&buf[..n]);
+                        done += n;
+                    }
+                    reply.extend_from_slice(&c.value().to_le_bytes());
+                }
+            }
+        }
+        Ok(reply)
+    }
+}
+
+impl Backend for VirglBackend {
+    fn name(&self) -> &'static str {
+        "virgl"
+    }
+
+    fn capsets(&self) -> Vec<CapsetInfo> {
+        self.capsets.clone()
+    }
+
+    fn capset(&mut self, id: u32, version: u32) -> Result<Vec<u8>, BackendError> {
+        if self.test_ops && id == TEST_CAPSET_ID && version == TEST_CAPSET_VERSION {
+            return Ok(TEST_CAPSET_BYTES.to_vec());
+        }
+        if !self
+            .capsets
+            .iter()
+            .any(|c| c.id == id && id != TEST_CAPSET_ID && version <= c.max_version)
+        {
+            return Err(BackendError::InvalidParameter(format!(
+                "no capset {id} version {version}"
+            )));
+        }
+        self.renderer
+            .fill_caps(id, version)
+            .map_err(|e| BackendError::InvalidParameter(e.to_string()))
+    }
+
+    fn create_context(
+        &mut self,
+        ctx_id: u32,
+        capset_id: u32,
+        name: &[u8],
+    ) -> Result<(), BackendError> {
+        if ctx_id == 0 || self.contexts.contains_key(&ctx_id) {
+            return Err(BackendError::InvalidId(format!(
+                "context {ctx_id} is zero or exists"
+            )));
+        }
+        let capset = if capset_id == 0 {
+            VIRTIO_GPU_CAPSET_VIRGL2
+        } else {
+            capset_id
+        };
+        if !self.capsets.iter().any(|c| c.id == capset) {
+            return Err(BackendError::InvalidParameter(format!(
+                "capset {capset} not offered by the virgl backend"
+            )));
+        }
+        if capset != TEST_CAPSET_ID {
+            self.renderer
+                .context_create(ctx_id, capset, name)
+                .map_err(|e| call_error("context create", e))?;
+        }
+        log::debug!("virgl: context {ctx_id} created with capset {capset}");
+        self.contexts.insert(ctx_id, capset);
+        Ok(())
+    }
+
+    fn destroy_context(&mut self, ctx_id: u32) -> Result<(), BackendError> {
+        let capset = self
+            .contexts
+            .remove(&ctx_id)
+            .ok_or_else(|| BackendError::InvalidId(format!("no context {ctx_id}")))?;
+        if capset != TEST_CAPSET_ID {
+            self.renderer.context_destroy(ctx_id);
+        }
+        Ok(())
+    }
+
+    fn create_blob(&mut self, args: &BlobCreate) -> Result<(), BackendError> {
+        let id = args.resource_id;
+        if id == 0 || self.blobs.contains_key(&id) {
+            return Err(BackendError::InvalidId(format!(
+                "resource {id} is zero or exists"
+            )));
+        }
+        if args.blob_mem != VIRTIO_GPU_BLOB_MEM_HOST3D {
+            return Err(BackendError::InvalidParameter(format!(
+                "blob_mem {} not supported by the virgl backend (HOST3D only)",
+                args.blob_mem
+            )));
+        }
+        match self.contexts.get(&args.ctx_id) {
+            Some(&c) if c != TEST_CAPSET_ID => {}
+            _ => {
+                return Err(BackendError::InvalidId(format!(
+                    "context {} is not a renderer context",
+                    args.ctx_id
+                )))
+            }
+        }
+        self.renderer
+            .create_blob(
+                id,
+                args.ctx_id,
+                args.blob_mem,
+                args.blob_flags,
+                args.blob_id,
+                args.size,
+            )
+            .map_err(|e| {
+                BackendError::InvalidParameter(format!("virgl_renderer_resource_create_blob: {e}"))
+            })?;
+        self.blobs.insert(
+            id,
+            VirglBlob {
+                ctx_id: args.ctx_id,
+                size: args.size,
+            },
+        );
+        Ok(())
+    }
+
+    fn unref(&mut self, resource_id: u32) -> Result<(), BackendError> {
+        self.blob(resource_id)?;
+        self.renderer.resource_unref(resource_id);
+        self.blobs.remove(&resource_id);
+        Ok(())
+    }
+
+    fn submit_3d(&mut self, ctx_id: u32, stream: &[u8]) -> Result<Vec<u8>, BackendError> {
+        let capset = *self
+            .contexts
+            .get(&ctx_id)
+            .ok_or_else(|| BackendError::InvalidId(format!("no context {ctx_id}")))?;
+        if capset == TEST_CAPSET_ID {
+            return self.run_test_ops(stream);
+        }
+        self.renderer
+            .submit_cmd(ctx_id, stream)
+            .map_err(|e| BackendError::InvalidParameter(e.to_string()))?;
+        if capset != VIRTIO_GPU_CAPSET_VENUS {
+            // vrend: complete the stream's GL work before the response goes out.
+            let fence = self.next_fence;
+            self.next_fence = self.next_fence.checked_add(1).unwrap_or(1);
+            let done = self
+                .renderer
+                .fence_and_wait(fence, ctx_id, FENCE_SPINS)
+                .map_err(|e| call_error("fence", e))?;
+            if !done {
+                return Err(BackendError::Unspec(format!(
+                    "vrend fence {fence} of context {ctx_id} did not signal"
+                )));
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn export_blob(&mut self, resource_id: u32) -> Result<ExportedBlob, BackendError> {
+        let blob = self.blob(resource_id)?;
+        let map_info = self
+            .renderer
+            .map_info(resource_id)
+            .map_err(|e| call_error("map info", e))?;
+        let exported = match self.renderer.export_blob(resource_id) {
+            Ok(x) => x,
+            Err(e) => {
+                let why = format!(
+                    "resource {resource_id} (context {}) is pointer-only: virglrenderer cannot \
+                     export it ({e}); its memory exists only as a pointer inside the renderer \
+                     (a vrend HOST3D buffer), so it cannot be placed in the VMM's window",
+                    blob.ctx_id
+                );
+                log::warn!("virgl: MAP_BLOB refused: {why}");
+                return Err(BackendError::Unspec(why));
+            }
+        };
+        match exported.fd_type {
+            FD_TYPE_SHM => {}
+            FD_TYPE_OPAQUE => {
+                return Err(BackendError::Unspec(format!(
+                    "resource {resource_id} exports an OPAQUE fd whose data offset is unknown"
+                )))
+            }
+            FD_TYPE_DMABUF => {
+                return Err(BackendError::Unspec(format!(
+                    "resource {resource_id} exports a dma-buf: not placeable here (no render node)"
+                )))
+            }
+            other => {
+                return Err(BackendError::Unspec(format!(
+                    "resource {resource_id} exports fd type {other}"
+                )))
+            }
+        }
+        // The VMM maps only fds sealed against shrinking; seal it if the library did not.
+        let shm = SharedMemory::from_fd(exported.fd, blob.size)
+            .map_err(|e| BackendError::Unspec(format!("resource {resource_id}: {e}")))?;
+        const SHRINK_AND_GROW: i32 = libc_seals::SHRINK | libc_seals::GROW;
+        let seals = shm
+            .seals()
+            .map_err(|e| BackendError::Unspec(format!("resource {resource_id}: {e}")))?;
+        if seals & SHRINK_AND_GROW != SHRINK_AND_GROW {
+            shm.seal_size().map_err(|e| {
+                BackendError::Unspec(format!(
+                    "resource {resource_id}: the renderer's memfd cannot be sealed: {e}"
+                ))
+            })?;
+        }
+        Ok(ExportedBlob {
+            size: blob.size,
+            fd: shm.into_fd(),
+            fd_offset: 0,
+            map_info,
+        })
+    }
+}
+
+/// `F_SEAL_*` values (linux/fcntl.h), to read `F_GET_SEALS` without a libc dependency.
+mod libc_seals {
+    pub const SHRINK: i32 = 0x0002;
+    pub const GROW: i32 = 0x0004;
+}
