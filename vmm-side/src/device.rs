@@ -301,7 +301,11 @@ impl Device {
     /// Ends the device (killing it if it is still alive), restores the window and reports
     /// how it ended. `cause` says why the VMM is doing this.
     pub fn stop(mut self, cause: &str) -> DeviceExit {
-        // Closing the control queue asks a healthy device to exit; give it a moment.
+        // Closing the control queue asks a healthy device to exit; give it a moment. A
+        // device that stopped reading its mapping tube must not block us here: bounded send.
+        let _ = self
+            .mapping
+            .set_send_timeout(Some(Duration::from_millis(100)));
         let _ = self.mapping.send(&VmmMsg::Shutdown, &[]);
         drop(self.control.take());
         let info = match self.child.wait_timeout(Duration::from_secs(2)) {
@@ -311,9 +315,20 @@ impl Device {
                 self.child.wait().ok()
             }
         };
+        // The child is gone, but another process may still hold its end of the mapping tube
+        // (an unjailed device that forked): shut our end down so that the service thread
+        // sees EOF (or EPIPE in a blocked reply) and returns either way.
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.mapping.as_fd()),
+            nix::sys::socket::Shutdown::Both,
+        );
         if let Some(s) = self.service.take() {
-            // The child is gone, so the service sees EOF and returns.
-            let _ = s.join();
+            if s.join().is_err() {
+                log::error!(
+                    "device pid {}: the mapping service panicked",
+                    self.facts.pid
+                );
+            }
         }
         let restored = match self.hostmem.reset() {
             Ok(n) => n,

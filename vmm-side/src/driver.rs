@@ -55,6 +55,8 @@ impl Driver {
     /// A driver on `control` (a dup of the VMM's end of the control queue).
     pub fn new(control: Tube, hostmem: Arc<Hostmem>) -> Result<Self, DriverError> {
         control.set_recv_timeout(Some(COMMAND_TIMEOUT))?;
+        // A device that stops reading the queue must not block the guest side forever.
+        control.set_send_timeout(Some(COMMAND_TIMEOUT))?;
         Ok(Driver {
             control,
             hostmem,
@@ -64,8 +66,10 @@ impl Driver {
         })
     }
 
-    /// Changes how long a response may take.
+    /// Changes how long a response (or a full queue) may take before the device is
+    /// declared hung.
     pub fn set_timeout(&self, t: Duration) -> Result<(), DriverError> {
+        self.control.set_send_timeout(Some(t))?;
         Ok(self.control.set_recv_timeout(Some(t))?)
     }
 

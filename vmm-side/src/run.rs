@@ -72,6 +72,9 @@ pub struct RunOptions {
     pub show_progress: bool,
     /// Use KVM if it is there (tests may turn it off).
     pub use_kvm: bool,
+    /// How long one guest command may take before the device is declared hung, killed and
+    /// restarted ([`crate::driver::COMMAND_TIMEOUT`] by default; tests shorten it).
+    pub command_timeout: std::time::Duration,
 }
 
 /// Latency summary in µs.
@@ -196,6 +199,7 @@ fn connect(opts: &RunOptions, hostmem: &Arc<Hostmem>) -> anyhow::Result<Session>
             .context("dup of the control queue")?,
     )?;
     let mut driver = Driver::new(control, hostmem.clone())?;
+    driver.set_timeout(opts.command_timeout)?;
     driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
     Ok(Session { device, driver })
 }

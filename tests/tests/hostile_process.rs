@@ -1,0 +1,465 @@
+//! The hostile device as a separate process, started by the real VMM code (`Device::start`,
+//! the stand-in guest `Driver`, the mapping service, `run::run`) in place of the real device.
+//! One scenario per test; the device attacks on the guest's second MAP_BLOB (the first one
+//! gives the overlap attack a live placement to aim at).
+//!
+//! For every scenario: the VMM answers with an error (the guest's command fails, the refusal
+//! is counted) or takes the protocol error and goes on, or declares the device lost, stops
+//! it and a restarted device works; no thread of the VMM panics; the window's mappings in
+//! `/proc/self/maps` equal the VMM's placement table; the VMM's fd count is back to its
+//! baseline; and with KVM a real vCPU reads the right bytes (blob patterns, zeros after
+//! unmap or device death). A watchdog turns a hung VMM into a failure.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hostmem_base::kvm::Vm;
+use hostmem_base::procfs::{fd_count, maps_in_range, open_fds};
+use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmOp};
+use hostmem_device::wire::{
+    Command, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_HOST3D,
+};
+use hostmem_ipc::Tube;
+use hostmem_vmm::device::{Device, DeviceConfig};
+use hostmem_vmm::driver::{CmdError, Driver};
+use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
+use hostmem_vmm::run::{run, Restart, RunOptions};
+
+const P: u64 = 4096;
+const WINDOW: u64 = 16 << 20;
+const CTX: u32 = 1;
+/// How long the stand-in guest waits for one command before declaring the device hung.
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A scenario that takes longer than this means the VMM hung.
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+/// The scenarios compare the process-wide fd count: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Panics in VMM threads (the mapping service), counted by a panic hook.
+static VMM_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let name = std::thread::current().name().map(str::to_string);
+            if name.is_some_and(|n| n.starts_with("mapping-service")) {
+                VMM_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            default(info);
+        }));
+    });
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` under a watchdog: a VMM that hangs fails the whole binary with a clear line
+/// instead of hanging the suite.
+fn with_watchdog(name: &'static str, f: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(WATCHDOG) {
+        Ok(()) => t.join().unwrap(),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            // The scenario panicked: re-raise its failure.
+            if let Err(e) = t.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            eprintln!("hostile scenario {name}: the VMM hung for {WATCHDOG:?}");
+            std::process::exit(101);
+        }
+    }
+}
+
+struct Vmm {
+    hm: Arc<Hostmem>,
+    probe: Option<GuestProbe>,
+    /// Fds of the VMM once the window (and VM, probe) exist.
+    baseline_fds: usize,
+    marker: PathBuf,
+}
+
+fn vmm(name: &str) -> Vmm {
+    let vm = match Vm::available() {
+        Ok(()) => Some(Arc::new(Vm::open().unwrap())),
+        Err(why) => {
+            println!("skipped: /dev/kvm unusable ({why}): no guest probe in scenario {name}");
+            None
+        }
+    };
+    let hm = Arc::new(
+        Hostmem::new(
+            WINDOW,
+            vm.clone(),
+            DEFAULT_WINDOW_GPA,
+            Mode::Fixed,
+            Limits::default(),
+        )
+        .unwrap(),
+    );
+    let probe = vm.map(|vm| GuestProbe::new(vm, DEFAULT_WINDOW_GPA, WINDOW, 8 << 20).unwrap());
+    let marker = std::env::temp_dir().join(format!(
+        "hostmem-hostile-{name}-{}-once",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&marker);
+    Vmm {
+        hm,
+        probe,
+        baseline_fds: fd_count().unwrap(),
+        marker,
+    }
+}
+
+fn config(scenario: &str, marker: &Path) -> DeviceConfig {
+    DeviceConfig {
+        program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem-hostile-device")),
+        pre_args: vec![
+            "--scenario".into(),
+            scenario.into(),
+            "--attack-on".into(),
+            "2".into(),
+            "--once".into(),
+            marker.display().to_string(),
+        ],
+        extra_args: vec![],
+        backend: "shm".into(),
+        // Unjailed: the attacks need sockets, pipes and /dev/zero, which the jail forbids.
+        jailed: false,
+        policy: None,
+        seccomp_log: false,
+        ro_binds: vec![],
+        log_filter: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
+    }
+}
+
+struct Session {
+    dev: Device,
+    drv: Driver,
+}
+
+fn connect(v: &Vmm, scenario: &str) -> Session {
+    let dev = Device::start(&config(scenario, &v.marker), v.hm.clone()).unwrap();
+    let control = Tube::from_fd(dev.control().as_fd().try_clone_to_owned().unwrap()).unwrap();
+    let mut drv = Driver::new(control, v.hm.clone()).unwrap();
+    drv.set_timeout(COMMAND_TIMEOUT).unwrap();
+    drv.ctx_create(CTX, 0).unwrap();
+    Session { dev, drv }
+}
+
+/// Creates blob `res` of `size` bytes filled by the renderer; returns its bytes.
+fn blob(s: &mut Session, res: u32, size: u64) -> Vec<u8> {
+    s.drv.create_blob(CTX, res, 0, size).unwrap();
+    let seed = u64::from(res) * 7919;
+    let fill = encode_stream(&[ShmOp::Fill {
+        resource_id: res,
+        offset: 0,
+        len: size,
+        seed,
+    }]);
+    s.drv.submit_3d(CTX, fill).unwrap();
+    pattern_bytes(seed, 0, size as usize)
+}
+
+impl Vmm {
+    /// The window's mappings equal the placement table: background everywhere else.
+    fn consistent(&self, when: &str) {
+        let (start, len) = self.hm.window().host_range();
+        let maps = maps_in_range(start, start + len).unwrap();
+        let live = self.hm.live_ranges();
+        for (off, l) in &live {
+            let s = start + *off as usize;
+            assert!(
+                maps.iter().any(|m| m.start == s
+                    && m.end == s + *l as usize
+                    && !m.path.contains("hostmem-window")),
+                "{when}: placement {off:#x}+{l:#x} not in /proc/self/maps: {maps:?}"
+            );
+        }
+        let blob_vmas = maps
+            .iter()
+            .filter(|m| !m.path.contains("hostmem-window"))
+            .count();
+        assert_eq!(
+            blob_vmas,
+            live.len(),
+            "{when}: a mapping in the window that the table does not have: {maps:?}"
+        );
+    }
+
+    /// With KVM, the guest reads exactly `expected` at `offset`.
+    fn guest_reads(&mut self, offset: u64, expected: &[u8], what: &str) {
+        let Some(p) = self.probe.as_mut() else { return };
+        match p.hash(offset, expected.len() as u64).unwrap() {
+            ProbeRead::Value(h) => assert_eq!(h, expected_hash(expected), "guest: {what}"),
+            hole => panic!("guest hit {hole:?}: {what}"),
+        }
+    }
+
+    fn guest_zeros(&mut self, offset: u64, len: u64, what: &str) {
+        self.guest_reads(offset, &vec![0u8; len as usize], what);
+    }
+
+    /// After the device is gone: no placement left, the table equals the maps, fds back to
+    /// the baseline, no VMM thread panicked.
+    fn clean(&self, when: &str) {
+        assert_eq!(self.hm.live(), 0, "{when}: placements survived the device");
+        self.consistent(when);
+        let now = fd_count().unwrap();
+        assert_eq!(
+            now,
+            self.baseline_fds,
+            "{when}: VMM fds not back to baseline: {:?}",
+            open_fds().unwrap()
+        );
+        assert_eq!(
+            VMM_PANICS.load(Ordering::SeqCst),
+            0,
+            "a VMM thread panicked"
+        );
+        let _ = std::fs::remove_file(&self.marker);
+    }
+}
+
+/// What the VMM must do with the attack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The event is refused with a reply: the guest's MAP_BLOB fails, `refused` counts it.
+    Refused,
+    /// A message that is not a valid event: this many protocol errors, no reply; the device's
+    /// next (good) event is served, so the guest's MAP_BLOB succeeds.
+    ProtocolErrors(u64),
+    /// This many bogus events, each refused with a reply; then the good one succeeds.
+    Flood(u64),
+    /// The device is declared lost (timeout, hang-up, bad tag): stopped, window restored,
+    /// restarted, and the restarted device works.
+    Lost,
+    /// The guest gets an unparsable response: that command fails, the device keeps serving.
+    BadResponse,
+    /// Responses out of order: the driver matches them by tag; everything succeeds.
+    Ok,
+}
+
+fn scenario(name: &'static str, verdict: Verdict) {
+    let _serial = serial();
+    with_watchdog(name, move || scenario_body(name, verdict));
+}
+
+fn scenario_body(name: &'static str, verdict: Verdict) {
+    let mut v = vmm(name);
+    let mut s = connect(&v, name);
+    let a = blob(&mut s, 1, 4 * P);
+    s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+    v.guest_reads(0, &a, "first blob");
+    let b = blob(&mut s, 2, 4 * P);
+    let before = v.hm.counters();
+
+    // The attack, on the guest's second MAP_BLOB.
+    let result = if verdict == Verdict::Ok {
+        // Two commands in flight: the device answers the second first.
+        let tag_map = s.drv.submit_map(CTX, 2, 16 * P, 4 * P).unwrap();
+        let create = Command::create_blob(
+            CTX,
+            3,
+            VIRTIO_GPU_BLOB_MEM_HOST3D,
+            VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+            0,
+            4 * P,
+        );
+        let tag_create = s.drv.submit(&create.encode(), None).unwrap();
+        let r = s.drv.wait_map(tag_map).map(drop);
+        s.drv.wait_ok(tag_create).unwrap();
+        r
+    } else {
+        s.drv.map_blob(CTX, 2, 16 * P, 4 * P).map(drop)
+    };
+    let after = v.hm.counters();
+    v.consistent(&format!("{name}: after the attack"));
+    assert_eq!(
+        VMM_PANICS.load(Ordering::SeqCst),
+        0,
+        "a VMM thread panicked"
+    );
+
+    match verdict {
+        Verdict::Refused => {
+            assert!(
+                matches!(result, Err(CmdError::Device(_))),
+                "{name}: the guest must get an error response, got {result:?}"
+            );
+            assert!(
+                after.refused > before.refused,
+                "{name}: the VMM did not refuse the event ({before:?} -> {after:?})"
+            );
+            assert_eq!(after.maps_ok, before.maps_ok, "{name}: nothing mapped");
+            assert_eq!(v.hm.live(), 1);
+            v.guest_zeros(16 * P, 4 * P, "refused placement not visible");
+            // The device goes on serving: the same blob maps fine now.
+            s.drv.map_blob(CTX, 2, 16 * P, 4 * P).unwrap();
+            v.guest_reads(16 * P, &b, "blob 2 after the refusal");
+        }
+        Verdict::ProtocolErrors(n) => {
+            result.unwrap_or_else(|e| panic!("{name}: the good event after the bad one: {e}"));
+            assert_eq!(
+                after.protocol_errors - before.protocol_errors,
+                n,
+                "{name}: protocol errors counted"
+            );
+            assert_eq!(after.refused, before.refused, "{name}: nothing to refuse");
+            v.guest_reads(16 * P, &b, "blob 2 after the protocol error");
+        }
+        Verdict::Flood(n) => {
+            result.unwrap_or_else(|e| panic!("{name}: the good event after the flood: {e}"));
+            assert_eq!(after.refused - before.refused, n, "{name}: each refused");
+            v.guest_reads(16 * P, &b, "blob 2 after the flood");
+        }
+        Verdict::BadResponse => {
+            assert!(
+                matches!(result, Err(CmdError::BadResponse(_))),
+                "{name}: {result:?}"
+            );
+        }
+        Verdict::Ok => {
+            result.unwrap_or_else(|e| panic!("{name}: out-of-order responses: {e}"));
+            v.guest_reads(16 * P, &b, "blob 2 answered out of order");
+        }
+        Verdict::Lost => {
+            let err = result.expect_err("the device must be declared lost");
+            assert!(err.device_lost(), "{name}: {err} must mean device lost");
+            let Session { dev, drv } = s;
+            drop(drv);
+            let exit = dev.stop(&err.to_string());
+            assert!(
+                exit.code.is_some() || exit.signal.is_some(),
+                "{name}: {exit:?}"
+            );
+            v.clean(&format!("{name}: after the device was stopped"));
+            v.guest_zeros(0, 4 * P, "blob 1 gone with the device");
+            v.guest_zeros(16 * P, 4 * P, "blob 2 gone with the device");
+            // Restart: the marker disarms the new device, which must work.
+            std::fs::write(&v.marker, b"attacked").unwrap();
+            s = connect(&v, name);
+            let a2 = blob(&mut s, 1, 4 * P);
+            s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+            v.guest_reads(0, &a2, "blob 1 from the restarted device");
+            let b2 = blob(&mut s, 2, 4 * P);
+            s.drv.map_blob(CTX, 2, 16 * P, 4 * P).unwrap();
+            v.guest_reads(16 * P, &b2, "blob 2 from the restarted device");
+        }
+    }
+
+    // Whatever happened, the device (or its successor) still serves and unmaps correctly.
+    let c = blob(&mut s, 5, 8 * P);
+    s.drv.map_blob(CTX, 5, 32 * P, 8 * P).unwrap();
+    v.guest_reads(32 * P, &c, "blob 5");
+    v.consistent(&format!("{name}: end"));
+    s.drv.unmap_blob(CTX, 5).unwrap();
+    v.guest_zeros(32 * P, 8 * P, "after unmap");
+    let Session { dev, drv } = s;
+    drop(drv);
+    let exit = dev.stop("scenario finished");
+    assert_eq!(
+        exit.code,
+        Some(0),
+        "{name}: the device exits cleanly: {exit:?}"
+    );
+    v.clean(&format!("{name}: end"));
+    v.guest_zeros(0, WINDOW, "the whole window is background again");
+}
+
+macro_rules! scenarios {
+    ($($test:ident: $name:literal => $verdict:expr;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                scenario($name, $verdict);
+            }
+        )*
+    };
+}
+
+scenarios! {
+    placement_outside_the_window: "outside-window" => Verdict::Refused;
+    placement_ending_past_the_window: "end-past-window" => Verdict::Refused;
+    placement_offset_plus_len_overflows: "overflow" => Verdict::Refused;
+    placement_misaligned: "misaligned" => Verdict::Refused;
+    placement_zero_length: "zero-length" => Verdict::Refused;
+    placement_overlapping_a_live_one: "overlap" => Verdict::Refused;
+    placement_with_prot_exec: "exec" => Verdict::Refused;
+    placement_for_a_resource_no_command_asked_for: "unrequested" => Verdict::Refused;
+    fd_is_a_socket: "socket" => Verdict::Refused;
+    fd_is_a_directory: "directory" => Verdict::Refused;
+    fd_is_a_pipe: "pipe" => Verdict::Refused;
+    fd_is_dev_zero: "dev-zero" => Verdict::Refused;
+    fd_is_a_short_memfd: "short-memfd" => Verdict::Refused;
+    fd_can_shrink_and_is_truncated_after_sending: "unsealed-truncate" => Verdict::Refused;
+    map_without_its_fd: "no-fd" => Verdict::ProtocolErrors(1);
+    map_with_two_fds: "two-fds" => Verdict::ProtocolErrors(1);
+    malformed_json: "malformed" => Verdict::ProtocolErrors(1);
+    oversized_message: "oversized" => Verdict::ProtocolErrors(1);
+    hello_and_ready_mid_stream: "unexpected" => Verdict::ProtocolErrors(2);
+    flood_of_bogus_events: "flood" => Verdict::Flood(5000);
+    flood_without_reading_replies: "flood-unread" => Verdict::Lost;
+    reply_that_never_comes: "no-reply" => Verdict::Lost;
+    response_for_an_unknown_tag: "unknown-tag" => Verdict::Lost;
+    response_without_a_tag: "untagged" => Verdict::Lost;
+    garbage_response: "garbage-response" => Verdict::BadResponse;
+    responses_out_of_order: "reorder" => Verdict::Ok;
+    device_exits_after_sending_a_placement: "exit-after-place" => Verdict::Lost;
+    tube_closed_mid_message: "close-mid-message" => Verdict::Lost;
+    device_hangs_and_a_forked_child_holds_the_tube: "fork-hold" => Verdict::Lost;
+}
+
+/// The whole `hostmem run` path (`run::run`) with a device that stops answering: the run's
+/// own timeout declares it hung, kills and restarts it, and the run completes.
+#[test]
+fn run_times_out_kills_and_restarts_a_silent_device() {
+    let _serial = serial();
+    with_watchdog("run no-reply", || {
+        let marker = std::env::temp_dir().join(format!(
+            "hostmem-hostile-run-no-reply-{}-once",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&marker);
+        let opts = RunOptions {
+            mode: Mode::Fixed,
+            window: 32 << 20,
+            blobs: 30,
+            seed: 11,
+            max_live: 8,
+            device: config("no-reply", &marker),
+            restart: Restart::OnFailure(1),
+            kill_after: None,
+            show_progress: false,
+            use_kvm: true,
+            command_timeout: COMMAND_TIMEOUT,
+        };
+        let t = std::time::Instant::now();
+        let r = run(&opts).unwrap();
+        let _ = std::fs::remove_file(&marker);
+        if !r.kvm {
+            println!("skipped: /dev/kvm unusable: the run's guest checks did not run");
+        }
+        assert_eq!(r.restarts, 1, "{r:?}");
+        assert_eq!(r.device_exits.len(), 1, "{:?}", r.device_exits);
+        let exit = &r.device_exits[0];
+        assert!(exit.cause.contains("timed out"), "{exit:?}");
+        assert_eq!(exit.signal, Some(libc::SIGKILL), "a hung device is killed");
+        assert!(exit.restored >= 1, "its placement was restored: {exit:?}");
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.guest_mismatches, 0);
+        assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fds back to baseline");
+        assert!(r.blobs_mapped >= 29, "{}", r.blobs_mapped);
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        assert_eq!(VMM_PANICS.load(Ordering::SeqCst), 0);
+    });
+}
