@@ -65,9 +65,14 @@ pub enum Error {
     /// A received message was cut short (MSG_TRUNC): it was larger than [`MAX_MESSAGE`].
     #[error("received message truncated (larger than {MAX_MESSAGE} bytes)")]
     Truncated,
-    /// Received fds were cut short (MSG_CTRUNC): more fds than [`MAX_FDS`] were sent.
-    #[error("received control data truncated (far more fds than {MAX_FDS})")]
-    ControlTruncated,
+    /// Received fds were cut short (MSG_CTRUNC): far more fds than [`MAX_FDS`] were sent,
+    /// or we are at our fd limit (EMFILE). The fds that did arrive are closed; the message
+    /// itself arrived whole, so the receiver can still answer it (with an error).
+    #[error("received control data truncated (far more fds than {MAX_FDS}, or our fd limit)")]
+    ControlTruncated {
+        /// The message, whose fds are lost.
+        message: Vec<u8>,
+    },
     /// Too many fds to send.
     #[error("{got} fds exceed the limit of {max}")]
     TooManyFds {
@@ -194,11 +199,12 @@ impl Tube {
             Err(e) => return Err(Error::Recv(e)),
         };
         // Dropping `got` on any error below closes the fds that came with the message.
-        if got.control_truncated {
-            return Err(Error::ControlTruncated);
-        }
         if got.truncated {
             return Err(Error::Truncated);
+        }
+        if got.control_truncated {
+            buf.truncate(got.len);
+            return Err(Error::ControlTruncated { message: buf });
         }
         if got.fds.len() > MAX_FDS {
             return Err(Error::TooManyFds {

@@ -166,6 +166,40 @@ pub struct Counters {
     pub resets: u64,
 }
 
+/// Points in event handling where a fault-injection hook runs (tests: kill the device
+/// exactly there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// A map event arrived (the device has placed the blob in its mirror); the VMM has not.
+    MapReceived,
+    /// The VMM placed the blob; its reply is not sent yet.
+    MapPlaced,
+    /// An unmap event arrived (the device has restored its mirror); the VMM has not.
+    UnmapReceived,
+    /// The VMM restored the range; its reply is not sent yet.
+    UnmapDone,
+}
+
+/// A fault-injection hook: called with the point and the event's resource id.
+pub type FaultHook = Box<dyn Fn(FaultPoint, u32) + Send + Sync>;
+
+#[derive(Default)]
+struct Faults(Mutex<Option<FaultHook>>);
+
+impl std::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Faults")
+    }
+}
+
+impl Faults {
+    fn at(&self, point: FaultPoint, resource_id: u32) {
+        if let Some(h) = &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
+            h(point, resource_id);
+        }
+    }
+}
+
 /// The VMM's hostmem: window, VM, mode, live placements and in-flight commands.
 #[derive(Debug)]
 pub struct Hostmem {
@@ -183,6 +217,7 @@ pub struct Hostmem {
     /// Memslot changes made for the window (adds and deletes), not counting other users
     /// of the VM such as the guest probe's RAM.
     slot_changes: AtomicU64,
+    faults: Faults,
 }
 
 impl Hostmem {
@@ -217,7 +252,14 @@ impl Hostmem {
             protocol_errors: AtomicU64::new(0),
             resets: AtomicU64::new(0),
             slot_changes: AtomicU64::new(slot_changes),
+            faults: Faults::default(),
         })
+    }
+
+    /// Installs (or with `None` removes) a fault-injection hook, run at each
+    /// [`FaultPoint`] of event handling. For tests; production never sets one.
+    pub fn set_fault_hook(&self, hook: Option<FaultHook>) {
+        *self.faults.0.lock().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -302,7 +344,11 @@ impl Hostmem {
     /// Handles a placement event: checks it, then repeats the placement (MAP_FIXED in fixed
     /// mode, a new memslot in per-blob-slot mode). The fd is dropped (closed) either way.
     pub fn handle_map(&self, ev: &MapEvent, fd: Option<OwnedFd>) -> Outcome {
+        self.faults.at(FaultPoint::MapReceived, ev.resource_id);
         let res = self.try_map(ev, fd);
+        if res.is_ok() {
+            self.faults.at(FaultPoint::MapPlaced, ev.resource_id);
+        }
         self.finish(res, &self.maps_ok, "map", ev.resource_id, ev.offset, ev.len)
     }
 
@@ -384,7 +430,11 @@ impl Hostmem {
     /// the blob's memslot is gone) before this returns, i.e. before the guest's command can
     /// complete.
     pub fn handle_unmap(&self, resource_id: u32, offset: u64, len: u64) -> Outcome {
+        self.faults.at(FaultPoint::UnmapReceived, resource_id);
         let res = self.try_unmap(resource_id, offset, len);
+        if res.is_ok() {
+            self.faults.at(FaultPoint::UnmapDone, resource_id);
+        }
         self.finish(res, &self.unmaps_ok, "unmap", resource_id, offset, len)
     }
 

@@ -7,6 +7,8 @@
 //! * [`driver`]: the stand-in guest driver that writes virtio-gpu commands on the control queue.
 //! * [`probe`]: a real KVM vCPU (ring-3 guest) that reads and writes the window as the guest.
 //! * [`run`]: the `hostmem run` workload and its report.
+//! * [`resources`]: fd/VMA/RSS accounting of both processes and a fixed-size latency
+//!   histogram (what a soak checks).
 //! * [`policy`]: compiling the device's seccomp policy.
 
 #![forbid(unsafe_code)]
@@ -17,5 +19,6 @@ pub mod driver;
 pub mod hostmem;
 pub mod policy;
 pub mod probe;
+pub mod resources;
 pub mod run;
 pub mod service;

@@ -19,6 +19,7 @@ use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
 use crate::driver::{CmdError, Driver};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{expected_hash, GuestProbe, ProbeRead};
+use crate::resources::{Histogram, Usage, UsageCheck};
 
 const PAGE: u64 = 4096;
 /// The context the workload's blobs live in.
@@ -142,6 +143,9 @@ pub struct Report {
     /// Fds of the VMM once the window, VM and probe exist, and at the end (after the
     /// device was stopped): equal unless something leaked.
     pub vmm_fds: (usize, usize),
+    /// Fds, VMAs and anonymous RSS of the VMM and the device at the start and the end of
+    /// the blob traffic; any difference is also listed in `errors`.
+    pub usage: UsageCheck,
     /// Wall time in seconds.
     pub seconds: f64,
     /// Syscalls the device's seccomp filter refused or (log mode) logged, by name.
@@ -306,7 +310,18 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         .unwrap_or_default();
     let mut rng = Rng::new(opts.seed);
     let mut live: Vec<LiveBlob> = Vec::new();
-    let (mut map_us, mut unmap_us) = (Vec::new(), Vec::new());
+    // Fixed-size histograms: a long soak must not grow the VMM by recording samples.
+    let (mut map_us, mut unmap_us) = (Histogram::default(), Histogram::default());
+    let mut usage = UsageCheck::default();
+    let device_usage = |s: &Session| Usage::of(&s.device.pid().to_string());
+    if let Some(s) = &session {
+        usage.vmm_start = Usage::of("self")?;
+        usage
+            .vmm_rss_anon_kib_samples
+            .push(usage.vmm_start.rss_anon_kib);
+        usage.device_start = device_usage(s)?;
+    }
+    let tenth = (opts.blobs / 10).max(1);
     let mut mapped = 0u64;
     let mut next_res = 1u32;
     let mut killed = false;
@@ -323,6 +338,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let mut i = 0u32;
     while i < opts.blobs {
         let Some(s) = session.as_mut() else { break };
+        if i > 0 && i.is_multiple_of(tenth) {
+            if let Ok(u) = Usage::of("self") {
+                usage.vmm_rss_anon_kib_samples.push(u.rss_anon_kib);
+            }
+        }
         if progress && i.is_multiple_of(10) {
             let w = 40 * i as usize / opts.blobs.max(1) as usize;
             eprint!(
@@ -348,10 +368,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 let t = Instant::now();
                 if rng.below(8) == 0 {
                     s.driver.unref(b.res)?; // unref of a mapped blob unmaps it first
-                    unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    unmap_us.record(t.elapsed());
                 } else {
                     s.driver.unmap_blob(CTX, b.res)?;
-                    unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    unmap_us.record(t.elapsed());
                     s.driver.unref(b.res)?;
                 }
                 chk.guest_sees_gone(b.offset, b.size, "after unmap");
@@ -374,7 +394,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             };
             let t = Instant::now();
             s.driver.map_blob(CTX, res, offset, size)?;
-            map_us.push(t.elapsed().as_secs_f64() * 1e6);
+            map_us.record(t.elapsed());
             mapped += 1;
             let mut expected = pattern_bytes(seed, 0, size as usize);
             chk.guest_sees(offset, &expected, "blob pattern");
@@ -439,6 +459,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                         match connect(opts, &hostmem) {
                             Ok(s) => {
                                 facts = s.device.facts().clone();
+                                match device_usage(&s) {
+                                    Ok(u) => usage.device_start = u,
+                                    Err(e) => chk.errors.push(format!("device usage: {e}")),
+                                }
                                 session = Some(s);
                             }
                             Err(e) => chk.errors.push(format!("restart failed: {e:#}")),
@@ -469,11 +493,22 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 .and_then(|()| s.driver.unref(b.res))
             {
                 Ok(()) => {
-                    unmap_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    unmap_us.record(t.elapsed());
                     chk.guest_sees_gone(b.offset, b.size, "after unmap");
                 }
                 Err(e) => chk.errors.push(format!("final unmap of {}: {e}", b.res)),
             }
+        }
+        // Everything is unmapped and unreferenced and the device still serves: both
+        // processes must be back where they started.
+        match (Usage::of("self"), device_usage(s)) {
+            (Ok(v), Ok(d)) => {
+                usage.vmm_end = v;
+                usage.vmm_rss_anon_kib_samples.push(v.rss_anon_kib);
+                usage.device_end = d;
+                chk.errors.extend(usage.problems(opts.blobs));
+            }
+            (Err(e), _) | (_, Err(e)) => chk.errors.push(format!("usage at the end: {e}")),
         }
     }
     let (verified, mismatches, holes) = (chk.verified, chk.mismatches, chk.holes);
@@ -498,13 +533,14 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         guest_holes: holes,
         memslot_changes: hostmem.memslot_changes(),
         max_live_placements: hostmem.max_live_seen(),
-        map_latency_us: Latency::of(&mut map_us),
-        unmap_latency_us: Latency::of(&mut unmap_us),
+        map_latency_us: map_us.latency(),
+        unmap_latency_us: unmap_us.latency(),
         device: facts,
         device_exits: exits,
         restarts,
         refused_events: counters.refused,
         seccomp_violations: violations,
+        usage,
         vmm_fds: (fds_start, {
             log::debug!("VMM fds at the end: {:?}", procfs::open_fds()?);
             procfs::fd_count()?
