@@ -357,27 +357,34 @@ impl Renderer {
     /// `virgl_renderer_resource_map`: the renderer's own mapping of the blob, unmapped when
     /// the returned value drops. The library allows one mapping per resource at a time.
     pub fn map(&self, res_id: u32) -> Result<RendererMapping<'_>> {
+        if res_id == 0 {
+            return Err(Error::InvalidArgument("resource id 0".into()));
+        }
+        // Whether the blob is SHM decides who unmaps it (see RendererMapping's Drop). The
+        // export is a dup of the renderer's fd, closed right away.
+        let shm = matches!(self.export_blob(res_id), Ok(x) if x.fd_type == FD_TYPE_SHM);
         let mut ptr: *mut c_void = std::ptr::null_mut();
         let mut size = 0u64;
         // SAFETY: two valid out-pointers.
         let ret = unsafe { sys::virgl_renderer_resource_map(res_id, &mut ptr, &mut size) };
         check("virgl_renderer_resource_map", res_id, ret)?;
         let len = usize::try_from(size).unwrap_or(0);
+        let mapping = RendererMapping {
+            res_id,
+            ptr: ptr.cast(),
+            len,
+            shm,
+            _renderer: PhantomData,
+        };
         if ptr.is_null() || len == 0 {
-            // SAFETY: the map succeeded, so undoing it is valid.
-            unsafe { sys::virgl_renderer_resource_unmap(res_id) };
+            // Dropping `mapping` undoes the map.
             return Err(Error::Call {
                 op: "virgl_renderer_resource_map (empty)",
                 id: res_id,
                 ret: 0,
             });
         }
-        Ok(RendererMapping {
-            res_id,
-            ptr: ptr.cast(),
-            len,
-            _renderer: PhantomData,
-        })
+        Ok(mapping)
     }
 }
 
@@ -405,6 +412,8 @@ pub struct RendererMapping<'r> {
     res_id: u32,
     ptr: *mut u8,
     len: usize,
+    /// The blob is an SHM memfd that the library mmap'ed itself.
+    shm: bool,
     _renderer: PhantomData<&'r Renderer>,
 }
 
@@ -451,7 +460,22 @@ impl Drop for RendererMapping<'_> {
     fn drop(&mut self) {
         // SAFETY: this resource was mapped by Renderer::map and not unmapped since.
         let ret = unsafe { sys::virgl_renderer_resource_unmap(self.res_id) };
-        if ret != 0 {
+        if ret == -libc::EINVAL && self.shm && !self.ptr.is_null() {
+            // virglrenderer 0.10.4's unmap handles vrend and dma-buf mappings only: for an
+            // SHM blob it forgets the mapping (`res->mapped = NULL`) and answers EINVAL
+            // without munmap, leaking one VMA per map. The library no longer refers to the
+            // mapping, so we undo the mmap it made.
+            // SAFETY: ptr/len are exactly the library's mmap(NULL, len, ...) of the SHM fd
+            // (virgl_renderer_resource_map reported them), which nothing references any more.
+            let r = unsafe { libc::munmap(self.ptr.cast(), self.len) };
+            if r != 0 {
+                log::warn!(
+                    "munmap of the renderer's SHM mapping of resource {} failed: {}",
+                    self.res_id,
+                    std::io::Error::last_os_error()
+                );
+            }
+        } else if ret != 0 {
             log::warn!(
                 "virgl_renderer_resource_unmap({}) failed: {ret}",
                 self.res_id

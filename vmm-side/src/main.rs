@@ -170,11 +170,6 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         device.policy = None;
         eprintln!("hostmem: --no-jail: the device runs WITHOUT namespaces or seccomp");
     }
-    if a.backend == "virgl" {
-        device
-            .ro_binds
-            .extend(hostmem_vmm::policy::virgl_ro_binds());
-    }
     let opts = RunOptions {
         mode: a.mode,
         window: a.window,

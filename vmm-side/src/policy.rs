@@ -30,17 +30,17 @@ pub fn loader_ro_binds() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Read-only bind mounts the virgl backend needs (Mesa's drivers and data), found with the
-/// log mode: see `jail-policies/x86_64/gpu_device_virgl.policy`.
+/// Read-only bind mounts the virgl backend needs beyond [`loader_ro_binds`] (which already
+/// holds `/usr/lib/x86_64-linux-gnu` through `/lib -> usr/lib`: libvirglrenderer, libglvnd,
+/// Mesa's `dri/swrast_dri.so`, libLLVM). Found with the log mode and strace of
+/// `hostmem run --backend virgl` (see `jail-policies/x86_64/gpu_device_virgl.policy`):
+/// libglvnd reads its EGL vendor list, Mesa its drirc defaults. Nothing else is opened
+/// successfully outside the loader's paths. (A venus guest that creates a VkInstance would
+/// also need `/usr/share/vulkan/icd.d` for lavapipe; the run does not, so it is not bound.)
 pub fn virgl_ro_binds() -> Vec<PathBuf> {
-    [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/share/vulkan",
-        "/usr/share/glvnd",
-        "/usr/share/drirc.d",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .filter(|p| p.exists())
-    .collect()
+    ["/usr/share/glvnd/egl_vendor.d", "/usr/share/drirc.d"]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .collect()
 }

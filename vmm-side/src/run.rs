@@ -24,6 +24,18 @@ use crate::resources::{Histogram, Usage, UsageCheck};
 const PAGE: u64 = 4096;
 /// The context the workload's blobs live in.
 const CTX: u32 = 1;
+/// virgl backend: the context of the device's hostmem-private test ops, where the FILL and
+/// CHECKSUM streams run through the renderer's own mapping (see `backend::virgl`).
+const VIRGL_OPS_CTX: u32 = 2;
+/// virgl backend: the venus capset; the workload's blobs are venus SHM blobs (blob_id 0,
+/// flags exactly MAPPABLE).
+const VIRTIO_GPU_CAPSET_VENUS: u32 = 4;
+/// The virgl backend's test capset (`hostmem_device::backend::virgl::TEST_CAPSET_ID`).
+#[cfg(feature = "virgl")]
+const VIRGL_TEST_CAPSET: u32 = hostmem_device::backend::virgl::TEST_CAPSET_ID;
+/// Without the feature the device has no virgl backend and refuses to start with it.
+#[cfg(not(feature = "virgl"))]
+const VIRGL_TEST_CAPSET: u32 = 0x49;
 /// Guest RAM for the probe.
 const PROBE_RAM: usize = 8 << 20;
 
@@ -204,7 +216,16 @@ fn connect(opts: &RunOptions, hostmem: &Arc<Hostmem>) -> anyhow::Result<Session>
     )?;
     let mut driver = Driver::new(control, hostmem.clone())?;
     driver.set_timeout(opts.command_timeout)?;
-    driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
+    if opts.device.backend == "virgl" {
+        driver
+            .ctx_create(CTX, VIRTIO_GPU_CAPSET_VENUS)
+            .context("CTX_CREATE (venus)")?;
+        driver
+            .ctx_create(VIRGL_OPS_CTX, VIRGL_TEST_CAPSET)
+            .context("CTX_CREATE (virgl test ops)")?;
+    } else {
+        driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
+    }
     Ok(Session { device, driver })
 }
 
@@ -334,6 +355,12 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         errors: &mut errors,
     };
     let progress = opts.show_progress && std::io::stderr().is_terminal();
+    // Where the renderer-side FILL / CHECKSUM streams go (virgl: the test-ops context).
+    let ops_ctx = if opts.device.backend == "virgl" {
+        VIRGL_OPS_CTX
+    } else {
+        CTX
+    };
 
     let mut i = 0u32;
     while i < opts.blobs {
@@ -387,7 +414,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 len: size,
                 seed,
             }]);
-            s.driver.submit_3d(CTX, fill)?;
+            s.driver.submit_3d(ops_ctx, fill)?;
             let Some(offset) = free_offset(&mut rng, &live, size, opts.window) else {
                 s.driver.unref(res)?;
                 return Ok(());
@@ -412,7 +439,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                                 offset: 0,
                                 len: size,
                             }]);
-                            let reply = s.driver.submit_3d(CTX, q)?;
+                            let reply = s.driver.submit_3d(ops_ctx, q)?;
                             let got = reply
                                 .get(..8)
                                 .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
@@ -575,15 +602,25 @@ fn free_offset(rng: &mut Rng, live: &[LiveBlob], size: u64, window: u64) -> Opti
 pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Result<DeviceConfig> {
     let dir = policy_dir.unwrap_or_else(crate::policy::default_dir);
     let (program, pre_args) = DeviceConfig::find_program()?;
+    let virgl = backend == "virgl";
+    let mut ro_binds = crate::policy::loader_ro_binds();
+    if virgl {
+        ro_binds.extend(crate::policy::virgl_ro_binds());
+    }
     Ok(DeviceConfig {
         program,
         pre_args,
-        extra_args: vec![],
+        // virgl: the run proves renderer <-> guest sharing through the test ops.
+        extra_args: if virgl {
+            vec!["--test-ops".into()]
+        } else {
+            vec![]
+        },
         backend: backend.to_string(),
         jailed: true,
         policy: Some(dir.join(format!("gpu_device_{backend}.policy"))),
         seccomp_log: false,
-        ro_binds: crate::policy::loader_ro_binds(),
+        ro_binds,
         log_filter: std::env::var("RUST_LOG").ok(),
     })
 }
