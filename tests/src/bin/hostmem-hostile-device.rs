@@ -136,6 +136,9 @@ struct HostilePlacer {
     last_placed: Option<u64>,
     /// Set by an attack that the command loop carries out on the response.
     control_attack: Option<ControlAttack>,
+    /// Where to append the VMM's refusal of the attack (the `--once` file), so that the test
+    /// can tell which of the VMM's checks refused it.
+    report: Option<std::path::PathBuf>,
 }
 
 fn refusal(code: RefuseCode, reason: String) -> PlaceError {
@@ -434,7 +437,7 @@ impl HostilePlacer {
                 let honest = self.honest(req);
                 // dup() clears FD_CLOEXEC, so the holder inherits the tube.
                 let held = nix::unistd::dup(self.tube.as_fd().as_raw_fd());
-                match std::process::Command::new("/bin/sleep").arg("20").spawn() {
+                match std::process::Command::new("/bin/sleep").arg("30").spawn() {
                     Ok(child) => log::warn!(
                         "hostile device: holder pid {} keeps the mapping tube ({held:?}, {honest:?})",
                         child.id()
@@ -452,7 +455,21 @@ impl Placer for HostilePlacer {
         self.maps += 1;
         if self.armed && self.maps == self.attack_on {
             self.armed = false;
-            return self.attack(req);
+            let res = self.attack(req);
+            if let (Err(e), Some(p)) = (&res, &self.report) {
+                let line = format!("{}\n", e.reason());
+                let appended = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(p)
+                    .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+                if let Err(w) = appended {
+                    log::error!(
+                        "hostile device: writing the refusal to {}: {w}",
+                        p.display()
+                    );
+                }
+            }
+            return res;
         }
         self.honest(req)
     }
@@ -557,6 +574,7 @@ fn main() -> anyhow::Result<()> {
         armed,
         last_placed: None,
         control_attack: None,
+        report: args.once.clone(),
     };
     let mut gpu = Gpu::new(backend, placer);
     let mut held: Option<Vec<u8>> = None;
