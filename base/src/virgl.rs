@@ -85,11 +85,12 @@ pub enum Error {
     InvalidArgument(String),
 }
 
+/// The library answers `-errno` from most calls but a positive errno from some (0.10.4's
+/// export_blob answers `EINVAL`): name either.
 fn errno_name(ret: i32) -> String {
-    if ret < 0 {
-        nix::errno::Errno::from_raw(-ret).desc().to_string()
-    } else {
-        "error".into()
+    match ret.checked_abs() {
+        Some(e) if e != 0 => nix::errno::Errno::from_raw(e).desc().to_string(),
+        _ => "error".into(),
     }
 }
 

@@ -601,8 +601,20 @@ fn free_offset(rng: &mut Rng, live: &[LiveBlob], size: u64, window: u64) -> Opti
 /// Default device config for the run: jailed under the shm policy.
 pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Result<DeviceConfig> {
     let dir = policy_dir.unwrap_or_else(crate::policy::default_dir);
-    let (program, pre_args) = DeviceConfig::find_program()?;
     let virgl = backend == "virgl";
+    let exe = std::env::current_exe()?;
+    let (program, pre_args) = if virgl
+        && cfg!(feature = "virgl")
+        && std::env::var_os("HOSTMEM_DEVICE_BIN").is_none()
+        && exe.file_name().is_some_and(|n| n == "hostmem")
+    {
+        // This hostmem was built with the virgl backend; a hostmem-gpu-device beside it may
+        // not be (`cargo run -p hostmem-vmm --features virgl` does not rebuild it), so the
+        // device is this binary in its device mode.
+        (exe, vec!["device".to_string()])
+    } else {
+        DeviceConfig::find_program()?
+    };
     let mut ro_binds = crate::policy::loader_ro_binds();
     if virgl {
         ro_binds.extend(crate::policy::virgl_ro_binds());
