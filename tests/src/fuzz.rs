@@ -17,6 +17,7 @@
 //! test suite runs it bounded (`tests/tests/fuzz.rs`), and `HOSTMEM_FUZZ_ITERS` /
 //! `HOSTMEM_FUZZ_SEED` make long runs.
 
+use std::collections::HashMap;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -218,10 +219,35 @@ impl Reader<'_> {
     }
 }
 
+/// A placement event from the input: usually aimed at what the guest asked for (so that
+/// the checks past the in-flight one are reached), sometimes anything.
+fn event(r: &mut Reader<'_>, res: u32, asked: &HashMap<u32, (u64, u64)>) -> MapEvent {
+    let (offset, len) = match (r.u8() % 4, asked.get(&res)) {
+        (0..=2, Some(&(o, l))) => (o, l),
+        _ => (r.off(), r.off()),
+    };
+    MapEvent {
+        resource_id: res,
+        offset,
+        len,
+        fd_offset: if r.u8().is_multiple_of(4) { r.off() } else { 0 },
+        prot: if r.u8().is_multiple_of(4) {
+            r.u32() & 0xf
+        } else {
+            (libc::PROT_READ | libc::PROT_WRITE) as u32
+        },
+    }
+}
+
 /// The VMM's event validator and placement table.
 pub fn validator(data: &[u8]) {
     let st = validator_state().lock().unwrap_or_else(|p| p.into_inner());
     let hm = &st.hm;
+    // Nothing in flight from the previous input (its placements stay: deeper states).
+    for res in 0..8 {
+        hm.done(res);
+    }
+    let mut asked: HashMap<u32, (u64, u64)> = HashMap::new();
     let mut r = Reader(data);
     let mut ops = 0;
     while !r.done() && ops < 64 {
@@ -231,29 +257,38 @@ pub fn validator(data: &[u8]) {
             0 | 1 => {
                 let (offset, len) = (r.off(), r.off());
                 hm.expect(res, Expect::Map { offset, len });
+                asked.insert(res, (offset, len));
             }
-            2 => hm.expect(res, Expect::Unmap),
-            3 => hm.done(res),
+            2 => {
+                hm.expect(res, Expect::Unmap);
+                asked.remove(&res);
+            }
+            3 => {
+                hm.done(res);
+                asked.remove(&res);
+            }
             4 => {
-                // The pure check with arbitrary file facts.
-                let ev = MapEvent {
-                    resource_id: res,
-                    offset: r.off(),
-                    len: r.off(),
-                    fd_offset: r.off(),
-                    prot: r.u32() & 0xf,
-                };
-                let facts = FileFacts {
-                    size: r.off(),
-                    mode: if r.u8() % 4 == 0 {
-                        r.u32()
-                    } else {
-                        libc::S_IFREG | 0o600
-                    },
-                    seals: match r.u8() % 3 {
-                        0 => None,
-                        _ => Some(r.u32() as i32),
-                    },
+                // The pure check, with file facts that are usually fine and sometimes not.
+                let ev = event(&mut r, res, &asked);
+                let facts = if r.u8().is_multiple_of(4) {
+                    FileFacts {
+                        size: r.off(),
+                        mode: if r.u8().is_multiple_of(2) {
+                            r.u32()
+                        } else {
+                            libc::S_IFREG | 0o600
+                        },
+                        seals: match r.u8() % 3 {
+                            0 => None,
+                            _ => Some(r.u32() as i32),
+                        },
+                    }
+                } else {
+                    FileFacts {
+                        size: 16 * VPAGE,
+                        mode: libc::S_IFREG | 0o600,
+                        seals: Some(libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL),
+                    }
                 };
                 if let Ok(prot) = hm.check_map(&ev, &facts) {
                     // Accepted: invariant 1 holds for it.
@@ -269,6 +304,7 @@ pub fn validator(data: &[u8]) {
                     assert!(facts.is_regular());
                     assert!(facts.size >= ev.fd_offset + ev.len);
                     assert!(facts.seals.is_some_and(|s| s & libc::F_SEAL_SHRINK != 0));
+                    assert_eq!(asked.get(&res), Some(&(ev.offset, ev.len)), "not asked");
                     for (o, l) in hm.live_ranges() {
                         assert!(ev.offset + ev.len <= o || o + l <= ev.offset, "overlap");
                     }
@@ -276,23 +312,26 @@ pub fn validator(data: &[u8]) {
             }
             5 | 6 => {
                 // A real placement with one of our memfds (or none).
-                let ev = MapEvent {
-                    resource_id: res,
-                    offset: r.off(),
-                    len: r.off(),
-                    fd_offset: r.off(),
-                    prot: r.u32() & 0xf,
-                };
-                let which = usize::from(r.u8() % 4);
-                let fd = st
-                    .fds
-                    .get(which)
-                    .map(|m| m.as_fd().try_clone_to_owned().expect("dup"));
-                let _ = hm.handle_map(&ev, fd);
+                let ev = event(&mut r, res, &asked);
+                let fd = match r.u8() % 8 {
+                    0 => Some(&st.fds[1]),
+                    1 => Some(&st.fds[2]),
+                    2 => None,
+                    _ => Some(&st.fds[0]),
+                }
+                .map(|m| m.as_fd().try_clone_to_owned().expect("dup"));
+                let before = hm.live_ranges();
+                if hm.handle_map(&ev, fd) == hostmem_ipc::protocol::Outcome::Ok {
+                    asked.remove(&res);
+                    for (o, l) in before {
+                        assert!(ev.offset + ev.len <= o || o + l <= ev.offset, "overlap");
+                    }
+                }
             }
             _ => {
-                if r.u8() % 16 == 0 {
+                if r.u8().is_multiple_of(16) {
                     hm.reset().expect("reset");
+                    asked.clear();
                 } else {
                     let _ = hm.handle_unmap(res, r.off(), r.off());
                 }

@@ -304,4 +304,7 @@ fn write_seed_corpora() {
     for (name, p) in progs {
         write("validator", name, p);
     }
+    // Hand-made programs that reach deep states (kept as files, not generated):
+    // `overlap-attempt` places resource 1 at 4 pages, then checks resource 2 asked for at 6
+    // pages, overlapping it; `map-then-unmap-asked` maps and unmaps through the guest's path.
 }
