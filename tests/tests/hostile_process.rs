@@ -42,9 +42,41 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Panics in VMM threads (the mapping service), counted by a panic hook.
 static VMM_PANICS: AtomicUsize = AtomicUsize::new(0);
 
+/// The VMM's warnings and errors, kept so that a scenario can check it logged one clear line
+/// (and passed on to stderr).
+static LOG: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let line = format!("{} {}: {}", r.level(), r.target(), r.args());
+            eprintln!("{line}");
+            LOG.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Log lines so far that contain `what`.
+fn logged(what: &str) -> usize {
+    LOG.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|l| l.contains(what))
+        .count()
+}
+
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
+        static CAPTURE: Capture = Capture;
+        let _ = log::set_logger(&CAPTURE);
+        log::set_max_level(log::LevelFilter::Warn);
         let default = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             let name = std::thread::current().name().map(str::to_string);
@@ -264,6 +296,7 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
     v.guest_reads(0, &a, "first blob");
     let b = blob(&mut s, 2, 4 * P);
     let before = v.hm.counters();
+    let (refusals0, protocol0) = (logged("refused map"), logged("mapping tube:"));
 
     // The attack, on the guest's second MAP_BLOB.
     let result = if verdict == Verdict::Ok {
@@ -285,6 +318,10 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
         s.drv.map_blob(CTX, 2, 16 * P, 4 * P).map(drop)
     };
     let after = v.hm.counters();
+    let (refusals, protocol) = (
+        logged("refused map") - refusals0,
+        logged("mapping tube:") - protocol0,
+    );
     v.consistent(&format!("{name}: after the attack"));
     assert_eq!(
         VMM_PANICS.load(Ordering::SeqCst),
@@ -308,6 +345,7 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
                 "{name}: the VMM did not refuse the event ({before:?} -> {after:?})"
             );
             assert_eq!(after.maps_ok, before.maps_ok, "{name}: nothing mapped");
+            assert_eq!(refusals, 1, "{name}: one log line for the refusal");
             assert_eq!(v.hm.live(), 1);
             v.guest_zeros(16 * P, 4 * P, "refused placement not visible");
             // The device goes on serving: the same blob maps fine now.
@@ -322,6 +360,10 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
                 "{name}: protocol errors counted"
             );
             assert_eq!(after.refused, before.refused, "{name}: nothing to refuse");
+            assert_eq!(
+                protocol as u64, n,
+                "{name}: one log line per protocol error"
+            );
             v.guest_reads(16 * P, &b, "blob 2 after the protocol error");
         }
         Verdict::Flood(n) => {
@@ -345,7 +387,13 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
             let Session { dev, drv } = s;
             drop(drv);
             let t = std::time::Instant::now();
+            let ended = logged(" ended (");
             let exit = dev.stop(&err.to_string());
+            assert_eq!(
+                logged(" ended (") - ended,
+                1,
+                "{name}: one line for the device's end"
+            );
             // 2 s of grace for a clean exit, then SIGKILL: stopping must never wait on the
             // device (a full tube, a child that keeps the tube open).
             assert!(
