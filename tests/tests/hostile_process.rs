@@ -62,6 +62,22 @@ impl log::Log for Capture {
     fn flush(&self) {}
 }
 
+/// Log lines since line `from` that contain `what`.
+fn logged_since(from: usize, what: &str) -> Vec<String> {
+    LOG.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .skip(from)
+        .filter(|l| l.contains(what))
+        .cloned()
+        .collect()
+}
+
+/// Log lines so far.
+fn log_len() -> usize {
+    LOG.lock().unwrap_or_else(|p| p.into_inner()).len()
+}
+
 /// Log lines so far that contain `what`.
 fn logged(what: &str) -> usize {
     LOG.lock()
@@ -117,7 +133,8 @@ struct Vmm {
     probe: Option<GuestProbe>,
     /// Fds of the VMM once the window (and VM, probe) exist.
     baseline_fds: usize,
-    marker: PathBuf,
+    /// Start the device in the jail (namespaces, empty root, seccomp).
+    jailed: bool,
 }
 
 fn vmm(name: &str) -> Vmm {
@@ -139,37 +156,48 @@ fn vmm(name: &str) -> Vmm {
         .unwrap(),
     );
     let probe = vm.map(|vm| GuestProbe::new(vm, DEFAULT_WINDOW_GPA, WINDOW, 8 << 20).unwrap());
-    let marker = std::env::temp_dir().join(format!(
-        "hostmem-hostile-{name}-{}-once",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&marker);
     Vmm {
         hm,
         probe,
         baseline_fds: fd_count().unwrap(),
-        marker,
+        jailed: false,
     }
 }
 
-fn config(scenario: &str, marker: &Path) -> DeviceConfig {
+/// True if the device can be jailed here (user namespaces).
+fn jail_works() -> bool {
+    std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .map(|s| s.trim() != "0")
+        .unwrap_or(false)
+}
+
+/// The hostile device, attacking on the guest's second MAP_BLOB. `once`: a file that only
+/// the first device can create (so that `run::run`'s restarted device behaves). Jailed under
+/// the real shm policy, or unjailed: the fd attacks need sockets, pipes and /dev/zero, which
+/// the jail forbids.
+fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
+    let mut pre_args: Vec<String> = vec![
+        "--scenario".into(),
+        scenario.into(),
+        "--attack-on".into(),
+        "2".into(),
+    ];
+    if let Some(p) = once {
+        pre_args.extend(["--once".into(), p.display().to_string()]);
+    }
     DeviceConfig {
         program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem-hostile-device")),
-        pre_args: vec![
-            "--scenario".into(),
-            scenario.into(),
-            "--attack-on".into(),
-            "2".into(),
-            "--once".into(),
-            marker.display().to_string(),
-        ],
+        pre_args,
         extra_args: vec![],
         backend: "shm".into(),
-        // Unjailed: the attacks need sockets, pipes and /dev/zero, which the jail forbids.
-        jailed: false,
-        policy: None,
+        jailed,
+        policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
         seccomp_log: false,
-        ro_binds: vec![],
+        ro_binds: if jailed {
+            hostmem_vmm::policy::loader_ro_binds()
+        } else {
+            vec![]
+        },
         log_filter: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
     }
 }
@@ -180,7 +208,14 @@ struct Session {
 }
 
 fn connect(v: &Vmm, scenario: &str) -> Session {
-    let dev = Device::start(&config(scenario, &v.marker), v.hm.clone()).unwrap();
+    let dev = Device::start(&config(scenario, None, v.jailed), v.hm.clone()).unwrap();
+    if v.jailed {
+        assert!(
+            dev.facts().jailed && dev.facts().seccomp == 2,
+            "{:?}",
+            dev.facts()
+        );
+    }
     let control = Tube::from_fd(dev.control().as_fd().try_clone_to_owned().unwrap()).unwrap();
     let mut drv = Driver::new(control, v.hm.clone()).unwrap();
     drv.set_timeout(COMMAND_TIMEOUT).unwrap();
@@ -258,7 +293,6 @@ impl Vmm {
             0,
             "a VMM thread panicked"
         );
-        let _ = std::fs::remove_file(&self.marker);
     }
 }
 
@@ -285,11 +319,22 @@ enum Verdict {
 
 fn scenario(name: &'static str, verdict: Verdict) {
     let _serial = serial();
-    with_watchdog(name, move || scenario_body(name, verdict));
+    with_watchdog(name, move || scenario_body(name, verdict, false));
 }
 
-fn scenario_body(name: &'static str, verdict: Verdict) {
+/// The same attack from a device in the real jail under the real shm policy.
+fn scenario_jailed(name: &'static str, verdict: Verdict) {
+    let _serial = serial();
+    if !jail_works() {
+        println!("skipped: user namespaces unavailable, jailed scenario {name} not run");
+        return;
+    }
+    with_watchdog(name, move || scenario_body(name, verdict, true));
+}
+
+fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
     let mut v = vmm(name);
+    v.jailed = jailed;
     let mut s = connect(&v, name);
     let a = blob(&mut s, 1, 4 * P);
     s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
@@ -297,6 +342,7 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
     let b = blob(&mut s, 2, 4 * P);
     let before = v.hm.counters();
     let (refusals0, protocol0) = (logged("refused map"), logged("mapping tube:"));
+    let log0 = log_len();
 
     // The attack, on the guest's second MAP_BLOB.
     let result = if verdict == Verdict::Ok {
@@ -331,10 +377,11 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
 
     match verdict {
         Verdict::Refused(why) => {
-            let reason = std::fs::read_to_string(&v.marker).unwrap_or_default();
+            // The VMM's log line names the check that refused the event.
+            let lines = logged_since(log0, "refused map");
             assert!(
-                reason.contains(why),
-                "{name}: refused for the wrong reason: {reason:?}, expected {why:?}"
+                lines.iter().any(|l| l.contains(why)),
+                "{name}: refused for the wrong reason: {lines:?}, expected {why:?}"
             );
             assert!(
                 matches!(result, Err(CmdError::Device(_))),
@@ -405,14 +452,16 @@ fn scenario_body(name: &'static str, verdict: Verdict) {
                 exit.code.is_some() || exit.signal.is_some(),
                 "{name}: {exit:?}"
             );
+            // Lost to its own misbehaviour, not killed by its seccomp policy.
+            assert!(
+                exit.signal != Some(libc::SIGSYS) && exit.syscall.is_none(),
+                "{name}: {exit:?}"
+            );
             v.clean(&format!("{name}: after the device was stopped"));
             v.guest_zeros(0, 4 * P, "blob 1 gone with the device");
             v.guest_zeros(16 * P, 4 * P, "blob 2 gone with the device");
-            // Restart: the marker disarms the new device, which must work.
-            if !v.marker.exists() {
-                std::fs::write(&v.marker, b"attacked").unwrap();
-            }
-            s = connect(&v, name);
+            // Restart with a device that behaves; it must work.
+            s = connect(&v, "none");
             let a2 = blob(&mut s, 1, 4 * P);
             s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
             v.guest_reads(0, &a2, "blob 1 from the restarted device");
@@ -484,6 +533,89 @@ scenarios! {
     device_hangs_and_a_forked_child_holds_the_tube: "fork-hold" => Verdict::Lost;
 }
 
+macro_rules! jailed_scenarios {
+    ($($test:ident: $name:literal => $verdict:expr;)*) => {
+        $(
+            #[test]
+            fn $test() {
+                scenario_jailed($name, $verdict);
+            }
+        )*
+    };
+}
+
+// The attacks a device can make from inside the jail, under gpu_device_shm.policy: the
+// VMM's answers must be the same as for the unjailed device (and the policy must not be
+// what stops them: a SIGSYS would show up as a lost device, failing the refusal cases).
+jailed_scenarios! {
+    jailed_placement_outside_the_window: "outside-window" => Verdict::Refused("is outside 0..");
+    jailed_placement_misaligned: "misaligned" => Verdict::Refused("not page-aligned");
+    jailed_placement_overlapping_a_live_one: "overlap" => Verdict::Refused("overlaps live placement");
+    jailed_placement_with_prot_exec: "exec" => Verdict::Refused("not allowed");
+    jailed_placement_unrequested: "unrequested" => Verdict::Refused("no map command for resource");
+    jailed_fd_is_a_short_memfd: "short-memfd" => Verdict::Refused("placement needs");
+    jailed_fd_can_shrink_and_is_truncated: "unsealed-truncate" => Verdict::Refused("F_SEAL_SHRINK");
+    jailed_malformed_json: "malformed" => Verdict::ProtocolErrors(1);
+    jailed_oversized_message: "oversized" => Verdict::ProtocolErrors(1);
+    jailed_flood_of_bogus_events: "flood" => Verdict::Flood(5000);
+    jailed_reply_that_never_comes: "no-reply" => Verdict::Lost;
+    jailed_tube_closed_mid_message: "close-mid-message" => Verdict::Lost;
+    jailed_flood_without_reading_replies: "flood-unread" => Verdict::Lost;
+    jailed_response_for_an_unknown_tag: "unknown-tag" => Verdict::Lost;
+    jailed_device_exits_after_sending_a_placement: "exit-after-place" => Verdict::Lost;
+}
+
+/// A device that fails the start (no hello, a hello of another version or of the VMM's own
+/// role, an event instead of Ready): `Device::start` refuses it promptly, kills and reaps it,
+/// and leaves nothing behind.
+fn refused_at_start(name: &'static str) {
+    let _serial = serial();
+    with_watchdog(name, move || {
+        let v = vmm(name);
+        let t = std::time::Instant::now();
+        let err = Device::start(&config(name, None, false), v.hm.clone())
+            .expect_err("the device must be refused");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{name}: refusing took {:?}",
+            t.elapsed()
+        );
+        let chain = format!("{err:#}");
+        assert!(chain.contains("failed to start"), "{name}: {chain}");
+        v.clean(name);
+        // And a good device starts and works on the same window afterwards.
+        let mut v = v;
+        let mut s = connect(&v, "none");
+        let a = blob(&mut s, 1, 4 * P);
+        s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+        v.guest_reads(0, &a, "blob from the device started after the refusal");
+        let Session { dev, drv } = s;
+        drop(drv);
+        assert_eq!(dev.stop("done").code, Some(0));
+        v.clean(name);
+    });
+}
+
+#[test]
+fn device_exits_before_hello() {
+    refused_at_start("exit-before-hello");
+}
+
+#[test]
+fn device_speaks_another_protocol_version() {
+    refused_at_start("bad-version");
+}
+
+#[test]
+fn device_claims_the_vmm_role() {
+    refused_at_start("vmm-role");
+}
+
+#[test]
+fn device_sends_an_event_instead_of_ready() {
+    refused_at_start("not-ready");
+}
+
 /// The whole `hostmem run` path (`run::run`) with a device that stops answering: the run's
 /// own timeout declares it hung, kills and restarts it, and the run completes.
 #[test]
@@ -501,7 +633,7 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
             blobs: 30,
             seed: 11,
             max_live: 8,
-            device: config("no-reply", &marker),
+            device: config("no-reply", Some(&marker), false),
             restart: Restart::OnFailure(1),
             kill_after: None,
             show_progress: false,

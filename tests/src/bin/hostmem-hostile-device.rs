@@ -65,6 +65,11 @@ enum Scenario {
     Untagged,
     GarbageResponse,
     Reorder,
+    // The handshake: the VMM must give up on the device quickly and cleanly.
+    ExitBeforeHello,
+    BadVersion,
+    VmmRole,
+    NotReady,
     // The device goes away at a bad moment.
     ExitAfterPlace,
     CloseMidMessage,
@@ -100,6 +105,10 @@ impl Scenario {
         ("untagged", Scenario::Untagged),
         ("garbage-response", Scenario::GarbageResponse),
         ("reorder", Scenario::Reorder),
+        ("exit-before-hello", Scenario::ExitBeforeHello),
+        ("bad-version", Scenario::BadVersion),
+        ("vmm-role", Scenario::VmmRole),
+        ("not-ready", Scenario::NotReady),
         ("exit-after-place", Scenario::ExitAfterPlace),
         ("close-mid-message", Scenario::CloseMidMessage),
         ("fork-hold", Scenario::ForkHold),
@@ -149,10 +158,11 @@ fn refusal(code: RefuseCode, reason: String) -> PlaceError {
     }
 }
 
-/// Sleeps until the VMM kills us: a device that stopped answering.
+/// Blocks until the VMM kills us: a device that stopped answering. `park` waits on a futex,
+/// which the jail's policy allows (`nanosleep` it does not).
 fn hang() -> ! {
     loop {
-        std::thread::sleep(Duration::from_secs(3600));
+        std::thread::park();
     }
 }
 
@@ -248,7 +258,11 @@ impl HostilePlacer {
         };
         log::warn!("hostile device: attack {:?}", self.scenario);
         match self.scenario {
-            Scenario::None => self.honest(req),
+            Scenario::None
+            | Scenario::ExitBeforeHello
+            | Scenario::BadVersion
+            | Scenario::VmmRole
+            | Scenario::NotReady => self.honest(req),
             Scenario::OutsideWindow => {
                 *offset = size;
                 self.bad_event(msg, fd)
@@ -501,6 +515,7 @@ struct Args {
     scenario: Scenario,
     attack_on: u32,
     once: Option<std::path::PathBuf>,
+    seccomp_fd: Option<i32>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -511,6 +526,7 @@ fn parse_args() -> anyhow::Result<Args> {
         scenario: Scenario::None,
         attack_on: 1,
         once: None,
+        seccomp_fd: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -522,6 +538,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--scenario" => a.scenario = Scenario::parse(&val)?,
             "--attack-on" => a.attack_on = val.parse()?,
             "--once" => a.once = Some(val.into()),
+            "--seccomp-fd" => a.seccomp_fd = Some(val.parse()?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -531,6 +548,10 @@ fn parse_args() -> anyhow::Result<Args> {
 fn main() -> anyhow::Result<()> {
     hostmem_device::process::init_logging();
     let args = parse_args()?;
+    // Jailed like the real device: the filter first, before any input is read.
+    if let Some(fd) = args.seccomp_fd {
+        hostmem_jail::launch::child_install_seccomp(fd)?;
+    }
     // With --once, only the first device of a test attacks; its restarted successor behaves.
     let armed = match &args.once {
         Some(p) => std::fs::OpenOptions::new()
@@ -543,6 +564,20 @@ fn main() -> anyhow::Result<()> {
     let take = |fd| -> anyhow::Result<OwnedFd> { Ok(hostmem_base::fd::take_inherited(fd)?) };
     let control = Tube::from_fd(take(args.control_fd)?)?;
     let mapping = Tube::from_fd(take(args.mapping_fd)?)?;
+    match args.scenario {
+        Scenario::ExitBeforeHello => std::process::exit(1),
+        Scenario::BadVersion | Scenario::VmmRole => {
+            let mut hello = Hello::new(Role::Device);
+            if args.scenario == Scenario::BadVersion {
+                hello.version = 99;
+            } else {
+                hello.role = Role::Vmm;
+            }
+            mapping.send(&DeviceMsg::Hello(hello), &[])?;
+            hang()
+        }
+        _ => {}
+    }
     handshake::<DeviceMsg, VmmMsg>(&mapping, Role::Device, Duration::from_secs(20))?;
     mapping.set_recv_timeout(Some(Duration::from_secs(20)))?;
     let (msg, mut fds) = mapping.recv::<VmmMsg>()?;
@@ -552,6 +587,17 @@ fn main() -> anyhow::Result<()> {
     let memfd = fds.pop().context("Hostmem without fd")?;
     let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
     let backend = hostmem_device::process::make_backend(&args.backend)?;
+    if args.scenario == Scenario::NotReady {
+        // Anything but Ready: an event before the VMM even serves events.
+        let early = DeviceMsg::Unmap {
+            seq: 1,
+            resource_id: 1,
+            offset: 0,
+            len: PAGE,
+        };
+        mapping.send(&early, &[])?;
+        hang()
+    }
     mapping.send(
         &DeviceMsg::Ready {
             backend: args.backend.clone(),
