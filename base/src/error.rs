@@ -104,6 +104,9 @@ pub enum Error {
     /// Protection bits other than READ|WRITE (EXEC is never allowed), or none at all.
     #[error("protection {0:#x} not allowed (only READ, READ|WRITE)")]
     BadProtection(u32),
+    /// The window's mappings in `/proc/self/maps` differ from its placement table.
+    #[error("window mappings differ from the placement table: {0}")]
+    WindowMismatch(String),
     /// Too few VMAs left below `vm.max_map_count` to place and still be sure to restore.
     #[error("VMA headroom exhausted: {used} of {limit} used, {reserve} kept in reserve")]
     VmaHeadroom {

@@ -324,6 +324,42 @@ impl Window {
         Ok(was)
     }
 
+    /// Checks the window against the kernel's view: the ranges of `/proc/self/maps` inside
+    /// the window that are not the window's own memfd at its own offset (background) must
+    /// be exactly the placement table's ranges. Adjacent ranges are merged on both sides,
+    /// because the kernel merges adjacent placements of one file at contiguous offsets into
+    /// one VMA. Background is recognised by inode and offset, not by name, which a placed
+    /// file could copy.
+    pub fn audit(&self) -> Result<()> {
+        let (start, len) = self.host_range();
+        let ino = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&self.memfd.as_fd()))
+            .map_err(|e| Error::WindowMismatch(format!("fstat of the window memfd: {e}")))?
+            .st_ino;
+        let maps = procfs::maps_in_range(start, start + len)?;
+        let mut foreign = Vec::new();
+        for m in &maps {
+            let (s, e) = ((m.start - start) as u64, (m.end - start) as u64);
+            if m.inode == ino && m.offset == s {
+                continue;
+            }
+            foreign.push((s, e));
+        }
+        let covered = merge_ranges(foreign);
+        let table = merge_ranges(
+            self.lock()
+                .placements
+                .values()
+                .map(|p| (p.offset, p.offset + p.len))
+                .collect(),
+        );
+        if covered != table {
+            return Err(Error::WindowMismatch(format!(
+                "mapped over background {covered:x?}, placed {table:x?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// The live placements, by offset.
     pub fn placements(&self) -> Vec<Placement> {
         self.lock().placements.values().copied().collect()
@@ -362,4 +398,17 @@ impl Window {
     pub fn mapping(&self) -> &MemoryMapping {
         &self.map
     }
+}
+
+/// Sorts `(start, end)` ranges and joins the ones that touch.
+fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }

@@ -194,3 +194,53 @@ fn maps_show_the_placements() {
     let maps = hostmem_base::procfs::maps_in_range(start, start + len).unwrap();
     assert_eq!(maps.len(), 1, "background VMAs merge back: {maps:?}");
 }
+
+#[test]
+fn audit_sees_exactly_what_the_table_does_not() {
+    let w = Window::new(64 * PAGE).unwrap();
+    w.audit().unwrap();
+    let a = blob(2 * PAGE, 1);
+    let b = blob(2 * PAGE, 2);
+    // Two adjacent placements: the audit compares covered ranges, not VMAs.
+    w.place(4 * PAGE, 2 * PAGE, a.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    w.place(6 * PAGE, 2 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    // The window's own memfd at another offset is a placement too, not background.
+    w.place(
+        10 * PAGE,
+        PAGE,
+        w.memfd().as_fd(),
+        20 * PAGE,
+        Prot::READ_WRITE,
+    )
+    .unwrap();
+    w.audit().unwrap();
+    w.restore(6 * PAGE, 2 * PAGE).unwrap();
+    w.audit().unwrap();
+
+    // A mapping the table does not know of (as a bug, or a placement done behind the
+    // window's back, would leave) is found, even when it names itself like the window.
+    let stray = SharedMemory::new("hostmem-window", PAGE).unwrap();
+    let (start, _) = w.host_range();
+    // SAFETY: MAP_FIXED over one page inside the window's own reservation, which this test
+    // owns; nothing holds references into that page, and the window unmaps it on drop.
+    let r = unsafe {
+        libc::mmap(
+            (start + 30 * PAGE as usize) as *mut libc::c_void,
+            PAGE as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            std::os::fd::AsRawFd::as_raw_fd(&stray.as_fd()),
+            0,
+        )
+    };
+    assert_ne!(r, libc::MAP_FAILED);
+    match w.audit() {
+        Err(Error::WindowMismatch(m)) => assert!(m.contains("1e000"), "{m}"),
+        other => panic!("stray mapping not found: {other:?}"),
+    }
+    // restore_all puts background everywhere and empties the table: consistent again.
+    w.restore_all().unwrap();
+    w.audit().unwrap();
+}

@@ -337,6 +337,10 @@ impl Device {
                 0
             }
         };
+        // Cheap (one read of /proc/self/maps) and device ends are rare: make sure.
+        if let Err(e) = self.hostmem.audit() {
+            log::error!("after the device ended the window is not what the VMM thinks: {e:#}");
+        }
         let mut exit = DeviceExit {
             pid: self.facts.pid,
             code: None,

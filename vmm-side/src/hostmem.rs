@@ -301,6 +301,31 @@ impl Hostmem {
         self.lock().live.iter().map(|(o, l)| (*o, l.len)).collect()
     }
 
+    /// Checks the VMM's view against the kernel's: the window's mappings in
+    /// `/proc/self/maps` are exactly the window's placement table
+    /// ([`Window::audit`](hostmem_base::window::Window::audit)), and that table is this
+    /// table (fixed mode) or empty (per-blob-slot mode, where blobs live outside the window).
+    pub fn audit(&self) -> anyhow::Result<()> {
+        self.window.audit()?;
+        let mut ours = self.live_ranges();
+        if self.mode == Mode::PerBlobSlot {
+            ours.clear();
+        }
+        let mut window: Vec<(u64, u64)> = self
+            .window
+            .placements()
+            .iter()
+            .map(|p| (p.offset, p.len))
+            .collect();
+        ours.sort_unstable();
+        window.sort_unstable();
+        anyhow::ensure!(
+            ours == window,
+            "the VMM's placement table {ours:x?} is not the window's {window:x?}"
+        );
+        Ok(())
+    }
+
     /// The counters.
     pub fn counters(&self) -> Counters {
         Counters {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hostmem_base::kvm::Vm;
-use hostmem_base::procfs::{fd_count, maps_in_range};
+use hostmem_base::procfs::fd_count;
 use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmOp};
 use hostmem_vmm::device::{Device, DeviceConfig};
 use hostmem_vmm::driver::{CmdError, Driver};
@@ -139,27 +139,7 @@ impl Vmm {
 
     /// The window's mappings are exactly the placement table, background elsewhere.
     fn consistent(&self) {
-        let (start, len) = self.hm.window().host_range();
-        let maps = maps_in_range(start, start + len).unwrap();
-        let live = self.hm.live_ranges();
-        for (off, l) in &live {
-            let s = start + *off as usize;
-            assert!(
-                maps.iter().any(|m| m.start == s
-                    && m.end == s + *l as usize
-                    && !m.path.contains("hostmem-window")),
-                "placement {off:#x}+{l:#x} not in /proc/self/maps: {maps:?}"
-            );
-        }
-        let blob_vmas = maps
-            .iter()
-            .filter(|m| !m.path.contains("hostmem-window"))
-            .count();
-        assert_eq!(
-            blob_vmas,
-            live.len(),
-            "window maps beyond the table: {maps:?}"
-        );
+        self.hm.audit().unwrap();
     }
 
     fn stop_device(&mut self, why: &str) -> hostmem_vmm::device::DeviceExit {
