@@ -614,9 +614,9 @@ fn free_offset(rng: &mut Rng, live: &[LiveBlob], size: u64, window: u64) -> Opti
     })
 }
 
-/// Default device config for the run: jailed under the shm policy.
+/// Default device config for the run: the device binary found beside us, jailed under
+/// `gpu_device_{backend}.policy`.
 pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Result<DeviceConfig> {
-    let dir = policy_dir.unwrap_or_else(crate::policy::default_dir);
     let virgl = backend == "virgl";
     let exe = std::env::current_exe()?;
     let (program, pre_args) = if virgl
@@ -631,11 +631,25 @@ pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Res
     } else {
         DeviceConfig::find_program()?
     };
+    Ok(device_config(program, pre_args, backend, policy_dir))
+}
+
+/// The run's device config for `backend` with a given device program: jailed under
+/// `gpu_device_{backend}.policy` from `policy_dir` (default: ours), with the read-only
+/// binds the backend needs.
+pub fn device_config(
+    program: PathBuf,
+    pre_args: Vec<String>,
+    backend: &str,
+    policy_dir: Option<PathBuf>,
+) -> DeviceConfig {
+    let dir = policy_dir.unwrap_or_else(crate::policy::default_dir);
+    let virgl = backend == "virgl";
     let mut ro_binds = crate::policy::loader_ro_binds();
     if virgl {
         ro_binds.extend(crate::policy::virgl_ro_binds());
     }
-    Ok(DeviceConfig {
+    DeviceConfig {
         program,
         pre_args,
         // virgl: the run proves renderer <-> guest sharing through the test ops.
@@ -650,5 +664,5 @@ pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Res
         seccomp_log: false,
         ro_binds,
         log_filter: std::env::var("RUST_LOG").ok(),
-    })
+    }
 }

@@ -4,45 +4,15 @@
 //! targets live in `hostmem bench`, not here.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 
-use hostmem_base::kvm::Vm;
 use hostmem_base::mmap::{MemoryMapping, Prot};
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
 use hostmem_device::backend::shm::{pattern_bytes, pattern_qword};
 use hostmem_vmm::bench::{self, BenchOptions, CaseKind, Workload};
-use hostmem_vmm::device::DeviceConfig;
 
-fn device_config() -> DeviceConfig {
-    let jailed = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
-        .map(|s| s.trim() != "0")
-        .unwrap_or(false);
-    if !jailed {
-        println!("skipped: user namespaces unavailable, the device runs unjailed here");
-    }
-    DeviceConfig {
-        program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem")),
-        pre_args: vec!["device".into()],
-        extra_args: vec![],
-        backend: "shm".into(),
-        jailed,
-        policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
-        seccomp_log: false,
-        ro_binds: hostmem_vmm::policy::loader_ro_binds(),
-        log_filter: Some("error".into()),
-    }
-}
-
-fn kvm() -> bool {
-    match Vm::available() {
-        Ok(()) => true,
-        Err(why) => {
-            println!("skipped: /dev/kvm unusable ({why})");
-            false
-        }
-    }
-}
+mod common;
+use common::{device_config, kvm};
 
 /// What the floor case does, checked from the host: the window shows the blob's pattern
 /// after the MAP_FIXED place and zeros after the restore.

@@ -1,59 +1,15 @@
 //! End to end across the two processes on real KVM: the jailed device places blobs, the
 //! VMM repeats them, and a ring-3 KVM guest reads them through one memslot.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use hostmem_base::kvm::Vm;
-use hostmem_vmm::device::{Device, DeviceConfig};
+use hostmem_vmm::device::Device;
 use hostmem_vmm::driver::{CmdError, Driver};
 use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
-/// These tests compare the VMM's process-wide fd count before and after, so they run one at
-/// a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The device config for tests: the `hostmem` binary in device mode, jailed when the
-/// machine allows user namespaces.
-fn device_config() -> DeviceConfig {
-    let jailed = jail_works();
-    DeviceConfig {
-        program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem")),
-        pre_args: vec!["device".into()],
-        extra_args: vec![],
-        backend: "shm".into(),
-        jailed,
-        policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
-        seccomp_log: false,
-        ro_binds: hostmem_vmm::policy::loader_ro_binds(),
-        log_filter: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
-    }
-}
-
-fn jail_works() -> bool {
-    let ok = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
-        .map(|s| s.trim() != "0")
-        .unwrap_or(false);
-    if !ok {
-        println!("skipped: user namespaces unavailable, device runs unjailed in this test");
-    }
-    ok
-}
-
-fn kvm() -> bool {
-    match Vm::available() {
-        Ok(()) => true,
-        Err(why) => {
-            println!("skipped: /dev/kvm unusable ({why})");
-            false
-        }
-    }
-}
+mod common;
+use common::{device_config, jail_works, kvm, serial};
 
 fn options(mode: Mode, blobs: u32) -> RunOptions {
     RunOptions {

@@ -5,50 +5,20 @@
 //! KVM guest must read what the table says.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hostmem_base::kvm::Vm;
 use hostmem_base::procfs::fd_count;
 use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmOp};
-use hostmem_vmm::device::{Device, DeviceConfig};
+use hostmem_vmm::device::Device;
 use hostmem_vmm::driver::{CmdError, Driver};
 use hostmem_vmm::hostmem::{FaultPoint, Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
-/// The tests compare process-wide fd counts and one lowers RLIMIT_NOFILE: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn jail_works() -> bool {
-    let ok = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
-        .map(|s| s.trim() != "0")
-        .unwrap_or(false);
-    if !ok {
-        println!("skipped: user namespaces unavailable, device runs unjailed in this test");
-    }
-    ok
-}
-
-fn device_config() -> DeviceConfig {
-    let jailed = jail_works();
-    DeviceConfig {
-        program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem")),
-        pre_args: vec!["device".into()],
-        extra_args: vec![],
-        backend: "shm".into(),
-        jailed,
-        policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
-        seccomp_log: false,
-        ro_binds: hostmem_vmm::policy::loader_ro_binds(),
-        log_filter: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
-    }
-}
+mod common;
+use common::{device_config, serial};
 
 const P: u64 = 4096;
 const CTX: u32 = 1;

@@ -8,42 +8,21 @@
 //!   refused before they reach the library; the device keeps serving and exits cleanly.
 #![cfg(feature = "virgl")]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use hostmem_base::kvm::Vm;
 use hostmem_vmm::device::{Device, DeviceConfig};
 use hostmem_vmm::driver::{CmdError, Driver};
 use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
-use hostmem_vmm::run::{default_device, run, Restart, RunOptions};
+use hostmem_vmm::run::{run, Restart, RunOptions};
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn jail_works() -> bool {
-    let ok = std::fs::read_to_string("/proc/sys/user/max_user_namespaces")
-        .map(|s| s.trim() != "0")
-        .unwrap_or(false);
-    if !ok {
-        println!("skipped: user namespaces unavailable, the virgl device runs unjailed here");
-    }
-    ok
-}
+mod common;
+use common::{device_config_for, serial};
 
 /// `hostmem run`'s virgl device config (jailed, kill action, `--test-ops`, the virgl
 /// read-only binds), with the test's `hostmem` binary in device mode.
 fn virgl_device() -> DeviceConfig {
-    let mut cfg = default_device("virgl", None).expect("device config");
-    cfg.program = PathBuf::from(env!("CARGO_BIN_EXE_hostmem"));
-    cfg.pre_args = vec!["device".into()];
-    cfg.log_filter = Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
-    if !jail_works() {
-        cfg.jailed = false;
-        cfg.policy = None;
-    }
+    let cfg = device_config_for("virgl");
     assert!(cfg.extra_args.iter().any(|a| a == "--test-ops"));
     cfg
 }
