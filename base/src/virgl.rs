@@ -111,8 +111,26 @@ extern "C" fn write_fence(_cookie: *mut c_void, fence: u32) {
     LAST_FENCE.fetch_max(u64::from(fence), Ordering::SeqCst);
 }
 
+/// Context fences (venus) the renderer signalled: the highest id per (context, ring).
+static CONTEXT_FENCES: std::sync::Mutex<Vec<((u32, u32), u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// The highest context fence the renderer signalled on `ring_idx` of `ctx_id`.
+pub fn last_context_fence(ctx_id: u32, ring_idx: u32) -> u64 {
+    CONTEXT_FENCES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(k, _)| *k == (ctx_id, ring_idx))
+        .map_or(0, |(_, f)| *f)
+}
+
 extern "C" fn write_context_fence(_cookie: *mut c_void, ctx_id: u32, ring_idx: u32, fence: u64) {
     log::debug!("virgl: context {ctx_id} ring {ring_idx} fence {fence} signalled");
+    let mut v = CONTEXT_FENCES.lock().unwrap_or_else(|p| p.into_inner());
+    match v.iter_mut().find(|(k, _)| *k == (ctx_id, ring_idx)) {
+        Some((_, f)) => *f = (*f).max(fence),
+        None => v.push(((ctx_id, ring_idx), fence)),
+    }
 }
 
 /// The `virgl_renderer_resource_map_fixed(res, addr)` signature of virglrenderer >= 1.3.0.
@@ -292,6 +310,32 @@ impl Renderer {
             std::thread::yield_now();
         }
         Ok(false)
+    }
+
+    /// `virgl_renderer_context_create_fence` on `ring_idx` of a context (venus), then
+    /// `virgl_renderer_context_poll` until the renderer signalled it through
+    /// `write_context_fence` or `spins` polls passed; returns whether it signalled.
+    pub fn context_fence_and_wait(
+        &self,
+        ctx_id: u32,
+        ring_idx: u32,
+        fence_id: u64,
+        spins: u32,
+    ) -> Result<bool> {
+        // SAFETY: plain integer arguments; the library checks the context id.
+        let ret =
+            unsafe { sys::virgl_renderer_context_create_fence(ctx_id, 0, ring_idx, fence_id) };
+        check("virgl_renderer_context_create_fence", ctx_id, ret)?;
+        for _ in 0..spins {
+            if last_context_fence(ctx_id, ring_idx) >= fence_id {
+                return Ok(true);
+            }
+            // SAFETY: plain integer argument; runs our write_context_fence callback for the
+            // context's retired fences.
+            unsafe { sys::virgl_renderer_context_poll(ctx_id) };
+            std::thread::yield_now();
+        }
+        Ok(last_context_fence(ctx_id, ring_idx) >= fence_id)
     }
 
     /// `virgl_renderer_resource_create_blob` (no iovecs: HOST3D only).

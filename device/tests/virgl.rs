@@ -134,6 +134,18 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
         &send(&mut g, Command::ctx_create(TEST, TEST_CAPSET_ID, b"test")),
         "test ctx",
     );
+    // SUBMIT_3D on the venus context completes only when its context fence (ring 0)
+    // signalled; a fence that never signals would answer ERR_UNSPEC.
+    for _ in 0..3 {
+        ok(
+            &send(&mut g, Command::submit_3d(VENUS, vec![]).fenced(7)),
+            "venus submit, fenced",
+        );
+    }
+    assert!(
+        hostmem_base::virgl::last_context_fence(VENUS, 0) >= 3,
+        "the venus context fences signalled"
+    );
 
     // Unknown ids: refused by the handler and by the backend itself, never by the library
     // (which would answer EINVAL -> Unspec).

@@ -138,6 +138,9 @@ fn virgl_pointer_only_blob_and_unknown_ids_are_answered_with_errors() {
     d.ctx_create(1, 4).unwrap(); // venus
     d.ctx_create(3, 2).unwrap(); // vrend (VIRGL2)
 
+    // A venus SUBMIT_3D completes after its context fence signalled, inside the jail.
+    d.submit_3d(1, vec![]).unwrap();
+
     // Unknown ids: refused before the library sees them.
     assert_eq!(code(d.map_blob(1, 99, 0, P)), "InvalidResourceId");
     assert_eq!(code(d.unmap_blob(1, 99)), "InvalidResourceId");

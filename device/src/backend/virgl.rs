@@ -16,9 +16,10 @@
 //!   have), in a renderer context. A venus blob with `blob_id` 0 and flags exactly MAPPABLE
 //!   is an SHM memfd inside the renderer; a vrend blob names a pipe resource that the
 //!   context's stream created (`VIRGL_CCMD_PIPE_RESOURCE_CREATE` with that blob id).
-//! * `SUBMIT_3D` is passed to `virgl_renderer_submit_cmd`; for vrend contexts the backend
-//!   then creates a fence and polls until it signals, so the command is complete when the
-//!   guest's response (which echoes the guest's fence) goes out.
+//! * `SUBMIT_3D` is passed to `virgl_renderer_submit_cmd`; the backend then creates a fence
+//!   (vrend: a global fence; venus: a context fence on ring 0) and polls until it signals,
+//!   so the command is complete when the guest's response (which echoes the guest's fence)
+//!   goes out. Venus queue rings (ring_idx > 0, asynchronous fences) are not offered.
 //! * **Every resource id is checked against the backend's own table before it reaches the
 //!   library** (unknown ids are `InvalidId`): some virglrenderer versions dereference an
 //!   unknown id before they check it.
@@ -368,7 +369,21 @@ impl Backend for VirglBackend {
         self.renderer
             .submit_cmd(ctx_id, stream)
             .map_err(|e| BackendError::InvalidParameter(e.to_string()))?;
-        if capset != VIRTIO_GPU_CAPSET_VENUS {
+        if capset == VIRTIO_GPU_CAPSET_VENUS {
+            // venus: a context fence on ring 0 (the CPU ring) retires once the stream's work
+            // is done; wait for it so the response means "complete", as for vrend below.
+            let fence = u64::from(self.next_fence);
+            self.next_fence = self.next_fence.checked_add(1).unwrap_or(1);
+            let done = self
+                .renderer
+                .context_fence_and_wait(ctx_id, 0, fence, FENCE_SPINS)
+                .map_err(|e| call_error("context fence", e))?;
+            if !done {
+                return Err(BackendError::Unspec(format!(
+                    "venus fence {fence} of context {ctx_id} did not signal"
+                )));
+            }
+        } else {
             // vrend: complete the stream's GL work before the response goes out.
             let fence = self.next_fence;
             self.next_fence = self.next_fence.checked_add(1).unwrap_or(1);
