@@ -199,6 +199,9 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
             vec![]
         },
         log_filter: Some(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())),
+        // Short, so that the silent-device scenarios take seconds; a good device is ready in
+        // milliseconds.
+        start_timeout: Duration::from_secs(3),
     }
 }
 
@@ -581,6 +584,16 @@ fn refused_at_start(name: &'static str) {
 #[test]
 fn device_exits_before_hello() {
     refused_at_start("exit-before-hello");
+}
+
+#[test]
+fn device_never_says_hello() {
+    refused_at_start("silent");
+}
+
+#[test]
+fn device_takes_the_window_and_never_gets_ready() {
+    refused_at_start("no-ready");
 }
 
 #[test]

@@ -64,6 +64,9 @@ pub struct DeviceConfig {
     pub ro_binds: Vec<PathBuf>,
     /// `RUST_LOG` for the device.
     pub log_filter: Option<String>,
+    /// How long the device has to say hello and then `Ready` ([`START_TIMEOUT`] by
+    /// default): a device that stays silent is killed and `Device::start` fails.
+    pub start_timeout: Duration,
 }
 
 impl DeviceConfig {
@@ -201,7 +204,7 @@ impl Device {
         let mut child = launch::spawn(jail).context("spawning the device")?;
         let pid = child.pid();
         let connect = || -> anyhow::Result<DeviceFacts> {
-            handshake::<VmmMsg, DeviceMsg>(&mapping, Role::Vmm, START_TIMEOUT)
+            handshake::<VmmMsg, DeviceMsg>(&mapping, Role::Vmm, cfg.start_timeout)
                 .context("handshake with the device")?;
             // Check the jail from outside before the device gets the hostmem memfd.
             let st = procfs::status_of(&pid.to_string())?;
@@ -218,7 +221,7 @@ impl Device {
                 },
                 &[window.memfd().as_fd()],
             )?;
-            mapping.set_recv_timeout(Some(START_TIMEOUT))?;
+            mapping.set_recv_timeout(Some(cfg.start_timeout))?;
             let (msg, _) = mapping.recv::<DeviceMsg>().context("waiting for Ready")?;
             mapping.set_recv_timeout(None)?;
             if !matches!(msg, DeviceMsg::Ready { .. }) {

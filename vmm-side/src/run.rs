@@ -664,5 +664,6 @@ pub fn device_config(
         seccomp_log: false,
         ro_binds,
         log_filter: std::env::var("RUST_LOG").ok(),
+        start_timeout: crate::device::START_TIMEOUT,
     }
 }

@@ -67,6 +67,10 @@ enum Scenario {
     Reorder,
     // The handshake: the VMM must give up on the device quickly and cleanly.
     ExitBeforeHello,
+    /// Never says hello.
+    Silent,
+    /// Says hello, takes the window, never says `Ready`.
+    NoReady,
     BadVersion,
     VmmRole,
     NotReady,
@@ -106,6 +110,8 @@ impl Scenario {
         ("garbage-response", Scenario::GarbageResponse),
         ("reorder", Scenario::Reorder),
         ("exit-before-hello", Scenario::ExitBeforeHello),
+        ("silent", Scenario::Silent),
+        ("no-ready", Scenario::NoReady),
         ("bad-version", Scenario::BadVersion),
         ("vmm-role", Scenario::VmmRole),
         ("not-ready", Scenario::NotReady),
@@ -260,6 +266,8 @@ impl HostilePlacer {
         match self.scenario {
             Scenario::None
             | Scenario::ExitBeforeHello
+            | Scenario::Silent
+            | Scenario::NoReady
             | Scenario::BadVersion
             | Scenario::VmmRole
             | Scenario::NotReady => self.honest(req),
@@ -566,6 +574,7 @@ fn main() -> anyhow::Result<()> {
     let mapping = Tube::from_fd(take(args.mapping_fd)?)?;
     match args.scenario {
         Scenario::ExitBeforeHello => std::process::exit(1),
+        Scenario::Silent => hang(),
         Scenario::BadVersion | Scenario::VmmRole => {
             let mut hello = Hello::new(Role::Device);
             if args.scenario == Scenario::BadVersion {
@@ -587,6 +596,9 @@ fn main() -> anyhow::Result<()> {
     let memfd = fds.pop().context("Hostmem without fd")?;
     let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
     let backend = hostmem_device::process::make_backend(&args.backend)?;
+    if args.scenario == Scenario::NoReady {
+        hang()
+    }
     if args.scenario == Scenario::NotReady {
         // Anything but Ready: an event before the VMM even serves events.
         let early = DeviceMsg::Unmap {
