@@ -232,6 +232,48 @@ impl ShmOp {
     }
 }
 
+/// Runs one FILL / WRITE / CHECKSUM `op` on `start..start + len` of a mapping through its
+/// `write` and `read` (the shm backend's own mapping of a blob; for virgl's test ops, the
+/// renderer's), in chunks of 64 KiB. CHECKSUM appends its value to `reply`.
+pub fn apply_op(
+    op: &ShmOp,
+    start: usize,
+    len: usize,
+    mut write: impl FnMut(usize, &[u8]) -> Result<(), BackendError>,
+    mut read: impl FnMut(usize, &mut [u8]) -> Result<(), BackendError>,
+    reply: &mut Vec<u8>,
+) -> Result<(), BackendError> {
+    /// Size of the chunks FILL and CHECKSUM work in.
+    const CHUNK: usize = 64 * 1024;
+    match op {
+        ShmOp::Fill { seed, .. } => {
+            let mut buf = Vec::with_capacity(CHUNK.min(len));
+            let mut done = 0usize;
+            while done < len {
+                let n = CHUNK.min(len - done);
+                buf.clear();
+                pattern_extend(&mut buf, *seed, (start + done) as u64, n);
+                write(start + done, &buf)?;
+                done += n;
+            }
+        }
+        ShmOp::Write { data, .. } => write(start, data)?,
+        ShmOp::Checksum { .. } => {
+            let mut c = Checksum::new();
+            let mut buf = vec![0u8; CHUNK.min(len)];
+            let mut done = 0usize;
+            while done < len {
+                let n = CHUNK.min(len - done);
+                read(start + done, &mut buf[..n])?;
+                c.update(&buf[..n]);
+                done += n;
+            }
+            reply.extend_from_slice(&c.value().to_le_bytes());
+        }
+    }
+    Ok(())
+}
+
 /// Encodes a stream of ops (the `SUBMIT_3D` payload for the shm backend).
 pub fn encode_stream(ops: &[ShmOp]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -345,9 +387,6 @@ pub struct ShmBackend {
     contexts: BTreeMap<u32, ShmContext>,
 }
 
-/// Size of the chunks FILL and CHECKSUM work in.
-const CHUNK: usize = 64 * 1024;
-
 impl ShmBackend {
     /// An empty backend.
     pub fn new() -> Self {
@@ -417,32 +456,14 @@ impl ShmBackend {
         let start = offset as usize;
         let len = len as usize;
         let io = |e: hostmem_base::Error| BackendError::Unspec(format!("blob access: {e}"));
-        match op {
-            ShmOp::Fill { seed, .. } => {
-                let mut buf = Vec::with_capacity(CHUNK.min(len));
-                let mut done = 0usize;
-                while done < len {
-                    let n = CHUNK.min(len - done);
-                    buf.clear();
-                    pattern_extend(&mut buf, *seed, (start + done) as u64, n);
-                    map.write_slice(start + done, &buf).map_err(io)?;
-                    done += n;
-                }
-            }
-            ShmOp::Write { data, .. } => map.write_slice(start, data).map_err(io)?,
-            ShmOp::Checksum { .. } => {
-                let mut c = Checksum::new();
-                let mut buf = vec![0u8; CHUNK.min(len)];
-                let mut done = 0usize;
-                while done < len {
-                    let n = CHUNK.min(len - done);
-                    map.read_slice(start + done, &mut buf[..n]).map_err(io)?;
-                    c.update(&buf[..n]);
-                    done += n;
-                }
-                reply.extend_from_slice(&c.value().to_le_bytes());
-            }
-        }
+        apply_op(
+            op,
+            start,
+            len,
+            |at, b| map.write_slice(at, b).map_err(io),
+            |at, b| map.read_slice(at, b).map_err(io),
+            reply,
+        )?;
         Ok(())
     }
 }

@@ -59,7 +59,7 @@ use std::collections::BTreeMap;
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::virgl::{self, Renderer, FD_TYPE_DMABUF, FD_TYPE_OPAQUE, FD_TYPE_SHM};
 
-use super::shm::{decode_stream, pattern_bytes, Checksum, ShmOp, CHECKSUM_INIT};
+use super::shm::{apply_op, decode_stream, ShmOp, CHECKSUM_INIT};
 use super::{Backend, BackendError, BlobCreate, CapsetInfo, ExportedBlob};
 use crate::wire::{
     VIRTIO_GPU_BLOB_MEM_HOST3D, VIRTIO_GPU_CAPSET_VENUS, VIRTIO_GPU_CAPSET_VIRGL,
@@ -82,9 +82,6 @@ const LIBRARY_CAPSETS: [u32; 3] = [
 
 /// Polls of `virgl_renderer_poll` before a vrend fence counts as lost.
 const FENCE_SPINS: u32 = 100_000;
-
-/// Chunk size of FILL and CHECKSUM.
-const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy)]
 struct VirglBlob {
@@ -208,31 +205,14 @@ impl VirglBackend {
                     .map_err(|_| BackendError::InvalidParameter(format!("{v:#x} too large")))
             };
             let (start, len) = (to_usize(offset)?, to_usize(len)?);
-            match op {
-                ShmOp::Fill { seed, .. } => {
-                    let mut done = 0usize;
-                    while done < len {
-                        let n = CHUNK.min(len - done);
-                        let at = start + done;
-                        map.write_slice(at, &pattern_bytes(*seed, at as u64, n))
-                            .map_err(io)?;
-                        done += n;
-                    }
-                }
-                ShmOp::Write { data, .. } => map.write_slice(start, data).map_err(io)?,
-                ShmOp::Checksum { .. } => {
-                    let mut c = Checksum::new();
-                    let mut buf = vec![0u8; CHUNK.min(len)];
-                    let mut done = 0usize;
-                    while done < len {
-                        let n = CHUNK.min(len - done);
-                        map.read_slice(start + done, &mut buf[..n]).map_err(io)?;
-                        c.update(&buf[..n]);
-                        done += n;
-                    }
-                    reply.extend_from_slice(&c.value().to_le_bytes());
-                }
-            }
+            apply_op(
+                op,
+                start,
+                len,
+                |at, b| map.write_slice(at, b).map_err(io),
+                |at, b| map.read_slice(at, b).map_err(io),
+                &mut reply,
+            )?;
         }
         Ok(reply)
     }
