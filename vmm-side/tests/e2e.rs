@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use hostmem_vmm::device::Device;
 use hostmem_vmm::driver::{CmdError, Driver};
-use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use hostmem_vmm::hostmem::{Hostmem, Mode};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 mod common;
-use common::{device_config, jail_works, kvm, serial};
+use common::{device_config, hostmem, jail_works, kvm, serial, start_device};
 
 fn options(mode: Mode, blobs: u32) -> RunOptions {
     RunOptions {
@@ -101,26 +101,10 @@ fn device_killed_mid_run_restores_window_and_restarts() {
 
 /// A device and a driver without KVM, for command-level checks.
 fn start(extra: &[&str]) -> (Arc<Hostmem>, Device, Driver) {
-    let hm = Arc::new(
-        Hostmem::new(
-            16 << 20,
-            None,
-            DEFAULT_WINDOW_GPA,
-            Mode::Fixed,
-            Limits::default(),
-        )
-        .unwrap(),
-    );
+    let hm = hostmem(16 << 20);
     let mut cfg = device_config();
     cfg.extra_args = extra.iter().map(|s| s.to_string()).collect();
-    let dev = Device::start(&cfg, hm.clone()).unwrap();
-    let control = hostmem_ipc::Tube::from_fd(
-        std::os::fd::AsFd::as_fd(dev.control())
-            .try_clone_to_owned()
-            .unwrap(),
-    )
-    .unwrap();
-    let mut drv = Driver::new(control, hm.clone()).unwrap();
+    let (dev, mut drv) = start_device(&cfg, &hm);
     drv.ctx_create(1, 0).unwrap();
     (hm, dev, drv)
 }

@@ -18,7 +18,7 @@ use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 mod common;
-use common::{device_config, serial};
+use common::{device_config, serial, start_device};
 
 const P: u64 = 4096;
 const CTX: u32 = 1;
@@ -61,14 +61,7 @@ impl Vmm {
     }
 
     fn start_device(&mut self) {
-        let dev = Device::start(&device_config(), self.hm.clone()).unwrap();
-        let control = hostmem_ipc::Tube::from_fd(
-            std::os::fd::AsFd::as_fd(dev.control())
-                .try_clone_to_owned()
-                .unwrap(),
-        )
-        .unwrap();
-        let mut drv = Driver::new(control, self.hm.clone()).unwrap();
+        let (dev, mut drv) = start_device(&device_config(), &self.hm);
         drv.set_timeout(Duration::from_secs(5)).unwrap();
         drv.ctx_create(CTX, 0).unwrap();
         self.dev = Some(dev);

@@ -8,16 +8,14 @@
 //!   refused before they reach the library; the device keeps serving and exits cleanly.
 #![cfg(feature = "virgl")]
 
-use std::sync::Arc;
-
 use hostmem_base::kvm::Vm;
-use hostmem_vmm::device::{Device, DeviceConfig};
-use hostmem_vmm::driver::{CmdError, Driver};
-use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use hostmem_vmm::device::DeviceConfig;
+use hostmem_vmm::driver::CmdError;
+use hostmem_vmm::hostmem::Mode;
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 mod common;
-use common::{device_config_for, serial};
+use common::{device_config_for, hostmem, serial, start_device};
 
 /// `hostmem run`'s virgl device config (jailed, kill action, `--test-ops`, the virgl
 /// read-only binds), with the test's `hostmem` binary in device mode.
@@ -116,24 +114,8 @@ fn pipe_resource_create(blob_id: u32, size: u32) -> Vec<u8> {
 #[test]
 fn virgl_pointer_only_blob_and_unknown_ids_are_answered_with_errors() {
     let _serial = serial();
-    let hm = Arc::new(
-        Hostmem::new(
-            16 << 20,
-            None,
-            DEFAULT_WINDOW_GPA,
-            Mode::Fixed,
-            Limits::default(),
-        )
-        .unwrap(),
-    );
-    let dev = Device::start(&virgl_device(), hm.clone()).unwrap();
-    let control = hostmem_ipc::Tube::from_fd(
-        std::os::fd::AsFd::as_fd(dev.control())
-            .try_clone_to_owned()
-            .unwrap(),
-    )
-    .unwrap();
-    let mut d = Driver::new(control, hm.clone()).unwrap();
+    let hm = hostmem(16 << 20);
+    let (dev, mut d) = start_device(&virgl_device(), &hm);
     const P: u64 = 4096;
     d.ctx_create(1, 4).unwrap(); // venus
     d.ctx_create(3, 2).unwrap(); // vrend (VIRGL2)

@@ -2,10 +2,12 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostmem_base::kvm::Vm;
-use hostmem_vmm::device::DeviceConfig;
+use hostmem_vmm::device::{Device, DeviceConfig};
+use hostmem_vmm::driver::Driver;
+use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -57,4 +59,31 @@ pub fn device_config_for(backend: &str) -> DeviceConfig {
 /// The shm device config ([`device_config_for`]).
 pub fn device_config() -> DeviceConfig {
     device_config_for("shm")
+}
+
+/// A window of `size` bytes without KVM, in fixed mode, for command-level checks.
+pub fn hostmem(size: u64) -> Arc<Hostmem> {
+    Arc::new(
+        Hostmem::new(
+            size,
+            None,
+            DEFAULT_WINDOW_GPA,
+            Mode::Fixed,
+            Limits::default(),
+        )
+        .expect("hostmem window"),
+    )
+}
+
+/// Starts the device of `cfg` on `hm` and a guest driver on its control queue.
+pub fn start_device(cfg: &DeviceConfig, hm: &Arc<Hostmem>) -> (Device, Driver) {
+    let dev = Device::start(cfg, hm.clone()).expect("device start");
+    let control = hostmem_ipc::Tube::from_fd(
+        std::os::fd::AsFd::as_fd(dev.control())
+            .try_clone_to_owned()
+            .expect("dup of the control queue"),
+    )
+    .expect("control tube");
+    let drv = Driver::new(control, hm.clone()).expect("driver");
+    (dev, drv)
 }
