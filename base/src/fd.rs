@@ -27,6 +27,20 @@ pub const RECV_FD_SLOTS: usize = 8;
 /// which is why the control messages are walked here by hand rather than by a helper that
 /// gives up on truncation.
 pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Received, Errno> {
+    recv_with_fds_flags(sock, buf, 0)
+}
+
+/// [`recv_with_fds`] that does not wait (`MSG_DONTWAIT`): `Err(EAGAIN)` when nothing is
+/// queued.
+pub fn try_recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Received, Errno> {
+    recv_with_fds_flags(sock, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_with_fds_flags(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: libc::c_int,
+) -> Result<Received, Errno> {
     const CMSG_BYTES: usize = 256;
     // u64 elements keep the control buffer aligned for cmsghdr.
     let mut control = [0u64; CMSG_BYTES / 8];
@@ -47,7 +61,8 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Received, E
         hdr.msg_controllen = needed as usize;
         // SAFETY: `hdr` points at `iov` (our `buf`) and `control`, both live and writable for
         // the lengths given; the kernel writes at most those many bytes.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+        let n =
+            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC | flags) };
         if n < 0 {
             match Errno::last() {
                 Errno::EINTR => continue,

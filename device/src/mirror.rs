@@ -59,6 +59,8 @@ fn window_error(e: hostmem_base::Error) -> PlaceError {
 impl MirrorPlacer {
     /// A placer over `window` (the mirror) reporting on `tube`.
     pub fn new(window: Window, tube: Tube) -> Self {
+        // The VMM answers each event within microseconds: poll for it before sleeping.
+        tube.set_recv_spin(hostmem_ipc::REPLY_SPIN);
         MirrorPlacer {
             window,
             tube,

@@ -13,4 +13,4 @@
 pub mod protocol;
 mod tube;
 
-pub use tube::{Error, Message, Result, Tube, MAX_FDS, MAX_MESSAGE};
+pub use tube::{Error, Message, Result, Tube, MAX_FDS, MAX_MESSAGE, REPLY_SPIN};

@@ -214,3 +214,35 @@ fn bad_input_is_a_typed_error_and_leaks_no_fd() {
     let (r, _w) = nix::unistd::pipe().unwrap();
     assert!(matches!(Tube::from_fd(r), Err(Error::NotSeqpacket { .. })));
 }
+
+#[test]
+fn polling_receive_gets_early_and_late_messages_fds_and_timeouts() {
+    let (a, b) = Tube::pair().unwrap();
+    b.set_recv_spin(Duration::from_millis(2));
+    // Already queued: the first poll takes it, with its fd.
+    let shm = SharedMemory::new("spin", 4096).unwrap();
+    a.send(&VmmMsg::Hostmem { size: 4096 }, &[shm.as_fd()])
+        .unwrap();
+    let (m, fds) = b.recv::<VmmMsg>().unwrap();
+    assert_eq!(m, VmmMsg::Hostmem { size: 4096 });
+    assert_eq!(fds.len(), 1);
+    // Sent while polling, and sent after the poll gave up and the receive sleeps.
+    for delay in [Duration::from_micros(500), Duration::from_millis(20)] {
+        let a2 = Tube::from_fd(a.as_fd().try_clone_to_owned().unwrap()).unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            a2.send(&VmmMsg::Shutdown, &[]).unwrap();
+        });
+        assert_eq!(b.recv::<VmmMsg>().unwrap().0, VmmMsg::Shutdown, "{delay:?}");
+        t.join().unwrap();
+    }
+    // The receive timeout still holds after the poll.
+    b.set_recv_timeout(Some(Duration::from_millis(30))).unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(matches!(b.recv::<VmmMsg>(), Err(Error::Timeout)));
+    assert!(t0.elapsed() >= Duration::from_millis(30));
+    // And a hang-up ends a polling receive too.
+    drop(a);
+    b.set_recv_timeout(None).unwrap();
+    assert!(matches!(b.recv::<VmmMsg>(), Err(Error::Hangup)));
+}

@@ -255,6 +255,8 @@ impl Device {
             facts.cap_eff,
             facts.open_fds
         );
+        // Events come back to back while the guest maps: poll before sleeping.
+        mapping.set_recv_spin(hostmem_ipc::REPLY_SPIN);
         let mapping = Arc::new(mapping);
         let service = {
             let (hm, tube) = (hostmem.clone(), mapping.clone());

@@ -55,6 +55,8 @@ impl Driver {
     /// A driver on `control` (a dup of the VMM's end of the control queue).
     pub fn new(control: Tube, hostmem: Arc<Hostmem>) -> Result<Self, DriverError> {
         control.set_recv_timeout(Some(COMMAND_TIMEOUT))?;
+        // The device answers most commands within microseconds: poll before sleeping.
+        control.set_recv_spin(hostmem_ipc::REPLY_SPIN);
         // A device that stops reading the queue must not block the guest side forever.
         control.set_send_timeout(Some(COMMAND_TIMEOUT))?;
         Ok(Driver {
