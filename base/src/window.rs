@@ -331,6 +331,9 @@ impl Window {
     /// one VMA. Background is recognised by inode and offset, not by name, which a placed
     /// file could copy.
     pub fn audit(&self) -> Result<()> {
+        // Under the lock: a concurrent place/restore (which hold it across their mmap) can
+        // not change the mappings between the two reads.
+        let st = self.lock();
         let (start, len) = self.host_range();
         let ino = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&self.memfd.as_fd()))
             .map_err(|e| Error::WindowMismatch(format!("fstat of the window memfd: {e}")))?
@@ -346,8 +349,7 @@ impl Window {
         }
         let covered = merge_ranges(foreign);
         let table = merge_ranges(
-            self.lock()
-                .placements
+            st.placements
                 .values()
                 .map(|p| (p.offset, p.offset + p.len))
                 .collect(),

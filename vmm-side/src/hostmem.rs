@@ -306,11 +306,14 @@ impl Hostmem {
     /// ([`Window::audit`](hostmem_base::window::Window::audit)), and that table is this
     /// table (fixed mode) or empty (per-blob-slot mode, where blobs live outside the window).
     pub fn audit(&self) -> anyhow::Result<()> {
+        // Under our lock, which every placement and restore holds across the window's
+        // change and our table's, so the three views are read at one moment.
+        let st = self.lock();
         self.window.audit()?;
-        let mut ours = self.live_ranges();
-        if self.mode == Mode::PerBlobSlot {
-            ours.clear();
-        }
+        let mut ours: Vec<(u64, u64)> = match self.mode {
+            Mode::PerBlobSlot => vec![],
+            Mode::Fixed => st.live.iter().map(|(o, l)| (*o, l.len)).collect(),
+        };
         let mut window: Vec<(u64, u64)> = self
             .window
             .placements()
@@ -530,8 +533,10 @@ impl Hostmem {
         }
         st.live.clear();
         st.inflight.clear();
-        drop(st);
+        // Still under our lock, so that an audit never sees the table emptied before the
+        // window is.
         self.window.restore_all()?;
+        drop(st);
         self.resets.fetch_add(1, Ordering::Relaxed);
         Ok(n)
     }
