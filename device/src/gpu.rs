@@ -36,7 +36,7 @@
 //! * Responses echo the request's fence (`FLAG_FENCE`, `fence_id`, `ctx_id`, `ring_idx`):
 //!   every command completes before `handle` returns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use hostmem_base::mmap::{is_page_aligned, Prot};
 
@@ -118,6 +118,26 @@ pub trait Placer {
     fn unmap(&mut self, resource_id: u32, offset: u64, len: u64) -> Result<(), PlaceError>;
     /// Size of the window in bytes.
     fn window_size(&self) -> u64;
+    /// Starts a placement without waiting for its verdict (pipelining): `Ok(Some(ticket))`
+    /// when the outcome comes from [`Placer::finish_next`], `Ok(None)` when it is already
+    /// final. The default places synchronously.
+    fn begin_map(&mut self, req: &MapRequest<'_>) -> Result<Option<u64>, PlaceError> {
+        self.map(req).map(|()| None)
+    }
+    /// [`Placer::begin_map`] for a restore.
+    fn begin_unmap(
+        &mut self,
+        resource_id: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>, PlaceError> {
+        self.unmap(resource_id, offset, len).map(|()| None)
+    }
+    /// Waits for the verdict of the oldest started operation: its ticket and outcome. A
+    /// refused placement has been undone by the placer. `None` when nothing is started.
+    fn finish_next(&mut self) -> Option<(u64, Result<(), PlaceError>)> {
+        None
+    }
 }
 
 impl BackendError {
@@ -183,6 +203,31 @@ pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
     /// Live contexts and the capset each asked for.
     contexts: BTreeMap<u32, u32>,
     max_blobs: usize,
+    /// Pipelined commands in order: answered, or waiting for the placer's verdict.
+    queue: VecDeque<Queued>,
+}
+
+/// A pipelined command ([`Gpu::submit`]) whose response goes out in command order.
+#[derive(Debug)]
+enum Queued {
+    /// The response is known.
+    Ready(u64, Vec<u8>),
+    /// MAP_BLOB waiting for its placement's verdict.
+    Map {
+        token: u64,
+        ticket: u64,
+        hdr: CtrlHdr,
+        id: u32,
+        map_info: u32,
+    },
+    /// UNMAP_BLOB waiting for its restore's verdict.
+    Unmap {
+        token: u64,
+        ticket: u64,
+        hdr: CtrlHdr,
+        id: u32,
+        offset: u64,
+    },
 }
 
 impl<P: Placer + std::fmt::Debug, B: Backend + ?Sized> std::fmt::Debug for Gpu<P, B> {
@@ -205,6 +250,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             blobs: BTreeMap::new(),
             contexts: BTreeMap::new(),
             max_blobs: MAX_BLOBS,
+            queue: VecDeque::new(),
         }
     }
 
@@ -306,15 +352,128 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         };
         match self.dispatch(&cmd) {
             Ok(r) => r,
-            Err((code, reason)) => {
-                log::warn!(
-                    "{} ctx {}: {code}: {reason}",
-                    ctrl_type_name(hdr.type_),
-                    hdr.ctx_id
-                );
-                Response::error_for(&hdr, code)
+            Err(refusal) => refused(&hdr, refusal),
+        }
+    }
+
+    /// Handles a command as part of a pipeline (the device's command loop): MAP_BLOB and
+    /// UNMAP_BLOB of a resource with nothing in flight only start their placement, whose
+    /// verdict [`Gpu::finish_one`] waits for; any other command first finishes everything
+    /// in flight, so no command sees a half-done placement and responses keep command order.
+    /// Responses come out of [`Gpu::take_ready`] with their `token`.
+    pub fn submit(&mut self, token: u64, request: &[u8]) {
+        match Command::parse(request) {
+            Ok(Command::ResourceMapBlob(c)) if !self.in_flight_for(c.resource_id) => {
+                let q = match self.map_blob_begin(&c, true) {
+                    Ok((map_info, Some(ticket))) => Queued::Map {
+                        token,
+                        ticket,
+                        hdr: c.hdr,
+                        id: c.resource_id,
+                        map_info,
+                    },
+                    Ok((map_info, None)) => Queued::Ready(token, map_ok(&c.hdr, map_info)),
+                    Err(r) => Queued::Ready(token, refused(&c.hdr, r).encode()),
+                };
+                self.queue.push_back(q);
+            }
+            Ok(Command::ResourceUnmapBlob(c)) if !self.in_flight_for(c.resource_id) => {
+                let q = match self.unmap_blob_begin(c.resource_id, true) {
+                    Ok((offset, Some(ticket))) => Queued::Unmap {
+                        token,
+                        ticket,
+                        hdr: c.hdr,
+                        id: c.resource_id,
+                        offset,
+                    },
+                    Ok((_, None)) => Queued::Ready(token, ok(&c.hdr).encode()),
+                    Err(r) => Queued::Ready(token, refused(&c.hdr, r).encode()),
+                };
+                self.queue.push_back(q);
+            }
+            _ => {
+                while self.in_flight() > 0 {
+                    self.finish_one();
+                }
+                let r = self.handle(request);
+                self.queue.push_back(Queued::Ready(token, r));
             }
         }
+    }
+
+    /// Pipelined commands waiting for the placer's verdict.
+    pub fn in_flight(&self) -> usize {
+        self.queue
+            .iter()
+            .filter(|q| !matches!(q, Queued::Ready(..)))
+            .count()
+    }
+
+    fn in_flight_for(&self, resource_id: u32) -> bool {
+        self.queue.iter().any(|q| {
+            matches!(q, Queued::Map { id, .. } | Queued::Unmap { id, .. } if *id == resource_id)
+        })
+    }
+
+    /// Waits for the verdict of the oldest pipelined placement and settles its command: on
+    /// a refusal the blob is back in its state before the command (the placer undid its
+    /// own part) and the response is the error. No-op when nothing is in flight.
+    pub fn finish_one(&mut self) {
+        let Some(i) = self
+            .queue
+            .iter()
+            .position(|q| !matches!(q, Queued::Ready(..)))
+        else {
+            return;
+        };
+        let verdict = self.placer.finish_next();
+        let q = &mut self.queue[i];
+        let settled = match *q {
+            Queued::Ready(..) => return,
+            Queued::Map {
+                token,
+                ticket,
+                hdr,
+                id,
+                map_info,
+            } => match check_ticket(verdict, ticket) {
+                Ok(()) => Queued::Ready(token, map_ok(&hdr, map_info)),
+                Err(e) => {
+                    if let Some(b) = self.blobs.get_mut(&id) {
+                        b.mapped_at = None;
+                    }
+                    Queued::Ready(token, refused(&hdr, place_refusal(e)).encode())
+                }
+            },
+            Queued::Unmap {
+                token,
+                ticket,
+                hdr,
+                id,
+                offset,
+            } => match check_ticket(verdict, ticket) {
+                Ok(()) => Queued::Ready(token, ok(&hdr).encode()),
+                Err(e) => {
+                    // As in the synchronous path: the blob still counts as mapped.
+                    if let Some(b) = self.blobs.get_mut(&id) {
+                        b.mapped_at = Some(offset);
+                    }
+                    Queued::Ready(token, refused(&hdr, place_refusal(e)).encode())
+                }
+            },
+        };
+        *q = settled;
+    }
+
+    /// The responses that can go out now, in command order, with their tokens.
+    pub fn take_ready(&mut self) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some(Queued::Ready(..)) = self.queue.front() {
+            if let Some(Queued::Ready(token, r)) = self.queue.pop_front() {
+                out.push((token, r));
+            }
+        }
+        out
     }
 
     fn dispatch(&mut self, cmd: &Command) -> Result<Response, Refusal> {
@@ -431,6 +590,16 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
     }
 
     fn map_blob(&mut self, c: &ResourceMapBlob) -> Result<u32, Refusal> {
+        self.map_blob_begin(c, false).map(|(map_info, _)| map_info)
+    }
+
+    /// MAP_BLOB up to the placer: synchronously, or (`pipelined`) only started, with the
+    /// ticket of its verdict.
+    fn map_blob_begin(
+        &mut self,
+        c: &ResourceMapBlob,
+        pipelined: bool,
+    ) -> Result<(u32, Option<u64>), Refusal> {
         let id = c.resource_id;
         let blob = match self.blobs.get(&id) {
             Some(b) => *b,
@@ -498,15 +667,30 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             prot: Prot::READ_WRITE,
             map_info: exported.map_info,
         };
-        self.placer.map(&req).map_err(place_refusal)?;
+        let ticket = if pipelined {
+            self.placer.begin_map(&req)
+        } else {
+            self.placer.map(&req).map(|()| None)
+        }
+        .map_err(place_refusal)?;
         if let Some(b) = self.blobs.get_mut(&id) {
             b.mapped_at = Some(offset);
         }
         log::debug!("resource {id}: mapped at {offset:#x}+{:#x}", blob.size);
-        Ok(exported.map_info)
+        Ok((exported.map_info, ticket))
     }
 
     fn unmap_blob(&mut self, id: u32) -> Result<(), Refusal> {
+        self.unmap_blob_begin(id, false).map(drop)
+    }
+
+    /// UNMAP_BLOB up to the placer (see [`Gpu::map_blob_begin`]); returns the offset the
+    /// blob was mapped at and the ticket.
+    fn unmap_blob_begin(
+        &mut self,
+        id: u32,
+        pipelined: bool,
+    ) -> Result<(u64, Option<u64>), Refusal> {
         let blob = match self.blobs.get(&id) {
             Some(b) => *b,
             None => return refuse(ErrorCode::InvalidResourceId, format!("no resource {id}")),
@@ -517,14 +701,17 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 format!("resource {id} is not mapped"),
             );
         };
-        self.placer
-            .unmap(id, offset, blob.size)
-            .map_err(place_refusal)?;
+        let ticket = if pipelined {
+            self.placer.begin_unmap(id, offset, blob.size)
+        } else {
+            self.placer.unmap(id, offset, blob.size).map(|()| None)
+        }
+        .map_err(place_refusal)?;
         if let Some(b) = self.blobs.get_mut(&id) {
             b.mapped_at = None;
         }
         log::debug!("resource {id}: unmapped from {offset:#x}");
-        Ok(())
+        Ok((offset, ticket))
     }
 
     fn unref(&mut self, id: u32) -> Result<(), Refusal> {
@@ -637,4 +824,37 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
 
 fn ok(hdr: &CtrlHdr) -> Response {
     Response::ok_for(hdr, Vec::new())
+}
+
+fn map_ok(hdr: &CtrlHdr, map_info: u32) -> Vec<u8> {
+    Response::OkMapInfo {
+        hdr: hdr.response(crate::wire::VIRTIO_GPU_RESP_OK_MAP_INFO),
+        map_info,
+    }
+    .encode()
+}
+
+/// The error response for a refused command, logged with the reason.
+fn refused(hdr: &CtrlHdr, (code, reason): Refusal) -> Response {
+    log::warn!(
+        "{} ctx {}: {code}: {reason}",
+        ctrl_type_name(hdr.type_),
+        hdr.ctx_id
+    );
+    Response::error_for(hdr, code)
+}
+
+/// The placer's verdict for `ticket` (it answers in order; anything else is a placer bug,
+/// refused rather than trusted).
+fn check_ticket(
+    verdict: Option<(u64, Result<(), PlaceError>)>,
+    ticket: u64,
+) -> Result<(), PlaceError> {
+    match verdict {
+        Some((t, r)) if t == ticket => r,
+        Some((t, _)) => Err(PlaceError::Unspec(format!(
+            "placer answered event {t}, expected {ticket}"
+        ))),
+        None => Err(PlaceError::Unspec(format!("placer lost event {ticket}"))),
+    }
 }

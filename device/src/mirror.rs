@@ -6,6 +6,7 @@
 //! Unmap restores the mirror's background first, then reports; the VMM restores its own
 //! window before it acknowledges, so the guest never sees the blob after UNMAP_BLOB.
 
+use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -28,6 +29,9 @@ pub struct MirrorPlacer {
     broken: Option<String>,
     /// Set when the VMM asked us to shut down while we waited for a reply.
     shutdown: bool,
+    /// Events sent and not answered yet, oldest first: their seq and, for a placement, the
+    /// range to undo if the VMM refuses it.
+    inflight: VecDeque<(u64, Option<(u64, u64)>)>,
 }
 
 fn refuse(code: RefuseCode, reason: String) -> PlaceError {
@@ -67,6 +71,7 @@ impl MirrorPlacer {
             seq: 0,
             broken: None,
             shutdown: false,
+            inflight: VecDeque::new(),
         }
     }
 
@@ -90,8 +95,8 @@ impl MirrorPlacer {
         self.shutdown
     }
 
-    /// Sends an event and waits for the reply with the same seq.
-    fn report(
+    /// Sends an event (the next seq) without waiting for its reply.
+    fn send_event(
         &mut self,
         msg: DeviceMsg,
         fd: Option<std::os::fd::BorrowedFd<'_>>,
@@ -99,14 +104,20 @@ impl MirrorPlacer {
         if let Some(why) = &self.broken {
             return Err(PlaceError::Unspec(format!("mapping tube unusable: {why}")));
         }
-        let seq = self.seq;
         let fds: Vec<_> = fd.into_iter().collect();
-        let sent = self
-            .tube
-            .send(&msg, &fds)
-            .and_then(|()| self.tube.set_recv_timeout(Some(REPLY_TIMEOUT)));
-        if let Err(e) = sent {
+        if let Err(e) = self.tube.send(&msg, &fds) {
             return Err(self.break_with(format!("send: {e}")));
+        }
+        Ok(())
+    }
+
+    /// Waits for the reply to event `seq`, the oldest unanswered one.
+    fn wait_reply(&mut self, seq: u64) -> Result<(), PlaceError> {
+        if let Some(why) = &self.broken {
+            return Err(PlaceError::Unspec(format!("mapping tube unusable: {why}")));
+        }
+        if let Err(e) = self.tube.set_recv_timeout(Some(REPLY_TIMEOUT)) {
+            return Err(self.break_with(format!("setting the reply timeout: {e}")));
         }
         match self.tube.recv::<VmmMsg>() {
             Ok((VmmMsg::Reply { seq: s, outcome }, _)) if s == seq => match outcome {
@@ -131,6 +142,20 @@ impl MirrorPlacer {
 
 impl Placer for MirrorPlacer {
     fn map(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError> {
+        let ticket = self.begin_map(req)?;
+        self.finish(ticket)
+    }
+
+    fn unmap(&mut self, resource_id: u32, offset: u64, len: u64) -> Result<(), PlaceError> {
+        let ticket = self.begin_unmap(resource_id, offset, len)?;
+        self.finish(ticket)
+    }
+
+    fn window_size(&self) -> u64 {
+        self.window.size()
+    }
+
+    fn begin_map(&mut self, req: &MapRequest<'_>) -> Result<Option<u64>, PlaceError> {
         self.window
             .place(
                 req.offset,
@@ -150,20 +175,21 @@ impl Placer for MirrorPlacer {
             prot: req.prot.bits(),
             map_info: req.map_info,
         };
-        if let Err(e) = self.report(msg, Some(req.blob.fd.as_fd())) {
-            // Undo the mirror so that both views stay identical.
-            if let Err(undo) = self.window.restore(req.offset, req.len) {
-                log::error!(
-                    "undo of mirror placement at {:#x} failed: {undo}",
-                    req.offset
-                );
-            }
+        if let Err(e) = self.send_event(msg, Some(req.blob.fd.as_fd())) {
+            self.undo(req.offset, req.len);
             return Err(e);
         }
-        Ok(())
+        self.inflight
+            .push_back((self.seq, Some((req.offset, req.len))));
+        Ok(Some(self.seq))
     }
 
-    fn unmap(&mut self, resource_id: u32, offset: u64, len: u64) -> Result<(), PlaceError> {
+    fn begin_unmap(
+        &mut self,
+        resource_id: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>, PlaceError> {
         self.window.restore(offset, len).map_err(window_error)?;
         self.seq += 1;
         let msg = DeviceMsg::Unmap {
@@ -172,10 +198,37 @@ impl Placer for MirrorPlacer {
             offset,
             len,
         };
-        self.report(msg, None)
+        self.send_event(msg, None)?;
+        self.inflight.push_back((self.seq, None));
+        Ok(Some(self.seq))
     }
 
-    fn window_size(&self) -> u64 {
-        self.window.size()
+    fn finish_next(&mut self) -> Option<(u64, Result<(), PlaceError>)> {
+        let (seq, undo) = self.inflight.pop_front()?;
+        let r = self.wait_reply(seq);
+        if let (Err(_), Some((offset, len))) = (&r, undo) {
+            // Undo the mirror so that both views stay identical.
+            self.undo(offset, len);
+        }
+        Some((seq, r))
+    }
+}
+
+impl MirrorPlacer {
+    /// Waits for the verdicts of everything started before `ticket`, then for its own.
+    fn finish(&mut self, ticket: Option<u64>) -> Result<(), PlaceError> {
+        let Some(ticket) = ticket else { return Ok(()) };
+        while let Some((seq, r)) = self.finish_next() {
+            if seq == ticket {
+                return r;
+            }
+        }
+        Err(PlaceError::Unspec(format!("event {ticket} was never sent")))
+    }
+
+    fn undo(&mut self, offset: u64, len: u64) {
+        if let Err(undo) = self.window.restore(offset, len) {
+            log::error!("undo of mirror placement at {offset:#x} failed: {undo}");
+        }
     }
 }

@@ -165,8 +165,26 @@ fn run(args: &Args) -> Result<()> {
     log::info!("device ready: backend {backend_name}, window {size:#x} bytes");
     let mut gpu = Gpu::new(backend, MirrorPlacer::new(mirror, mapping));
     loop {
-        let (bytes, fds) = match control.recv_bytes() {
-            Ok(m) => m,
+        // Take commands while they come; MAP/UNMAP only start their placement (the VMM
+        // works on the event meanwhile). When no command is waiting, or too many placements
+        // are in flight, settle the oldest one.
+        let next = if gpu.in_flight() == 0 {
+            control.recv_bytes().map(Some)
+        } else if gpu.in_flight() >= MAX_IN_FLIGHT {
+            Ok(None)
+        } else {
+            control.try_recv_bytes()
+        };
+        let (bytes, fds) = match next {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                gpu.finish_one();
+                send_ready(&control, &mut gpu)?;
+                if stop_if_asked(&gpu)? {
+                    return Ok(());
+                }
+                continue;
+            }
             Err(TubeError::Hangup) => {
                 log::info!("control queue closed: exiting");
                 return Ok(());
@@ -184,15 +202,34 @@ fn run(args: &Args) -> Result<()> {
             log::warn!("control queue: message of {} bytes has no tag", bytes.len());
             continue;
         };
-        let response = gpu.handle(cmd);
-        control.send_bytes(&frame(tag, &response), &[])?;
-        let placer = gpu.placer();
-        if placer.shutdown_requested() {
-            log::info!("VMM asked for shutdown");
+        gpu.submit(tag, cmd);
+        send_ready(&control, &mut gpu)?;
+        if stop_if_asked(&gpu)? {
             return Ok(());
         }
-        if let Some(why) = placer.broken() {
-            return Err(Error::Protocol(format!("mapping tube: {why}")));
-        }
     }
+}
+
+/// Placements in flight at most before the device waits for the oldest verdict.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// Sends the responses that are ready, in command order.
+fn send_ready(control: &Tube, gpu: &mut Gpu<MirrorPlacer>) -> Result<()> {
+    for (tag, response) in gpu.take_ready() {
+        control.send_bytes(&frame(tag, &response), &[])?;
+    }
+    Ok(())
+}
+
+/// `true` when the VMM asked for shutdown; an error when the mapping tube broke.
+fn stop_if_asked(gpu: &Gpu<MirrorPlacer>) -> Result<bool> {
+    let placer = gpu.placer();
+    if placer.shutdown_requested() {
+        log::info!("VMM asked for shutdown");
+        return Ok(true);
+    }
+    if let Some(why) = placer.broken() {
+        return Err(Error::Protocol(format!("mapping tube: {why}")));
+    }
+    Ok(false)
 }

@@ -231,7 +231,25 @@ impl Tube {
                 }
             }
         }
-        let got = match polled.unwrap_or_else(|| recv_with_fds(self.sock.as_fd(), &mut buf)) {
+        let got = polled.unwrap_or_else(|| recv_with_fds(self.sock.as_fd(), &mut buf));
+        Self::received(got, buf)
+    }
+
+    /// [`Tube::recv_bytes`] without waiting: `Ok(None)` when no message is queued.
+    pub fn try_recv_bytes(&self) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        match try_recv_with_fds(self.sock.as_fd(), &mut buf) {
+            Err(Errno::EAGAIN) => Ok(None),
+            got => Self::received(got, buf).map(Some),
+        }
+    }
+
+    /// Checks what one `recvmsg` brought.
+    fn received(
+        got: std::result::Result<hostmem_base::fd::Received, Errno>,
+        mut buf: Vec<u8>,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
+        let got = match got {
             Ok(r) => r,
             Err(Errno::EAGAIN) => return Err(Error::Timeout),
             Err(Errno::ECONNRESET) => return Err(Error::Hangup),

@@ -34,6 +34,10 @@ struct Vmm {
 
 impl Vmm {
     fn new() -> Vmm {
+        Vmm::with_limits(Limits::default())
+    }
+
+    fn with_limits(limits: Limits) -> Vmm {
         let vm = match Vm::available() {
             Ok(()) => Some(Arc::new(Vm::open().unwrap())),
             Err(why) => {
@@ -42,14 +46,7 @@ impl Vmm {
             }
         };
         let hm = Arc::new(
-            Hostmem::new(
-                WINDOW,
-                vm.clone(),
-                DEFAULT_WINDOW_GPA,
-                Mode::Fixed,
-                Limits::default(),
-            )
-            .unwrap(),
+            Hostmem::new(WINDOW, vm.clone(), DEFAULT_WINDOW_GPA, Mode::Fixed, limits).unwrap(),
         );
         let probe = vm.map(|vm| GuestProbe::new(vm, DEFAULT_WINDOW_GPA, WINDOW, 4 << 20).unwrap());
         Vmm {
@@ -349,4 +346,71 @@ fn soak_map_unmap_cycles_return_every_resource() {
     } else {
         println!("skipped: guest reads in the soak, no KVM");
     }
+}
+
+/// Pipelined MAP_BLOBs (the device starts each placement and takes the next command while
+/// the VMM works on the event), with the VMM refusing the last two (its live limit): the
+/// first four complete, the refused two answer ERR_OUT_OF_MEMORY in order, and the device
+/// undid their mirror placements and blob state: once room is made, the very same maps
+/// succeed. Window == table throughout, and the guest reads what the table says.
+#[test]
+fn pipelined_maps_with_refusals_in_the_middle_are_undone() {
+    let _s = serial();
+    let mut v = Vmm::with_limits(Limits { max_live: 4 });
+    v.start_device();
+    let at = |res: u32| u64::from(res) * 4 * P;
+    for res in 1..=6u32 {
+        v.create(res, 2 * P).unwrap();
+    }
+    let tags: Vec<u64> = (1..=6u32)
+        .map(|res| v.drv().submit_map(CTX, res, at(res), 2 * P).unwrap())
+        .collect();
+    let results: Vec<String> = tags
+        .iter()
+        .map(|t| match v.drv().wait_map(*t) {
+            Ok(_) => "ok".to_string(),
+            Err(CmdError::Device(c)) => format!("{c:?}"),
+            Err(e) => panic!("{e}"),
+        })
+        .collect();
+    assert_eq!(
+        results,
+        ["ok", "ok", "ok", "ok", "OutOfMemory", "OutOfMemory"],
+        "the VMM's live limit of 4 refuses the last two"
+    );
+    assert_eq!(v.hm.live(), 4);
+    // Pipelined again: an unmap and a map of another blob in flight together.
+    let unmap_tag = v.drv().submit_unmap(CTX, 1).unwrap();
+    let remap_tag = v.drv().submit_map(CTX, 5, at(5), 2 * P).unwrap();
+    v.drv().wait_ok(unmap_tag).unwrap();
+    match v.drv().wait_map(remap_tag) {
+        Err(CmdError::Device(c)) => assert_eq!(
+            format!("{c:?}"),
+            "OutOfMemory",
+            "4 still live when it arrived? {c:?}"
+        ),
+        Ok(_) => {
+            // The VMM handled the unmap first: then the map had room.
+            v.drv().unmap_blob(CTX, 5).unwrap();
+        }
+        Err(e) => panic!("{e}"),
+    }
+    assert_eq!(v.hm.live(), 3);
+    v.consistent();
+    v.guest_sees(at(1), 2 * P, None);
+    for res in 2..=4 {
+        v.guest_sees(at(res), 2 * P, Some(res));
+    }
+    for res in 5..=6 {
+        v.guest_sees(at(res), 2 * P, None);
+    }
+    // Room for the refused two: the device undid them, so the same maps work now.
+    v.drv().unmap_blob(CTX, 2).unwrap();
+    for res in 5..=6u32 {
+        v.drv().map_blob(CTX, res, at(res), 2 * P).unwrap();
+        v.guest_sees(at(res), 2 * P, Some(res));
+    }
+    v.consistent();
+    let exit = v.stop_device("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
 }
