@@ -5,6 +5,10 @@
 //!
 //! Unmap restores the mirror's background first, then reports; the VMM restores its own
 //! window before it acknowledges, so the guest never sees the blob after UNMAP_BLOB.
+//!
+//! Placements can be pipelined: `begin_map`/`begin_unmap` change the mirror and send the
+//! event without waiting, `finish_next` waits for the oldest verdict (the VMM answers in
+//! event order) and undoes a refused placement. `map`/`unmap` are both in one call.
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
