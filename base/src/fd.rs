@@ -59,10 +59,10 @@ fn recv_with_fds_flags(
         hdr.msg_iovlen = 1;
         hdr.msg_control = control.as_mut_ptr().cast();
         hdr.msg_controllen = needed as usize;
+        let flags = libc::MSG_CMSG_CLOEXEC | flags;
         // SAFETY: `hdr` points at `iov` (our `buf`) and `control`, both live and writable for
         // the lengths given; the kernel writes at most those many bytes.
-        let n =
-            unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC | flags) };
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, flags) };
         if n < 0 {
             match Errno::last() {
                 Errno::EINTR => continue,
