@@ -28,10 +28,13 @@
 
 use std::ffi::{c_char, c_int, c_void};
 use std::marker::PhantomData;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use virglrenderer_sys as sys;
+
+use crate::mmap::Prot;
+use crate::window::FixedTarget;
 
 /// `VIRGL_RENDERER_USE_EGL`.
 pub const USE_EGL: u32 = 1;
@@ -41,6 +44,10 @@ pub const USE_SURFACELESS: u32 = 1 << 3;
 pub const USE_GLES: u32 = 1 << 4;
 /// `VIRGL_RENDERER_VENUS`.
 pub const VENUS: u32 = 1 << 6;
+/// `VIRGL_RENDERER_RENDER_SERVER` (virglrenderer >= 1.0): venus contexts run in a render
+/// server process that the library starts (`RENDER_SERVER_EXEC_PATH`, by default
+/// `/usr/libexec/virgl_render_server`). Debian's 1.3.0 builds venus only that way.
+pub const RENDER_SERVER: u32 = 1 << 9;
 /// The flags that work headless on Mesa llvmpipe/lavapipe (0x59): EGL alone and GLX need
 /// a render node; SURFACELESS without EGL crashes inside the library.
 pub const HEADLESS_FLAGS: u32 = USE_EGL | USE_SURFACELESS | USE_GLES | VENUS;
@@ -219,6 +226,62 @@ impl Renderer {
     /// Whether the loaded library has `virgl_renderer_resource_map_fixed` (>= 1.3.0).
     pub fn has_map_fixed(&self) -> bool {
         self.map_fixed.is_some()
+    }
+
+    /// `virgl_renderer_resource_map_fixed(res_id, target)` (virglrenderer >= 1.3.0): the
+    /// library maps the blob over `target` itself, MAP_FIXED | MAP_SHARED, read/write, from
+    /// file offset 0 over the resource's map size. `shm_fd` is the blob's SHM export
+    /// ([`Renderer::export_blob`], type [`FD_TYPE_SHM`]), which is the file the library
+    /// maps (its export is a dup of it).
+    ///
+    /// `Ok(false)` (the caller maps the fd itself) when the library lacks the function,
+    /// when the placement is not read/write, when the fd's size is not exactly the
+    /// target's length (the library maps its recorded size, which must not spill past the
+    /// placement), or when the library answers `-EOPNOTSUPP`. Any other failure is an
+    /// error, after which the range's contents are unknown (the window maps over it).
+    pub fn map_fixed(
+        &self,
+        res_id: u32,
+        shm_fd: BorrowedFd<'_>,
+        target: &FixedTarget<'_>,
+    ) -> Result<bool> {
+        let Some(map_fixed) = self.map_fixed else {
+            return Ok(false);
+        };
+        if res_id == 0 {
+            return Err(Error::InvalidArgument("resource id 0".into()));
+        }
+        if target.prot() != Prot::READ_WRITE {
+            return Ok(false);
+        }
+        let size = crate::shm::file_facts(shm_fd)
+            .map_err(|e| Error::InvalidArgument(format!("resource {res_id}: {e}")))?
+            .size;
+        if usize::try_from(size).ok() != Some(target.len()) {
+            log::debug!(
+                "resource {res_id}: fd of {size:#x} bytes for a placement of {:#x}: \
+                 not mapped by the renderer",
+                target.len()
+            );
+            return Ok(false);
+        }
+        // SAFETY: `target` is a window range that the Window checked (inside its own
+        // mapping, page-aligned, no live placement) and keeps locked while this runs; the
+        // window's memory is never accessed through Rust references, so replacing its pages
+        // with a MAP_SHARED mapping of the blob (what the library does, as the window's own
+        // MAP_FIXED would) invalidates nothing. The library maps `size` bytes (its map
+        // size, the SHM file's size), which equals the target's length (checked above).
+        // res_id is one the caller created (1.3.0 dereferences unknown ids).
+        let ret = unsafe { map_fixed(res_id, target.addr() as *mut c_void) };
+        match ret {
+            0 => Ok(true),
+            r if r == -libc::EOPNOTSUPP => Ok(false),
+            ret => Err(Error::Call {
+                op: "virgl_renderer_resource_map_fixed",
+                id: res_id,
+                ret,
+            }),
+        }
     }
 
     /// `virgl_renderer_get_cap_set`: `(max_version, max_size)`; size 0 when not offered.

@@ -9,6 +9,7 @@
 //! could fail with ENOMEM and leave a hole.
 
 use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Mutex;
@@ -82,6 +83,50 @@ impl VmaBudget {
 struct State {
     placements: BTreeMap<u64, Placement>,
     budget: VmaBudget,
+}
+
+/// Who made a placement's mapping ([`Window::place_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MappedBy {
+    /// The window's own MAP_FIXED of the fd.
+    Window,
+    /// The caller's function (e.g. virglrenderer's `map_fixed`).
+    Caller,
+}
+
+/// The host address range of one checked placement, handed to the mapping function of
+/// [`Window::place_with`] while the window's lock is held. Only the window makes one: the
+/// range lies inside the window's own mapping, is page-aligned, overlaps no live
+/// placement, and the VMA budget admitted it. That is what makes mapping over it (with
+/// MAP_FIXED) sound, e.g. in [`crate::virgl::Renderer::map_fixed`].
+#[derive(Debug)]
+pub struct FixedTarget<'w> {
+    addr: usize,
+    len: usize,
+    prot: Prot,
+    _window: PhantomData<&'w Window>,
+}
+
+impl FixedTarget<'_> {
+    /// Start address.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes (page-aligned, non-zero).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true (placements are non-empty).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The protection the placement asks for.
+    pub fn prot(&self) -> Prot {
+        self.prot
+    }
 }
 
 /// The hostmem window (or the device's mirror of it).
@@ -213,6 +258,34 @@ impl Window {
         fd_offset: u64,
         prot: Prot,
     ) -> Result<()> {
+        self.place_with(offset, len, fd, fd_offset, prot, |_| Ok(false))
+            .map(drop)
+    }
+
+    /// [`Window::place`], but the mapping itself may be made by `map`: after every check
+    /// passed, and under the window's lock, `map` gets the [`FixedTarget`] (the host range
+    /// `offset..offset+len` of this window) and may map `fd` there itself, as
+    /// virglrenderer's `virgl_renderer_resource_map_fixed` does. It answers `Ok(true)` when
+    /// it mapped, `Ok(false)` to decline; the window then maps `fd` itself, and it does the
+    /// same after an `Err` (logged), since a failed MAP_FIXED may have left the range
+    /// unmapped. Returns who mapped.
+    ///
+    /// `map` must map `fd` from `fd_offset` over exactly the target, read/write when `prot`
+    /// is; the window cannot check that cheaply ([`Window::audit`] checks ranges), so
+    /// `map` is for code that maps the same file (the renderer's own mapping of the blob
+    /// fd handed in here).
+    pub fn place_with<F>(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: BorrowedFd<'_>,
+        fd_offset: u64,
+        prot: Prot,
+        map: F,
+    ) -> Result<MappedBy>
+    where
+        F: FnOnce(&FixedTarget<'_>) -> std::result::Result<bool, String>,
+    {
         let mut st = self.lock();
         Self::check_place_in(&st.placements, self.size(), offset, len)?;
         if !is_page_aligned(fd_offset) {
@@ -237,7 +310,35 @@ impl Window {
             });
         }
         st.budget.admit()?;
-        self.map_fixed(offset, len, fd, fd_offset, prot)?;
+        let target = FixedTarget {
+            addr: self.map.as_ptr() as usize + offset as usize, // inside the window: checked
+            len: len as usize,
+            prot,
+            _window: PhantomData,
+        };
+        let by = match map(&target) {
+            Ok(true) => MappedBy::Caller,
+            Ok(false) => {
+                self.map_fixed(offset, len, fd, fd_offset, prot)?;
+                MappedBy::Window
+            }
+            Err(why) => {
+                log::warn!(
+                    "place {offset:#x}+{len:#x}: the caller's mapping failed ({why}); \
+                     mapping the fd instead"
+                );
+                if let Err(e) = self.map_fixed(offset, len, fd, fd_offset, prot) {
+                    // Whatever the failed calls left there, the range must not be a hole.
+                    if let Err(r) =
+                        self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE)
+                    {
+                        log::error!("place {offset:#x}+{len:#x}: background not restored: {r}");
+                    }
+                    return Err(e);
+                }
+                MappedBy::Window
+            }
+        };
         st.budget.since_count += 1;
         st.budget.added_since_count += 2;
         st.placements.insert(
@@ -249,10 +350,11 @@ impl Window {
                 prot,
             },
         );
-        Ok(())
+        Ok(by)
     }
 
-    /// The one MAP_FIXED in hostmem. `offset..offset+len` must have been checked to lie
+    /// The one MAP_FIXED in hostmem (a caller's mapping through [`Window::place_with`]
+    /// aside). `offset..offset+len` must have been checked to lie
     /// inside the window.
     fn map_fixed(
         &self,

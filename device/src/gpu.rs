@@ -39,6 +39,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use hostmem_base::mmap::{is_page_aligned, Prot};
+use hostmem_base::window::FixedTarget;
 
 use crate::backend::{Backend, BackendError, BlobCreate, ExportedBlob};
 use crate::wire::{
@@ -70,6 +71,24 @@ pub struct MapRequest<'a> {
     pub prot: Prot,
     /// `VIRTIO_GPU_MAP_CACHE_*` answered to the guest.
     pub map_info: u32,
+    /// The renderer's own way to map the blob over the mirror's range
+    /// ([`Backend::map_fixed`]), for a placer that has a window; `None` in tests.
+    pub map_via: Option<MapVia<'a>>,
+}
+
+/// The signature of [`MapVia`]'s function: [`Backend::map_fixed`] of one blob.
+pub type MapViaFn<'a> = dyn Fn(&FixedTarget<'_>) -> Result<bool, String> + 'a;
+
+/// [`Backend::map_fixed`] of the blob being mapped, for [`Window::place_with`].
+///
+/// [`Window::place_with`]: hostmem_base::window::Window::place_with
+#[derive(Clone, Copy)]
+pub struct MapVia<'a>(pub &'a MapViaFn<'a>);
+
+impl std::fmt::Debug for MapVia<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MapVia(backend)")
+    }
 }
 
 /// Why a placement was refused. Each maps to one error response.
@@ -659,6 +678,8 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 ),
             );
         }
+        let backend = &self.backend;
+        let via = |t: &FixedTarget<'_>| backend.map_fixed(id, &exported, t);
         let req = MapRequest {
             resource_id: id,
             offset,
@@ -666,6 +687,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             blob: &exported,
             prot: Prot::READ_WRITE,
             map_info: exported.map_info,
+            map_via: Some(MapVia(&via)),
         };
         let ticket = if pipelined {
             self.placer.begin_map(&req)

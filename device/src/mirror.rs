@@ -14,11 +14,11 @@ use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use hostmem_base::window::Window;
+use hostmem_base::window::{FixedTarget, MappedBy, Window};
 use hostmem_ipc::protocol::{DeviceMsg, Outcome, RefuseCode, VmmMsg};
 use hostmem_ipc::Tube;
 
-use crate::gpu::{MapRequest, PlaceError, Placer};
+use crate::gpu::{MapRequest, MapVia, PlaceError, Placer};
 
 /// How long the device waits for the VMM to answer one placement event.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +36,8 @@ pub struct MirrorPlacer {
     /// Events sent and not answered yet, oldest first: their seq and, for a placement, the
     /// range to undo if the VMM refuses it.
     inflight: VecDeque<(u64, Option<(u64, u64)>)>,
+    /// Placements the renderer mapped itself ([`crate::backend::Backend::map_fixed`]).
+    renderer_mapped: u64,
 }
 
 fn refuse(code: RefuseCode, reason: String) -> PlaceError {
@@ -76,6 +78,7 @@ impl MirrorPlacer {
             broken: None,
             shutdown: false,
             inflight: VecDeque::new(),
+            renderer_mapped: 0,
         }
     }
 
@@ -87,6 +90,12 @@ impl MirrorPlacer {
     /// The mapping tube.
     pub fn tube(&self) -> &Tube {
         &self.tube
+    }
+
+    /// How many placements the renderer mapped itself (virglrenderer's map_fixed) rather
+    /// than the mirror's MAP_FIXED of the exported fd.
+    pub fn renderer_mapped(&self) -> u64 {
+        self.renderer_mapped
     }
 
     /// Why the tube is unusable, if it is.
@@ -160,15 +169,27 @@ impl Placer for MirrorPlacer {
     }
 
     fn begin_map(&mut self, req: &MapRequest<'_>) -> Result<Option<u64>, PlaceError> {
-        self.window
-            .place(
+        let via = |t: &FixedTarget<'_>| match req.map_via {
+            Some(MapVia(f)) => f(t),
+            None => Ok(false),
+        };
+        let by = self
+            .window
+            .place_with(
                 req.offset,
                 req.len,
                 req.blob.fd.as_fd(),
                 req.blob.fd_offset,
                 req.prot,
+                via,
             )
             .map_err(window_error)?;
+        if by == MappedBy::Caller {
+            self.renderer_mapped += 1;
+            if self.renderer_mapped == 1 {
+                log::info!("mirror: placing blobs with the renderer's own map_fixed");
+            }
+        }
         self.seq += 1;
         let msg = DeviceMsg::Map {
             seq: self.seq,

@@ -37,6 +37,8 @@ pub struct Args {
     pub vma_limit: Option<usize>,
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
     pub test_ops: bool,
+    /// virgl: run venus in this render server (`--virgl-render-server PATH`; unjailed).
+    pub render_server: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -49,6 +51,7 @@ impl Args {
             backend: "shm".into(),
             vma_limit: None,
             test_ops: false,
+            render_server: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -60,6 +63,7 @@ impl Args {
                 "--seccomp-fd" => a.seccomp_fd = Some(fd(val()?)?),
                 "--backend" => a.backend = val()?.clone(),
                 "--test-ops" => a.test_ops = true,
+                "--virgl-render-server" => a.render_server = Some(val()?.into()),
                 "--vma-limit" => {
                     let v = val()?;
                     a.vma_limit = Some(v.parse().map_err(|_| format!("--vma-limit: bad {v}"))?)
@@ -76,17 +80,33 @@ impl Args {
 
 /// Creates the named backend.
 pub fn make_backend(name: &str) -> Result<Box<dyn Backend>> {
-    make_backend_with(name, false)
+    make_backend_with(name, false, None)
 }
 
-/// Creates the named backend; `test_ops` turns on its hostmem-private test ops (virgl).
-pub fn make_backend_with(name: &str, test_ops: bool) -> Result<Box<dyn Backend>> {
+/// Creates the named backend; `test_ops` turns on its hostmem-private test ops (virgl),
+/// `render_server` runs virgl's venus in that render server.
+pub fn make_backend_with(
+    name: &str,
+    test_ops: bool,
+    render_server: Option<&std::path::Path>,
+) -> Result<Box<dyn Backend>> {
+    if render_server.is_some() && name != "virgl" {
+        return Err(Error::Backend(format!(
+            "--virgl-render-server is for the virgl backend, not {name}"
+        )));
+    }
     match name {
         "shm" => Ok(Box::new(crate::backend::shm::ShmBackend::new())),
         #[cfg(feature = "virgl")]
-        "virgl" => crate::backend::virgl::VirglBackend::new(test_ops)
-            .map(|b| Box::new(b) as Box<dyn Backend>)
-            .map_err(|e| Error::Backend(format!("virgl: {e}"))),
+        "virgl" => {
+            let opts = crate::backend::virgl::VirglOptions {
+                test_ops,
+                render_server: render_server.map(Into::into),
+            };
+            crate::backend::virgl::VirglBackend::with_options(&opts)
+                .map(|b| Box::new(b) as Box<dyn Backend>)
+                .map_err(|e| Error::Backend(format!("virgl: {e}")))
+        }
         other => {
             let _ = test_ops;
             let built = if cfg!(feature = "virgl") {
@@ -154,7 +174,7 @@ fn run(args: &Args) -> Result<()> {
         log::warn!("test knob: mirror VMA limit {now} + {limit} (reserve 8)");
         mirror.set_vma_limit(now + limit, 8);
     }
-    let backend = make_backend_with(&args.backend, args.test_ops)?;
+    let backend = make_backend_with(&args.backend, args.test_ops, args.render_server.as_deref())?;
     let backend_name = backend.name().to_string();
     mapping.send(
         &DeviceMsg::Ready {

@@ -71,6 +71,11 @@ struct RunArgs {
     /// Run the device without the jail (for comparison only).
     #[arg(long)]
     no_jail: bool,
+    /// virgl: run venus in virglrenderer's render server, this program (virglrenderer
+    /// >= 1.0 built with a render server, e.g. Debian's 1.3.0). The library forks and execs
+    /// it, which the jail forbids: needs --no-jail.
+    #[arg(long)]
+    virgl_render_server: Option<PathBuf>,
     /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
     #[arg(long)]
     policy_dir: Option<PathBuf>,
@@ -169,6 +174,21 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         device.jailed = false;
         device.policy = None;
         eprintln!("hostmem: --no-jail: the device runs WITHOUT namespaces or seccomp");
+    }
+    if let Some(server) = &a.virgl_render_server {
+        if a.backend != "virgl" {
+            anyhow::bail!("--virgl-render-server needs --backend virgl");
+        }
+        if device.jailed {
+            anyhow::bail!(
+                "--virgl-render-server needs --no-jail: virglrenderer forks and execs the \
+                 render server, which the device's jail and seccomp policy do not allow"
+            );
+        }
+        let server = std::fs::canonicalize(server)
+            .map_err(|e| anyhow::anyhow!("render server {}: {e}", server.display()))?;
+        device.extra_args.push("--virgl-render-server".into());
+        device.extra_args.push(server.display().to_string());
     }
     let opts = RunOptions {
         mode: a.mode,

@@ -3,6 +3,8 @@
 
 use std::os::fd::OwnedFd;
 
+use hostmem_base::window::FixedTarget;
+
 pub mod shm;
 #[cfg(feature = "virgl")]
 pub mod virgl;
@@ -68,6 +70,18 @@ pub struct ExportedBlob {
 
 /// A renderer backend.
 pub trait Backend: Send {
+    /// Maps the exported blob over `target` (the mirror's range for it) the renderer's own
+    /// way, e.g. virglrenderer's `virgl_renderer_resource_map_fixed`: `Ok(true)` when it
+    /// mapped `blob.fd` there, `Ok(false)` when the placer should map the fd itself (the
+    /// default), `Err` when the renderer tried and failed (the placer then maps the fd).
+    fn map_fixed(
+        &self,
+        _resource_id: u32,
+        _blob: &ExportedBlob,
+        _target: &FixedTarget<'_>,
+    ) -> Result<bool, String> {
+        Ok(false)
+    }
     /// Short name (`shm`, `virgl`).
     fn name(&self) -> &'static str;
     /// Capability sets offered.

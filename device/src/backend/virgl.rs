@@ -39,9 +39,23 @@
 //!   VMM, so MAP_BLOB answers `ERR_UNSPEC` and a log line says why — never a success that
 //!   maps nothing.
 //!
-//! `virgl_renderer_resource_map_fixed` (virglrenderer >= 1.3.0) is looked up at run time and
-//! its presence logged; Debian's 0.10.4 lacks it. For SHM fds it does exactly the MAP_FIXED
-//! of the exported fd that the mirror does, so placement always takes the export path.
+//! The mirror's mapping: with `virgl_renderer_resource_map_fixed` (virglrenderer >= 1.3.0,
+//! looked up at run time; Debian 12's 0.10.4 lacks it) the **renderer maps the blob into the
+//! mirror itself** ([`Backend::map_fixed`], through
+//! [`Window::place_with`](hostmem_base::window::Window::place_with), after every window
+//! check). Without it, or when it answers `-EOPNOTSUPP` or fails, the mirror maps the
+//! exported fd with its own MAP_FIXED. In both cases the exported fd goes to the VMM,
+//! which cannot call into the renderer. The library maps its recorded size from file
+//! offset 0, read/write: it is used only for an SHM fd whose size is exactly the
+//! placement's length and a read/write placement.
+//!
+//! # Render server
+//!
+//! Debian's 1.3.0 builds venus only into its render server (a separate process the library
+//! forks and execs): [`VirglOptions::render_server`] turns on
+//! `VIRGL_RENDERER_RENDER_SERVER`. The jail does not allow fork and exec, so that runs
+//! unjailed (`hostmem run --no-jail --virgl-render-server PATH`); Debian 12's 0.10.4 runs
+//! venus in-process, jailed.
 //!
 //! # Test ops (hostmem-private, off unless the device runs with `--test-ops`)
 //!
@@ -55,9 +69,11 @@
 //! offer the capset and refuses contexts of it.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::virgl::{self, Renderer, FD_TYPE_DMABUF, FD_TYPE_OPAQUE, FD_TYPE_SHM};
+use hostmem_base::window::FixedTarget;
 
 use super::shm::{apply_op, decode_stream, ShmOp, CHECKSUM_INIT};
 use super::{Backend, BackendError, BlobCreate, CapsetInfo, ExportedBlob};
@@ -89,6 +105,17 @@ struct VirglBlob {
     size: u64,
 }
 
+/// How the virgl backend starts its renderer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VirglOptions {
+    /// Offer the hostmem-private test capset (see the module docs).
+    pub test_ops: bool,
+    /// Run venus in virglrenderer's render server (`VIRGL_RENDERER_RENDER_SERVER`), the
+    /// program at this path, which the library forks and execs. Debian's 1.3.0 builds venus
+    /// only that way; 0.10.4 runs it in-process. Needs fork and exec: unjailed only.
+    pub render_server: Option<std::path::PathBuf>,
+}
+
 /// The virgl backend (see the module docs).
 #[derive(Debug)]
 pub struct VirglBackend {
@@ -109,7 +136,30 @@ impl VirglBackend {
     /// Initializes virglrenderer headless and reads its capsets. `test_ops` offers the
     /// private [`TEST_CAPSET_ID`] (see the module docs).
     pub fn new(test_ops: bool) -> Result<Self, BackendError> {
-        let renderer = Renderer::init(virgl::HEADLESS_FLAGS)
+        Self::with_options(&VirglOptions {
+            test_ops,
+            render_server: None,
+        })
+    }
+
+    /// [`VirglBackend::new`] with all the options.
+    pub fn with_options(opts: &VirglOptions) -> Result<Self, BackendError> {
+        let test_ops = opts.test_ops;
+        let mut flags = virgl::HEADLESS_FLAGS;
+        if let Some(server) = &opts.render_server {
+            if !server.is_file() {
+                return Err(BackendError::Unspec(format!(
+                    "render server {} is not a file",
+                    server.display()
+                )));
+            }
+            // The library reads its path from the environment when it starts the server
+            // (in virgl_renderer_init); nothing else in the device reads the environment.
+            std::env::set_var("RENDER_SERVER_EXEC_PATH", server);
+            flags |= virgl::RENDER_SERVER;
+            log::info!("virgl: venus in the render server {}", server.display());
+        }
+        let renderer = Renderer::init(flags)
             .map_err(|e| BackendError::Unspec(format!("virglrenderer: {e}")))?;
         let mut capsets = Vec::new();
         for id in LIBRARY_CAPSETS {
@@ -221,6 +271,22 @@ impl VirglBackend {
 impl Backend for VirglBackend {
     fn name(&self) -> &'static str {
         "virgl"
+    }
+
+    fn map_fixed(
+        &self,
+        resource_id: u32,
+        blob: &ExportedBlob,
+        target: &FixedTarget<'_>,
+    ) -> Result<bool, String> {
+        // Only ids this backend created reach the library (1.3.0 dereferences unknown ids);
+        // export_blob only hands out SHM fds from offset 0, which is what the library maps.
+        if !self.blobs.contains_key(&resource_id) || blob.fd_offset != 0 {
+            return Ok(false);
+        }
+        self.renderer
+            .map_fixed(resource_id, blob.fd.as_fd(), target)
+            .map_err(|e| e.to_string())
     }
 
     fn capsets(&self) -> Vec<CapsetInfo> {
