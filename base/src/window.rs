@@ -426,8 +426,8 @@ impl Window {
         Ok(was)
     }
 
-    /// Checks the window against the kernel's view: the ranges of `/proc/self/maps` inside
-    /// the window that are not the window's own memfd at its own offset (background) must
+    /// Checks the window against the kernel's view: the window is mapped from end to end
+    /// (no hole), and the ranges of `/proc/self/maps` inside the window that are not the window's own memfd at its own offset (background) must
     /// be exactly the placement table's ranges. Adjacent ranges are merged on both sides,
     /// because the kernel merges adjacent placements of one file at contiguous offsets into
     /// one VMA. Background is recognised by inode and offset, not by name, which a placed
@@ -441,6 +441,26 @@ impl Window {
             .map_err(|e| Error::WindowMismatch(format!("fstat of the window memfd: {e}")))?
             .st_ino;
         let maps = procfs::maps_in_range(start, start + len)?;
+        // No hole: the window's range is mapped from end to end (the kernel lists VMAs in
+        // address order).
+        let mut at = start;
+        for m in &maps {
+            if m.start > at {
+                return Err(Error::WindowMismatch(format!(
+                    "hole at {:#x}+{:#x}: nothing mapped there",
+                    at - start,
+                    m.start - at
+                )));
+            }
+            at = at.max(m.end);
+        }
+        if at < start + len {
+            return Err(Error::WindowMismatch(format!(
+                "hole at {:#x}+{:#x}: nothing mapped there",
+                at - start,
+                start + len - at
+            )));
+        }
         let mut foreign = Vec::new();
         for m in &maps {
             let (s, e) = ((m.start - start) as u64, (m.end - start) as u64);

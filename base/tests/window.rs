@@ -1,10 +1,10 @@
 //! Window behaviour: place, read through the window, restore to zeros, refuse bad ranges.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use hostmem_base::mmap::{page_size, MemoryMapping, Prot};
 use hostmem_base::shm::SharedMemory;
-use hostmem_base::window::Window;
+use hostmem_base::window::{FixedTarget, MappedBy, Window};
 use hostmem_base::Error;
 
 const PAGE: u64 = 4096;
@@ -241,6 +241,121 @@ fn audit_sees_exactly_what_the_table_does_not() {
         other => panic!("stray mapping not found: {other:?}"),
     }
     // restore_all puts background everywhere and empties the table: consistent again.
+    w.restore_all().unwrap();
+    w.audit().unwrap();
+}
+
+/// MAP_FIXED of `fd` over `target`, as virglrenderer's `map_fixed` does.
+fn map_over(target: &FixedTarget<'_>, fd: BorrowedFd<'_>) {
+    // SAFETY: the target is a window range that place_with checked and holds locked for
+    // this call; the window's memory is never referenced from Rust, only copied.
+    let r = unsafe {
+        libc::mmap(
+            target.addr() as *mut libc::c_void,
+            target.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(r, libc::MAP_FAILED);
+}
+
+#[test]
+fn place_with_lets_the_caller_map_and_falls_back_to_the_fd() {
+    let w = Window::new(64 * PAGE).unwrap();
+    let (start, _) = w.host_range();
+    let a = blob(2 * PAGE, 0x11);
+
+    // The caller maps: the window records it as the caller's, with the target it handed.
+    let by = w
+        .place_with(4 * PAGE, 2 * PAGE, a.as_fd(), 0, Prot::READ_WRITE, |t| {
+            assert_eq!(t.addr(), start + 4 * PAGE as usize);
+            assert_eq!((t.len(), t.prot()), (2 * PAGE as usize, Prot::READ_WRITE));
+            map_over(t, a.as_fd());
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!(by, MappedBy::Caller);
+    assert!(read(&w, 4 * PAGE, 2 * PAGE as usize)
+        .iter()
+        .all(|&x| x == 0x11));
+    w.audit().unwrap();
+    w.restore(4 * PAGE, 2 * PAGE).unwrap();
+    assert!(read(&w, 4 * PAGE, 2 * PAGE as usize)
+        .iter()
+        .all(|&x| x == 0));
+
+    // The caller declines: the window maps the fd.
+    let by = w
+        .place_with(4 * PAGE, 2 * PAGE, a.as_fd(), 0, Prot::READ_WRITE, |_| {
+            Ok(false)
+        })
+        .unwrap();
+    assert_eq!(by, MappedBy::Window);
+    assert!(read(&w, 4 * PAGE, 2 * PAGE as usize)
+        .iter()
+        .all(|&x| x == 0x11));
+    w.restore(4 * PAGE, 2 * PAGE).unwrap();
+
+    // The caller fails after leaving a hole (a failed MAP_FIXED can unmap the range): the
+    // window maps the fd over it, and nothing is left unmapped.
+    let by = w
+        .place_with(4 * PAGE, 2 * PAGE, a.as_fd(), 0, Prot::READ_WRITE, |t| {
+            // SAFETY: unmaps the checked, locked target range (see map_over).
+            assert_eq!(
+                unsafe { libc::munmap(t.addr() as *mut libc::c_void, t.len()) },
+                0
+            );
+            Err("mmap failed".into())
+        })
+        .unwrap();
+    assert_eq!(by, MappedBy::Window);
+    assert!(read(&w, 4 * PAGE, 2 * PAGE as usize)
+        .iter()
+        .all(|&x| x == 0x11));
+    w.audit().unwrap();
+
+    // A range the window refuses never reaches the caller.
+    let called = std::cell::Cell::new(false);
+    let r = w.place_with(5 * PAGE, 2 * PAGE, a.as_fd(), 0, Prot::READ_WRITE, |_| {
+        called.set(true);
+        Ok(true)
+    });
+    assert!(matches!(r, Err(Error::Overlap { .. })), "{r:?}");
+    assert!(
+        !called.get(),
+        "the caller was not asked to map an overlapping range"
+    );
+    w.restore(4 * PAGE, 2 * PAGE).unwrap();
+
+    // A caller that says it mapped but did not: the audit finds the table and the kernel
+    // disagree; restoring makes them agree again.
+    w.place_with(8 * PAGE, PAGE, a.as_fd(), 0, Prot::READ_WRITE, |_| Ok(true))
+        .unwrap();
+    assert!(matches!(w.audit(), Err(Error::WindowMismatch(_))));
+    w.restore(8 * PAGE, PAGE).unwrap();
+    w.audit().unwrap();
+}
+
+#[test]
+fn audit_finds_a_hole() {
+    let w = Window::new(16 * PAGE).unwrap();
+    let (start, _) = w.host_range();
+    // SAFETY: unmaps one page of the window's own mapping, which only this test uses; the
+    // window's memory is never referenced from Rust, and restore_all maps it back.
+    let r = unsafe {
+        libc::munmap(
+            (start + 3 * PAGE as usize) as *mut libc::c_void,
+            PAGE as usize,
+        )
+    };
+    assert_eq!(r, 0);
+    match w.audit() {
+        Err(Error::WindowMismatch(m)) => assert!(m.contains("hole at 0x3000+0x1000"), "{m}"),
+        other => panic!("hole not found: {other:?}"),
+    }
     w.restore_all().unwrap();
     w.audit().unwrap();
 }

@@ -1,19 +1,25 @@
 //! The command handler over the real virglrenderer (feature `virgl`), in one process: a
-//! venus SHM blob filled through the renderer's own mapping, placed (a placer that really
-//! maps the exported fd), both views sharing pages both ways; a vrend pointer-only blob
+//! venus SHM blob filled through the renderer's own mapping, placed into a real window
+//! (by the renderer's `virgl_renderer_resource_map_fixed` when the library has it, else by
+//! the window's MAP_FIXED of the exported fd) and mapped as the VMM would, all views
+//! sharing pages both ways, background again after unmap; a vrend pointer-only blob
 //! answered with `ERR_UNSPEC`; unknown resource ids refused by the backend before they
 //! reach the library.
+//!
+//! `tools/test` runs it on Debian 12's 0.10.4 (no map_fixed) and, through
+//! `tools/virgl-next`, on Debian's 1.3.0 with `HOSTMEM_VIRGL_EXPECT_MAP_FIXED` set.
 //!
 //! virglrenderer is one global renderer per process, so everything runs in one `#[test]`.
 #![cfg(feature = "virgl")]
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use hostmem_base::mmap::{MemoryMapping, Prot};
+use hostmem_base::window::{FixedTarget, MappedBy, Window};
 use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp};
-use hostmem_device::backend::virgl::{VirglBackend, TEST_CAPSET_ID};
+use hostmem_device::backend::virgl::{VirglBackend, VirglOptions, TEST_CAPSET_ID};
 use hostmem_device::backend::{Backend, BackendError};
-use hostmem_device::gpu::{Gpu, MapRequest, PlaceError, Placer};
+use hostmem_device::gpu::{Gpu, MapRequest, MapVia, PlaceError, Placer};
 use hostmem_device::wire::*;
 
 const WINDOW: u64 = 16 << 20;
@@ -21,15 +27,46 @@ const VENUS: u32 = 1;
 const TEST: u32 = 2;
 const VREND: u32 = 3;
 
-/// Maps every placed fd on its own (no window): what the VMM would see.
-#[derive(Debug, Default)]
-struct MappingPlacer {
+/// Places like the device's mirror (a real [`Window`], through `place_with`, so the
+/// renderer's own `map_fixed` maps the blob when the library has it) and also maps every
+/// placed fd on its own: what the VMM would see.
+#[derive(Debug)]
+struct WindowPlacer {
+    window: Window,
     maps: Vec<(u32, MemoryMapping)>,
     map_infos: Vec<u32>,
+    /// Who mapped each placement into the window, and the placed file's inode.
+    placed_by: Vec<(u32, MappedBy, u64)>,
 }
 
-impl Placer for MappingPlacer {
+impl WindowPlacer {
+    fn new() -> Self {
+        WindowPlacer {
+            window: Window::new(WINDOW).expect("window"),
+            maps: Vec::new(),
+            map_infos: Vec::new(),
+            placed_by: Vec::new(),
+        }
+    }
+}
+
+impl Placer for WindowPlacer {
     fn map(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError> {
+        let via = |t: &FixedTarget<'_>| match req.map_via {
+            Some(MapVia(f)) => f(t),
+            None => Ok(false),
+        };
+        let by = self
+            .window
+            .place_with(
+                req.offset,
+                req.len,
+                req.blob.fd.as_fd(),
+                req.blob.fd_offset,
+                req.prot,
+                via,
+            )
+            .map_err(|e| PlaceError::Unspec(e.to_string()))?;
         let m = MemoryMapping::from_fd(
             req.blob.fd.as_fd(),
             req.blob.fd_offset,
@@ -37,11 +74,18 @@ impl Placer for MappingPlacer {
             Prot::READ_WRITE,
         )
         .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+        let ino = nix::sys::stat::fstat(req.blob.fd.as_raw_fd())
+            .unwrap()
+            .st_ino;
         self.maps.push((req.resource_id, m));
         self.map_infos.push(req.map_info);
+        self.placed_by.push((req.resource_id, by, ino));
         Ok(())
     }
-    fn unmap(&mut self, resource_id: u32, _offset: u64, _len: u64) -> Result<(), PlaceError> {
+    fn unmap(&mut self, resource_id: u32, offset: u64, len: u64) -> Result<(), PlaceError> {
+        self.window
+            .restore(offset, len)
+            .map_err(|e| PlaceError::Unspec(e.to_string()))?;
         self.maps.retain(|(r, _)| *r != resource_id);
         Ok(())
     }
@@ -50,7 +94,19 @@ impl Placer for MappingPlacer {
     }
 }
 
-fn send(g: &mut Gpu<MappingPlacer, VirglBackend>, cmd: Command) -> Response {
+/// The inodes of the mappings over `offset..offset+len` of the window.
+fn window_inodes(w: &Window, offset: u64, len: u64) -> Vec<u64> {
+    let (start, _) = w.host_range();
+    let (a, b) = (start + offset as usize, start + (offset + len) as usize);
+    let maps = hostmem_base::procfs::maps_in_range(a, b).unwrap();
+    assert!(
+        maps.first().is_some_and(|m| m.start <= a) && maps.last().is_some_and(|m| m.end >= b),
+        "the range is fully mapped: {maps:?}"
+    );
+    maps.iter().map(|m| m.inode).collect()
+}
+
+fn send(g: &mut Gpu<WindowPlacer, VirglBackend>, cmd: Command) -> Response {
     Response::parse(&g.handle(&cmd.encode())).expect("response parses")
 }
 
@@ -93,16 +149,25 @@ fn pipe_resource_create(blob_id: u32, size: u32) -> Vec<u8> {
 
 #[test]
 fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
-    let backend = VirglBackend::new(true).expect("virglrenderer initializes headless (0x59)");
+    // Debian 12's 0.10.4 runs venus in-process; a library built with a render server only
+    // (Debian's 1.3.0, see tools/virgl-next) needs it: tools/test names it here.
+    let opts = VirglOptions {
+        test_ops: true,
+        render_server: std::env::var_os("HOSTMEM_VIRGL_RENDER_SERVER").map(Into::into),
+    };
+    let backend = VirglBackend::with_options(&opts).expect("virglrenderer initializes headless");
+    let map_fixed = backend.has_map_fixed();
     eprintln!(
         "virgl: renderer up; map_fixed {}",
-        if backend.has_map_fixed() {
-            "present"
-        } else {
-            "absent"
-        }
+        if map_fixed { "present" } else { "absent" }
     );
-    let mut g = Gpu::new(Box::new(backend), MappingPlacer::default());
+    if std::env::var_os("HOSTMEM_VIRGL_EXPECT_MAP_FIXED").is_some() {
+        assert!(
+            map_fixed,
+            "this run is for a library with virgl_renderer_resource_map_fixed"
+        );
+    }
+    let mut g = Gpu::new(Box::new(backend), WindowPlacer::new());
 
     // Capsets: venus and the test capset are offered.
     let caps = g.backend().capsets();
@@ -201,8 +266,30 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
         seed: 42,
     }]);
     ok(&send(&mut g, Command::submit_3d(TEST, fill)), "fill");
-    let r = send(&mut g, Command::map_blob(VENUS, 1, 0x10000));
+    const AT: u64 = 0x10000;
+    let r = send(&mut g, Command::map_blob(VENUS, 1, AT));
     assert!(matches!(r, Response::OkMapInfo { .. }), "map: {r:?}");
+    // The mirror: mapped by the renderer itself when the library can, else by the window;
+    // either way the window's range is the blob's file, as the kernel sees it.
+    let (res, by, ino) = g.placer().placed_by[0];
+    assert_eq!(res, 1);
+    let want = if map_fixed {
+        MappedBy::Caller
+    } else {
+        MappedBy::Window
+    };
+    assert_eq!(by, want, "who mapped the mirror");
+    assert!(
+        window_inodes(&g.placer().window, AT, size)
+            .iter()
+            .all(|&i| i == ino),
+        "the window range maps the blob's file"
+    );
+    g.placer()
+        .window
+        .audit()
+        .expect("window agrees with its table");
+    eprintln!("virgl: venus SHM blob mapped into the window by {by:?}");
     let placed = &g.placer().maps[0].1;
     let mut seen = vec![0u8; size as usize];
     placed.read_slice(0, &mut seen).unwrap();
@@ -210,6 +297,9 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
         seen == pattern_bytes(42, 0, size as usize),
         "placed fd shows the renderer's writes"
     );
+    let mut mirror = vec![0u8; size as usize];
+    g.placer().window.read(AT, &mut mirror).unwrap();
+    assert!(mirror == seen, "the mirror shows the renderer's writes");
     // The "guest" writes through the placed fd; the renderer reads it back.
     placed.write_slice(4096, b"from the guest").unwrap();
     let mut expected = pattern_bytes(42, 0, size as usize);
@@ -229,7 +319,28 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
         "renderer sees the write"
     );
     ok(&send(&mut g, Command::unmap_blob(VENUS, 1)), "unmap");
+    // Unmapped: the window is background again, and the renderer's later writes (through
+    // its own mapping, which map_fixed did not replace) no longer reach it.
+    let fill = encode_stream(&[ShmOp::Fill {
+        resource_id: 1,
+        offset: 0,
+        len: size,
+        seed: 43,
+    }]);
+    ok(
+        &send(&mut g, Command::submit_3d(TEST, fill)),
+        "fill after unmap",
+    );
+    g.placer().window.read(AT, &mut mirror).unwrap();
+    assert!(mirror.iter().all(|&b| b == 0), "window reads zeros");
+    g.placer().window.audit().expect("window is all background");
     ok(&send(&mut g, Command::unref(1)), "unref");
+    // The library freed the blob without touching the window (map_fixed's mapping is not
+    // one it tracks): no hole where it was placed.
+    g.placer()
+        .window
+        .audit()
+        .expect("window still whole after unref");
     assert_eq!(g.backend().blob_count(), 0);
     eprintln!(
         "virgl: venus SHM blob placed, shared both ways, map_info {:?}",

@@ -71,9 +71,9 @@ struct RunArgs {
     /// Run the device without the jail (for comparison only).
     #[arg(long)]
     no_jail: bool,
-    /// virgl: run venus in virglrenderer's render server, this program (virglrenderer
-    /// >= 1.0 built with a render server, e.g. Debian's 1.3.0). The library forks and execs
-    /// it, which the jail forbids: needs --no-jail.
+    /// virgl: run venus in virglrenderer's render server, this program (a virglrenderer of
+    /// 1.0 or later built with one, e.g. Debian's 1.3.0). The library forks and execs it,
+    /// which the jail forbids: needs --no-jail.
     #[arg(long)]
     virgl_render_server: Option<PathBuf>,
     /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
