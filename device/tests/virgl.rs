@@ -15,10 +15,11 @@
 use std::os::fd::{AsFd, AsRawFd};
 
 use hostmem_base::mmap::{MemoryMapping, Prot};
+use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::{FixedTarget, MappedBy, Window};
 use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp};
 use hostmem_device::backend::virgl::{VirglBackend, VirglOptions, TEST_CAPSET_ID};
-use hostmem_device::backend::{Backend, BackendError};
+use hostmem_device::backend::{Backend, BackendError, ExportedBlob};
 use hostmem_device::gpu::{Gpu, MapRequest, MapVia, PlaceError, Placer};
 use hostmem_device::wire::*;
 
@@ -241,6 +242,29 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
         err_code(&send(&mut g, Command::submit_3d(TEST, bad))),
         Some(ErrorCode::InvalidParameter)
     );
+
+    // map_fixed of an id the backend did not create never reaches the library: the window
+    // maps the fd itself.
+    let stray = SharedMemory::new("stray", 2 * 4096).unwrap();
+    let exported = ExportedBlob {
+        fd: stray.as_fd().try_clone_to_owned().unwrap(),
+        fd_offset: 0,
+        size: 2 * 4096,
+        map_info: 0,
+    };
+    let by = g
+        .placer()
+        .window
+        .place_with(0, 2 * 4096, stray.as_fd(), 0, Prot::READ_WRITE, |t| {
+            g.backend().map_fixed(99, &exported, t)
+        })
+        .unwrap();
+    assert_eq!(
+        by,
+        MappedBy::Window,
+        "unknown id: not mapped by the renderer"
+    );
+    g.placer().window.restore(0, 2 * 4096).unwrap();
 
     // A venus SHM blob: blob_id 0, flags exactly MAPPABLE.
     let size = 256 << 10;
