@@ -304,10 +304,8 @@ fn place_with_lets_the_caller_map_and_falls_back_to_the_fd() {
     let by = w
         .place_with(4 * PAGE, 2 * PAGE, a.as_fd(), 0, Prot::READ_WRITE, |t| {
             // SAFETY: unmaps the checked, locked target range (see map_over).
-            assert_eq!(
-                unsafe { libc::munmap(t.addr() as *mut libc::c_void, t.len()) },
-                0
-            );
+            let r = unsafe { libc::munmap(t.addr() as *mut libc::c_void, t.len()) };
+            assert_eq!(r, 0);
             Err("mmap failed".into())
         })
         .unwrap();
