@@ -76,6 +76,29 @@ pub struct MapRequest<'a> {
     pub map_via: Option<MapVia<'a>>,
 }
 
+impl MapRequest<'_> {
+    /// Places this request in `window` (the device's mirror) with
+    /// [`Window::place_with`](hostmem_base::window::Window::place_with): the backend's own
+    /// mapping ([`MapRequest::map_via`]) when it has one, else the window's MAP_FIXED of the
+    /// blob fd. Returns who mapped.
+    pub fn place_in(
+        &self,
+        window: &hostmem_base::window::Window,
+    ) -> hostmem_base::Result<hostmem_base::window::MappedBy> {
+        window.place_with(
+            self.offset,
+            self.len,
+            std::os::fd::AsFd::as_fd(&self.blob.fd),
+            self.blob.fd_offset,
+            self.prot,
+            |t| match self.map_via {
+                Some(MapVia(f)) => f(t),
+                None => Ok(false),
+            },
+        )
+    }
+}
+
 /// The signature of [`MapVia`]'s function: [`Backend::map_fixed`] of one blob.
 pub type MapViaFn<'a> = dyn Fn(&FixedTarget<'_>) -> Result<bool, String> + 'a;
 

@@ -14,11 +14,11 @@ use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use hostmem_base::window::{FixedTarget, MappedBy, Window};
+use hostmem_base::window::{MappedBy, Window};
 use hostmem_ipc::protocol::{DeviceMsg, Outcome, RefuseCode, VmmMsg};
 use hostmem_ipc::Tube;
 
-use crate::gpu::{MapRequest, MapVia, PlaceError, Placer};
+use crate::gpu::{MapRequest, PlaceError, Placer};
 
 /// How long the device waits for the VMM to answer one placement event.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -169,21 +169,7 @@ impl Placer for MirrorPlacer {
     }
 
     fn begin_map(&mut self, req: &MapRequest<'_>) -> Result<Option<u64>, PlaceError> {
-        let via = |t: &FixedTarget<'_>| match req.map_via {
-            Some(MapVia(f)) => f(t),
-            None => Ok(false),
-        };
-        let by = self
-            .window
-            .place_with(
-                req.offset,
-                req.len,
-                req.blob.fd.as_fd(),
-                req.blob.fd_offset,
-                req.prot,
-                via,
-            )
-            .map_err(window_error)?;
+        let by = req.place_in(&self.window).map_err(window_error)?;
         if by == MappedBy::Caller {
             self.renderer_mapped += 1;
             if self.renderer_mapped == 1 {

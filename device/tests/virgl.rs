@@ -16,11 +16,11 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use hostmem_base::mmap::{MemoryMapping, Prot};
 use hostmem_base::shm::SharedMemory;
-use hostmem_base::window::{FixedTarget, MappedBy, Window};
+use hostmem_base::window::{MappedBy, Window};
 use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp};
 use hostmem_device::backend::virgl::{VirglBackend, VirglOptions, TEST_CAPSET_ID};
 use hostmem_device::backend::{Backend, BackendError, ExportedBlob};
-use hostmem_device::gpu::{Gpu, MapRequest, MapVia, PlaceError, Placer};
+use hostmem_device::gpu::{Gpu, MapRequest, PlaceError, Placer};
 use hostmem_device::wire::*;
 
 const WINDOW: u64 = 16 << 20;
@@ -53,20 +53,8 @@ impl WindowPlacer {
 
 impl Placer for WindowPlacer {
     fn map(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError> {
-        let via = |t: &FixedTarget<'_>| match req.map_via {
-            Some(MapVia(f)) => f(t),
-            None => Ok(false),
-        };
-        let by = self
-            .window
-            .place_with(
-                req.offset,
-                req.len,
-                req.blob.fd.as_fd(),
-                req.blob.fd_offset,
-                req.prot,
-                via,
-            )
+        let by = req
+            .place_in(&self.window)
             .map_err(|e| PlaceError::Unspec(e.to_string()))?;
         let m = MemoryMapping::from_fd(
             req.blob.fd.as_fd(),
