@@ -28,7 +28,7 @@
 
 use std::ffi::{c_char, c_int, c_void};
 use std::marker::PhantomData;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use virglrenderer_sys as sys;
@@ -44,9 +44,10 @@ pub const USE_SURFACELESS: u32 = 1 << 3;
 pub const USE_GLES: u32 = 1 << 4;
 /// `VIRGL_RENDERER_VENUS`.
 pub const VENUS: u32 = 1 << 6;
-/// `VIRGL_RENDERER_RENDER_SERVER` (virglrenderer >= 1.0): venus contexts run in a render
-/// server process that the library starts (`RENDER_SERVER_EXEC_PATH`, by default
-/// `/usr/libexec/virgl_render_server`). Debian's 1.3.0 builds venus only that way.
+/// `VIRGL_RENDERER_RENDER_SERVER`: venus contexts run in a render server process, reached
+/// over a SOCK_SEQPACKET socket (Debian's 1.3.0 builds venus only that way; 0.10.4 runs it
+/// in-process). [`Renderer::init_with_server`] hands the library a socket to a server that
+/// someone else started, through the `get_server_fd` callback, so the library never forks.
 pub const RENDER_SERVER: u32 = 1 << 9;
 /// The flags that work headless on Mesa llvmpipe/lavapipe (0x59): EGL alone and GLX need
 /// a render node; SURFACELESS without EGL crashes inside the library.
@@ -140,6 +141,24 @@ extern "C" fn write_context_fence(_cookie: *mut c_void, ctx_id: u32, ring_idx: u
     }
 }
 
+/// The render server socket handed to the library by `get_server_fd` (taken once).
+static SERVER_FD: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+
+extern "C" fn get_server_fd(_cookie: *mut c_void, version: u32) -> c_int {
+    let fd = SERVER_FD.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match fd {
+        // The library owns the fd from here on (it closes it at cleanup).
+        Some(fd) => {
+            log::info!("virgl: render server socket handed over (protocol version {version})");
+            fd.into_raw_fd()
+        }
+        None => {
+            log::warn!("virgl: the library asked for a render server socket; none was given");
+            -1
+        }
+    }
+}
+
 /// The `virgl_renderer_resource_map_fixed(res, addr)` signature of virglrenderer >= 1.3.0.
 type MapFixedFn = unsafe extern "C" fn(u32, *mut c_void) -> c_int;
 
@@ -165,9 +184,23 @@ impl Renderer {
     /// `virgl_renderer_init(flags)` with our fence callbacks, and the run-time lookup of
     /// `virgl_renderer_resource_map_fixed`.
     pub fn init(flags: u32) -> Result<Renderer> {
+        Self::init_with_server(flags, None)
+    }
+
+    /// [`Renderer::init`]; with `server`, a connected socket to a running render server
+    /// (`virgl_render_server --socket-fd`), venus runs there: [`RENDER_SERVER`] is added to
+    /// the flags and the library gets the socket from our `get_server_fd` callback instead
+    /// of forking and executing a server itself.
+    pub fn init_with_server(flags: u32, server: Option<OwnedFd>) -> Result<Renderer> {
         if INITIALIZED.swap(true, Ordering::SeqCst) {
             return Err(Error::AlreadyInitialized);
         }
+        let flags = if server.is_some() {
+            flags | RENDER_SERVER
+        } else {
+            flags
+        };
+        *SERVER_FD.lock().unwrap_or_else(|p| p.into_inner()) = server;
         // The library keeps the pointer to the callbacks for its whole life: a static.
         static mut CALLBACKS: sys::virgl_renderer_callbacks = sys::virgl_renderer_callbacks {
             version: 3,
@@ -177,7 +210,7 @@ impl Renderer {
             make_current: None,
             get_drm_fd: None,
             write_context_fence: Some(write_context_fence),
-            get_server_fd: None,
+            get_server_fd: Some(get_server_fd),
             get_egl_display: None,
         };
         let flags_c = c_int::try_from(flags)
@@ -188,9 +221,15 @@ impl Renderer {
         let ret = unsafe {
             sys::virgl_renderer_init(cookie(), flags_c, std::ptr::addr_of_mut!(CALLBACKS))
         };
+        // A socket the library did not take is closed here.
+        let unused = SERVER_FD.lock().unwrap_or_else(|p| p.into_inner()).take();
         if ret != 0 {
             INITIALIZED.store(false, Ordering::SeqCst);
             return Err(Error::Init { flags, ret });
+        }
+        if let Some(fd) = unused {
+            log::warn!("virgl: the library did not take the render server socket");
+            drop(fd);
         }
         let name = c"virgl_renderer_resource_map_fixed";
         // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only reads the loaded

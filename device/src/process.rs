@@ -37,8 +37,9 @@ pub struct Args {
     pub vma_limit: Option<usize>,
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
     pub test_ops: bool,
-    /// virgl: run venus in this render server (`--virgl-render-server PATH`; unjailed).
-    pub render_server: Option<std::path::PathBuf>,
+    /// virgl: the inherited fd of a socket to a running render server
+    /// (`--virgl-server-fd N`; the VMM starts the server).
+    pub render_server_fd: Option<i32>,
 }
 
 impl Args {
@@ -51,7 +52,7 @@ impl Args {
             backend: "shm".into(),
             vma_limit: None,
             test_ops: false,
-            render_server: None,
+            render_server_fd: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -63,7 +64,7 @@ impl Args {
                 "--seccomp-fd" => a.seccomp_fd = Some(fd(val()?)?),
                 "--backend" => a.backend = val()?.clone(),
                 "--test-ops" => a.test_ops = true,
-                "--virgl-render-server" => a.render_server = Some(val()?.into()),
+                "--virgl-server-fd" => a.render_server_fd = Some(fd(val()?)?),
                 "--vma-limit" => {
                     let v = val()?;
                     a.vma_limit = Some(v.parse().map_err(|_| format!("--vma-limit: bad {v}"))?)
@@ -84,15 +85,15 @@ pub fn make_backend(name: &str) -> Result<Box<dyn Backend>> {
 }
 
 /// Creates the named backend; `test_ops` turns on its hostmem-private test ops (virgl),
-/// `render_server` runs virgl's venus in that render server.
+/// `render_server` (a socket to a running render server) runs virgl's venus there.
 pub fn make_backend_with(
     name: &str,
     test_ops: bool,
-    render_server: Option<&std::path::Path>,
+    render_server: Option<std::os::fd::OwnedFd>,
 ) -> Result<Box<dyn Backend>> {
     if render_server.is_some() && name != "virgl" {
         return Err(Error::Backend(format!(
-            "--virgl-render-server is for the virgl backend, not {name}"
+            "a render server is for the virgl backend, not {name}"
         )));
     }
     match name {
@@ -101,9 +102,9 @@ pub fn make_backend_with(
         "virgl" => {
             let opts = crate::backend::virgl::VirglOptions {
                 test_ops,
-                render_server: render_server.map(Into::into),
+                render_server,
             };
-            crate::backend::virgl::VirglBackend::with_options(&opts)
+            crate::backend::virgl::VirglBackend::with_options(opts)
                 .map(|b| Box::new(b) as Box<dyn Backend>)
                 .map_err(|e| Error::Backend(format!("virgl: {e}")))
         }
@@ -174,7 +175,11 @@ fn run(args: &Args) -> Result<()> {
         log::warn!("test knob: mirror VMA limit {now} + {limit} (reserve 8)");
         mirror.set_vma_limit(now + limit, 8);
     }
-    let backend = make_backend_with(&args.backend, args.test_ops, args.render_server.as_deref())?;
+    let server = match args.render_server_fd {
+        Some(fd) => Some(hostmem_base::fd::take_inherited(fd)?),
+        None => None,
+    };
+    let backend = make_backend_with(&args.backend, args.test_ops, server)?;
     let backend_name = backend.name().to_string();
     mapping.send(
         &DeviceMsg::Ready {
@@ -252,4 +257,56 @@ fn stop_if_asked(gpu: &Gpu<MirrorPlacer>) -> Result<bool> {
         return Err(Error::Protocol(format!("mapping tube: {why}")));
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Args, String> {
+        Args::parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn args_name_the_render_server_socket() {
+        let a = parse(&[
+            "--control-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--backend",
+            "virgl",
+            "--virgl-server-fd",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!((a.backend.as_str(), a.render_server_fd), ("virgl", Some(5)));
+        let bad = parse(&[
+            "--control-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--virgl-server-fd",
+            "x",
+        ]);
+        assert!(bad.unwrap_err().contains("bad fd"));
+        assert!(parse(&[
+            "--control-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--virgl-server-fd"
+        ])
+        .unwrap_err()
+        .contains("needs a value"));
+    }
+
+    #[test]
+    fn a_render_server_is_for_virgl_only() {
+        let (a, _b) = hostmem_ipc::Tube::pair().unwrap();
+        match make_backend_with("shm", false, Some(a.into_fd())) {
+            Err(e) => assert!(e.to_string().contains("not shm"), "{e}"),
+            Ok(b) => panic!("the {} backend took a render server", b.name()),
+        }
+    }
 }

@@ -138,13 +138,28 @@ fn pipe_resource_create(blob_id: u32, size: u32) -> Vec<u8> {
 
 #[test]
 fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
-    // Debian 12's 0.10.4 runs venus in-process; a library built with a render server only
-    // (Debian's 1.3.0, see tools/virgl-next) needs it: tools/test names it here.
+    // Debian 12's 0.10.4 runs venus in-process; a library that builds venus only into its
+    // render server (Debian's 1.3.0, see tools/virgl-next) needs one: start it, as the VMM
+    // does, and hand the renderer a socket to it.
+    let mut server = None;
+    let render_server = std::env::var_os("HOSTMEM_VIRGL_RENDER_SERVER").map(|program| {
+        let (ours, theirs) = hostmem_ipc::Tube::pair().unwrap();
+        server = Some(
+            hostmem_jail::launch::spawn(hostmem_jail::launch::JailConfig {
+                program: program.into(),
+                args: vec!["--socket-fd".into(), "3".into()],
+                keep_fds: vec![(theirs.into_fd(), 3)],
+                ..Default::default()
+            })
+            .expect("render server starts"),
+        );
+        ours.into_fd()
+    });
     let opts = VirglOptions {
         test_ops: true,
-        render_server: std::env::var_os("HOSTMEM_VIRGL_RENDER_SERVER").map(Into::into),
+        render_server,
     };
-    let backend = VirglBackend::with_options(&opts).expect("virglrenderer initializes headless");
+    let backend = VirglBackend::with_options(opts).expect("virglrenderer initializes headless");
     let map_fixed = backend.has_map_fixed();
     eprintln!(
         "virgl: renderer up; map_fixed {}",
@@ -409,4 +424,13 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
         ok(&send(&mut g, Command::ctx_destroy(c)), "ctx destroy");
     }
     eprintln!("virgl: vrend pointer-only blob refused with ERR_UNSPEC");
+    drop(g);
+    if let Some(mut server) = server {
+        // The renderer is gone (cleanup closed its socket): the server ends on its own.
+        let end = server
+            .wait_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        eprintln!("virgl: render server ended: {end:?}");
+        assert!(end.is_some(), "the render server ends with its client");
+    }
 }

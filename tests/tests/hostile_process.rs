@@ -202,6 +202,7 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
         // Short, so that the silent-device scenarios take seconds; a good device is ready in
         // milliseconds.
         start_timeout: Duration::from_secs(3),
+        render_server: None,
     }
 }
 

@@ -31,6 +31,10 @@ use crate::service::{serve, ServeEnd};
 pub const CONTROL_FD: i32 = 3;
 /// Fd number of the mapping tube in the device.
 pub const MAPPING_FD: i32 = 4;
+/// Fd number of the render server socket in a virgl device (`--virgl-server-fd`).
+pub const RENDER_SERVER_FD: i32 = 5;
+/// Fd number of the socket in the render server (`--socket-fd`).
+const SERVER_SOCKET_FD: i32 = 3;
 /// RLIMIT_NOFILE wanted for the device: blobs are fds in the shm backend.
 pub const DEVICE_NOFILE: u64 = 65536;
 
@@ -67,6 +71,22 @@ pub struct DeviceConfig {
     /// How long the device has to say hello and then `Ready` ([`START_TIMEOUT`] by
     /// default): a device that stays silent is killed and `Device::start` fails.
     pub start_timeout: Duration,
+    /// virgl: start virglrenderer's render server first and hand the device a socket to it
+    /// (venus runs there; Debian's 1.3.0 has venus nowhere else).
+    pub render_server: Option<RenderServerConfig>,
+}
+
+/// virglrenderer's render server (`virgl_render_server --socket-fd N`), started by the VMM
+/// before a virgl device, as crosvm does: the device's jail forbids the fork and exec the
+/// library would otherwise do. It runs in a jail of its own when the device is jailed
+/// (namespaces, empty root with `ro_binds`, no capabilities, no_new_privs); it is a
+/// foreign program that cannot install our seccomp filter, so it runs without one.
+#[derive(Debug, Clone)]
+pub struct RenderServerConfig {
+    /// The program.
+    pub program: PathBuf,
+    /// Read-only bind mounts beyond the device's (the Vulkan driver list).
+    pub ro_binds: Vec<PathBuf>,
 }
 
 impl DeviceConfig {
@@ -140,6 +160,8 @@ pub struct DeviceExit {
 /// A running device.
 pub struct Device {
     child: JailedChild,
+    /// The render server started for a virgl device (killed when the device ends).
+    render_server: Option<JailedChild>,
     /// `None` once stopping: dropping it tells a healthy device to exit.
     control: Option<Tube>,
     mapping: Arc<Tube>,
@@ -172,6 +194,20 @@ impl Device {
             cfg.backend.clone(),
         ]);
         args.extend(cfg.extra_args.iter().cloned());
+        let mut keep_fds = vec![
+            (control_dev.into_fd(), CONTROL_FD),
+            (mapping_dev.into_fd(), MAPPING_FD),
+        ];
+        let render_server = match &cfg.render_server {
+            Some(rs) => {
+                let (ours, theirs) = Tube::pair()?;
+                let server = spawn_render_server(cfg, rs, theirs.into_fd())?;
+                keep_fds.push((ours.into_fd(), RENDER_SERVER_FD));
+                args.extend(["--virgl-server-fd".into(), RENDER_SERVER_FD.to_string()]);
+                Some(server)
+            }
+            None => None,
+        };
         let seccomp = match &cfg.policy {
             Some(p) => Some(crate::policy::compile_device_policy(p, cfg.seccomp_log)?),
             None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),
@@ -184,10 +220,7 @@ impl Device {
         let jail = JailConfig {
             program: cfg.program.clone(),
             args: args.into_iter().map(Into::into).collect(),
-            keep_fds: vec![
-                (control_dev.into_fd(), CONTROL_FD),
-                (mapping_dev.into_fd(), MAPPING_FD),
-            ],
+            keep_fds,
             env,
             namespaces: cfg.jailed,
             ro_binds: cfg.ro_binds.clone(),
@@ -266,6 +299,7 @@ impl Device {
         };
         Ok(Device {
             child,
+            render_server,
             control: Some(control),
             mapping,
             service: Some(service),
@@ -320,6 +354,18 @@ impl Device {
                 self.child.wait().ok()
             }
         };
+        if let Some(mut server) = self.render_server.take() {
+            // Its only client is gone; it has nothing to finish.
+            server.kill(libc::SIGKILL);
+            match server.wait() {
+                Ok(i) => log::info!(
+                    "render server pid {}: {}",
+                    server.pid(),
+                    describe(&i, &server)
+                ),
+                Err(e) => log::warn!("render server pid {}: {e}", server.pid()),
+            }
+        }
         // The child is gone, but another process may still hold its end of the mapping tube
         // (an unjailed device that forked): shut our end down so that the service thread
         // sees EOF (or EPIPE in a blocked reply) and returns either way.
@@ -387,6 +433,43 @@ impl Device {
         );
         exit
     }
+}
+
+/// Starts `rs` with `socket` at [`SERVER_SOCKET_FD`], jailed like the device when the
+/// device is (its own jail, no seccomp: see [`RenderServerConfig`]).
+fn spawn_render_server(
+    cfg: &DeviceConfig,
+    rs: &RenderServerConfig,
+    socket: std::os::fd::OwnedFd,
+) -> anyhow::Result<JailedChild> {
+    let mut ro_binds = cfg.ro_binds.clone();
+    ro_binds.extend(rs.ro_binds.iter().cloned());
+    let jail = JailConfig {
+        program: rs.program.clone(),
+        args: vec!["--socket-fd".into(), SERVER_SOCKET_FD.to_string().into()],
+        keep_fds: vec![(socket, SERVER_SOCKET_FD)],
+        env: cfg
+            .log_filter
+            .as_ref()
+            .map(|f| ("RUST_LOG".into(), f.into()))
+            .into_iter()
+            .collect(),
+        namespaces: cfg.jailed,
+        ro_binds,
+        ..JailConfig::default()
+    };
+    let server = launch::spawn(jail).context("spawning the render server")?;
+    log::info!(
+        "render server pid {} ({}): {}",
+        server.pid(),
+        if cfg.jailed {
+            "own namespaces, empty root, no capabilities, no seccomp"
+        } else {
+            "NOT jailed"
+        },
+        rs.program.display()
+    );
+    Ok(server)
 }
 
 fn describe(info: &ExitInfo, child: &JailedChild) -> String {

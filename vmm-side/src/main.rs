@@ -71,11 +71,16 @@ struct RunArgs {
     /// Run the device without the jail (for comparison only).
     #[arg(long)]
     no_jail: bool,
-    /// virgl: run venus in virglrenderer's render server, this program (a virglrenderer of
-    /// 1.0 or later built with one, e.g. Debian's 1.3.0). The library forks and execs it,
-    /// which the jail forbids: needs --no-jail.
+    /// virgl: run venus in virglrenderer's render server, this program (needed by a
+    /// virglrenderer that builds venus only there, such as Debian's 1.3.0). The VMM starts
+    /// it first, in a jail of its own when the device is jailed, and hands the device a
+    /// socket to it.
     #[arg(long)]
     virgl_render_server: Option<PathBuf>,
+    /// An extra read-only bind mount for the jailed device (and render server), e.g. the
+    /// folder of a private glibc that the device program's interpreter lives in.
+    #[arg(long)]
+    ro_bind: Vec<PathBuf>,
     /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
     #[arg(long)]
     policy_dir: Option<PathBuf>,
@@ -175,20 +180,21 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         device.policy = None;
         eprintln!("hostmem: --no-jail: the device runs WITHOUT namespaces or seccomp");
     }
+    for dir in &a.ro_bind {
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| anyhow::anyhow!("--ro-bind {}: {e}", dir.display()))?;
+        device.ro_binds.push(dir);
+    }
     if let Some(server) = &a.virgl_render_server {
         if a.backend != "virgl" {
             anyhow::bail!("--virgl-render-server needs --backend virgl");
         }
-        if device.jailed {
-            anyhow::bail!(
-                "--virgl-render-server needs --no-jail: virglrenderer forks and execs the \
-                 render server, which the device's jail and seccomp policy do not allow"
-            );
-        }
-        let server = std::fs::canonicalize(server)
+        let program = std::fs::canonicalize(server)
             .map_err(|e| anyhow::anyhow!("render server {}: {e}", server.display()))?;
-        device.extra_args.push("--virgl-render-server".into());
-        device.extra_args.push(server.display().to_string());
+        device.render_server = Some(hostmem_vmm::device::RenderServerConfig {
+            program,
+            ro_binds: hostmem_vmm::policy::render_server_ro_binds(),
+        });
     }
     let opts = RunOptions {
         mode: a.mode,

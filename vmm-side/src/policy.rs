@@ -30,6 +30,17 @@ pub fn loader_ro_binds() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Read-only bind mounts virglrenderer's render server needs beyond the device's: the
+/// Vulkan loader's driver list (lavapipe's ICD file), since venus creates Vulkan instances
+/// there.
+pub fn render_server_ro_binds() -> Vec<PathBuf> {
+    ["/usr/share/vulkan/icd.d"]
+        .iter()
+        .map(PathBuf::from)
+        .filter(|p| p.exists())
+        .collect()
+}
+
 /// Read-only bind mounts the virgl backend needs beyond [`loader_ro_binds`] (which already
 /// holds `/usr/lib/x86_64-linux-gnu` through `/lib -> usr/lib`: libvirglrenderer, libglvnd,
 /// Mesa's `dri/swrast_dri.so`, libLLVM). Found with the log mode and strace of

@@ -669,5 +669,6 @@ pub fn device_config(
         ro_binds,
         log_filter: std::env::var("RUST_LOG").ok(),
         start_timeout: crate::device::START_TIMEOUT,
+        render_server: None,
     }
 }

@@ -51,11 +51,13 @@
 //!
 //! # Render server
 //!
-//! Debian's 1.3.0 builds venus only into its render server (a separate process the library
-//! forks and execs): [`VirglOptions::render_server`] turns on
-//! `VIRGL_RENDERER_RENDER_SERVER`. The jail does not allow fork and exec, so that runs
-//! unjailed (`hostmem run --no-jail --virgl-render-server PATH`); Debian 12's 0.10.4 runs
-//! venus in-process, jailed.
+//! Debian's 1.3.0 builds venus only into its render server (`virgl_render_server`, a
+//! separate process; 0.10.4 runs venus in-process). The library would fork and exec it,
+//! which the device's jail forbids; instead, as crosvm does, **the VMM starts the server in
+//! a jail of its own** and hands the device one end of a SOCK_SEQPACKET pair
+//! (`--virgl-server-fd N`), which [`VirglOptions::render_server`] gives the library through
+//! its `get_server_fd` callback (`VIRGL_RENDERER_RENDER_SERVER`). The device then needs no
+//! fork, no exec and no Vulkan driver of its own for venus.
 //!
 //! # Test ops (hostmem-private, off unless the device runs with `--test-ops`)
 //!
@@ -106,14 +108,14 @@ struct VirglBlob {
 }
 
 /// How the virgl backend starts its renderer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct VirglOptions {
     /// Offer the hostmem-private test capset (see the module docs).
     pub test_ops: bool,
-    /// Run venus in virglrenderer's render server (`VIRGL_RENDERER_RENDER_SERVER`), the
-    /// program at this path, which the library forks and execs. Debian's 1.3.0 builds venus
-    /// only that way; 0.10.4 runs it in-process. Needs fork and exec: unjailed only.
-    pub render_server: Option<std::path::PathBuf>,
+    /// A connected socket to a running virglrenderer render server: venus runs there
+    /// (`VIRGL_RENDERER_RENDER_SERVER`). Debian's 1.3.0 builds venus only that way; 0.10.4
+    /// runs it in-process. The VMM starts the server in its own jail (see the module docs).
+    pub render_server: Option<std::os::fd::OwnedFd>,
 }
 
 /// The virgl backend (see the module docs).
@@ -136,30 +138,19 @@ impl VirglBackend {
     /// Initializes virglrenderer headless and reads its capsets. `test_ops` offers the
     /// private [`TEST_CAPSET_ID`] (see the module docs).
     pub fn new(test_ops: bool) -> Result<Self, BackendError> {
-        Self::with_options(&VirglOptions {
+        Self::with_options(VirglOptions {
             test_ops,
             render_server: None,
         })
     }
 
     /// [`VirglBackend::new`] with all the options.
-    pub fn with_options(opts: &VirglOptions) -> Result<Self, BackendError> {
+    pub fn with_options(opts: VirglOptions) -> Result<Self, BackendError> {
         let test_ops = opts.test_ops;
-        let mut flags = virgl::HEADLESS_FLAGS;
-        if let Some(server) = &opts.render_server {
-            if !server.is_file() {
-                return Err(BackendError::Unspec(format!(
-                    "render server {} is not a file",
-                    server.display()
-                )));
-            }
-            // The library reads its path from the environment when it starts the server
-            // (in virgl_renderer_init); nothing else in the device reads the environment.
-            std::env::set_var("RENDER_SERVER_EXEC_PATH", server);
-            flags |= virgl::RENDER_SERVER;
-            log::info!("virgl: venus in the render server {}", server.display());
+        if opts.render_server.is_some() {
+            log::info!("virgl: venus in the render server behind the socket we were given");
         }
-        let renderer = Renderer::init(flags)
+        let renderer = Renderer::init_with_server(virgl::HEADLESS_FLAGS, opts.render_server)
             .map_err(|e| BackendError::Unspec(format!("virglrenderer: {e}")))?;
         let mut capsets = Vec::new();
         for id in LIBRARY_CAPSETS {
