@@ -304,14 +304,16 @@ impl Renderer {
             );
             return Ok(false);
         }
-        // SAFETY: `target` is a window range that the Window checked (inside its own
-        // mapping, page-aligned, no live placement) and keeps locked while this runs; the
-        // window's memory is never accessed through Rust references, so replacing its pages
-        // with a MAP_SHARED mapping of the blob (what the library does, as the window's own
-        // MAP_FIXED would) invalidates nothing. The library maps `size` bytes (its map
-        // size, the SHM file's size), which equals the target's length (checked above).
+        // Why the call below is sound: `target` is a window range that the Window checked
+        // (inside its own mapping, page-aligned, no live placement) and keeps locked while
+        // this runs; the window's memory is never accessed through Rust references, so
+        // replacing its pages with a MAP_SHARED mapping of the blob (what the library does,
+        // as the window's own MAP_FIXED would) invalidates nothing. The library maps `size`
+        // bytes (its map size, the SHM file's size), which equals the target's length.
         // res_id is one the caller created (1.3.0 dereferences unknown ids).
-        let ret = unsafe { map_fixed(res_id, target.addr() as *mut c_void) };
+        let addr = target.addr() as *mut c_void;
+        // SAFETY: a checked, locked window range of exactly the blob's size (see above).
+        let ret = unsafe { map_fixed(res_id, addr) };
         match ret {
             0 => Ok(true),
             r if r == -libc::EOPNOTSUPP => Ok(false),
