@@ -107,12 +107,14 @@ pub enum Step {
     NoNewPrivs,
     /// Moving or renumbering the kept fds, or closing the rest.
     Fds,
+    /// `seccomp` of [`JailPlan::exec_filter`], right before the exec.
+    ExecFilter,
     /// `execveat` of the program.
     Exec,
 }
 
 impl Step {
-    const ALL: [Step; 29] = [
+    const ALL: [Step; 30] = [
         Step::Pipe,
         Step::Clone,
         Step::Setgroups,
@@ -141,6 +143,7 @@ impl Step {
         Step::Capset,
         Step::NoNewPrivs,
         Step::Fds,
+        Step::ExecFilter,
         Step::Exec,
     ];
 
@@ -179,6 +182,7 @@ impl Step {
             Step::Capset => "capset",
             Step::NoNewPrivs => "no_new_privs",
             Step::Fds => "renumber fds",
+            Step::ExecFilter => "seccomp filter before exec",
             Step::Exec => "execveat",
         }
     }
@@ -226,6 +230,11 @@ pub struct JailPlan {
     pub envp: Vec<CString>,
     /// Fds to keep, with their number in the program. Everything else is closed.
     pub keep: Vec<(OwnedFd, RawFd)>,
+    /// A seccomp filter the child installs itself as its last step before `execveat`, for
+    /// a program that cannot install one (as minijail does): it must allow `execveat`, the
+    /// dynamic loader's calls, and `write` + `exit_group` (a failed exec is reported on the
+    /// error pipe). no_new_privs is set before it.
+    pub exec_filter: Option<Vec<crate::seccomp::SockFilter>>,
 }
 
 /// Data for the child, all allocated before the clone.
@@ -241,6 +250,8 @@ struct Prepared<'a> {
     sync_r: RawFd,
     sync_w: RawFd,
     err_w: RawFd,
+    /// [`JailPlan::exec_filter`] as the kernel takes it (points into the plan).
+    exec_filter: Option<libc::sock_fprog>,
 }
 
 fn pipe_cloexec() -> Result<(OwnedFd, OwnedFd), SpawnError> {
@@ -283,6 +294,20 @@ pub fn spawn_jailed(plan: &JailPlan) -> Result<i32, SpawnError> {
         sync_r: sync_r.as_raw_fd(),
         sync_w: sync_w.as_raw_fd(),
         err_w: err_w.as_raw_fd(),
+        exec_filter: match &plan.exec_filter {
+            Some(f) if f.is_empty() || f.len() > crate::seccomp::BPF_MAXINSNS => {
+                return Err(SpawnError {
+                    step: Step::ExecFilter,
+                    errno: Errno::EINVAL,
+                    index: None,
+                })
+            }
+            Some(f) => Some(libc::sock_fprog {
+                len: f.len() as u16,
+                filter: f.as_ptr() as *mut libc::sock_filter,
+            }),
+            None => None,
+        },
     };
     let flags = if plan.namespaces {
         libc::CLONE_NEWUSER
@@ -672,6 +697,19 @@ fn child_main(p: &mut Prepared<'_>) -> ! {
             ),
             Step::Fds
         );
+        if let Some(fprog) = &p.exec_filter {
+            // The filter points into plan.exec_filter (SockFilter is #[repr(C)] like
+            // sock_filter), alive until the exec; no_new_privs is set above.
+            check!(
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0usize,
+                    fprog as *const libc::sock_fprog
+                ),
+                Step::ExecFilter
+            );
+        }
         libc::syscall(
             libc::SYS_execveat,
             prog,

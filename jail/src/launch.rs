@@ -133,6 +133,15 @@ pub struct JailConfig {
     pub seccomp: Option<Vec<u8>>,
     /// The program was compiled in log mode (informational).
     pub seccomp_log: bool,
+    /// Install [`JailConfig::seccomp`] in the launcher's child right before the exec
+    /// (`JailPlan::exec_filter`), for a program that cannot install our filter itself (a
+    /// foreign program such as virglrenderer's render server). The filter must then also
+    /// allow the exec and the dynamic loader. No SIGSYS report and no log mode: a violation
+    /// kills the program.
+    pub seccomp_at_exec: bool,
+    /// Count the kernel's seccomp audit records of the processes the program forks (same
+    /// executable, e.g. a server's workers) as its own ([`JailedChild::seccomp_log`]).
+    pub audit_descendants: bool,
     /// The program's stderr (fd 2) unless `keep_fds` has one; `None` = ours.
     pub stderr: Option<OwnedFd>,
     /// The uid and gid outside that uid/gid 0 inside maps to; `None` = 65534 (`nobody`)
@@ -153,6 +162,8 @@ impl Default for JailConfig {
             rlimits: Rlimits::default(),
             seccomp: None,
             seccomp_log: false,
+            seccomp_at_exec: false,
+            audit_descendants: false,
             stderr: None,
             outside_ids: None,
         }
@@ -235,6 +246,13 @@ pub struct JailedChild {
     report: Option<OwnedFd>,
     records: Mutex<Vec<u8>>,
     notifier: Option<Notifier>,
+    /// `/dev/kmsg`, opened at the end of the log before the spawn: only audit records
+    /// written after it are read, so an older process that had the same pid is never
+    /// blamed. The records read so far are kept (reading consumes them).
+    kmsg: Mutex<Option<(std::fs::File, Vec<SyscallReport>)>>,
+    /// ` exe="<program>" `: audit records of forked processes running the same program
+    /// count too ([`JailConfig::audit_descendants`]).
+    exe_needle: Option<String>,
 }
 
 /// The log-mode listener thread of one program (see the module doc).
@@ -482,7 +500,8 @@ impl JailedChild {
         }
         // The audit line may lag the exit a little.
         for _ in 0..20 {
-            if let Some(r) = seccomp_reports(self.pid)
+            if let Some(r) = self
+                .kernel_reports()
                 .into_iter()
                 .rev()
                 .find(|r| r.code == 0x8000_0000)
@@ -503,8 +522,24 @@ impl JailedChild {
         if let Some(n) = &self.notifier {
             v.extend(n.reports());
         }
-        v.extend(seccomp_reports(self.pid));
+        v.extend(self.kernel_reports());
         v
+    }
+
+    /// The kernel's seccomp audit records of this program so far (since the spawn).
+    fn kernel_reports(&self) -> Vec<SyscallReport> {
+        let mut k = self.kmsg.lock().unwrap_or_else(|p| p.into_inner());
+        match k.as_mut() {
+            Some((f, seen)) => {
+                seen.extend(seccomp_reports_from(
+                    f,
+                    self.pid,
+                    self.exe_needle.as_deref(),
+                ));
+                seen.clone()
+            }
+            None => vec![],
+        }
     }
 }
 
@@ -520,16 +555,23 @@ impl Drop for JailedChild {
     }
 }
 
-/// Seccomp audit records (`type=1326`) of `pid` in the kernel log.
-pub fn seccomp_reports(pid: i32) -> Vec<SyscallReport> {
+/// `/dev/kmsg` positioned at the end of the log (`None` where it cannot be read).
+fn kmsg_at_end() -> Option<std::fs::File> {
+    use std::io::Seek;
     use std::os::unix::fs::OpenOptionsExt;
-    let Ok(mut f) = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open("/dev/kmsg")
-    else {
-        return vec![];
-    };
+        .ok()?;
+    f.seek(std::io::SeekFrom::End(0)).ok()?;
+    Some(f)
+}
+
+/// Seccomp audit records (`type=1326`) of `pid` (or, with `exe`, of any process whose
+/// record names that executable) in the kernel log, from `f`'s position on (reading
+/// consumes them).
+fn seccomp_reports_from(f: &mut std::fs::File, pid: i32, exe: Option<&str>) -> Vec<SyscallReport> {
     let needle = format!(" pid={pid} ");
     let mut out = Vec::new();
     let mut buf = vec![0u8; 8192];
@@ -538,7 +580,8 @@ pub fn seccomp_reports(pid: i32) -> Vec<SyscallReport> {
             Ok(0) => break,
             Ok(n) => {
                 let line = String::from_utf8_lossy(&buf[..n]);
-                if !line.contains("type=1326") || !line.contains(&needle) {
+                let ours = line.contains(&needle) || exe.is_some_and(|e| line.contains(e));
+                if !line.contains("type=1326") || !ours {
                     continue;
                 }
                 let field = |k: &str| {
@@ -758,7 +801,19 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
     let mut args = cfg.args;
     let mut env = cfg.env;
     let mut report = None;
-    if let Some(prog) = &cfg.seccomp {
+    let mut exec_filter = None;
+    if let (Some(prog), true) = (&cfg.seccomp, cfg.seccomp_at_exec) {
+        if cfg.seccomp_log {
+            return Err(step_err(
+                "log mode needs a program that installs its own filter",
+                Errno::EINVAL,
+            ));
+        }
+        exec_filter = Some(
+            hostmem_base::seccomp::program_from_bytes(prog)
+                .map_err(|e| step_err(format!("seccomp program: {e}"), Errno::EINVAL))?,
+        );
+    } else if let Some(prog) = &cfg.seccomp {
         let shm = SharedMemory::new("hostmem-seccomp", prog.len() as u64)
             .map_err(|e| step_err(format!("seccomp memfd: {e}"), Errno::EIO))?;
         let mut f = std::fs::File::from(shm.into_fd());
@@ -841,7 +896,13 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
         argv,
         envp,
         keep,
+        exec_filter,
     };
+    let kmsg = kmsg_at_end();
+    let exe_needle = cfg.audit_descendants.then(|| {
+        let exe = std::fs::canonicalize(&cfg.program).unwrap_or_else(|_| cfg.program.clone());
+        format!(" exe=\"{}\" ", exe.display())
+    });
     let t0 = Instant::now();
     let pid = sandbox::spawn_jailed(&plan).map_err(|e| Error::LaunchStep {
         step: describe_step(&e, &rp.names, &rlimit_names),
@@ -859,6 +920,8 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
         report,
         records: Mutex::new(vec![]),
         notifier: None,
+        kmsg: Mutex::new(kmsg.map(|f| (f, vec![]))),
+        exe_needle,
     };
     if cfg.seccomp_log && cfg.seccomp.is_some() {
         // On failure `child` is dropped: killed and reaped.

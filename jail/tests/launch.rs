@@ -481,3 +481,50 @@ fn spawning_from_a_busy_multithreaded_parent() {
         w.join().unwrap();
     }
 }
+
+#[test]
+fn a_filter_installed_before_exec_binds_a_program_that_installs_none() {
+    let _s = serial();
+    if !jail_works() {
+        return;
+    }
+    let base = |program: &str, nr: i64| JailConfig {
+        program: program.into(),
+        namespaces: true,
+        ro_binds: loader(),
+        seccomp: Some(filter(nr, SeccompAction::KillProcess)),
+        seccomp_at_exec: true,
+        ..JailConfig::default()
+    };
+    // The filter is on from the first instruction, and nothing is added to the program's
+    // arguments or fds (no --seccomp-fd, no report pipe).
+    let mut cfg = base("/usr/bin/sleep", libc::SYS_getppid);
+    cfg.args = vec!["5".into()];
+    let mut c = spawn(cfg).unwrap();
+    let facts = verify_jailed(c.pid()).unwrap();
+    assert_eq!(facts.seccomp, 2);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", c.pid())).unwrap();
+    assert_eq!(cmdline, b"/usr/bin/sleep\x005\x00", "arguments untouched");
+    assert_eq!(proc_fds(c.pid()), vec![0, 1, 2]);
+    c.kill(libc::SIGKILL);
+    c.wait().unwrap();
+
+    // It also binds the dynamic loader: a filter without mprotect (RELRO) kills the program
+    // before main.
+    let mut c = spawn(base("/usr/bin/true", libc::SYS_mprotect)).unwrap();
+    assert_eq!(
+        c.wait_timeout(Duration::from_secs(10)).unwrap(),
+        Some(ExitInfo::Signaled {
+            signal: libc::SIGSYS,
+            core: false
+        })
+    );
+    // A filter that allows what it runs: it just runs.
+    let mut c = spawn(base("/usr/bin/true", libc::SYS_getppid)).unwrap();
+    assert_eq!(c.wait().unwrap(), ExitInfo::Exited(0));
+
+    // Log mode needs the program's own listener: refused.
+    let mut cfg = base("/usr/bin/true", libc::SYS_getppid);
+    cfg.seccomp_log = true;
+    assert!(spawn(cfg).is_err());
+}

@@ -79,14 +79,18 @@ pub struct DeviceConfig {
 /// virglrenderer's render server (`virgl_render_server --socket-fd N`), started by the VMM
 /// before a virgl device, as crosvm does: the device's jail forbids the fork and exec the
 /// library would otherwise do. It runs in a jail of its own when the device is jailed
-/// (namespaces, empty root with `ro_binds`, no capabilities, no_new_privs); it is a
-/// foreign program that cannot install our seccomp filter, so it runs without one.
+/// (namespaces, empty root with `ro_binds`, no capabilities, no_new_privs, and `policy`
+/// installed before the exec: `jail-policies/x86_64/virgl_render_server.policy`).
 #[derive(Debug, Clone)]
 pub struct RenderServerConfig {
     /// The program.
     pub program: PathBuf,
     /// Read-only bind mounts beyond the device's (the Vulkan driver list).
     pub ro_binds: Vec<PathBuf>,
+    /// Its seccomp policy (with the device's action: kill), installed by the launcher right
+    /// before the exec, since the server cannot install ours; its workers inherit it.
+    /// `None`: no filter (an unjailed comparison run).
+    pub policy: Option<PathBuf>,
 }
 
 impl DeviceConfig {
@@ -354,6 +358,7 @@ impl Device {
                 self.child.wait().ok()
             }
         };
+        let mut server_violations = vec![];
         if let Some(mut server) = self.render_server.take() {
             // Its only client is gone; it has nothing to finish.
             server.kill(libc::SIGKILL);
@@ -365,6 +370,11 @@ impl Device {
                 ),
                 Err(e) => log::warn!("render server pid {}: {e}", server.pid()),
             }
+            server_violations = server
+                .seccomp_log()
+                .iter()
+                .map(|r| format!("render server: {r}"))
+                .collect();
         }
         // The child is gone, but another process may still hold its end of the mapping tube
         // (an unjailed device that forked): shut our end down so that the service thread
@@ -407,6 +417,7 @@ impl Device {
             .iter()
             .map(|r| r.to_string())
             .collect();
+        names.extend(server_violations);
         names.sort();
         names.dedup();
         for n in &names {
@@ -456,14 +467,25 @@ fn spawn_render_server(
             .collect(),
         namespaces: cfg.jailed,
         ro_binds,
+        seccomp: match &rs.policy {
+            Some(p) => Some(crate::policy::compile_device_policy(p, false)?),
+            None => None,
+        },
+        seccomp_at_exec: true,
+        // A worker the filter kills is a child of the server: report it as the server's.
+        audit_descendants: true,
         ..JailConfig::default()
     };
     let server = launch::spawn(jail).context("spawning the render server")?;
+    let filter = match &rs.policy {
+        Some(p) => format!("seccomp {}", p.display()),
+        None => "no seccomp".into(),
+    };
     log::info!(
-        "render server pid {} ({}): {}",
+        "render server pid {} ({}, {filter}): {}",
         server.pid(),
         if cfg.jailed {
-            "own namespaces, empty root, no capabilities, no seccomp"
+            "own namespaces, empty root, no capabilities"
         } else {
             "NOT jailed"
         },

@@ -191,9 +191,16 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         }
         let program = std::fs::canonicalize(server)
             .map_err(|e| anyhow::anyhow!("render server {}: {e}", server.display()))?;
+        // Jailed: its policy comes from the device's policy folder.
+        let policy = device
+            .policy
+            .as_ref()
+            .and_then(|p| p.parent())
+            .map(|dir| dir.join("virgl_render_server.policy"));
         device.render_server = Some(hostmem_vmm::device::RenderServerConfig {
             program,
             ro_binds: hostmem_vmm::policy::render_server_ro_binds(),
+            policy,
         });
     }
     let opts = RunOptions {
