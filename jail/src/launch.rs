@@ -213,6 +213,16 @@ impl std::fmt::Display for SyscallReport {
     }
 }
 
+/// The name of syscall `nr` as a SIGSYS record or a seccomp notification reports it: by
+/// name for x86-64 (`AUDIT_ARCH_X86_64`), else the number and the arch.
+fn report_name(nr: i32, arch: u32) -> String {
+    if arch == 0xc000_003e {
+        syscall_name(nr as u32)
+    } else {
+        format!("syscall_{nr} (arch {arch:#x})")
+    }
+}
+
 /// The name of x86-64 syscall `nr`.
 pub fn syscall_name(nr: u32) -> String {
     syscalls::Sysno::new(nr as usize)
@@ -226,11 +236,7 @@ pub fn sigsys_reports_from_bytes(bytes: &[u8]) -> Vec<SyscallReport> {
         .filter_map(SigsysRecord::parse)
         .map(|r| SyscallReport {
             nr: r.nr as u32,
-            name: if r.arch == 0xc000_003e {
-                syscall_name(r.nr as u32)
-            } else {
-                format!("syscall_{} (arch {:#x})", r.nr, r.arch)
-            },
+            name: report_name(r.nr, r.arch),
             args: Some(r.args),
             code: RET_TRAP,
         })
@@ -358,11 +364,7 @@ fn serve_notifications(pid: i32, stop: &AtomicBool, seen: &Mutex<Vec<SyscallRepo
         };
         let report = SyscallReport {
             nr: n.nr as u32,
-            name: if n.arch == 0xc000_003e {
-                syscall_name(n.nr as u32)
-            } else {
-                format!("syscall_{} (arch {:#x})", n.nr, n.arch)
-            },
+            name: report_name(n.nr, n.arch),
             args: Some(n.args),
             code: RET_USER_NOTIF,
         };
