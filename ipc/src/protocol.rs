@@ -8,9 +8,16 @@
 //!   [`DeviceMsg::Map`] (with the blob's fd) and [`DeviceMsg::Unmap`] events, each answered
 //!   by a `Reply` with the same `seq` before the guest's command completes.
 //!
-//! Control queue (raw bytes, the stand-in for a virtqueue): each request is an 8-byte
-//! little-endian tag followed by one virtio-gpu command in its wire layout; each response
-//! is the same tag followed by the response bytes.
+//! Transport tube (serde_json), the virtio transport's channel to the device, the way a
+//! vhost-user frontend's socket is (the guest's commands never cross it: they live in
+//! virtqueues in guest RAM):
+//! * VMM → device: [`TransportMsg::GuestMemory`] (guest RAM memfds) once the device is ready,
+//!   [`TransportMsg::QueueEnable`] (ring addresses + kick and call eventfds) when the guest
+//!   enables a queue, [`TransportMsg::Reset`] when it resets the device,
+//!   [`TransportMsg::Stats`] to read the virtqueue counters.
+//! * device → VMM: one [`TransportReply`] per message, same `seq`, before the transport lets
+//!   the guest go on (a reset completes only when the device has dropped everything).
+//! Closing the transport tube asks the device to exit.
 
 use std::time::Duration;
 
@@ -107,6 +114,8 @@ pub enum DeviceMsg {
     Ready {
         /// Backend name.
         backend: String,
+        /// Capsets the backend offers (`virtio_gpu_config.num_capsets`).
+        num_capsets: u32,
     },
     /// A blob was placed in the mirror (1 fd: the blob).
     Map {
@@ -147,6 +156,117 @@ impl Message for VmmMsg {
 impl Message for DeviceMsg {
     fn fd_count(&self) -> usize {
         usize::from(matches!(self, DeviceMsg::Map { .. }))
+    }
+}
+
+/// One guest RAM region; each travels with its own fd (a memfd), in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRegion {
+    /// Guest-physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset of the region in its fd.
+    pub fd_offset: u64,
+}
+
+/// Split-virtqueue setup as the driver wrote it to the common configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSetup {
+    /// Queue index (0 controlq, 1 cursorq).
+    pub index: u16,
+    /// Queue size the driver chose.
+    pub size: u16,
+    /// Guest-physical address of the descriptor table.
+    pub desc: u64,
+    /// Guest-physical address of the available ring (driver area).
+    pub avail: u64,
+    /// Guest-physical address of the used ring (device area).
+    pub used: u64,
+    /// `VIRTIO_F_RING_EVENT_IDX` was negotiated.
+    pub event_idx: bool,
+}
+
+/// VMM (virtio transport) → device on the transport tube.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransportMsg {
+    /// Guest RAM, `regions.len()` fds in the same order. Replaces any earlier memory.
+    GuestMemory {
+        /// Sequence number (echoed in the reply).
+        seq: u64,
+        /// The regions.
+        regions: Vec<GuestRegion>,
+    },
+    /// The driver enabled a queue (2 fds: its kick eventfd, then its call eventfd).
+    QueueEnable {
+        /// Sequence number.
+        seq: u64,
+        /// Where the rings are.
+        queue: QueueSetup,
+    },
+    /// The driver reset the device (status 0): drop every queue, context and blob (blobs
+    /// mapped in the window are unmapped through the mapping tube first).
+    Reset {
+        /// Sequence number.
+        seq: u64,
+    },
+    /// Read the virtqueue counters.
+    Stats {
+        /// Sequence number.
+        seq: u64,
+    },
+}
+
+/// What the device counted on its virtqueues since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    /// Kicks: the sum of the kick eventfds' counters the device read.
+    pub kicks: u64,
+    /// Wake-ups on a kick eventfd.
+    pub wakeups: u64,
+    /// Descriptor chains taken from the available rings.
+    pub chains: u64,
+    /// Chains answered with an error response or dropped as malformed.
+    pub bad_chains: u64,
+    /// Call eventfd signals (used-buffer notifications the driver asked for).
+    pub interrupts: u64,
+    /// Used-buffer notifications the driver suppressed (`VRING_AVAIL_F_NO_INTERRUPT` or
+    /// event index): it polls the used ring.
+    pub suppressed: u64,
+}
+
+/// device → VMM on the transport tube: the answer to the [`TransportMsg`] with `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TransportReply {
+    /// Done (`error: None`) or refused with the reason (also logged by the device).
+    Done {
+        /// The message's sequence number.
+        seq: u64,
+        /// Why it was refused.
+        error: Option<String>,
+    },
+    /// The counters.
+    Stats {
+        /// The message's sequence number.
+        seq: u64,
+        /// The counters.
+        stats: QueueStats,
+    },
+}
+
+impl Message for TransportMsg {
+    fn fd_count(&self) -> usize {
+        match self {
+            TransportMsg::GuestMemory { regions, .. } => regions.len(),
+            TransportMsg::QueueEnable { .. } => 2,
+            _ => 0,
+        }
+    }
+}
+
+impl Message for TransportReply {
+    fn fd_count(&self) -> usize {
+        0
     }
 }
 
@@ -210,18 +330,4 @@ pub fn handshake<Out: HelloMessage, In: HelloMessage>(
         )));
     }
     Ok(hello)
-}
-
-/// Control queue framing: `tag` then the command or response bytes.
-pub fn frame(tag: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + payload.len());
-    v.extend_from_slice(&tag.to_le_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-/// Splits a control-queue frame into its tag and payload.
-pub fn unframe(bytes: &[u8]) -> Option<(u64, &[u8])> {
-    let (tag, rest) = bytes.split_first_chunk::<8>()?;
-    Some((u64::from_le_bytes(*tag), rest))
 }
