@@ -336,8 +336,9 @@ fn setup<E: std::fmt::Display>(e: E) -> ProbeError {
     ProbeError::Setup(e.to_string())
 }
 
-/// Writes the identity-mapping page tables and the GDT into `ram`.
-fn write_tables(ram: &MemoryMapping, window_gpa: u64, window_end: u64) -> Result<(), ProbeError> {
+/// Writes the identity-mapping page tables and the GDT into `ram`: GiB 0 (RAM) and every
+/// GiB that holds part of one of `ranges` (`start..end`, guest-physical).
+pub(crate) fn write_tables(ram: &MemoryMapping, ranges: &[(u64, u64)]) -> Result<(), ProbeError> {
     let w64 = |gpa: u64, v: u64| {
         ram.write_slice(gpa as usize, &v.to_le_bytes())
             .map_err(setup)
@@ -348,12 +349,20 @@ fn write_tables(ram: &MemoryMapping, window_gpa: u64, window_end: u64) -> Result
     const PAGE_2M: u64 = 0x80;
     w64(PML4, PDPT | P_RW_US)?;
     let mut gibs: Vec<u64> = vec![0];
-    gibs.extend(((window_gpa >> 30)..=((window_end - 1) >> 30)).filter(|g| *g != 0));
-    if (window_end - 1) >> 30 >= 512 || gibs.len() > MAX_PDS {
+    for &(start, end) in ranges {
+        if end <= start || (end - 1) >> 30 >= 512 {
+            return Err(setup(format!(
+                "range {start:#x}..{end:#x} is empty or above 512 GiB (the page tables' reach)"
+            )));
+        }
+        gibs.extend((start >> 30)..=((end - 1) >> 30));
+    }
+    gibs.sort_unstable();
+    gibs.dedup();
+    if gibs.len() > MAX_PDS {
         return Err(setup(format!(
-            "window {window_gpa:#x}..{window_end:#x} is too large or too high for the probe's \
-             page tables (below 512 GiB, at most {} GiB)",
-            MAX_PDS - 1
+            "{} GiB to map: the page tables hold at most {MAX_PDS}",
+            gibs.len()
         )));
     }
     for (i, gib) in gibs.iter().enumerate() {
@@ -374,7 +383,7 @@ fn write_tables(ram: &MemoryMapping, window_gpa: u64, window_end: u64) -> Result
 }
 
 /// Long mode with paging, ring-3 code and data segments matching the GDT.
-fn long_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
+pub(crate) fn long_mode_sregs(mut s: kvm_sregs) -> kvm_sregs {
     s.cr3 = PML4;
     s.cr4 = 0x20; // PAE
     s.cr0 = 0x8000_0000 | 0x20 | 0x10 | 0x1; // PG | NE | ET | PE
@@ -429,7 +438,7 @@ impl GuestProbe {
             return Err(setup("window must be 2 MiB aligned and above guest RAM"));
         }
         let ram = Arc::new(MemoryMapping::anonymous(ram_size).map_err(setup)?);
-        write_tables(&ram, window_gpa, window_end)?;
+        write_tables(&ram, &[(window_gpa, window_end)])?;
         ram.write_slice(CODE as usize, PROGRAM).map_err(setup)?;
         vm.set_region(RAM_SLOT, 0, ram.clone(), 0, ram_size)
             .map_err(setup)?;

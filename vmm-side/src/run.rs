@@ -1,7 +1,12 @@
-//! `hostmem run`: the main job. A seeded workload of blobs created, filled by the renderer,
-//! mapped at generated offsets (many live at once), checked through a real KVM guest,
+//! `hostmem run`: the main job. A KVM guest runs hostmem's virtio-gpu guest driver
+//! ([`crate::guest`]), which finds the GPU on PCI, sets up its virtqueues and runs a seeded
+//! workload of blobs created, filled by the renderer, mapped at generated offsets (many
+//! live at once, batches in flight), checked byte for byte through the hostmem BAR,
 //! written by the guest and checked by the device, unmapped (the guest must then read
-//! zeros) and unref'd, all through the jailed device process.
+//! zeros) and unref'd, all through the jailed device process. The VMM serves the guest's
+//! PCI and BAR0 exits ([`crate::virtio_pci`]), the device's placement events
+//! ([`crate::service`]) and the device's life (restart policy, fault injection, resource
+//! accounting at the guest's warm-up and drain events).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -11,22 +16,15 @@ use std::time::Instant;
 use anyhow::Context;
 use hostmem_base::kvm::Vm;
 use hostmem_base::procfs;
-use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp};
-use hostmem_ipc::Tube;
 use serde::Serialize;
 
 use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
-use crate::driver::{CmdError, Driver};
+use crate::guest::{GuestEvent, GuestParams, GuestVm};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
-use crate::probe::{expected_hash, GuestProbe, ProbeRead};
-use crate::resources::{Histogram, Usage, UsageCheck};
+use crate::resources::{Usage, UsageCheck};
+use crate::virtio_pci::{PciLayout, VirtioPciGpu};
 
 const PAGE: u64 = 4096;
-/// The context the workload's blobs live in.
-const CTX: u32 = 1;
-/// virgl backend: the context of the device's hostmem-private test ops, where the FILL and
-/// CHECKSUM streams run through the renderer's own mapping (see `backend::virgl`).
-const VIRGL_OPS_CTX: u32 = 2;
 /// virgl backend: the venus capset; the workload's blobs are venus SHM blobs (blob_id 0,
 /// flags exactly MAPPABLE).
 const VIRTIO_GPU_CAPSET_VENUS: u32 = 4;
@@ -36,8 +34,9 @@ const VIRGL_TEST_CAPSET: u32 = hostmem_device::backend::virgl::TEST_CAPSET_ID;
 /// Without the feature the device has no virgl backend and refuses to start with it.
 #[cfg(not(feature = "virgl"))]
 const VIRGL_TEST_CAPSET: u32 = 0x49;
-/// Guest RAM for the probe.
-const PROBE_RAM: usize = 8 << 20;
+/// How long one guest command may take before the device is declared hung, killed and
+/// restarted.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// When to restart a dead device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,10 +82,11 @@ pub struct RunOptions {
     pub kill_after: Option<u32>,
     /// Draw a progress bar on a terminal.
     pub show_progress: bool,
-    /// Use KVM if it is there (tests may turn it off).
+    /// Must be true: the guest driver runs in a KVM guest (kept so that a caller that turns
+    /// it off gets a clear error).
     pub use_kvm: bool,
     /// How long one guest command may take before the device is declared hung, killed and
-    /// restarted ([`crate::driver::COMMAND_TIMEOUT`] by default; tests shorten it).
+    /// restarted ([`COMMAND_TIMEOUT`] by default; tests shorten it).
     pub command_timeout: std::time::Duration,
 }
 
@@ -121,13 +121,16 @@ pub struct Report {
     pub mode: &'static str,
     /// Backend.
     pub backend: String,
+    /// How the guest reaches the device: `virtio-pci`.
+    pub transport: &'static str,
     /// Window size.
     pub window_bytes: u64,
     /// Seed.
     pub seed: u64,
     /// Blobs mapped successfully.
     pub blobs_mapped: u64,
-    /// Whether a KVM guest checked what it sees.
+    /// A KVM guest ran the driver and checked what it sees (always, since the guest driver
+    /// is the workload).
     pub kvm: bool,
     /// Guest checks that matched (blob patterns, zeros after unmap, guest writes seen by
     /// the device).
@@ -141,10 +144,15 @@ pub struct Report {
     pub memslot_changes: u64,
     /// Most placements live at once.
     pub max_live_placements: usize,
-    /// MAP_BLOB latency (guest command to completion) in µs.
+    /// MAP_BLOB latency in µs, measured by the guest driver from putting the command in
+    /// the available ring to seeing it in the used ring (its TSC), batches in flight.
     pub map_latency_us: Latency,
-    /// UNMAP_BLOB latency in µs.
+    /// UNMAP_BLOB latency in µs, measured the same way.
     pub unmap_latency_us: Latency,
+    /// What the guest driver did.
+    pub guest_driver: GuestDriverReport,
+    /// The virtqueues' counters.
+    pub virtqueue: VirtqueueReport,
     /// Facts of the (last) device.
     pub device: DeviceFacts,
     /// Device exits (crashes, kills) and what was restored.
@@ -196,392 +204,352 @@ impl Rng {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct LiveBlob {
-    res: u32,
-    offset: u64,
-    size: u64,
+/// Where BAR0 (common/notify/ISR/device configuration) sits in guest-physical memory.
+pub const BAR0_GPA: u64 = 0xC000_0000;
+/// BAR0's size.
+pub const BAR0_SIZE: u64 = 0x4000;
+/// The GSI the queues' call eventfds raise (the function's INTx line).
+pub const IRQ_GSI: u32 = 10;
+
+/// What the run's guest driver did (`"guest_driver"` in the JSON).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GuestDriverReport {
+    /// Commands the guest driver completed through the controlq.
+    pub commands: u64,
+    /// Commands answered with an error response.
+    pub errors: u64,
+    /// Most commands in the controlq at once.
+    pub in_flight_max: u64,
+    /// Checks in the guest that did not match.
+    pub mismatches: u64,
+    /// GET_CAPSET_INFO answered.
+    pub capsets: u64,
+    /// Times the driver reset the device after it was lost.
+    pub device_resets: u64,
+    /// Port I/O and MMIO exits the VMM served (PCI configuration, BAR0, events, holes).
+    pub vm_exits: u64,
 }
 
+/// The virtqueues' counters (`"virtqueue"` in the JSON).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VirtqueueReport {
+    /// Notifications (kick eventfd counts the device read), summed over device lifetimes.
+    pub kicks: u64,
+    /// Notify writes the guest driver made (each a `KVM_IOEVENTFD` hit, no VMM exit).
+    pub guest_kicks: u64,
+    /// Descriptor chains the device took.
+    pub chains: u64,
+    /// Chains the device refused as malformed.
+    pub bad_chains: u64,
+    /// Call eventfd signals (`KVM_IRQFD`): 0 when the driver suppresses them.
+    pub interrupts: u64,
+    /// Used-ring polls of the guest driver (it runs with interrupts off and polls).
+    pub polls: u64,
+}
+
+/// One device and its transport attachment.
 struct Session {
     device: Device,
-    driver: Driver,
 }
 
-fn connect(opts: &RunOptions, hostmem: &Arc<Hostmem>) -> anyhow::Result<Session> {
+fn connect(opts: &RunOptions, hostmem: &Arc<Hostmem>, pci: &mut VirtioPciGpu) -> anyhow::Result<Session> {
     let device = Device::start(&opts.device, hostmem.clone())?;
-    let control = Tube::from_fd(
-        std::os::fd::AsFd::as_fd(device.control())
-            .try_clone_to_owned()
-            .context("dup of the control queue")?,
-    )?;
-    let mut driver = Driver::new(control, hostmem.clone())?;
-    driver.set_timeout(opts.command_timeout)?;
-    if opts.device.backend == "virgl" {
-        driver
-            .ctx_create(CTX, VIRTIO_GPU_CAPSET_VENUS)
-            .context("CTX_CREATE (venus)")?;
-        driver
-            .ctx_create(VIRGL_OPS_CTX, VIRGL_TEST_CAPSET)
-            .context("CTX_CREATE (virgl test ops)")?;
-    } else {
-        driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
+    if let Err(e) = pci.attach(device.transport(), device.facts().num_capsets) {
+        let exit = device.stop("the transport could not attach it");
+        anyhow::bail!("attaching the device to the virtio-pci transport: {e} ({exit:?})");
     }
-    Ok(Session { device, driver })
+    Ok(Session { device })
 }
 
-struct Checker<'a> {
-    probe: Option<&'a mut GuestProbe>,
-    /// Per-blob-slot mode: an unmapped range has no memslot, so the guest sees a hole there.
-    holes_expected: bool,
-    verified: u64,
-    mismatches: u64,
-    holes: u64,
-    errors: &'a mut Vec<String>,
-}
-
-impl Checker<'_> {
-    /// After an unmap (or a device death) the guest must see background: zeros in fixed
-    /// mode; in per-blob-slot mode unbacked memory (a hole), which is counted but expected.
-    fn guest_sees_gone(&mut self, offset: u64, len: u64, what: &str) {
-        let Some(probe) = self.probe.as_deref_mut() else {
-            return;
-        };
-        match probe.hash(offset, len) {
-            Ok(ProbeRead::Hole { .. }) if self.holes_expected => {
-                self.holes += 1;
-                self.verified += 1;
-            }
-            Ok(ProbeRead::Value(h)) if h == expected_hash(&vec![0u8; len as usize]) => {
-                self.verified += 1
-            }
-            Ok(other) => {
-                self.mismatches += 1;
-                log::error!("guest saw {other:?} at {offset:#x}+{len:#x}, not background: {what}");
-            }
-            Err(e) => self.errors.push(format!("guest probe: {e}")),
+/// Adds the device's virtqueue counters to `vq` (before it stops).
+fn add_stats(pci: &VirtioPciGpu, vq: &mut VirtqueueReport) {
+    match pci.stats() {
+        Ok(s) => {
+            vq.kicks += s.kicks;
+            vq.chains += s.chains;
+            vq.bad_chains += s.bad_chains;
+            vq.interrupts += s.interrupts;
         }
-    }
-
-    /// The guest reads `len` bytes at `offset` and must see `expected`.
-    fn guest_sees(&mut self, offset: u64, expected: &[u8], what: &str) {
-        let Some(probe) = self.probe.as_deref_mut() else {
-            return;
-        };
-        match probe.hash(offset, expected.len() as u64) {
-            Ok(ProbeRead::Value(h)) if h == expected_hash(expected) => self.verified += 1,
-            Ok(ProbeRead::Value(_)) => {
-                self.mismatches += 1;
-                log::error!(
-                    "guest mismatch: {what} at {offset:#x}+{:#x}",
-                    expected.len()
-                );
-            }
-            Ok(ProbeRead::Hole { gpa }) => {
-                self.holes += 1;
-                self.mismatches += 1;
-                log::error!("guest hit a hole at gpa {gpa:#x}: {what}");
-            }
-            Err(e) => self.errors.push(format!("guest probe: {e}")),
-        }
+        Err(e) => log::debug!("virtqueue stats: {e}"),
     }
 }
 
 /// Runs the workload and returns its report.
 pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let t0 = Instant::now();
-    let vm = if opts.use_kvm {
-        match Vm::available() {
-            Ok(()) => Some(Arc::new(Vm::open()?)),
-            Err(why) => {
-                log::warn!("no KVM ({why}): running without the guest probe, nothing is verified");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    if !opts.use_kvm {
+        anyhow::bail!("hostmem run needs KVM: its guest driver runs in a KVM guest");
+    }
+    if let Err(why) = Vm::available() {
+        anyhow::bail!("hostmem run needs /dev/kvm ({why}): its guest driver runs in a KVM guest");
+    }
+    let vm = Arc::new(Vm::open()?);
+    // The in-kernel irqchip must exist before the vCPU; the queues' irqfds need it.
+    vm.create_irqchip().context("KVM_CREATE_IRQCHIP")?;
     let hostmem = Arc::new(Hostmem::new(
         opts.window,
-        vm.clone(),
+        Some(vm.clone()),
         DEFAULT_WINDOW_GPA,
         opts.mode,
         Limits::default(),
     )?);
-    let mut probe = match &vm {
-        Some(vm) => Some(GuestProbe::new(
-            vm.clone(),
-            DEFAULT_WINDOW_GPA,
-            opts.window,
-            PROBE_RAM,
-        )?),
-        None => None,
+    let virgl = opts.device.backend == "virgl";
+    let params = GuestParams {
+        blobs: u64::from(opts.blobs),
+        seed: opts.seed,
+        max_live: opts.max_live as u64,
+        batch: 8,
+        ctx_capset: if virgl { VIRTIO_GPU_CAPSET_VENUS } else { 0 },
+        ops_capset: if virgl { VIRGL_TEST_CAPSET } else { 0 },
+        holes_expected: opts.mode == Mode::PerBlobSlot,
     };
-    // Baseline after the window, VM and probe exist: from here on the device's comings and
-    // goings must leave the VMM's fd count unchanged.
+    let mut guest = GuestVm::new(
+        vm.clone(),
+        DEFAULT_WINDOW_GPA,
+        opts.window,
+        (BAR0_GPA, BAR0_GPA + BAR0_SIZE),
+        &params,
+    )?;
+    let mut pci = VirtioPciGpu::new(
+        vm.clone(),
+        PciLayout {
+            bar0_gpa: BAR0_GPA,
+            window_gpa: DEFAULT_WINDOW_GPA,
+            window_size: opts.window,
+            irq_gsi: IRQ_GSI,
+        },
+        vec![guest.ram_region()?],
+    )?;
+    // Baseline after the window, VM, guest and transport exist: from here on the device's
+    // comings and goings must leave the VMM's fd count unchanged.
     let fds_start = procfs::fd_count()?;
     log::debug!("VMM fds at start: {:?}", procfs::open_fds()?);
     let mut errors = Vec::new();
     let mut exits = Vec::new();
     let mut violations: Vec<String> = Vec::new();
     let mut restarts = 0u32;
-    let mut session = Some(connect(opts, &hostmem)?);
+    let mut session = Some(connect(opts, &hostmem, &mut pci)?);
     let mut facts = session
         .as_ref()
         .map(|s| s.device.facts().clone())
         .unwrap_or_default();
-    let mut rng = Rng::new(opts.seed);
-    let mut live: Vec<LiveBlob> = Vec::new();
-    // Fixed-size histograms: a long soak must not grow the VMM by recording samples.
-    let (mut map_us, mut unmap_us) = (Histogram::default(), Histogram::default());
     let mut usage = UsageCheck::default();
     let device_usage = |s: &Session| Usage::of(&s.device.pid().to_string());
-    let mut next_res = 1u32;
-    // Warm-up: one blob created, mapped, unmapped and unreferenced before the baseline, so
-    // that state both processes create lazily on their first event (the mapping-service
-    // thread's malloc arena, buffers) is part of it and not mistaken for a leak.
-    let slots_before_warm_up = hostmem.memslot_changes();
-    if let Some(s) = session.as_mut() {
-        let res = next_res;
-        next_res += 1;
-        let warm = s
-            .driver
-            .create_blob(CTX, res, 0, PAGE)
-            .and_then(|()| s.driver.map_blob(CTX, res, 0, PAGE).map(drop))
-            .and_then(|()| s.driver.unmap_blob(CTX, res))
-            .and_then(|()| s.driver.unref(res));
-        if let Err(e) = warm {
-            errors.push(format!("warm-up blob: {e}"));
-        }
-    }
-    // Not part of the workload: per-blob-slot mode's add and delete for the warm-up blob.
-    let warm_up_slots = hostmem.memslot_changes() - slots_before_warm_up;
-    if let Some(s) = &session {
-        usage.vmm_start = Usage::of("self")?;
-        usage
-            .vmm_rss_anon_kib_samples
-            .push(usage.vmm_start.rss_anon_kib);
-        usage.device_start = device_usage(s)?;
-    }
-    let tenth = (opts.blobs / 10).max(1);
-    let mut mapped = 0u64;
+    let mut vq = VirtqueueReport::default();
+    let slots_at_start = hostmem.memslot_changes();
+    let mut warm_up_slots = 0;
+    let tenth = (u64::from(opts.blobs) / 10).max(1);
+    let mut last_tenth = 0;
     let mut killed = false;
-    let mut chk = Checker {
-        probe: probe.as_mut(),
-        holes_expected: opts.mode == Mode::PerBlobSlot,
-        verified: 0,
-        mismatches: 0,
-        holes: 0,
-        errors: &mut errors,
-    };
+    let mut waiting_since: Option<Instant> = None;
     let progress = opts.show_progress && std::io::stderr().is_terminal();
-    // Where the renderer-side FILL / CHECKSUM streams go (virgl: the test-ops context).
-    let ops_ctx = if opts.device.backend == "virgl" {
-        VIRGL_OPS_CTX
-    } else {
-        CTX
-    };
+    let guest_t0 = Instant::now();
+    let mut guest_wall = None;
+    let mut guest_failed = false;
 
-    let mut i = 0u32;
-    while i < opts.blobs {
-        let Some(s) = session.as_mut() else { break };
-        if i > 0 && i.is_multiple_of(tenth) {
-            if let Ok(u) = Usage::of("self") {
-                usage.vmm_rss_anon_kib_samples.push(u.rss_anon_kib);
+    loop {
+        let event = match guest.run_until_event(&mut pci) {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(format!("guest: {e}"));
+                guest_failed = true;
+                break;
             }
+        };
+        if !matches!(event, GuestEvent::Waiting(_)) {
+            waiting_since = None;
         }
-        if progress && i.is_multiple_of(10) {
-            let w = 40 * i as usize / opts.blobs.max(1) as usize;
-            eprint!(
-                "\r[{}{}] {i}/{}",
-                "#".repeat(w),
-                " ".repeat(40 - w),
-                opts.blobs
-            );
-        }
-        if opts.kill_after == Some(i) && !killed && !live.is_empty() {
-            killed = true;
-            log::warn!(
-                "fault injection: SIGKILL to device pid {} with {} live blobs",
-                s.device.pid(),
-                live.len()
-            );
-            s.device.kill(libc::SIGKILL);
-        }
-        let step = (|| -> Result<(), CmdError> {
-            // Make room: unmap (or unref while mapped) the oldest blobs beyond the limit.
-            while live.len() >= opts.max_live || (live.len() > 1 && rng.below(4) == 0) {
-                let b = live.remove(0);
-                let t = Instant::now();
-                if rng.below(8) == 0 {
-                    s.driver.unref(b.res)?; // unref of a mapped blob unmaps it first
-                    unmap_us.record(t.elapsed());
-                } else {
-                    s.driver.unmap_blob(CTX, b.res)?;
-                    unmap_us.record(t.elapsed());
-                    s.driver.unref(b.res)?;
+        let mut lost: Option<String> = None;
+        match &event {
+            GuestEvent::WarmedUp => {
+                // The warm-up blob is not part of the workload (per-blob-slot mode adds and
+                // deletes a slot for it); the state both processes create lazily on their
+                // first event is part of the baseline, so it is not taken for a leak.
+                warm_up_slots = hostmem.memslot_changes() - slots_at_start;
+                if let Some(s) = &session {
+                    usage.vmm_start = Usage::of("self")?;
+                    usage
+                        .vmm_rss_anon_kib_samples
+                        .push(usage.vmm_start.rss_anon_kib);
+                    usage.device_start = device_usage(s)?;
                 }
-                chk.guest_sees_gone(b.offset, b.size, "after unmap");
             }
-            let size = rng.blob_size();
-            let res = next_res;
-            next_res += 1;
-            let seed = rng.next_u64();
-            s.driver.create_blob(CTX, res, 0, size)?;
-            let fill = encode_stream(&[ShmOp::Fill {
-                resource_id: res,
-                offset: 0,
-                len: size,
-                seed,
-            }]);
-            s.driver.submit_3d(ops_ctx, fill)?;
-            let Some(offset) = free_offset(&mut rng, &live, size, opts.window) else {
-                s.driver.unref(res)?;
-                return Ok(());
-            };
-            let t = Instant::now();
-            s.driver.map_blob(CTX, res, offset, size)?;
-            map_us.record(t.elapsed());
-            mapped += 1;
-            let mut expected = pattern_bytes(seed, 0, size as usize);
-            chk.guest_sees(offset, &expected, "blob pattern");
-            // Now and then the guest writes into the blob and the device must see it.
-            if res.is_multiple_of(4) {
-                if let Some(p) = chk.probe.as_deref_mut() {
-                    let at = rng.below(size / 8) * 8;
-                    let value = rng.next_u64();
-                    match p.write_u64(offset + at, value) {
-                        Ok(_) => {
-                            expected[at as usize..at as usize + 8]
-                                .copy_from_slice(&value.to_le_bytes());
-                            let q = encode_stream(&[ShmOp::Checksum {
-                                resource_id: res,
-                                offset: 0,
-                                len: size,
-                            }]);
-                            let reply = s.driver.submit_3d(ops_ctx, q)?;
-                            let got = reply
-                                .get(..8)
-                                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
-                            if got == Some(checksum(&expected)) {
-                                chk.verified += 1;
-                            } else {
-                                chk.mismatches += 1;
-                                log::error!(
-                                    "device checksum after a guest write at {:#x} does not match",
-                                    offset + at
-                                );
-                            }
-                        }
-                        Err(e) => chk.errors.push(format!("guest write: {e}")),
+            GuestEvent::Progress(done) => {
+                if done / tenth != last_tenth {
+                    last_tenth = done / tenth;
+                    if let Ok(u) = Usage::of("self") {
+                        usage.vmm_rss_anon_kib_samples.push(u.rss_anon_kib);
                     }
                 }
-            }
-            live.push(LiveBlob { res, offset, size });
-            Ok(())
-        })();
-        match step {
-            Ok(()) => i += 1,
-            Err(e) if e.device_lost() => {
-                let Some(s) = session.take() else { break };
-                let before: Vec<LiveBlob> = std::mem::take(&mut live);
-                let exit = s.device.stop(&e.to_string());
-                exits_violations(&mut violations, &exit);
-                // Everything the dead device had placed must read zeros now.
-                for b in &before {
-                    chk.guest_sees(
-                        b.offset,
-                        &vec![0u8; b.size as usize],
-                        "zeros after device death",
+                if progress {
+                    let w = (40 * done / u64::from(opts.blobs).max(1)).min(40) as usize;
+                    eprint!(
+                        "\r[{}{}] {done}/{}",
+                        "#".repeat(w),
+                        " ".repeat(40 - w),
+                        opts.blobs
                     );
                 }
-                if hostmem.live() != 0 {
-                    chk.errors
-                        .push(format!("{} placements survived the device", hostmem.live()));
-                }
-                exits.push(exit);
-                match opts.restart {
-                    Restart::OnFailure(n) if restarts < n => {
-                        restarts += 1;
-                        match connect(opts, &hostmem) {
-                            Ok(s) => {
-                                facts = s.device.facts().clone();
-                                match device_usage(&s) {
-                                    Ok(u) => usage.device_start = u,
-                                    Err(e) => chk.errors.push(format!("device usage: {e}")),
-                                }
-                                session = Some(s);
-                            }
-                            Err(e) => chk.errors.push(format!("restart failed: {e:#}")),
-                        }
+                if let (Some(k), Some(s)) = (opts.kill_after, &session) {
+                    if !killed && *done >= u64::from(k) && hostmem.live() > 0 {
+                        killed = true;
+                        log::warn!(
+                            "fault injection: SIGKILL to device pid {} with {} live placements",
+                            s.device.pid(),
+                            hostmem.live()
+                        );
+                        s.device.kill(libc::SIGKILL);
                     }
-                    _ => chk
-                        .errors
-                        .push(format!("device lost and not restarted: {e}")),
                 }
             }
-            Err(e) => {
-                // A refused command: log it and go on with the next blob.
-                chk.errors.push(format!("blob {i}: {e}"));
-                i += 1;
+            GuestEvent::Waiting(_) => {
+                let since = *waiting_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > opts.command_timeout {
+                    lost = Some(format!(
+                        "no response for {:?}: device hung",
+                        opts.command_timeout
+                    ));
+                }
+            }
+            GuestEvent::DeviceLost(live) => {
+                log::info!("guest driver saw DEVICE_NEEDS_RESET with {live} blobs live: it resets the device");
+            }
+            GuestEvent::Drained => {
+                if let Some(s) = &session {
+                    // Everything is unmapped and unreferenced and the device still serves:
+                    // both processes must be back where they started.
+                    match (Usage::of("self"), device_usage(s)) {
+                        (Ok(v), Ok(d)) => {
+                            usage.vmm_end = v;
+                            usage.vmm_rss_anon_kib_samples.push(v.rss_anon_kib);
+                            usage.device_end = d;
+                            errors.extend(usage.problems(opts.blobs));
+                        }
+                        (Err(e), _) | (_, Err(e)) => errors.push(format!("usage at the end: {e}")),
+                    }
+                    if hostmem.live() != 0 {
+                        errors.push(format!("{} placements live after the drain", hostmem.live()));
+                    }
+                }
+            }
+            GuestEvent::Done => {
+                guest_wall = Some(guest_t0.elapsed());
+                break;
+            }
+            GuestEvent::Fatal(why) => {
+                errors.push(format!("guest driver gave up: {why}"));
+                guest_failed = true;
+                break;
+            }
+        }
+        if lost.is_none() {
+            if let Some(s) = &session {
+                if s.device.has_ended() {
+                    lost = Some("the device ended".into());
+                }
+            }
+        }
+        let Some(why) = lost else { continue };
+        let Some(s) = session.take() else { continue };
+        add_stats(&pci, &mut vq);
+        let exit = s.device.stop(&why);
+        pci.detach();
+        exits_violations(&mut violations, &exit);
+        if hostmem.live() != 0 {
+            errors.push(format!("{} placements survived the device", hostmem.live()));
+        }
+        exits.push(exit);
+        match opts.restart {
+            Restart::OnFailure(n) if restarts < n => {
+                restarts += 1;
+                match connect(opts, &hostmem, &mut pci) {
+                    Ok(s) => {
+                        facts = s.device.facts().clone();
+                        match device_usage(&s) {
+                            Ok(u) => usage.device_start = u,
+                            Err(e) => errors.push(format!("device usage: {e}")),
+                        }
+                        session = Some(s);
+                    }
+                    Err(e) => {
+                        errors.push(format!("restart failed: {e:#}"));
+                        break;
+                    }
+                }
+            }
+            _ => {
+                errors.push(format!("device lost and not restarted: {why}"));
+                break;
             }
         }
     }
     if progress {
-        eprintln!("\r[{}] {}/{}", "#".repeat(40), opts.blobs, opts.blobs);
+        eprintln!();
     }
-    // Drain: unmap and unref everything still live, checking zeros.
-    if let Some(s) = session.as_mut() {
-        for b in std::mem::take(&mut live) {
-            let t = Instant::now();
-            match s
-                .driver
-                .unmap_blob(CTX, b.res)
-                .and_then(|()| s.driver.unref(b.res))
-            {
-                Ok(()) => {
-                    unmap_us.record(t.elapsed());
-                    chk.guest_sees_gone(b.offset, b.size, "after unmap");
-                }
-                Err(e) => chk.errors.push(format!("final unmap of {}: {e}", b.res)),
-            }
-        }
-        // Everything is unmapped and unreferenced and the device still serves: both
-        // processes must be back where they started.
-        match (Usage::of("self"), device_usage(s)) {
-            (Ok(v), Ok(d)) => {
-                usage.vmm_end = v;
-                usage.vmm_rss_anon_kib_samples.push(v.rss_anon_kib);
-                usage.device_end = d;
-                chk.errors.extend(usage.problems(opts.blobs));
-            }
-            (Err(e), _) | (_, Err(e)) => chk.errors.push(format!("usage at the end: {e}")),
-        }
-    }
-    let (verified, mismatches, holes) = (chk.verified, chk.mismatches, chk.holes);
+    let results = guest.results()?;
     if let Some(s) = session.take() {
-        drop(s.driver);
+        add_stats(&pci, &mut vq);
         let exit = s.device.stop("run finished");
+        pci.detach();
         exits_violations(&mut violations, &exit);
         if exit.code != Some(0) {
             errors.push(format!("device did not exit cleanly at the end: {exit:?}"));
         }
     }
+    if results.errors > 0 {
+        errors.push(format!(
+            "{} guest commands failed (last: response {:#x} to command {:#x})",
+            results.errors, results.last_error.0, results.last_error.1
+        ));
+    }
+    if !guest_failed && guest_wall.is_none() {
+        errors.push("the guest driver did not finish".into());
+    }
+    if !results.message.is_empty() && !guest_failed {
+        errors.push(format!("guest driver: {}", results.message));
+    }
+    for at in &results.mismatch_at {
+        log::error!("guest mismatch at window offset {at:#x}");
+    }
+    // TSC ticks to µs: the guest's TSC runs at a constant rate in wall time.
+    let us_per_tick = match guest_wall {
+        Some(w) if results.tsc.1 > results.tsc.0 => {
+            w.as_secs_f64() * 1e6 / (results.tsc.1 - results.tsc.0) as f64
+        }
+        _ => 0.0,
+    };
+    let lat = |l: crate::guest::TickLatency| Latency {
+        p50: l.p50_ticks as f64 * us_per_tick,
+        p99: l.p99_ticks as f64 * us_per_tick,
+    };
+    vq.guest_kicks = results.kicks;
+    vq.polls = results.polls;
     let counters = hostmem.counters();
     let report = Report {
         mode: opts.mode.name(),
         backend: opts.device.backend.clone(),
+        transport: "virtio-pci",
         window_bytes: opts.window,
         seed: opts.seed,
-        blobs_mapped: mapped,
-        kvm: vm.is_some(),
-        guest_verified: verified,
-        guest_mismatches: mismatches,
-        guest_holes: holes,
+        blobs_mapped: results.blobs_mapped,
+        kvm: true,
+        guest_verified: results.verified,
+        guest_mismatches: results.mismatches,
+        guest_holes: guest.holes(),
         memslot_changes: hostmem.memslot_changes() - warm_up_slots,
         max_live_placements: hostmem.max_live_seen(),
-        map_latency_us: map_us.latency(),
-        unmap_latency_us: unmap_us.latency(),
+        map_latency_us: lat(results.map),
+        unmap_latency_us: lat(results.unmap),
+        guest_driver: GuestDriverReport {
+            commands: results.commands,
+            errors: results.errors,
+            in_flight_max: results.in_flight_max,
+            mismatches: results.mismatches,
+            capsets: results.capsets,
+            device_resets: results.device_resets,
+            vm_exits: guest.exits(),
+        },
+        virtqueue: vq,
         device: facts,
         device_exits: exits,
         restarts,
@@ -604,18 +572,6 @@ fn exits_violations(all: &mut Vec<String>, exit: &DeviceExit) {
             all.push(v.clone());
         }
     }
-}
-
-/// A random page-aligned offset where `size` bytes fit without overlapping `live`.
-fn free_offset(rng: &mut Rng, live: &[LiveBlob], size: u64, window: u64) -> Option<u64> {
-    let slots = (window.checked_sub(size)? / PAGE) + 1;
-    (0..64).find_map(|_| {
-        let off = rng.below(slots) * PAGE;
-        let clear = live
-            .iter()
-            .all(|b| off + size <= b.offset || b.offset + b.size <= off);
-        clear.then_some(off)
-    })
 }
 
 /// Default device config for the run: the device binary found beside us, jailed under
