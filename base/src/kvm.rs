@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 
 pub use kvm_bindings;
 pub use kvm_ioctls;
+/// The eventfd type the ioeventfd and irqfd calls take (re-exported so callers need not
+/// depend on vmm-sys-util themselves).
+pub use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// A host memory range that stays mapped, at a fixed address, for as long as the object
 /// lives.
@@ -79,6 +82,42 @@ pub enum KvmError {
     /// `KVM_SET_CPUID2` failed.
     #[error("KVM_SET_CPUID2: {0}")]
     SetCpuid(kvm_ioctls::Error),
+    /// `KVM_CREATE_IRQCHIP` failed (`EEXIST`: already created; `EINVAL`: a vCPU exists).
+    #[error("KVM_CREATE_IRQCHIP: {0}")]
+    CreateIrqchip(kvm_ioctls::Error),
+    /// `KVM_IOEVENTFD` (assign) failed (`EEXIST`: the address already has one).
+    #[error("KVM_IOEVENTFD assign at MMIO {gpa:#x}: {err}")]
+    RegisterIoevent {
+        /// Guest-physical address.
+        gpa: u64,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
+    /// `KVM_IOEVENTFD` (deassign) failed (`ENOENT`: no such registration).
+    #[error("KVM_IOEVENTFD deassign at MMIO {gpa:#x}: {err}")]
+    UnregisterIoevent {
+        /// Guest-physical address.
+        gpa: u64,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
+    /// `KVM_IRQFD` (assign) failed (`EINVAL` without an in-kernel irqchip, `EBUSY` if the
+    /// eventfd is already an irqfd).
+    #[error("KVM_IRQFD assign on GSI {gsi}: {err}")]
+    RegisterIrqfd {
+        /// The GSI.
+        gsi: u32,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
+    /// `KVM_IRQFD` (deassign) failed.
+    #[error("KVM_IRQFD deassign on GSI {gsi}: {err}")]
+    UnregisterIrqfd {
+        /// The GSI.
+        gsi: u32,
+        /// The error.
+        err: kvm_ioctls::Error,
+    },
 }
 
 impl KvmError {
@@ -90,7 +129,12 @@ impl KvmError {
             | KvmError::SetRegion { err: e, .. }
             | KvmError::CreateVcpu { err: e, .. }
             | KvmError::GetCpuid(e)
-            | KvmError::SetCpuid(e) => Some(e.errno()),
+            | KvmError::SetCpuid(e)
+            | KvmError::CreateIrqchip(e)
+            | KvmError::RegisterIoevent { err: e, .. }
+            | KvmError::UnregisterIoevent { err: e, .. }
+            | KvmError::RegisterIrqfd { err: e, .. }
+            | KvmError::UnregisterIrqfd { err: e, .. } => Some(e.errno()),
             KvmError::BadRegion { .. } | KvmError::SlotInUse(_) | KvmError::NoSuchSlot(_) => None,
         }
     }
@@ -249,6 +293,45 @@ impl Vm {
         self.kvm.check_extension(cap)
     }
 
+    /// Creates the in-kernel irqchip (`KVM_CREATE_IRQCHIP`: PIC, IOAPIC and the local APICs
+    /// of vCPUs created afterwards, with the default GSI routing, so GSI 0..24 reach the
+    /// IOAPIC pins). Must come before any vCPU is created; the kernel refuses a second one.
+    /// Irqfds need it.
+    pub fn create_irqchip(&self) -> Result<(), KvmError> {
+        self.vm.create_irq_chip().map_err(KvmError::CreateIrqchip)
+    }
+
+    /// Registers `fd` as an ioeventfd on the MMIO address `gpa`: a guest write of any length
+    /// there (no datamatch, length 0 = any, `KVM_CAP_IOEVENTFD_ANY_LENGTH`) signals `fd`
+    /// inside KVM instead of exiting to us. One registration per address.
+    pub fn register_ioevent_mmio(&self, fd: &EventFd, gpa: u64) -> Result<(), KvmError> {
+        self.vm
+            .register_ioevent(fd, &IoEventAddress::Mmio(gpa), NoDatamatch)
+            .map_err(|err| KvmError::RegisterIoevent { gpa, err })
+    }
+
+    /// Removes the registration [`Vm::register_ioevent_mmio`] made for `fd` at `gpa`.
+    pub fn unregister_ioevent_mmio(&self, fd: &EventFd, gpa: u64) -> Result<(), KvmError> {
+        self.vm
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(gpa), NoDatamatch)
+            .map_err(|err| KvmError::UnregisterIoevent { gpa, err })
+    }
+
+    /// Registers `fd` as an irqfd: each signal of `fd` raises an edge on `gsi` (needs
+    /// [`Vm::create_irqchip`]).
+    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), KvmError> {
+        self.vm
+            .register_irqfd(fd, gsi)
+            .map_err(|err| KvmError::RegisterIrqfd { gsi, err })
+    }
+
+    /// Removes the irqfd registration of `fd` on `gsi`.
+    pub fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), KvmError> {
+        self.vm
+            .unregister_irqfd(fd, gsi)
+            .map_err(|err| KvmError::UnregisterIrqfd { gsi, err })
+    }
+
     /// Creates vCPU `id` with the host's supported CPUID.
     pub fn create_vcpu(&self, id: u64) -> Result<Vcpu, KvmError> {
         let fd = self
@@ -374,6 +457,48 @@ mod tests {
         assert_eq!((vm.memslot_changes(), vm.live_slots()), (2, 0));
         assert_eq!(Arc::strong_count(&mem), 1, "the slot released the region");
         assert!(vm.max_memslots() >= 32);
+    }
+
+    #[test]
+    fn irqchip_ioeventfds_and_irqfds() {
+        let Some(vm) = vm() else { return };
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        // No irqchip yet: KVM refuses irqfds.
+        let e = vm.register_irqfd(&call, 10).unwrap_err();
+        assert!(matches!(e, KvmError::RegisterIrqfd { gsi: 10, .. }), "{e}");
+        vm.create_irqchip().unwrap();
+        let e = vm.create_irqchip().unwrap_err();
+        assert!(matches!(e, KvmError::CreateIrqchip(_)), "{e}");
+        vm.register_irqfd(&call, 10).unwrap();
+        vm.unregister_irqfd(&call, 10).unwrap();
+        vm.register_irqfd(&call, 10).unwrap();
+
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let other = EventFd::new(EFD_NONBLOCK).unwrap();
+        vm.register_ioevent_mmio(&kick, 0xC000_3000).unwrap();
+        let e = vm.register_ioevent_mmio(&other, 0xC000_3000).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KvmError::RegisterIoevent {
+                    gpa: 0xC000_3000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.errno(), Some(libc::EEXIST));
+        vm.register_ioevent_mmio(&other, 0xC000_3004).unwrap();
+        vm.unregister_ioevent_mmio(&kick, 0xC000_3000).unwrap();
+        let e = vm.unregister_ioevent_mmio(&kick, 0xC000_3000).unwrap_err();
+        assert!(matches!(e, KvmError::UnregisterIoevent { .. }), "{e}");
+        // The address is free again.
+        vm.register_ioevent_mmio(&kick, 0xC000_3000).unwrap();
+
+        // After a vCPU exists, KVM refuses an irqchip.
+        let vm2 = Vm::open().unwrap();
+        let _vcpu = vm2.create_vcpu(0).unwrap();
+        assert!(vm2.create_irqchip().is_err());
     }
 
     #[test]
