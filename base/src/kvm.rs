@@ -2,6 +2,7 @@
 //! exists, with every memslot change counted (DESIGN.md invariant 3).
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +14,14 @@ pub use kvm_ioctls;
 /// The eventfd type the ioeventfd and irqfd calls take (re-exported so callers need not
 /// depend on vmm-sys-util themselves).
 pub use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Borrows an [`EventFd`]'s descriptor, e.g. to send it over a tube (vmm-sys-util's
+/// `EventFd` does not implement `AsFd`).
+pub fn eventfd_as_fd(fd: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the EventFd owns its descriptor and closes it only when dropped; the borrow's
+    // lifetime is tied to `&fd`, so the descriptor stays open while the BorrowedFd lives.
+    unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+}
 
 /// A host memory range that stays mapped, at a fixed address, for as long as the object
 /// lives.

@@ -10,6 +10,7 @@
 //! * [`resources`]: fd/VMA/RSS accounting of both processes and a fixed-size latency
 //!   histogram (what a soak checks).
 //! * [`policy`]: compiling the device's seccomp policy.
+//! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the transport tube).
 
 #![forbid(unsafe_code)]
 
@@ -22,3 +23,4 @@ pub mod probe;
 pub mod resources;
 pub mod run;
 pub mod service;
+pub mod virtio_pci;
