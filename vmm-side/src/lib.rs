@@ -16,6 +16,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod guest;
 pub mod driver;
 pub mod hostmem;
 pub mod policy;

@@ -245,6 +245,9 @@ pub struct VirtqueueReport {
     pub interrupts: u64,
     /// Used-ring polls of the guest driver (it runs with interrupts off and polls).
     pub polls: u64,
+    /// Notify writes that exited to the VMM instead of hitting the ioeventfd (the VMM then
+    /// kicks by hand); 0 where KVM matches the ioeventfd.
+    pub notify_exits: u64,
 }
 
 /// One device and its transport attachment.
@@ -524,6 +527,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     };
     vq.guest_kicks = results.kicks;
     vq.polls = results.polls;
+    vq.notify_exits = pci.notify_exits();
     let counters = hostmem.counters();
     let report = Report {
         mode: opts.mode.name(),

@@ -448,6 +448,8 @@ pub struct VirtioPciGpu {
     interrupt_line: u8,
     /// BAR register i was last written all-ones: it reads its size mask.
     bar_sizing: [bool; 6],
+    /// Notify writes that exited to the VMM (see `notify_exit`).
+    notify_exits: u64,
 }
 
 /// [`EventBinder`] + `Debug` (so the transport can derive `Debug`).
@@ -500,6 +502,7 @@ impl VirtioPciGpu {
             command: 0,
             interrupt_line: 10,
             bar_sizing: [false; 6],
+            notify_exits: 0,
         };
         // On an error, Drop unbinds what was bound so far.
         for queue in 0..NUM_QUEUES {
@@ -914,12 +917,36 @@ impl VirtioPciGpu {
             COMMON_CFG_OFFSET => self.common_write(within, data),
             ISR_OFFSET => log::debug!("virtio-pci: write to the read-only ISR ignored"),
             DEVICE_CFG_OFFSET => self.device_cfg_write(within, data),
-            _ => log::debug!(
-                "virtio-pci: notify write at BAR0+{off:#x} reached the VMM (the ioeventfd \
-                 should have taken it); ignored"
-            ),
+            _ => self.notify_exit(within),
         }
         true
+    }
+
+    /// A notify write that reached the VMM (the ioeventfd should have taken it, so this is
+    /// a KVM that does not match it): signal the queue's kick eventfd ourselves, so the
+    /// device still sees the kick. Counted in [`VirtioPciGpu::notify_exits`].
+    fn notify_exit(&mut self, within: u64) {
+        self.notify_exits += 1;
+        let queue = within / u64::from(NOTIFY_OFF_MULTIPLIER);
+        match self.kick_eventfd(queue as u16) {
+            Some(k) if within % u64::from(NOTIFY_OFF_MULTIPLIER) == 0 => {
+                if self.notify_exits == 1 {
+                    log::warn!(
+                        "virtio-pci: a notify write reached the VMM (no ioeventfd match); \
+                         kicking queue {queue} by hand"
+                    );
+                }
+                if let Err(e) = k.write(1) {
+                    log::warn!("virtio-pci: kicking queue {queue}: {e}");
+                }
+            }
+            _ => log::debug!("virtio-pci: notify write at notify+{within:#x} ignored"),
+        }
+    }
+
+    /// Notify writes that exited to the VMM instead of hitting the ioeventfd.
+    pub fn notify_exits(&self) -> u64 {
+        self.notify_exits
     }
 
     /// `(region base, offset in region)` of an access the BAR decodes: memory decoding on,
