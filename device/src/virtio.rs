@@ -668,12 +668,9 @@ impl<P: Placer> VirtioGpu<P> {
             matches!(nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0);
         if readable {
             let mut buf = [0u8; 8];
-            match (&q.kick).read(&mut buf) {
-                Ok(8) => {
-                    self.stats.wakeups += 1;
-                    self.stats.kicks = self.stats.kicks.saturating_add(u64::from_ne_bytes(buf));
-                }
-                Ok(_) | Err(_) => {}
+            if let Ok(8) = (&q.kick).read(&mut buf) {
+                self.stats.wakeups += 1;
+                self.stats.kicks = self.stats.kicks.saturating_add(u64::from_ne_bytes(buf));
             }
         }
         self.process_queue(index);
