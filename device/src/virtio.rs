@@ -755,11 +755,21 @@ impl<P: Placer> VirtioGpu<P> {
         let Some(Some(q)) = self.queues.get_mut(usize::from(index)) else {
             return;
         };
-        if q.queue.add_used(mem, head, 0).is_err() {
+        // Checked here, not left to add_used: virtio-queue logs every out-of-range head
+        // itself, which a flooding driver would turn into a flood of log lines.
+        if head >= q.queue.size() {
             self.stats.bad_chains += 1;
             self.limiter.warn(
                 BadChain::HeadOutOfRange.describe(),
                 format_args!("queue {index}: head {head} cannot be returned: dropped"),
+            );
+            return;
+        }
+        if q.queue.add_used(mem, head, 0).is_err() {
+            self.stats.bad_chains += 1;
+            self.limiter.warn(
+                BadChain::UsedRing.describe(),
+                format_args!("queue {index}: head {head}: used ring not writable"),
             );
             return;
         }

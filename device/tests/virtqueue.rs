@@ -436,6 +436,11 @@ fn the_cursor_queue_returns_chains_with_length_zero() {
     drv.kick(&mut dev, CURSORQ);
     assert_eq!(drv.used(CURSORQ), [(3, 0), (5, 0)]);
     assert_eq!(dev.stats().chains, 2);
+    // A head beyond the cursor queue is dropped, not returned.
+    drv.offer(CURSORQ, 8);
+    drv.kick(&mut dev, CURSORQ);
+    assert!(drv.used(CURSORQ).is_empty());
+    assert_eq!(dev.refused(BadChain::HeadOutOfRange), 1);
     assert_serving(&mut drv, &mut dev);
 }
 
