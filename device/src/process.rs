@@ -6,11 +6,11 @@
 //! over the transport tube (fd 3: guest memory, queue setup, reset, stats) and the enabled
 //! queues' kick eventfds ([`crate::virtio`]) until the VMM closes the transport tube.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
-use std::os::fd::{AsFd, OwnedFd};
 
 use hostmem_ipc::protocol::{handshake, DeviceMsg, Role, TransportMsg, TransportReply, VmmMsg};
 use hostmem_ipc::{Error as TubeError, Message, Tube};
@@ -263,7 +263,14 @@ pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> 
             match transport.try_recv_bytes() {
                 Ok(Some((bytes, fds))) => {
                     if let Some(reply) = handle_transport(dev, &bytes, fds) {
-                        transport.send(&reply, &[])?;
+                        match transport.send(&reply, &[]) {
+                            Ok(()) => {}
+                            Err(TubeError::Hangup) => {
+                                log::info!("transport tube closed: exiting");
+                                return Ok(());
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                 }
                 Ok(None) => {}
