@@ -3,7 +3,8 @@
 //!
 //! Targets (each must never panic, whatever the bytes):
 //! * [`tube`]: the mapping tube's decoder: a real SOCK_SEQPACKET `Tube` receiving the bytes
-//!   (with 0–7 fds attached), serde of `DeviceMsg`/`VmmMsg`/`Hello`, control-queue `unframe`.
+//!   (with 0–7 fds attached), serde of `DeviceMsg`/`VmmMsg`/`Hello` and of the transport tube's
+//!   `TransportMsg`/`TransportReply`.
 //! * [`wire`]: the device's virtio-gpu command and response parsers and the shm command
 //!   stream of `SUBMIT_3D`; whatever parses must encode and parse back to the same value.
 //! * [`policy`]: the minijail policy parser, then the BPF compiler and the interpreter on
@@ -27,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use hostmem_base::shm::{FileFacts, SharedMemory};
 use hostmem_device::backend::shm::{decode_stream, encode_stream};
 use hostmem_device::wire::{Command, Response};
-use hostmem_ipc::protocol::{unframe, DeviceMsg, Hello, VmmMsg};
+use hostmem_ipc::protocol::{DeviceMsg, Hello, TransportMsg, TransportReply, VmmMsg};
 use hostmem_ipc::Message;
 use hostmem_ipc::Tube;
 use hostmem_jail::compiler::{compile, CompileOptions};
@@ -62,9 +63,6 @@ pub fn tube(data: &[u8]) {
         };
     }
     // The first byte chooses how many fds travel with the rest (the message).
-    if let Some((tag, rest)) = unframe(data) {
-        assert_eq!(hostmem_ipc::protocol::frame(tag, rest), data);
-    }
     let Some((&nfds, body)) = data.split_first() else {
         return;
     };
@@ -77,6 +75,15 @@ pub fn tube(data: &[u8]) {
     if let Ok(m) = serde_json::from_slice::<VmmMsg>(body) {
         let again: VmmMsg = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
         assert_eq!(again, m, "VmmMsg round trip");
+    }
+    if let Ok(m) = serde_json::from_slice::<TransportMsg>(body) {
+        let again: TransportMsg = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(again, m, "TransportMsg round trip");
+    }
+    if let Ok(m) = serde_json::from_slice::<TransportReply>(body) {
+        let again: TransportReply =
+            serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(again, m, "TransportReply round trip");
     }
     let _ = serde_json::from_slice::<Hello>(body);
     // The real receive path.

@@ -101,7 +101,9 @@ fn write_seed_corpora() {
         Command, CtrlHdr, ErrorCode, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
         VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D,
     };
-    use hostmem_ipc::protocol::{frame, DeviceMsg, Hello, Outcome, RefuseCode, Role, VmmMsg};
+    use hostmem_ipc::protocol::{
+        DeviceMsg, GuestRegion, Hello, Outcome, QueueSetup, RefuseCode, Role, TransportMsg, VmmMsg,
+    };
 
     let dir = corpus_dir();
     let write = |target: &str, name: &str, bytes: &[u8]| {
@@ -141,6 +143,7 @@ fn write_seed_corpora() {
             0,
             serde_json::to_vec(&DeviceMsg::Ready {
                 backend: "shm".into(),
+                num_capsets: 1,
             })
             .unwrap(),
         ),
@@ -172,7 +175,35 @@ fn write_seed_corpora() {
             2,
             br#"{"Map":{"seq":1,"resource_id":1,"offset":0,"len":4096,"fd_offset":0,"prot":7,"map_info":0}}"#.to_vec(),
         ),
-        ("framed", 0, frame(42, b"\x04\x01\x00\x00")),
+        (
+            "guest-memory",
+            1,
+            serde_json::to_vec(&TransportMsg::GuestMemory {
+                seq: 1,
+                regions: vec![GuestRegion {
+                    gpa: 0,
+                    size: 0x4000,
+                    fd_offset: 0,
+                }],
+            })
+            .unwrap(),
+        ),
+        (
+            "queue-enable",
+            2,
+            serde_json::to_vec(&TransportMsg::QueueEnable {
+                seq: 2,
+                queue: QueueSetup {
+                    index: 0,
+                    size: 256,
+                    desc: 0x1000,
+                    avail: 0x2000,
+                    used: 0x3000,
+                    event_idx: true,
+                },
+            })
+            .unwrap(),
+        ),
     ];
     for (name, fds, body) in msgs {
         let mut v = vec![fds];

@@ -1,0 +1,247 @@
+//! The device loop (`process::serve`) over real tubes: a fake VMM thread answers the mapping
+//! tube's placement events, the test plays the transport (guest memory, queue enable, stats,
+//! reset) and the driver (rings in a shared memfd, kick eventfd). Checks that kicks are
+//! served while placements are in flight, that every transport message is answered with
+//! its seq, that Reset answers only after the VMM heard the Unmap, and that closing the
+//! transport tube ends the loop cleanly.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hostmem_base::shm::SharedMemory;
+use hostmem_base::window::Window;
+use hostmem_device::backend::shm::ShmBackend;
+use hostmem_device::backend::Backend;
+use hostmem_device::gpu::Gpu;
+use hostmem_device::mirror::MirrorPlacer;
+use hostmem_device::process::serve;
+use hostmem_device::virtio::{guest_memory, VirtioGpu, CONTROLQ};
+use hostmem_device::wire::*;
+use hostmem_ipc::protocol::{
+    DeviceMsg, GuestRegion, Outcome, QueueSetup, TransportMsg, TransportReply, VmmMsg,
+};
+use hostmem_ipc::Tube;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use vm_memory::{Bytes, GuestAddress};
+
+const RAM_GPA: u64 = 0x10_0000;
+const RAM_SIZE: u64 = 1 << 20;
+const DESC: u64 = RAM_GPA;
+const AVAIL: u64 = RAM_GPA + 0x1000;
+const USED: u64 = RAM_GPA + 0x2000;
+const DATA: u64 = RAM_GPA + 0x4000;
+const SIZE: u16 = 16;
+const WINDOW: u64 = 1 << 20;
+
+fn efd() -> OwnedFd {
+    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+        .expect("eventfd")
+        .into()
+}
+
+#[test]
+fn the_loop_serves_kicks_and_transport_messages_until_eof() {
+    // The device side: a mirror window and the mapping tube.
+    let (dev_map, vmm_map) = Tube::pair().unwrap();
+    let (dev_tr, vmm_tr) = Tube::pair().unwrap();
+    let mirror =
+        Window::from_memfd(SharedMemory::new("mirror", WINDOW).unwrap()).expect("mirror window");
+    // Fake VMM: acknowledges every placement event and reports what it saw.
+    let (seen_tx, seen_rx) = mpsc::channel::<DeviceMsg>();
+    let vmm = std::thread::spawn(move || loop {
+        match vmm_map.recv::<DeviceMsg>() {
+            Ok((msg, _fds)) => {
+                let seq = match &msg {
+                    DeviceMsg::Map { seq, .. } | DeviceMsg::Unmap { seq, .. } => *seq,
+                    _ => continue,
+                };
+                let _ = seen_tx.send(msg);
+                vmm_map
+                    .send(
+                        &VmmMsg::Reply {
+                            seq,
+                            outcome: Outcome::Ok,
+                        },
+                        &[],
+                    )
+                    .unwrap();
+            }
+            Err(_) => return,
+        }
+    });
+    let device = std::thread::spawn(move || {
+        let gpu = Gpu::new(
+            Box::new(ShmBackend::new()) as Box<dyn Backend>,
+            MirrorPlacer::new(mirror, dev_map),
+        );
+        let mut dev = VirtioGpu::new(gpu);
+        serve(&dev_tr, &mut dev).map(|()| dev.stats())
+    });
+
+    // The transport: guest RAM and the control queue.
+    let ram = SharedMemory::new("ram", RAM_SIZE).unwrap();
+    let region = GuestRegion {
+        gpa: RAM_GPA,
+        size: RAM_SIZE,
+        fd_offset: 0,
+    };
+    let mem = guest_memory(&[region], vec![ram.try_clone_fd().unwrap()]).unwrap();
+    vmm_tr
+        .set_recv_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let ask = |msg: &TransportMsg, fds: &[OwnedFd]| -> TransportReply {
+        let b: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+        vmm_tr.send(msg, &b).unwrap();
+        vmm_tr.recv::<TransportReply>().expect("reply").0
+    };
+    let ok = |r: TransportReply, seq: u64| {
+        assert_eq!(r, TransportReply::Done { seq, error: None });
+    };
+    ok(
+        ask(
+            &TransportMsg::GuestMemory {
+                seq: 1,
+                regions: vec![region],
+            },
+            &[ram.try_clone_fd().unwrap()],
+        ),
+        1,
+    );
+    let (kick, call) = (efd(), efd());
+    let setup = QueueSetup {
+        index: CONTROLQ,
+        size: SIZE,
+        desc: DESC,
+        avail: AVAIL,
+        used: USED,
+        event_idx: false,
+    };
+    ok(
+        ask(
+            &TransportMsg::QueueEnable {
+                seq: 2,
+                queue: setup,
+            },
+            &[kick.try_clone().unwrap(), call.try_clone().unwrap()],
+        ),
+        2,
+    );
+    // A refused message still gets its seq back, with the reason.
+    match ask(
+        &TransportMsg::QueueEnable {
+            seq: 3,
+            queue: QueueSetup { size: 3, ..setup },
+        },
+        &[efd(), efd()],
+    ) {
+        TransportReply::Done {
+            seq: 3,
+            error: Some(e),
+        } => assert!(e.contains("already enabled") || e.contains("size"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+
+    // The driver: CTX_CREATE, CREATE_BLOB, MAP_BLOB, in one kick.
+    let page = 4096;
+    let cmds = [
+        Command::ctx_create(1, 0, b"serve").encode(),
+        Command::create_blob(
+            1,
+            5,
+            VIRTIO_GPU_BLOB_MEM_HOST3D,
+            VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+            0,
+            page,
+        )
+        .encode(),
+        Command::map_blob(1, 5, 2 * page).encode(),
+    ];
+    let mut idx = 0u16;
+    let mut offer = |cmds: &[Vec<u8>], first: u16| {
+        for (k, c) in cmds.iter().enumerate() {
+            let k = k as u16 + first;
+            let r = DATA + u64::from(k) * 0x400;
+            let w = r + 0x200;
+            mem.write_slice(c, GuestAddress(r)).unwrap();
+            let mut d = Vec::new();
+            for (a, l, f, n) in [(r, c.len() as u32, 1u16, 2 * k + 1), (w, 64, 2, 0)] {
+                d.extend_from_slice(&a.to_le_bytes());
+                d.extend_from_slice(&l.to_le_bytes());
+                d.extend_from_slice(&f.to_le_bytes());
+                d.extend_from_slice(&n.to_le_bytes());
+            }
+            mem.write_slice(&d, GuestAddress(DESC + 32 * u64::from(k)))
+                .unwrap();
+            mem.write_obj(
+                (2 * k).to_le(),
+                GuestAddress(AVAIL + 4 + 2 * u64::from(idx % SIZE)),
+            )
+            .unwrap();
+            idx += 1;
+            mem.write_obj(idx.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+        }
+        nix::unistd::write(kick.as_fd(), &1u64.to_ne_bytes()).unwrap();
+        idx
+    };
+    let want = offer(&cmds, 0);
+    let used_idx = || u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap());
+    let t0 = Instant::now();
+    while used_idx() != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "used idx {}",
+            used_idx()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut resp = [0u8; 32];
+    mem.read_slice(&mut resp, GuestAddress(DATA + 2 * 0x400 + 0x200))
+        .unwrap();
+    let r = Response::parse(&resp).unwrap();
+    assert!(matches!(r, Response::OkMapInfo { .. }), "{r:?}");
+    assert!(matches!(
+        seen_rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        DeviceMsg::Map {
+            resource_id: 5,
+            offset: 8192,
+            ..
+        }
+    ));
+    match ask(&TransportMsg::Stats { seq: 4 }, &[]) {
+        TransportReply::Stats { seq: 4, stats } => {
+            assert_eq!(stats.chains, 3);
+            assert!(stats.kicks >= 1 && stats.interrupts >= 1, "{stats:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Reset: the reply comes after the VMM heard the Unmap.
+    ok(ask(&TransportMsg::Reset { seq: 5 }, &[]), 5);
+    assert!(matches!(
+        seen_rx.try_recv().expect("Unmap before the reset's reply"),
+        DeviceMsg::Unmap {
+            resource_id: 5,
+            offset: 8192,
+            ..
+        }
+    ));
+    // Queues need memory again after a reset.
+    match ask(
+        &TransportMsg::QueueEnable {
+            seq: 6,
+            queue: setup,
+        },
+        &[efd(), efd()],
+    ) {
+        TransportReply::Done {
+            seq: 6,
+            error: Some(e),
+        } => assert!(e.contains("no guest memory"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    // EOF on the transport tube ends the loop with success.
+    drop(vmm_tr);
+    let stats = device.join().unwrap().expect("serve returns Ok on EOF");
+    assert_eq!(stats.chains, 3);
+    drop(vmm);
+}
