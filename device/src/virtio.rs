@@ -912,13 +912,14 @@ impl<P: Placer> VirtioGpu<P> {
 
     /// Device reset: settles the pipeline, drops every response not delivered, unmaps every
     /// blob through the placer, unrefs blobs, destroys contexts ([`Gpu::reset_all`]), drops
-    /// queues and guest memory, and starts a new token generation.
+    /// the queues and starts a new token generation. Guest memory stays: it belongs to the
+    /// VM, not to the device's state (as a vhost-user backend keeps its memory table across
+    /// a reset), so the driver can enable queues again at once.
     pub fn reset(&mut self) {
         let sum = self.gpu.reset_all();
         let undelivered = self.pending.len();
         self.pending.clear();
         self.queues = [None, None];
-        self.mem = None;
         self.generation = self.generation.wrapping_add(1);
         log::info!(
             "virtio reset: {undelivered} chains not answered, {} placements undone",

@@ -913,11 +913,11 @@ fn reset_in_the_middle_of_traffic_unmaps_and_drops_everything() {
     assert_eq!(dev.gpu().blobs().count(), 0);
     assert_eq!(dev.gpu().contexts().count(), 0);
     assert!(!dev.queue_enabled(CONTROLQ));
-    assert!(dev.memory().is_none());
+    assert!(dev.memory().is_some(), "guest memory survives a reset");
     assert_eq!(dev.stats().chains, chains, "stats survive a reset");
     // Kicks after reset reach no queue.
     dev.kick(CONTROLQ);
-    // The device comes back with new memory and queues.
+    // The device comes back with new queues (and may be given new memory first).
     dev.set_memory(drv.device_memory()).unwrap();
     drv.enable(&mut dev, CONTROLQ, 16, false);
     assert_serving(&mut drv, &mut dev);
