@@ -214,7 +214,7 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         kill_after: a.kill_after,
         show_progress: !a.json,
         use_kvm: true,
-        command_timeout: hostmem_vmm::driver::COMMAND_TIMEOUT,
+        command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
     };
     let r = run::run(&opts)?;
     if a.json {

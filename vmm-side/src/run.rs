@@ -12,11 +12,10 @@ use anyhow::Context;
 use hostmem_base::kvm::Vm;
 use hostmem_base::procfs;
 use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp};
-use hostmem_ipc::Tube;
 use serde::Serialize;
 
 use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
-use crate::driver::{CmdError, Driver};
+use crate::queue_driver::{CmdError, QueueDriver};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{expected_hash, GuestProbe, ProbeRead};
 use crate::resources::{Histogram, Usage, UsageCheck};
@@ -86,7 +85,7 @@ pub struct RunOptions {
     /// Use KVM if it is there (tests may turn it off).
     pub use_kvm: bool,
     /// How long one guest command may take before the device is declared hung, killed and
-    /// restarted ([`crate::driver::COMMAND_TIMEOUT`] by default; tests shorten it).
+    /// restarted ([`crate::queue_driver::COMMAND_TIMEOUT`] by default; tests shorten it).
     pub command_timeout: std::time::Duration,
 }
 
@@ -205,17 +204,13 @@ struct LiveBlob {
 
 struct Session {
     device: Device,
-    driver: Driver,
+    driver: QueueDriver,
 }
 
 fn connect(opts: &RunOptions, hostmem: &Arc<Hostmem>) -> anyhow::Result<Session> {
     let device = Device::start(&opts.device, hostmem.clone())?;
-    let control = Tube::from_fd(
-        std::os::fd::AsFd::as_fd(device.control())
-            .try_clone_to_owned()
-            .context("dup of the control queue")?,
-    )?;
-    let mut driver = Driver::new(control, hostmem.clone())?;
+    let _ = hostmem;
+    let mut driver = QueueDriver::new(device.transport())?;
     driver.set_timeout(opts.command_timeout)?;
     if opts.device.backend == "virgl" {
         driver
@@ -347,7 +342,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         let warm = s
             .driver
             .create_blob(CTX, res, 0, PAGE)
-            .and_then(|()| s.driver.map_blob(CTX, res, 0, PAGE).map(drop))
+            .and_then(|()| s.driver.map_blob(CTX, res, 0).map(drop))
             .and_then(|()| s.driver.unmap_blob(CTX, res))
             .and_then(|()| s.driver.unref(res));
         if let Err(e) = warm {
@@ -440,7 +435,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 return Ok(());
             };
             let t = Instant::now();
-            s.driver.map_blob(CTX, res, offset, size)?;
+            s.driver.map_blob(CTX, res, offset)?;
             map_us.record(t.elapsed());
             mapped += 1;
             let mut expected = pattern_bytes(seed, 0, size as usize);
