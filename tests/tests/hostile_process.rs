@@ -1,5 +1,5 @@
 //! The hostile device as a separate process, started by the real VMM code (`Device::start`,
-//! the stand-in guest `Driver`, the mapping service, `run::run`) in place of the real device.
+//! the stand-in guest `QueueDriver`, the mapping service, `run::run`) in place of the real device.
 //! One scenario per test; the device attacks on the guest's second MAP_BLOB (the first one
 //! gives the overlap attack a live placement to aim at).
 //!
@@ -24,7 +24,7 @@ use hostmem_device::wire::{
 };
 use hostmem_ipc::Tube;
 use hostmem_vmm::device::{Device, DeviceConfig};
-use hostmem_vmm::driver::{CmdError, Driver};
+use hostmem_vmm::queue_driver::{CmdError, QueueDriver};
 use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
 use hostmem_vmm::run::{run, Restart, RunOptions};
@@ -208,7 +208,7 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
 
 struct Session {
     dev: Device,
-    drv: Driver,
+    drv: QueueDriver,
 }
 
 fn connect(v: &Vmm, scenario: &str) -> Session {
@@ -221,7 +221,7 @@ fn connect(v: &Vmm, scenario: &str) -> Session {
         );
     }
     let control = Tube::from_fd(dev.control().as_fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut drv = Driver::new(control, v.hm.clone()).unwrap();
+    let mut drv = QueueDriver::new(control, v.hm.clone()).unwrap();
     drv.set_timeout(COMMAND_TIMEOUT).unwrap();
     drv.ctx_create(CTX, 0).unwrap();
     Session { dev, drv }
@@ -323,7 +323,7 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
     v.jailed = jailed;
     let mut s = connect(&v, name);
     let a = blob(&mut s, 1, 4 * P);
-    s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+    s.drv.map_blob(CTX, 1, 0).unwrap();
     v.guest_reads(0, &a, "first blob");
     let b = blob(&mut s, 2, 4 * P);
     let before = v.hm.counters();
@@ -333,7 +333,7 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
     // The attack, on the guest's second MAP_BLOB.
     let result = if verdict == Verdict::Ok {
         // Two commands in flight: the device answers the second first.
-        let tag_map = s.drv.submit_map(CTX, 2, 16 * P, 4 * P).unwrap();
+        let tag_map = s.drv.submit_map(CTX, 2, 16 * P).unwrap();
         let create = Command::create_blob(
             CTX,
             3,
@@ -342,12 +342,12 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             0,
             4 * P,
         );
-        let tag_create = s.drv.submit(&create.encode(), None).unwrap();
+        let tag_create = s.drv.submit(&create.encode()).unwrap();
         let r = s.drv.wait_map(tag_map).map(drop);
         s.drv.wait_ok(tag_create).unwrap();
         r
     } else {
-        s.drv.map_blob(CTX, 2, 16 * P, 4 * P).map(drop)
+        s.drv.map_blob(CTX, 2, 16 * P).map(drop)
     };
     let after = v.hm.counters();
     let (refusals, protocol) = (
@@ -382,7 +382,7 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             assert_eq!(v.hm.live(), 1);
             v.guest_zeros(16 * P, 4 * P, "refused placement not visible");
             // The device goes on serving: the same blob maps fine now.
-            s.drv.map_blob(CTX, 2, 16 * P, 4 * P).unwrap();
+            s.drv.map_blob(CTX, 2, 16 * P).unwrap();
             v.guest_reads(16 * P, &b, "blob 2 after the refusal");
         }
         Verdict::ProtocolErrors(n) => {
@@ -449,17 +449,17 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             // Restart with a device that behaves; it must work.
             s = connect(&v, "none");
             let a2 = blob(&mut s, 1, 4 * P);
-            s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+            s.drv.map_blob(CTX, 1, 0).unwrap();
             v.guest_reads(0, &a2, "blob 1 from the restarted device");
             let b2 = blob(&mut s, 2, 4 * P);
-            s.drv.map_blob(CTX, 2, 16 * P, 4 * P).unwrap();
+            s.drv.map_blob(CTX, 2, 16 * P).unwrap();
             v.guest_reads(16 * P, &b2, "blob 2 from the restarted device");
         }
     }
 
     // Whatever happened, the device (or its successor) still serves and unmaps correctly.
     let c = blob(&mut s, 5, 8 * P);
-    s.drv.map_blob(CTX, 5, 32 * P, 8 * P).unwrap();
+    s.drv.map_blob(CTX, 5, 32 * P).unwrap();
     v.guest_reads(32 * P, &c, "blob 5");
     v.consistent(&format!("{name}: end"));
     s.drv.unmap_blob(CTX, 5).unwrap();
@@ -573,7 +573,7 @@ fn refused_at_start(name: &'static str) {
         let mut v = v;
         let mut s = connect(&v, "none");
         let a = blob(&mut s, 1, 4 * P);
-        s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+        s.drv.map_blob(CTX, 1, 0).unwrap();
         v.guest_reads(0, &a, "blob from the device started after the refusal");
         let Session { dev, drv } = s;
         drop(drv);

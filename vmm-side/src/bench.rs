@@ -57,9 +57,9 @@ use hostmem_ipc::protocol::{Outcome, RefuseCode};
 use serde::Serialize;
 
 use crate::device::{Device, DeviceConfig};
-use crate::queue_driver::QueueDriver;
 use crate::hostmem::{Hostmem, Limits, MapEvent, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{GuestProbe, ProbeRead};
+use crate::queue_driver::QueueDriver;
 use crate::run::{Latency, Rng};
 
 const PAGE: u64 = 4096;

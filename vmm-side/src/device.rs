@@ -371,7 +371,10 @@ impl Device {
             .set_send_timeout(Some(Duration::from_millis(100)));
         let _ = self.mapping.send(&VmmMsg::Shutdown, &[]);
         if let Err(e) = self.transport.shutdown() {
-            log::warn!("device pid {}: shutting the transport tube down: {e}", self.facts.pid);
+            log::warn!(
+                "device pid {}: shutting the transport tube down: {e}",
+                self.facts.pid
+            );
         }
         let info = match self.child.wait_timeout(Duration::from_secs(2)) {
             Ok(Some(info)) => Some(info),

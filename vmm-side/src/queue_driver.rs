@@ -29,9 +29,7 @@ use hostmem_base::shm::SharedMemory;
 use hostmem_device::wire::{
     Command, ErrorCode, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_HOST3D,
 };
-use hostmem_ipc::protocol::{
-    GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply,
-};
+use hostmem_ipc::protocol::{GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply};
 use hostmem_ipc::{Tube, REPLY_SPIN};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -465,7 +463,10 @@ impl QueueDriver {
         }
         self.write(self.ctrl.desc + u64::from(head) * 16, &descs)?;
         let pos = self.ctrl.avail_idx % QUEUE_SIZE;
-        self.write(self.ctrl.avail + 4 + u64::from(pos) * 2, &head.to_le_bytes())?;
+        self.write(
+            self.ctrl.avail + 4 + u64::from(pos) * 2,
+            &head.to_le_bytes(),
+        )?;
         self.ctrl.avail_idx = self.ctrl.avail_idx.wrapping_add(1);
         // The ring entry and the descriptors before the index that publishes them.
         self.mem

@@ -15,9 +15,9 @@ use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp
 use serde::Serialize;
 
 use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
-use crate::queue_driver::{CmdError, QueueDriver};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{expected_hash, GuestProbe, ProbeRead};
+use crate::queue_driver::{CmdError, QueueDriver};
 use crate::resources::{Histogram, Usage, UsageCheck};
 
 const PAGE: u64 = 4096;
