@@ -8,18 +8,7 @@ use std::time::Duration;
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
-use hostmem_ipc::protocol::{handshake, DeviceMsg, Role, VmmMsg};
-
-// TEMP (host-driver branch only, reverted before merging device-core): the old framing.
-fn frame(tag: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = tag.to_le_bytes().to_vec();
-    v.extend_from_slice(payload);
-    v
-}
-fn unframe(b: &[u8]) -> Option<(u64, &[u8])> {
-    let (t, rest) = b.split_at_checked(8)?;
-    Some((u64::from_le_bytes(t.try_into().ok()?), rest))
-}
+use hostmem_ipc::protocol::{frame, handshake, unframe, DeviceMsg, Role, VmmMsg};
 use hostmem_ipc::{Error as TubeError, Tube};
 
 use crate::backend::Backend;
@@ -195,7 +184,6 @@ fn run(args: &Args) -> Result<()> {
     mapping.send(
         &DeviceMsg::Ready {
             backend: backend_name.clone(),
-            num_capsets: 0,
         },
         &[],
     )?;
