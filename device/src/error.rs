@@ -25,4 +25,18 @@ pub enum Error {
     /// The peer broke the protocol (unexpected message, missing fd, ...).
     #[error("protocol: {0}")]
     Protocol(String),
+    /// Guest RAM from the transport could not be taken (bad region, short fd, mmap).
+    #[error("guest memory: {0}")]
+    GuestMemory(String),
+    /// A queue setup from the transport was refused.
+    #[error("queue {index}: {reason}")]
+    QueueSetup {
+        /// Queue index.
+        index: u16,
+        /// Why.
+        reason: String,
+    },
+    /// Polling the transport tube and the kick eventfds failed.
+    #[error("poll: {0}")]
+    Poll(nix::errno::Errno),
 }

@@ -213,6 +213,22 @@ pub struct BlobInfo {
     pub mapped_at: Option<u64>,
 }
 
+/// What [`Gpu::reset_all`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResetSummary {
+    /// Blobs unmapped through the placer.
+    pub unmapped: usize,
+    /// Blobs unref'd in the backend.
+    pub blobs: usize,
+    /// Contexts destroyed.
+    pub contexts: usize,
+    /// Responses of commands that were answered but not taken ([`Gpu::take_ready`]).
+    pub dropped_responses: usize,
+    /// Unmaps, unrefs or context destructions that failed (logged; the entry is dropped
+    /// anyway).
+    pub failures: usize,
+}
+
 /// A failed command: the response code and the reason to log.
 type Refusal = (ErrorCode, String);
 
@@ -357,6 +373,61 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             log::info!("forgot {n} placements");
         }
         n
+    }
+
+    /// Device reset (the driver wrote status 0): settles every pipelined placement, drops
+    /// the responses nobody will read, unmaps every mapped blob through the placer (so the
+    /// VMM hears an `Unmap` for each), unrefs every blob and destroys every context. Failures
+    /// are logged and counted, never fatal: the tables are empty afterwards whatever the
+    /// backend or placer said.
+    pub fn reset_all(&mut self) -> ResetSummary {
+        let mut sum = ResetSummary::default();
+        while self.in_flight() > 0 {
+            self.finish_one();
+        }
+        sum.dropped_responses = self.queue.len();
+        self.queue.clear();
+        let mapped: Vec<(u32, u64, u64)> = self.mapped().collect();
+        for (id, offset, len) in mapped {
+            match self.placer.unmap(id, offset, len) {
+                Ok(()) => sum.unmapped += 1,
+                Err(e) => {
+                    log::warn!("reset: unmap of resource {id} at {offset:#x} failed: {e}");
+                    sum.failures += 1;
+                }
+            }
+        }
+        let ids: Vec<u32> = self.blobs.keys().copied().collect();
+        for id in ids {
+            match self.backend.unref(id) {
+                Ok(()) => sum.blobs += 1,
+                Err(e) => {
+                    log::warn!("reset: unref of resource {id} failed: {e}");
+                    sum.failures += 1;
+                }
+            }
+        }
+        self.blobs.clear();
+        let ctxs: Vec<u32> = self.contexts.keys().copied().collect();
+        for ctx in ctxs {
+            match self.backend.destroy_context(ctx) {
+                Ok(()) => sum.contexts += 1,
+                Err(e) => {
+                    log::warn!("reset: destroying context {ctx} failed: {e}");
+                    sum.failures += 1;
+                }
+            }
+        }
+        self.contexts.clear();
+        log::info!(
+            "reset: {} unmapped, {} blobs and {} contexts dropped, {} responses discarded, {} failures",
+            sum.unmapped,
+            sum.blobs,
+            sum.contexts,
+            sum.dropped_responses,
+            sum.failures
+        );
+        sum
     }
 
     /// Handles one command and returns the response bytes. Never panics.

@@ -7,6 +7,11 @@
 //!   through the [`gpu::Placer`] trait.
 //! * [`mirror`]: the device's `Placer`: MAP_FIXED into the window mirror, then report the
 //!   placement to the VMM over the mapping tube and wait for its acknowledgment.
+//! * [`virtio`]: the virtio core: guest RAM (`vm-memory`) and split virtqueues
+//!   (`virtio-queue`) from the transport tube, hostile-driver checks, responses through the
+//!   used ring.
+//! * [`process`]: the device process: seccomp, handshake, then the poll loop over the
+//!   transport tube and the kick eventfds.
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +20,7 @@ pub mod error;
 pub mod gpu;
 pub mod mirror;
 pub mod process;
+pub mod virtio;
 pub mod wire;
 
 pub use error::{Error, Result};

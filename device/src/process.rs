@@ -1,19 +1,26 @@
 //! The device process: what `hostmem-gpu-device` runs after the launcher exec'd it.
 //!
 //! Order matters: the seccomp filter the launcher handed over is installed **first**, before
-//! any input is read; then the handshake, the hostmem memfd (mapped as the mirror), `Ready`,
-//! and the command loop on the control queue until the VMM closes it.
+//! any input is read; then the handshake on the mapping tube, the hostmem memfd (mapped as
+//! the mirror), the backend, `Ready { backend, num_capsets }`, and [`serve`]: the poll loop
+//! over the transport tube (fd 3: guest memory, queue setup, reset, stats) and the enabled
+//! queues' kick eventfds ([`crate::virtio`]) until the VMM closes the transport tube.
 
 use std::time::Duration;
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
-use hostmem_ipc::protocol::{frame, handshake, unframe, DeviceMsg, Role, VmmMsg};
-use hostmem_ipc::{Error as TubeError, Tube};
+use std::os::fd::{AsFd, OwnedFd};
+
+use hostmem_ipc::protocol::{handshake, DeviceMsg, Role, TransportMsg, TransportReply, VmmMsg};
+use hostmem_ipc::{Error as TubeError, Message, Tube};
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::backend::Backend;
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Placer};
 use crate::mirror::MirrorPlacer;
+use crate::virtio::{guest_memory, VirtioGpu};
 use crate::{Error, Result};
 
 /// Exit code when the VMM broke the protocol or the mapping tube failed.
@@ -24,8 +31,8 @@ pub const EXIT_START: i32 = 2;
 /// Parsed command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Args {
-    /// Fd of the control queue.
-    pub control_fd: i32,
+    /// Fd of the transport tube (the virtio transport's messages).
+    pub transport_fd: i32,
     /// Fd of the mapping tube.
     pub mapping_fd: i32,
     /// Fd holding the compiled seccomp program, if any.
@@ -43,10 +50,10 @@ pub struct Args {
 }
 
 impl Args {
-    /// Parses `--control-fd N --mapping-fd N [--seccomp-fd N] [--backend NAME]`.
+    /// Parses `--transport-fd N --mapping-fd N [--seccomp-fd N] [--backend NAME]`.
     pub fn parse(args: &[String]) -> std::result::Result<Args, String> {
         let mut a = Args {
-            control_fd: -1,
+            transport_fd: -1,
             mapping_fd: -1,
             seccomp_fd: None,
             backend: "shm".into(),
@@ -59,7 +66,7 @@ impl Args {
             let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
             let fd = |v: &String| v.parse::<i32>().map_err(|_| format!("{flag}: bad fd {v}"));
             match flag.as_str() {
-                "--control-fd" => a.control_fd = fd(val()?)?,
+                "--transport-fd" => a.transport_fd = fd(val()?)?,
                 "--mapping-fd" => a.mapping_fd = fd(val()?)?,
                 "--seccomp-fd" => a.seccomp_fd = Some(fd(val()?)?),
                 "--backend" => a.backend = val()?.clone(),
@@ -72,8 +79,8 @@ impl Args {
                 other => return Err(format!("unknown argument {other}")),
             }
         }
-        if a.control_fd < 0 || a.mapping_fd < 0 {
-            return Err("--control-fd and --mapping-fd are required".into());
+        if a.transport_fd < 0 || a.mapping_fd < 0 {
+            return Err("--transport-fd and --mapping-fd are required".into());
         }
         Ok(a)
     }
@@ -158,7 +165,7 @@ pub fn main_with_args(args: &[String]) -> i32 {
 
 fn run(args: &Args) -> Result<()> {
     let take = |fd| hostmem_base::fd::take_inherited(fd).map_err(Error::Base);
-    let control = Tube::from_fd(take(args.control_fd)?)?;
+    let transport = Tube::from_fd(take(args.transport_fd)?)?;
     let mapping = Tube::from_fd(take(args.mapping_fd)?)?;
     handshake::<DeviceMsg, VmmMsg>(&mapping, Role::Device, Duration::from_secs(20))?;
     mapping.set_recv_timeout(Some(Duration::from_secs(20)))?;
@@ -181,69 +188,165 @@ fn run(args: &Args) -> Result<()> {
     };
     let backend = make_backend_with(&args.backend, args.test_ops, server)?;
     let backend_name = backend.name().to_string();
+    let num_capsets = u32::try_from(backend.capsets().len()).unwrap_or(u32::MAX);
     mapping.send(
         &DeviceMsg::Ready {
             backend: backend_name.clone(),
+            num_capsets,
         },
         &[],
     )?;
-    log::info!("device ready: backend {backend_name}, window {size:#x} bytes");
-    let mut gpu = Gpu::new(backend, MirrorPlacer::new(mirror, mapping));
+    log::info!(
+        "device ready: backend {backend_name} ({num_capsets} capsets), window {size:#x} bytes"
+    );
+    let mut dev = VirtioGpu::new(Gpu::new(backend, MirrorPlacer::new(mirror, mapping)));
+    serve(&transport, &mut dev)
+}
+
+/// Placements in flight at most before the device waits for the oldest verdict.
+pub const MAX_IN_FLIGHT: usize = 32;
+
+/// The device's loop: poll(2) on the transport tube and every enabled queue's kick
+/// eventfd. Kicks serve their queue; transport messages are answered in order
+/// ([`handle_transport`]). While MAP/UNMAP placements are in flight the poll does not
+/// sleep: when nothing new came, the oldest verdict is settled (as the control-queue loop
+/// did), and at [`MAX_IN_FLIGHT`] the device settles before it takes more. Returns when
+/// the transport tube closes (EOF: exit 0) or the VMM asked for shutdown; an error when the
+/// mapping tube broke.
+pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> {
     loop {
-        // Take commands while they come; MAP/UNMAP only start their placement (the VMM
-        // works on the event meanwhile). When no command is waiting, or too many placements
-        // are in flight, settle the oldest one.
-        let next = if gpu.in_flight() == 0 {
-            control.recv_bytes().map(Some)
-        } else if gpu.in_flight() >= MAX_IN_FLIGHT {
-            Ok(None)
-        } else {
-            control.try_recv_bytes()
-        };
-        let (bytes, fds) = match next {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                gpu.finish_one();
-                send_ready(&control, &mut gpu)?;
-                if stop_if_asked(&gpu)? {
-                    return Ok(());
-                }
-                continue;
-            }
-            Err(TubeError::Hangup) => {
-                log::info!("control queue closed: exiting");
+        if dev.in_flight() >= MAX_IN_FLIGHT {
+            dev.finish_one();
+            if stop_if_asked(dev.gpu())? {
                 return Ok(());
             }
-            Err(e) => {
-                log::warn!("control queue: dropped a bad message: {e}");
-                continue;
-            }
-        };
-        if !fds.is_empty() {
-            log::warn!("control queue: ignoring {} unexpected fds", fds.len());
-        }
-        drop(fds);
-        let Some((tag, cmd)) = unframe(&bytes) else {
-            log::warn!("control queue: message of {} bytes has no tag", bytes.len());
             continue;
+        }
+        let timeout = if dev.in_flight() > 0 || dev.busy() {
+            PollTimeout::ZERO
+        } else {
+            PollTimeout::NONE
         };
-        gpu.submit(tag, cmd);
-        send_ready(&control, &mut gpu)?;
-        if stop_if_asked(&gpu)? {
+        let (transport_ready, kicked) = {
+            let kicks = dev.kick_fds();
+            let mut fds = vec![PollFd::new(transport.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                kicks
+                    .iter()
+                    .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(Error::Poll(e)),
+            }
+            let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+            let t = fds.first().is_some_and(ready);
+            let k: Vec<u16> = kicks
+                .iter()
+                .zip(fds.iter().skip(1))
+                .filter(|(_, f)| ready(f))
+                .map(|((i, _), _)| *i)
+                .collect();
+            (t, k)
+        };
+        if dev.busy() {
+            dev.process_busy();
+        } else if !transport_ready && kicked.is_empty() {
+            // Nothing new while placements are in flight: settle the oldest.
+            dev.finish_one();
+        }
+        for index in kicked {
+            dev.kick(index);
+        }
+        if transport_ready {
+            match transport.try_recv_bytes() {
+                Ok(Some((bytes, fds))) => {
+                    if let Some(reply) = handle_transport(dev, &bytes, fds) {
+                        transport.send(&reply, &[])?;
+                    }
+                }
+                Ok(None) => {}
+                Err(TubeError::Hangup) => {
+                    log::info!("transport tube closed: exiting");
+                    return Ok(());
+                }
+                Err(e) => log::warn!("transport tube: dropped a bad message: {e}"),
+            }
+        }
+        if stop_if_asked(dev.gpu())? {
             return Ok(());
         }
     }
 }
 
-/// Placements in flight at most before the device waits for the oldest verdict.
-const MAX_IN_FLIGHT: usize = 32;
-
-/// Sends the responses that are ready, in command order.
-fn send_ready(control: &Tube, gpu: &mut Gpu<MirrorPlacer>) -> Result<()> {
-    for (tag, response) in gpu.take_ready() {
-        control.send_bytes(&frame(tag, &response), &[])?;
+/// Handles one transport message (its JSON `bytes` and the fds that came with it) and
+/// returns the reply: `Done` (with the reason when refused) or `Stats`, with the message's
+/// `seq`. `None` for bytes that are no transport message (logged; there is no seq to
+/// answer).
+///
+/// * `GuestMemory`: mapped with [`guest_memory`] and taken with
+///   [`VirtioGpu::set_memory`] (refused while a queue is enabled).
+/// * `QueueEnable`: [`VirtioGpu::enable_queue`] with its kick and call eventfds.
+/// * `Reset`: [`VirtioGpu::reset`]; the reply goes out only after every placement was
+///   undone through the placer, so the VMM has heard every `Unmap` first.
+/// * `Stats`: the counters.
+pub fn handle_transport<P: Placer>(
+    dev: &mut VirtioGpu<P>,
+    bytes: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Option<TransportReply> {
+    let msg: TransportMsg = match serde_json::from_slice(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            log::warn!("transport: not a message ({} bytes): {e}", bytes.len());
+            return None;
+        }
+    };
+    let seq = match &msg {
+        TransportMsg::GuestMemory { seq, .. }
+        | TransportMsg::QueueEnable { seq, .. }
+        | TransportMsg::Reset { seq }
+        | TransportMsg::Stats { seq } => *seq,
+    };
+    let done = |r: Result<()>| {
+        let error = r.err().map(|e| {
+            log::warn!("transport message {seq} refused: {e}");
+            e.to_string()
+        });
+        Some(TransportReply::Done { seq, error })
+    };
+    if fds.len() != msg.fd_count() {
+        return done(Err(Error::Protocol(format!(
+            "expected {} fds, got {}",
+            msg.fd_count(),
+            fds.len()
+        ))));
     }
-    Ok(())
+    match msg {
+        TransportMsg::GuestMemory { regions, .. } => {
+            let r = guest_memory(&regions, fds).and_then(|m| dev.set_memory(m));
+            if r.is_ok() {
+                log::info!("guest memory: {} regions", regions.len());
+            }
+            done(r)
+        }
+        TransportMsg::QueueEnable { queue, .. } => {
+            let mut it = fds.into_iter();
+            match (it.next(), it.next()) {
+                (Some(kick), Some(call)) => done(dev.enable_queue(&queue, kick, call)),
+                _ => done(Err(Error::Protocol("QueueEnable without 2 fds".into()))),
+            }
+        }
+        TransportMsg::Reset { .. } => {
+            dev.reset();
+            done(Ok(()))
+        }
+        TransportMsg::Stats { .. } => Some(TransportReply::Stats {
+            seq,
+            stats: dev.stats(),
+        }),
+    }
 }
 
 /// `true` when the VMM asked for shutdown; an error when the mapping tube broke.
@@ -270,7 +373,7 @@ mod tests {
     #[test]
     fn args_name_the_render_server_socket() {
         let a = parse(&[
-            "--control-fd",
+            "--transport-fd",
             "3",
             "--mapping-fd",
             "4",
@@ -282,7 +385,7 @@ mod tests {
         .unwrap();
         assert_eq!((a.backend.as_str(), a.render_server_fd), ("virgl", Some(5)));
         let bad = parse(&[
-            "--control-fd",
+            "--transport-fd",
             "3",
             "--mapping-fd",
             "4",
@@ -291,7 +394,7 @@ mod tests {
         ]);
         assert!(bad.unwrap_err().contains("bad fd"));
         assert!(parse(&[
-            "--control-fd",
+            "--transport-fd",
             "3",
             "--mapping-fd",
             "4",

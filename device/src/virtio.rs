@@ -1,0 +1,1025 @@
+//! The device's virtio core: split virtqueues in guest RAM, served on `vm-memory` +
+//! `virtio-queue`.
+//!
+//! The VMM's virtio-pci transport hands the device what a vhost-user frontend would
+//! (transport tube, see `hostmem_ipc::protocol`): guest RAM as memfds ([`guest_memory`]),
+//! and per enabled queue its ring addresses, a kick eventfd (KVM_IOEVENTFD on the notify
+//! address) and a call eventfd (KVM_IRQFD). [`VirtioGpu`] owns the [`Gpu`] command handler,
+//! the guest memory and the two queues:
+//!
+//! * **controlq (0)**: every available chain is walked descriptor by descriptor
+//!   ([`read_chain`]): the device-readable part is copied out (at most [`MAX_REQUEST`]
+//!   bytes) and handed to [`Gpu::submit`] with a token naming queue, head and reset
+//!   generation ([`token`]); when [`Gpu::take_ready`] yields the response, it is written
+//!   into the chain's device-writable part and the head goes to the used ring. Responses
+//!   keep command order (the handler's pipeline guarantees it); MAP/UNMAP placements stay
+//!   in flight while the device goes on serving, exactly as the old control-queue loop did.
+//! * **cursorq (1)**: chains are consumed and returned used with length 0 (no cursor).
+//!
+//! After a batch of used entries the call eventfd is signalled only when the driver wants
+//! it: `needs_notification` (event index) or, without event index, the avail ring's
+//! `VRING_AVAIL_F_NO_INTERRUPT` flag (which virtio-queue 0.18 does not look at). Counted
+//! as `interrupts` / `suppressed` in [`QueueStats`].
+//!
+//! # The guest is untrusted (DESIGN invariant 8)
+//!
+//! Nothing in the rings is believed: the descriptor walk counts descriptors (a loop or a
+//! chain longer than the queue is refused), checks `next` indices, refuses indirect
+//! descriptors (not offered), sums lengths with checked arithmetic, checks every buffer
+//! lies in guest RAM (the hostmem window is not guest RAM here, so a GPA inside it is
+//! refused too), refuses readable descriptors after writable ones and requests over
+//! [`MAX_REQUEST`]. Queue setups are checked (size a power of two ≤ [`QUEUE_MAX_SIZE`],
+//! ring alignment, rings inside RAM and not overlapping each other). A head index that
+//! is already in flight is dropped (it would be answered twice).
+//!
+//! A refused chain gets an error response (`ERR_UNSPEC`, or `ERR_INVALID_PARAMETER` for a
+//! buffer outside RAM or a request too large) when its writable part holds a 24-byte
+//! header, otherwise it is returned used with length 0; a head that cannot be returned
+//! (out of range, already in flight) is dropped. Each kind of refusal is logged the 1st,
+//! 2nd, 4th, 8th... time ([`LogLimiter`]), so a flood cannot fill the log.
+//!
+//! # Responses larger than the writable part
+//!
+//! Before a command runs, its writable part must hold the response's fixed part (24 bytes;
+//! 32 for `RESOURCE_MAP_BLOB`, 40 for `GET_CAPSET_INFO`), otherwise it is not run and gets
+//! `ERR_UNSPEC` (or nothing, below 24 bytes). An `OK_NODATA` response longer than the
+//! writable part (hostmem's `SUBMIT_3D` reply bytes) is cut to fit: a plain driver reads
+//! the header only. Any other response that does not fit (a capset larger than the buffer)
+//! is replaced by `ERR_UNSPEC`.
+//!
+//! # Lifecycle
+//!
+//! Guest memory can be replaced only while no queue is enabled (the transport sends it
+//! before the driver enables queues, and again after each reset); a queue can be enabled
+//! once per reset. [`VirtioGpu::reset`] settles the pipeline, unmaps every blob through
+//! the placer, drops contexts, blobs, queues and guest memory, and starts a new token
+//! generation, so nothing from before the reset can reach the new rings.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use hostmem_base::mmap::is_page_aligned;
+use hostmem_ipc::protocol::{GuestRegion, QueueSetup, QueueStats};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, GuestRegionMmap, MmapRegion};
+
+use crate::gpu::{Gpu, Placer};
+use crate::wire::{
+    CtrlHdr, ErrorCode, Response, CTRL_HDR_SIZE, RESP_CAPSET_INFO_SIZE, RESP_MAP_INFO_SIZE,
+    SUBMIT_3D_SIZE, VIRTIO_GPU_CMD_GET_CAPSET_INFO, VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+    VIRTIO_GPU_RESP_OK_NODATA,
+};
+use crate::{Error, Result};
+
+/// Guest RAM as the device maps it.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// The control queue's index.
+pub const CONTROLQ: u16 = 0;
+/// The cursor queue's index.
+pub const CURSORQ: u16 = 1;
+/// Queues the device has.
+pub const NUM_QUEUES: usize = 2;
+/// Largest queue size the device accepts (the transport's `queue_size` maximum).
+pub const QUEUE_MAX_SIZE: u16 = 256;
+/// Most guest RAM regions (each travels with its fd; a tube message holds 4 fds).
+pub const MAX_REGIONS: usize = 4;
+/// Largest device-readable part of a control chain: a `SUBMIT_3D` with a 1 MiB command
+/// stream. (`RESOURCE_CREATE_BLOB` with the handler's 16384 mem entries needs 256 KiB.)
+pub const MAX_REQUEST: usize = (1 << 20) + SUBMIT_3D_SIZE;
+
+/// Rounds of "take every chain, re-enable notifications, look again" per kick.
+pub const MAX_ROUNDS: usize = 16;
+
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want used-buffer notifications.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Size of one split-ring descriptor.
+const DESC_SIZE: u64 = 16;
+
+/// Maps guest RAM from the transport's regions and their fds (same order).
+///
+/// Refuses: no region or more than [`MAX_REGIONS`], a fd count that differs, a size of
+/// zero, a GPA, size or fd offset that is not page-aligned, `gpa + size` or
+/// `fd_offset + size` overflowing, overlapping regions, and a fd shorter than
+/// `fd_offset + size` (mapping past its end would fault on access).
+pub fn guest_memory(regions: &[GuestRegion], fds: Vec<OwnedFd>) -> Result<GuestMemoryMmap> {
+    let bad = |why: String| Error::GuestMemory(why);
+    if regions.is_empty() || regions.len() > MAX_REGIONS {
+        return Err(bad(format!(
+            "{} regions (1 to {MAX_REGIONS})",
+            regions.len()
+        )));
+    }
+    if fds.len() != regions.len() {
+        return Err(bad(format!(
+            "{} regions but {} fds",
+            regions.len(),
+            fds.len()
+        )));
+    }
+    let mut sorted: Vec<(GuestRegion, OwnedFd)> = regions.iter().copied().zip(fds).collect();
+    sorted.sort_by_key(|(r, _)| r.gpa);
+    let mut prev_end: Option<u64> = None;
+    let mut built = Vec::with_capacity(sorted.len());
+    for (r, fd) in sorted {
+        let GuestRegion {
+            gpa,
+            size,
+            fd_offset,
+        } = r;
+        if size == 0 || !is_page_aligned(size) || !is_page_aligned(gpa) {
+            return Err(bad(format!(
+                "region {gpa:#x}+{size:#x}: must be non-empty and page-aligned"
+            )));
+        }
+        if !is_page_aligned(fd_offset) {
+            return Err(bad(format!(
+                "region {gpa:#x}: fd offset {fd_offset:#x} is not page-aligned"
+            )));
+        }
+        let end = gpa
+            .checked_add(size)
+            .ok_or_else(|| bad(format!("region {gpa:#x}+{size:#x} overflows")))?;
+        if let Some(pe) = prev_end {
+            if gpa < pe {
+                return Err(bad(format!(
+                    "region {gpa:#x}+{size:#x} overlaps the one ending at {pe:#x}"
+                )));
+            }
+        }
+        prev_end = Some(end);
+        let need = fd_offset
+            .checked_add(size)
+            .ok_or_else(|| bad(format!("region {gpa:#x}: fd offset + size overflows")))?;
+        let file = File::from(fd);
+        let have = file
+            .metadata()
+            .map_err(|e| bad(format!("region {gpa:#x}: fstat: {e}")))?
+            .len();
+        if have < need {
+            return Err(bad(format!(
+                "region {gpa:#x}: fd holds {have:#x} bytes, needs {need:#x}"
+            )));
+        }
+        let len = usize::try_from(size)
+            .map_err(|_| bad(format!("region {gpa:#x}: size {size:#x} too large")))?;
+        let mapping = MmapRegion::from_file(FileOffset::new(file, fd_offset), len)
+            .map_err(|e| bad(format!("region {gpa:#x}: mmap: {e}")))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
+            .ok_or_else(|| bad(format!("region {gpa:#x}+{size:#x} overflows")))?;
+        built.push(region);
+    }
+    GuestMemoryMmap::from_regions(built).map_err(|e| bad(e.to_string()))
+}
+
+/// The token of a control chain in flight: reset generation, queue and head index, so that
+/// a head can be in flight once and a response from before a reset is recognised.
+pub fn token(generation: u32, queue: u16, head: u16) -> u64 {
+    (u64::from(generation) << 32) | (u64::from(queue) << 16) | u64::from(head)
+}
+
+/// The parts of a [`token`]: `(generation, queue, head)`.
+pub fn split_token(token: u64) -> (u32, u16, u16) {
+    ((token >> 32) as u32, (token >> 16) as u16, token as u16)
+}
+
+/// One device-writable buffer of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// A well-formed control chain: the request bytes and where the response goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// The device-readable part, concatenated.
+    pub request: Vec<u8>,
+    /// The device-writable part, in order.
+    pub writable: Vec<Segment>,
+    /// Total bytes of `writable`.
+    pub writable_len: usize,
+}
+
+/// Why a descriptor chain was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BadChain {
+    /// The head index is not below the queue size (cannot be returned used: dropped).
+    HeadOutOfRange,
+    /// The head is already in flight (answering it twice would corrupt the used ring:
+    /// dropped).
+    HeadInFlight,
+    /// More descriptors than the queue has: a loop, or a chain longer than the queue.
+    TooLong,
+    /// A `next` index not below the queue size.
+    NextOutOfRange,
+    /// A descriptor could not be read (descriptor table outside RAM).
+    DescriptorUnreadable,
+    /// An indirect descriptor (VIRTIO_RING_F_INDIRECT_DESC is not offered).
+    Indirect,
+    /// `addr + len` or the sum of lengths overflows.
+    LengthOverflow,
+    /// A buffer lies (partly) outside guest RAM.
+    OutsideRam,
+    /// A device-readable descriptor after a device-writable one.
+    WritableBeforeReadable,
+    /// The device-readable part exceeds [`MAX_REQUEST`].
+    RequestTooLarge,
+    /// The writable part cannot hold the response's fixed part.
+    ResponseTooSmall,
+    /// The avail ring's index runs more than a queue size ahead: the queue is dropped until
+    /// the next reset.
+    AvailIndex,
+    /// Writing the used ring failed.
+    UsedRing,
+}
+
+impl BadChain {
+    /// Every kind, for counters.
+    pub const ALL: [BadChain; 13] = [
+        BadChain::HeadOutOfRange,
+        BadChain::HeadInFlight,
+        BadChain::TooLong,
+        BadChain::NextOutOfRange,
+        BadChain::DescriptorUnreadable,
+        BadChain::Indirect,
+        BadChain::LengthOverflow,
+        BadChain::OutsideRam,
+        BadChain::WritableBeforeReadable,
+        BadChain::RequestTooLarge,
+        BadChain::ResponseTooSmall,
+        BadChain::AvailIndex,
+        BadChain::UsedRing,
+    ];
+
+    /// The error response a refused chain gets when it has room for one.
+    pub fn code(self) -> ErrorCode {
+        match self {
+            BadChain::OutsideRam | BadChain::RequestTooLarge => ErrorCode::InvalidParameter,
+            _ => ErrorCode::Unspec,
+        }
+    }
+
+    /// A short description for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            BadChain::HeadOutOfRange => "head index beyond the queue",
+            BadChain::HeadInFlight => "head index already in flight",
+            BadChain::TooLong => "descriptor loop or chain longer than the queue",
+            BadChain::NextOutOfRange => "next index beyond the queue",
+            BadChain::DescriptorUnreadable => "descriptor outside guest RAM",
+            BadChain::Indirect => "indirect descriptor (not negotiated)",
+            BadChain::LengthOverflow => "descriptor lengths overflow",
+            BadChain::OutsideRam => "buffer outside guest RAM",
+            BadChain::WritableBeforeReadable => "readable descriptor after a writable one",
+            BadChain::RequestTooLarge => "request larger than the device accepts",
+            BadChain::ResponseTooSmall => "writable part too small for the response",
+            BadChain::AvailIndex => "avail index more than a queue size ahead",
+            BadChain::UsedRing => "used ring not writable",
+        }
+    }
+}
+
+impl std::fmt::Display for BadChain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// A refused chain and what of it can still carry an error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Why.
+    pub kind: BadChain,
+    /// Writable buffers seen (in RAM, after the readable part) before or besides the error.
+    pub writable: Vec<Segment>,
+    /// Their total length.
+    pub writable_len: usize,
+    /// The request's header, if 24 readable bytes were read (its fence is echoed).
+    pub hdr: Option<CtrlHdr>,
+}
+
+/// Walks the chain at `head` in the descriptor table at `desc_table` of a queue of
+/// `queue_size` entries, copying its readable part (at most `max_request` bytes). Never
+/// panics and never reads outside `mem`, whatever the descriptors say.
+pub fn read_chain<M: GuestMemory>(
+    mem: &M,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    max_request: usize,
+) -> std::result::Result<Chain, Refused> {
+    let mut chain = Chain::default();
+    let mut deferred: Option<BadChain> = None;
+    let mut seen_writable = false;
+    let mut readable_len: usize = 0;
+    let mut idx = head;
+    let mut count: u32 = 0;
+    let stop = loop {
+        if idx >= queue_size {
+            break Some(if count == 0 {
+                BadChain::HeadOutOfRange
+            } else {
+                BadChain::NextOutOfRange
+            });
+        }
+        count += 1;
+        if count > u32::from(queue_size) {
+            break Some(BadChain::TooLong);
+        }
+        let Some(at) = desc_table.0.checked_add(u64::from(idx) * DESC_SIZE) else {
+            break Some(BadChain::DescriptorUnreadable);
+        };
+        let Ok(d) = mem.read_obj::<Descriptor>(GuestAddress(at)) else {
+            break Some(BadChain::DescriptorUnreadable);
+        };
+        if d.refers_to_indirect_table() {
+            break Some(BadChain::Indirect);
+        }
+        let addr = d.addr().0;
+        let len = d.len();
+        let in_ram = match addr.checked_add(u64::from(len)) {
+            None => {
+                deferred.get_or_insert(BadChain::LengthOverflow);
+                false
+            }
+            Some(_) => {
+                len == 0
+                    || mem.check_range(
+                        GuestAddress(addr),
+                        len as usize,
+                        vm_memory::Permissions::ReadWrite,
+                    )
+            }
+        };
+        if d.is_write_only() {
+            seen_writable = true;
+            if in_ram {
+                match chain.writable_len.checked_add(len as usize) {
+                    Some(n) => {
+                        chain.writable_len = n;
+                        chain.writable.push(Segment { addr, len });
+                    }
+                    None => {
+                        deferred.get_or_insert(BadChain::LengthOverflow);
+                    }
+                }
+            } else {
+                deferred.get_or_insert(BadChain::OutsideRam);
+            }
+        } else {
+            if seen_writable {
+                break Some(BadChain::WritableBeforeReadable);
+            }
+            match readable_len.checked_add(len as usize) {
+                Some(n) if n <= max_request => readable_len = n,
+                _ => {
+                    deferred.get_or_insert(BadChain::RequestTooLarge);
+                }
+            }
+            if !in_ram {
+                deferred.get_or_insert(BadChain::OutsideRam);
+            } else if deferred.is_none() && len > 0 {
+                let old = chain.request.len();
+                chain.request.resize(readable_len, 0);
+                let dst = chain.request.get_mut(old..).unwrap_or_default();
+                if mem.read_slice(dst, GuestAddress(addr)).is_err() {
+                    deferred.get_or_insert(BadChain::OutsideRam);
+                }
+            }
+        }
+        if !d.has_next() {
+            break None;
+        }
+        idx = d.next();
+    };
+    match stop.or(deferred) {
+        None => Ok(chain),
+        Some(kind) => Err(Refused {
+            kind,
+            hdr: CtrlHdr::parse(&chain.request).ok(),
+            writable: chain.writable,
+            writable_len: chain.writable_len,
+        }),
+    }
+}
+
+/// Writes `bytes` into `segments` in order; returns how many bytes were written (at most the
+/// segments' total).
+pub fn write_segments<M: GuestMemory>(mem: &M, segments: &[Segment], bytes: &[u8]) -> usize {
+    let mut done = 0usize;
+    for s in segments {
+        let Some(rest) = bytes.get(done..) else { break };
+        if rest.is_empty() {
+            break;
+        }
+        let n = rest.len().min(s.len as usize);
+        let Some(part) = rest.get(..n) else { break };
+        if mem.write_slice(part, GuestAddress(s.addr)).is_err() {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+/// The fixed part of the response to a request: what the writable part must hold before
+/// the command runs.
+pub fn min_response(request: &[u8]) -> usize {
+    match CtrlHdr::parse(request).map(|h| h.type_) {
+        Ok(VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB) => RESP_MAP_INFO_SIZE,
+        Ok(VIRTIO_GPU_CMD_GET_CAPSET_INFO) => RESP_CAPSET_INFO_SIZE,
+        _ => CTRL_HDR_SIZE,
+    }
+}
+
+/// Logs each kind of guest misbehaviour the 1st, 2nd, 4th, 8th, ... time it happens, so a
+/// flood costs a logarithmic number of log lines.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    counts: BTreeMap<&'static str, u64>,
+}
+
+impl LogLimiter {
+    /// Counts one occurrence of `kind`; logs `what` (with the count) when the count is a
+    /// power of two. Returns whether it logged.
+    pub fn warn(&mut self, kind: &'static str, what: std::fmt::Arguments<'_>) -> bool {
+        let n = self.counts.entry(kind).or_insert(0);
+        *n = n.saturating_add(1);
+        if n.is_power_of_two() {
+            log::warn!("virtio: {what} ({kind}, {n} so far)");
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How often `kind` happened.
+    pub fn count(&self, kind: &str) -> u64 {
+        self.counts.get(kind).copied().unwrap_or(0)
+    }
+}
+
+/// One enabled queue.
+#[derive(Debug)]
+struct VirtQueue {
+    queue: Queue,
+    kick: File,
+    call: File,
+    /// Heads taken from the avail ring and not returned used yet.
+    heads: BTreeSet<u16>,
+    /// The driver broke the avail index: the queue is ignored until reset.
+    broken: bool,
+    /// Used entries were added since the last notification decision.
+    dirty: bool,
+    /// Chains were left in the avail ring after [`MAX_ROUNDS`].
+    more: bool,
+}
+
+/// A control chain whose command is in the handler.
+#[derive(Debug)]
+struct Pending {
+    writable: Vec<Segment>,
+    writable_len: usize,
+    hdr: Option<CtrlHdr>,
+}
+
+/// The virtio-gpu device core: guest memory, the two split queues and the command handler.
+pub struct VirtioGpu<P: Placer> {
+    gpu: Gpu<P>,
+    mem: Option<GuestMemoryMmap>,
+    queues: [Option<VirtQueue>; NUM_QUEUES],
+    pending: BTreeMap<u64, Pending>,
+    generation: u32,
+    stats: QueueStats,
+    limiter: LogLimiter,
+}
+
+impl<P: Placer> std::fmt::Debug for VirtioGpu<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioGpu")
+            .field("memory", &self.mem.is_some())
+            .field("queues", &self.queues)
+            .field("pending", &self.pending.len())
+            .field("generation", &self.generation)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl<P: Placer> VirtioGpu<P> {
+    /// A device core around `gpu`, with no memory and no queue yet.
+    pub fn new(gpu: Gpu<P>) -> Self {
+        VirtioGpu {
+            gpu,
+            mem: None,
+            queues: [None, None],
+            pending: BTreeMap::new(),
+            generation: 0,
+            stats: QueueStats::default(),
+            limiter: LogLimiter::default(),
+        }
+    }
+
+    /// The command handler.
+    pub fn gpu(&self) -> &Gpu<P> {
+        &self.gpu
+    }
+
+    /// The command handler, mutably.
+    pub fn gpu_mut(&mut self) -> &mut Gpu<P> {
+        &mut self.gpu
+    }
+
+    /// The counters since the device started (a reset keeps them).
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// The guest memory, once the transport sent it.
+    pub fn memory(&self) -> Option<&GuestMemoryMmap> {
+        self.mem.as_ref()
+    }
+
+    /// How many chains of kind `kind` were refused so far.
+    pub fn refused(&self, kind: BadChain) -> u64 {
+        self.limiter.count(kind.describe())
+    }
+
+    /// Control chains whose response is not in the used ring yet.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Placements in flight in the handler's pipeline.
+    pub fn in_flight(&self) -> usize {
+        self.gpu.in_flight()
+    }
+
+    /// True when queue `index` is enabled.
+    pub fn queue_enabled(&self, index: u16) -> bool {
+        matches!(self.queues.get(usize::from(index)), Some(Some(_)))
+    }
+
+    /// Takes guest RAM. Refused while a queue is enabled (their rings and in-flight chains
+    /// live in the old memory): the transport sends memory before queues, and after a
+    /// reset.
+    pub fn set_memory(&mut self, mem: GuestMemoryMmap) -> Result<()> {
+        if self.queues.iter().any(Option::is_some) {
+            return Err(Error::GuestMemory(
+                "queues are enabled: reset the device before replacing guest memory".into(),
+            ));
+        }
+        self.mem = Some(mem);
+        Ok(())
+    }
+
+    /// Enables queue `setup.index` with its kick and call eventfds. Refused (and nothing
+    /// kept) for an unknown index, a queue already enabled, no guest memory yet, a size that
+    /// is zero, not a power of two or over [`QUEUE_MAX_SIZE`], misaligned rings, rings
+    /// outside guest RAM or overlapping each other.
+    pub fn enable_queue(&mut self, setup: &QueueSetup, kick: OwnedFd, call: OwnedFd) -> Result<()> {
+        let index = setup.index;
+        let bad = |reason: String| Error::QueueSetup { index, reason };
+        let slot = usize::from(index);
+        if slot >= NUM_QUEUES {
+            return Err(bad(format!("no such queue (the device has {NUM_QUEUES})")));
+        }
+        if self.queue_enabled(index) {
+            return Err(bad("already enabled (reset the device first)".into()));
+        }
+        let Some(mem) = self.mem.as_ref() else {
+            return Err(bad("no guest memory yet".into()));
+        };
+        let mut q = Queue::new(QUEUE_MAX_SIZE)
+            .map_err(|e| bad(format!("queue of {QUEUE_MAX_SIZE}: {e}")))?;
+        q.try_set_size(setup.size).map_err(|e| {
+            bad(format!(
+                "size {}: {e} (a power of two, 1 to {QUEUE_MAX_SIZE})",
+                setup.size
+            ))
+        })?;
+        q.try_set_desc_table_address(GuestAddress(setup.desc))
+            .map_err(|e| bad(format!("descriptor table {:#x}: {e}", setup.desc)))?;
+        q.try_set_avail_ring_address(GuestAddress(setup.avail))
+            .map_err(|e| bad(format!("avail ring {:#x}: {e}", setup.avail)))?;
+        q.try_set_used_ring_address(GuestAddress(setup.used))
+            .map_err(|e| bad(format!("used ring {:#x}: {e}", setup.used)))?;
+        q.set_event_idx(setup.event_idx);
+        rings_disjoint(setup).map_err(bad)?;
+        q.set_ready(true);
+        if !q.is_valid(mem) {
+            return Err(bad(format!(
+                "rings outside guest RAM (desc {:#x}, avail {:#x}, used {:#x}, size {})",
+                setup.desc, setup.avail, setup.used, setup.size
+            )));
+        }
+        if let Some(s) = self.queues.get_mut(slot) {
+            *s = Some(VirtQueue {
+                queue: q,
+                kick: File::from(kick),
+                call: File::from(call),
+                heads: BTreeSet::new(),
+                broken: false,
+                dirty: false,
+                more: false,
+            });
+        }
+        log::info!(
+            "queue {index} enabled: size {}, desc {:#x}, avail {:#x}, used {:#x}, event_idx {}",
+            setup.size,
+            setup.desc,
+            setup.avail,
+            setup.used,
+            setup.event_idx
+        );
+        Ok(())
+    }
+
+    /// The kick eventfds of the enabled queues, to poll.
+    pub fn kick_fds(&self) -> Vec<(u16, BorrowedFd<'_>)> {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| Some((i as u16, q.as_ref()?.kick.as_fd())))
+            .collect()
+    }
+
+    /// A kick on queue `index`: reads its eventfd's counter (if it is readable; never
+    /// blocks), then serves the queue.
+    pub fn kick(&mut self, index: u16) {
+        let Some(Some(q)) = self.queues.get_mut(usize::from(index)) else {
+            self.limiter.warn(
+                "kick on a disabled queue",
+                format_args!("kick on queue {index}, which is not enabled"),
+            );
+            return;
+        };
+        let mut pfd = [nix::poll::PollFd::new(
+            q.kick.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let readable =
+            matches!(nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0);
+        if readable {
+            let mut buf = [0u8; 8];
+            match (&q.kick).read(&mut buf) {
+                Ok(8) => {
+                    self.stats.wakeups += 1;
+                    self.stats.kicks = self.stats.kicks.saturating_add(u64::from_ne_bytes(buf));
+                }
+                Ok(_) | Err(_) => {}
+            }
+        }
+        self.process_queue(index);
+    }
+
+    /// Serves queue `index` without looking at its eventfd: takes every available chain,
+    /// submits control commands, returns cursor chains, writes the responses that are ready
+    /// and notifies the driver if it asked for it. Then re-enables driver notifications
+    /// (event index: `avail_event` = next avail) and goes again if more chains came
+    /// meanwhile, at most [`MAX_ROUNDS`] times: after that the queue is marked
+    /// [`VirtioGpu::busy`] and the loop serves it again without waiting for a kick, so one
+    /// busy queue cannot starve the transport tube.
+    pub fn process_queue(&mut self, index: u16) {
+        let Some(mem) = self.mem.clone() else {
+            self.limiter.warn(
+                "no guest memory",
+                format_args!("queue {index} served before guest memory"),
+            );
+            return;
+        };
+        for _ in 0..MAX_ROUNDS {
+            let heads = {
+                let Some(Some(q)) = self.queues.get_mut(usize::from(index)) else {
+                    return;
+                };
+                q.more = false;
+                if q.broken {
+                    return;
+                }
+                match q.queue.iter(&mem) {
+                    Ok(iter) => iter.map(|c| c.head_index()).collect::<Vec<u16>>(),
+                    Err(e) => {
+                        q.broken = true;
+                        self.stats.bad_chains += 1;
+                        self.limiter.warn(
+                            BadChain::AvailIndex.describe(),
+                            format_args!("queue {index}: {e}: ignored until reset"),
+                        );
+                        return;
+                    }
+                }
+            };
+            for head in heads {
+                self.stats.chains += 1;
+                if index == CONTROLQ {
+                    self.control_chain(&mem, head);
+                } else {
+                    self.cursor_chain(&mem, index, head);
+                }
+            }
+            self.flush();
+            let Some(Some(q)) = self.queues.get_mut(usize::from(index)) else {
+                return;
+            };
+            match q.queue.enable_notification(&mem) {
+                Ok(true) => q.more = true,
+                Ok(false) => return,
+                Err(_) => {
+                    // The used ring was checked at enable; nothing more to do here.
+                    return;
+                }
+            }
+        }
+    }
+
+    /// True when a queue has chains left from a busy [`VirtioGpu::process_queue`]: serve
+    /// them ([`VirtioGpu::process_busy`]) without waiting for a kick.
+    pub fn busy(&self) -> bool {
+        self.queues.iter().flatten().any(|q| q.more && !q.broken)
+    }
+
+    /// Serves the queues that [`VirtioGpu::busy`] reported.
+    pub fn process_busy(&mut self) {
+        for index in 0..NUM_QUEUES as u16 {
+            if matches!(self.queues.get(usize::from(index)), Some(Some(q)) if q.more) {
+                self.process_queue(index);
+            }
+        }
+    }
+
+    fn cursor_chain(&mut self, mem: &GuestMemoryMmap, index: u16, head: u16) {
+        let Some(Some(q)) = self.queues.get_mut(usize::from(index)) else {
+            return;
+        };
+        if q.queue.add_used(mem, head, 0).is_err() {
+            self.stats.bad_chains += 1;
+            self.limiter.warn(
+                BadChain::HeadOutOfRange.describe(),
+                format_args!("queue {index}: head {head} cannot be returned: dropped"),
+            );
+            return;
+        }
+        q.dirty = true;
+    }
+
+    fn control_chain(&mut self, mem: &GuestMemoryMmap, head: u16) {
+        let Some(Some(q)) = self.queues.get_mut(usize::from(CONTROLQ)) else {
+            return;
+        };
+        if q.heads.contains(&head) {
+            self.stats.bad_chains += 1;
+            self.limiter.warn(
+                BadChain::HeadInFlight.describe(),
+                format_args!("controlq: head {head} offered again while in flight: dropped"),
+            );
+            return;
+        }
+        let desc = GuestAddress(q.queue.desc_table());
+        let size = q.queue.size();
+        let refused = match read_chain(mem, desc, size, head, MAX_REQUEST) {
+            Ok(chain) => {
+                let need = min_response(&chain.request);
+                if chain.writable_len >= need {
+                    let t = token(self.generation, CONTROLQ, head);
+                    q.heads.insert(head);
+                    self.pending.insert(
+                        t,
+                        Pending {
+                            writable: chain.writable,
+                            writable_len: chain.writable_len,
+                            hdr: CtrlHdr::parse(&chain.request).ok(),
+                        },
+                    );
+                    self.gpu.submit(t, &chain.request);
+                    return;
+                }
+                Refused {
+                    kind: BadChain::ResponseTooSmall,
+                    hdr: CtrlHdr::parse(&chain.request).ok(),
+                    writable: chain.writable,
+                    writable_len: chain.writable_len,
+                }
+            }
+            Err(r) => r,
+        };
+        self.stats.bad_chains += 1;
+        self.limiter.warn(
+            refused.kind.describe(),
+            format_args!("controlq: head {head}: {}", refused.kind),
+        );
+        if refused.kind == BadChain::HeadOutOfRange {
+            return;
+        }
+        let written = if refused.writable_len >= CTRL_HDR_SIZE {
+            let hdr = refused.hdr.unwrap_or_default();
+            let resp = Response::error_for(&hdr, refused.kind.code()).encode();
+            write_segments(mem, &refused.writable, &resp)
+        } else {
+            0
+        };
+        self.return_used(mem, CONTROLQ, head, written);
+    }
+
+    fn return_used(&mut self, mem: &GuestMemoryMmap, index: u16, head: u16, written: usize) {
+        let Some(Some(q)) = self.queues.get_mut(usize::from(index)) else {
+            return;
+        };
+        q.heads.remove(&head);
+        let len = u32::try_from(written).unwrap_or(u32::MAX);
+        if q.queue.add_used(mem, head, len).is_err() {
+            self.stats.bad_chains += 1;
+            self.limiter.warn(
+                BadChain::UsedRing.describe(),
+                format_args!("queue {index}: head {head}: used ring not writable"),
+            );
+            return;
+        }
+        q.dirty = true;
+    }
+
+    /// Writes every response the handler has ready into its chain, returns the chains used
+    /// and notifies the driver where it asked for it.
+    pub fn flush(&mut self) {
+        let ready = self.gpu.take_ready();
+        if let Some(mem) = self.mem.clone() {
+            for (t, resp) in ready {
+                let Some(p) = self.pending.remove(&t) else {
+                    log::debug!("response for unknown token {t:#x} dropped");
+                    continue;
+                };
+                let (generation, index, head) = split_token(t);
+                if generation != self.generation {
+                    continue;
+                }
+                let bytes = fit_response(resp, &p);
+                let written = write_segments(&mem, &p.writable, &bytes);
+                self.return_used(&mem, index, head, written);
+            }
+            self.notify(&mem);
+        }
+    }
+
+    /// Signals the call eventfd of every queue with new used entries whose driver wants to
+    /// hear of it.
+    fn notify(&mut self, mem: &GuestMemoryMmap) {
+        for q in self.queues.iter_mut().flatten() {
+            if !q.dirty {
+                continue;
+            }
+            q.dirty = false;
+            let wanted = match q.queue.needs_notification(mem) {
+                Ok(true) if !q.queue.event_idx_enabled() => {
+                    // Without event index the driver's avail flags decide.
+                    let flags: u16 = mem
+                        .read_obj(GuestAddress(q.queue.avail_ring()))
+                        .map(u16::from_le)
+                        .unwrap_or(0);
+                    flags & VRING_AVAIL_F_NO_INTERRUPT == 0
+                }
+                Ok(w) => w,
+                Err(_) => true,
+            };
+            if wanted {
+                if let Err(e) = (&q.call).write_all(&1u64.to_ne_bytes()) {
+                    log::warn!("virtio: signalling the call eventfd failed: {e}");
+                }
+                self.stats.interrupts += 1;
+            } else {
+                self.stats.suppressed += 1;
+            }
+        }
+    }
+
+    /// Settles the oldest pipelined placement and writes what became ready.
+    pub fn finish_one(&mut self) {
+        self.gpu.finish_one();
+        self.flush();
+    }
+
+    /// Device reset: settles the pipeline, drops every response not delivered, unmaps every
+    /// blob through the placer, unrefs blobs, destroys contexts ([`Gpu::reset_all`]), drops
+    /// queues and guest memory, and starts a new token generation.
+    pub fn reset(&mut self) {
+        let sum = self.gpu.reset_all();
+        let undelivered = self.pending.len();
+        self.pending.clear();
+        self.queues = [None, None];
+        self.mem = None;
+        self.generation = self.generation.wrapping_add(1);
+        log::info!(
+            "virtio reset: {undelivered} chains not answered, {} placements undone",
+            sum.unmapped
+        );
+    }
+}
+
+/// The response as it goes into the chain: `OK_NODATA` cut to the writable part (its tail
+/// is hostmem's extension), anything else that does not fit replaced by `ERR_UNSPEC`.
+fn fit_response(resp: Vec<u8>, p: &Pending) -> Vec<u8> {
+    if resp.len() <= p.writable_len {
+        return resp;
+    }
+    let ok_nodata = CtrlHdr::parse(&resp).is_ok_and(|h| h.type_ == VIRTIO_GPU_RESP_OK_NODATA);
+    if ok_nodata {
+        let mut r = resp;
+        r.truncate(p.writable_len);
+        return r;
+    }
+    log::warn!(
+        "virtio: response of {} bytes does not fit the {} writable bytes: ERR_UNSPEC",
+        resp.len(),
+        p.writable_len
+    );
+    Response::error_for(&p.hdr.unwrap_or_default(), ErrorCode::Unspec).encode()
+}
+
+/// Checks the three rings of `setup` do not overlap (checked arithmetic).
+fn rings_disjoint(setup: &QueueSetup) -> std::result::Result<(), String> {
+    let n = u64::from(setup.size);
+    let areas = [
+        ("descriptor table", setup.desc, DESC_SIZE * n),
+        ("avail ring", setup.avail, 6 + 2 * n),
+        ("used ring", setup.used, 6 + 8 * n),
+    ];
+    let mut ends = [0u64; 3];
+    for (i, (what, start, len)) in areas.iter().enumerate() {
+        let end = start
+            .checked_add(*len)
+            .ok_or_else(|| format!("{what} at {start:#x} overflows"))?;
+        if let Some(e) = ends.get_mut(i) {
+            *e = end;
+        }
+    }
+    for i in 0..areas.len() {
+        for j in i + 1..areas.len() {
+            let (Some(a), Some(b), Some(ea), Some(eb)) =
+                (areas.get(i), areas.get(j), ends.get(i), ends.get(j))
+            else {
+                continue;
+            };
+            if a.1 < *eb && b.1 < *ea {
+                return Err(format!(
+                    "{} {:#x}..{ea:#x} overlaps {} {:#x}..{eb:#x}",
+                    a.0, a.1, b.0, b.1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip() {
+        let t = token(7, 1, 255);
+        assert_eq!(split_token(t), (7, 1, 255));
+        assert_ne!(token(0, 0, 3), token(1, 0, 3));
+    }
+
+    #[test]
+    fn overlapping_rings_are_refused() {
+        let ok = QueueSetup {
+            index: 0,
+            size: 16,
+            desc: 0x1000,
+            avail: 0x2000,
+            used: 0x3000,
+            event_idx: false,
+        };
+        assert!(rings_disjoint(&ok).is_ok());
+        // desc table is 256 bytes: an avail ring inside it overlaps.
+        let bad = QueueSetup {
+            avail: 0x1080,
+            ..ok
+        };
+        assert!(rings_disjoint(&bad).unwrap_err().contains("overlaps"));
+        let bad = QueueSetup { used: 0x2004, ..ok };
+        assert!(rings_disjoint(&bad).is_err());
+        let wrap = QueueSetup {
+            used: u64::MAX - 8,
+            ..ok
+        };
+        assert!(rings_disjoint(&wrap).unwrap_err().contains("overflows"));
+    }
+
+    #[test]
+    fn the_limiter_logs_powers_of_two() {
+        let mut l = LogLimiter::default();
+        let logged: Vec<bool> = (0..9).map(|_| l.warn("k", format_args!("x"))).collect();
+        assert_eq!(
+            logged,
+            [true, true, false, true, false, false, false, true, false]
+        );
+        assert_eq!(l.count("k"), 9);
+    }
+}
