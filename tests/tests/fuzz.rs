@@ -101,7 +101,7 @@ fn write_seed_corpora() {
         Command, CtrlHdr, ErrorCode, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
         VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D,
     };
-    use hostmem_ipc::protocol::{frame, DeviceMsg, Hello, Outcome, RefuseCode, Role, VmmMsg};
+    use hostmem_ipc::protocol::{DeviceMsg, Hello, Outcome, RefuseCode, Role, VmmMsg};
 
     let dir = corpus_dir();
     let write = |target: &str, name: &str, bytes: &[u8]| {
@@ -141,6 +141,7 @@ fn write_seed_corpora() {
             0,
             serde_json::to_vec(&DeviceMsg::Ready {
                 backend: "shm".into(),
+                num_capsets: 1,
             })
             .unwrap(),
         ),
@@ -172,7 +173,6 @@ fn write_seed_corpora() {
             2,
             br#"{"Map":{"seq":1,"resource_id":1,"offset":0,"len":4096,"fd_offset":0,"prot":7,"map_info":0}}"#.to_vec(),
         ),
-        ("framed", 0, frame(42, b"\x04\x01\x00\x00")),
     ];
     for (name, fds, body) in msgs {
         let mut v = vec![fds];

@@ -1,5 +1,6 @@
 //! The hostile device as a separate process, started by the real VMM code (`Device::start`,
-//! the stand-in guest `QueueDriver`, the mapping service, `run::run`) in place of the real device.
+//! the host-side virtio driver `QueueDriver`, the mapping service, `run::run`) in place of the
+//! real device.
 //! One scenario per test; the device attacks on the guest's second MAP_BLOB (the first one
 //! gives the overlap attack a live placement to aim at).
 //!
@@ -10,7 +11,6 @@
 //! baseline; and with KVM a real vCPU reads the right bytes (blob patterns, zeros after
 //! unmap or device death). A watchdog turns a hung VMM into a failure.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,11 +22,10 @@ use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmOp};
 use hostmem_device::wire::{
     Command, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_HOST3D,
 };
-use hostmem_ipc::Tube;
 use hostmem_vmm::device::{Device, DeviceConfig};
-use hostmem_vmm::queue_driver::{CmdError, QueueDriver};
 use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
+use hostmem_vmm::queue_driver::{CmdError, QueueDriver};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 const P: u64 = 4096;
@@ -220,8 +219,7 @@ fn connect(v: &Vmm, scenario: &str) -> Session {
             dev.facts()
         );
     }
-    let control = Tube::from_fd(dev.control().as_fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut drv = QueueDriver::new(control, v.hm.clone()).unwrap();
+    let mut drv = QueueDriver::new(dev.transport()).unwrap();
     drv.set_timeout(COMMAND_TIMEOUT).unwrap();
     drv.ctx_create(CTX, 0).unwrap();
     Session { dev, drv }
@@ -299,8 +297,12 @@ enum Verdict {
     Lost,
     /// The guest gets an unparsable response: that command fails, the device keeps serving.
     BadResponse,
-    /// Responses out of order: the driver matches them by tag; everything succeeds.
+    /// Responses out of order: the driver matches them by descriptor; everything succeeds.
     Ok,
+    /// A valid placement no guest command asked for: the VMM cannot know (the commands are
+    /// in the device's virtqueues) and accepts it; the guest sees the blob; it is restored
+    /// to background when the device ends.
+    Accepted,
 }
 
 fn scenario(name: &'static str, verdict: Verdict) {
@@ -414,6 +416,13 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             result.unwrap_or_else(|e| panic!("{name}: out-of-order responses: {e}"));
             v.guest_reads(16 * P, &b, "blob 2 answered out of order");
         }
+        Verdict::Accepted => {
+            result.unwrap_or_else(|e| panic!("{name}: the unsolicited placement: {e}"));
+            assert_eq!(after.maps_ok, before.maps_ok + 1, "{name}: accepted");
+            assert_eq!(after.refused, before.refused, "{name}: nothing refused");
+            assert_eq!(v.hm.live(), 2);
+            v.guest_reads(16 * P, &b, "the unsolicited placement is visible");
+        }
         Verdict::Lost => {
             let err = result.expect_err("the device must be declared lost");
             assert!(err.device_lost(), "{name}: {err} must mean device lost");
@@ -495,7 +504,8 @@ scenarios! {
     placement_zero_length: "zero-length" => Verdict::Refused("zero length");
     placement_overlapping_a_live_one: "overlap" => Verdict::Refused("overlaps live placement");
     placement_with_prot_exec: "exec" => Verdict::Refused("not allowed");
-    placement_for_a_resource_no_command_asked_for: "unrequested" => Verdict::Refused("no map command for resource");
+    placement_for_a_resource_no_command_asked_for: "unrequested" => Verdict::Accepted;
+    placement_of_a_live_resource_id_again: "same-resource-twice" => Verdict::Refused("is already placed");
     fd_is_a_socket: "socket" => Verdict::Refused("not a regular mappable file");
     fd_is_a_directory: "directory" => Verdict::Refused("not a regular mappable file");
     fd_is_a_pipe: "pipe" => Verdict::Refused("not a regular mappable file");
@@ -538,7 +548,8 @@ jailed_scenarios! {
     jailed_placement_misaligned: "misaligned" => Verdict::Refused("not page-aligned");
     jailed_placement_overlapping_a_live_one: "overlap" => Verdict::Refused("overlaps live placement");
     jailed_placement_with_prot_exec: "exec" => Verdict::Refused("not allowed");
-    jailed_placement_unrequested: "unrequested" => Verdict::Refused("no map command for resource");
+    jailed_placement_unrequested: "unrequested" => Verdict::Accepted;
+    jailed_placement_of_a_live_resource_id_again: "same-resource-twice" => Verdict::Refused("is already placed");
     jailed_fd_is_a_short_memfd: "short-memfd" => Verdict::Refused("placement needs");
     jailed_fd_can_shrink_and_is_truncated: "unsealed-truncate" => Verdict::Refused("F_SEAL_SHRINK");
     jailed_malformed_json: "malformed" => Verdict::ProtocolErrors(1);
