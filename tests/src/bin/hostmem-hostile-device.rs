@@ -772,18 +772,15 @@ fn transport_msg(
         }
         TransportMsg::QueueEnable { seq, mut queue } if queue.index == 0 && fds.len() == 2 => {
             let real_call = fds.pop().context("call fd")?;
+            // The core signals a dup of the driver's call eventfd (a spurious wake-up before
+            // we copy: the driver looks again); we signal once more after copying. No
+            // eventfd of our own: the jail's policy has no eventfd2.
+            fds.push(real_call.try_clone()?);
             shadow.real = Some((queue, std::fs::File::from(real_call)));
             shadow.seen = 0;
             shadow.real_idx = 0;
             shadow.held = None;
             queue.used = SHADOW_GPA;
-            // The core signals a private eventfd; we signal the driver after copying.
-            fds.push(OwnedFd::from(
-                nix::sys::eventfd::EventFd::from_value_and_flags(
-                    0,
-                    nix::sys::eventfd::EfdFlags::EFD_CLOEXEC,
-                )?,
-            ));
             TransportMsg::QueueEnable { seq, queue }
         }
         TransportMsg::Reset { seq } => {
@@ -827,7 +824,11 @@ fn forward(dev: &mut VirtioGpu<HostilePlacer>, shadow: &mut Shadow) -> anyhow::R
                     out.push(h);
                 }
             }
-            Some(ControlAttack::NoReply) => log::warn!("hostile device: head {id} never used"),
+            Some(ControlAttack::NoReply) => {
+                // A device that stops answering altogether: the VMM must kill it.
+                log::warn!("hostile device: head {id} never used; hanging");
+                hang()
+            }
             Some(ControlAttack::UnknownTag) => out.push((id.wrapping_add(1), len)),
             Some(ControlAttack::Untagged) => out.push((u32::MAX, len)),
             Some(ControlAttack::Garbage) => {
