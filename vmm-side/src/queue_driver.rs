@@ -99,7 +99,7 @@ pub enum DriverError {
     #[error("eventfd: {0}")]
     EventFd(Errno),
     /// No used buffer within the timeout: the device is hung.
-    #[error("no response within {0:?}: the device is hung")]
+    #[error("timed out: no response within {0:?} (the device is hung)")]
     Timeout(Duration),
     /// The device's transport tube hung up: it is gone.
     #[error("the device hung up")]
