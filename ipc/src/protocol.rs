@@ -17,6 +17,7 @@
 //!   [`TransportMsg::Stats`] to read the virtqueue counters.
 //! * device → VMM: one [`TransportReply`] per message, same `seq`, before the transport lets
 //!   the guest go on (a reset completes only when the device has dropped everything).
+//!
 //! Closing the transport tube asks the device to exit.
 
 use std::time::Duration;

@@ -373,7 +373,7 @@ enum Route {
         gpu: Box<Gpu<InprocPlacer>>,
     },
     Sandboxed {
-        driver: Option<QueueDriver>,
+        driver: Option<Box<QueueDriver>>,
         device: Option<Box<Device>>,
     },
 }
@@ -570,7 +570,7 @@ impl CaseRun {
                 let mut driver = QueueDriver::new(device.transport())?;
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {
-                    driver: Some(driver),
+                    driver: Some(Box::new(driver)),
                     device: Some(Box::new(device)),
                 }
             }

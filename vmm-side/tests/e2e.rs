@@ -291,3 +291,52 @@ fn log_mode_reports_the_missing_rule_and_keeps_running() {
         assert_eq!(args[1], "0x3", "flags argument of {v}");
     }
 }
+
+/// The host-side driver on the real device's virtqueues: more commands in flight than it has
+/// slots (it waits for completions), every response matched to its command, the device's
+/// counters, and a transport reset after which the device serves a fresh context.
+#[test]
+fn queue_driver_many_in_flight_stats_and_reset() {
+    let _serial = serial();
+    let (hm, dev, mut d) = start(&[]);
+    const P: u64 = 4096;
+    let cmds: Vec<u64> = (1..=300u32)
+        .map(|res| {
+            let c = hostmem_device::wire::Command::create_blob(
+                1,
+                res,
+                hostmem_device::wire::VIRTIO_GPU_BLOB_MEM_HOST3D,
+                hostmem_device::wire::VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+                0,
+                P,
+            );
+            d.submit(&c.encode()).unwrap()
+        })
+        .collect();
+    // Collected in reverse: earlier responses wait in the driver.
+    for tag in cmds.into_iter().rev() {
+        d.wait_ok(tag).unwrap();
+    }
+    assert_eq!(d.in_flight(), 0);
+    d.map_blob(1, 7, 0).unwrap();
+    assert_eq!(hm.live(), 1);
+    let stats = d.device_stats().unwrap();
+    assert!(stats.chains >= 302, "{stats:?}");
+    assert_eq!(stats.bad_chains, 0, "{stats:?}");
+    // Reset: the device drops its blobs (unmapping through the VMM first) and contexts.
+    d.reset().unwrap();
+    assert_eq!(hm.live(), 0, "the reset unmapped the blob");
+    assert_eq!(
+        code(d.map_blob(1, 7, 0)),
+        "InvalidResourceId",
+        "the blob is gone"
+    );
+    d.ctx_create(1, 0).unwrap();
+    d.create_blob(1, 7, 0, P).unwrap();
+    d.map_blob(1, 7, 0).unwrap();
+    assert_eq!(hm.live(), 1);
+    drop(d);
+    let exit = dev.stop("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    assert_eq!(exit.restored, 1);
+}
