@@ -2,8 +2,7 @@
 //!
 //! A [`Tube`] is a `SOCK_SEQPACKET` socket: one message per datagram, so framing is the
 //! kernel's job. Typed messages travel as serde_json with up to [`MAX_FDS`] fds attached
-//! via `SCM_RIGHTS`; raw byte messages (the virtio-gpu control queue, whose commands keep
-//! their wire layout) travel as they are. Every failure on receive is a typed [`Error`],
+//! via `SCM_RIGHTS`. Every failure on receive is a typed [`Error`],
 //! and any fds that arrived with a bad message are closed, never leaked.
 //!
 //! [`protocol`] holds the message types and the versioned `Hello` handshake.

@@ -43,6 +43,9 @@ pub enum Error {
         /// The errno.
         errno: Errno,
     },
+    /// `shutdown(2)` failed.
+    #[error("shutdown failed: {0}")]
+    Shutdown(Errno),
     /// `sendmsg` failed.
     #[error("send failed: {0}")]
     Send(Errno),
@@ -152,6 +155,19 @@ impl Tube {
     pub fn set_recv_spin(&self, t: Duration) {
         let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
         self.spin_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Shuts the connection down in both directions (`shutdown(2)`, `SHUT_RDWR`): the peer
+    /// reads EOF ([`Error::Hangup`]) and its sends fail, and our own blocked or later
+    /// receives return [`Error::Hangup`], even while other holders of this socket (an
+    /// `Arc<Tube>` elsewhere, a dup in a forked child) keep it open. Dropping a tube closes
+    /// the connection only when the last holder lets go; this ends it now.
+    pub fn shutdown(&self) -> Result<()> {
+        match nix::sys::socket::shutdown(self.sock.as_raw_fd(), nix::sys::socket::Shutdown::Both) {
+            // Already disconnected (the peer is gone): nothing left to shut down.
+            Ok(()) | Err(Errno::ENOTCONN) => Ok(()),
+            Err(e) => Err(Error::Shutdown(e)),
+        }
     }
 
     /// Gives up the socket.

@@ -59,6 +59,7 @@ fn cross_process_round_trip_with_memfd() {
         tube.send(
             &DeviceMsg::Ready {
                 backend: "test".into(),
+                num_capsets: 2,
             },
             &[],
         )
@@ -79,7 +80,8 @@ fn cross_process_round_trip_with_memfd() {
     assert_eq!(
         msg,
         DeviceMsg::Ready {
-            backend: "test".into()
+            backend: "test".into(),
+            num_capsets: 2,
         }
     );
     assert!(fds.is_empty());
@@ -245,4 +247,36 @@ fn polling_receive_gets_early_and_late_messages_fds_and_timeouts() {
     drop(a);
     b.set_recv_timeout(None).unwrap();
     assert!(matches!(b.recv::<VmmMsg>(), Err(Error::Hangup)));
+}
+
+#[test]
+fn shutdown_ends_the_connection_while_other_holders_keep_the_socket() {
+    let (a, b) = Tube::pair().unwrap();
+    let a = std::sync::Arc::new(a);
+    // Another holder of the same end (as the VMM's loop and the device handle share it), and
+    // a dup of the socket (as a forked child would hold).
+    let other = a.clone();
+    let dup = Tube::from_fd(a.as_fd().try_clone_to_owned().unwrap()).unwrap();
+    // A receive blocked on our end is woken with a hang-up.
+    let blocked = {
+        let other = other.clone();
+        std::thread::spawn(move || other.recv::<VmmMsg>().map(|(m, _)| m))
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    a.shutdown().unwrap();
+    assert!(matches!(blocked.join().unwrap(), Err(Error::Hangup)));
+    // The peer reads EOF at once although every holder is still alive.
+    b.set_recv_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(matches!(b.recv::<VmmMsg>(), Err(Error::Hangup)));
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    // Neither side can send any more; a second shutdown is harmless.
+    assert!(matches!(b.send(&VmmMsg::Shutdown, &[]), Err(Error::Hangup)));
+    assert!(matches!(
+        dup.send(&VmmMsg::Shutdown, &[]),
+        Err(Error::Hangup)
+    ));
+    assert!(matches!(other.recv::<VmmMsg>(), Err(Error::Hangup)));
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
 }

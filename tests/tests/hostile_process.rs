@@ -1,5 +1,6 @@
 //! The hostile device as a separate process, started by the real VMM code (`Device::start`,
-//! the stand-in guest `Driver`, the mapping service, `run::run`) in place of the real device.
+//! the host-side virtio driver `QueueDriver`, the mapping service, `run::run`) in place of the
+//! real device.
 //! One scenario per test; the device attacks on the guest's second MAP_BLOB (the first one
 //! gives the overlap attack a live placement to aim at).
 //!
@@ -10,7 +11,6 @@
 //! baseline; and with KVM a real vCPU reads the right bytes (blob patterns, zeros after
 //! unmap or device death). A watchdog turns a hung VMM into a failure.
 
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,11 +22,10 @@ use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmOp};
 use hostmem_device::wire::{
     Command, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_HOST3D,
 };
-use hostmem_ipc::Tube;
 use hostmem_vmm::device::{Device, DeviceConfig};
-use hostmem_vmm::driver::{CmdError, Driver};
 use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
+use hostmem_vmm::queue_driver::{CmdError, QueueDriver};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 const P: u64 = 4096;
@@ -208,7 +207,7 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
 
 struct Session {
     dev: Device,
-    drv: Driver,
+    drv: QueueDriver,
 }
 
 fn connect(v: &Vmm, scenario: &str) -> Session {
@@ -220,8 +219,7 @@ fn connect(v: &Vmm, scenario: &str) -> Session {
             dev.facts()
         );
     }
-    let control = Tube::from_fd(dev.control().as_fd().try_clone_to_owned().unwrap()).unwrap();
-    let mut drv = Driver::new(control, v.hm.clone()).unwrap();
+    let mut drv = QueueDriver::new(dev.transport()).unwrap();
     drv.set_timeout(COMMAND_TIMEOUT).unwrap();
     drv.ctx_create(CTX, 0).unwrap();
     Session { dev, drv }
@@ -299,8 +297,12 @@ enum Verdict {
     Lost,
     /// The guest gets an unparsable response: that command fails, the device keeps serving.
     BadResponse,
-    /// Responses out of order: the driver matches them by tag; everything succeeds.
+    /// Responses out of order: the driver matches them by descriptor; everything succeeds.
     Ok,
+    /// A valid placement no guest command asked for: the VMM cannot know (the commands are
+    /// in the device's virtqueues) and accepts it; the guest sees the blob; it is restored
+    /// to background when the device ends.
+    Accepted,
 }
 
 fn scenario(name: &'static str, verdict: Verdict) {
@@ -323,7 +325,7 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
     v.jailed = jailed;
     let mut s = connect(&v, name);
     let a = blob(&mut s, 1, 4 * P);
-    s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+    s.drv.map_blob(CTX, 1, 0).unwrap();
     v.guest_reads(0, &a, "first blob");
     let b = blob(&mut s, 2, 4 * P);
     let before = v.hm.counters();
@@ -333,7 +335,7 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
     // The attack, on the guest's second MAP_BLOB.
     let result = if verdict == Verdict::Ok {
         // Two commands in flight: the device answers the second first.
-        let tag_map = s.drv.submit_map(CTX, 2, 16 * P, 4 * P).unwrap();
+        let tag_map = s.drv.submit_map(CTX, 2, 16 * P).unwrap();
         let create = Command::create_blob(
             CTX,
             3,
@@ -342,12 +344,12 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             0,
             4 * P,
         );
-        let tag_create = s.drv.submit(&create.encode(), None).unwrap();
+        let tag_create = s.drv.submit(&create.encode()).unwrap();
         let r = s.drv.wait_map(tag_map).map(drop);
         s.drv.wait_ok(tag_create).unwrap();
         r
     } else {
-        s.drv.map_blob(CTX, 2, 16 * P, 4 * P).map(drop)
+        s.drv.map_blob(CTX, 2, 16 * P).map(drop)
     };
     let after = v.hm.counters();
     let (refusals, protocol) = (
@@ -382,7 +384,7 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             assert_eq!(v.hm.live(), 1);
             v.guest_zeros(16 * P, 4 * P, "refused placement not visible");
             // The device goes on serving: the same blob maps fine now.
-            s.drv.map_blob(CTX, 2, 16 * P, 4 * P).unwrap();
+            s.drv.map_blob(CTX, 2, 16 * P).unwrap();
             v.guest_reads(16 * P, &b, "blob 2 after the refusal");
         }
         Verdict::ProtocolErrors(n) => {
@@ -413,6 +415,13 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
         Verdict::Ok => {
             result.unwrap_or_else(|e| panic!("{name}: out-of-order responses: {e}"));
             v.guest_reads(16 * P, &b, "blob 2 answered out of order");
+        }
+        Verdict::Accepted => {
+            result.unwrap_or_else(|e| panic!("{name}: the unsolicited placement: {e}"));
+            assert_eq!(after.maps_ok, before.maps_ok + 1, "{name}: accepted");
+            assert_eq!(after.refused, before.refused, "{name}: nothing refused");
+            assert_eq!(v.hm.live(), 2);
+            v.guest_reads(16 * P, &b, "the unsolicited placement is visible");
         }
         Verdict::Lost => {
             let err = result.expect_err("the device must be declared lost");
@@ -449,17 +458,17 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             // Restart with a device that behaves; it must work.
             s = connect(&v, "none");
             let a2 = blob(&mut s, 1, 4 * P);
-            s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+            s.drv.map_blob(CTX, 1, 0).unwrap();
             v.guest_reads(0, &a2, "blob 1 from the restarted device");
             let b2 = blob(&mut s, 2, 4 * P);
-            s.drv.map_blob(CTX, 2, 16 * P, 4 * P).unwrap();
+            s.drv.map_blob(CTX, 2, 16 * P).unwrap();
             v.guest_reads(16 * P, &b2, "blob 2 from the restarted device");
         }
     }
 
     // Whatever happened, the device (or its successor) still serves and unmaps correctly.
     let c = blob(&mut s, 5, 8 * P);
-    s.drv.map_blob(CTX, 5, 32 * P, 8 * P).unwrap();
+    s.drv.map_blob(CTX, 5, 32 * P).unwrap();
     v.guest_reads(32 * P, &c, "blob 5");
     v.consistent(&format!("{name}: end"));
     s.drv.unmap_blob(CTX, 5).unwrap();
@@ -495,7 +504,8 @@ scenarios! {
     placement_zero_length: "zero-length" => Verdict::Refused("zero length");
     placement_overlapping_a_live_one: "overlap" => Verdict::Refused("overlaps live placement");
     placement_with_prot_exec: "exec" => Verdict::Refused("not allowed");
-    placement_for_a_resource_no_command_asked_for: "unrequested" => Verdict::Refused("no map command for resource");
+    placement_for_a_resource_no_command_asked_for: "unrequested" => Verdict::Accepted;
+    placement_of_a_live_resource_id_again: "same-resource-twice" => Verdict::Refused("is already placed");
     fd_is_a_socket: "socket" => Verdict::Refused("not a regular mappable file");
     fd_is_a_directory: "directory" => Verdict::Refused("not a regular mappable file");
     fd_is_a_pipe: "pipe" => Verdict::Refused("not a regular mappable file");
@@ -538,7 +548,8 @@ jailed_scenarios! {
     jailed_placement_misaligned: "misaligned" => Verdict::Refused("not page-aligned");
     jailed_placement_overlapping_a_live_one: "overlap" => Verdict::Refused("overlaps live placement");
     jailed_placement_with_prot_exec: "exec" => Verdict::Refused("not allowed");
-    jailed_placement_unrequested: "unrequested" => Verdict::Refused("no map command for resource");
+    jailed_placement_unrequested: "unrequested" => Verdict::Accepted;
+    jailed_placement_of_a_live_resource_id_again: "same-resource-twice" => Verdict::Refused("is already placed");
     jailed_fd_is_a_short_memfd: "short-memfd" => Verdict::Refused("placement needs");
     jailed_fd_can_shrink_and_is_truncated: "unsealed-truncate" => Verdict::Refused("F_SEAL_SHRINK");
     jailed_malformed_json: "malformed" => Verdict::ProtocolErrors(1);
@@ -573,7 +584,7 @@ fn refused_at_start(name: &'static str) {
         let mut v = v;
         let mut s = connect(&v, "none");
         let a = blob(&mut s, 1, 4 * P);
-        s.drv.map_blob(CTX, 1, 0, 4 * P).unwrap();
+        s.drv.map_blob(CTX, 1, 0).unwrap();
         v.guest_reads(0, &a, "blob from the device started after the refusal");
         let Session { dev, drv } = s;
         drop(drv);

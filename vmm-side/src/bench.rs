@@ -9,7 +9,7 @@
 //! | `floor` | `Window::place` + `Window::restore` (MAP_FIXED) in one process, no checks, no IPC |
 //! | `fixed-inproc` | the device's [`Gpu`] handler in the VMM's process, placing through [`Hostmem`] in fixed mode (QEMU with the map_fixed patch) |
 //! | `slot-inproc` | the same with a memslot per blob (QEMU before it) |
-//! | `fixed-sandboxed` | the product: jailed device, tubes, validation, mirror placement in both processes |
+//! | `fixed-sandboxed` | the product: jailed device, commands on its real virtqueue (the host-side [`QueueDriver`]), tubes, validation, mirror placement in both processes |
 //! | `slot-sandboxed` | the same path with a memslot per blob |
 //! | `fixed-sandboxed-pipelined` | as `fixed-sandboxed`, with `queue_depth` commands in flight |
 //!
@@ -54,13 +54,12 @@ use hostmem_device::wire::{
     Command, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_HOST3D,
 };
 use hostmem_ipc::protocol::{Outcome, RefuseCode};
-use hostmem_ipc::Tube;
 use serde::Serialize;
 
 use crate::device::{Device, DeviceConfig};
-use crate::driver::Driver;
-use crate::hostmem::{Expect, Hostmem, Limits, MapEvent, Mode, DEFAULT_WINDOW_GPA};
+use crate::hostmem::{Hostmem, Limits, MapEvent, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{GuestProbe, ProbeRead};
+use crate::queue_driver::QueueDriver;
 use crate::run::{Latency, Rng};
 
 const PAGE: u64 = 4096;
@@ -345,13 +344,6 @@ impl Placer for InprocPlacer {
             .fd
             .try_clone()
             .map_err(|e| PlaceError::OutOfMemory(format!("dup of the blob fd: {e}")))?;
-        self.hostmem.expect(
-            req.resource_id,
-            Expect::Map {
-                offset: req.offset,
-                len: req.len,
-            },
-        );
         let ev = MapEvent {
             resource_id: req.resource_id,
             offset: req.offset,
@@ -359,16 +351,11 @@ impl Placer for InprocPlacer {
             fd_offset: req.blob.fd_offset,
             prot: req.prot.bits(),
         };
-        let out = self.hostmem.handle_map(&ev, Some(fd));
-        self.hostmem.done(req.resource_id);
-        place_result(out)
+        place_result(self.hostmem.handle_map(&ev, Some(fd)))
     }
 
     fn unmap(&mut self, resource_id: u32, offset: u64, len: u64) -> Result<(), PlaceError> {
-        self.hostmem.expect(resource_id, Expect::Unmap);
-        let out = self.hostmem.handle_unmap(resource_id, offset, len);
-        self.hostmem.done(resource_id);
-        place_result(out)
+        place_result(self.hostmem.handle_unmap(resource_id, offset, len))
     }
 
     fn window_size(&self) -> u64 {
@@ -386,7 +373,7 @@ enum Route {
         gpu: Box<Gpu<InprocPlacer>>,
     },
     Sandboxed {
-        driver: Option<Driver>,
+        driver: Option<Box<QueueDriver>>,
         device: Option<Box<Device>>,
     },
 }
@@ -460,7 +447,7 @@ impl Route {
             ),
             Route::Sandboxed { driver, .. } => {
                 let d = driver.as_mut().ok_or_else(|| anyhow!("driver gone"))?;
-                d.map_blob(CTX, b.res, b.offset, b.size)
+                d.map_blob(CTX, b.res, b.offset)
                     .with_context(|| format!("MAP_BLOB {} at {:#x}", b.res, b.offset))?;
                 Ok(())
             }
@@ -580,11 +567,10 @@ impl CaseRun {
             _ => {
                 let device = Device::start(&opts.device, hostmem.clone())
                     .with_context(|| format!("{}: starting the device", kind.name()))?;
-                let control = Tube::from_fd(device.control().as_fd().try_clone_to_owned()?)?;
-                let mut driver = Driver::new(control, hostmem.clone())?;
+                let mut driver = QueueDriver::new(device.transport())?;
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {
-                    driver: Some(driver),
+                    driver: Some(Box::new(driver)),
                     device: Some(Box::new(device)),
                 }
             }
@@ -735,7 +721,7 @@ impl CaseRun {
             let t0 = Instant::now();
             let mut tags = Vec::with_capacity(q);
             for b in blobs {
-                tags.push((d.submit_map(CTX, b.res, b.offset, b.size)?, Instant::now()));
+                tags.push((d.submit_map(CTX, b.res, b.offset)?, Instant::now()));
             }
             for (tag, at) in tags.drain(..) {
                 d.wait_map(tag)?;
@@ -1495,13 +1481,6 @@ fn limit_vmm(mode: Mode, limits: Limits, opts: &BenchOptions) -> anyhow::Result<
             fd_offset: 0,
             prot: Prot::READ_WRITE.bits(),
         };
-        hm.expect(
-            res,
-            Expect::Map {
-                offset: ev.offset,
-                len: PAGE,
-            },
-        );
         let fd = src.try_clone_fd()?;
         match hm.handle_map(&ev, Some(fd)) {
             Outcome::Ok => mapped += 1,
@@ -1533,8 +1512,7 @@ fn limit_sandboxed(mode: Mode, opts: &BenchOptions) -> anyhow::Result<LimitRepor
         Limits::default(),
     )?);
     let device = Device::start(&opts.device, hm.clone())?;
-    let control = Tube::from_fd(device.control().as_fd().try_clone_to_owned()?)?;
-    let mut driver = Driver::new(control, hm.clone())?;
+    let mut driver = QueueDriver::new(device.transport())?;
     driver.ctx_create(CTX, 0)?;
     let t = Instant::now();
     let mut mapped = 0usize;
@@ -1549,7 +1527,7 @@ fn limit_sandboxed(mode: Mode, opts: &BenchOptions) -> anyhow::Result<LimitRepor
         if let Err(e) = driver.create_blob(CTX, res, 0, PAGE) {
             break format!("CREATE_BLOB #{}: {e}", mapped + 1);
         }
-        if let Err(e) = driver.map_blob(CTX, res, mapped as u64 * BG_STRIDE, PAGE) {
+        if let Err(e) = driver.map_blob(CTX, res, mapped as u64 * BG_STRIDE) {
             break format!("MAP_BLOB #{}: {e}", mapped + 1);
         }
         mapped += 1;

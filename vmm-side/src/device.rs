@@ -1,13 +1,17 @@
 //! Launching and supervising the device process.
 //!
 //! [`Device::start`] builds the jail (or, for comparison, a plain child with fd hygiene),
-//! hands the device exactly two channels (the control queue at fd 3 and the mapping tube at
-//! fd 4) plus stderr, completes the handshake, **checks from outside that the device is
-//! jailed** (`/proc/<pid>/status`: `Seccomp: 2`, `NoNewPrivs: 1`, `CapEff: 0`) and only then
-//! sends the hostmem memfd. A mapping-service thread then serves the device's events.
+//! hands the device exactly two channels (the transport tube at fd 3, [`TRANSPORT_FD`], and
+//! the mapping tube at fd 4, [`MAPPING_FD`]) plus stderr, completes the handshake, **checks
+//! from outside that the device is jailed** (`/proc/<pid>/status`: `Seccomp: 2`,
+//! `NoNewPrivs: 1`, `CapEff: 0`) and only then sends the hostmem memfd. A mapping-service
+//! thread then serves the device's events. The transport tube ([`Device::transport`]) is the
+//! virtio transport's channel to the device (guest RAM, queue setup with kick and call
+//! eventfds, reset, counters: [`hostmem_ipc::protocol::TransportMsg`]); the guest's commands
+//! never cross it, they live in virtqueues in guest RAM.
 //!
 //! [`Device::stop`] / death handling: on tube EOF, child exit or a command timeout the
-//! device is killed if needed, its exit is reported (signal; for SIGSYS the syscall), the
+//! device is asked to exit (the transport tube is shut down: EOF), killed if needed, its exit is reported (signal; for SIGSYS the syscall), the
 //! whole window goes back to background and every blob memslot is deleted, so the guest keeps
 //! running and reads zeros where blobs were.
 
@@ -27,8 +31,8 @@ use serde::Serialize;
 use crate::hostmem::Hostmem;
 use crate::service::{serve, ServeEnd};
 
-/// Fd number of the control queue in the device.
-pub const CONTROL_FD: i32 = 3;
+/// Fd number of the transport tube in the device (`--transport-fd`).
+pub const TRANSPORT_FD: i32 = 3;
 /// Fd number of the mapping tube in the device.
 pub const MAPPING_FD: i32 = 4;
 /// Fd number of the render server socket in a virgl device (`--virgl-server-fd`).
@@ -139,6 +143,8 @@ pub struct DeviceFacts {
     pub open_fds: usize,
     /// Start-up time: spawn to Ready, in ms.
     pub start_ms: f64,
+    /// Capsets the device's backend offers (from `Ready`; `virtio_gpu_config.num_capsets`).
+    pub num_capsets: u32,
 }
 
 /// How a device instance ended.
@@ -166,8 +172,8 @@ pub struct Device {
     child: JailedChild,
     /// The render server started for a virgl device (killed when the device ends).
     render_server: Option<JailedChild>,
-    /// `None` once stopping: dropping it tells a healthy device to exit.
-    control: Option<Tube>,
+    /// The transport tube; shutting it down tells a healthy device to exit.
+    transport: Arc<Tube>,
     mapping: Arc<Tube>,
     service: Option<JoinHandle<ServeEnd>>,
     hostmem: Arc<Hostmem>,
@@ -186,12 +192,12 @@ impl Device {
     /// Starts a device and connects it to `hostmem`.
     pub fn start(cfg: &DeviceConfig, hostmem: Arc<Hostmem>) -> anyhow::Result<Device> {
         let t0 = Instant::now();
-        let (control, control_dev) = Tube::pair()?;
+        let (transport, transport_dev) = Tube::pair()?;
         let (mapping, mapping_dev) = Tube::pair()?;
         let mut args: Vec<String> = cfg.pre_args.clone();
         args.extend([
-            "--control-fd".into(),
-            CONTROL_FD.to_string(),
+            "--transport-fd".into(),
+            TRANSPORT_FD.to_string(),
             "--mapping-fd".into(),
             MAPPING_FD.to_string(),
             "--backend".into(),
@@ -199,7 +205,7 @@ impl Device {
         ]);
         args.extend(cfg.extra_args.iter().cloned());
         let mut keep_fds = vec![
-            (control_dev.into_fd(), CONTROL_FD),
+            (transport_dev.into_fd(), TRANSPORT_FD),
             (mapping_dev.into_fd(), MAPPING_FD),
         ];
         let render_server = match &cfg.render_server {
@@ -261,9 +267,9 @@ impl Device {
             mapping.set_recv_timeout(Some(cfg.start_timeout))?;
             let (msg, _) = mapping.recv::<DeviceMsg>().context("waiting for Ready")?;
             mapping.set_recv_timeout(None)?;
-            if !matches!(msg, DeviceMsg::Ready { .. }) {
+            let DeviceMsg::Ready { num_capsets, .. } = msg else {
                 bail!("device sent {msg:?} instead of Ready");
-            }
+            };
             Ok(DeviceFacts {
                 pid,
                 jailed: cfg.jailed,
@@ -272,6 +278,7 @@ impl Device {
                 cap_eff: format!("{:016x}", st.cap_eff),
                 open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
                 start_ms: t0.elapsed().as_secs_f64() * 1e3,
+                num_capsets,
             })
         };
         let facts = match connect() {
@@ -304,7 +311,7 @@ impl Device {
         Ok(Device {
             child,
             render_server,
-            control: Some(control),
+            transport: Arc::new(transport),
             mapping,
             service: Some(service),
             hostmem,
@@ -312,12 +319,14 @@ impl Device {
         })
     }
 
-    /// The control queue (the stand-in guest driver writes commands here).
-    pub fn control(&self) -> &Tube {
-        // Only `stop` (which consumes self) takes it.
-        self.control
-            .as_ref()
-            .expect("control queue present until stop")
+    /// The transport tube (the virtio transport sends [`TransportMsg`]s here and reads one
+    /// [`TransportReply`] per message). Shared: the holder must not keep it past
+    /// [`Device::stop`], which shuts it down.
+    ///
+    /// [`TransportMsg`]: hostmem_ipc::protocol::TransportMsg
+    /// [`TransportReply`]: hostmem_ipc::protocol::TransportReply
+    pub fn transport(&self) -> Arc<Tube> {
+        self.transport.clone()
     }
 
     /// What was checked at start.
@@ -335,22 +344,38 @@ impl Device {
         self.child.kill(signal);
     }
 
-    /// True if the child has exited or the mapping service ended.
-    pub fn is_dead(&mut self) -> bool {
-        self.service.as_ref().is_some_and(|s| s.is_finished())
-            || matches!(self.child.try_wait(), Ok(Some(_)))
+    /// True if the child has exited or the mapping service ended (the device closed its
+    /// mapping tube). Does not block, so a VMM loop can poll it.
+    pub fn has_ended(&self) -> bool {
+        if self.service.as_ref().is_some_and(|s| s.is_finished()) {
+            return true;
+        }
+        // Peek without reaping (WNOWAIT), so that `stop` still collects the exit status.
+        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(nix::unistd::Pid::from_raw(self.facts.pid)), flags) {
+            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => false,
+            // Exited or killed, or already reaped (ECHILD).
+            Ok(_) | Err(_) => true,
+        }
     }
 
     /// Ends the device (killing it if it is still alive), restores the window and reports
     /// how it ended. `cause` says why the VMM is doing this.
     pub fn stop(mut self, cause: &str) -> DeviceExit {
-        // Closing the control queue asks a healthy device to exit; give it a moment. A
+        // EOF on the transport tube asks a healthy device to exit; give it a moment. Shut
+        // down rather than dropped: a virtio transport may still hold an `Arc` of it. A
         // device that stopped reading its mapping tube must not block us here: bounded send.
         let _ = self
             .mapping
             .set_send_timeout(Some(Duration::from_millis(100)));
         let _ = self.mapping.send(&VmmMsg::Shutdown, &[]);
-        drop(self.control.take());
+        if let Err(e) = self.transport.shutdown() {
+            log::warn!(
+                "device pid {}: shutting the transport tube down: {e}",
+                self.facts.pid
+            );
+        }
         let info = match self.child.wait_timeout(Duration::from_secs(2)) {
             Ok(Some(info)) => Some(info),
             _ => {
@@ -379,10 +404,7 @@ impl Device {
         // The child is gone, but another process may still hold its end of the mapping tube
         // (an unjailed device that forked): shut our end down so that the service thread
         // sees EOF (or EPIPE in a blocked reply) and returns either way.
-        let _ = nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(&self.mapping.as_fd()),
-            nix::sys::socket::Shutdown::Both,
-        );
+        let _ = self.mapping.shutdown();
         if let Some(s) = self.service.take() {
             if s.join().is_err() {
                 log::error!(

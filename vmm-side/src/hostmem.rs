@@ -6,9 +6,35 @@
 //! a memslot of its own at `window_gpa + offset`.
 //!
 //! Nothing from the device is trusted: [`Hostmem::check_map`] runs every check before any
-//! syscall, and placements must answer a guest command that is in flight
-//! ([`Hostmem::expect`]). The VMM keeps no blob fd after a placement: the mapping holds the
-//! file, and restoring the range releases it.
+//! syscall (DESIGN.md invariant 1). The VMM keeps no blob fd after a placement: the mapping
+//! holds the file, and restoring the range releases it.
+//!
+//! ## What a compromised device can and cannot do to the guest
+//!
+//! The guest's commands live in virtqueues that only the guest and the device read (a real
+//! virtio-gpu device: the VMM's transport never sees a MAP_BLOB), so the VMM cannot tell a
+//! placement that answers a guest command from one the device makes up. What it enforces is
+//! what holds whatever the device says:
+//!
+//! * **It can** map any valid fd (a regular file, sealed against shrinking, long enough)
+//!   into a free, page-aligned range of the window at any time, under any resource id that
+//!   is not live already, and unmap its own placements (same offset, length and resource id)
+//!   at any time. That is: show the guest wrong bytes in the window, or take bytes away
+//!   (they read as zeros again) — what a compromised renderer could do to the blobs it
+//!   renders anyway.
+//! * **It cannot** map outside the window or past its end (checked arithmetic), over a live
+//!   placement, with `PROT_EXEC`, a file that can shrink (a guest access would fault), a
+//!   socket, pipe, directory or device node, one resource id twice at once, more than
+//!   [`Limits::max_live`] placements or past the VMA headroom (invariant 7); it cannot unmap
+//!   what it did not place or part of a placement, and it cannot leave a hole: every range
+//!   is background or a blob at every moment (invariant 2), and on its death every
+//!   placement goes back to background (invariant 4).
+//! * **Guest RAM**: the device holds guest RAM read/write (the memfds of
+//!   `TransportMsg::GuestMemory`), as every virtio device process does in crosvm or a
+//!   vhost-user backend: it must read the guest's requests and write its responses anywhere
+//!   the driver points descriptors. It can therefore read and write any guest RAM; the
+//!   jail (seccomp, namespaces, no other fds) keeps it from reaching anything beyond what
+//!   virtio already gives a device. The hostmem window adds no access to guest RAM.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
@@ -104,20 +130,6 @@ pub struct MapEvent {
     pub prot: u32,
 }
 
-/// What the VMM expects the device to report for a guest command in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Expect {
-    /// `RESOURCE_MAP_BLOB` of a blob of `len` bytes at `offset`.
-    Map {
-        /// Window offset the guest asked for.
-        offset: u64,
-        /// The blob's size (known from its creation).
-        len: u64,
-    },
-    /// `RESOURCE_UNMAP_BLOB` or `RESOURCE_UNREF`: an unmap of this resource may follow.
-    Unmap,
-}
-
 /// Limits on what the device can make the VMM hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -145,7 +157,8 @@ struct Live {
 #[derive(Debug, Default)]
 struct State {
     live: BTreeMap<u64, Live>,
-    inflight: HashMap<u32, Expect>,
+    /// Window offset of each live resource id (a device places a resource once at a time).
+    by_resource: HashMap<u32, u64>,
     free_slots: Vec<u32>,
     next_slot: u32,
     max_live_seen: usize,
@@ -200,7 +213,7 @@ impl Faults {
     }
 }
 
-/// The VMM's hostmem: window, VM, mode, live placements and in-flight commands.
+/// The VMM's hostmem: window, VM, mode and live placements.
 #[derive(Debug)]
 pub struct Hostmem {
     window: Arc<Window>,
@@ -351,19 +364,9 @@ impl Hostmem {
         self.slot_changes.load(Ordering::Relaxed)
     }
 
-    /// The guest driver announces a command whose placement event may follow.
-    pub fn expect(&self, resource_id: u32, what: Expect) {
-        self.lock().inflight.insert(resource_id, what);
-    }
-
-    /// The guest driver saw the command complete: no event may refer to it any more.
-    pub fn done(&self, resource_id: u32) {
-        self.lock().inflight.remove(&resource_id);
-    }
-
     /// Every check of invariant 1 on a placement event, before any syscall: alignment,
     /// range (checked arithmetic), overlap, protection, the fd's kind, size and seals, the
-    /// live-placement limit and the in-flight command it must answer.
+    /// live-placement limit, and that the resource id is not live already.
     pub fn check_map(&self, ev: &MapEvent, facts: &FileFacts) -> Result<Prot, Refusal> {
         let st = self.lock();
         check_map_in(&st, &self.limits, self.window.size(), ev, facts)
@@ -440,7 +443,7 @@ impl Hostmem {
                 Some((slot, map))
             }
         };
-        st.inflight.remove(&ev.resource_id);
+        st.by_resource.insert(ev.resource_id, ev.offset);
         st.live.insert(
             ev.offset,
             Live {
@@ -453,8 +456,8 @@ impl Hostmem {
         Ok(())
     }
 
-    /// Handles an unmap event: the range must be a live placement of that resource, with
-    /// an unmap or unref of it in flight. The background is back in the VMM's window (or
+    /// Handles an unmap event: the range must be exactly a live placement of that resource
+    /// (same offset, length and resource id). The background is back in the VMM's window (or
     /// the blob's memslot is gone) before this returns, i.e. before the guest's command can
     /// complete.
     pub fn handle_unmap(&self, resource_id: u32, offset: u64, len: u64) -> Outcome {
@@ -478,11 +481,6 @@ impl Hostmem {
             }
             None => return Err(Refusal::invalid("no live placement there")),
         }
-        if st.inflight.get(&resource_id) != Some(&Expect::Unmap) {
-            return Err(Refusal::invalid(
-                "no unmap or unref of this resource is in flight",
-            ));
-        }
         self.remove_live(&mut st, offset)
     }
 
@@ -505,12 +503,14 @@ impl Hostmem {
                 st.free_slots.push(*slot);
             }
         }
-        st.live.remove(&offset);
+        if let Some(l) = st.live.remove(&offset) {
+            st.by_resource.remove(&l.resource_id);
+        }
         Ok(())
     }
 
     /// After a device death: every placement goes (window restored to background in one
-    /// MAP_FIXED, per-blob memslots deleted), nothing is in flight. Returns how many
+    /// MAP_FIXED, per-blob memslots deleted). Returns how many
     /// placements were live.
     pub fn reset(&self) -> anyhow::Result<usize> {
         let mut st = self.lock();
@@ -532,7 +532,7 @@ impl Hostmem {
             }
         }
         st.live.clear();
-        st.inflight.clear();
+        st.by_resource.clear();
         // Still under our lock, so that an audit never sees the table emptied before the
         // window is.
         self.window.restore_all()?;
@@ -600,15 +600,13 @@ fn check_map_in(
             limits.max_live
         )));
     }
-    match st.inflight.get(&ev.resource_id) {
-        Some(Expect::Map { offset, len }) if *offset == ev.offset && *len == ev.len => Ok(prot),
-        Some(Expect::Map { offset, len }) => Err(Refusal::invalid(format!(
-            "guest asked to map resource {} at {offset:#x}+{len:#x}, not {:#x}+{:#x}",
-            ev.resource_id, ev.offset, ev.len
-        ))),
-        _ => Err(Refusal::invalid(format!(
-            "no map command for resource {} is in flight",
+    // A device maps a resource once at a time (MAP_BLOB of a mapped blob is an error): a
+    // second placement under a live id would let unmaps of "that resource" become ambiguous.
+    if let Some(o) = st.by_resource.get(&ev.resource_id) {
+        return Err(Refusal::invalid(format!(
+            "resource {} is already placed at {o:#x}",
             ev.resource_id
-        ))),
+        )));
     }
+    Ok(prot)
 }

@@ -4,7 +4,8 @@
 //!   placement event before it repeats it (DESIGN.md invariant 1).
 //! * [`service`]: the mapping-service thread on the mapping tube.
 //! * [`device`]: starting the jailed device, checking its jail, supervising and restarting it.
-//! * [`driver`]: the stand-in guest driver that writes virtio-gpu commands on the control queue.
+//! * [`queue_driver`]: a virtio-gpu driver in the host (tests and the bench): split
+//!   virtqueues in a guest RAM of its own, handed to the device over the transport tube.
 //! * [`probe`]: a real KVM vCPU (ring-3 guest) that reads and writes the window as the guest.
 //! * [`run`]: the `hostmem run` workload and its report.
 //! * [`resources`]: fd/VMA/RSS accounting of both processes and a fixed-size latency
@@ -17,10 +18,10 @@
 pub mod bench;
 pub mod device;
 pub mod guest;
-pub mod driver;
 pub mod hostmem;
 pub mod policy;
 pub mod probe;
+pub mod queue_driver;
 pub mod resources;
 pub mod run;
 pub mod service;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use hostmem_vmm::device::Device;
-use hostmem_vmm::driver::{CmdError, Driver};
 use hostmem_vmm::hostmem::{Hostmem, Mode};
+use hostmem_vmm::queue_driver::{CmdError, QueueDriver};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 mod common;
@@ -23,7 +23,7 @@ fn options(mode: Mode, blobs: u32) -> RunOptions {
         kill_after: None,
         show_progress: false,
         use_kvm: true,
-        command_timeout: hostmem_vmm::driver::COMMAND_TIMEOUT,
+        command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
     }
 }
 
@@ -100,7 +100,7 @@ fn device_killed_mid_run_restores_window_and_restarts() {
 }
 
 /// A device and a driver without KVM, for command-level checks.
-fn start(extra: &[&str]) -> (Arc<Hostmem>, Device, Driver) {
+fn start(extra: &[&str]) -> (Arc<Hostmem>, Device, QueueDriver) {
     let hm = hostmem(16 << 20);
     let mut cfg = device_config();
     cfg.extra_args = extra.iter().map(|s| s.to_string()).collect();
@@ -121,26 +121,20 @@ fn bad_guest_commands_get_error_responses_and_device_keeps_serving() {
     let _serial = serial();
     let (hm, dev, mut d) = start(&[]);
     const P: u64 = 4096;
-    assert_eq!(code(d.map_blob(1, 99, 0, P)), "InvalidResourceId");
+    assert_eq!(code(d.map_blob(1, 99, 0)), "InvalidResourceId");
     assert_eq!(code(d.create_blob(1, 0, 0, P)), "InvalidResourceId");
     assert_eq!(code(d.create_blob(1, 5, 0, 100)), "InvalidParameter");
     assert_eq!(code(d.create_blob(1, 5, 0, 0)), "InvalidParameter");
     d.create_blob(1, 5, 0, 2 * P).unwrap();
     assert_eq!(code(d.create_blob(1, 5, 0, P)), "InvalidResourceId");
-    assert_eq!(code(d.map_blob(1, 5, 123, 2 * P)), "InvalidParameter");
-    assert_eq!(
-        code(d.map_blob(1, 5, (16 << 20) - P, 2 * P)),
-        "InvalidParameter"
-    );
-    assert_eq!(
-        code(d.map_blob(1, 5, u64::MAX - P + 1, 2 * P)),
-        "InvalidParameter"
-    );
+    assert_eq!(code(d.map_blob(1, 5, 123)), "InvalidParameter");
+    assert_eq!(code(d.map_blob(1, 5, (16 << 20) - P)), "InvalidParameter");
+    assert_eq!(code(d.map_blob(1, 5, u64::MAX - P + 1)), "InvalidParameter");
     assert_eq!(code(d.unmap_blob(1, 5)), "InvalidParameter");
-    d.map_blob(1, 5, 4 * P, 2 * P).unwrap();
-    assert_eq!(code(d.map_blob(1, 5, 8 * P, 2 * P)), "InvalidParameter");
-    // Garbage on the control queue: an error response, not a crash.
-    let resp = d.call(&[1, 2, 3], None).unwrap();
+    d.map_blob(1, 5, 4 * P).unwrap();
+    assert_eq!(code(d.map_blob(1, 5, 8 * P)), "InvalidParameter");
+    // Garbage in a descriptor chain: an error response, not a crash.
+    let resp = d.call(&[1, 2, 3]).unwrap();
     let parsed = hostmem_device::wire::Response::parse(&resp).unwrap();
     assert!(matches!(parsed, hostmem_device::wire::Response::Err { .. }));
     // Still serving.
@@ -153,7 +147,7 @@ fn bad_guest_commands_get_error_responses_and_device_keeps_serving() {
         0,
         "the device caught all of it before the VMM"
     );
-    // Closing the guest side of the control queue is what tells the device to exit.
+    // Stopping shuts the transport tube down: EOF tells the device to exit cleanly.
     drop(d);
     let exit = dev.stop("test done");
     assert_eq!(exit.code, Some(0), "{exit:?}");
@@ -180,13 +174,13 @@ fn vma_headroom_refuses_with_out_of_memory_and_unmaps_still_succeed() {
 
 /// Maps one-page blobs until a map is refused (which must be ERR_OUT_OF_MEMORY after at
 /// least one success), then unmaps every one of them: each unmap must still succeed.
-fn map_until_refused_then_unmap_all(hm: &Hostmem, mut d: Driver) {
+fn map_until_refused_then_unmap_all(hm: &Hostmem, mut d: QueueDriver) {
     const P: u64 = 4096;
     let mut mapped = vec![];
     let mut refused = None;
     for res in 1..200u32 {
         d.create_blob(1, res, 0, P).unwrap();
-        match d.map_blob(1, res, 2 * P * res as u64, P) {
+        match d.map_blob(1, res, 2 * P * res as u64) {
             Ok(_) => mapped.push(res),
             Err(e) => {
                 refused = Some(code(Err::<(), _>(e)));
@@ -296,4 +290,53 @@ fn log_mode_reports_the_missing_rule_and_keeps_running() {
         let args: Vec<&str> = v.split("args ").nth(1).unwrap().split(", ").collect();
         assert_eq!(args[1], "0x3", "flags argument of {v}");
     }
+}
+
+/// The host-side driver on the real device's virtqueues: more commands in flight than it has
+/// slots (it waits for completions), every response matched to its command, the device's
+/// counters, and a transport reset after which the device serves a fresh context.
+#[test]
+fn queue_driver_many_in_flight_stats_and_reset() {
+    let _serial = serial();
+    let (hm, dev, mut d) = start(&[]);
+    const P: u64 = 4096;
+    let cmds: Vec<u64> = (1..=300u32)
+        .map(|res| {
+            let c = hostmem_device::wire::Command::create_blob(
+                1,
+                res,
+                hostmem_device::wire::VIRTIO_GPU_BLOB_MEM_HOST3D,
+                hostmem_device::wire::VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+                0,
+                P,
+            );
+            d.submit(&c.encode()).unwrap()
+        })
+        .collect();
+    // Collected in reverse: earlier responses wait in the driver.
+    for tag in cmds.into_iter().rev() {
+        d.wait_ok(tag).unwrap();
+    }
+    assert_eq!(d.in_flight(), 0);
+    d.map_blob(1, 7, 0).unwrap();
+    assert_eq!(hm.live(), 1);
+    let stats = d.device_stats().unwrap();
+    assert!(stats.chains >= 302, "{stats:?}");
+    assert_eq!(stats.bad_chains, 0, "{stats:?}");
+    // Reset: the device drops its blobs (unmapping through the VMM first) and contexts.
+    d.reset().unwrap();
+    assert_eq!(hm.live(), 0, "the reset unmapped the blob");
+    assert_eq!(
+        code(d.map_blob(1, 7, 0)),
+        "InvalidResourceId",
+        "the blob is gone"
+    );
+    d.ctx_create(1, 0).unwrap();
+    d.create_blob(1, 7, 0, P).unwrap();
+    d.map_blob(1, 7, 0).unwrap();
+    assert_eq!(hm.live(), 1);
+    drop(d);
+    let exit = dev.stop("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    assert_eq!(exit.restored, 1);
 }

@@ -12,9 +12,9 @@ use hostmem_base::kvm::Vm;
 use hostmem_base::procfs::fd_count;
 use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmOp};
 use hostmem_vmm::device::Device;
-use hostmem_vmm::driver::{CmdError, Driver};
 use hostmem_vmm::hostmem::{FaultPoint, Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
+use hostmem_vmm::queue_driver::{CmdError, QueueDriver};
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 mod common;
@@ -29,7 +29,7 @@ struct Vmm {
     hm: Arc<Hostmem>,
     probe: Option<GuestProbe>,
     dev: Option<Device>,
-    drv: Option<Driver>,
+    drv: Option<QueueDriver>,
 }
 
 impl Vmm {
@@ -65,7 +65,7 @@ impl Vmm {
         self.drv = Some(drv);
     }
 
-    fn drv(&mut self) -> &mut Driver {
+    fn drv(&mut self) -> &mut QueueDriver {
         self.drv.as_mut().unwrap()
     }
 
@@ -120,11 +120,11 @@ fn kill_at(point: FaultPoint) {
         v.create(res, 2 * P).unwrap();
     }
     let at = |res: u32| u64::from(res) * 4 * P;
-    v.drv().map_blob(CTX, 1, at(1), 2 * P).unwrap();
-    v.drv().map_blob(CTX, 2, at(2), 2 * P).unwrap();
+    v.drv().map_blob(CTX, 1, at(1)).unwrap();
+    v.drv().map_blob(CTX, 2, at(2)).unwrap();
     let is_map = matches!(point, FaultPoint::MapReceived | FaultPoint::MapPlaced);
     if !is_map {
-        v.drv().map_blob(CTX, 3, at(3), 2 * P).unwrap();
+        v.drv().map_blob(CTX, 3, at(3)).unwrap();
         v.guest_sees(at(3), 2 * P, Some(3));
     }
     v.guest_sees(at(1), 2 * P, Some(1));
@@ -140,7 +140,7 @@ fn kill_at(point: FaultPoint) {
         }
     })));
     let r = if is_map {
-        v.drv().map_blob(CTX, 3, at(3), 2 * P).map(drop)
+        v.drv().map_blob(CTX, 3, at(3)).map(drop)
     } else {
         v.drv().unmap_blob(CTX, 3)
     };
@@ -161,7 +161,7 @@ fn kill_at(point: FaultPoint) {
     // A new device serves the same range.
     v.start_device();
     v.create(3, 2 * P).unwrap();
-    v.drv().map_blob(CTX, 3, at(3), 2 * P).unwrap();
+    v.drv().map_blob(CTX, 3, at(3)).unwrap();
     v.consistent();
     v.guest_sees(at(3), 2 * P, Some(3));
     v.drv().unmap_blob(CTX, 3).unwrap();
@@ -245,7 +245,7 @@ fn vmm_at_its_fd_limit_refuses_the_map_and_recovers() {
     v.start_device();
     v.create(1, 2 * P).unwrap();
     v.create(2, 2 * P).unwrap();
-    v.drv().map_blob(CTX, 1, 0, 2 * P).unwrap();
+    v.drv().map_blob(CTX, 1, 0).unwrap();
     let refused_before = v.hm.counters().refused + v.hm.counters().protocol_errors;
     let baseline = fd_count().unwrap();
     {
@@ -254,7 +254,7 @@ fn vmm_at_its_fd_limit_refuses_the_map_and_recovers() {
             std::fs::File::open("/dev/null").is_err(),
             "the limit is reached"
         );
-        let r = v.drv().map_blob(CTX, 2, 8 * P, 2 * P);
+        let r = v.drv().map_blob(CTX, 2, 8 * P);
         match r {
             Err(CmdError::Device(c)) => assert_eq!(format!("{c:?}"), "OutOfMemory"),
             other => panic!("expected ERR_OUT_OF_MEMORY, got {other:?}"),
@@ -276,7 +276,7 @@ fn vmm_at_its_fd_limit_refuses_the_map_and_recovers() {
         baseline,
         "fds of the lost event closed"
     );
-    v.drv().map_blob(CTX, 2, 8 * P, 2 * P).unwrap();
+    v.drv().map_blob(CTX, 2, 8 * P).unwrap();
     v.consistent();
     v.guest_sees(8 * P, 2 * P, Some(2));
     v.drv().unmap_blob(CTX, 2).unwrap();
@@ -307,7 +307,7 @@ fn soak_map_unmap_cycles_return_every_resource() {
         kill_after: None,
         show_progress: false,
         use_kvm: true,
-        command_timeout: hostmem_vmm::driver::COMMAND_TIMEOUT,
+        command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
     };
     let r = run(&o).unwrap();
     let u = &r.usage;
@@ -363,7 +363,7 @@ fn pipelined_maps_with_refusals_in_the_middle_are_undone() {
         v.create(res, 2 * P).unwrap();
     }
     let tags: Vec<u64> = (1..=6u32)
-        .map(|res| v.drv().submit_map(CTX, res, at(res), 2 * P).unwrap())
+        .map(|res| v.drv().submit_map(CTX, res, at(res)).unwrap())
         .collect();
     let results: Vec<String> = tags
         .iter()
@@ -381,7 +381,7 @@ fn pipelined_maps_with_refusals_in_the_middle_are_undone() {
     assert_eq!(v.hm.live(), 4);
     // Pipelined again: an unmap and a map of another blob in flight together.
     let unmap_tag = v.drv().submit_unmap(CTX, 1).unwrap();
-    let remap_tag = v.drv().submit_map(CTX, 5, at(5), 2 * P).unwrap();
+    let remap_tag = v.drv().submit_map(CTX, 5, at(5)).unwrap();
     v.drv().wait_ok(unmap_tag).unwrap();
     match v.drv().wait_map(remap_tag) {
         Err(CmdError::Device(c)) => assert_eq!(
@@ -407,7 +407,7 @@ fn pipelined_maps_with_refusals_in_the_middle_are_undone() {
     // Room for the refused two: the device undid them, so the same maps work now.
     v.drv().unmap_blob(CTX, 2).unwrap();
     for res in 5..=6u32 {
-        v.drv().map_blob(CTX, res, at(res), 2 * P).unwrap();
+        v.drv().map_blob(CTX, res, at(res)).unwrap();
         v.guest_sees(at(res), 2 * P, Some(res));
     }
     v.consistent();

@@ -10,8 +10,8 @@
 
 use hostmem_base::kvm::Vm;
 use hostmem_vmm::device::DeviceConfig;
-use hostmem_vmm::driver::CmdError;
 use hostmem_vmm::hostmem::Mode;
+use hostmem_vmm::queue_driver::CmdError;
 use hostmem_vmm::run::{run, Restart, RunOptions};
 
 mod common;
@@ -46,7 +46,7 @@ fn virgl_run_jailed_guest_sees_what_the_renderer_sees() {
         kill_after: None,
         show_progress: false,
         use_kvm: true,
-        command_timeout: hostmem_vmm::driver::COMMAND_TIMEOUT,
+        command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
     };
     let jailed = opts.device.jailed;
     let r = run(&opts).unwrap();
@@ -124,7 +124,7 @@ fn virgl_pointer_only_blob_and_unknown_ids_are_answered_with_errors() {
     d.submit_3d(1, vec![]).unwrap();
 
     // Unknown ids: refused before the library sees them.
-    assert_eq!(code(d.map_blob(1, 99, 0, P)), "InvalidResourceId");
+    assert_eq!(code(d.map_blob(1, 99, 0)), "InvalidResourceId");
     assert_eq!(code(d.unmap_blob(1, 99)), "InvalidResourceId");
     assert_eq!(code(d.unref(99)), "InvalidResourceId");
 
@@ -132,12 +132,12 @@ fn virgl_pointer_only_blob_and_unknown_ids_are_answered_with_errors() {
     d.submit_3d(3, pipe_resource_create(7, 16 * P as u32))
         .unwrap();
     d.create_blob(3, 2, 7, 16 * P).unwrap();
-    assert_eq!(code(d.map_blob(3, 2, 0, 16 * P)), "Unspec");
+    assert_eq!(code(d.map_blob(3, 2, 0)), "Unspec");
     assert_eq!(hm.live(), 0);
 
     // The device keeps serving: a venus SHM blob maps at the same offset.
     d.create_blob(1, 1, 0, 16 * P).unwrap();
-    d.map_blob(1, 1, 0, 16 * P).unwrap();
+    d.map_blob(1, 1, 0).unwrap();
     assert_eq!(hm.live(), 1);
     d.unmap_blob(1, 1).unwrap();
     d.unref(1).unwrap();

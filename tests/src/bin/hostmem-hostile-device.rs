@@ -6,10 +6,16 @@
 //!
 //! Arguments: `--scenario NAME` (see [`Scenario`]), `--attack-on N` (attack the N-th
 //! MAP_BLOB, default 1), `--once PATH` (attack only if PATH can be created, so that a
-//! restarted device behaves), plus the VMM's `--control-fd 3 --mapping-fd 4 --backend shm`.
+//! restarted device behaves), plus the VMM's `--transport-fd 3 --mapping-fd 4 --backend shm`.
 //!
-//! The attack happens on a guest MAP_BLOB, so that a placement of that resource is really in
-//! flight and the VMM's other checks are the ones that must refuse it.
+//! The attack happens on a guest MAP_BLOB, so that the event looks like a real one and the
+//! VMM's field checks are the ones that must refuse it.
+//!
+//! The virtqueues are the real device's ([`VirtioGpu`]), with one twist for the attacks on
+//! the guest side: the device core writes the control queue's used ring into a private
+//! shadow region of guest memory that the driver never sees, and this loop copies each used
+//! element into the driver's real used ring, tampering with the attacked one (dropped, a
+//! head that is not in flight, garbage in its response, held back behind the next one).
 
 #![forbid(unsafe_code)]
 
@@ -21,7 +27,10 @@ use anyhow::{bail, Context};
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
 use hostmem_device::gpu::{Gpu, MapRequest, PlaceError, Placer};
-use hostmem_ipc::protocol::{frame, handshake, unframe, DeviceMsg, Outcome, RefuseCode, Role};
+use hostmem_device::process::handle_transport;
+use hostmem_device::virtio::VirtioGpu;
+use hostmem_ipc::protocol::{handshake, DeviceMsg, Outcome, RefuseCode, Role};
+use hostmem_ipc::protocol::{GuestRegion, QueueSetup, TransportMsg};
 use hostmem_ipc::protocol::{Hello, VmmMsg};
 use hostmem_ipc::{Error as TubeError, Tube};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -42,6 +51,7 @@ enum Scenario {
     Overlap,
     Exec,
     Unrequested,
+    SameResourceTwice,
     // Bad fds with a correct placement: refused with a reply.
     Socket,
     Directory,
@@ -59,7 +69,7 @@ enum Scenario {
     Flood,
     // Bogus events without reading a reply until the tube is full, then silence.
     FloodUnread,
-    // The guest side (control queue).
+    // The guest side (the control queue's used ring).
     NoReply,
     UnknownTag,
     Untagged,
@@ -91,6 +101,7 @@ impl Scenario {
         ("overlap", Scenario::Overlap),
         ("exec", Scenario::Exec),
         ("unrequested", Scenario::Unrequested),
+        ("same-resource-twice", Scenario::SameResourceTwice),
         ("socket", Scenario::Socket),
         ("directory", Scenario::Directory),
         ("pipe", Scenario::Pipe),
@@ -300,7 +311,14 @@ impl HostilePlacer {
                 self.bad_event(msg, fd)
             }
             Scenario::Unrequested => {
+                // No MAP_BLOB of this resource exists: a valid placement the VMM cannot tell
+                // from a requested one. Accepted, the guest sees the blob's bytes.
                 *resource_id = resource_id.wrapping_add(1000);
+                self.bad_event(msg, fd)
+            }
+            Scenario::SameResourceTwice => {
+                // The live first blob's id again, at the free offset the guest asked for.
+                *resource_id = 1;
                 self.bad_event(msg, fd)
             }
             Scenario::Socket => {
@@ -367,6 +385,7 @@ impl HostilePlacer {
                 self.send_msg(
                     &DeviceMsg::Ready {
                         backend: "again".into(),
+                        num_capsets: 1,
                     },
                     &[],
                 )?;
@@ -517,7 +536,7 @@ impl Placer for HostilePlacer {
 }
 
 struct Args {
-    control_fd: i32,
+    transport_fd: i32,
     mapping_fd: i32,
     backend: String,
     scenario: Scenario,
@@ -528,7 +547,7 @@ struct Args {
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut a = Args {
-        control_fd: -1,
+        transport_fd: -1,
         mapping_fd: -1,
         backend: "shm".into(),
         scenario: Scenario::None,
@@ -540,7 +559,7 @@ fn parse_args() -> anyhow::Result<Args> {
     while let Some(flag) = it.next() {
         let val = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--control-fd" => a.control_fd = val.parse()?,
+            "--transport-fd" => a.transport_fd = val.parse()?,
             "--mapping-fd" => a.mapping_fd = val.parse()?,
             "--backend" => a.backend = val,
             "--scenario" => a.scenario = Scenario::parse(&val)?,
@@ -570,7 +589,7 @@ fn main() -> anyhow::Result<()> {
         None => true,
     };
     let take = |fd| -> anyhow::Result<OwnedFd> { Ok(hostmem_base::fd::take_inherited(fd)?) };
-    let control = Tube::from_fd(take(args.control_fd)?)?;
+    let transport = Tube::from_fd(take(args.transport_fd)?)?;
     let mapping = Tube::from_fd(take(args.mapping_fd)?)?;
     match args.scenario {
         Scenario::ExitBeforeHello => std::process::exit(1),
@@ -610,9 +629,11 @@ fn main() -> anyhow::Result<()> {
         mapping.send(&early, &[])?;
         hang()
     }
+    let num_capsets = u32::try_from(backend.capsets().len()).unwrap_or(u32::MAX);
     mapping.send(
         &DeviceMsg::Ready {
             backend: args.backend.clone(),
+            num_capsets,
         },
         &[],
     )?;
@@ -634,36 +655,218 @@ fn main() -> anyhow::Result<()> {
         control_attack: None,
         report: args.once.clone(),
     };
-    let mut gpu = Gpu::new(backend, placer);
-    let mut held: Option<Vec<u8>> = None;
+    let mut dev = VirtioGpu::new(Gpu::new(backend, placer));
+    serve(&transport, &mut dev)
+}
+
+/// Guest-physical address of the private shadow used ring (far above any guest RAM).
+const SHADOW_GPA: u64 = 1 << 40;
+const SHADOW_SIZE: u64 = 4096;
+const VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB: u32 = 0x0208;
+
+/// The control queue as the driver set it up, and what was copied of the shadow used ring.
+struct Shadow {
+    shm: SharedMemory,
+    /// The driver's controlq setup (real used ring) and its call eventfd.
+    real: Option<(QueueSetup, std::fs::File)>,
+    /// Shadow used index copied so far.
+    seen: u16,
+    /// Next index in the real used ring.
+    real_idx: u16,
+    /// A used element held back (reorder attack).
+    held: Option<(u32, u32)>,
+}
+
+/// The device loop of `hostmem_device::process::serve`, with the shadow used ring.
+fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut shadow = Shadow {
+        shm: SharedMemory::new("hostile-shadow", SHADOW_SIZE)?,
+        real: None,
+        seen: 0,
+        real_idx: 0,
+        held: None,
+    };
+    shadow.shm.seal_size()?;
     loop {
-        let (bytes, _fds) = match control.recv_bytes() {
-            Ok(m) => m,
-            Err(TubeError::Hangup) => return Ok(()),
-            Err(e) => {
-                log::warn!("control queue: {e}");
-                continue;
+        let timeout = if dev.in_flight() > 0 || dev.busy() {
+            PollTimeout::ZERO
+        } else {
+            PollTimeout::NONE
+        };
+        let (transport_ready, kicked) = {
+            let kicks = dev.kick_fds();
+            let mut fds = vec![PollFd::new(transport.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                kicks
+                    .iter()
+                    .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+            );
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => bail!("poll: {e}"),
             }
+            let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+            let t = fds.first().is_some_and(ready);
+            let k: Vec<u16> = kicks
+                .iter()
+                .zip(fds.iter().skip(1))
+                .filter(|(_, f)| ready(f))
+                .map(|((i, _), _)| *i)
+                .collect();
+            (t, k)
         };
-        let Some((tag, cmd)) = unframe(&bytes) else {
-            continue;
-        };
-        let response = gpu.handle(cmd);
-        let out = match gpu.placer_mut().control_attack.take() {
-            None => frame(tag, &response),
-            Some(ControlAttack::NoReply) => hang(),
-            Some(ControlAttack::UnknownTag) => frame(tag.wrapping_add(1_000_000), &response),
-            Some(ControlAttack::Untagged) => vec![1, 2, 3],
-            Some(ControlAttack::Garbage) => frame(tag, b"\xff\xffnot a virtio-gpu response"),
-            Some(ControlAttack::Reorder) => {
-                // Held back until the next command's response has gone out.
-                held = Some(frame(tag, &response));
-                continue;
+        if dev.busy() {
+            dev.process_busy();
+        } else if !transport_ready && kicked.is_empty() {
+            dev.finish_one();
+        }
+        for index in kicked {
+            dev.kick(index);
+        }
+        if transport_ready {
+            match transport.try_recv_bytes() {
+                Ok(Some((bytes, fds))) => {
+                    if let Some(reply) = transport_msg(dev, &mut shadow, &bytes, fds)? {
+                        transport.send(&reply, &[])?;
+                    }
+                }
+                Ok(None) => {}
+                Err(TubeError::Hangup) => return Ok(()),
+                Err(e) => log::warn!("transport tube: {e}"),
             }
+        }
+        forward(dev, &mut shadow)?;
+    }
+}
+
+/// Hands a transport message to the device core, with the shadow region added to guest
+/// memory and the controlq's used ring moved into it.
+fn transport_msg(
+    dev: &mut VirtioGpu<HostilePlacer>,
+    shadow: &mut Shadow,
+    bytes: &[u8],
+    mut fds: Vec<OwnedFd>,
+) -> anyhow::Result<Option<hostmem_ipc::protocol::TransportReply>> {
+    let Ok(msg) = serde_json::from_slice::<TransportMsg>(bytes) else {
+        return Ok(handle_transport(dev, bytes, fds));
+    };
+    let msg = match msg {
+        TransportMsg::GuestMemory { seq, mut regions } => {
+            // A fresh shadow ring for fresh memory.
+            let zeros = vec![0u8; SHADOW_SIZE as usize];
+            hostmem_base::mmap::MemoryMapping::from_fd(
+                shadow.shm.as_fd(),
+                0,
+                SHADOW_SIZE as usize,
+                hostmem_base::mmap::Prot::READ_WRITE,
+            )?
+            .write_slice(0, &zeros)?;
+            regions.push(GuestRegion {
+                gpa: SHADOW_GPA,
+                size: SHADOW_SIZE,
+                fd_offset: 0,
+            });
+            fds.push(shadow.shm.try_clone_fd()?);
+            TransportMsg::GuestMemory { seq, regions }
+        }
+        TransportMsg::QueueEnable { seq, mut queue } if queue.index == 0 && fds.len() == 2 => {
+            let real_call = fds.pop().context("call fd")?;
+            // The core signals a dup of the driver's call eventfd (a spurious wake-up before
+            // we copy: the driver looks again); we signal once more after copying. No
+            // eventfd of our own: the jail's policy has no eventfd2.
+            fds.push(real_call.try_clone()?);
+            shadow.real = Some((queue, std::fs::File::from(real_call)));
+            shadow.seen = 0;
+            shadow.real_idx = 0;
+            shadow.held = None;
+            queue.used = SHADOW_GPA;
+            TransportMsg::QueueEnable { seq, queue }
+        }
+        TransportMsg::Reset { seq } => {
+            shadow.real = None;
+            TransportMsg::Reset { seq }
+        }
+        other => other,
+    };
+    let bytes = serde_json::to_vec(&msg)?;
+    Ok(handle_transport(dev, &bytes, fds))
+}
+
+/// Copies new shadow used elements into the driver's used ring, carrying out an armed
+/// attack on the attacked MAP_BLOB's element, and signals the driver.
+fn forward(dev: &mut VirtioGpu<HostilePlacer>, shadow: &mut Shadow) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    use vm_memory::{Bytes, GuestAddress};
+    let (Some(mem), Some((setup, call))) = (dev.memory().cloned(), shadow.real.as_ref()) else {
+        return Ok(());
+    };
+    let setup = *setup;
+    let size = setup.size.max(1);
+    let idx: u16 = mem.load(GuestAddress(SHADOW_GPA + 2), Ordering::Acquire)?;
+    let mut out: Vec<(u32, u32)> = vec![];
+    while shadow.seen != idx {
+        let at = SHADOW_GPA + 4 + u64::from(shadow.seen % size) * 8;
+        shadow.seen = shadow.seen.wrapping_add(1);
+        let id: u32 = mem.read_obj(GuestAddress(at))?;
+        let len: u32 = mem.read_obj(GuestAddress(at + 4))?;
+        let attack = match dev.gpu().placer().control_attack {
+            Some(a) if is_map_blob(&mem, &setup, id) => {
+                dev.gpu_mut().placer_mut().control_attack = None;
+                Some(a)
+            }
+            _ => None,
         };
-        control.send_bytes(&out, &[])?;
-        if let Some(h) = held.take() {
-            control.send_bytes(&h, &[])?;
+        match attack {
+            None => {
+                out.push((id, len));
+                if let Some(h) = shadow.held.take() {
+                    out.push(h);
+                }
+            }
+            Some(ControlAttack::NoReply) => {
+                // A device that stops answering altogether: the VMM must kill it.
+                log::warn!("hostile device: head {id} never used; hanging");
+                hang()
+            }
+            Some(ControlAttack::UnknownTag) => out.push((id.wrapping_add(1), len)),
+            Some(ControlAttack::Untagged) => out.push((u32::MAX, len)),
+            Some(ControlAttack::Garbage) => {
+                let garbage = b"\xff\xffnot a virtio-gpu response";
+                let desc = setup.desc + u64::from(id) * 16;
+                let next: u16 = mem.read_obj(GuestAddress(desc + 14))?;
+                let resp: u64 = mem.read_obj(GuestAddress(setup.desc + u64::from(next) * 16))?;
+                mem.write_slice(garbage, GuestAddress(resp))?;
+                out.push((id, garbage.len() as u32));
+            }
+            Some(ControlAttack::Reorder) => shadow.held = Some((id, len)),
         }
     }
+    if out.is_empty() {
+        return Ok(());
+    }
+    for (id, len) in out {
+        let at = setup.used + 4 + u64::from(shadow.real_idx % size) * 8;
+        mem.write_obj(id, GuestAddress(at))?;
+        mem.write_obj(len, GuestAddress(at + 4))?;
+        shadow.real_idx = shadow.real_idx.wrapping_add(1);
+    }
+    mem.store(
+        shadow.real_idx,
+        GuestAddress(setup.used + 2),
+        Ordering::Release,
+    )?;
+    std::io::Write::write_all(&mut &*call, &1u64.to_ne_bytes())?;
+    Ok(())
+}
+
+/// True if the chain at `head` is a RESOURCE_MAP_BLOB request.
+fn is_map_blob(mem: &vm_memory::GuestMemoryMmap, setup: &QueueSetup, head: u32) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let desc = setup.desc + u64::from(head) * 16;
+    let Ok(addr) = mem.read_obj::<u64>(GuestAddress(desc)) else {
+        return false;
+    };
+    mem.read_obj::<u32>(GuestAddress(addr))
+        .is_ok_and(|t| t == VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB)
 }

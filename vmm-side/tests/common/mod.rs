@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostmem_base::kvm::Vm;
 use hostmem_vmm::device::{Device, DeviceConfig};
-use hostmem_vmm::driver::Driver;
 use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use hostmem_vmm::queue_driver::QueueDriver;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -75,15 +75,9 @@ pub fn hostmem(size: u64) -> Arc<Hostmem> {
     )
 }
 
-/// Starts the device of `cfg` on `hm` and a guest driver on its control queue.
-pub fn start_device(cfg: &DeviceConfig, hm: &Arc<Hostmem>) -> (Device, Driver) {
+/// Starts the device of `cfg` on `hm` and a host-side driver on its virtqueues.
+pub fn start_device(cfg: &DeviceConfig, hm: &Arc<Hostmem>) -> (Device, QueueDriver) {
     let dev = Device::start(cfg, hm.clone()).expect("device start");
-    let control = hostmem_ipc::Tube::from_fd(
-        std::os::fd::AsFd::as_fd(dev.control())
-            .try_clone_to_owned()
-            .expect("dup of the control queue"),
-    )
-    .expect("control tube");
-    let drv = Driver::new(control, hm.clone()).expect("driver");
+    let drv = QueueDriver::new(dev.transport()).expect("queue driver");
     (dev, drv)
 }
