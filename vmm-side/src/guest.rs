@@ -39,6 +39,13 @@ pub const RAM_SLOT: u32 = 0;
 /// buffers in its bss) and its stack fit in 2 MiB; the rest is room.
 pub const RAM_SIZE: usize = 8 << 20;
 
+/// The TSS, whose I/O permission bitmap allows every port. Ring 3 with IOPL 3 should not
+/// need one, but this KVM's port I/O emulation checks the bitmap anyway: with no bitmap
+/// inside the TSS limit (the probe's 0x67-byte TSS) every port from 0x340 up (the PCI
+/// configuration ports among them) raised #GP and the guest triple-faulted.
+const TSS_GPA: u64 = 0x6_0000;
+/// Offset of the I/O bitmap in the TSS (right after the 104-byte 64-bit TSS).
+const IO_BITMAP_OFFSET: u64 = 0x68;
 const PARAMS_GPA: u64 = 0x8_0000;
 const RESULTS_GPA: u64 = 0x8_1000;
 const RESULTS_LEN: usize = 8656;
@@ -267,7 +274,18 @@ impl GuestVm {
         vm.set_region(RAM_SLOT, 0, ram.clone(), 0, RAM_SIZE)
             .map_err(setup)?;
         let vcpu = vm.create_vcpu(0).map_err(setup)?;
-        let sregs = long_mode_sregs(vcpu.get_sregs()?);
+        // TSS: I/O map base at 0x66, an all-zero bitmap (every port allowed) and the 0xff
+        // byte the architecture wants after it.
+        ram.write_slice(
+            (TSS_GPA + 0x66) as usize,
+            &(IO_BITMAP_OFFSET as u16).to_le_bytes(),
+        )
+        .map_err(setup)?;
+        ram.write_slice((TSS_GPA + IO_BITMAP_OFFSET + 8192) as usize, &[0xff])
+            .map_err(setup)?;
+        let mut sregs = long_mode_sregs(vcpu.get_sregs()?);
+        sregs.tr.base = TSS_GPA;
+        sregs.tr.limit = (IO_BITMAP_OFFSET + 8192) as u32;
         vcpu.set_sregs(&sregs)?;
         vcpu.set_regs(&kvm_regs {
             rip: IMAGE_GPA,
@@ -308,90 +326,26 @@ impl GuestVm {
         self.exits
     }
 
-    fn in_window(&self, gpa: u64, len: usize) -> bool {
-        gpa >= self.window_gpa
-            && gpa
-                .checked_add(len as u64)
-                .is_some_and(|end| end <= self.window_gpa + self.window_size)
-    }
-
     /// Runs the vCPU until the driver raises an event, serving PCI and BAR0 accesses
     /// through `pci` on the way.
     pub fn run_until_event(&mut self, pci: &mut VirtioPciGpu) -> Result<GuestEvent, GuestError> {
-        loop {
-            let exit = match self.vcpu.run() {
-                Ok(exit) => exit,
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
-                Err(e) => return Err(GuestError::Vcpu(e)),
-            };
-            self.exits += 1;
-            let event = match exit {
-                VcpuExit::IoOut(EVENT_PORT, data) => {
-                    let mut code = [0u8; 4];
-                    let n = data.len().min(4);
-                    code[..n].copy_from_slice(&data[..n]);
-                    Some(u32::from_le_bytes(code))
-                }
-                VcpuExit::IoOut(port, data) => {
-                    if !pci.pio_write(port, data) {
-                        log::debug!("guest wrote {data:?} to unclaimed port {port:#x}");
-                    }
-                    None
-                }
-                VcpuExit::IoIn(port, data) => {
-                    if !pci.pio_read(port, data) {
-                        data.fill(0xff);
-                    }
-                    None
-                }
-                VcpuExit::MmioRead(gpa, data) => {
-                    if !pci.mmio_read(gpa, data) {
-                        data.fill(0);
-                        if self.in_window(gpa, data.len()) {
-                            self.holes += 1;
-                        } else {
-                            return Err(GuestError::Stopped(format!(
-                                "read of {} bytes at {gpa:#x}: no memory and no device there",
-                                data.len()
-                            )));
-                        }
-                    }
-                    None
-                }
-                VcpuExit::MmioWrite(gpa, data) => {
-                    if !pci.mmio_write(gpa, data) {
-                        if self.in_window(gpa, data.len()) {
-                            self.holes += 1;
-                        } else {
-                            return Err(GuestError::Stopped(format!(
-                                "write of {} bytes at {gpa:#x}: no memory and no device there",
-                                data.len()
-                            )));
-                        }
-                    }
-                    None
-                }
-                VcpuExit::Intr => None,
-                VcpuExit::Hlt => {
-                    return Err(GuestError::Stopped(
-                        "the driver returned from driver_main (hlt)".into(),
-                    ))
-                }
-                other => return Err(GuestError::Stopped(format!("{other:?}"))),
-            };
-            let Some(code) = event else { continue };
-            let arg = self.read_u64(RESULTS_GPA)?;
-            return Ok(match code {
-                1 => GuestEvent::Done,
-                2 => GuestEvent::WarmedUp,
-                3 => GuestEvent::Progress(arg),
-                4 => GuestEvent::Waiting(arg),
-                5 => GuestEvent::Drained,
-                6 => GuestEvent::DeviceLost(arg),
-                7 => GuestEvent::Fatal(self.results()?.message),
-                other => GuestEvent::Fatal(format!("unknown guest event {other}")),
-            });
-        }
+        let window = (self.window_gpa, self.window_size);
+        let (mut holes, mut exits) = (0u64, 0u64);
+        let code = run_vcpu(&mut self.vcpu, window, pci, &mut holes, &mut exits);
+        self.holes += holes;
+        self.exits += exits;
+        let code = code?;
+        let arg = self.read_u64(RESULTS_GPA)?;
+        Ok(match code {
+            1 => GuestEvent::Done,
+            2 => GuestEvent::WarmedUp,
+            3 => GuestEvent::Progress(arg),
+            4 => GuestEvent::Waiting(arg),
+            5 => GuestEvent::Drained,
+            6 => GuestEvent::DeviceLost(arg),
+            7 => GuestEvent::Fatal(self.results()?.message),
+            other => GuestEvent::Fatal(format!("unknown guest event {other}")),
+        })
     }
 
     fn read_u64(&self, gpa: u64) -> Result<u64, GuestError> {
@@ -420,7 +374,10 @@ impl GuestVm {
         };
         let mismatches = q(40);
         let message = page.get(8400..8656).unwrap_or(&[]);
-        let end = message.iter().position(|&b| b == 0).unwrap_or(message.len());
+        let end = message
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(message.len());
         Ok(GuestResults {
             commands: q(8),
             errors: q(16),
@@ -442,6 +399,95 @@ impl GuestVm {
                 .collect(),
             message: String::from_utf8_lossy(&message[..end]).into_owned(),
         })
+    }
+}
+
+fn in_window(window: (u64, u64), gpa: u64, len: usize) -> bool {
+    gpa >= window.0
+        && gpa
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= window.0 + window.1)
+}
+
+/// Runs `vcpu` until the driver's event port; returns the event code.
+fn run_vcpu(
+    vcpu: &mut Vcpu,
+    window: (u64, u64),
+    pci: &mut VirtioPciGpu,
+    holes: &mut u64,
+    exits: &mut u64,
+) -> Result<u32, GuestError> {
+    loop {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => return Err(GuestError::Vcpu(e)),
+        };
+        *exits += 1;
+        let event = match exit {
+            VcpuExit::IoOut(EVENT_PORT, data) => {
+                let mut code = [0u8; 4];
+                let n = data.len().min(4);
+                code[..n].copy_from_slice(&data[..n]);
+                Some(u32::from_le_bytes(code))
+            }
+            VcpuExit::IoOut(port, data) => {
+                if !pci.pio_write(port, data) {
+                    log::debug!("guest wrote {data:?} to unclaimed port {port:#x}");
+                }
+                None
+            }
+            VcpuExit::IoIn(port, data) => {
+                if !pci.pio_read(port, data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            VcpuExit::MmioRead(gpa, data) => {
+                if !pci.mmio_read(gpa, data) {
+                    data.fill(0);
+                    if in_window(window, gpa, data.len()) {
+                        *holes += 1;
+                    } else {
+                        return Err(GuestError::Stopped(format!(
+                            "read of {} bytes at {gpa:#x}: no memory and no device there",
+                            data.len()
+                        )));
+                    }
+                }
+                None
+            }
+            VcpuExit::MmioWrite(gpa, data) => {
+                if !pci.mmio_write(gpa, data) {
+                    if in_window(window, gpa, data.len()) {
+                        *holes += 1;
+                    } else {
+                        return Err(GuestError::Stopped(format!(
+                            "write of {} bytes at {gpa:#x}: no memory and no device there",
+                            data.len()
+                        )));
+                    }
+                }
+                None
+            }
+            VcpuExit::Intr => None,
+            VcpuExit::Hlt => {
+                return Err(GuestError::Stopped(
+                    "the driver returned from driver_main (hlt)".into(),
+                ))
+            }
+            other => {
+                let what = format!("{other:?}");
+                let at = vcpu
+                    .get_regs()
+                    .map(|r| format!(" at rip {:#x} rsp {:#x}", r.rip, r.rsp))
+                    .unwrap_or_default();
+                return Err(GuestError::Stopped(format!("{what}{at}")));
+            }
+        };
+        if let Some(code) = event {
+            return Ok(code);
+        }
     }
 }
 
