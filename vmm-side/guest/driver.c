@@ -420,6 +420,7 @@ static void post(struct slot *s)
 }
 
 static int device_lost;
+static u64 yield_every;
 
 /* Takes every used entry; returns how many. */
 static u32 reap(void)
@@ -457,7 +458,12 @@ static int wait(struct slot *s)
         if (reap())
             continue;
         R->polls++;
-        if ((++polls & 0x3ffff) == 0) {
+        ++polls;
+        if (yield_every && polls % yield_every == 0) {
+            R->yields++;
+            outl(YIELD_PORT, 0);
+        }
+        if ((polls & 0x3ffff) == 0) {
             event(EV_WAITING, polls);
             if (cc_r8(CC_STATUS) & S_NEEDS_RESET) {
                 device_lost = 1;
@@ -710,33 +716,41 @@ static int free_offset(u64 size, u64 *out)
     return 0;
 }
 
-/* Unmaps (or unrefs while mapped) the oldest `n` live blobs in one batch. */
+/* Unmaps (or unrefs while mapped) the oldest `n` live blobs: first every UNMAP_BLOB (one
+ * in eight an UNREF of the mapped blob, which unmaps it first) in one batch, then the UNREFs
+ * of the unmapped ones in a second, so that the unmap latencies are those of unmaps. */
 static int retire(u32 n)
 {
     if (n > nlive)
         n = nlive;
     if (n > 32)
         n = 32;
-    struct slot *un[32], *ur[32];
+    struct slot *first[32], *ur[32];
+    u32 unref_only[32];
     for (u32 i = 0; i < n; i++) {
-        /* one in eight: UNREF of a mapped blob, which unmaps it first */
-        un[i] = rng_below(8) ? cmd_res(VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB, live[i].res) : 0;
-        ur[i] = cmd_res(VIRTIO_GPU_CMD_RESOURCE_UNREF, live[i].res);
+        unref_only[i] = rng_below(8) == 0;
+        first[i] = cmd_res(unref_only[i] ? VIRTIO_GPU_CMD_RESOURCE_UNREF : VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB,
+                           live[i].res);
+    }
+    kick(&ctrlq, 0);
+    u32 ok[32];
+    for (u32 i = 0; i < n; i++)
+        if (wait(first[i]))
+            return -1;
+    for (u32 i = 0; i < n; i++) {
+        record(R->unmap_hist, first[i]->t_done - first[i]->t_submit);
+        R->unmap_samples++;
+        ok[i] = answer(first[i]) != 0;
+        ur[i] = unref_only[i] ? 0 : cmd_res(VIRTIO_GPU_CMD_RESOURCE_UNREF, live[i].res);
     }
     kick(&ctrlq, 0);
     for (u32 i = 0; i < n; i++) {
-        struct slot *first = un[i] ? un[i] : ur[i];
-        if (wait(first))
-            return -1;
-        record(R->unmap_hist, first->t_done - first->t_submit);
-        R->unmap_samples++;
-        int ok = answer(first) != 0;
-        if (un[i]) {
+        if (ur[i]) {
             if (wait(ur[i]))
                 return -1;
-            ok = answer(ur[i]) && ok;
+            ok[i] = answer(ur[i]) && ok[i];
         }
-        if (ok)
+        if (ok[i])
             check_gone(live[i].offset, live[i].size);
     }
     for (u32 i = n; i < nlive; i++)
@@ -745,7 +759,8 @@ static int retire(u32 n)
     return 0;
 }
 
-/* Creates, fills and maps up to `n` blobs in one batch, checks them, and has the guest
+/* Creates and fills up to `n` blobs in one batch, maps them in a second (so that the map
+ * latencies are those of maps), checks every byte through the window, and has the guest
  * write into every fourth one for the device to checksum. */
 static int add_blobs(u32 n, u64 *done)
 {
@@ -772,22 +787,31 @@ static int add_blobs(u32 n, u64 *done)
     for (u32 i = 0; i < k; i++) {
         cr[i] = cmd_create_blob(nb[i].res, nb[i].size);
         fi[i] = cmd_stream(OP_FILL, nb[i].res, nb[i].size, nb[i].seed);
-        mp[i] = cmd_map(nb[i].res, nb[i].offset);
     }
     kick(&ctrlq, 0);
+    u32 ok[16];
+    for (u32 i = 0; i < k; i++) {
+        if (wait(cr[i]) || wait(fi[i]))
+            return -1;
+        ok[i] = answer(cr[i]) != 0;
+        ok[i] = answer(fi[i]) && ok[i];
+        mp[i] = ok[i] ? cmd_map(nb[i].res, nb[i].offset) : 0;
+    }
+    kick(&ctrlq, 0);
+    for (u32 i = 0; i < k; i++)
+        if (mp[i] && wait(mp[i]))
+            return -1;
     struct slot *ck[16];
     u32 nck = 0;
     u32 ckblob[16];
     for (u32 i = 0; i < k; i++) {
-        if (wait(cr[i]) || wait(fi[i]) || wait(mp[i]))
-            return -1;
-        record(R->map_hist, mp[i]->t_done - mp[i]->t_submit);
-        R->map_samples++;
-        int ok = answer(cr[i]) != 0;
-        ok = answer(fi[i]) && ok;
-        ok = answer(mp[i]) && ok;
         (*done)++;
-        if (!ok) {
+        if (mp[i]) {
+            record(R->map_hist, mp[i]->t_done - mp[i]->t_submit);
+            R->map_samples++;
+            ok[i] = answer(mp[i]) != 0;
+        }
+        if (!ok[i]) {
             /* the blob may exist: drop it */
             struct slot *u = cmd_res(VIRTIO_GPU_CMD_RESOURCE_UNREF, nb[i].res);
             kick(&ctrlq, 0);
@@ -844,10 +868,10 @@ static void drain(void)
     }
 }
 
-_Static_assert(offsetof(struct results, mismatch_at) == 144, "results layout (guest.rs)");
-_Static_assert(offsetof(struct results, map_hist) == 208, "results layout (guest.rs)");
-_Static_assert(offsetof(struct results, unmap_hist) == 4304, "results layout (guest.rs)");
-_Static_assert(offsetof(struct results, message) == 8400, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, mismatch_at) == 152, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, map_hist) == 216, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, unmap_hist) == 4312, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, message) == 8408, "results layout (guest.rs)");
 _Static_assert(offsetof(struct params, ctx_capset) == 48, "params layout (guest.rs)");
 _Static_assert(sizeof(struct params) == 64, "params layout (guest.rs)");
 
@@ -858,6 +882,7 @@ void driver_main(void)
         fatal("bad params magic");
     R->tsc_start = rdtsc();
     rng_state = P->seed;
+    yield_every = P->yield_every;
     find_gpu();
     start_device();
     u64 max_live = P->max_live;
