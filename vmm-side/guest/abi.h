@@ -26,6 +26,7 @@
 #define EV_DRAINED 5       /* every blob unmapped and unreferenced */
 #define EV_DEVICE_LOST 6   /* arg = blobs that were live; the driver resets the device */
 #define EV_FATAL 7         /* results.message says why; the run is over */
+#define EV_REINITIALISED 8 /* after a loss: the new device is set up, no blob is live yet */
 #define YIELD_PORT 0x12    /* `out`: nothing to do yet; the VMM lets the other threads run */
 
 #define PARAMS_MAGIC 0x48534f4d454d4850ULL /* "PHMEMOSH" */

@@ -691,6 +691,7 @@ static void recover(void)
     nlive = 0;
     R->device_resets++;
     start_device();
+    event(EV_REINITIALISED, 0);
 }
 
 static int overlaps(u64 off, u64 size)
@@ -701,14 +702,19 @@ static int overlaps(u64 off, u64 size)
     return 0;
 }
 
-static int free_offset(u64 size, u64 *out)
+/* A random page-aligned offset where `size` bytes overlap neither a live blob nor one of
+ * the `nb` blobs of the batch being built. */
+static int free_offset(u64 size, const struct blob *batch, u32 nb, u64 *out)
 {
     if (size > shm_len)
         return 0;
     u64 slots_ = (shm_len - size) / 4096 + 1;
     for (int t = 0; t < 64; t++) {
         u64 off = rng_below(slots_) * 4096;
-        if (!overlaps(off, size)) {
+        int clash = overlaps(off, size);
+        for (u32 j = 0; j < nb && !clash; j++)
+            clash = off < batch[j].offset + batch[j].size && batch[j].offset < off + size;
+        if (!clash) {
             *out = off;
             return 1;
         }
@@ -769,17 +775,8 @@ static int add_blobs(u32 n, u64 *done)
     u32 k = 0;
     for (u32 i = 0; i < n && k < 16; i++) {
         struct blob b = {next_res++, 0, blob_size(), rng_next(), ~0ull, 0};
-        if (!free_offset(b.size, &b.offset)) {
+        if (!free_offset(b.size, nb, k, &b.offset)) {
             (*done)++; /* no room for it: tried, not mapped */
-            continue;
-        }
-        /* keep the batch's own ranges apart too */
-        int clash = 0;
-        for (u32 j = 0; j < k; j++)
-            if (b.offset < nb[j].offset + nb[j].size && nb[j].offset < b.offset + b.size)
-                clash = 1;
-        if (clash) {
-            (*done)++;
             continue;
         }
         nb[k++] = b;
@@ -930,7 +927,10 @@ void driver_main(void)
             recover();
             continue;
         }
+        u64 before = done;
         if (add_blobs(n, &done) < 0) {
+            /* the batch died with the device: do it again on the new one */
+            done = before;
             recover();
             continue;
         }

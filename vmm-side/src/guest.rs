@@ -113,6 +113,8 @@ pub enum GuestEvent {
     Done,
     /// The driver gave up (the reason).
     Fatal(String),
+    /// After a loss, the driver set the new device up; no blob is live yet.
+    Reinitialised,
 }
 
 /// Latency summary from the driver's histograms.
@@ -350,6 +352,7 @@ impl GuestVm {
             5 => GuestEvent::Drained,
             6 => GuestEvent::DeviceLost(arg),
             7 => GuestEvent::Fatal(self.results()?.message),
+            8 => GuestEvent::Reinitialised,
             other => GuestEvent::Fatal(format!("unknown guest event {other}")),
         })
     }

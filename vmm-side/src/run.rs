@@ -416,9 +416,19 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 let since = *waiting_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > opts.command_timeout {
                     lost = Some(format!(
-                        "no response for {:?}: device hung",
+                        "timed out: no response for {:?}, device hung",
                         opts.command_timeout
                     ));
+                }
+            }
+            GuestEvent::Reinitialised => {
+                // The restarted device now holds what a serving device holds (guest RAM,
+                // queue eventfds) and no blob: its baseline for the end-of-run check.
+                if let Some(s) = &session {
+                    match device_usage(s) {
+                        Ok(u) => usage.device_start = u,
+                        Err(e) => errors.push(format!("device usage: {e}")),
+                    }
                 }
             }
             GuestEvent::DeviceLost(live) => {
@@ -474,11 +484,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 restarts += 1;
                 match connect(opts, &hostmem, &mut pci) {
                     Ok(s) => {
+                        // Its usage baseline is taken when the guest has set it up
+                        // (GuestEvent::Reinitialised).
                         facts = s.device.facts().clone();
-                        match device_usage(&s) {
-                            Ok(u) => usage.device_start = u,
-                            Err(e) => errors.push(format!("device usage: {e}")),
-                        }
                         session = Some(s);
                     }
                     Err(e) => {
