@@ -259,7 +259,11 @@ struct Session {
     device: Device,
 }
 
-fn connect(opts: &RunOptions, hostmem: &Arc<Hostmem>, pci: &mut VirtioPciGpu) -> anyhow::Result<Session> {
+fn connect(
+    opts: &RunOptions,
+    hostmem: &Arc<Hostmem>,
+    pci: &mut VirtioPciGpu,
+) -> anyhow::Result<Session> {
     let device = Device::start(&opts.device, hostmem.clone())?;
     if let Err(e) = pci.attach(device.transport(), device.facts().num_capsets) {
         let exit = device.stop("the transport could not attach it");
@@ -448,7 +452,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                         (Err(e), _) | (_, Err(e)) => errors.push(format!("usage at the end: {e}")),
                     }
                     if hostmem.live() != 0 {
-                        errors.push(format!("{} placements live after the drain", hostmem.live()));
+                        errors.push(format!(
+                            "{} placements live after the drain",
+                            hostmem.live()
+                        ));
                     }
                 }
             }

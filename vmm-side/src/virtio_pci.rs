@@ -929,7 +929,7 @@ impl VirtioPciGpu {
         self.notify_exits += 1;
         let queue = within / u64::from(NOTIFY_OFF_MULTIPLIER);
         match self.kick_eventfd(queue as u16) {
-            Some(k) if within % u64::from(NOTIFY_OFF_MULTIPLIER) == 0 => {
+            Some(k) if within.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER)) => {
                 if self.notify_exits == 1 {
                     log::warn!(
                         "virtio-pci: a notify write reached the VMM (no ioeventfd match); \
