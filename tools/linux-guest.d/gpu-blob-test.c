@@ -83,7 +83,7 @@ _Static_assert(sizeof(struct drm_virtgpu_resource_create_blob) == 48, "create_bl
 #define VIRTGPU_CONTEXT_PARAM_CAPSET_ID 0x0001
 
 /* ---- the shm backend's capset and stream (device/src/backend/shm.rs) ---- */
-#define SHM_CAPSET_ID 0x48
+#define SHM_CAPSET_ID 0x48 /* today's id; Linux 6.1 cannot use it (see main) */
 #define SHM_CAPSET_VERSION 1
 #define SHM_CAPSET_SIZE 16
 #define OP_FILL 1
@@ -191,6 +191,16 @@ static int submit(int fd, struct stream *s)
 
 struct blob { uint32_t bo, res; size_t size; volatile uint8_t *map; };
 
+/* Step markers for the first blobs: where a stalled device stopped the guest. */
+static unsigned trace_left = 10;
+static void step(unsigned i, const char *what)
+{
+	if (trace_left) {
+		printf("GPUTEST blob %u: %s\n", i, what);
+		fflush(stdout);
+	}
+}
+
 static void blob_close(int fd, struct blob *b)
 {
 	if (b->map)
@@ -213,6 +223,7 @@ static int blob_run(int fd, struct blob *b, unsigned i)
 		.size = b->size,
 		.blob_id = i + 1,
 	};
+	step(i, "RESOURCE_CREATE_BLOB");
 	if (ioctl(fd, DRM_IOCTL_VIRTGPU_RESOURCE_CREATE_BLOB, &cb)) {
 		fail("RESOURCE_CREATE_BLOB", errno);
 		return -1;
@@ -224,6 +235,7 @@ static int blob_run(int fd, struct blob *b, unsigned i)
 		fail("VIRTGPU_MAP", errno);
 		return -1;
 	}
+	step(i, "mmap");
 	void *p = mmap(NULL, b->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)m.offset);
 	if (p == MAP_FAILED) {
 		fail("mmap (the kernel waits for RESOURCE_MAP_BLOB)", errno);
@@ -238,6 +250,7 @@ static int blob_run(int fd, struct blob *b, unsigned i)
 	struct stream s = { .len = 0 };
 	op_head(&s, OP_FILL, b->res, 0, b->size);
 	put64(&s, seed);
+	step(i, "FILL");
 	if (submit(fd, &s))
 		return -1;
 	unsigned bad = 0;
@@ -253,6 +266,7 @@ static int blob_run(int fd, struct blob *b, unsigned i)
 	s.len = 0;
 	op_head(&s, OP_WRITE, b->res, woff, sizeof data);
 	put(&s, data, sizeof data);
+	step(i, "WRITE");
 	if (submit(fd, &s))
 		return -1;
 	for (unsigned k = 0; k < sizeof data; k++)
@@ -273,6 +287,7 @@ static int blob_run(int fd, struct blob *b, unsigned i)
 		op_head(&s, OP_STORE_CHECKSUM, b->res, 0, body);
 		put64(&s, body);
 	}
+	step(i, "CHECKSUM");
 	if (submit(fd, &s))
 		return -1;
 	if (R.capset_ops & (1u << OP_STORE_CHECKSUM)) {
@@ -292,6 +307,9 @@ int main(int argc, char **argv)
 {
 	unsigned nblobs = argc > 1 ? (unsigned)atoi(argv[1]) : 128;
 	unsigned live = argc > 2 ? (unsigned)atoi(argv[2]) : 8;
+	/* Diagnostic knob: pause after each GEM_CLOSE (lets a backend that serves the
+	 * frontend's requests only between commands catch up). 0 = off. */
+	unsigned settle_ms = argc > 3 ? (unsigned)atoi(argv[3]) : 0;
 	if (live < 1 || live > 64)
 		live = 8;
 	struct timespec t0, t1;
@@ -318,29 +336,41 @@ int main(int argc, char **argv)
 		return 1;
 	}
 
-	uint8_t caps[SHM_CAPSET_SIZE] = { 0 };
-	struct drm_virtgpu_get_caps gc = { .cap_set_id = SHM_CAPSET_ID, .cap_set_ver = SHM_CAPSET_VERSION,
-					   .addr = (uint64_t)(uintptr_t)caps, .size = sizeof caps };
-	if (ioctl(fd, DRM_IOCTL_VIRTGPU_GET_CAPS, &gc) == 0 && memcmp(caps, "HMSHM", 5) == 0) {
+	/* The shm capset: the id whose bytes start "HMSHM". Linux 6.1 drops capsets with ids
+	 * above MAX_CAPSET_ID (63) at probe, and its capset mask is built with a 32-bit shift
+	 * (`1 << id`), so CONTEXT_INIT accepts only ids below 32: try every id the driver can
+	 * hold, then SHM_CAPSET_ID itself. */
+	uint8_t caps[SHM_CAPSET_SIZE];
+	uint32_t capset = 0;
+	for (uint32_t id = 1; id <= 64 && !capset; id++) {
+		uint32_t want = id == 64 ? SHM_CAPSET_ID : id;
+		memset(caps, 0, sizeof caps);
+		struct drm_virtgpu_get_caps gc = { .cap_set_id = want, .cap_set_ver = SHM_CAPSET_VERSION,
+						   .addr = (uint64_t)(uintptr_t)caps, .size = sizeof caps };
+		if (ioctl(fd, DRM_IOCTL_VIRTGPU_GET_CAPS, &gc) == 0 && memcmp(caps, "HMSHM", 5) == 0)
+			capset = want;
+	}
+	if (capset) {
 		R.capset_found = 1;
 		memcpy(&R.capset_ops, caps + 12, 4);
 	} else {
-		fail("GET_CAPS of the shm capset", errno ? errno : EINVAL);
+		capset = SHM_CAPSET_ID;
+		fail("GET_CAPS: no capset starting HMSHM", ENOENT);
 	}
-	printf("GPUTEST capset 0x%x: %s, ops mask 0x%x\n", SHM_CAPSET_ID,
+	printf("GPUTEST capset 0x%x: %s, ops mask 0x%x\n", capset,
 	       R.capset_found ? "found" : "missing", R.capset_ops);
 
-	/* CONTEXT_INIT with the test capset. Linux 6.1 refuses capset ids above 63
-	 * (MAX_CAPSET_ID); then the context falls back to the default capset (0). */
+	/* CONTEXT_INIT with the test capset; when Linux refuses it (see above), the context
+	 * falls back to the default capset (0), which the shm backend also accepts. */
 	struct drm_virtgpu_context_set_param cp = { .param = VIRTGPU_CONTEXT_PARAM_CAPSET_ID,
-						    .value = SHM_CAPSET_ID };
+						    .value = capset };
 	struct drm_virtgpu_context_init ci = { .num_params = 1, .ctx_set_params = (uint64_t)(uintptr_t)&cp };
 	if (ioctl(fd, DRM_IOCTL_VIRTGPU_CONTEXT_INIT, &ci) == 0) {
-		R.ctx_capset = SHM_CAPSET_ID;
+		R.ctx_capset = capset;
 	} else {
 		R.ctx_capset_errno = errno;
 		printf("GPUTEST CONTEXT_INIT capset 0x%x: %s; using the default capset\n",
-		       SHM_CAPSET_ID, strerror(errno));
+		       capset, strerror(errno));
 		ci.num_params = 0;
 		if (ioctl(fd, DRM_IOCTL_VIRTGPU_CONTEXT_INIT, &ci))
 			fail("CONTEXT_INIT (default capset)", errno);
@@ -349,16 +379,27 @@ int main(int argc, char **argv)
 	struct blob *ring = calloc(live, sizeof *ring);
 	for (unsigned i = 0; i < nblobs && R.errors == 0; i++) {
 		struct blob *b = &ring[i % live];
+		if (b->bo)
+			step(i, "GEM_CLOSE of the oldest live blob");
+		int had = b->bo != 0;
 		blob_close(fd, b); /* the oldest live blob goes: unmap + unref */
+		if (had && settle_ms)
+			usleep(settle_ms * 1000);
 		if (blob_run(fd, b, i) == 0)
 			R.blobs++;
+		if (trace_left)
+			trace_left--;
 		if ((i + 1) % 32 == 0) {
 			printf("GPUTEST %u blobs, %u mismatches\n", i + 1, R.mismatches);
 			fflush(stdout);
 		}
 	}
-	for (unsigned k = 0; k < live; k++)
+	for (unsigned k = 0; k < live; k++) {
+		int had = ring[k].bo != 0;
 		blob_close(fd, &ring[k]);
+		if (had && settle_ms)
+			usleep(settle_ms * 1000);
+	}
 	close(fd);
 	R.device = "ok";
 	clock_gettime(CLOCK_MONOTONIC, &t1);
