@@ -12,6 +12,8 @@
 //!   used ring.
 //! * [`process`]: the device process: seccomp, handshake, then the poll loop over the
 //!   transport tube and the kick eventfds.
+//! * [`vhost_user`]: the same device as a vhost-user backend (`--vhost-user`), placing
+//!   blobs with `SHMEM_MAP` in the frontend's shared memory region.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +22,7 @@ pub mod error;
 pub mod gpu;
 pub mod mirror;
 pub mod process;
+pub mod vhost_user;
 pub mod virtio;
 pub mod wire;
 

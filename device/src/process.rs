@@ -28,61 +28,66 @@ pub const EXIT_TUBE: i32 = 3;
 /// Exit code for bad arguments or a failed start.
 pub const EXIT_START: i32 = 2;
 
-/// Parsed command line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Parsed command line (`hostmem-gpu-device --help`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
+#[command(
+    name = "hostmem-gpu-device",
+    about = "The hostmem virtio-gpu device process. Started by the VMM's launcher in the jail: \
+             with --transport-fd/--mapping-fd (hostmem's own transport) or --vhost-user \
+             --socket-fd (a vhost-user backend on an inherited listening socket)."
+)]
 pub struct Args {
     /// Fd of the transport tube (the virtio transport's messages).
-    pub transport_fd: i32,
+    #[arg(long, value_name = "FD", required_unless_present = "vhost_user")]
+    pub transport_fd: Option<i32>,
     /// Fd of the mapping tube.
-    pub mapping_fd: i32,
+    #[arg(long, value_name = "FD", required_unless_present = "vhost_user")]
+    pub mapping_fd: Option<i32>,
     /// Fd holding the compiled seccomp program, if any.
+    #[arg(long, value_name = "FD")]
     pub seccomp_fd: Option<i32>,
     /// Renderer backend.
+    #[arg(long, default_value = "shm")]
     pub backend: String,
     /// Test knob: allow the mirror only this many VMAs above the count at start (8 of them
     /// kept in reserve), to exercise the headroom refusal.
+    #[arg(long, value_name = "N")]
     pub vma_limit: Option<usize>,
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
+    #[arg(long)]
     pub test_ops: bool,
-    /// virgl: the inherited fd of a socket to a running render server
-    /// (`--virgl-server-fd N`; the VMM starts the server).
+    /// virgl: the inherited fd of a socket to a running render server (the VMM starts the
+    /// server).
+    #[arg(long = "virgl-server-fd", value_name = "FD")]
     pub render_server_fd: Option<i32>,
+    /// Serve as a vhost-user backend on the listening socket `--socket-fd` (the device
+    /// never opens a path).
+    #[arg(long, requires = "socket_fd", conflicts_with_all = ["transport_fd", "mapping_fd"])]
+    pub vhost_user: bool,
+    /// vhost-user: the inherited fd of the listening UNIX stream socket.
+    #[arg(long, value_name = "FD", requires = "vhost_user")]
+    pub socket_fd: Option<i32>,
+    /// vhost-user: size of shared memory region 1 in bytes (a power of two).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::vhost_user::DEFAULT_SHMEM_SIZE)]
+    pub shmem_size: u64,
+    /// vhost-user: fd of a tube to the supervisor: the Hello handshake, then wait for its go
+    /// (a second Hello, once it checked the jail from /proc), then Ready.
+    #[arg(long, value_name = "FD", requires = "vhost_user")]
+    pub control_fd: Option<i32>,
 }
 
 impl Args {
-    /// Parses `--transport-fd N --mapping-fd N [--seccomp-fd N] [--backend NAME]`.
+    /// Parses the arguments after the program name; the error is clap's message (also for
+    /// `--help`: see [`main_with_args`]).
     pub fn parse(args: &[String]) -> std::result::Result<Args, String> {
-        let mut a = Args {
-            transport_fd: -1,
-            mapping_fd: -1,
-            seccomp_fd: None,
-            backend: "shm".into(),
-            vma_limit: None,
-            test_ops: false,
-            render_server_fd: None,
-        };
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            let mut val = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-            let fd = |v: &String| v.parse::<i32>().map_err(|_| format!("{flag}: bad fd {v}"));
-            match flag.as_str() {
-                "--transport-fd" => a.transport_fd = fd(val()?)?,
-                "--mapping-fd" => a.mapping_fd = fd(val()?)?,
-                "--seccomp-fd" => a.seccomp_fd = Some(fd(val()?)?),
-                "--backend" => a.backend = val()?.clone(),
-                "--test-ops" => a.test_ops = true,
-                "--virgl-server-fd" => a.render_server_fd = Some(fd(val()?)?),
-                "--vma-limit" => {
-                    let v = val()?;
-                    a.vma_limit = Some(v.parse().map_err(|_| format!("--vma-limit: bad {v}"))?)
-                }
-                other => return Err(format!("unknown argument {other}")),
-            }
-        }
-        if a.transport_fd < 0 || a.mapping_fd < 0 {
-            return Err("--transport-fd and --mapping-fd are required".into());
-        }
-        Ok(a)
+        Self::parse_clap(args).map_err(|e| e.to_string())
+    }
+
+    fn parse_clap(args: &[String]) -> std::result::Result<Args, clap::Error> {
+        use clap::Parser;
+        Args::try_parse_from(
+            std::iter::once("hostmem-gpu-device".to_string()).chain(args.iter().cloned()),
+        )
     }
 }
 
@@ -140,9 +145,15 @@ pub fn init_logging() {
 
 /// The device's main: returns the process exit code.
 pub fn main_with_args(args: &[String]) -> i32 {
-    let args = match Args::parse(args) {
+    let args = match Args::parse_clap(args) {
         Ok(a) => a,
         Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                // --help: clap prints to stdout.
+                let _ = e.print();
+                return 0;
+            }
             log::error!("hostmem-gpu-device: {e}");
             return EXIT_START;
         }
@@ -154,7 +165,12 @@ pub fn main_with_args(args: &[String]) -> i32 {
             return EXIT_START;
         }
     }
-    match run(&args) {
+    let result = if args.vhost_user {
+        run_vhost_user(&args)
+    } else {
+        run(&args)
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
             log::error!("device: {e}");
@@ -165,8 +181,11 @@ pub fn main_with_args(args: &[String]) -> i32 {
 
 fn run(args: &Args) -> Result<()> {
     let take = |fd| hostmem_base::fd::take_inherited(fd).map_err(Error::Base);
-    let transport = Tube::from_fd(take(args.transport_fd)?)?;
-    let mapping = Tube::from_fd(take(args.mapping_fd)?)?;
+    let need = |fd: Option<i32>, flag: &str| {
+        fd.ok_or_else(|| Error::Protocol(format!("{flag} is required")))
+    };
+    let transport = Tube::from_fd(take(need(args.transport_fd, "--transport-fd")?)?)?;
+    let mapping = Tube::from_fd(take(need(args.mapping_fd, "--mapping-fd")?)?)?;
     handshake::<DeviceMsg, VmmMsg>(&mapping, Role::Device, Duration::from_secs(20))?;
     mapping.set_recv_timeout(Some(Duration::from_secs(20)))?;
     let (msg, mut fds) = mapping.recv::<VmmMsg>()?;
@@ -201,6 +220,58 @@ fn run(args: &Args) -> Result<()> {
     );
     let mut dev = VirtioGpu::new(Gpu::new(backend, MirrorPlacer::new(mirror, mapping)));
     serve(&transport, &mut dev)
+}
+
+/// vhost-user mode: the supervisor handshake (if `--control-fd`), then
+/// [`crate::vhost_user::serve_listener`] on the inherited listening socket.
+fn run_vhost_user(args: &Args) -> Result<()> {
+    use crate::vhost_user::{serve_listener, Options};
+    let size = args.shmem_size;
+    if size == 0 || !size.is_power_of_two() || !hostmem_base::mmap::is_page_aligned(size) {
+        return Err(Error::Protocol(format!(
+            "--shmem-size {size:#x}: a power of two of at least a page"
+        )));
+    }
+    let fd = args
+        .socket_fd
+        .ok_or_else(|| Error::Protocol("--socket-fd is required".into()))?;
+    let listener = std::os::unix::net::UnixListener::from(hostmem_base::fd::take_inherited(fd)?);
+    let opts = Options {
+        backend: args.backend.clone(),
+        test_ops: args.test_ops,
+        shmem_size: size,
+        max_connections: None,
+    };
+    // Fail before the supervisor hears Ready if the backend cannot start.
+    let probe = make_backend_with(&args.backend, args.test_ops, None)?;
+    let num_capsets = u32::try_from(probe.capsets().len()).unwrap_or(u32::MAX);
+    let backend_name = probe.name().to_string();
+    drop(probe);
+    if let Some(cfd) = args.control_fd {
+        let control = Tube::from_fd(hostmem_base::fd::take_inherited(cfd)?)?;
+        handshake::<DeviceMsg, VmmMsg>(&control, Role::Device, Duration::from_secs(20))?;
+        control.set_recv_timeout(Some(Duration::from_secs(20)))?;
+        // The go: a second Hello, sent once the supervisor checked our jail from /proc.
+        let (msg, _) = control.recv::<VmmMsg>()?;
+        if !matches!(msg, VmmMsg::Hello(_)) {
+            return Err(Error::Protocol(format!(
+                "expected the go (Hello), got {msg:?}"
+            )));
+        }
+        control.send(
+            &DeviceMsg::Ready {
+                backend: backend_name.clone(),
+                num_capsets,
+            },
+            &[],
+        )?;
+        // The tube stays open (its EOF is the supervisor's end); nothing more is said on it.
+        std::mem::forget(control);
+    }
+    log::info!(
+        "vhost-user backend ready: backend {backend_name} ({num_capsets} capsets), region 1 of {size:#x} bytes"
+    );
+    serve_listener(&listener, &opts)
 }
 
 /// Placements in flight at most before the device waits for the oldest verdict.
@@ -399,7 +470,7 @@ mod tests {
             "--virgl-server-fd",
             "x",
         ]);
-        assert!(bad.unwrap_err().contains("bad fd"));
+        assert!(bad.unwrap_err().contains("virgl-server-fd"));
         assert!(parse(&[
             "--transport-fd",
             "3",
@@ -407,8 +478,47 @@ mod tests {
             "4",
             "--virgl-server-fd"
         ])
-        .unwrap_err()
-        .contains("needs a value"));
+        .is_err());
+    }
+
+    #[test]
+    fn args_keep_every_flag_and_add_vhost_user() {
+        let a = parse(&[
+            "--transport-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--seccomp-fd",
+            "9",
+            "--vma-limit",
+            "12",
+            "--test-ops",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                a.transport_fd,
+                a.mapping_fd,
+                a.seccomp_fd,
+                a.vma_limit,
+                a.test_ops
+            ),
+            (Some(3), Some(4), Some(9), Some(12), true)
+        );
+        assert!(!a.vhost_user);
+        // Native mode needs both tubes; vhost-user mode needs the socket and no tubes.
+        assert!(parse(&["--transport-fd", "3"]).is_err());
+        let v = parse(&["--vhost-user", "--socket-fd", "3", "--control-fd", "4"]).unwrap();
+        assert_eq!(
+            (v.vhost_user, v.socket_fd, v.control_fd),
+            (true, Some(3), Some(4))
+        );
+        assert_eq!(v.shmem_size, crate::vhost_user::DEFAULT_SHMEM_SIZE);
+        assert!(parse(&["--vhost-user"]).is_err());
+        assert!(parse(&["--vhost-user", "--socket-fd", "3", "--transport-fd", "4"]).is_err());
+        let help = Args::parse_clap(&["--help".to_string()]).unwrap_err();
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(help.to_string().contains("--vhost-user"));
     }
 
     #[test]

@@ -641,6 +641,30 @@ impl<P: Placer> VirtioGpu<P> {
         Ok(())
     }
 
+    /// Replaces the call eventfd of enabled queue `index` (a vhost-user frontend sends a new
+    /// one when it masks or unmasks the queue's interrupt). Refused for a disabled queue.
+    pub fn set_call(&mut self, index: u16, call: OwnedFd) -> Result<()> {
+        match self.queues.get_mut(usize::from(index)) {
+            Some(Some(q)) => {
+                q.call = File::from(call);
+                Ok(())
+            }
+            _ => Err(Error::QueueSetup {
+                index,
+                reason: "not enabled".into(),
+            }),
+        }
+    }
+
+    /// The next avail index queue `index` will read (`None` when it is not enabled): what a
+    /// vhost-user backend answers to `GET_VRING_BASE`.
+    pub fn next_avail(&self, index: u16) -> Option<u16> {
+        match self.queues.get(usize::from(index)) {
+            Some(Some(q)) => Some(q.queue.next_avail()),
+            _ => None,
+        }
+    }
+
     /// The kick eventfds of the enabled queues, to poll.
     pub fn kick_fds(&self) -> Vec<(u16, BorrowedFd<'_>)> {
         self.queues
