@@ -70,8 +70,8 @@ pub struct Args {
     /// vhost-user: size of shared memory region 1 in bytes (a power of two).
     #[arg(long, value_name = "BYTES", default_value_t = crate::vhost_user::DEFAULT_SHMEM_SIZE)]
     pub shmem_size: u64,
-    /// vhost-user: fd of a tube to the supervisor: Hello, then wait for its go (it checks
-    /// the jail from /proc first), then Ready.
+    /// vhost-user: fd of a tube to the supervisor: the Hello handshake, then wait for its go
+    /// (a second Hello, once it checked the jail from /proc), then Ready.
     #[arg(long, value_name = "FD", requires = "vhost_user")]
     pub control_fd: Option<i32>,
 }
@@ -251,15 +251,11 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         let control = Tube::from_fd(hostmem_base::fd::take_inherited(cfd)?)?;
         handshake::<DeviceMsg, VmmMsg>(&control, Role::Device, Duration::from_secs(20))?;
         control.set_recv_timeout(Some(Duration::from_secs(20)))?;
-        // The go: the supervisor checked our jail from /proc. `Hostmem` carries the region
-        // size it expects and no fd (the frontend owns the region in this mode).
+        // The go: a second Hello, sent once the supervisor checked our jail from /proc.
         let (msg, _) = control.recv::<VmmMsg>()?;
-        let VmmMsg::Hostmem { size: want } = msg else {
-            return Err(Error::Protocol(format!("expected Hostmem, got {msg:?}")));
-        };
-        if want != size {
+        if !matches!(msg, VmmMsg::Hello(_)) {
             return Err(Error::Protocol(format!(
-                "supervisor expects a region of {want:#x} bytes, we have {size:#x}"
+                "expected the go (Hello), got {msg:?}"
             )));
         }
         control.send(

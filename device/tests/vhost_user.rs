@@ -92,7 +92,7 @@ struct Fe {
     _fe: Frontend,
     rec: Arc<Mutex<Recorder>>,
     _channel: JoinHandle<()>,
-    ram: SharedMemory,
+    _ram: SharedMemory,
     mem: GuestMemoryMmap,
     kick: EventFd,
     call: EventFd,
@@ -175,7 +175,7 @@ impl Fe {
             _fe: fe,
             rec,
             _channel: channel,
-            ram,
+            _ram: ram,
             mem,
             kick,
             call,
@@ -432,7 +432,6 @@ fn disconnect_resets_and_a_new_frontend_starts_fresh() {
     let r = fe.roundtrip(&Command::map_blob(1, 7, 0));
     assert!(matches!(r, Response::OkMapInfo { .. }), "{r:?}");
     assert_eq!(fe.maps().len(), 1, "the new frontend's own map");
-    let _ = &fe.ram;
     drop(fe);
     t.join().unwrap();
     let _ = std::fs::remove_file(path);

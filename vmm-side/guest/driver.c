@@ -46,6 +46,7 @@ static inline u64 rdtsc(void)
 static void event(u32 code, u64 arg)
 {
     R->event_arg = arg;
+    R->tsc_end = rdtsc(); /* the VMM's clock at this exit converts ticks to time */
     barrier();
     outl(EVENT_PORT, code);
     barrier();

@@ -44,7 +44,7 @@ pub const DEVICE_NOFILE: u64 = 65536;
 
 /// [`DEVICE_NOFILE`], capped at our own hard limit (a process in a new user namespace cannot
 /// raise it past that).
-fn device_nofile() -> u64 {
+pub(crate) fn device_nofile() -> u64 {
     nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_or(1024, |(_, hard)| hard.min(DEVICE_NOFILE))
 }
@@ -516,7 +516,7 @@ fn spawn_render_server(
     Ok(server)
 }
 
-fn describe(info: &ExitInfo, child: &JailedChild) -> String {
+pub(crate) fn describe(info: &ExitInfo, child: &JailedChild) -> String {
     match info {
         ExitInfo::Exited(c) => format!("exited with code {c}"),
         ExitInfo::Signaled { signal, .. } => {

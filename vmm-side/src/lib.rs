@@ -12,6 +12,8 @@
 //!   histogram (what a soak checks).
 //! * [`policy`]: compiling the device's seccomp policy.
 //! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the transport tube).
+//! * [`vhost_user`]: `hostmem vhost-user`: the jailed device as a vhost-user backend on a
+//!   listening socket, supervised.
 
 #![forbid(unsafe_code)]
 
@@ -25,4 +27,5 @@ pub mod queue_driver;
 pub mod resources;
 pub mod run;
 pub mod service;
+pub mod vhost_user;
 pub mod virtio_pci;

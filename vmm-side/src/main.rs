@@ -29,6 +29,9 @@ enum Cmd {
     Run(RunArgs),
     /// Benchmark: fixed vs memslot-per-blob, in-process vs sandboxed, against the MAP_FIXED floor.
     Bench(BenchArgs),
+    /// Serve the jailed device as a vhost-user backend on a listening UNIX socket (for
+    /// QEMU's vhost-user-test-device-pci, virtio-id 16, 2 queues, config_size 16).
+    VhostUser(VhostUserArgs),
     /// Seccomp policy tools.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCmd),
@@ -40,6 +43,25 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct VhostUserArgs {
+    /// Path of the listening socket (a stale socket there is removed).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Renderer backend.
+    #[arg(long, default_value = "shm")]
+    backend: String,
+    /// Size of shared memory region 1 (a power of two; K/M/G suffixes allowed).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    shmem_size: u64,
+    /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    /// Stop after this many device starts (default: restart forever).
+    #[arg(long)]
+    max_starts: Option<usize>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -160,6 +182,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::VhostUser(a) => cmd_vhost_user(a),
         Cmd::Policy(p) => policy_cmd::run(p),
         Cmd::Device { .. } => unreachable!("handled before clap"),
     };
@@ -170,6 +193,34 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
+    use hostmem_vmm::vhost_user::{supervise, vhost_user_device, SuperviseOptions};
+    let device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
+    let opts = SuperviseOptions {
+        socket: a.socket.clone(),
+        shmem_size: a.shmem_size,
+        max_starts: a.max_starts,
+        backoff: std::time::Duration::from_millis(200),
+    };
+    supervise(&device, &opts, |n, facts| {
+        if n == 1 {
+            // The one line a script waits for.
+            println!(
+                "hostmem vhost-user: ready on {} (device pid {}, jailed {}, seccomp {}, {} capsets, region 1 of {} bytes)",
+                opts.socket.display(),
+                facts.pid,
+                facts.jailed,
+                facts.seccomp,
+                facts.num_capsets,
+                opts.shmem_size
+            );
+        } else {
+            log::warn!("vhost-user device restarted (start {n}, pid {})", facts.pid);
+        }
+    })?;
+    Ok(0)
 }
 
 fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {

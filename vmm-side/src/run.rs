@@ -360,6 +360,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let guest_t0 = Instant::now();
     let mut guest_wall = None;
     let mut guest_failed = false;
+    // Wall time at the guest's last event, when it also read its TSC (`tsc_end`).
+    let mut last_event_at = guest_t0.elapsed();
 
     loop {
         let event = match guest.run_until_event(&mut pci) {
@@ -370,6 +372,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 break;
             }
         };
+        last_event_at = guest_t0.elapsed();
         if !matches!(event, GuestEvent::Waiting(_)) {
             waiting_since = None;
         }
@@ -536,12 +539,12 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     for at in &results.mismatch_at {
         log::error!("guest mismatch at window offset {at:#x}");
     }
-    // TSC ticks to µs: the guest's TSC runs at a constant rate in wall time.
-    let us_per_tick = match guest_wall {
-        Some(w) if results.tsc.1 > results.tsc.0 => {
-            w.as_secs_f64() * 1e6 / (results.tsc.1 - results.tsc.0) as f64
-        }
-        _ => 0.0,
+    // TSC ticks to µs: the guest's TSC runs at a constant rate in wall time; it read it last
+    // at its last event.
+    let us_per_tick = if results.tsc.1 > results.tsc.0 {
+        last_event_at.as_secs_f64() * 1e6 / (results.tsc.1 - results.tsc.0) as f64
+    } else {
+        0.0
     };
     let lat = |l: crate::guest::TickLatency| Latency {
         p50: l.p50_ticks as f64 * us_per_tick,

@@ -1,0 +1,232 @@
+//! `hostmem vhost-user --socket PATH`: the jailed device as a vhost-user backend for any
+//! frontend (QEMU's `vhost-user-test-device-pci`, ...).
+//!
+//! [`bind_socket`] creates the listening UNIX socket (a stale socket file at the path is
+//! removed first; anything else there is an error). [`start_backend`] starts the device in
+//! the same jail as the native transport (namespaces, empty root, no capabilities,
+//! seccomp under `gpu_device_vhost_user.policy`) with a duplicate of the listening socket at
+//! fd 3 (`--vhost-user --socket-fd 3`: the device never opens a path) and a control tube
+//! at fd 4: the device says Hello, the supervisor checks its jail from `/proc`
+//! ([`launch::verify_jailed`], `Seccomp: 2`, `NoNewPrivs: 1`, `CapEff: 0`) and only then
+//! sends the go (a second Hello; the region's size went in `--shmem-size`, and the frontend
+//! owns the region), the device answers `Ready` and accepts frontends. [`supervise`] restarts a
+//! device that ended (a crash, a seccomp kill), with a short back-off; the listening
+//! socket stays, so a frontend reconnects to the new device at the same path.
+//!
+//! What the device does with a connection: `hostmem_device::vhost_user`.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hostmem_base::procfs;
+use hostmem_ipc::protocol::{handshake, DeviceMsg, Hello, Role, VmmMsg};
+use hostmem_ipc::Tube;
+use hostmem_jail::launch::{self, ExitInfo, JailConfig, JailedChild};
+
+use crate::device::{DeviceConfig, DeviceFacts};
+
+/// Fd number of the listening socket in the device (`--socket-fd`).
+pub const SOCKET_FD: i32 = 3;
+/// Fd number of the control tube in the device (`--control-fd`).
+pub const CONTROL_FD: i32 = 4;
+
+/// Creates the listening socket at `path`, removing a stale socket file first (a file of
+/// another type at the path is left alone: error).
+pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?,
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(_) => {}
+    }
+    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+/// The device config for vhost-user mode: `cfg` with the vhost-user policy from the same
+/// folder (`gpu_device_vhost_user.policy`).
+pub fn vhost_user_device(mut cfg: DeviceConfig) -> DeviceConfig {
+    if let Some(p) = cfg.policy.take() {
+        let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.policy = Some(dir.join("gpu_device_vhost_user.policy"));
+    }
+    cfg
+}
+
+/// A running backend device.
+pub struct BackendDevice {
+    child: JailedChild,
+    /// Kept open: its EOF would tell the device nothing, but closing it early is no use.
+    _control: Tube,
+    facts: DeviceFacts,
+}
+
+impl std::fmt::Debug for BackendDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendDevice")
+            .field("facts", &self.facts)
+            .finish()
+    }
+}
+
+impl BackendDevice {
+    /// What was checked at start.
+    pub fn facts(&self) -> &DeviceFacts {
+        &self.facts
+    }
+
+    /// Waits for the device to end.
+    pub fn wait(&mut self) -> anyhow::Result<ExitInfo> {
+        Ok(self.child.wait()?)
+    }
+
+    /// Kills the device and waits for it.
+    pub fn kill(mut self) -> Option<ExitInfo> {
+        self.child.kill(libc::SIGKILL);
+        self.child.wait().ok()
+    }
+
+    /// How the device ended, in words (for SIGSYS: the syscall).
+    pub fn describe(&self, info: &ExitInfo) -> String {
+        crate::device::describe(info, &self.child)
+    }
+}
+
+/// Starts the device on `listener` (a duplicate goes to the device), checks its jail from
+/// `/proc` before it may serve, and waits for `Ready`.
+pub fn start_backend(
+    cfg: &DeviceConfig,
+    listener: &UnixListener,
+    shmem_size: u64,
+) -> anyhow::Result<BackendDevice> {
+    let t0 = Instant::now();
+    let (control, control_dev) = Tube::pair()?;
+    let sock: OwnedFd = listener.try_clone()?.into();
+    let mut args: Vec<String> = cfg.pre_args.clone();
+    args.extend([
+        "--vhost-user".into(),
+        "--socket-fd".into(),
+        SOCKET_FD.to_string(),
+        "--control-fd".into(),
+        CONTROL_FD.to_string(),
+        "--shmem-size".into(),
+        shmem_size.to_string(),
+        "--backend".into(),
+        cfg.backend.clone(),
+    ]);
+    args.extend(cfg.extra_args.iter().cloned());
+    let seccomp = match &cfg.policy {
+        Some(p) => Some(crate::policy::compile_device_policy(p, cfg.seccomp_log)?),
+        None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),
+        None => None,
+    };
+    let mut env = vec![];
+    if let Some(f) = &cfg.log_filter {
+        env.push(("RUST_LOG".into(), f.into()));
+    }
+    let jail = JailConfig {
+        program: cfg.program.clone(),
+        args: args.into_iter().map(Into::into).collect(),
+        keep_fds: vec![(sock, SOCKET_FD), (control_dev.into_fd(), CONTROL_FD)],
+        env,
+        namespaces: cfg.jailed,
+        ro_binds: cfg.ro_binds.clone(),
+        seccomp,
+        seccomp_log: cfg.seccomp_log,
+        rlimits: launch::Rlimits {
+            nofile: crate::device::device_nofile(),
+            ..launch::Rlimits::default()
+        },
+        ..JailConfig::default()
+    };
+    let mut child = launch::spawn(jail).context("spawning the vhost-user device")?;
+    let pid = child.pid();
+    let connect = || -> anyhow::Result<DeviceFacts> {
+        handshake::<VmmMsg, DeviceMsg>(&control, Role::Vmm, cfg.start_timeout)
+            .context("handshake with the device")?;
+        // The jail is checked from outside before the device may accept a frontend.
+        let st = procfs::status_of(&pid.to_string())?;
+        if cfg.jailed {
+            launch::verify_jailed(pid).context("the device is not properly jailed")?;
+            if st.seccomp != 2 || !st.no_new_privs || st.cap_eff != 0 {
+                bail!("device pid {pid} not jailed: {st:?}");
+            }
+        }
+        // The go: a second Hello (the region's size went in the arguments).
+        control.send(&VmmMsg::Hello(Hello::new(Role::Vmm)), &[])?;
+        control.set_recv_timeout(Some(cfg.start_timeout))?;
+        let (msg, _) = control.recv::<DeviceMsg>().context("waiting for Ready")?;
+        let DeviceMsg::Ready { num_capsets, .. } = msg else {
+            bail!("device sent {msg:?} instead of Ready");
+        };
+        Ok(DeviceFacts {
+            pid,
+            jailed: cfg.jailed,
+            seccomp: st.seccomp,
+            no_new_privs: st.no_new_privs,
+            cap_eff: format!("{:016x}", st.cap_eff),
+            open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
+            start_ms: t0.elapsed().as_secs_f64() * 1e3,
+            num_capsets,
+        })
+    };
+    match connect() {
+        Ok(facts) => Ok(BackendDevice {
+            child,
+            _control: control,
+            facts,
+        }),
+        Err(e) => {
+            child.kill(libc::SIGKILL);
+            let why = child
+                .wait()
+                .ok()
+                .map(|x| crate::device::describe(&x, &child))
+                .unwrap_or_default();
+            Err(e.context(format!("vhost-user device pid {pid} failed to start {why}")))
+        }
+    }
+}
+
+/// How [`supervise`] runs.
+#[derive(Debug, Clone)]
+pub struct SuperviseOptions {
+    /// The socket path.
+    pub socket: PathBuf,
+    /// Size of shared memory region 1.
+    pub shmem_size: u64,
+    /// Stop after this many device starts (tests); `None`: forever.
+    pub max_starts: Option<usize>,
+    /// Pause before a restart.
+    pub backoff: Duration,
+}
+
+/// Binds the socket, starts the device and restarts it whenever it ends. `on_ready` is
+/// called after each start (the first call is where `hostmem vhost-user` prints its one
+/// line). Returns after `max_starts` starts have ended, or on a failed start.
+pub fn supervise(
+    cfg: &DeviceConfig,
+    opts: &SuperviseOptions,
+    mut on_ready: impl FnMut(usize, &DeviceFacts),
+) -> anyhow::Result<()> {
+    let listener = bind_socket(&opts.socket)?;
+    let mut starts = 0usize;
+    loop {
+        if opts.max_starts.is_some_and(|m| starts >= m) {
+            return Ok(());
+        }
+        let mut dev = start_backend(cfg, &listener, opts.shmem_size)?;
+        starts += 1;
+        on_ready(starts, dev.facts());
+        let info = dev.wait()?;
+        log::warn!(
+            "vhost-user device pid {} {}: restarting",
+            dev.facts().pid,
+            dev.describe(&info)
+        );
+        std::thread::sleep(opts.backoff);
+    }
+}
