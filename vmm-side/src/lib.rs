@@ -10,7 +10,7 @@
 //! * [`run`]: the `hostmem run` workload and its report.
 //! * [`resources`]: fd/VMA/RSS accounting of both processes (what a soak checks).
 //! * [`latency`]: latency summaries (p50/p99) and a fixed-size `hdrhistogram` recorder.
-//! * [`bench`]: `hostmem bench` (cases, runner, limits, report, plot).
+//! * [`mod@bench`]: `hostmem bench` (cases, runner, limits, report, plot).
 //! * [`policy`]: compiling the device's seccomp policy.
 //! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the transport tube).
 

@@ -7,13 +7,13 @@
 //! | case | what it is |
 //! |---|---|
 //! | `floor` | `Window::place` + `Window::restore` (MAP_FIXED) in one process, no checks, no IPC |
-//! | `fixed-inproc` | the device's [`Gpu`] handler in the VMM's process, placing through [`Hostmem`] in fixed mode (QEMU with the map_fixed patch) |
+//! | `fixed-inproc` | the device's [`Gpu`](hostmem_device::gpu::Gpu) handler in the VMM's process, placing through [`Hostmem`](crate::hostmem::Hostmem) in fixed mode (QEMU with the map_fixed patch) |
 //! | `slot-inproc` | the same with a memslot per blob (QEMU before it) |
-//! | `fixed-sandboxed` | the product: jailed device, commands on its real virtqueue (the host-side [`QueueDriver`]), tubes, validation, mirror placement in both processes |
+//! | `fixed-sandboxed` | the product: jailed device, commands on its real virtqueue (the host-side [`QueueDriver`](crate::queue_driver::QueueDriver)), tubes, validation, mirror placement in both processes |
 //! | `slot-sandboxed` | the same path with a memslot per blob |
 //! | `fixed-sandboxed-pipelined` | as `fixed-sandboxed`, with `queue_depth` commands in flight |
 //!
-//! Every case owns a VM whose window is read by a ring-3 [`GuestProbe`] vCPU. One cycle is
+//! Every case owns a VM whose window is read by a ring-3 [`GuestProbe`](crate::probe::GuestProbe) vCPU. One cycle is
 //! MAP_BLOB (timed), the guest reads the blob (must see its pattern), UNMAP_BLOB (timed), the
 //! guest reads the offset again (must no longer see the blob), then the guest re-reads a
 //! fixed working set of its own RAM and that time is the **refault** cost (a memslot delete
