@@ -475,11 +475,18 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
     v.guest_zeros(32 * P, 8 * P, "after unmap");
     let Session { dev, drv } = s;
     drop(drv);
-    let exit = dev.stop("scenario finished");
+    let ended = logged(" ended (");
+    let exit = dev.finish("scenario finished");
     assert_eq!(
         exit.code,
         Some(0),
         "{name}: the device exits cleanly: {exit:?}"
+    );
+    // A normal end is not a warning (this log keeps warn and above).
+    assert_eq!(
+        logged(" ended (") - ended,
+        0,
+        "{name}: a clean end logged at warn"
     );
     v.clean(&format!("{name}: end"));
     v.guest_zeros(0, WINDOW, "the whole window is background again");
@@ -588,7 +595,7 @@ fn refused_at_start(name: &'static str) {
         v.guest_reads(0, &a, "blob from the device started after the refusal");
         let Session { dev, drv } = s;
         drop(drv);
-        assert_eq!(dev.stop("done").code, Some(0));
+        assert_eq!(dev.finish("done").code, Some(0));
         v.clean(name);
     });
 }

@@ -491,7 +491,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let results = guest.results()?;
     if let Some(s) = session.take() {
         add_stats(&pci, &mut vq);
-        let exit = s.device.stop("run finished");
+        let exit = s.device.finish("run finished");
         pci.detach();
         exits_violations(&mut violations, &exit);
         if exit.code != Some(0) {

@@ -142,7 +142,7 @@ fn limit_sandboxed(mode: Mode, opts: &BenchOptions) -> anyhow::Result<LimitRepor
     };
     let seconds = t.elapsed().as_secs_f64();
     drop(driver);
-    device.stop("bench limits done");
+    device.finish_with("bench limits done", log::Level::Debug);
     Ok(LimitReport {
         mode: mode.name(),
         path: "sandboxed",

@@ -378,7 +378,7 @@ impl CaseRun {
         if let Route::Sandboxed { driver, device } = &mut self.path {
             drop(driver.take());
             if let Some(d) = device.take() {
-                d.stop("bench done");
+                d.finish_with("bench done", log::Level::Debug);
             }
         }
     }
@@ -606,6 +606,6 @@ fn cold_start(cfg: &DeviceConfig, hm: &Arc<Hostmem>) -> anyhow::Result<(f64, u64
     let d = Device::start(cfg, hm.clone())?;
     let ms = d.facts().start_ms;
     let rss = procfs::status_of(&d.pid().to_string())?.vm_rss_kib;
-    d.stop("bench cold start");
+    d.finish_with("bench cold start", log::Level::Debug);
     Ok((ms, rss))
 }
