@@ -224,7 +224,13 @@ impl HostilePlacer {
         else {
             return Err(PlaceError::Unspec("unreachable".into()));
         };
-        log::warn!("hostile device: attack {:?}", self.scenario);
+        // The control scenario attacks nothing: nothing to warn about.
+        let level = if self.scenario == Scenario::None {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        log::log!(level, "hostile device: attack {:?}", self.scenario);
         match self.scenario {
             Scenario::None
             | Scenario::ExitBeforeHello
