@@ -42,8 +42,13 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 static VMM_PANICS: AtomicUsize = AtomicUsize::new(0);
 
 /// The VMM's warnings and errors, kept so that a scenario can check it logged one clear line
-/// (and passed on to stderr).
+/// (and the first [`ECHO_LIMIT`] of each scenario passed on to stderr).
 static LOG: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// Lines of the running scenario passed on to stderr so far (reset by [`serial`]).
+static ECHOED: AtomicUsize = AtomicUsize::new(0);
+/// A flood scenario logs a refusal per bogus event (thousands); its output shows the first
+/// ones, the checks see them all.
+const ECHO_LIMIT: usize = 20;
 
 struct Capture;
 
@@ -54,7 +59,11 @@ impl log::Log for Capture {
     fn log(&self, r: &log::Record<'_>) {
         if self.enabled(r.metadata()) {
             let line = format!("{} {}: {}", r.level(), r.target(), r.args());
-            eprintln!("{line}");
+            match ECHOED.fetch_add(1, Ordering::Relaxed) {
+                n if n < ECHO_LIMIT => eprintln!("{line}"),
+                ECHO_LIMIT => eprintln!("… further lines of this scenario are checked, not shown"),
+                _ => {}
+            }
             LOG.lock().unwrap_or_else(|p| p.into_inner()).push(line);
         }
     }
@@ -101,7 +110,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
             default(info);
         }));
     });
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    let guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    ECHOED.store(0, Ordering::Relaxed);
+    guard
 }
 
 /// Runs `f` under a watchdog: a VMM that hangs fails the whole binary with a clear line
@@ -475,11 +486,18 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
     v.guest_zeros(32 * P, 8 * P, "after unmap");
     let Session { dev, drv } = s;
     drop(drv);
-    let exit = dev.stop("scenario finished");
+    let ended = logged(" ended (");
+    let exit = dev.finish("scenario finished");
     assert_eq!(
         exit.code,
         Some(0),
         "{name}: the device exits cleanly: {exit:?}"
+    );
+    // A normal end is not a warning (this log keeps warn and above).
+    assert_eq!(
+        logged(" ended (") - ended,
+        0,
+        "{name}: a clean end logged at warn"
     );
     v.clean(&format!("{name}: end"));
     v.guest_zeros(0, WINDOW, "the whole window is background again");
@@ -588,7 +606,7 @@ fn refused_at_start(name: &'static str) {
         v.guest_reads(0, &a, "blob from the device started after the refusal");
         let Session { dev, drv } = s;
         drop(drv);
-        assert_eq!(dev.stop("done").code, Some(0));
+        assert_eq!(dev.finish("done").code, Some(0));
         v.clean(name);
     });
 }

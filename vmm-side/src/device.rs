@@ -361,8 +361,31 @@ impl Device {
     }
 
     /// Ends the device (killing it if it is still alive), restores the window and reports
-    /// how it ended. `cause` says why the VMM is doing this.
-    pub fn stop(mut self, cause: &str) -> DeviceExit {
+    /// how it ended. `cause` says why the VMM is doing this. For giving up on a device (lost,
+    /// hung, failed): its end is logged at warn, since someone should look at it. A device
+    /// the VMM is simply done with ends through [`Device::finish`].
+    pub fn stop(self, cause: &str) -> DeviceExit {
+        self.end(cause, None)
+    }
+
+    /// [`Device::stop`] for a device the VMM is done with (the run or the bench finished):
+    /// a normal end is logged at info. A normal end: the device was still running when
+    /// asked to stop, exited with code 0 and no seccomp violation was seen; any other end
+    /// (it had already died, was killed, exited non-zero, broke its policy) is logged at
+    /// warn.
+    pub fn finish(self, cause: &str) -> DeviceExit {
+        self.end(cause, Some(log::Level::Info))
+    }
+
+    /// [`Device::finish`] with the level of a normal end (the bench, which ends dozens of
+    /// devices, uses debug).
+    pub fn finish_with(self, cause: &str, normal: log::Level) -> DeviceExit {
+        self.end(cause, Some(normal))
+    }
+
+    /// Ends the device; `normal` is the level of a clean end (`None`: warn whatever the end).
+    fn end(mut self, cause: &str, normal: Option<log::Level>) -> DeviceExit {
+        let ended_before = self.has_ended();
         // EOF on the transport tube asks a healthy device to exit; give it a moment. Shut
         // down rather than dropped: a virtio transport may still hold an `Arc` of it. A
         // device that stopped reading its mapping tube must not block us here: bounded send.
@@ -457,7 +480,9 @@ impl Device {
                 }
             }
         }
-        log::warn!(
+        let clean = !ended_before && exit.code == Some(0) && exit.seccomp_violations.is_empty();
+        log::log!(
+            normal.filter(|_| clean).unwrap_or(log::Level::Warn),
             "device pid {} ended ({cause}): {}; {} placements restored to background",
             exit.pid,
             info.map(|i| describe(&i, &self.child))

@@ -8,8 +8,9 @@
 //!   virtqueues in a guest RAM of its own, handed to the device over the transport tube.
 //! * [`probe`]: a real KVM vCPU (ring-3 guest) that reads and writes the window as the guest.
 //! * [`run`]: the `hostmem run` workload and its report.
-//! * [`resources`]: fd/VMA/RSS accounting of both processes and a fixed-size latency
-//!   histogram (what a soak checks).
+//! * [`resources`]: fd/VMA/RSS accounting of both processes (what a soak checks).
+//! * [`latency`]: latency summaries (p50/p99) and a fixed-size `hdrhistogram` recorder.
+//! * [`mod@bench`]: `hostmem bench` (cases, runner, limits, report, plot).
 //! * [`policy`]: compiling the device's seccomp policy.
 //! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the transport tube).
 //! * [`vhost_user`]: `hostmem vhost-user`: the jailed device as a vhost-user backend on a
@@ -21,6 +22,7 @@ pub mod bench;
 pub mod device;
 pub mod guest;
 pub mod hostmem;
+pub mod latency;
 pub mod policy;
 pub mod probe;
 pub mod queue_driver;

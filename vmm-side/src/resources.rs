@@ -1,10 +1,8 @@
 //! What a run costs and whether it gives it back: fd, VMA and anonymous-RSS counts of the
-//! VMM and the device ([`Usage`]), and a fixed-size latency histogram so that recording a
-//! hundred thousand samples does not itself grow the VMM (a soak must show a flat RSS).
+//! VMM and the device ([`Usage`]) at the start and the end of a run ([`UsageCheck`]).
+//! Latency statistics live in [`crate::latency`].
 
 use serde::Serialize;
-
-use crate::run::Latency;
 
 /// Resource counts of one process.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -109,138 +107,9 @@ impl UsageCheck {
     }
 }
 
-/// Sub-buckets per power of two: values are kept to within 1/32 (about 3 %).
-const SUB: u64 = 32;
-const SUB_BITS: u32 = 5;
-/// Exact buckets below `2 * SUB` ns, then `SUB` per power of two up to 2^63 ns.
-const BUCKETS: usize = (2 * SUB + (64 - SUB_BITS as u64 - 1) * SUB) as usize;
-
-/// A log-linear latency histogram in nanoseconds: fixed size (about 15 KiB), 3 % precision.
-#[derive(Debug, Clone)]
-pub struct Histogram {
-    counts: Vec<u64>,
-    n: u64,
-}
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram {
-            counts: vec![0; BUCKETS],
-            n: 0,
-        }
-    }
-}
-
-impl Histogram {
-    fn index(ns: u64) -> usize {
-        if ns < 2 * SUB {
-            return ns as usize;
-        }
-        let e = 63 - ns.leading_zeros(); // >= SUB_BITS + 1
-        let sub = (ns >> (e - SUB_BITS)) & (SUB - 1);
-        (2 * SUB + u64::from(e - SUB_BITS - 1) * SUB + sub) as usize
-    }
-
-    /// The midpoint of bucket `i`, in ns.
-    fn value(i: usize) -> f64 {
-        let i = i as u64;
-        if i < 2 * SUB {
-            return i as f64;
-        }
-        let e = (i - 2 * SUB) / SUB + u64::from(SUB_BITS) + 1;
-        let sub = (i - 2 * SUB) % SUB;
-        let width = 1u64 << (e - u64::from(SUB_BITS));
-        let low = (1u64 << e) + sub * width;
-        low as f64 + width as f64 / 2.0
-    }
-
-    /// Records one sample.
-    pub fn record(&mut self, d: std::time::Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.counts[Self::index(ns).min(BUCKETS - 1)] += 1;
-        self.n += 1;
-    }
-
-    /// Samples recorded.
-    pub fn len(&self) -> u64 {
-        self.n
-    }
-
-    /// No samples yet.
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-
-    /// The `q` quantile in µs (0 when empty).
-    pub fn quantile_us(&self, q: f64) -> f64 {
-        if self.n == 0 {
-            return 0.0;
-        }
-        // The same rank as `Latency::of` over sorted samples.
-        let rank = ((self.n - 1) as f64 * q).round() as u64;
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen > rank {
-                return Self::value(i) / 1000.0;
-            }
-        }
-        Self::value(BUCKETS - 1) / 1000.0
-    }
-
-    /// p50 and p99.
-    pub fn latency(&self) -> Latency {
-        Latency {
-            p50: self.quantile_us(0.5),
-            p99: self.quantile_us(0.99),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn histogram_quantiles_are_within_three_percent() {
-        let mut h = Histogram::default();
-        let mut exact = Vec::new();
-        let mut x = 12345u64;
-        for _ in 0..10_000 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let ns = 1_000 + (x >> 33) % 2_000_000; // 1 µs .. 2 ms
-            h.record(Duration::from_nanos(ns));
-            exact.push(ns as f64 / 1000.0);
-        }
-        let want = Latency::of(&mut exact);
-        let got = h.latency();
-        assert!(
-            (got.p50 - want.p50).abs() / want.p50 < 0.031,
-            "{got:?} {want:?}"
-        );
-        assert!(
-            (got.p99 - want.p99).abs() / want.p99 < 0.031,
-            "{got:?} {want:?}"
-        );
-        assert_eq!(h.len(), 10_000);
-    }
-
-    #[test]
-    fn histogram_edges() {
-        let mut h = Histogram::default();
-        assert_eq!(h.quantile_us(0.5), 0.0);
-        h.record(Duration::from_nanos(0));
-        assert_eq!(h.quantile_us(0.5), 0.0);
-        h.record(Duration::from_secs(u64::MAX)); // saturates, no panic
-        assert!(h.quantile_us(1.0) > 1e12);
-        for ns in [63u64, 64, 65, 127, 128, 1 << 40] {
-            let v = Histogram::value(Histogram::index(ns));
-            assert!((v - ns as f64).abs() / (ns as f64) < 0.031, "{ns}: {v}");
-        }
-    }
 
     #[test]
     fn problems_name_what_did_not_come_back() {

@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
 use crate::guest::{GuestEvent, GuestParams, GuestVm};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+pub use crate::latency::Latency;
 use crate::resources::{Usage, UsageCheck};
 use crate::virtio_pci::{PciLayout, VirtioPciGpu};
 
@@ -88,30 +89,6 @@ pub struct RunOptions {
     /// How long one guest command may take before the device is declared hung, killed and
     /// restarted ([`COMMAND_TIMEOUT`] by default; tests shorten it).
     pub command_timeout: std::time::Duration,
-}
-
-/// Latency summary in µs.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Latency {
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-}
-
-impl Latency {
-    /// From samples in µs.
-    pub fn of(samples: &mut [f64]) -> Latency {
-        if samples.is_empty() {
-            return Latency::default();
-        }
-        samples.sort_by(|a, b| a.total_cmp(b));
-        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-        Latency {
-            p50: at(0.5),
-            p99: at(0.99),
-        }
-    }
 }
 
 /// The report of a run (`--json` prints it).
@@ -517,7 +494,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let results = guest.results()?;
     if let Some(s) = session.take() {
         add_stats(&pci, &mut vq);
-        let exit = s.device.stop("run finished");
+        let exit = s.device.finish("run finished");
         pci.detach();
         exits_violations(&mut violations, &exit);
         if exit.code != Some(0) {

@@ -149,7 +149,7 @@ fn bad_guest_commands_get_error_responses_and_device_keeps_serving() {
     );
     // Stopping shuts the transport tube down: EOF tells the device to exit cleanly.
     drop(d);
-    let exit = dev.stop("test done");
+    let exit = dev.finish("test done");
     assert_eq!(exit.code, Some(0), "{exit:?}");
 }
 
@@ -163,13 +163,13 @@ fn vma_headroom_refuses_with_out_of_memory_and_unmaps_still_succeed() {
     let refused_before = hm.counters().refused;
     map_until_refused_then_unmap_all(&hm, d);
     assert!(hm.counters().refused > refused_before, "the VMM refused");
-    dev.stop("test done");
+    dev.finish("test done");
 
     // Device side: the mirror refuses first, the VMM never hears of it.
     let (hm, dev, d) = start(&["--vma-limit", "20"]);
     map_until_refused_then_unmap_all(&hm, d);
     assert_eq!(hm.counters().refused, 0);
-    dev.stop("test done");
+    dev.finish("test done");
 }
 
 /// Maps one-page blobs until a map is refused (which must be ERR_OUT_OF_MEMORY after at
@@ -340,7 +340,7 @@ fn queue_driver_many_in_flight_stats_and_reset() {
     d.map_blob(1, 7, 0).unwrap();
     assert_eq!(hm.live(), 1);
     drop(d);
-    let exit = dev.stop("test done");
+    let exit = dev.finish("test done");
     assert_eq!(exit.code, Some(0), "{exit:?}");
     assert_eq!(exit.restored, 1);
 }

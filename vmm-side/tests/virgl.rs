@@ -145,7 +145,7 @@ fn virgl_pointer_only_blob_and_unknown_ids_are_answered_with_errors() {
     assert_eq!(hm.live(), 0);
     assert_eq!(hm.counters().refused, 0, "the device refused it all itself");
     drop(d);
-    let exit = dev.stop("test done");
+    let exit = dev.finish("test done");
     println!("virgl errors test: device exit {exit:?}");
     assert_eq!(exit.code, Some(0), "{exit:?}");
     assert!(

@@ -5,13 +5,28 @@
 
 use std::io::Read;
 
+use clap::Parser;
 use hostmem_base::seccomp::{install_filter, program_from_bytes, set_no_new_privs};
 
+/// Installs the seccomp filter it is handed, then makes one call (or reports one fact of
+/// the jail through its exit code).
+#[derive(Debug, Parser)]
+#[command(name = "hostmem-syscall-probe")]
+struct Args {
+    /// The call to make (execve, socket_inet, ptrace, mmap_exec, mprotect_exec,
+    /// open_host_path, kill_parent, clone_process, getpid) or the fact to report
+    /// (count_root, count_fds, connect_loopback, env_count); anything else calls nothing.
+    #[arg(default_value = "")]
+    what: String,
+    /// The seccomp program's fd (the jail launcher appends it).
+    #[arg(long)]
+    seccomp_fd: Option<i32>,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let what = args.first().cloned().unwrap_or_default();
-    if let Some(i) = args.iter().position(|a| a == "--seccomp-fd") {
-        let fd: i32 = args.get(i + 1).and_then(|v| v.parse().ok()).unwrap_or(-1);
+    let args = Args::parse();
+    let what = args.what;
+    if let Some(fd) = args.seccomp_fd {
         let mut f = std::fs::File::from(hostmem_base::fd::take_inherited(fd).expect("seccomp fd"));
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).expect("read program");

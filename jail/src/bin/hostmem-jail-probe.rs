@@ -13,7 +13,23 @@
 
 use std::io::{Read, Write};
 
+use clap::Parser;
 use serde_json::json;
+
+/// Reports what it sees from inside the jail as one JSON line on stdout.
+#[derive(Debug, Parser)]
+#[command(name = "hostmem-jail-probe")]
+struct Args {
+    /// `facts`, `getppid` or `umask`.
+    #[arg(default_value = "")]
+    what: String,
+    /// With `facts`: a read-only bind to read and try to write.
+    #[arg(long)]
+    ro: Option<String>,
+    /// The seccomp program's fd (the jail launcher appends it).
+    #[arg(long)]
+    seccomp_fd: Option<i32>,
+}
 
 fn errno_of(r: std::io::Result<impl Sized>) -> serde_json::Value {
     match r {
@@ -23,21 +39,16 @@ fn errno_of(r: std::io::Result<impl Sized>) -> serde_json::Value {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let arg = |k: &str| {
-        args.iter()
-            .position(|a| a == k)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    if let Some(fd) = arg("--seccomp-fd").and_then(|v| v.parse().ok()) {
+    let args = Args::parse();
+    if let Some(fd) = args.seccomp_fd {
         if let Err(e) = hostmem_jail::launch::child_install_seccomp(fd) {
             eprintln!("hostmem-jail-probe: {e}");
             std::process::exit(3);
         }
     }
-    let what = args.first().cloned().unwrap_or_default();
+    let what = args.what;
     let out = match what.as_str() {
-        "facts" => facts(arg("--ro")),
+        "facts" => facts(args.ro),
         "getppid" => {
             let a = nix::unistd::getppid();
             let b = nix::unistd::getppid();

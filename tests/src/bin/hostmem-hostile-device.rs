@@ -7,6 +7,7 @@
 //! Arguments: `--scenario NAME` (see [`Scenario`]), `--attack-on N` (attack the N-th
 //! MAP_BLOB, default 1), `--once PATH` (attack only if PATH can be created, so that a
 //! restarted device behaves), plus the VMM's `--transport-fd 3 --mapping-fd 4 --backend shm`.
+//! Parsed with clap: `--help` lists the flags and every scenario.
 //!
 //! The attack happens on a guest MAP_BLOB, so that the event looks like a real one and the
 //! VMM's field checks are the ones that must refuse it.
@@ -38,7 +39,7 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 const PAGE: u64 = 4096;
 
 /// Every attack the device knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Scenario {
     /// Behave (the restarted device, and the control run).
     None,
@@ -88,56 +89,6 @@ enum Scenario {
     ExitAfterPlace,
     CloseMidMessage,
     ForkHold,
-}
-
-impl Scenario {
-    const ALL: &'static [(&'static str, Scenario)] = &[
-        ("none", Scenario::None),
-        ("outside-window", Scenario::OutsideWindow),
-        ("end-past-window", Scenario::EndPastWindow),
-        ("overflow", Scenario::Overflow),
-        ("misaligned", Scenario::Misaligned),
-        ("zero-length", Scenario::ZeroLength),
-        ("overlap", Scenario::Overlap),
-        ("exec", Scenario::Exec),
-        ("unrequested", Scenario::Unrequested),
-        ("same-resource-twice", Scenario::SameResourceTwice),
-        ("socket", Scenario::Socket),
-        ("directory", Scenario::Directory),
-        ("pipe", Scenario::Pipe),
-        ("dev-zero", Scenario::DevZero),
-        ("short-memfd", Scenario::ShortMemfd),
-        ("unsealed-truncate", Scenario::UnsealedTruncate),
-        ("no-fd", Scenario::NoFd),
-        ("two-fds", Scenario::TwoFds),
-        ("malformed", Scenario::Malformed),
-        ("oversized", Scenario::Oversized),
-        ("unexpected", Scenario::Unexpected),
-        ("flood", Scenario::Flood),
-        ("flood-unread", Scenario::FloodUnread),
-        ("no-reply", Scenario::NoReply),
-        ("unknown-tag", Scenario::UnknownTag),
-        ("untagged", Scenario::Untagged),
-        ("garbage-response", Scenario::GarbageResponse),
-        ("reorder", Scenario::Reorder),
-        ("exit-before-hello", Scenario::ExitBeforeHello),
-        ("silent", Scenario::Silent),
-        ("no-ready", Scenario::NoReady),
-        ("bad-version", Scenario::BadVersion),
-        ("vmm-role", Scenario::VmmRole),
-        ("not-ready", Scenario::NotReady),
-        ("exit-after-place", Scenario::ExitAfterPlace),
-        ("close-mid-message", Scenario::CloseMidMessage),
-        ("fork-hold", Scenario::ForkHold),
-    ];
-
-    fn parse(s: &str) -> anyhow::Result<Scenario> {
-        Scenario::ALL
-            .iter()
-            .find(|(n, _)| *n == s)
-            .map(|(_, v)| *v)
-            .with_context(|| format!("unknown scenario {s}"))
-    }
 }
 
 /// What the command loop must do to the response of the attacked command.
@@ -273,7 +224,13 @@ impl HostilePlacer {
         else {
             return Err(PlaceError::Unspec("unreachable".into()));
         };
-        log::warn!("hostile device: attack {:?}", self.scenario);
+        // The control scenario attacks nothing: nothing to warn about.
+        let level = if self.scenario == Scenario::None {
+            log::Level::Info
+        } else {
+            log::Level::Warn
+        };
+        log::log!(level, "hostile device: attack {:?}", self.scenario);
         match self.scenario {
             Scenario::None
             | Scenario::ExitBeforeHello
@@ -535,46 +492,36 @@ impl Placer for HostilePlacer {
     }
 }
 
+/// A hostile GPU device for the VMM's tests (started by the VMM, not by hand).
+#[derive(Debug, clap::Parser)]
+#[command(name = "hostmem-hostile-device")]
 struct Args {
+    /// The transport tube's fd (the VMM passes 3).
+    #[arg(long)]
     transport_fd: i32,
+    /// The mapping tube's fd (the VMM passes 4).
+    #[arg(long)]
     mapping_fd: i32,
+    /// Backend name, as for `hostmem-gpu-device`.
+    #[arg(long, default_value = "shm")]
     backend: String,
+    /// The attack.
+    #[arg(long, value_enum, default_value = "none")]
     scenario: Scenario,
+    /// Attack the N-th MAP_BLOB.
+    #[arg(long, default_value_t = 1)]
     attack_on: u32,
+    /// Attack only if this file can be created (a restarted device behaves).
+    #[arg(long)]
     once: Option<std::path::PathBuf>,
+    /// The seccomp program's fd, when jailed.
+    #[arg(long)]
     seccomp_fd: Option<i32>,
-}
-
-fn parse_args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        transport_fd: -1,
-        mapping_fd: -1,
-        backend: "shm".into(),
-        scenario: Scenario::None,
-        attack_on: 1,
-        once: None,
-        seccomp_fd: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let val = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--transport-fd" => a.transport_fd = val.parse()?,
-            "--mapping-fd" => a.mapping_fd = val.parse()?,
-            "--backend" => a.backend = val,
-            "--scenario" => a.scenario = Scenario::parse(&val)?,
-            "--attack-on" => a.attack_on = val.parse()?,
-            "--once" => a.once = Some(val.into()),
-            "--seccomp-fd" => a.seccomp_fd = Some(val.parse()?),
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    Ok(a)
 }
 
 fn main() -> anyhow::Result<()> {
     hostmem_device::process::init_logging();
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     // Jailed like the real device: the filter first, before any input is read.
     if let Some(fd) = args.seccomp_fd {
         hostmem_jail::launch::child_install_seccomp(fd)?;

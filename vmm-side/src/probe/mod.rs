@@ -40,6 +40,10 @@ use hostmem_base::kvm::kvm_ioctls::VcpuExit;
 use hostmem_base::kvm::{Vcpu, Vm};
 use hostmem_base::mmap::MemoryMapping;
 
+mod program;
+
+use program::{mailbox, Op, DISPATCH, PROGRAM};
+
 /// Memslot of the probe's guest RAM.
 pub const RAM_SLOT: u32 = 0;
 /// Holes after which [`GuestProbe::spin_read`] stops early (each hole is an exit).
@@ -60,149 +64,6 @@ const WORKING_SET: u64 = 0x20_0000;
 const MIN_RAM: usize = 4 << 20;
 const EXIT_PORT: u16 = 0x10;
 const FNV_PRIME: u64 = 0x0100_0193;
-
-/// Mailbox layout (qword offsets from `MAILBOX`): the request, then the results.
-mod mailbox {
-    pub const OP: usize = 0;
-    pub const ADDR: usize = 8;
-    pub const COUNT: usize = 16;
-    pub const VALUE: usize = 24;
-    pub const RES0: usize = 32;
-    pub const RES1: usize = 40;
-    pub const RES2: usize = 48;
-    pub const LEN: usize = 56;
-}
-
-/// Request codes understood by the guest program. Any other code (we use 0 as a ping)
-/// makes the guest write `u64::MAX` into result 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Op {
-    Ping = 0,
-    /// addr, count = qwords → res0 = hash.
-    Hash = 1,
-    /// addr → res0 = [addr].
-    Read = 2,
-    /// addr, value: [addr] = value.
-    Write = 3,
-    /// addr, count = qwords, value: qword i = value + i.
-    Fill = 4,
-    /// addr, count = pages: one qword read per 4 KiB page → res0 = their sum.
-    Touch = 5,
-    /// addr, count = iterations (> 0) → res0 = last value, res1 = zero reads, res2 = changes.
-    Spin = 6,
-}
-
-/// The guest program, assembled from this source (`as --64`, Intel syntax), entered at
-/// `dispatch` with `rbx` = mailbox:
-///
-/// ```text
-/// done:     out 0x10, al                  ; request finished: exit to the host
-/// dispatch: mov rax, [rbx]                ; op
-///           mov rdi, [rbx+8]              ; address
-///           mov rsi, [rbx+16]             ; count
-///           mov rdx, [rbx+24]             ; value
-///           cmp rax, 1 / je op_hash  … cmp rax, 6 / je op_spin
-///           mov qword ptr [rbx+32], -1    ; unknown op (ping)
-///           jmp done
-/// op_hash:  xor eax, eax
-///       1:  test rsi, rsi / jz 2f
-///           mov rcx, [rdi] / xor rax, rcx / rol rax, 5 / imul rax, rax, 0x01000193
-///           add rdi, 8 / dec rsi / jmp 1b
-///       2:  mov [rbx+32], rax / jmp done
-/// op_read:  mov rax, [rdi] / mov [rbx+32], rax / jmp done
-/// op_write: mov [rdi], rdx / jmp done
-/// op_fill:  test rsi, rsi / jz done / mov [rdi], rdx / inc rdx / add rdi, 8 / dec rsi / jmp op_fill
-/// op_touch: xor eax, eax
-///       1:  test rsi, rsi / jz 2f / add rax, [rdi] / add rdi, 4096 / dec rsi / jmp 1b
-///       2:  mov [rbx+32], rax / jmp done
-/// op_spin:  xor r8d, r8d / xor r9d, r9d / xor r10d, r10d
-///       1:  mov rax, [rdi] / test rax, rax / jnz 2f / inc r9
-///       2:  cmp rax, r8 / je 3f / inc r10 / mov r8, rax
-///       3:  dec rsi / jnz 1b
-///           mov [rbx+32], r8 / mov [rbx+40], r9 / mov [rbx+48], r10 / jmp done
-/// ```
-#[rustfmt::skip]
-const PROGRAM: &[u8] = &[
-    // done:
-    0xE6, 0x10, // 0x00: out 0x10,al
-    // dispatch:
-    0x48, 0x8B, 0x03, // 0x02: mov rax,[rbx]
-    0x48, 0x8B, 0x7B, 0x08, // 0x05: mov rdi,[rbx+0x8]
-    0x48, 0x8B, 0x73, 0x10, // 0x09: mov rsi,[rbx+0x10]
-    0x48, 0x8B, 0x53, 0x18, // 0x0d: mov rdx,[rbx+0x18]
-    0x48, 0x83, 0xF8, 0x01, // 0x11: cmp rax,0x1
-    0x74, 0x28, // 0x15: je 3f
-    0x48, 0x83, 0xF8, 0x02, // 0x17: cmp rax,0x2
-    0x74, 0x49, // 0x1b: je 66
-    0x48, 0x83, 0xF8, 0x03, // 0x1d: cmp rax,0x3
-    0x74, 0x4C, // 0x21: je 6f
-    0x48, 0x83, 0xF8, 0x04, // 0x23: cmp rax,0x4
-    0x74, 0x4B, // 0x27: je 74
-    0x48, 0x83, 0xF8, 0x05, // 0x29: cmp rax,0x5
-    0x74, 0x59, // 0x2d: je 88
-    0x48, 0x83, 0xF8, 0x06, // 0x2f: cmp rax,0x6
-    0x74, 0x72, // 0x33: je a7
-    0x48, 0xC7, 0x43, 0x20, 0xFF, 0xFF, 0xFF, 0xFF, // 0x35: mov [rbx+0x20],0xffffffffffffffff
-    0xEB, 0xC1, // 0x3d: jmp 0
-    // op_hash:
-    0x31, 0xC0, // 0x3f: xor eax,eax
-    0x48, 0x85, 0xF6, // 0x41: test rsi,rsi
-    0x74, 0x1A, // 0x44: je 60
-    0x48, 0x8B, 0x0F, // 0x46: mov rcx,[rdi]
-    0x48, 0x31, 0xC8, // 0x49: xor rax,rcx
-    0x48, 0xC1, 0xC0, 0x05, // 0x4c: rol rax,0x5
-    0x48, 0x69, 0xC0, 0x93, 0x01, 0x00, 0x01, // 0x50: imul rax,rax,0x1000193
-    0x48, 0x83, 0xC7, 0x08, // 0x57: add rdi,0x8
-    0x48, 0xFF, 0xCE, // 0x5b: dec rsi
-    0xEB, 0xE1, // 0x5e: jmp 41
-    0x48, 0x89, 0x43, 0x20, // 0x60: mov [rbx+0x20],rax
-    0xEB, 0x9A, // 0x64: jmp 0
-    // op_read:
-    0x48, 0x8B, 0x07, // 0x66: mov rax,[rdi]
-    0x48, 0x89, 0x43, 0x20, // 0x69: mov [rbx+0x20],rax
-    0xEB, 0x91, // 0x6d: jmp 0
-    // op_write:
-    0x48, 0x89, 0x17, // 0x6f: mov [rdi],rdx
-    0xEB, 0x8C, // 0x72: jmp 0
-    // op_fill:
-    0x48, 0x85, 0xF6, // 0x74: test rsi,rsi
-    0x74, 0x87, // 0x77: je 0
-    0x48, 0x89, 0x17, // 0x79: mov [rdi],rdx
-    0x48, 0xFF, 0xC2, // 0x7c: inc rdx
-    0x48, 0x83, 0xC7, 0x08, // 0x7f: add rdi,0x8
-    0x48, 0xFF, 0xCE, // 0x83: dec rsi
-    0xEB, 0xEC, // 0x86: jmp 74
-    // op_touch:
-    0x31, 0xC0, // 0x88: xor eax,eax
-    0x48, 0x85, 0xF6, // 0x8a: test rsi,rsi
-    0x74, 0x0F, // 0x8d: je 9e
-    0x48, 0x03, 0x07, // 0x8f: add rax,[rdi]
-    0x48, 0x81, 0xC7, 0x00, 0x10, 0x00, 0x00, // 0x92: add rdi,0x1000
-    0x48, 0xFF, 0xCE, // 0x99: dec rsi
-    0xEB, 0xEC, // 0x9c: jmp 8a
-    0x48, 0x89, 0x43, 0x20, // 0x9e: mov [rbx+0x20],rax
-    0xE9, 0x59, 0xFF, 0xFF, 0xFF, // 0xa2: jmp 0
-    // op_spin:
-    0x45, 0x31, 0xC0, // 0xa7: xor r8d,r8d
-    0x45, 0x31, 0xC9, // 0xaa: xor r9d,r9d
-    0x45, 0x31, 0xD2, // 0xad: xor r10d,r10d
-    0x48, 0x8B, 0x07, // 0xb0: mov rax,[rdi]
-    0x48, 0x85, 0xC0, // 0xb3: test rax,rax
-    0x75, 0x03, // 0xb6: jne bb
-    0x49, 0xFF, 0xC1, // 0xb8: inc r9
-    0x4C, 0x39, 0xC0, // 0xbb: cmp rax,r8
-    0x74, 0x06, // 0xbe: je c6
-    0x49, 0xFF, 0xC2, // 0xc0: inc r10
-    0x49, 0x89, 0xC0, // 0xc3: mov r8,rax
-    0x48, 0xFF, 0xCE, // 0xc6: dec rsi
-    0x75, 0xE5, // 0xc9: jne b0
-    0x4C, 0x89, 0x43, 0x20, // 0xcb: mov [rbx+0x20],r8
-    0x4C, 0x89, 0x4B, 0x28, // 0xcf: mov [rbx+0x28],r9
-    0x4C, 0x89, 0x53, 0x30, // 0xd3: mov [rbx+0x30],r10
-    0xE9, 0x24, 0xFF, 0xFF, 0xFF, // 0xd7: jmp 0
-];
-/// Offset of `dispatch` in [`PROGRAM`].
-const DISPATCH: u64 = CODE + 2;
 
 /// The hash the guest computes over qwords: `h = ((h ^ q) rotl 5) * 0x0100_0193`, from 0
 /// (see the module docs). Trailing bytes that do not fill a qword are ignored.

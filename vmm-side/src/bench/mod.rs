@@ -1,0 +1,153 @@
+//! `hostmem bench`: the memslot-per-blob problem measured side by side, with the physical
+//! floor, all on real KVM.
+//!
+//! Six cases run the **same** blobs (sizes, offsets, fill seeds from one seed) in one run,
+//! interleaved in round-robin batches so that machine noise hits them alike:
+//!
+//! | case | what it is |
+//! |---|---|
+//! | `floor` | `Window::place` + `Window::restore` (MAP_FIXED) in one process, no checks, no IPC |
+//! | `fixed-inproc` | the device's [`Gpu`](hostmem_device::gpu::Gpu) handler in the VMM's process, placing through [`Hostmem`](crate::hostmem::Hostmem) in fixed mode (QEMU with the map_fixed patch) |
+//! | `slot-inproc` | the same with a memslot per blob (QEMU before it) |
+//! | `fixed-sandboxed` | the product: jailed device, commands on its real virtqueue (the host-side [`QueueDriver`](crate::queue_driver::QueueDriver)), tubes, validation, mirror placement in both processes |
+//! | `slot-sandboxed` | the same path with a memslot per blob |
+//! | `fixed-sandboxed-pipelined` | as `fixed-sandboxed`, with `queue_depth` commands in flight |
+//!
+//! Every case owns a VM whose window is read by a ring-3 [`GuestProbe`](crate::probe::GuestProbe) vCPU. One cycle is
+//! MAP_BLOB (timed), the guest reads the blob (must see its pattern), UNMAP_BLOB (timed), the
+//! guest reads the offset again (must no longer see the blob), then the guest re-reads a
+//! fixed working set of its own RAM and that time is the **refault** cost (a memslot delete
+//! makes KVM zap far more than the blob). Levels of background placements (4 KiB blobs that
+//! stay mapped) give the cycle cost against live placements.
+//!
+//! After the timed levels, a **remap test** per case: synchronous remaps of two blobs with
+//! different patterns at one offset (the guest reads after every acknowledged map/unmap:
+//! seeing the previous content is a *stale read*, an access without memory behind it is a
+//! *hole*), then thousands of remaps while a vCPU spins on reads of that offset on another
+//! thread (holes counted; zeros between an unmap and the next map are the background the
+//! design requires and are reported separately), and a final check that the spinning guest
+//! sees the last blob and nothing older.
+//!
+//! Also measured: the device's cold start (spawn, jail, seccomp, handshake → Ready) and its
+//! resident memory; with `limits`, the largest number of simultaneously mapped blobs in each
+//! mode and what stopped it.
+
+mod cases;
+mod limits;
+mod plot;
+mod report;
+mod runner;
+
+pub use cases::{BlobSpec, CaseKind, InprocPlacer, Workload};
+pub use limits::run_limits;
+pub use plot::plot;
+pub use report::{
+    ratios, render, targets, write_out, BenchReport, CaseReport, Checks, DeviceMemory, LimitReport,
+    Machine, OptionsReport, RemapReport, SweepPoint, Target,
+};
+pub use runner::run;
+
+use crate::device::DeviceConfig;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Cases to run (interleaved).
+    pub cases: Vec<CaseKind>,
+    /// Window size in bytes.
+    pub window: u64,
+    /// Seed of blob sizes, offsets and fill patterns.
+    pub seed: u64,
+    /// Largest blob (bytes).
+    pub max_blob: u64,
+    /// Blobs cycled through per case (at least `queue_depth`).
+    pub blobs: usize,
+    /// Background placements (4 KiB blobs kept mapped) per level; the first level gives the
+    /// headline numbers.
+    pub levels: Vec<usize>,
+    /// Rounds per level; in each round every case runs one batch.
+    pub rounds: usize,
+    /// Map+unmap cycles per batch.
+    pub batch: usize,
+    /// Commands in flight in the pipelined case.
+    pub queue_depth: usize,
+    /// Guest RAM re-read after every cycle (bytes).
+    pub working_set: u64,
+    /// Remaps while a vCPU spins on the offset.
+    pub remaps: u64,
+    /// Remaps each followed by a guest read.
+    pub sync_remaps: u64,
+    /// Device cold starts to time.
+    pub cold_starts: usize,
+    /// Also find the largest number of simultaneously mapped blobs per mode.
+    pub limits: bool,
+    /// Stop a limits search here (blobs).
+    pub limit_cap: usize,
+    /// Stop a limits search after this many seconds.
+    pub limit_seconds: f64,
+    /// How to start the device.
+    pub device: DeviceConfig,
+    /// Progress on stderr when it is a terminal.
+    pub show_progress: bool,
+}
+
+impl BenchOptions {
+    /// The default run (a few minutes on 2 cores).
+    pub fn full(device: DeviceConfig) -> Self {
+        BenchOptions {
+            cases: CaseKind::ALL.to_vec(),
+            window: 256 << 20,
+            seed: 1,
+            max_blob: 2 << 20,
+            blobs: 16,
+            levels: vec![0, 32, 128, 512],
+            rounds: 30,
+            batch: 48,
+            queue_depth: 16,
+            working_set: 1 << 20,
+            remaps: 4000,
+            sync_remaps: 400,
+            cold_starts: 40,
+            limits: false,
+            limit_cap: 40_000,
+            limit_seconds: 60.0,
+            device,
+            show_progress: true,
+        }
+    }
+
+    /// `--quick`: under a minute on 2 cores.
+    pub fn quick(device: DeviceConfig) -> Self {
+        BenchOptions {
+            levels: vec![0, 128],
+            rounds: 12,
+            batch: 32,
+            remaps: 2000,
+            sync_remaps: 200,
+            cold_starts: 12,
+            limit_seconds: 20.0,
+            ..BenchOptions::full(device)
+        }
+    }
+
+    /// A tiny run for tests (correctness, not speed).
+    pub fn tiny(device: DeviceConfig) -> Self {
+        BenchOptions {
+            window: 32 << 20,
+            max_blob: 64 << 10,
+            blobs: 4,
+            levels: vec![0, 4],
+            rounds: 2,
+            batch: 4,
+            queue_depth: 4,
+            working_set: 64 << 10,
+            remaps: 40,
+            sync_remaps: 8,
+            cold_starts: 2,
+            limit_cap: 64,
+            limit_seconds: 10.0,
+            show_progress: false,
+            ..BenchOptions::full(device)
+        }
+    }
+}

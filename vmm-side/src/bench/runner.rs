@@ -1,0 +1,611 @@
+//! Running the cases: each case's VM, probe and route (`CaseRun`), the interleaved timed
+//! batches, the remap test, the device's cold starts, and [`run`], which puts the report
+//! together.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context};
+use hostmem_base::kvm::Vm;
+use hostmem_base::procfs;
+
+use super::cases::{BlobSpec, CaseKind, Route, Workload, CTX, SPIN_CHUNK};
+use super::limits::run_limits;
+use super::report::{
+    lat, ratios, targets, BenchReport, CaseReport, Checks, DeviceMemory, Machine, OptionsReport,
+    RemapReport, SweepPoint,
+};
+use super::BenchOptions;
+use crate::device::{Device, DeviceConfig};
+use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use crate::probe::{GuestProbe, ProbeRead};
+
+#[derive(Debug, Default, Clone)]
+struct Samples {
+    map_us: Vec<f64>,
+    unmap_us: Vec<f64>,
+    cycle_us: Vec<f64>,
+    refault_us: Vec<f64>,
+    cycles: u64,
+    op_seconds: f64,
+    memslot_changes: u64,
+}
+
+struct CaseRun {
+    kind: CaseKind,
+    hostmem: Arc<Hostmem>,
+    probe: GuestProbe,
+    path: Route,
+    bg_live: usize,
+    bg_created: usize,
+    cursor: usize,
+    checks: Checks,
+    levels: Vec<(usize, Samples)>,
+    remap: RemapReport,
+    failed: Option<String>,
+}
+
+fn us(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+impl CaseRun {
+    fn setup(kind: CaseKind, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<CaseRun> {
+        let vm = Arc::new(Vm::open()?);
+        let hostmem = Arc::new(Hostmem::new(
+            opts.window,
+            Some(vm.clone()),
+            DEFAULT_WINDOW_GPA,
+            kind.mode(),
+            Limits::default(),
+        )?);
+        let ram = (opts.working_set + (4 << 20)) as usize;
+        let probe = GuestProbe::new(vm, DEFAULT_WINDOW_GPA, opts.window, ram)?;
+        let path = Route::new(kind, opts, &hostmem)?;
+        let mut c = CaseRun {
+            kind,
+            hostmem,
+            probe,
+            path,
+            bg_live: 0,
+            bg_created: 0,
+            cursor: 0,
+            checks: Checks::default(),
+            levels: vec![],
+            remap: RemapReport::default(),
+            failed: None,
+        };
+        for b in wl.cycling.iter().chain(wl.spin.iter()) {
+            c.path.create(b)?;
+        }
+        // Warm-up cycle (not timed): host and guest see every blob, then its absence.
+        for b in &wl.cycling {
+            c.path.map(&c.hostmem, b)?;
+            c.host_check(b, true)?;
+            c.guest_check_mapped(b)?;
+            c.path.unmap(&c.hostmem, b)?;
+            c.host_check(b, false)?;
+            c.guest_check_unmapped(b)?;
+        }
+        c.probe.touch_ram(opts.working_set)?;
+        Ok(c)
+    }
+
+    /// Fixed mode: the VMM's own window must show the blob, then zeros.
+    fn host_check(&mut self, b: &BlobSpec, mapped: bool) -> anyhow::Result<()> {
+        if self.kind.mode() != Mode::Fixed {
+            return Ok(());
+        }
+        let mut q = [0u8; 8];
+        self.hostmem.window().read(b.offset, &mut q)?;
+        let want = if mapped { b.first_qword() } else { 0 };
+        if u64::from_le_bytes(q) == want {
+            self.checks.host_verified += 1;
+        } else {
+            self.checks.host_mismatches += 1;
+            log::error!(
+                "{}: host window at {:#x} does not show the {}",
+                self.kind.name(),
+                b.offset,
+                if mapped { "blob" } else { "background" }
+            );
+        }
+        Ok(())
+    }
+
+    fn guest_check_mapped(&mut self, b: &BlobSpec) -> anyhow::Result<()> {
+        match self.probe.read_u64(b.offset)? {
+            ProbeRead::Value(v) if v == b.first_qword() => self.checks.guest_verified += 1,
+            // Still the background (or still no memory): the map did not reach the guest.
+            ProbeRead::Value(0) | ProbeRead::Hole { .. } => self.checks.stale_reads += 1,
+            ProbeRead::Value(_) => self.checks.guest_mismatches += 1,
+        }
+        Ok(())
+    }
+
+    fn guest_check_unmapped(&mut self, b: &BlobSpec) -> anyhow::Result<()> {
+        match self.probe.read_u64(b.offset)? {
+            ProbeRead::Value(0) => self.checks.guest_verified += 1,
+            // Legacy mode: the blob's memslot is gone and nothing is there. Expected.
+            ProbeRead::Hole { .. } if self.kind.mode() == Mode::PerBlobSlot => {
+                self.checks.guest_verified += 1
+            }
+            ProbeRead::Hole { .. } => self.checks.guest_holes += 1,
+            ProbeRead::Value(v) if v == b.first_qword() => self.checks.stale_reads += 1,
+            ProbeRead::Value(_) => self.checks.guest_mismatches += 1,
+        }
+        Ok(())
+    }
+
+    fn set_background(&mut self, n: usize, wl: &Workload) -> anyhow::Result<()> {
+        while self.bg_live < n {
+            let b = wl.background[self.bg_live];
+            if self.bg_created <= self.bg_live {
+                self.path.create(&b)?;
+                self.bg_created += 1;
+            }
+            self.path.map(&self.hostmem, &b)?;
+            self.bg_live += 1;
+        }
+        while self.bg_live > n {
+            let b = wl.background[self.bg_live - 1];
+            self.path.unmap(&self.hostmem, &b)?;
+            self.bg_live -= 1;
+        }
+        Ok(())
+    }
+
+    fn samples(&mut self) -> &mut Samples {
+        if self.levels.last().map(|(l, _)| *l) != Some(self.bg_live) {
+            self.levels.push((self.bg_live, Samples::default()));
+        }
+        &mut self.levels.last_mut().expect("just pushed").1
+    }
+
+    /// One batch of `opts.batch` cycles.
+    fn batch(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
+        let slots0 = self.hostmem.memslot_changes();
+        if self.kind == CaseKind::FixedSandboxedPipelined {
+            self.batch_pipelined(opts, wl)?;
+        } else {
+            for _ in 0..opts.batch {
+                let b = wl.cycling[self.cursor % wl.cycling.len()];
+                self.cursor += 1;
+                let t = Instant::now();
+                self.path.map(&self.hostmem, &b)?;
+                let m = t.elapsed();
+                self.guest_check_mapped(&b)?;
+                let t = Instant::now();
+                self.path.unmap(&self.hostmem, &b)?;
+                let u = t.elapsed();
+                self.guest_check_unmapped(&b)?;
+                let r = self.probe.touch_ram(opts.working_set)?;
+                let s = self.samples();
+                s.map_us.push(us(m));
+                s.unmap_us.push(us(u));
+                s.cycle_us.push(us(m + u));
+                s.refault_us.push(us(r));
+                s.cycles += 1;
+                s.op_seconds += (m + u).as_secs_f64();
+            }
+        }
+        let d = self.hostmem.memslot_changes() - slots0;
+        self.samples().memslot_changes += d;
+        Ok(())
+    }
+
+    fn batch_pipelined(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
+        let q = opts.queue_depth.clamp(1, wl.cycling.len());
+        let blobs = &wl.cycling[..q];
+        for _ in 0..(opts.batch / q).max(1) {
+            let Route::Sandboxed {
+                driver: Some(d), ..
+            } = &mut self.path
+            else {
+                bail!("pipelined case without a driver");
+            };
+            let mut map_lat = Vec::with_capacity(q);
+            let t0 = Instant::now();
+            let mut tags = Vec::with_capacity(q);
+            for b in blobs {
+                tags.push((d.submit_map(CTX, b.res, b.offset)?, Instant::now()));
+            }
+            for (tag, at) in tags.drain(..) {
+                d.wait_map(tag)?;
+                map_lat.push(us(at.elapsed()));
+            }
+            let map_wall = t0.elapsed();
+            let mut unmap_lat = Vec::with_capacity(q);
+            // The guest reads every blob while all of them are mapped.
+            for b in blobs {
+                self.guest_check_mapped(b)?;
+            }
+            let Route::Sandboxed {
+                driver: Some(d), ..
+            } = &mut self.path
+            else {
+                bail!("pipelined case without a driver");
+            };
+            let t1 = Instant::now();
+            for b in blobs {
+                tags.push((d.submit_unmap(CTX, b.res)?, Instant::now()));
+            }
+            for (tag, at) in tags.drain(..) {
+                d.wait_ok(tag)?;
+                unmap_lat.push(us(at.elapsed()));
+            }
+            let unmap_wall = t1.elapsed();
+            for b in blobs {
+                self.guest_check_unmapped(b)?;
+            }
+            let r = self.probe.touch_ram(opts.working_set)?;
+            let s = self.samples();
+            s.map_us.extend(map_lat);
+            s.unmap_us.extend(unmap_lat);
+            s.cycle_us.push(us(map_wall + unmap_wall) / q as f64);
+            s.refault_us.push(us(r));
+            s.cycles += q as u64;
+            s.op_seconds += (map_wall + unmap_wall).as_secs_f64();
+        }
+        Ok(())
+    }
+
+    /// The remap test (see the module docs).
+    fn remap_test(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
+        let [a, b] = wl.spin;
+        // Synchronous: after every acknowledged op the guest must see exactly the new state.
+        for i in 0..opts.sync_remaps {
+            let blob = if (i / 2).is_multiple_of(2) { a } else { b };
+            let mapping = i % 2 == 0;
+            if mapping {
+                self.path.map(&self.hostmem, &blob)?;
+            } else {
+                self.path.unmap(&self.hostmem, &blob)?;
+            }
+            let seen = self.probe.read_u64(blob.offset)?;
+            let c = &mut self.checks;
+            match (mapping, seen) {
+                (true, ProbeRead::Value(v)) if v == blob.first_qword() => c.guest_verified += 1,
+                (false, ProbeRead::Value(0)) => c.guest_verified += 1,
+                (_, ProbeRead::Hole { .. }) => {
+                    c.guest_holes += 1;
+                    if mapping {
+                        c.stale_reads += 1;
+                    }
+                }
+                (true, ProbeRead::Value(0)) => c.stale_reads += 1,
+                (false, ProbeRead::Value(v)) if v == blob.first_qword() => c.stale_reads += 1,
+                _ => c.guest_mismatches += 1,
+            }
+            self.remap.sync_remaps += 1;
+        }
+        if !opts.sync_remaps.is_multiple_of(2) {
+            let last = if ((opts.sync_remaps - 1) / 2).is_multiple_of(2) {
+                a
+            } else {
+                b
+            };
+            self.path.unmap(&self.hostmem, &last)?;
+        }
+        // Concurrent: a vCPU spins on the offset on another thread while the host remaps.
+        let stop = AtomicBool::new(false);
+        let CaseRun {
+            probe,
+            path,
+            hostmem,
+            remap,
+            ..
+        } = self;
+        let (spin, host): (anyhow::Result<RemapReport>, anyhow::Result<u64>) =
+            std::thread::scope(|s| {
+                let spinner = s.spawn(|| -> anyhow::Result<RemapReport> {
+                    let mut r = RemapReport::default();
+                    // At least one chunk, however fast the host is.
+                    loop {
+                        let st = probe.spin_read(a.offset, SPIN_CHUNK)?;
+                        r.spin_reads += st.reads;
+                        r.spin_changes += st.changes;
+                        r.spin_zero_reads += st.zero_reads;
+                        r.spin_holes += st.holes;
+                        if stop.load(Ordering::Acquire) {
+                            break;
+                        }
+                    }
+                    Ok(r)
+                });
+                let host = (|| -> anyhow::Result<u64> {
+                    let mut n = 0u64;
+                    // Ends with blob `a` mapped.
+                    let rounds = opts.remaps.div_ceil(4).max(1);
+                    for _ in 0..rounds {
+                        for blob in [b, a] {
+                            path.map(hostmem, &blob)?;
+                            path.unmap(hostmem, &blob)?;
+                            n += 2;
+                        }
+                    }
+                    path.map(hostmem, &a)?;
+                    Ok(n + 1)
+                })();
+                stop.store(true, Ordering::Release);
+                let spin = spinner
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow!("spinner panicked")));
+                (spin, host)
+            });
+        let host_ops = host?;
+        let sp = spin?;
+        remap.remaps = host_ops;
+        remap.spin_reads = sp.spin_reads;
+        remap.spin_changes = sp.spin_changes;
+        remap.spin_zero_reads = sp.spin_zero_reads;
+        remap.spin_holes = sp.spin_holes;
+        self.checks.guest_holes += sp.spin_holes;
+        // Quiescent: every read must now be blob `a`, nothing older.
+        let st = self.probe.spin_read(a.offset, SPIN_CHUNK)?;
+        if st.holes > 0 || st.zero_reads > 0 || st.last != a.first_qword() || st.changes != 1 {
+            self.checks.stale_reads += 1;
+            log::error!(
+                "{}: after the last remap the guest still saw older content: {st:?}",
+                self.kind.name()
+            );
+        } else {
+            self.checks.guest_verified += 1;
+        }
+        self.path.unmap(&self.hostmem, &a)?;
+        Ok(())
+    }
+
+    fn peak_live(&self) -> usize {
+        match &self.path {
+            Route::Floor { peak, .. } => *peak,
+            _ => self.hostmem.max_live_seen(),
+        }
+    }
+
+    fn device_pid(&self) -> Option<i32> {
+        match &self.path {
+            Route::Sandboxed {
+                device: Some(d), ..
+            } => Some(d.pid()),
+            _ => None,
+        }
+    }
+
+    fn teardown(&mut self) {
+        if let Route::Sandboxed { driver, device } = &mut self.path {
+            drop(driver.take());
+            if let Some(d) = device.take() {
+                d.finish_with("bench done", log::Level::Debug);
+            }
+        }
+    }
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        cpu,
+        kvm_max_memslots: Vm::open().map(|v| v.max_memslots()).unwrap_or(0),
+        max_map_count: procfs::max_map_count().unwrap_or(0),
+    }
+}
+
+fn progress(show: bool, done: usize, total: usize, what: &str) {
+    if show {
+        let w = 30 * done / total.max(1);
+        eprint!(
+            "\r[{}{}] {done}/{total} {what:<24}",
+            "#".repeat(w),
+            " ".repeat(30 - w)
+        );
+    }
+}
+
+/// Runs the benchmark.
+pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
+    let t0 = Instant::now();
+    Vm::available().map_err(|why| anyhow!("/dev/kvm unusable: {why}"))?;
+    let wl = Workload::new(opts)?;
+    let show = opts.show_progress && std::io::stderr().is_terminal();
+    let mut errors = Vec::new();
+    let mut cases: Vec<CaseRun> = Vec::new();
+    for k in &opts.cases {
+        progress(show, 0, 1, &format!("setup {}", k.name()));
+        cases.push(
+            CaseRun::setup(*k, opts, &wl).with_context(|| format!("setting up {}", k.name()))?,
+        );
+    }
+    let cold_hm = Arc::new(Hostmem::new(
+        8 << 20,
+        None,
+        DEFAULT_WINDOW_GPA,
+        Mode::Fixed,
+        Limits::default(),
+    )?);
+    let (mut cold_ms, mut idle_rss) = (Vec::new(), Vec::new());
+    let timed_start = |cold_ms: &mut Vec<f64>,
+                       idle_rss: &mut Vec<f64>,
+                       errors: &mut Vec<String>| {
+        match cold_start(&opts.device, &cold_hm) {
+            Ok((ms, rss)) => {
+                cold_ms.push(ms);
+                idle_rss.push(rss as f64);
+            }
+            Err(e) => errors.push(format!("cold start: {e:#}")),
+        }
+    };
+    let total = opts.levels.len() * opts.rounds;
+    let mut done = 0;
+    for &level in &opts.levels {
+        for c in cases.iter_mut().filter(|c| c.failed.is_none()) {
+            if let Err(e) = c.set_background(level, &wl) {
+                c.failed = Some(format!("background {level}: {e:#}"));
+            }
+        }
+        for r in 0..opts.rounds {
+            let n = cases.len();
+            for j in 0..n {
+                let c = &mut cases[(r + j) % n];
+                if c.failed.is_some() {
+                    continue;
+                }
+                if let Err(e) = c.batch(opts, &wl) {
+                    log::error!("{}: {e:#}", c.kind.name());
+                    c.failed = Some(format!("{e:#}"));
+                }
+            }
+            if cold_ms.len() + errors.len() < opts.cold_starts {
+                timed_start(&mut cold_ms, &mut idle_rss, &mut errors);
+            }
+            done += 1;
+            progress(show, done, total, &format!("{} live", level));
+        }
+    }
+    while cold_ms.len() < opts.cold_starts && errors.len() < opts.cold_starts {
+        timed_start(&mut cold_ms, &mut idle_rss, &mut errors);
+    }
+    for c in cases.iter_mut().filter(|c| c.failed.is_none()) {
+        progress(show, done, total, &format!("remaps {}", c.kind.name()));
+        let res = c
+            .set_background(0, &wl)
+            .and_then(|()| c.remap_test(opts, &wl));
+        if let Err(e) = res {
+            c.failed = Some(format!("remap test: {e:#}"));
+        }
+    }
+    if show {
+        eprintln!();
+    }
+    let after_run_rss_kib = cases
+        .iter()
+        .find(|c| c.kind == CaseKind::FixedSandboxed)
+        .and_then(|c| c.device_pid())
+        .and_then(|pid| procfs::status_of(&pid.to_string()).ok())
+        .map(|s| s.vm_rss_kib);
+    let mut reports = Vec::new();
+    let mut cycle_samples = Vec::new();
+    for c in cases.iter_mut() {
+        c.teardown();
+        if let Some(f) = &c.failed {
+            errors.push(format!("{}: {f}", c.kind.name()));
+        }
+        let first = c.levels.first().map(|(_, s)| s.clone()).unwrap_or_default();
+        let timed: u64 = c.levels.iter().map(|(_, s)| s.cycles).sum();
+        let slot_changes: u64 = c.levels.iter().map(|(_, s)| s.memslot_changes).sum();
+        cycle_samples.push((c.kind.name().to_string(), first.cycle_us.clone()));
+        reports.push(CaseReport {
+            name: c.kind.name(),
+            mode: c.kind.mode().name(),
+            map_us: lat(&first.map_us),
+            unmap_us: lat(&first.unmap_us),
+            cycle_us: lat(&first.cycle_us),
+            cycles_per_s: if first.op_seconds > 0.0 {
+                first.cycles as f64 / first.op_seconds
+            } else {
+                0.0
+            },
+            cycles: first.cycles,
+            memslot_changes: c.hostmem.memslot_changes(),
+            memslot_changes_per_cycle: if timed > 0 {
+                slot_changes as f64 / timed as f64
+            } else {
+                0.0
+            },
+            peak_live: c.peak_live(),
+            guest_refault_us: lat(&first.refault_us),
+            guest_holes: c.checks.guest_holes,
+            stale_reads: c.checks.stale_reads,
+            checks: c.checks,
+            remap: c.remap,
+            sweep: c
+                .levels
+                .iter()
+                .map(|(live, s)| SweepPoint {
+                    live: *live,
+                    cycle_us: lat(&s.cycle_us),
+                    map_us: lat(&s.map_us),
+                    unmap_us: lat(&s.unmap_us),
+                    cycles: s.cycles,
+                })
+                .collect(),
+            failed: c.failed.clone(),
+        });
+    }
+    drop(cases);
+    let limits = if opts.limits {
+        progress(show, 0, 1, "limits");
+        let r = run_limits(opts);
+        if show {
+            eprintln!();
+        }
+        r
+    } else {
+        vec![]
+    };
+    let cold = lat(&cold_ms);
+    let ratios = ratios(&reports);
+    let targets = targets(&reports, &ratios, (!cold_ms.is_empty()).then_some(cold.p50));
+    Ok(BenchReport {
+        machine: machine(),
+        options: OptionsReport {
+            window: opts.window,
+            seed: opts.seed,
+            blob_sizes: wl.cycling.iter().map(|b| b.size).collect(),
+            levels: opts.levels.clone(),
+            rounds: opts.rounds,
+            batch: opts.batch,
+            queue_depth: opts.queue_depth,
+            working_set: opts.working_set,
+            jailed: opts.device.jailed,
+        },
+        guest_refault: reports
+            .iter()
+            .map(|c| (c.name.to_string(), c.guest_refault_us))
+            .collect(),
+        guest_holes: reports
+            .iter()
+            .map(|c| (c.name.to_string(), c.guest_holes))
+            .collect(),
+        stale_reads: reports
+            .iter()
+            .map(|c| (c.name.to_string(), c.stale_reads))
+            .collect(),
+        cases: reports,
+        cold_start_ms: cold,
+        cold_starts: cold_ms.len(),
+        device_memory: DeviceMemory {
+            idle_rss_kib: lat(&idle_rss).p50 as u64,
+            after_run_rss_kib,
+        },
+        ratios,
+        targets,
+        limits,
+        errors,
+        seconds: t0.elapsed().as_secs_f64(),
+        cycle_samples,
+    })
+}
+
+/// Starts a device, times spawn → Ready, reads its resident memory, stops it.
+fn cold_start(cfg: &DeviceConfig, hm: &Arc<Hostmem>) -> anyhow::Result<(f64, u64)> {
+    let d = Device::start(cfg, hm.clone())?;
+    let ms = d.facts().start_ms;
+    let rss = procfs::status_of(&d.pid().to_string())?.vm_rss_kib;
+    d.finish_with("bench cold start", log::Level::Debug);
+    Ok((ms, rss))
+}
