@@ -69,6 +69,9 @@ use crate::wire::{
     VIRTIO_GPU_RESP_ERR_UNSPEC,
 };
 
+/// Scanouts a device reports in `virtio_gpu_config.num_scanouts`: one, always disabled in
+/// `GET_DISPLAY_INFO` (Linux 6.1's driver refuses a device with none).
+pub const NUM_SCANOUTS: u32 = 1;
 /// Most live blobs the handler keeps (`ERR_OUT_OF_MEMORY` beyond).
 pub const MAX_BLOBS: usize = 65536;
 /// Most live contexts (`ERR_OUT_OF_MEMORY` beyond).

@@ -7,10 +7,12 @@
 //! The device stays single-threaded under seccomp (no `clone` in its policy): instead of
 //! `vhost-user-backend`'s daemon, which spawns a worker thread per queue, the poll loop
 //! ([`serve_connection`]) drives `vhost`'s [`BackendReqHandler`] itself. It polls the
-//! frontend's socket and the queues' kick eventfds; a readable socket is one
-//! `handle_request`, a kick serves its queue. The backend channel's requests
-//! (`SHMEM_MAP`/`SHMEM_UNMAP`) are sent from inside the command handler and wait for the
-//! frontend's ack there.
+//! frontend's socket, the backend channel and the queues' kick eventfds; a readable socket
+//! is one `handle_request`, a kick serves its queue, a readable backend channel brings acks.
+//! The backend channel's requests (`SHMEM_MAP`/`SHMEM_UNMAP`) are sent from inside the
+//! command handler and **never waited for there**: QEMU 11.1 sends `ADD_MEM_REG` (and
+//! waits for its reply) before it acks a `SHMEM_MAP`, so a device waiting for the ack would
+//! deadlock with it. The command completes when its ack arrives (see "Placement").
 //!
 //! # Messages
 //!
@@ -37,19 +39,29 @@
 //! # Placement
 //!
 //! A vhost-user frontend owns the shared memory region; the device has no mirror of it.
-//! [`ShmemPlacer`] is the [`Placer`] of this mode: `map` sends
+//! [`ShmemPlacer`] is the [`Placer`] of this mode, a pipelining one with asynchronous
+//! verdicts ([`Placer::verdicts_async`]): `begin_map` sends
 //! `SHMEM_MAP { shmid 1, shm_offset, len, fd_offset, flags: WRITABLE }` with the blob's fd
-//! on the backend channel and waits for the ack (`REPLY_ACK`); a refusal (non-zero ack,
-//! broken channel, no channel) fails the guest's command with `ERR_UNSPEC`. `unmap` sends
-//! `SHMEM_UNMAP` likewise. The command handler ([`Gpu`]) is unchanged: it checked the offset,
-//! the size and overlaps before the placer is asked.
+//! on the backend channel and returns; when the loop sees the channel readable,
+//! [`ShmemPlacer::receive`] reads the acks (`REPLY_ACK`) and the loop settles one command
+//! per ack ([`VirtioGpu::finish_one`]); commands behind an unsettled placement wait in the
+//! handler, in order. A refusal (non-zero ack, broken channel, no channel) fails the guest's
+//! command with `ERR_UNSPEC`. `begin_unmap` sends `SHMEM_UNMAP` likewise. The handler
+//! ([`Gpu`]) checked the offset, the size and overlaps before the placer is asked.
+//!
+//! `vhost`'s `Backend` only sends and waits, and keeps its socket to itself, so the loop
+//! takes `SET_BACKEND_REQ_FD` off the frontend's socket before the crate's handler sees it
+//! ([`take_backend_channel`]) and the device writes the two messages itself
+//! ([`BackendChannel`], with their layout). Everything else is the crate's.
 //!
 //! # Reset and disconnect
 //!
 //! Resets the frontend starts (`RESET_DEVICE`, `RESET_OWNER`, `GET_VRING_BASE`, a closed
 //! socket) drop every blob and context locally without `SHMEM_UNMAP`: the frontend is
 //! waiting for our reply on the main socket at that moment and would not read the backend
-//! channel (a deadlock), and a frontend resets its own region with the device. When the
+//! channel (a deadlock), and a frontend resets its own region with the device. Placements
+//! in flight fail at once ([`ShmemPlacer::suspend`]); their acks, when they come, are
+//! skipped. When the
 //! frontend disconnects the device resets and [`serve_listener`] accepts the next
 //! connection on the listening socket, with a fresh backend.
 
@@ -80,7 +92,7 @@ use vhost::VhostUserMemoryRegionBase;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
 use crate::backend::Backend;
-use crate::gpu::{Gpu, MapRequest, PlaceError, Placer};
+use crate::gpu::{Gpu, MapRequest, PlaceError, Placer, NUM_SCANOUTS};
 use crate::virtio::{GuestMemoryMmap, VirtioGpu, NUM_QUEUES, QUEUE_MAX_SIZE};
 use crate::{Error, Result};
 
@@ -93,9 +105,6 @@ pub const MAX_MEM_SLOTS: u64 = 509;
 /// `sizeof(struct virtio_gpu_config)`: events_read, events_clear, num_scanouts,
 /// num_capsets. QEMU's `vhost-user-test-device-pci` wants `config_size=16`.
 pub const CONFIG_SIZE: usize = 16;
-/// `num_scanouts` in the config: Linux 6.1's driver refuses a device with none
-/// ("num_scanouts is zero"); the one scanout is reported disabled.
-pub const NUM_SCANOUTS: u32 = 1;
 /// Largest config read answered (QEMU's `VHOST_USER_MAX_CONFIG_SIZE`).
 const MAX_CONFIG_READ: usize = 256;
 
@@ -1331,7 +1340,15 @@ pub fn serve_listener(listener: &UnixListener, opts: &Options) -> Result<()> {
         let vu = Arc::new(Mutex::new(VuGpu::new(backend, opts.shmem_size)));
         let end = serve_connection(stream, &vu)?;
         let mut g = lock(&vu);
+        let st = g.dev.gpu().placer().stats();
         g.reset(true);
-        log::info!("vhost-user: frontend {served} gone ({end:?}): device reset");
+        log::info!(
+            "vhost-user: frontend {served} gone ({end:?}): device reset; SHMEM_MAP acked {}, \
+             SHMEM_UNMAP acked {}, refused {}, stale acks skipped {}",
+            st.maps,
+            st.unmaps,
+            st.refused,
+            st.stale_replies
+        );
     }
 }

@@ -1171,11 +1171,11 @@ fn store_checksum_writes_the_ranges_checksum_into_the_blob() {
 fn capset_ids_fit_linuxs_capset_mask() {
     // Linux 6.1 keeps capset ids < 64 and CONTEXT_INIT takes only ids < 32; 1..=6 are the
     // spec's.
-    assert!(SHM_CAPSET_ID > 9 && SHM_CAPSET_ID < 31, "{SHM_CAPSET_ID}");
+    const { assert!(SHM_CAPSET_ID > 9 && SHM_CAPSET_ID < 31) };
     #[cfg(feature = "virgl")]
     {
         use hostmem_device::backend::virgl::TEST_CAPSET_ID;
-        assert!(TEST_CAPSET_ID > 9 && TEST_CAPSET_ID < 31 && TEST_CAPSET_ID != SHM_CAPSET_ID);
+        const { assert!(TEST_CAPSET_ID > 9 && TEST_CAPSET_ID < 31 && TEST_CAPSET_ID != SHM_CAPSET_ID) };
     }
     let mut g = gpu();
     assert_ok(&send(&mut g, &Command::ctx_create(1, SHM_CAPSET_ID, b"t")));

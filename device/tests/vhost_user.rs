@@ -26,7 +26,8 @@ use hostmem_device::virtio::{guest_memory, GuestMemoryMmap};
 use hostmem_device::wire::*;
 use hostmem_ipc::protocol::GuestRegion;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserMMap, VhostUserMMapFlags,
+    VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandlerMut,
