@@ -27,6 +27,14 @@
 //!   `CTX_DESTROY` destroys the context only: **its blobs stay alive and mapped**. Resource
 //!   ids are global and may have been shared (SHAREABLE / CROSS_DEVICE), and the guest
 //!   still sends `RESOURCE_UNREF` for them; the backend stops letting streams touch them.
+//! * `CTX_ATTACH_RESOURCE` / `CTX_DETACH_RESOURCE` (Linux sends them for every HOST3D
+//!   blob handle it opens and closes): the context must be live (`ERR_INVALID_CONTEXT_ID`)
+//!   and the resource must exist (`ERR_INVALID_RESOURCE_ID`); then `OK_NODATA`. Nothing
+//!   else changes: which streams may touch a blob is the backend's rule (its creation
+//!   context), and resource ids are device-global.
+//! * `GET_DISPLAY_INFO`: `OK_DISPLAY_INFO` with every scanout disabled (hostmem has no
+//!   display; Linux's driver refuses a device without scanouts, so the device reports
+//!   `num_scanouts` 1 and answers this at probe).
 //! * `SUBMIT_3D` runs the stream in the header's context (which must exist). **Hostmem
 //!   extension:** the backend's reply bytes (e.g. the shm backend's checksums) are appended
 //!   after the `OK_NODATA` header ([`Response::OkNoData`]'s `reply`); a plain virtio-gpu
@@ -35,6 +43,18 @@
 //!   a length field that disagrees with the message gets `ERR_INVALID_PARAMETER`.
 //! * Responses echo the request's fence (`FLAG_FENCE`, `fence_id`, `ctx_id`, `ring_idx`):
 //!   every command completes before `handle` returns.
+//!
+//! # Pipelining
+//!
+//! [`Gpu::submit`] starts MAP_BLOB, UNMAP_BLOB and the unmap of a mapped blob's UNREF
+//! without waiting for the placer's verdict ([`Placer::begin_map`]); responses go out in
+//! command order ([`Gpu::take_ready`]). Any other command needs every placement before it
+//! settled. With a synchronous placer (the mirror) the handler waits for them there; with
+//! a placer whose verdicts arrive only while the caller's loop runs
+//! ([`Placer::verdicts_async`]: a vhost-user frontend acks `SHMEM_MAP` on a socket the
+//! device polls, and may first send requests of its own that the device must serve), the
+//! command and everything after it wait, in order, until [`Gpu::finish_one`] settles what
+//! was before them: the handler never blocks on a verdict.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -43,12 +63,15 @@ use hostmem_base::window::FixedTarget;
 
 use crate::backend::{Backend, BackendError, BlobCreate, ExportedBlob};
 use crate::wire::{
-    ctrl_type_name, Command, CtrlHdr, CtxCreate, ErrorCode, GetCapset, GetCapsetInfo,
+    ctrl_type_name, Command, CtrlHdr, CtxCreate, ErrorCode, GetCapset, GetCapsetInfo, ResourceCmd,
     ResourceCreateBlob, ResourceMapBlob, Response, Submit3d, WireError, VIRTIO_GPU_BLOB_FLAGS_ALL,
     VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D,
     VIRTIO_GPU_RESP_ERR_UNSPEC,
 };
 
+/// Scanouts a device reports in `virtio_gpu_config.num_scanouts`: one, always disabled in
+/// `GET_DISPLAY_INFO` (Linux 6.1's driver refuses a device with none).
+pub const NUM_SCANOUTS: u32 = 1;
 /// Most live blobs the handler keeps (`ERR_OUT_OF_MEMORY` beyond).
 pub const MAX_BLOBS: usize = 65536;
 /// Most live contexts (`ERR_OUT_OF_MEMORY` beyond).
@@ -180,6 +203,12 @@ pub trait Placer {
     fn finish_next(&mut self) -> Option<(u64, Result<(), PlaceError>)> {
         None
     }
+    /// True when verdicts arrive only while the caller's loop runs, so the handler must
+    /// never wait for one inside [`Gpu::submit`] (see the module docs, "Pipelining"): the
+    /// caller calls [`Gpu::finish_one`] once per verdict that is ready. Default: false.
+    fn verdicts_async(&self) -> bool {
+        false
+    }
 }
 
 impl BackendError {
@@ -263,6 +292,9 @@ pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
     max_blobs: usize,
     /// Pipelined commands in order: answered, or waiting for the placer's verdict.
     queue: VecDeque<Queued>,
+    /// Commands not started yet because a placement before them is unsettled and the
+    /// placer's verdicts are asynchronous ([`Placer::verdicts_async`]), in order.
+    deferred: VecDeque<(u64, Vec<u8>)>,
 }
 
 /// A pipelined command ([`Gpu::submit`]) whose response goes out in command order.
@@ -280,6 +312,14 @@ enum Queued {
     },
     /// UNMAP_BLOB waiting for its restore's verdict.
     Unmap {
+        token: u64,
+        ticket: u64,
+        hdr: CtrlHdr,
+        id: u32,
+        offset: u64,
+    },
+    /// UNREF of a mapped blob waiting for its restore's verdict; the unref follows.
+    Unref {
         token: u64,
         ticket: u64,
         hdr: CtrlHdr,
@@ -309,6 +349,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             contexts: BTreeMap::new(),
             max_blobs: MAX_BLOBS,
             queue: VecDeque::new(),
+            deferred: VecDeque::new(),
         }
     }
 
@@ -383,10 +424,11 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
     pub fn reset_all(&mut self) -> ResetSummary {
         let mut sum = ResetSummary::default();
         while self.in_flight() > 0 {
-            self.finish_one();
+            self.settle_one();
         }
-        sum.dropped_responses = self.queue.len();
+        sum.dropped_responses = self.queue.len() + self.deferred.len();
         self.queue.clear();
+        self.deferred.clear();
         let mapped: Vec<(u32, u64, u64)> = self.mapped().collect();
         for (id, offset, len) in mapped {
             match self.placer.unmap(id, offset, len) {
@@ -469,12 +511,23 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         }
     }
 
-    /// Handles a command as part of a pipeline (the device's command loop): MAP_BLOB and
-    /// UNMAP_BLOB of a resource with nothing in flight only start their placement, whose
-    /// verdict [`Gpu::finish_one`] waits for; any other command first finishes everything
-    /// in flight, so no command sees a half-done placement and responses keep command order.
-    /// Responses come out of [`Gpu::take_ready`] with their `token`.
+    /// Handles a command as part of a pipeline (the device's command loop): MAP_BLOB,
+    /// UNMAP_BLOB and UNREF of a mapped blob, for a resource with nothing in flight, only
+    /// start their placement, whose verdict [`Gpu::finish_one`] settles; any other command
+    /// needs everything before it settled, so no command sees a half-done placement and
+    /// responses keep command order. A synchronous placer is waited for here; with
+    /// [`Placer::verdicts_async`] the command waits (with everything after it) until
+    /// [`Gpu::finish_one`] settled what was before it. Responses come out of
+    /// [`Gpu::take_ready`] with their `token`.
     pub fn submit(&mut self, token: u64, request: &[u8]) {
+        if !self.deferred.is_empty() || !self.start(token, request) {
+            self.deferred.push_back((token, request.to_vec()));
+        }
+    }
+
+    /// Starts (or answers) one command; false when it must wait for the placements before
+    /// it (asynchronous verdicts only).
+    fn start(&mut self, token: u64, request: &[u8]) -> bool {
         match Command::parse(request) {
             Ok(Command::ResourceMapBlob(c)) if !self.in_flight_for(c.resource_id) => {
                 let q = match self.map_blob_begin(&c, true) {
@@ -504,14 +557,55 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 };
                 self.queue.push_back(q);
             }
+            Ok(Command::ResourceUnref(c))
+                if !self.in_flight_for(c.resource_id)
+                    && self
+                        .blobs
+                        .get(&c.resource_id)
+                        .is_some_and(|b| b.mapped_at.is_some()) =>
+            {
+                let q = match self.unmap_blob_begin(c.resource_id, true) {
+                    Ok((offset, Some(ticket))) => Queued::Unref {
+                        token,
+                        ticket,
+                        hdr: c.hdr,
+                        id: c.resource_id,
+                        offset,
+                    },
+                    Ok((_, None)) => {
+                        Queued::Ready(token, self.unref_response(&c.hdr, c.resource_id))
+                    }
+                    Err(r) => Queued::Ready(token, refused(&c.hdr, r).encode()),
+                };
+                self.queue.push_back(q);
+            }
             _ => {
-                while self.in_flight() > 0 {
-                    self.finish_one();
+                if self.in_flight() > 0 {
+                    if self.placer.verdicts_async() {
+                        return false;
+                    }
+                    while self.in_flight() > 0 {
+                        self.settle_one();
+                    }
                 }
                 let r = self.handle(request);
                 self.queue.push_back(Queued::Ready(token, r));
             }
         }
+        true
+    }
+
+    /// The UNREF of a blob that is no longer mapped, as a response.
+    fn unref_response(&mut self, hdr: &CtrlHdr, id: u32) -> Vec<u8> {
+        match self.unref(id) {
+            Ok(()) => ok(hdr).encode(),
+            Err(r) => refused(hdr, r).encode(),
+        }
+    }
+
+    /// Commands waiting behind an unsettled placement ([`Placer::verdicts_async`]).
+    pub fn deferred(&self) -> usize {
+        self.deferred.len()
     }
 
     /// Pipelined commands waiting for the placer's verdict.
@@ -524,14 +618,27 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
 
     fn in_flight_for(&self, resource_id: u32) -> bool {
         self.queue.iter().any(|q| {
-            matches!(q, Queued::Map { id, .. } | Queued::Unmap { id, .. } if *id == resource_id)
+            matches!(q, Queued::Map { id, .. } | Queued::Unmap { id, .. } | Queued::Unref { id, .. }
+                if *id == resource_id)
         })
     }
 
     /// Waits for the verdict of the oldest pipelined placement and settles its command: on
     /// a refusal the blob is back in its state before the command (the placer undid its
-    /// own part) and the response is the error. No-op when nothing is in flight.
+    /// own part) and the response is the error. Then starts the commands that waited for
+    /// it ([`Gpu::deferred`]). No-op when nothing is in flight.
     pub fn finish_one(&mut self) {
+        self.settle_one();
+        while let Some((token, request)) = self.deferred.pop_front() {
+            if !self.start(token, &request) {
+                self.deferred.push_front((token, request));
+                break;
+            }
+        }
+    }
+
+    /// [`Gpu::finish_one`] without starting deferred commands.
+    fn settle_one(&mut self) {
         let Some(i) = self
             .queue
             .iter()
@@ -540,7 +647,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             return;
         };
         let verdict = self.placer.finish_next();
-        let q = &mut self.queue[i];
+        let Some(q) = self.queue.get(i) else { return };
         let settled = match *q {
             Queued::Ready(..) => return,
             Queued::Map {
@@ -574,8 +681,26 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                     Queued::Ready(token, refused(&hdr, place_refusal(e)).encode())
                 }
             },
+            Queued::Unref {
+                token,
+                ticket,
+                hdr,
+                id,
+                offset,
+            } => match check_ticket(verdict, ticket) {
+                Ok(()) => Queued::Ready(token, self.unref_response(&hdr, id)),
+                Err(e) => {
+                    // Nothing is unref'd when the unmap fails (as in `unref`).
+                    if let Some(b) = self.blobs.get_mut(&id) {
+                        b.mapped_at = Some(offset);
+                    }
+                    Queued::Ready(token, refused(&hdr, place_refusal(e)).encode())
+                }
+            },
         };
-        *q = settled;
+        if let Some(q) = self.queue.get_mut(i) {
+            *q = settled;
+        }
     }
 
     /// The responses that can go out now, in command order, with their tokens.
@@ -610,7 +735,29 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             }
             Command::GetCapsetInfo(c) => self.capset_info(c),
             Command::GetCapset(c) => self.capset(c),
+            Command::GetDisplayInfo(h) => Ok(Response::OkDisplayInfo {
+                hdr: h.response(crate::wire::VIRTIO_GPU_RESP_OK_DISPLAY_INFO),
+                modes: Vec::new(),
+            }),
+            Command::CtxAttachResource(c) | Command::CtxDetachResource(c) => {
+                self.ctx_resource(c).map(|()| ok(hdr))
+            }
         }
+    }
+
+    /// `CTX_ATTACH_RESOURCE` / `CTX_DETACH_RESOURCE`: checks only (see the module docs).
+    fn ctx_resource(&self, c: &ResourceCmd) -> Result<(), Refusal> {
+        let ctx_id = c.hdr.ctx_id;
+        if !self.contexts.contains_key(&ctx_id) {
+            return refuse(ErrorCode::InvalidContextId, format!("no context {ctx_id}"));
+        }
+        if !self.blobs.contains_key(&c.resource_id) {
+            return refuse(
+                ErrorCode::InvalidResourceId,
+                format!("no resource {}", c.resource_id),
+            );
+        }
+        Ok(())
     }
 
     fn create_blob(&mut self, c: &ResourceCreateBlob) -> Result<(), Refusal> {

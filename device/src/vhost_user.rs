@@ -7,10 +7,12 @@
 //! The device stays single-threaded under seccomp (no `clone` in its policy): instead of
 //! `vhost-user-backend`'s daemon, which spawns a worker thread per queue, the poll loop
 //! ([`serve_connection`]) drives `vhost`'s [`BackendReqHandler`] itself. It polls the
-//! frontend's socket and the queues' kick eventfds; a readable socket is one
-//! `handle_request`, a kick serves its queue. The backend channel's requests
-//! (`SHMEM_MAP`/`SHMEM_UNMAP`) are sent from inside the command handler and wait for the
-//! frontend's ack there.
+//! frontend's socket, the backend channel and the queues' kick eventfds; a readable socket
+//! is one `handle_request`, a kick serves its queue, a readable backend channel brings acks.
+//! The backend channel's requests (`SHMEM_MAP`/`SHMEM_UNMAP`) are sent from inside the
+//! command handler and **never waited for there**: QEMU 11.1 sends `ADD_MEM_REG` (and
+//! waits for its reply) before it acks a `SHMEM_MAP`, so a device waiting for the ack would
+//! deadlock with it. The command completes when its ack arrives (see "Placement").
 //!
 //! # Messages
 //!
@@ -37,31 +39,45 @@
 //! # Placement
 //!
 //! A vhost-user frontend owns the shared memory region; the device has no mirror of it.
-//! [`ShmemPlacer`] is the [`Placer`] of this mode: `map` sends
+//! [`ShmemPlacer`] is the [`Placer`] of this mode, a pipelining one with asynchronous
+//! verdicts ([`Placer::verdicts_async`]): `begin_map` sends
 //! `SHMEM_MAP { shmid 1, shm_offset, len, fd_offset, flags: WRITABLE }` with the blob's fd
-//! on the backend channel and waits for the ack (`REPLY_ACK`); a refusal (non-zero ack,
-//! broken channel, no channel) fails the guest's command with `ERR_UNSPEC`. `unmap` sends
-//! `SHMEM_UNMAP` likewise. The command handler ([`Gpu`]) is unchanged: it checked the offset,
-//! the size and overlaps before the placer is asked.
+//! on the backend channel and returns; when the loop sees the channel readable,
+//! [`ShmemPlacer::receive`] reads the acks (`REPLY_ACK`) and the loop settles one command
+//! per ack ([`VirtioGpu::finish_one`]); commands behind an unsettled placement wait in the
+//! handler, in order. A refusal (non-zero ack, broken channel, no channel) fails the guest's
+//! command with `ERR_UNSPEC`. `begin_unmap` sends `SHMEM_UNMAP` likewise. The handler
+//! ([`Gpu`]) checked the offset, the size and overlaps before the placer is asked.
+//!
+//! `vhost`'s `Backend` only sends and waits, and keeps its socket to itself, so the loop
+//! takes `SET_BACKEND_REQ_FD` off the frontend's socket before the crate's handler sees it
+//! ([`take_backend_channel`]) and the device writes the two messages itself
+//! ([`BackendChannel`], with their layout). Everything else is the crate's.
 //!
 //! # Reset and disconnect
 //!
 //! Resets the frontend starts (`RESET_DEVICE`, `RESET_OWNER`, `GET_VRING_BASE`, a closed
 //! socket) drop every blob and context locally without `SHMEM_UNMAP`: the frontend is
 //! waiting for our reply on the main socket at that moment and would not read the backend
-//! channel (a deadlock), and a frontend resets its own region with the device. When the
+//! channel (a deadlock), and a frontend resets its own region with the device. Placements
+//! in flight fail at once ([`ShmemPlacer::suspend`]); their acks, when they come, are
+//! skipped. When the
 //! frontend disconnects the device resets and [`serve_listener`] accepts the next
 //! connection on the listening socket, with a fresh backend.
 
+use std::collections::VecDeque;
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use hostmem_base::mmap::{is_page_aligned, Prot};
 use hostmem_ipc::protocol::QueueSetup;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{getsockopt, recvmsg, sendmsg, sockopt, ControlMessage, MsgFlags, SockType};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMMap, VhostUserMMapFlags, VhostUserMemoryRegion,
@@ -70,13 +86,13 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{
     Backend as Channel, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
-    VhostUserBackendReqHandlerMut, VhostUserFrontendReqHandler,
+    VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
 use crate::backend::Backend;
-use crate::gpu::{Gpu, MapRequest, PlaceError, Placer};
+use crate::gpu::{Gpu, MapRequest, PlaceError, Placer, NUM_SCANOUTS};
 use crate::virtio::{GuestMemoryMmap, VirtioGpu, NUM_QUEUES, QUEUE_MAX_SIZE};
 use crate::{Error, Result};
 
@@ -157,44 +173,200 @@ pub struct ShmemStats {
     pub unmaps: u64,
     /// Requests refused (nack, broken or missing channel).
     pub refused: u64,
+    /// Replies skipped: acks of requests a reset forgot.
+    pub stale_replies: u64,
 }
 
-/// The [`Placer`] of vhost-user mode: `SHMEM_MAP`/`SHMEM_UNMAP` on the backend channel.
-#[derive(Default)]
+/// `VHOST_USER_BACKEND_SHMEM_MAP` (backend → frontend request 9).
+pub const BACKEND_SHMEM_MAP: u32 = 9;
+/// `VHOST_USER_BACKEND_SHMEM_UNMAP` (backend → frontend request 10).
+pub const BACKEND_SHMEM_UNMAP: u32 = 10;
+/// `VHOST_USER_SET_BACKEND_REQ_FD` (frontend → backend request 21).
+pub const SET_BACKEND_REQ_FD: u32 = 21;
+/// Bytes of a vhost-user message header: `request: u32`, `flags: u32`, `size: u32`.
+pub const MSG_HEADER_SIZE: usize = 12;
+/// Bytes of `VhostUserMMap`, the body of `SHMEM_MAP`/`SHMEM_UNMAP`.
+pub const MMAP_BODY_SIZE: usize = 40;
+/// Header flags: protocol version 1 (bits 0-1).
+const FLAG_VERSION_1: u32 = 0x1;
+/// Header flags: the version bits.
+const FLAG_VERSION_MASK: u32 = 0x3;
+/// Header flags: this message is a reply.
+const FLAG_REPLY: u32 = 0x4;
+/// Header flags: the sender wants a reply (`REPLY_ACK`).
+const FLAG_NEED_REPLY: u32 = 0x8;
+/// Largest body of a `SET_BACKEND_REQ_FD` the device reads (the message has none).
+const MAX_BACKEND_REQ_FD_BODY: usize = 256;
+/// How long a synchronous placement ([`Placer::map`]) waits for the frontend's ack.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The backend channel (the socket `SET_BACKEND_REQ_FD` brought), driven by the device
+/// itself rather than by `vhost`'s `Backend`, whose requests block until their ack: the
+/// frontend may have to ask the device something first (QEMU 11.1 adds a memory region
+/// per `SHMEM_MAP`, `ADD_MEM_REG`, and waits for that reply before it acks the map; a
+/// device blocked on the ack would never read it). Here a request is only sent, and its
+/// ack is read when the poll loop sees the channel readable.
+///
+/// Wire layout (vhost-user spec, "Back-end message types"), little-endian:
+///
+/// * header, 12 bytes: `request: u32` (9 `SHMEM_MAP`, 10 `SHMEM_UNMAP`), `flags: u32`
+///   (version 1 in bits 0-1; bit 3 `NEED_REPLY` when `REPLY_ACK` was negotiated),
+///   `size: u32` (40);
+/// * body `VhostUserMMap`, 40 bytes: `shmid: u8`, 7 bytes padding, `fd_offset: u64`,
+///   `shm_offset: u64`, `len: u64`, `flags: u64` (bit 0 `WRITABLE`); `SHMEM_MAP` carries
+///   the blob's fd as `SCM_RIGHTS`;
+/// * the ack: a header with the same `request`, flags version 1 | `REPLY` (bit 2),
+///   `size` 8, and a `u64` body, 0 for success.
+#[derive(Debug)]
+pub struct BackendChannel {
+    sock: UnixStream,
+    need_reply: bool,
+    /// Received bytes of a reply not complete yet.
+    partial: Vec<u8>,
+}
+
+impl BackendChannel {
+    /// A channel over `sock`; `need_reply` when `REPLY_ACK` was negotiated (every request
+    /// then waits for its ack).
+    pub fn new(sock: UnixStream, need_reply: bool) -> Self {
+        BackendChannel {
+            sock,
+            need_reply,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The socket, to poll.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Sends one `SHMEM_MAP`/`SHMEM_UNMAP` (see the layout above).
+    fn send(
+        &self,
+        request: u32,
+        m: &VhostUserMMap,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> std::io::Result<()> {
+        let flags = if self.need_reply {
+            FLAG_VERSION_1 | FLAG_NEED_REPLY
+        } else {
+            FLAG_VERSION_1
+        };
+        let (shmid, fd_offset, shm_offset, len, mflags) =
+            (m.shmid, m.fd_offset, m.shm_offset, m.len, m.flags);
+        let mut b = Vec::with_capacity(MSG_HEADER_SIZE + MMAP_BODY_SIZE);
+        b.extend_from_slice(&request.to_le_bytes());
+        b.extend_from_slice(&flags.to_le_bytes());
+        b.extend_from_slice(&(MMAP_BODY_SIZE as u32).to_le_bytes());
+        b.push(shmid);
+        b.extend_from_slice(&[0u8; 7]);
+        for v in [fd_offset, shm_offset, len, mflags] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        send_all(self.sock.as_fd(), &b, fd)
+    }
+
+    /// Reads what arrived without waiting and returns the complete replies as
+    /// `(request, value)`. An error when the channel closed or a reply is malformed.
+    fn receive(&mut self) -> std::result::Result<Vec<(u32, u64)>, String> {
+        let mut buf = [0u8; 1024];
+        loop {
+            match hostmem_base::fd::try_recv_with_fds(self.sock.as_fd(), &mut buf) {
+                // Fds that came along are closed with `got` (a reply carries none).
+                Ok(got) if got.len == 0 => {
+                    return Err("the frontend closed the backend channel".into())
+                }
+                Ok(got) => self
+                    .partial
+                    .extend_from_slice(buf.get(..got.len).unwrap_or_default()),
+                Err(Errno::EAGAIN) => break,
+                Err(e) => return Err(format!("backend channel: recvmsg: {e}")),
+            }
+        }
+        let reply_len = MSG_HEADER_SIZE + 8;
+        let mut out = Vec::new();
+        while self.partial.len() >= reply_len {
+            let rest = self.partial.split_off(reply_len);
+            let r = std::mem::replace(&mut self.partial, rest);
+            let word = |at: usize| {
+                r.get(at..at + 4)
+                    .and_then(|s| s.try_into().ok())
+                    .map(u32::from_le_bytes)
+                    .unwrap_or(0)
+            };
+            let (request, flags, size) = (word(0), word(4), word(8));
+            if flags & FLAG_VERSION_MASK != FLAG_VERSION_1 || flags & FLAG_REPLY == 0 || size != 8 {
+                return Err(format!(
+                    "malformed reply on the backend channel: request {request}, flags {flags:#x}, size {size}"
+                ));
+            }
+            let value = r
+                .get(MSG_HEADER_SIZE..reply_len)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(u64::MAX);
+            out.push((request, value));
+        }
+        Ok(out)
+    }
+}
+
+/// The [`Placer`] of vhost-user mode: `SHMEM_MAP`/`SHMEM_UNMAP` on the backend channel,
+/// asynchronous ([`Placer::verdicts_async`]): `begin_map` sends, the poll loop calls
+/// [`ShmemPlacer::receive`] when the channel is readable and then
+/// [`VirtioGpu::finish_one`] once per verdict.
+#[derive(Debug, Default)]
 pub struct ShmemPlacer {
-    channel: Option<Channel>,
+    channel: Option<BackendChannel>,
     size: u64,
     stats: ShmemStats,
-}
-
-impl std::fmt::Debug for ShmemPlacer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShmemPlacer")
-            .field("channel", &self.channel.is_some())
-            .field("size", &self.size)
-            .field("stats", &self.stats)
-            .finish()
-    }
+    next_ticket: u64,
+    /// Requests sent and not acked, oldest first: ticket, request code.
+    inflight: VecDeque<(u64, u32)>,
+    /// Verdicts received and not taken by `finish_next`, oldest first.
+    verdicts: VecDeque<(u64, std::result::Result<(), PlaceError>)>,
+    /// Acks still owed for requests a reset forgot: skipped when they arrive.
+    stale: usize,
+    /// During a reset the frontend started: nothing is sent (it waits for our reply on
+    /// the main socket and would not read the backend channel).
+    suspended: bool,
 }
 
 impl ShmemPlacer {
     /// A placer for a region of `size` bytes, with no backend channel yet.
     pub fn new(size: u64) -> Self {
         ShmemPlacer {
-            channel: None,
             size,
-            stats: ShmemStats::default(),
+            ..Default::default()
         }
     }
 
-    /// Takes the backend channel (`SET_BACKEND_REQ_FD`).
-    pub fn set_channel(&mut self, channel: Channel) {
+    /// Takes a (new) backend channel (`SET_BACKEND_REQ_FD`): requests in flight on the old
+    /// one fail.
+    pub fn set_channel(&mut self, channel: BackendChannel) {
+        self.fail_inflight("the backend channel was replaced");
+        self.stale = 0;
         self.channel = Some(channel);
     }
 
-    /// Drops the backend channel: later unmaps are local only (frontend-started resets).
-    pub fn detach(&mut self) -> Option<Channel> {
-        self.channel.take()
+    /// The backend channel's socket, to poll.
+    pub fn channel_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.channel.as_ref().map(BackendChannel::as_fd)
+    }
+
+    /// Starts a reset the frontend started: requests in flight fail at once (their acks
+    /// will be skipped when they come), unmaps are local only until [`ShmemPlacer::resume`].
+    pub fn suspend(&mut self) {
+        self.suspended = true;
+        self.stale += self.inflight.len();
+        self.fail_inflight("the device was reset");
+    }
+
+    /// Ends [`ShmemPlacer::suspend`]; verdicts nobody settled are dropped.
+    pub fn resume(&mut self) {
+        self.suspended = false;
+        self.verdicts.clear();
     }
 
     /// The counters.
@@ -202,15 +374,158 @@ impl ShmemPlacer {
         self.stats
     }
 
+    /// Requests sent and not acked yet.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Verdicts ready for [`Placer::finish_next`].
+    pub fn ready(&self) -> usize {
+        self.verdicts.len()
+    }
+
+    /// Reads the acks that arrived (without waiting) and turns them into verdicts; returns
+    /// how many verdicts are ready. A closed or broken channel fails everything in flight.
+    pub fn receive(&mut self) -> usize {
+        let Some(ch) = self.channel.as_mut() else {
+            return self.verdicts.len();
+        };
+        match ch.receive() {
+            Ok(replies) => {
+                for (request, value) in replies {
+                    if self.stale > 0 {
+                        self.stale -= 1;
+                        self.stats.stale_replies += 1;
+                        continue;
+                    }
+                    let Some((ticket, sent)) = self.inflight.pop_front() else {
+                        self.break_channel(format!("an ack of request {request} nobody asked for"));
+                        break;
+                    };
+                    if request != sent {
+                        self.inflight.push_front((ticket, sent));
+                        self.break_channel(format!("ack of request {request}, expected {sent}"));
+                        break;
+                    }
+                    let r = self.verdict(sent, value);
+                    self.verdicts.push_back((ticket, r));
+                }
+            }
+            Err(e) => self.break_channel(e),
+        }
+        self.verdicts.len()
+    }
+
+    fn verdict(&mut self, request: u32, value: u64) -> std::result::Result<(), PlaceError> {
+        let what = request_name(request);
+        if value != 0 {
+            return Err(self.refused(what, format!("the frontend answered {value}")));
+        }
+        if request == BACKEND_SHMEM_MAP {
+            self.stats.maps += 1;
+        } else {
+            self.stats.unmaps += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops the channel: everything in flight fails, later maps are refused.
+    fn break_channel(&mut self, why: String) {
+        log::warn!("vhost-user: backend channel unusable: {why}");
+        self.channel = None;
+        self.stale = 0;
+        self.fail_inflight(&why);
+    }
+
+    fn fail_inflight(&mut self, why: &str) {
+        while let Some((ticket, request)) = self.inflight.pop_front() {
+            let e = self.refused(request_name(request), why);
+            self.verdicts.push_back((ticket, Err(e)));
+        }
+    }
+
     fn refused(&mut self, what: &str, e: impl std::fmt::Display) -> PlaceError {
         self.stats.refused += 1;
         log::warn!("vhost-user: {what} refused: {e}");
         PlaceError::Unspec(format!("frontend refused {what}: {e}"))
     }
+
+    /// Sends a request; `Some(ticket)` when its ack is awaited.
+    fn send(
+        &mut self,
+        request: u32,
+        msg: &VhostUserMMap,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> std::result::Result<Option<u64>, PlaceError> {
+        let what = request_name(request);
+        let Some(ch) = self.channel.as_ref() else {
+            return Err(self.refused(what, "no backend channel (BACKEND_REQ)"));
+        };
+        if let Err(e) = ch.send(request, msg, fd) {
+            let why = format!("send: {e}");
+            self.break_channel(why.clone());
+            return Err(self.refused(what, why));
+        }
+        if !ch.need_reply {
+            // Without REPLY_ACK the frontend sends no ack: the request is final.
+            if request == BACKEND_SHMEM_MAP {
+                self.stats.maps += 1;
+            } else {
+                self.stats.unmaps += 1;
+            }
+            return Ok(None);
+        }
+        self.next_ticket += 1;
+        self.inflight.push_back((self.next_ticket, request));
+        Ok(Some(self.next_ticket))
+    }
+
+    /// Waits (at most [`ACK_TIMEOUT`]) for the verdict of `ticket` and everything before it.
+    fn wait_for(&mut self, ticket: Option<u64>) -> std::result::Result<(), PlaceError> {
+        let Some(ticket) = ticket else { return Ok(()) };
+        while let Some((t, r)) = self.finish_next() {
+            if t == ticket {
+                return r;
+            }
+        }
+        Err(PlaceError::Unspec(format!(
+            "request {ticket} was never sent"
+        )))
+    }
+}
+
+fn request_name(request: u32) -> &'static str {
+    match request {
+        BACKEND_SHMEM_MAP => "SHMEM_MAP",
+        BACKEND_SHMEM_UNMAP => "SHMEM_UNMAP",
+        _ => "backend request",
+    }
 }
 
 impl Placer for ShmemPlacer {
     fn map(&mut self, req: &MapRequest<'_>) -> std::result::Result<(), PlaceError> {
+        let ticket = self.begin_map(req)?;
+        self.wait_for(ticket)
+    }
+
+    fn unmap(
+        &mut self,
+        resource_id: u32,
+        offset: u64,
+        len: u64,
+    ) -> std::result::Result<(), PlaceError> {
+        let ticket = self.begin_unmap(resource_id, offset, len)?;
+        self.wait_for(ticket)
+    }
+
+    fn window_size(&self) -> u64 {
+        self.size
+    }
+
+    fn begin_map(&mut self, req: &MapRequest<'_>) -> std::result::Result<Option<u64>, PlaceError> {
+        if self.suspended {
+            return Err(self.refused("SHMEM_MAP", "the device is being reset"));
+        }
         let flags = if req.prot == Prot::READ_WRITE {
             VhostUserMMapFlags::WRITABLE
         } else {
@@ -224,46 +539,65 @@ impl Placer for ShmemPlacer {
             flags: flags.bits(),
             ..Default::default()
         };
-        let Some(ch) = self.channel.as_ref() else {
-            return Err(self.refused("SHMEM_MAP", "no backend channel (BACKEND_REQ)"));
-        };
-        match ch.shmem_map(&msg, &req.blob.fd.as_fd()) {
-            Ok(_) => {
-                self.stats.maps += 1;
-                Ok(())
-            }
-            Err(e) => Err(self.refused("SHMEM_MAP", e)),
-        }
+        self.send(BACKEND_SHMEM_MAP, &msg, Some(req.blob.fd.as_fd()))
     }
 
-    fn unmap(
+    fn begin_unmap(
         &mut self,
         resource_id: u32,
         offset: u64,
         len: u64,
-    ) -> std::result::Result<(), PlaceError> {
-        let Some(ch) = self.channel.as_ref() else {
-            // Detached (a reset the frontend started): nothing to tell.
+    ) -> std::result::Result<Option<u64>, PlaceError> {
+        if self.suspended || self.channel.is_none() {
+            // A reset the frontend started, or no channel: nothing to tell.
             log::debug!("vhost-user: resource {resource_id} dropped at {offset:#x} locally");
-            return Ok(());
-        };
+            return Ok(None);
+        }
         let msg = VhostUserMMap {
             shmid: SHMEM_ID,
             shm_offset: offset,
             len,
             ..Default::default()
         };
-        match ch.shmem_unmap(&msg) {
-            Ok(_) => {
-                self.stats.unmaps += 1;
-                Ok(())
+        self.send(BACKEND_SHMEM_UNMAP, &msg, None)
+    }
+
+    fn finish_next(&mut self) -> Option<(u64, std::result::Result<(), PlaceError>)> {
+        if let Some(v) = self.verdicts.pop_front() {
+            return Some(v);
+        }
+        // Synchronous use (`map`/`unmap`): wait for the oldest ack.
+        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        loop {
+            let &(ticket, _) = self.inflight.front()?;
+            let Some(fd) = self.channel_fd() else {
+                self.fail_inflight("no backend channel");
+                return self.verdicts.pop_front();
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+            let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+            match poll(&mut pfd, PollTimeout::from(ms)) {
+                Ok(0) => {
+                    self.break_channel(format!(
+                        "no ack for request {ticket} within {ACK_TIMEOUT:?}"
+                    ));
+                    return self.verdicts.pop_front();
+                }
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => {
+                    self.break_channel(format!("poll: {e}"));
+                    return self.verdicts.pop_front();
+                }
             }
-            Err(e) => Err(self.refused("SHMEM_UNMAP", e)),
+            if self.receive() > 0 {
+                return self.verdicts.pop_front();
+            }
         }
     }
 
-    fn window_size(&self) -> u64 {
-        self.size
+    fn verdicts_async(&self) -> bool {
+        true
     }
 }
 
@@ -344,9 +678,11 @@ impl VuGpu {
         &mut self.dev
     }
 
-    /// `struct virtio_gpu_config`: no events, no scanouts, the backend's capsets.
+    /// `struct virtio_gpu_config`: no events, [`NUM_SCANOUTS`] scanout (always disabled,
+    /// see `GET_DISPLAY_INFO` in [`crate::gpu`]), the backend's capsets.
     pub fn config(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
+        c[8..12].copy_from_slice(&NUM_SCANOUTS.to_le_bytes());
         c[12..16].copy_from_slice(&self.num_capsets.to_le_bytes());
         c
     }
@@ -363,10 +699,12 @@ impl VuGpu {
             r.enabled = false;
             r.kick = None;
         }
-        let channel = self.dev.gpu_mut().placer_mut().detach();
+        self.dev.gpu_mut().placer_mut().suspend();
         self.dev.reset();
-        if let (Some(ch), false) = (channel, drop_channel) {
-            self.dev.gpu_mut().placer_mut().set_channel(ch);
+        let placer = self.dev.gpu_mut().placer_mut();
+        placer.resume();
+        if drop_channel {
+            *placer = ShmemPlacer::new(placer.window_size());
         }
         self.memory_dirty = true;
     }
@@ -695,11 +1033,11 @@ impl VhostUserBackendReqHandlerMut for VuGpu {
         Ok(())
     }
 
-    fn set_backend_req_fd(&mut self, channel: Channel) {
-        channel.set_reply_ack_flag(self.proto(VhostUserProtocolFeatures::REPLY_ACK));
-        channel.set_shmem_flag(self.proto(VhostUserProtocolFeatures::SHMEM));
-        self.dev.gpu_mut().placer_mut().set_channel(channel);
-        log::info!("vhost-user: backend channel set");
+    fn set_backend_req_fd(&mut self, _channel: Channel) {
+        // Never reached: the poll loop takes SET_BACKEND_REQ_FD off the socket itself
+        // ([`take_backend_channel`]), because `vhost`'s `Backend` keeps the socket to itself
+        // and blocks on every ack (see [`BackendChannel`]).
+        log::warn!("vhost-user: SET_BACKEND_REQ_FD through vhost's handler: ignored");
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
@@ -792,8 +1130,108 @@ pub enum ConnectionEnd {
     ProtocolError(String),
 }
 
-/// Serves one frontend connection until it ends: the poll loop over the socket and the
-/// started queues' kick eventfds. The caller resets the state afterwards.
+/// Sends all of `bytes` with `sendmsg` (the device's seccomp policy has no `sendto`, which
+/// `UnixStream`'s `write` uses), `fd` attached to the first byte.
+fn send_all(sock: BorrowedFd<'_>, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    let raw: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    let mut sent = 0usize;
+    while sent < bytes.len() {
+        let iov = [IoSlice::new(bytes.get(sent..).unwrap_or_default())];
+        let c = if sent == 0 { cmsgs } else { &[] };
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, c, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` with `recvmsg` (no `recvfrom` in the policy), returning the fds that came.
+fn recv_exact(sock: &UnixStream, buf: &mut [u8]) -> std::result::Result<Vec<OwnedFd>, String> {
+    let mut fds = Vec::new();
+    let mut got = 0usize;
+    while got < buf.len() {
+        let part = buf.get_mut(got..).unwrap_or_default();
+        let r = hostmem_base::fd::recv_with_fds(sock.as_fd(), part)
+            .map_err(|e| format!("recvmsg: {e}"))?;
+        if r.len == 0 {
+            return Err("the frontend closed the socket mid-message".into());
+        }
+        got += r.len;
+        fds.extend(r.fds);
+    }
+    Ok(fds)
+}
+
+/// The request code of the next message on the frontend's socket, without taking it
+/// (`MSG_PEEK`); `None` when fewer than 4 bytes are there.
+fn peek_request(sock: &UnixStream) -> Option<u32> {
+    let mut b = [0u8; 4];
+    let mut iov = [IoSliceMut::new(&mut b)];
+    let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+    match recvmsg::<()>(sock.as_raw_fd(), &mut iov, None, flags) {
+        Ok(m) if m.bytes == 4 => Some(u32::from_le_bytes(b)),
+        _ => None,
+    }
+}
+
+/// Takes a `SET_BACKEND_REQ_FD` off the frontend's socket (the poll loop saw its request
+/// code with [`peek_request`]): the header with its one fd (an `AF_UNIX` stream socket),
+/// the body (none expected), the ack when the frontend asked for one. The channel then
+/// belongs to the placer ([`BackendChannel`]). An error breaks the connection.
+fn take_backend_channel(sock: &UnixStream, vu: &Mutex<VuGpu>) -> std::result::Result<(), String> {
+    let mut hdr = [0u8; MSG_HEADER_SIZE];
+    let mut fds = recv_exact(sock, &mut hdr).map_err(|e| format!("SET_BACKEND_REQ_FD: {e}"))?;
+    let word = |at: usize| u32::from_le_bytes([hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]]);
+    let (flags, size) = (word(4), word(8) as usize);
+    if size > MAX_BACKEND_REQ_FD_BODY {
+        return Err(format!("SET_BACKEND_REQ_FD with a body of {size} bytes"));
+    }
+    let mut body = vec![0u8; size];
+    fds.extend(recv_exact(sock, &mut body).map_err(|e| format!("SET_BACKEND_REQ_FD: {e}"))?);
+    let fd = match (fds.pop(), fds.is_empty()) {
+        (Some(fd), true) => fd,
+        _ => return Err(format!("SET_BACKEND_REQ_FD with {} fds", fds.len() + 1)),
+    };
+    match getsockopt(&fd, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        other => {
+            return Err(format!(
+                "SET_BACKEND_REQ_FD: not a stream socket ({other:?})"
+            ))
+        }
+    }
+    {
+        let mut g = lock(vu);
+        if !g.proto(VhostUserProtocolFeatures::BACKEND_REQ) {
+            return Err("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated".into());
+        }
+        let need_reply = g.proto(VhostUserProtocolFeatures::REPLY_ACK);
+        let channel = BackendChannel::new(UnixStream::from(fd), need_reply);
+        g.dev.gpu_mut().placer_mut().set_channel(channel);
+        log::info!("vhost-user: backend channel set (acks: {need_reply})");
+    }
+    if flags & FLAG_NEED_REPLY != 0 {
+        let mut reply = Vec::with_capacity(MSG_HEADER_SIZE + 8);
+        reply.extend_from_slice(&SET_BACKEND_REQ_FD.to_le_bytes());
+        reply.extend_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+        reply.extend_from_slice(&8u32.to_le_bytes());
+        reply.extend_from_slice(&0u64.to_le_bytes());
+        send_all(sock.as_fd(), &reply, None)
+            .map_err(|e| format!("SET_BACKEND_REQ_FD: ack: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Serves one frontend connection until it ends: the poll loop over the socket, the
+/// backend channel and the started queues' kick eventfds. The frontend's requests are
+/// served whenever they come, also while `SHMEM_MAP`/`SHMEM_UNMAP` acks are outstanding
+/// (QEMU asks `ADD_MEM_REG`/`REM_MEM_REG` before it acks); a readable backend channel
+/// settles the commands whose acks arrived. The caller resets the state afterwards.
 pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<ConnectionEnd> {
     let mut handler = BackendReqHandler::from_stream(stream, vu.clone());
     // The handler keeps its socket to itself; a duplicate (same open file description)
@@ -802,11 +1240,14 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
         .try_clone_connection()
         .map_err(|e| Error::Protocol(format!("dup of the vhost-user socket: {e}")))?;
     loop {
-        let (socket_ready, kicked, busy) = {
+        let (socket_ready, channel_ready, kicked, busy) = {
             let g = lock(vu);
             let busy = g.dev.busy();
             let kicks = g.kick_fds();
+            let channel = g.dev.gpu().placer().channel_fd();
             let mut fds = vec![PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+            fds.extend(channel.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
+            let first_kick = fds.len();
             fds.extend(
                 kicks
                     .iter()
@@ -824,16 +1265,23 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
             }
             let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
             let s = fds.first().is_some_and(ready);
+            let c = channel.is_some() && fds.get(1).is_some_and(ready);
             let k: Vec<u16> = kicks
                 .iter()
-                .zip(fds.iter().skip(1))
+                .zip(fds.iter().skip(first_kick))
                 .filter(|(_, f)| ready(f))
                 .map(|((i, _), _)| *i)
                 .collect();
-            (s, k, busy)
+            (s, c, k, busy)
         };
         if socket_ready {
-            match handler.handle_request() {
+            let r = if peek_request(&sock) == Some(SET_BACKEND_REQ_FD) {
+                take_backend_channel(&sock, vu)
+                    .map_err(|e| VuError::ReqHandlerError(std::io::Error::other(e)))
+            } else {
+                handler.handle_request()
+            };
+            match r {
                 Ok(()) => {}
                 Err(VuError::Disconnected) | Err(VuError::PartialMessage) => {
                     return Ok(ConnectionEnd::Disconnected)
@@ -848,6 +1296,14 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
             }
         }
         let mut g = lock(vu);
+        if channel_ready {
+            g.dev.gpu_mut().placer_mut().receive();
+        }
+        // Settle every command whose ack arrived (this also starts the commands that
+        // waited behind them, which may send more requests).
+        while g.dev.in_flight() > 0 && g.dev.gpu().placer().ready() > 0 {
+            g.dev.finish_one();
+        }
         if busy {
             g.dev.process_busy();
         }
@@ -884,7 +1340,15 @@ pub fn serve_listener(listener: &UnixListener, opts: &Options) -> Result<()> {
         let vu = Arc::new(Mutex::new(VuGpu::new(backend, opts.shmem_size)));
         let end = serve_connection(stream, &vu)?;
         let mut g = lock(&vu);
+        let st = g.dev.gpu().placer().stats();
         g.reset(true);
-        log::info!("vhost-user: frontend {served} gone ({end:?}): device reset");
+        log::info!(
+            "vhost-user: frontend {served} gone ({end:?}): device reset; SHMEM_MAP acked {}, \
+             SHMEM_UNMAP acked {}, refused {}, stale acks skipped {}",
+            st.maps,
+            st.unmaps,
+            st.refused,
+            st.stale_replies
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! virtio-gpu control commands and responses in their exact little-endian wire layout
 //! (virtio spec 1.2+ §5.7.6, Linux `include/uapi/linux/virtio_gpu.h`).
 //!
-//! Only the commands the hostmem device serves are decoded: blob resources, contexts,
-//! `SUBMIT_3D` and capsets. Everything here is plain data: [`Command::parse`] and
+//! Only the commands the hostmem device serves are decoded: blob resources, contexts
+//! (with `CTX_ATTACH_RESOURCE`/`CTX_DETACH_RESOURCE`), `SUBMIT_3D`, capsets and
+//! `GET_DISPLAY_INFO` (Linux's driver asks for it at probe). Everything here is plain data: [`Command::parse`] and
 //! [`Response::parse`] never panic on any input (short buffers, unknown types, lengths that
 //! disagree with the message) and never allocate more than the message holds, so a fuzz
 //! target can call them directly.
@@ -16,7 +17,7 @@ use std::fmt;
 
 // ---- command types (enum virtio_gpu_ctrl_type) ----
 
-/// `VIRTIO_GPU_CMD_GET_DISPLAY_INFO` (2D; not served by hostmem, answered `ERR_UNSPEC`).
+/// `VIRTIO_GPU_CMD_GET_DISPLAY_INFO`: answered with every scanout disabled.
 pub const VIRTIO_GPU_CMD_GET_DISPLAY_INFO: u32 = 0x0100;
 /// `VIRTIO_GPU_CMD_RESOURCE_UNREF`.
 pub const VIRTIO_GPU_CMD_RESOURCE_UNREF: u32 = 0x0102;
@@ -30,6 +31,10 @@ pub const VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB: u32 = 0x010c;
 pub const VIRTIO_GPU_CMD_CTX_CREATE: u32 = 0x0200;
 /// `VIRTIO_GPU_CMD_CTX_DESTROY`.
 pub const VIRTIO_GPU_CMD_CTX_DESTROY: u32 = 0x0201;
+/// `VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE`.
+pub const VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE: u32 = 0x0202;
+/// `VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE`.
+pub const VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE: u32 = 0x0203;
 /// `VIRTIO_GPU_CMD_SUBMIT_3D`.
 pub const VIRTIO_GPU_CMD_SUBMIT_3D: u32 = 0x0207;
 /// `VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB`.
@@ -41,6 +46,8 @@ pub const VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB: u32 = 0x0209;
 
 /// `VIRTIO_GPU_RESP_OK_NODATA`.
 pub const VIRTIO_GPU_RESP_OK_NODATA: u32 = 0x1100;
+/// `VIRTIO_GPU_RESP_OK_DISPLAY_INFO`.
+pub const VIRTIO_GPU_RESP_OK_DISPLAY_INFO: u32 = 0x1101;
 /// `VIRTIO_GPU_RESP_OK_CAPSET_INFO`.
 pub const VIRTIO_GPU_RESP_OK_CAPSET_INFO: u32 = 0x1102;
 /// `VIRTIO_GPU_RESP_OK_CAPSET`.
@@ -144,6 +151,15 @@ pub const GET_CAPSET_SIZE: usize = CTRL_HDR_SIZE + 8;
 pub const RESP_MAP_INFO_SIZE: usize = CTRL_HDR_SIZE + 8;
 /// `sizeof(struct virtio_gpu_resp_capset_info)`.
 pub const RESP_CAPSET_INFO_SIZE: usize = CTRL_HDR_SIZE + 16;
+/// `VIRTIO_GPU_MAX_SCANOUTS`: entries in `virtio_gpu_resp_display_info.pmodes`.
+pub const VIRTIO_GPU_MAX_SCANOUTS: usize = 16;
+/// `sizeof(struct virtio_gpu_display_one)`: a rect, `enabled`, `flags`.
+pub const DISPLAY_ONE_SIZE: usize = 24;
+/// `sizeof(struct virtio_gpu_resp_display_info)`.
+pub const RESP_DISPLAY_INFO_SIZE: usize =
+    CTRL_HDR_SIZE + VIRTIO_GPU_MAX_SCANOUTS * DISPLAY_ONE_SIZE;
+/// `sizeof(struct virtio_gpu_ctx_resource)` (`CTX_ATTACH_RESOURCE`/`CTX_DETACH_RESOURCE`).
+pub const CTX_RESOURCE_SIZE: usize = CTRL_HDR_SIZE + 8;
 
 /// Why a buffer is not a well-formed command or response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -288,7 +304,9 @@ pub struct ResourceMapBlob {
     pub offset: u64,
 }
 
-/// A command that names only a resource: `RESOURCE_UNMAP_BLOB`, `RESOURCE_UNREF`.
+/// A command that names only a resource: `RESOURCE_UNMAP_BLOB`, `RESOURCE_UNREF`,
+/// `CTX_ATTACH_RESOURCE` and `CTX_DETACH_RESOURCE` (`struct virtio_gpu_ctx_resource`, the
+/// context in the header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResourceCmd {
     /// Header.
@@ -350,9 +368,28 @@ pub struct GetCapset {
     pub capset_version: u32,
 }
 
+/// `struct virtio_gpu_display_one`: one scanout in `OK_DISPLAY_INFO`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DisplayOne {
+    /// Rectangle: x.
+    pub x: u32,
+    /// Rectangle: y.
+    pub y: u32,
+    /// Rectangle: width.
+    pub width: u32,
+    /// Rectangle: height.
+    pub height: u32,
+    /// Non-zero when the scanout is enabled.
+    pub enabled: u32,
+    /// Flags.
+    pub flags: u32,
+}
+
 /// A control-queue command the hostmem device serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// `GET_DISPLAY_INFO` (header only).
+    GetDisplayInfo(CtrlHdr),
     /// `RESOURCE_CREATE_BLOB`.
     ResourceCreateBlob(ResourceCreateBlob),
     /// `RESOURCE_MAP_BLOB`.
@@ -365,6 +402,10 @@ pub enum Command {
     CtxCreate(CtxCreate),
     /// `CTX_DESTROY` (the header's `ctx_id`).
     CtxDestroy(CtrlHdr),
+    /// `CTX_ATTACH_RESOURCE` of a resource to the header's context.
+    CtxAttachResource(ResourceCmd),
+    /// `CTX_DETACH_RESOURCE` of a resource from the header's context.
+    CtxDetachResource(ResourceCmd),
     /// `SUBMIT_3D`.
     Submit3d(Submit3d),
     /// `GET_CAPSET_INFO`.
@@ -410,17 +451,21 @@ impl<'a> Reader<'a> {
 
 fn type_name(t: u32) -> &'static str {
     match t {
+        VIRTIO_GPU_CMD_GET_DISPLAY_INFO => "GET_DISPLAY_INFO",
         VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB => "RESOURCE_CREATE_BLOB",
         VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB => "RESOURCE_MAP_BLOB",
         VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB => "RESOURCE_UNMAP_BLOB",
         VIRTIO_GPU_CMD_RESOURCE_UNREF => "RESOURCE_UNREF",
         VIRTIO_GPU_CMD_CTX_CREATE => "CTX_CREATE",
         VIRTIO_GPU_CMD_CTX_DESTROY => "CTX_DESTROY",
+        VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE => "CTX_ATTACH_RESOURCE",
+        VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE => "CTX_DETACH_RESOURCE",
         VIRTIO_GPU_CMD_SUBMIT_3D => "SUBMIT_3D",
         VIRTIO_GPU_CMD_GET_CAPSET_INFO => "GET_CAPSET_INFO",
         VIRTIO_GPU_CMD_GET_CAPSET => "GET_CAPSET",
         VIRTIO_GPU_RESP_OK_NODATA => "OK_NODATA",
         VIRTIO_GPU_RESP_OK_MAP_INFO => "OK_MAP_INFO",
+        VIRTIO_GPU_RESP_OK_DISPLAY_INFO => "OK_DISPLAY_INFO",
         VIRTIO_GPU_RESP_OK_CAPSET_INFO => "OK_CAPSET_INFO",
         VIRTIO_GPU_RESP_OK_CAPSET => "OK_CAPSET",
         VIRTIO_GPU_RESP_ERR_UNSPEC => "ERR_UNSPEC",
@@ -522,6 +567,20 @@ impl Command {
                 }))
             }
             VIRTIO_GPU_CMD_CTX_DESTROY => Ok(Command::CtxDestroy(hdr)),
+            VIRTIO_GPU_CMD_GET_DISPLAY_INFO => Ok(Command::GetDisplayInfo(hdr)),
+            VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE | VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE => {
+                let r = Reader::new(bytes, name, CTX_RESOURCE_SIZE)?;
+                let c = ResourceCmd {
+                    hdr,
+                    resource_id: r.u32(24),
+                    padding: r.u32(28),
+                };
+                Ok(if t == VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE {
+                    Command::CtxAttachResource(c)
+                } else {
+                    Command::CtxDetachResource(c)
+                })
+            }
             VIRTIO_GPU_CMD_SUBMIT_3D => {
                 let r = Reader::new(bytes, name, SUBMIT_3D_SIZE)?;
                 let size = r.u32(24);
@@ -562,9 +621,12 @@ impl Command {
         match self {
             Command::ResourceCreateBlob(c) => &c.hdr,
             Command::ResourceMapBlob(c) => &c.hdr,
-            Command::ResourceUnmapBlob(c) | Command::ResourceUnref(c) => &c.hdr,
+            Command::ResourceUnmapBlob(c)
+            | Command::ResourceUnref(c)
+            | Command::CtxAttachResource(c)
+            | Command::CtxDetachResource(c) => &c.hdr,
             Command::CtxCreate(c) => &c.hdr,
-            Command::CtxDestroy(h) => h,
+            Command::CtxDestroy(h) | Command::GetDisplayInfo(h) => h,
             Command::Submit3d(c) => &c.hdr,
             Command::GetCapsetInfo(c) => &c.hdr,
             Command::GetCapset(c) => &c.hdr,
@@ -580,6 +642,9 @@ impl Command {
             Command::ResourceUnref(_) => VIRTIO_GPU_CMD_RESOURCE_UNREF,
             Command::CtxCreate(_) => VIRTIO_GPU_CMD_CTX_CREATE,
             Command::CtxDestroy(_) => VIRTIO_GPU_CMD_CTX_DESTROY,
+            Command::GetDisplayInfo(_) => VIRTIO_GPU_CMD_GET_DISPLAY_INFO,
+            Command::CtxAttachResource(_) => VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE,
+            Command::CtxDetachResource(_) => VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE,
             Command::Submit3d(_) => VIRTIO_GPU_CMD_SUBMIT_3D,
             Command::GetCapsetInfo(_) => VIRTIO_GPU_CMD_GET_CAPSET_INFO,
             Command::GetCapset(_) => VIRTIO_GPU_CMD_GET_CAPSET,
@@ -616,7 +681,10 @@ impl Command {
                 put_u32(&mut out, c.padding);
                 put_u64(&mut out, c.offset);
             }
-            Command::ResourceUnmapBlob(c) | Command::ResourceUnref(c) => {
+            Command::ResourceUnmapBlob(c)
+            | Command::ResourceUnref(c)
+            | Command::CtxAttachResource(c)
+            | Command::CtxDetachResource(c) => {
                 put_u32(&mut out, c.resource_id);
                 put_u32(&mut out, c.padding);
             }
@@ -628,7 +696,7 @@ impl Command {
                 name[..n].copy_from_slice(&c.debug_name[..n]);
                 out.extend_from_slice(&name);
             }
-            Command::CtxDestroy(_) => {}
+            Command::CtxDestroy(_) | Command::GetDisplayInfo(_) => {}
             Command::Submit3d(c) => {
                 put_u32(&mut out, c.stream.len() as u32);
                 put_u32(&mut out, c.padding);
@@ -710,6 +778,29 @@ impl Command {
         Command::CtxDestroy(CtrlHdr::with_ctx(VIRTIO_GPU_CMD_CTX_DESTROY, ctx_id))
     }
 
+    /// `GET_DISPLAY_INFO`.
+    pub fn get_display_info() -> Command {
+        Command::GetDisplayInfo(CtrlHdr::new(VIRTIO_GPU_CMD_GET_DISPLAY_INFO))
+    }
+
+    /// `CTX_ATTACH_RESOURCE` of `resource_id` to `ctx_id`.
+    pub fn ctx_attach_resource(ctx_id: u32, resource_id: u32) -> Command {
+        Command::CtxAttachResource(ResourceCmd {
+            hdr: CtrlHdr::with_ctx(VIRTIO_GPU_CMD_CTX_ATTACH_RESOURCE, ctx_id),
+            resource_id,
+            padding: 0,
+        })
+    }
+
+    /// `CTX_DETACH_RESOURCE` of `resource_id` from `ctx_id`.
+    pub fn ctx_detach_resource(ctx_id: u32, resource_id: u32) -> Command {
+        Command::CtxDetachResource(ResourceCmd {
+            hdr: CtrlHdr::with_ctx(VIRTIO_GPU_CMD_CTX_DETACH_RESOURCE, ctx_id),
+            resource_id,
+            padding: 0,
+        })
+    }
+
     /// `SUBMIT_3D` of `stream` in `ctx_id`.
     pub fn submit_3d(ctx_id: u32, stream: Vec<u8>) -> Command {
         Command::Submit3d(Submit3d {
@@ -742,9 +833,12 @@ impl Command {
         let hdr = match &mut self {
             Command::ResourceCreateBlob(c) => &mut c.hdr,
             Command::ResourceMapBlob(c) => &mut c.hdr,
-            Command::ResourceUnmapBlob(c) | Command::ResourceUnref(c) => &mut c.hdr,
+            Command::ResourceUnmapBlob(c)
+            | Command::ResourceUnref(c)
+            | Command::CtxAttachResource(c)
+            | Command::CtxDetachResource(c) => &mut c.hdr,
             Command::CtxCreate(c) => &mut c.hdr,
-            Command::CtxDestroy(h) => h,
+            Command::CtxDestroy(h) | Command::GetDisplayInfo(h) => h,
             Command::Submit3d(c) => &mut c.hdr,
             Command::GetCapsetInfo(c) => &mut c.hdr,
             Command::GetCapset(c) => &mut c.hdr,
@@ -827,6 +921,14 @@ pub enum Response {
         /// `VIRTIO_GPU_MAP_CACHE_*`.
         map_info: u32,
     },
+    /// `OK_DISPLAY_INFO`: the scanouts (encoded as all [`VIRTIO_GPU_MAX_SCANOUTS`]
+    /// entries; missing ones are zero, i.e. disabled).
+    OkDisplayInfo {
+        /// Header.
+        hdr: CtrlHdr,
+        /// The first scanouts (at most [`VIRTIO_GPU_MAX_SCANOUTS`]).
+        modes: Vec<DisplayOne>,
+    },
     /// `OK_CAPSET_INFO`.
     OkCapsetInfo {
         /// Header.
@@ -860,6 +962,7 @@ impl Response {
         match self {
             Response::OkNoData { hdr, .. }
             | Response::OkMapInfo { hdr, .. }
+            | Response::OkDisplayInfo { hdr, .. }
             | Response::OkCapsetInfo { hdr, .. }
             | Response::OkCapset { hdr, .. }
             | Response::Err { hdr, .. } => hdr,
@@ -871,6 +974,7 @@ impl Response {
         match self {
             Response::OkNoData { .. } => VIRTIO_GPU_RESP_OK_NODATA,
             Response::OkMapInfo { .. } => VIRTIO_GPU_RESP_OK_MAP_INFO,
+            Response::OkDisplayInfo { .. } => VIRTIO_GPU_RESP_OK_DISPLAY_INFO,
             Response::OkCapsetInfo { .. } => VIRTIO_GPU_RESP_OK_CAPSET_INFO,
             Response::OkCapset { .. } => VIRTIO_GPU_RESP_OK_CAPSET,
             Response::Err { code, .. } => code.to_u32(),
@@ -898,6 +1002,14 @@ impl Response {
             Response::OkMapInfo { map_info, .. } => {
                 put_u32(&mut out, *map_info);
                 put_u32(&mut out, 0);
+            }
+            Response::OkDisplayInfo { modes, .. } => {
+                for i in 0..VIRTIO_GPU_MAX_SCANOUTS {
+                    let m = modes.get(i).copied().unwrap_or_default();
+                    for v in [m.x, m.y, m.width, m.height, m.enabled, m.flags] {
+                        put_u32(&mut out, v);
+                    }
+                }
             }
             Response::OkCapsetInfo {
                 capset_id,
@@ -943,6 +1055,23 @@ impl Response {
                     capset_max_size: r.u32(32),
                 }
             }
+            VIRTIO_GPU_RESP_OK_DISPLAY_INFO => {
+                let r = Reader::new(bytes, "OK_DISPLAY_INFO", RESP_DISPLAY_INFO_SIZE)?;
+                let modes = (0..VIRTIO_GPU_MAX_SCANOUTS)
+                    .map(|i| {
+                        let at = CTRL_HDR_SIZE + i * DISPLAY_ONE_SIZE;
+                        DisplayOne {
+                            x: r.u32(at),
+                            y: r.u32(at + 4),
+                            width: r.u32(at + 8),
+                            height: r.u32(at + 12),
+                            enabled: r.u32(at + 16),
+                            flags: r.u32(at + 20),
+                        }
+                    })
+                    .collect();
+                Response::OkDisplayInfo { hdr, modes }
+            }
             VIRTIO_GPU_RESP_OK_CAPSET => Response::OkCapset {
                 hdr,
                 data: rest.to_vec(),
@@ -986,6 +1115,45 @@ mod tests {
         assert_eq!(Command::submit_3d(1, vec![1, 2, 3]).encode().len(), 35);
         assert_eq!(Command::get_capset_info(0).encode().len(), 32);
         assert_eq!(Command::get_capset(1, 1).encode().len(), 32);
+        assert_eq!(Command::get_display_info().encode().len(), 24);
+        assert_eq!(Command::ctx_attach_resource(1, 2).encode().len(), 32);
+        assert_eq!(Command::ctx_detach_resource(1, 2).encode().len(), 32);
+        let info = Response::OkDisplayInfo {
+            hdr: CtrlHdr::default(),
+            modes: vec![DisplayOne::default()],
+        };
+        assert_eq!(info.encode().len(), 408);
+    }
+
+    #[test]
+    fn display_info_and_ctx_resource_round_trip() {
+        let b = Command::ctx_attach_resource(3, 9).encode();
+        assert_eq!(&b[0..4], &0x0202u32.to_le_bytes());
+        assert_eq!(&b[24..28], &9u32.to_le_bytes());
+        assert_eq!(
+            Command::parse(&b).unwrap(),
+            Command::ctx_attach_resource(3, 9)
+        );
+        let d = Command::ctx_detach_resource(3, 9).encode();
+        assert_eq!(&d[0..4], &0x0203u32.to_le_bytes());
+        assert!(Command::parse(&d[..31]).is_err());
+        let mut modes = vec![DisplayOne::default(); VIRTIO_GPU_MAX_SCANOUTS];
+        modes[1] = DisplayOne {
+            x: 1,
+            y: 2,
+            width: 640,
+            height: 480,
+            enabled: 1,
+            flags: 0,
+        };
+        let r = Response::OkDisplayInfo {
+            hdr: CtrlHdr::new(VIRTIO_GPU_RESP_OK_DISPLAY_INFO),
+            modes,
+        };
+        let e = r.encode();
+        assert_eq!(&e[0..4], &0x1101u32.to_le_bytes());
+        assert_eq!(&e[24 + 24 + 8..24 + 24 + 12], &640u32.to_le_bytes());
+        assert_eq!(Response::parse(&e).unwrap(), r);
     }
 
     #[test]

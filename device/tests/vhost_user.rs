@@ -2,7 +2,10 @@
 //! built here on the `vhost` crate's frontend side: feature and protocol negotiation,
 //! `GET_CONFIG`, `GET_SHMEM_CONFIG`, a `SET_MEM_TABLE` without fds (refused: the connection
 //! is closed), a `MAP_BLOB` that becomes `SHMEM_MAP` with the right fields, a frontend that
-//! refuses the map (the guest's command fails), and disconnect → reset → reconnect. The
+//! refuses the map (the guest's command fails), a frontend that (as QEMU 11.1 does) sends
+//! `ADD_MEM_REG` / `REM_MEM_REG` and waits for their replies before it acks a
+//! `SHMEM_MAP` / `SHMEM_UNMAP` (the device keeps serving: no deadlock), num_scanouts and
+//! `GET_DISPLAY_INFO`, and disconnect → reset → reconnect. The
 //! backend serves in a thread of the test (`serve_listener` on a socket in a temp dir), the
 //! frontend's backend channel in another.
 
@@ -23,7 +26,8 @@ use hostmem_device::virtio::{guest_memory, GuestMemoryMmap};
 use hostmem_device::wire::*;
 use hostmem_ipc::protocol::GuestRegion;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserMMap, VhostUserMMapFlags,
+    VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{
     Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandlerMut,
@@ -61,11 +65,31 @@ fn backend(name: &str, connections: usize) -> (PathBuf, JoinHandle<()>) {
 }
 
 /// What the frontend's backend channel saw.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Recorder {
     maps: Vec<(VhostUserMMap, u64)>,
     unmaps: Vec<VhostUserMMap>,
     refuse: bool,
+    /// Like QEMU 11.1: before acking a map (unmap), add (remove) a memory region for it on
+    /// the main socket and wait for the backend's reply.
+    qemu_like: Option<Frontend>,
+    /// The regions added that way, by shm offset.
+    regions: Vec<(u64, SharedMemory)>,
+}
+
+/// Where the test's "shared memory region" lies in guest-physical space.
+const SHM_GPA: u64 = 0x1_0000_0000;
+
+impl Recorder {
+    fn region(shm_offset: u64, len: u64, fd: i32) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: SHM_GPA + shm_offset,
+            memory_size: len,
+            userspace_addr: SHM_GPA + shm_offset,
+            mmap_offset: 0,
+            mmap_handle: fd,
+        }
+    }
 }
 
 impl VhostUserFrontendReqHandlerMut for Recorder {
@@ -75,10 +99,30 @@ impl VhostUserFrontendReqHandlerMut for Recorder {
         }
         let len = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.len();
         self.maps.push((*req, len));
+        if let Some(fe) = self.qemu_like.as_mut() {
+            let (off, l) = (req.shm_offset, req.len);
+            let shm = SharedMemory::new("shm-map", l).map_err(std::io::Error::other)?;
+            // Waits for the backend's reply: the backend must serve this while our ack
+            // of its SHMEM_MAP is outstanding.
+            fe.add_mem_region(&Recorder::region(off, l, shm.as_fd().as_raw_fd()))
+                .map_err(std::io::Error::other)?;
+            self.regions.push((off, shm));
+        }
         Ok(0)
     }
     fn shmem_unmap(&mut self, req: &VhostUserMMap) -> std::io::Result<u64> {
         self.unmaps.push(*req);
+        if let Some(fe) = self.qemu_like.as_mut() {
+            let (off, l) = (req.shm_offset, req.len);
+            let i = self
+                .regions
+                .iter()
+                .position(|(o, _)| *o == off)
+                .ok_or_else(|| std::io::Error::other("unmap of a region never mapped"))?;
+            let (_, shm) = self.regions.remove(i);
+            fe.remove_mem_region(&Recorder::region(off, l, shm.as_fd().as_raw_fd()))
+                .map_err(std::io::Error::other)?;
+        }
         Ok(0)
     }
 }
@@ -89,7 +133,7 @@ fn libc_enomem() -> i32 {
 
 /// A frontend with one control queue, guest RAM and a backend channel.
 struct Fe {
-    _fe: Frontend,
+    fe: Frontend,
     rec: Arc<Mutex<Recorder>>,
     _channel: JoinHandle<()>,
     _ram: SharedMemory,
@@ -172,7 +216,7 @@ impl Fe {
         fe.set_vring_call(0, &call).unwrap();
         fe.set_vring_enable(0, true).unwrap();
         Fe {
-            _fe: fe,
+            fe,
             rec,
             _channel: channel,
             _ram: ram,
@@ -314,8 +358,10 @@ fn negotiation_config_and_shmem_config() {
         )
         .unwrap();
     assert_eq!(cfg.len(), CONFIG_SIZE);
-    // events_read 0, events_clear 0, num_scanouts 0, num_capsets 1 (the shm capset).
-    assert_eq!(&cfg[..12], &[0u8; 12]);
+    // events_read 0, events_clear 0, num_scanouts 1 (Linux refuses 0), num_capsets 1 (the
+    // shm capset).
+    assert_eq!(&cfg[..8], &[0u8; 8]);
+    assert_eq!(u32::from_le_bytes(cfg[8..12].try_into().unwrap()), 1);
     assert_eq!(u32::from_le_bytes(cfg[12..16].try_into().unwrap()), 1);
     let shm = fe.get_shmem_config().unwrap();
     assert_eq!(shm.nregions, 1);
@@ -432,6 +478,57 @@ fn disconnect_resets_and_a_new_frontend_starts_fresh() {
     let r = fe.roundtrip(&Command::map_blob(1, 7, 0));
     assert!(matches!(r, Response::OkMapInfo { .. }), "{r:?}");
     assert_eq!(fe.maps().len(), 1, "the new frontend's own map");
+    drop(fe);
+    t.join().unwrap();
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_frontend_that_adds_a_memory_region_before_it_acks_does_not_deadlock() {
+    let (path, t) = backend("qemu-like", 1);
+    let mut fe = Fe::new(&path);
+    // QEMU sends ADD_MEM_REG/REM_MEM_REG with NEED_REPLY and waits for the ack.
+    fe.fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.rec.lock().unwrap().qemu_like = Some(fe.fe.clone());
+    assert_ok(&fe.roundtrip(&Command::ctx_create(1, SHM_CAPSET_ID, b"t")));
+    // Several rounds, and two blobs mapped at once: each map and unmap goes through
+    // ADD_MEM_REG / REM_MEM_REG first. `roundtrip` gives up after 5 s (a deadlock fails
+    // the test instead of hanging it).
+    for round in 0..4u32 {
+        let (a, b) = (10 + 2 * round, 11 + 2 * round);
+        blob(&mut fe, 1, a, PAGE);
+        blob(&mut fe, 1, b, 2 * PAGE);
+        assert_ok(&fe.roundtrip(&Command::ctx_attach_resource(1, a)));
+        let r = fe.roundtrip(&Command::map_blob(1, a, 0));
+        assert!(matches!(r, Response::OkMapInfo { .. }), "{r:?}");
+        let r = fe.roundtrip(&Command::map_blob(1, b, 4 * PAGE));
+        assert!(matches!(r, Response::OkMapInfo { .. }), "{r:?}");
+        assert_eq!(fe.rec.lock().unwrap().regions.len(), 2);
+        assert_ok(&fe.roundtrip(&Command::unmap_blob(1, a)));
+        // UNREF of a mapped blob: its SHMEM_UNMAP is acked after REM_MEM_REG too.
+        assert_ok(&fe.roundtrip(&Command::unref(b)));
+        assert_ok(&fe.roundtrip(&Command::ctx_detach_resource(1, a)));
+        assert_ok(&fe.roundtrip(&Command::unref(a)));
+        assert!(fe.rec.lock().unwrap().regions.is_empty());
+    }
+    assert_eq!(fe.maps().len(), 8);
+    assert_eq!(fe.rec.lock().unwrap().unmaps.len(), 8);
+    fe.rec.lock().unwrap().qemu_like = None;
+    drop(fe);
+    t.join().unwrap();
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn display_info_answers_the_one_disabled_scanout() {
+    let (path, t) = backend("display", 1);
+    let mut fe = Fe::new(&path);
+    match fe.roundtrip(&Command::get_display_info()) {
+        Response::OkDisplayInfo { modes, .. } => {
+            assert!(modes.iter().all(|m| m.enabled == 0), "{modes:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     drop(fe);
     t.join().unwrap();
     let _ = std::fs::remove_file(path);

@@ -6,7 +6,8 @@
 //!   (with 0–7 fds attached), serde of `DeviceMsg`/`VmmMsg`/`Hello` and of the transport tube's
 //!   `TransportMsg`/`TransportReply`.
 //! * [`wire`]: the device's virtio-gpu command and response parsers and the shm command
-//!   stream of `SUBMIT_3D`; whatever parses must encode and parse back to the same value.
+//!   stream of `SUBMIT_3D` (STORE_CHECKSUM included, with its range checks); whatever
+//!   parses must encode and parse back to the same value.
 //! * [`policy`]: the minijail policy parser, then the BPF compiler and the interpreter on
 //!   what compiled.
 //! * [`validator`]: the VMM's placement-event validator (`Hostmem`): the bytes are a program
@@ -126,6 +127,11 @@ pub fn wire(data: &[u8]) {
     if let Ok(ops) = decode_stream(data) {
         let again = decode_stream(&encode_stream(&ops)).expect("an encoded stream decodes");
         assert_eq!(again, ops, "stream round trip");
+        // The range checks (STORE_CHECKSUM's destination included) use checked arithmetic.
+        for op in &ops {
+            let _ = op.check_within(u64::MAX);
+            let _ = op.check_within(4096);
+        }
     }
 }
 

@@ -247,6 +247,9 @@ fn write_seed_corpora() {
         ("capset-info", Command::get_capset_info(0)),
         ("capset", Command::get_capset(4, 0)),
         ("map-blob-fenced", Command::map_blob(1, 5, 0).fenced(77)),
+        ("get-display-info", Command::get_display_info()),
+        ("ctx-attach-resource", Command::ctx_attach_resource(1, 5)),
+        ("ctx-detach-resource", Command::ctx_detach_resource(1, 5)),
     ];
     for (name, c) in cmds {
         write("wire", &format!("cmd-{name}"), &c.encode());
@@ -261,6 +264,25 @@ fn write_seed_corpora() {
         "wire",
         "resp-err",
         &Response::error_for(&hdr, ErrorCode::InvalidParameter).encode(),
+    );
+    write(
+        "wire",
+        "resp-display-info",
+        &Response::OkDisplayInfo {
+            hdr: CtrlHdr::new(0x1101),
+            modes: Vec::new(),
+        }
+        .encode(),
+    );
+    write(
+        "wire",
+        "stream-store-checksum",
+        &encode_stream(&[ShmOp::StoreChecksum {
+            resource_id: 1,
+            offset: 0,
+            len: 4088,
+            dst_offset: 4088,
+        }]),
     );
     write(
         "wire",

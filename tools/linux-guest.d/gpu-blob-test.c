@@ -83,13 +83,13 @@ _Static_assert(sizeof(struct drm_virtgpu_resource_create_blob) == 48, "create_bl
 #define VIRTGPU_CONTEXT_PARAM_CAPSET_ID 0x0001
 
 /* ---- the shm backend's capset and stream (device/src/backend/shm.rs) ---- */
-#define SHM_CAPSET_ID 0x48 /* today's id; Linux 6.1 cannot use it (see main) */
+#define SHM_CAPSET_ID 29 /* below 32: Linux 6.1 can only use such ids (see main) */
 #define SHM_CAPSET_VERSION 1
 #define SHM_CAPSET_SIZE 16
 #define OP_FILL 1
 #define OP_WRITE 2
 #define OP_CHECKSUM 3
-#define OP_STORE_CHECKSUM 4 /* proposed, see the header comment; used only if offered */
+#define OP_STORE_CHECKSUM 4 /* see the header comment; used only if offered */
 
 static uint64_t splitmix64(uint64_t z)
 {

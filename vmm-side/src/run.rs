@@ -34,7 +34,7 @@ const VIRTIO_GPU_CAPSET_VENUS: u32 = 4;
 const VIRGL_TEST_CAPSET: u32 = hostmem_device::backend::virgl::TEST_CAPSET_ID;
 /// Without the feature the device has no virgl backend and refuses to start with it.
 #[cfg(not(feature = "virgl"))]
-const VIRGL_TEST_CAPSET: u32 = 0x49;
+const VIRGL_TEST_CAPSET: u32 = 30;
 /// How long one guest command may take before the device is declared hung, killed and
 /// restarted.
 pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -13,7 +13,7 @@
 //!
 //! Contexts are tracked by id. The backend offers one tiny fake capset,
 //! [`SHM_CAPSET_ID`] (version 1, [`SHM_CAPSET_SIZE`] bytes: `b"HMSHM\0\0\0"`, the stream
-//! version `1u32` and the bit mask of supported ops `0b1110u32`, little-endian). A context
+//! version `1u32` and the bit mask of supported ops `0b1_1110u32`, little-endian). A context
 //! may ask for capset 0 (default) or [`SHM_CAPSET_ID`].
 //!
 //! A blob belongs to the context named in its `RESOURCE_CREATE_BLOB` header, or to no
@@ -27,7 +27,7 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 0..4 | `op`: 1 = FILL, 2 = WRITE, 3 = CHECKSUM |
+//! | 0..4 | `op`: 1 = FILL, 2 = WRITE, 3 = CHECKSUM, 4 = STORE_CHECKSUM |
 //! | 4..8 | `resource_id` |
 //! | 8..16 | `offset` (bytes into the blob) |
 //! | 16..24 | `len` (bytes) |
@@ -38,6 +38,11 @@
 //! * WRITE (`op` 2) is followed by `len` data bytes, copied to the blob at `offset`.
 //! * CHECKSUM (`op` 3) has nothing after the head; it appends [`checksum`] of the range as
 //!   a `u64` LE to the reply (8 bytes per CHECKSUM, in stream order).
+//! * STORE_CHECKSUM (`op` 4) is followed by `dst_offset: u64`. It writes [`checksum`] of
+//!   the range as a `u64` LE at `dst_offset` in the same blob; those 8 bytes must lie
+//!   inside the blob and outside the range. It exists because Linux's driver returns no
+//!   `SUBMIT_3D` reply bytes to user space: a guest program reads the host's checksum
+//!   through its mapping instead (tools/linux-guest).
 //!
 //! The whole stream is decoded and checked before anything runs (every resource exists and
 //! is reachable from the context, every range is inside its blob with checked arithmetic),
@@ -54,8 +59,11 @@ use crate::wire::{
     VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D, VIRTIO_GPU_MAP_CACHE_CACHED,
 };
 
-/// The shm backend's fake capset id (not a spec id; chosen outside the spec's 1..=8).
-pub const SHM_CAPSET_ID: u32 = 0x48;
+/// The shm backend's fake capset id: not a spec id (the spec assigns 1..=6, crosvm's
+/// gfxstream up to 9), and below 32 because Linux 6.1 drops capset ids above 63 at probe
+/// and builds `CONTEXT_INIT`'s capset mask with a 32-bit shift (31 is avoided too: the
+/// shift of an `int` into its sign bit).
+pub const SHM_CAPSET_ID: u32 = 29;
 /// The fake capset's only version.
 pub const SHM_CAPSET_VERSION: u32 = 1;
 /// Size of the fake capset in bytes.
@@ -69,6 +77,11 @@ pub const OP_FILL: u32 = 1;
 pub const OP_WRITE: u32 = 2;
 /// Stream op code of CHECKSUM.
 pub const OP_CHECKSUM: u32 = 3;
+/// Stream op code of STORE_CHECKSUM.
+pub const OP_STORE_CHECKSUM: u32 = 4;
+/// The capset's op mask: bit `op` set for every op the backend runs.
+pub const SHM_OPS_MASK: u32 =
+    (1 << OP_FILL) | (1 << OP_WRITE) | (1 << OP_CHECKSUM) | (1 << OP_STORE_CHECKSUM);
 /// Bytes of an op head (`op`, `resource_id`, `offset`, `len`).
 pub const OP_HEAD_SIZE: usize = 24;
 
@@ -76,8 +89,7 @@ pub const OP_HEAD_SIZE: usize = 24;
 pub fn shm_capset_bytes() -> Vec<u8> {
     let mut v = b"HMSHM\0\0\0".to_vec();
     v.extend_from_slice(&SHM_STREAM_VERSION.to_le_bytes());
-    let ops: u32 = (1 << OP_FILL) | (1 << OP_WRITE) | (1 << OP_CHECKSUM);
-    v.extend_from_slice(&ops.to_le_bytes());
+    v.extend_from_slice(&SHM_OPS_MASK.to_le_bytes());
     v
 }
 
@@ -191,6 +203,17 @@ pub enum ShmOp {
         /// Length in bytes.
         len: u64,
     },
+    /// Write [`checksum`] of `offset..offset + len` (u64 LE) at `dst_offset` in the blob.
+    StoreChecksum {
+        /// Blob.
+        resource_id: u32,
+        /// Start in the blob.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Where the 8 checksum bytes go (inside the blob, outside the range).
+        dst_offset: u64,
+    },
 }
 
 impl ShmOp {
@@ -199,18 +222,52 @@ impl ShmOp {
         match self {
             ShmOp::Fill { resource_id, .. }
             | ShmOp::Write { resource_id, .. }
-            | ShmOp::Checksum { resource_id, .. } => *resource_id,
+            | ShmOp::Checksum { resource_id, .. }
+            | ShmOp::StoreChecksum { resource_id, .. } => *resource_id,
         }
     }
 
     /// The blob range it touches, as (offset, len).
     pub fn range(&self) -> (u64, u64) {
         match self {
-            ShmOp::Fill { offset, len, .. } | ShmOp::Checksum { offset, len, .. } => {
-                (*offset, *len)
-            }
+            ShmOp::Fill { offset, len, .. }
+            | ShmOp::Checksum { offset, len, .. }
+            | ShmOp::StoreChecksum { offset, len, .. } => (*offset, *len),
             ShmOp::Write { offset, data, .. } => (*offset, data.len() as u64),
         }
+    }
+
+    /// Checks that everything the op touches lies inside a blob of `size` bytes (checked
+    /// arithmetic): its range, and for STORE_CHECKSUM the 8 destination bytes, which must
+    /// not overlap the range.
+    pub fn check_within(&self, size: u64) -> Result<(), String> {
+        let (offset, len) = self.range();
+        let end = match offset.checked_add(len) {
+            Some(end) if end <= size => end,
+            _ => {
+                return Err(format!(
+                    "range {offset:#x}+{len:#x} outside a blob of {size:#x} bytes"
+                ))
+            }
+        };
+        if let ShmOp::StoreChecksum { dst_offset, .. } = self {
+            let dst = *dst_offset;
+            match dst.checked_add(8) {
+                Some(dst_end) if dst_end <= size => {
+                    if dst < end && offset < dst_end {
+                        return Err(format!(
+                            "checksum destination {dst:#x} overlaps its range {offset:#x}+{len:#x}"
+                        ));
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "checksum destination {dst:#x}+8 outside a blob of {size:#x} bytes"
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Appends this op's encoding to `out`.
@@ -219,6 +276,7 @@ impl ShmOp {
             ShmOp::Fill { .. } => (OP_FILL, &[]),
             ShmOp::Write { data, .. } => (OP_WRITE, data),
             ShmOp::Checksum { .. } => (OP_CHECKSUM, &[]),
+            ShmOp::StoreChecksum { .. } => (OP_STORE_CHECKSUM, &[]),
         };
         let (offset, len) = self.range();
         out.extend_from_slice(&op.to_le_bytes());
@@ -228,13 +286,18 @@ impl ShmOp {
         if let ShmOp::Fill { seed, .. } = self {
             out.extend_from_slice(&seed.to_le_bytes());
         }
+        if let ShmOp::StoreChecksum { dst_offset, .. } = self {
+            out.extend_from_slice(&dst_offset.to_le_bytes());
+        }
         out.extend_from_slice(extra);
     }
 }
 
-/// Runs one FILL / WRITE / CHECKSUM `op` on `start..start + len` of a mapping through its
-/// `write` and `read` (the shm backend's own mapping of a blob; for virgl's test ops, the
-/// renderer's), in chunks of 64 KiB. CHECKSUM appends its value to `reply`.
+/// Runs one op on `start..start + len` of a mapping of the whole blob (offset 0 of the
+/// mapping is offset 0 of the blob) through its `write` and `read` (the shm backend's own
+/// mapping of a blob; for virgl's test ops, the renderer's), in chunks of 64 KiB. CHECKSUM
+/// appends its value to `reply`; STORE_CHECKSUM writes it at its `dst_offset` (checked by
+/// the caller with [`ShmOp::check_within`]).
 pub fn apply_op(
     op: &ShmOp,
     start: usize,
@@ -258,7 +321,7 @@ pub fn apply_op(
             }
         }
         ShmOp::Write { data, .. } => write(start, data)?,
-        ShmOp::Checksum { .. } => {
+        ShmOp::Checksum { .. } | ShmOp::StoreChecksum { .. } => {
             let mut c = Checksum::new();
             let mut buf = vec![0u8; CHUNK.min(len)];
             let mut done = 0usize;
@@ -268,7 +331,16 @@ pub fn apply_op(
                 c.update(&buf[..n]);
                 done += n;
             }
-            reply.extend_from_slice(&c.value().to_le_bytes());
+            let value = c.value().to_le_bytes();
+            match op {
+                ShmOp::StoreChecksum { dst_offset, .. } => {
+                    let dst = usize::try_from(*dst_offset).map_err(|_| {
+                        bad(format!("checksum destination {dst_offset:#x} too large"))
+                    })?;
+                    write(dst, &value)?;
+                }
+                _ => reply.extend_from_slice(&value),
+            }
         }
     }
     Ok(())
@@ -347,6 +419,17 @@ pub fn decode_stream(mut b: &[u8]) -> Result<Vec<ShmOp>, BackendError> {
                 };
                 (op, OP_HEAD_SIZE)
             }
+            OP_STORE_CHECKSUM => {
+                let dst_offset =
+                    read_u64(b, OP_HEAD_SIZE).ok_or_else(|| head("STORE_CHECKSUM dst_offset"))?;
+                let op = ShmOp::StoreChecksum {
+                    resource_id,
+                    offset,
+                    len,
+                    dst_offset,
+                };
+                (op, OP_HEAD_SIZE + 8)
+            }
             other => return Err(bad(format!("stream offset {at}: unknown op {other}"))),
         };
         ops.push(op);
@@ -422,14 +505,8 @@ impl ShmBackend {
                 return Err(bad(format!("resource {id} belongs to a destroyed context")))
             }
         }
-        let (offset, len) = op.range();
-        match offset.checked_add(len) {
-            Some(end) if end <= blob.size => Ok(()),
-            _ => Err(bad(format!(
-                "range {offset:#x}+{len:#x} outside resource {id} of {:#x} bytes",
-                blob.size
-            ))),
-        }
+        op.check_within(blob.size)
+            .map_err(|e| bad(format!("resource {id}: {e}")))
     }
 
     fn map(blob: &ShmBlob) -> Result<MemoryMapping, BackendError> {
@@ -445,7 +522,7 @@ impl ShmBackend {
             .get(&op.resource_id())
             .ok_or_else(|| bad(format!("unknown resource {}", op.resource_id())))?;
         let (offset, len) = op.range();
-        if len == 0 {
+        if len == 0 && !matches!(op, ShmOp::StoreChecksum { .. }) {
             if matches!(op, ShmOp::Checksum { .. }) {
                 reply.extend_from_slice(&CHECKSUM_INIT.to_le_bytes());
             }
@@ -647,8 +724,40 @@ mod tests {
                 offset: 0,
                 len: 4096,
             },
+            ShmOp::StoreChecksum {
+                resource_id: 1,
+                offset: 0,
+                len: 4088,
+                dst_offset: 4088,
+            },
         ];
-        assert_eq!(decode_stream(&encode_stream(&ops)).unwrap(), ops);
+        let bytes = encode_stream(&ops);
+        // The STORE_CHECKSUM op: 24-byte head, then dst_offset.
+        let last = &bytes[bytes.len() - 32..];
+        assert_eq!(&last[0..4], &4u32.to_le_bytes());
+        assert_eq!(&last[24..32], &4088u64.to_le_bytes());
+        assert_eq!(decode_stream(&bytes).unwrap(), ops);
+    }
+
+    #[test]
+    fn store_checksum_destination_is_checked() {
+        let op = |offset, len, dst_offset| ShmOp::StoreChecksum {
+            resource_id: 1,
+            offset,
+            len,
+            dst_offset,
+        };
+        assert!(op(0, 4088, 4088).check_within(4096).is_ok());
+        assert!(op(8, 8, 0).check_within(4096).is_ok());
+        // Overlapping the range, outside the blob, overflowing.
+        assert!(op(0, 4096, 4088).check_within(4096).is_err());
+        assert!(op(0, 16, 12).check_within(4096).is_err());
+        assert!(op(0, 8, 4089).check_within(4096).is_err());
+        assert!(op(0, 8, u64::MAX - 3).check_within(4096).is_err());
+        // A truncated dst_offset is refused.
+        let mut b = encode_stream(&[op(0, 8, 8)]);
+        b.truncate(b.len() - 1);
+        assert!(decode_stream(&b).is_err());
     }
 
     #[test]

@@ -84,8 +84,9 @@ use crate::wire::{
     VIRTIO_GPU_CAPSET_VIRGL2,
 };
 
-/// The hostmem-private test capset (not a spec id; next to the shm backend's 0x48).
-pub const TEST_CAPSET_ID: u32 = 0x49;
+/// The hostmem-private test capset: not a spec id, next to the shm backend's
+/// [`super::shm::SHM_CAPSET_ID`], below 32 for Linux's driver (see there).
+pub const TEST_CAPSET_ID: u32 = 30;
 /// Its only version.
 pub const TEST_CAPSET_VERSION: u32 = 1;
 /// Its bytes: `b"HMVIRGL\0"` and the op bit mask of the shm stream (FILL, WRITE, CHECKSUM).
@@ -217,11 +218,9 @@ impl VirglBackend {
             let blob = self.blob(id).map_err(|_| {
                 BackendError::InvalidParameter(format!("stream names unknown resource {id}"))
             })?;
-            let (offset, len) = op.range();
-            if offset.checked_add(len).is_none_or(|end| end > blob.size) {
+            if let Err(e) = op.check_within(blob.size) {
                 return Err(BackendError::InvalidParameter(format!(
-                    "range {offset:#x}+{len:#x} outside resource {id} of {:#x} bytes",
-                    blob.size
+                    "resource {id}: {e}"
                 )));
             }
         }
@@ -229,7 +228,7 @@ impl VirglBackend {
         for op in &ops {
             let id = op.resource_id();
             let (offset, len) = op.range();
-            if len == 0 {
+            if len == 0 && !matches!(op, ShmOp::StoreChecksum { .. }) {
                 if matches!(op, ShmOp::Checksum { .. }) {
                     reply.extend_from_slice(&CHECKSUM_INIT.to_le_bytes());
                 }
