@@ -399,11 +399,11 @@ fn linux_style_init_against_a_fake_device() {
     assert_eq!(gpu.negotiated_features(), OFFERED_FEATURES);
     assert_eq!(gpu.device_status(), 0xf);
 
-    // Device cfg: events_read 0, num_scanouts 0, num_capsets from attach.
+    // Device cfg: events_read 0, num_scanouts 1 (Linux refuses 0), num_capsets from attach.
     assert_eq!(rd(&mut gpu, 0x2000, 4), 0);
     assert_eq!(
         rd(&mut gpu, 0x2008, 8),
-        2 << 32,
+        (2 << 32) | 1,
         "num_scanouts, num_capsets"
     );
     wr(&mut gpu, 0x2004, 4, 1); // events_clear: harmless

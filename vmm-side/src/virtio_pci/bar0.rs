@@ -335,8 +335,10 @@ impl VirtioPciGpu {
 
     fn device_cfg_image(&self) -> [u8; DEVICE_CFG_LEN as usize] {
         let mut image = [0u8; DEVICE_CFG_LEN as usize];
-        // events_read, events_clear (reads 0), num_scanouts 0, num_capsets.
+        // events_read, events_clear (reads 0), num_scanouts, num_capsets. One scanout, always
+        // disabled in GET_DISPLAY_INFO: Linux's driver refuses a device with none.
         image[0..4].copy_from_slice(&self.v.events_read.to_le_bytes());
+        image[8..12].copy_from_slice(&hostmem_device::gpu::NUM_SCANOUTS.to_le_bytes());
         image[12..16].copy_from_slice(&self.num_capsets.to_le_bytes());
         image
     }
@@ -345,7 +347,8 @@ impl VirtioPciGpu {
         // Only events_clear (offset 4) is writable: write 1 to clear.
         let end = within + data.len() as u64;
         if within < 4 || end > 8 {
-            log::warn!("virtio-pci: write to read-only device cfg at {within:#x} ignored");
+            // debug: the guest can write here as often as it likes.
+            log::debug!("virtio-pci: write to read-only device cfg at {within:#x} ignored");
             return;
         }
         let mut clear = [0u8; 4];
