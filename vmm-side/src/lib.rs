@@ -14,6 +14,8 @@
 //! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the transport tube).
 //! * [`vhost_user`]: `hostmem vhost-user`: the jailed device as a vhost-user backend on a
 //!   listening socket, supervised.
+//! * [`vhost_frontend`]: `hostmem run --transport vhost-user`: the VMM as the device's
+//!   vhost-user frontend, every `SHMEM_MAP` checked and placed in the one-memslot window.
 
 #![forbid(unsafe_code)]
 
@@ -27,5 +29,6 @@ pub mod queue_driver;
 pub mod resources;
 pub mod run;
 pub mod service;
+pub mod vhost_frontend;
 pub mod vhost_user;
 pub mod virtio_pci;

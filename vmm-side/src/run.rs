@@ -7,6 +7,11 @@
 //! PCI and BAR0 exits ([`crate::virtio_pci`]), the device's placement events
 //! ([`crate::service`]) and the device's life (restart policy, fault injection, resource
 //! accounting at the guest's warm-up and drain events).
+//!
+//! Two transports reach the same jailed device binary through the same virtio-pci code:
+//! `virtio-pci` (hostmem's own transport tube and mapping tube, [`crate::device`]) and
+//! `vhost-user` (the device as a vhost-user backend, the VMM its frontend placing every
+//! `SHMEM_MAP` in the window, [`crate::vhost_frontend`]).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -22,7 +27,8 @@ use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
 use crate::guest::{GuestEvent, GuestParams, GuestVm};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::resources::{Usage, UsageCheck};
-use crate::virtio_pci::{PciLayout, VirtioPciGpu};
+use crate::vhost_frontend::VhostUserDevice;
+use crate::virtio_pci::{PciLayout, VirtioPciGpu, REPLY_TIMEOUT};
 
 const PAGE: u64 = 4096;
 /// virgl backend: the venus capset; the workload's blobs are venus SHM blobs (blob_id 0,
@@ -61,9 +67,31 @@ impl std::str::FromStr for Restart {
     }
 }
 
+/// How the VMM's virtio-pci function reaches the device process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Transport {
+    /// hostmem's transport tube and mapping tube (the device mirrors the window).
+    #[default]
+    VirtioPci,
+    /// vhost-user: the VMM is the device's frontend; `SHMEM_MAP`s are placed in the window.
+    VhostUser,
+}
+
+impl Transport {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::VirtioPci => "virtio-pci",
+            Transport::VhostUser => "vhost-user",
+        }
+    }
+}
+
 /// Options of a run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// How the transport reaches the device.
+    pub transport: Transport,
     /// Placement mode.
     pub mode: Mode,
     /// Window size in bytes.
@@ -121,7 +149,8 @@ pub struct Report {
     pub mode: &'static str,
     /// Backend.
     pub backend: String,
-    /// How the guest reaches the device: `virtio-pci`.
+    /// How the VMM reaches the device: `virtio-pci` (transport and mapping tubes) or
+    /// `vhost-user` (the VMM as vhost-user frontend). The guest sees virtio-pci either way.
     pub transport: &'static str,
     /// Window size.
     pub window_bytes: u64,
@@ -255,8 +284,41 @@ pub struct VirtqueueReport {
 }
 
 /// One device and its transport attachment.
-struct Session {
-    device: Device,
+enum Session {
+    /// Transport tube + mapping tube.
+    Native(Device),
+    /// vhost-user; the link lives in the transport.
+    VhostUser(VhostUserDevice),
+}
+
+impl Session {
+    fn facts(&self) -> &DeviceFacts {
+        match self {
+            Session::Native(d) => d.facts(),
+            Session::VhostUser(d) => d.facts(),
+        }
+    }
+    fn pid(&self) -> i32 {
+        self.facts().pid
+    }
+    fn kill(&self, signal: i32) {
+        match self {
+            Session::Native(d) => d.kill(signal),
+            Session::VhostUser(d) => d.kill(signal),
+        }
+    }
+    fn has_ended(&self) -> bool {
+        match self {
+            Session::Native(d) => d.has_ended(),
+            Session::VhostUser(d) => d.has_ended(),
+        }
+    }
+    fn stop(self, cause: &str) -> DeviceExit {
+        match self {
+            Session::Native(d) => d.stop(cause),
+            Session::VhostUser(d) => d.stop(cause),
+        }
+    }
 }
 
 fn connect(
@@ -264,12 +326,29 @@ fn connect(
     hostmem: &Arc<Hostmem>,
     pci: &mut VirtioPciGpu,
 ) -> anyhow::Result<Session> {
-    let device = Device::start(&opts.device, hostmem.clone())?;
-    if let Err(e) = pci.attach(device.transport(), device.facts().num_capsets) {
-        let exit = device.stop("the transport could not attach it");
-        anyhow::bail!("attaching the device to the virtio-pci transport: {e} ({exit:?})");
+    match opts.transport {
+        Transport::VirtioPci => {
+            let device = Device::start(&opts.device, hostmem.clone())?;
+            if let Err(e) = pci.attach(device.transport(), device.facts().num_capsets) {
+                let exit = device.stop("the transport could not attach it");
+                anyhow::bail!("attaching the device to the virtio-pci transport: {e} ({exit:?})");
+            }
+            Ok(Session::Native(device))
+        }
+        Transport::VhostUser => {
+            let mut device = VhostUserDevice::start(&opts.device, hostmem.clone(), REPLY_TIMEOUT)?;
+            let num_capsets = device.facts().num_capsets;
+            let attached = match device.take_link() {
+                Some(link) => pci.attach_link(link, num_capsets).map_err(|e| e.to_string()),
+                None => Err("no link".into()),
+            };
+            if let Err(e) = attached {
+                let exit = device.stop("the transport could not attach it");
+                anyhow::bail!("attaching the vhost-user device to the transport: {e} ({exit:?})");
+            }
+            Ok(Session::VhostUser(device))
+        }
     }
-    Ok(Session { device })
 }
 
 /// Adds the device's virtqueue counters to `vq` (before it stops).
@@ -345,10 +424,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let mut session = Some(connect(opts, &hostmem, &mut pci)?);
     let mut facts = session
         .as_ref()
-        .map(|s| s.device.facts().clone())
+        .map(|s| s.facts().clone())
         .unwrap_or_default();
     let mut usage = UsageCheck::default();
-    let device_usage = |s: &Session| Usage::of(&s.device.pid().to_string());
+    let device_usage = |s: &Session| Usage::of(&s.pid().to_string());
     let mut vq = VirtqueueReport::default();
     let slots_at_start = hostmem.memslot_changes();
     let mut warm_up_slots = 0;
@@ -412,10 +491,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                         killed = true;
                         log::warn!(
                             "fault injection: SIGKILL to device pid {} with {} live placements",
-                            s.device.pid(),
+                            s.pid(),
                             hostmem.live()
                         );
-                        s.device.kill(libc::SIGKILL);
+                        s.kill(libc::SIGKILL);
                     }
                 }
             }
@@ -474,15 +553,19 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }
         if lost.is_none() {
             if let Some(s) = &session {
-                if s.device.has_ended() {
+                if s.has_ended() {
                     lost = Some("the device ended".into());
+                } else if matches!(s, Session::VhostUser(_)) && !pci.is_attached() {
+                    // The main socket broke (the device closes it on a protocol error and
+                    // waits for the next frontend): restart it.
+                    lost = Some("the vhost-user connection broke".into());
                 }
             }
         }
         let Some(why) = lost else { continue };
         let Some(s) = session.take() else { continue };
         add_stats(&pci, &mut vq);
-        let exit = s.device.stop(&why);
+        let exit = s.stop(&why);
         pci.detach();
         exits_violations(&mut violations, &exit);
         if hostmem.live() != 0 {
@@ -496,7 +579,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                     Ok(s) => {
                         // Its usage baseline is taken when the guest has set it up
                         // (GuestEvent::Reinitialised).
-                        facts = s.device.facts().clone();
+                        facts = s.facts().clone();
                         session = Some(s);
                     }
                     Err(e) => {
@@ -517,10 +600,16 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let results = guest.results()?;
     if let Some(s) = session.take() {
         add_stats(&pci, &mut vq);
-        let exit = s.device.stop("run finished");
+        // A vhost-user backend serves until it is killed: it ended cleanly if it was still
+        // serving when the run stopped it.
+        let serving = match &s {
+            Session::Native(_) => None,
+            Session::VhostUser(d) => Some(!d.has_ended()),
+        };
+        let exit = s.stop("run finished");
         pci.detach();
         exits_violations(&mut violations, &exit);
-        if exit.code != Some(0) {
+        if !serving.unwrap_or(exit.code == Some(0)) {
             errors.push(format!("device did not exit cleanly at the end: {exit:?}"));
         }
     }
@@ -557,7 +646,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let report = Report {
         mode: opts.mode.name(),
         backend: opts.device.backend.clone(),
-        transport: "virtio-pci",
+        transport: opts.transport.name(),
         window_bytes: opts.window,
         seed: opts.seed,
         blobs_mapped: results.blobs_mapped,
