@@ -339,7 +339,9 @@ fn connect(
             let mut device = VhostUserDevice::start(&opts.device, hostmem.clone(), REPLY_TIMEOUT)?;
             let num_capsets = device.facts().num_capsets;
             let attached = match device.take_link() {
-                Some(link) => pci.attach_link(link, num_capsets).map_err(|e| e.to_string()),
+                Some(link) => pci
+                    .attach_link(link, num_capsets)
+                    .map_err(|e| e.to_string()),
                 None => Err("no link".into()),
             };
             if let Err(e) = attached {

@@ -71,16 +71,15 @@ use vhost::vhost_user::message::{
     VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{
-    Error as VuError, Frontend, FrontendReqHandler, VhostUserFrontend,
-    VhostUserFrontendReqHandler,
+    Error as VuError, Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandler,
 };
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 
 use crate::device::{DeviceConfig, DeviceExit, DeviceFacts};
 use crate::hostmem::{Hostmem, MapEvent};
 use crate::vhost_user::{bind_socket, start_backend, vhost_user_device, BackendDevice};
-use hostmem_jail::launch::ExitInfo;
 use crate::virtio_pci::{DeviceLink, Error as PciError, MAX_QUEUE_SIZE, NUM_QUEUES};
+use hostmem_jail::launch::ExitInfo;
 
 const PAGE: u64 = 4096;
 
@@ -143,8 +142,8 @@ impl VhostUserFrontendReqHandler for ShmemService {
             self.hostmem.note_protocol_error();
             return Err(nack(libc::EINVAL, &format!("SHMEM_MAP at {offset:#x}")));
         };
-        let writable = VhostUserMMapFlags::from_bits_truncate(flags)
-            .contains(VhostUserMMapFlags::WRITABLE);
+        let writable =
+            VhostUserMMapFlags::from_bits_truncate(flags).contains(VhostUserMMapFlags::WRITABLE);
         let prot = if writable {
             libc::PROT_READ | libc::PROT_WRITE
         } else {
@@ -170,7 +169,10 @@ impl VhostUserFrontendReqHandler for ShmemService {
         let (shmid, offset, len) = (req.shmid, req.shm_offset, req.len);
         if shmid != SHMEM_ID {
             self.hostmem.note_protocol_error();
-            return Err(nack(libc::EINVAL, &format!("SHMEM_UNMAP for region {shmid}")));
+            return Err(nack(
+                libc::EINVAL,
+                &format!("SHMEM_UNMAP for region {shmid}"),
+            ));
         }
         let Some(resource_id) = placement_id(offset) else {
             return Err(nack(libc::EINVAL, &format!("SHMEM_UNMAP at {offset:#x}")));
@@ -229,8 +231,7 @@ impl Channel {
     fn stop(&mut self) {
         if let Some(t) = self.thread.take() {
             // The fd is still open: the thread returns the handler that owns it.
-            if let Err(e) = nix::sys::socket::shutdown(self.raw, nix::sys::socket::Shutdown::Both)
-            {
+            if let Err(e) = nix::sys::socket::shutdown(self.raw, nix::sys::socket::Shutdown::Both) {
                 log::debug!("vhost-user frontend: shutting the backend channel down: {e}");
             }
             match t.join() {
@@ -479,9 +480,7 @@ impl VhostUserDevice {
     /// The link for the virtio-pci transport ([`crate::virtio_pci::VirtioPciGpu::attach_link`]);
     /// `None` once taken.
     pub fn take_link(&mut self) -> Option<Box<dyn DeviceLink>> {
-        self.link
-            .take()
-            .map(|l| Box::new(l) as Box<dyn DeviceLink>)
+        self.link.take().map(|l| Box::new(l) as Box<dyn DeviceLink>)
     }
 
     /// What was checked at start (`num_capsets` from `GET_CONFIG`).
