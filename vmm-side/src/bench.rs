@@ -12,6 +12,7 @@
 //! | `fixed-sandboxed` | the product: jailed device, commands on its real virtqueue (the host-side [`QueueDriver`]), tubes, validation, mirror placement in both processes |
 //! | `slot-sandboxed` | the same path with a memslot per blob |
 //! | `fixed-sandboxed-pipelined` | as `fixed-sandboxed`, with `queue_depth` commands in flight |
+//! | `vhost-user-sandboxed` | as `fixed-sandboxed` over vhost-user (`SHMEM_MAP` into the VMM's window), run with it ([`crate::bench_vhost_user`]) |
 //!
 //! Every case owns a VM whose window is read by a ring-3 [`GuestProbe`] vCPU. One cycle is
 //! MAP_BLOB (timed), the guest reads the blob (must see its pattern), UNMAP_BLOB (timed), the
@@ -164,6 +165,8 @@ pub struct BenchOptions {
     pub device: DeviceConfig,
     /// Progress on stderr when it is a terminal.
     pub show_progress: bool,
+    /// Also run `vhost-user-sandboxed` (when `fixed-sandboxed` runs; [`crate::bench_vhost_user`]).
+    pub vhost_user: bool,
 }
 
 impl BenchOptions {
@@ -188,6 +191,7 @@ impl BenchOptions {
             limit_seconds: 60.0,
             device,
             show_progress: true,
+            vhost_user: true,
         }
     }
 
@@ -222,6 +226,7 @@ impl BenchOptions {
             limit_cap: 64,
             limit_seconds: 10.0,
             show_progress: false,
+            vhost_user: false,
             ..BenchOptions::full(device)
         }
     }
@@ -1228,6 +1233,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             CaseRun::setup(*k, opts, &wl).with_context(|| format!("setting up {}", k.name()))?,
         );
     }
+    let mut vhost_user = match crate::bench_vhost_user::VhostUserCase::wanted(opts) {
+        true => crate::bench_vhost_user::VhostUserCase::setup(opts, &wl)
+            .map_err(|e| errors.push(format!("{}: setup: {e:#}", crate::bench_vhost_user::NAME)))
+            .ok(),
+        false => None,
+    };
     let cold_hm = Arc::new(Hostmem::new(
         8 << 20,
         None,
@@ -1255,6 +1266,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 c.failed = Some(format!("background {level}: {e:#}"));
             }
         }
+        if let Some(v) = vhost_user.as_mut() {
+            v.set_background(level, &wl);
+        }
         for r in 0..opts.rounds {
             let n = cases.len();
             for j in 0..n {
@@ -1266,6 +1280,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                     log::error!("{}: {e:#}", c.kind.name());
                     c.failed = Some(format!("{e:#}"));
                 }
+            }
+            if let Some(v) = vhost_user.as_mut() {
+                v.batch(opts, &wl);
             }
             if cold_ms.len() + errors.len() < opts.cold_starts {
                 timed_start(&mut cold_ms, &mut idle_rss, &mut errors);
@@ -1345,6 +1362,13 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         });
     }
     drop(cases);
+    if let Some(v) = vhost_user.take() {
+        let r = v.report();
+        if let Some(f) = &r.failed {
+            errors.push(format!("{}: {f}", r.name));
+        }
+        reports.push(r);
+    }
     let limits = if opts.limits {
         progress(show, 0, 1, "limits");
         let r = run_limits(opts);
@@ -1356,7 +1380,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         vec![]
     };
     let cold = lat(&cold_ms);
-    let ratios = ratios(&reports);
+    let mut ratios = ratios(&reports);
+    crate::bench_vhost_user::add_ratios(&reports, &mut ratios);
     let targets = targets(&reports, &ratios, (!cold_ms.is_empty()).then_some(cold.p50));
     Ok(BenchReport {
         machine: machine(),

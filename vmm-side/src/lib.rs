@@ -8,6 +8,7 @@
 //!   virtqueues in a guest RAM of its own, handed to the device over the transport tube.
 //! * [`probe`]: a real KVM vCPU (ring-3 guest) that reads and writes the window as the guest.
 //! * [`run`]: the `hostmem run` workload and its report.
+//! * [`bench`] (`hostmem bench`) and [`bench_vhost_user`] (its `vhost-user-sandboxed` case).
 //! * [`resources`]: fd/VMA/RSS accounting of both processes and a fixed-size latency
 //!   histogram (what a soak checks).
 //! * [`policy`]: compiling the device's seccomp policy.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bench_vhost_user;
 pub mod device;
 pub mod guest;
 pub mod hostmem;

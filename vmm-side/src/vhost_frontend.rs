@@ -53,7 +53,7 @@
 //! in the window (unique, since live placements cannot overlap), and an unmap must name the
 //! same offset and length.
 
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -63,9 +63,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use hostmem_base::kvm::eventfd_from_fd;
 use hostmem_base::kvm::EventFd;
 use hostmem_device::vhost_user::{CONFIG_SIZE, SHMEM_ID, VHOST_USER_F_PROTOCOL_FEATURES};
-use hostmem_ipc::protocol::{GuestRegion, Outcome, QueueSetup, QueueStats, RefuseCode};
+use hostmem_ipc::protocol::{
+    GuestRegion, Outcome, QueueSetup, QueueStats, RefuseCode, TransportMsg, TransportReply,
+};
+use hostmem_ipc::Tube;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserMMap, VhostUserMMapFlags,
     VhostUserProtocolFeatures,
@@ -78,7 +82,9 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use crate::device::{DeviceConfig, DeviceExit, DeviceFacts};
 use crate::hostmem::{Hostmem, MapEvent};
 use crate::vhost_user::{bind_socket, start_backend, vhost_user_device, BackendDevice};
-use crate::virtio_pci::{DeviceLink, Error as PciError, MAX_QUEUE_SIZE, NUM_QUEUES};
+use crate::virtio_pci::{
+    DeviceLink, Error as PciError, MAX_QUEUE_SIZE, NUM_QUEUES, OFFERED_FEATURES,
+};
 use hostmem_jail::launch::ExitInfo;
 
 const PAGE: u64 = 4096;
@@ -400,6 +406,8 @@ pub struct VhostUserDevice {
     backend: Option<BackendDevice>,
     channel: Channel,
     link: Option<VhostUserLink>,
+    /// [`VhostUserDevice::transport`]: our end of the shim's tube and the shim.
+    shim: Option<(Arc<Tube>, JoinHandle<()>)>,
     hostmem: Arc<Hostmem>,
     facts: DeviceFacts,
 }
@@ -466,6 +474,7 @@ impl VhostUserDevice {
                     backend: Some(backend),
                     channel,
                     link: Some(link),
+                    shim: None,
                     hostmem,
                     facts,
                 })
@@ -481,6 +490,24 @@ impl VhostUserDevice {
     /// `None` once taken.
     pub fn take_link(&mut self) -> Option<Box<dyn DeviceLink>> {
         self.link.take().map(|l| Box::new(l) as Box<dyn DeviceLink>)
+    }
+
+    /// The device's link behind a transport tube, for host-side drivers written against
+    /// the native transport ([`crate::queue_driver::QueueDriver`], the bench): a thread
+    /// turns each [`TransportMsg`] into the link's vhost-user requests (queues with the
+    /// virtio-pci transport's feature set). Only the set-up goes through it: commands still
+    /// travel in the rings and eventfds, and `SHMEM_MAP`s on the backend channel. Takes the
+    /// link ([`VhostUserDevice::take_link`] then yields `None`).
+    pub fn transport(&mut self) -> anyhow::Result<Arc<Tube>> {
+        let link = self.take_link().context("the link is taken")?;
+        let (ours, theirs) = Tube::pair()?;
+        let theirs = Arc::new(theirs);
+        let tube = theirs.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-user-shim-{}", self.facts.pid))
+            .spawn(move || serve_tube(link, &tube))?;
+        self.shim = Some((theirs, thread));
+        Ok(Arc::new(ours))
     }
 
     /// What was checked at start (`num_capsets` from `GET_CONFIG`).
@@ -524,6 +551,12 @@ impl VhostUserDevice {
         let end = self.backend.take().map(BackendDevice::end);
         // No SHMEM_MAP can arrive after this: the device is gone and the channel joined.
         self.channel.stop();
+        if let Some((tube, thread)) = self.shim.take() {
+            let _ = tube.shutdown();
+            if thread.join().is_err() {
+                log::error!("vhost-user frontend: the transport shim panicked");
+            }
+        }
         let restored = match self.hostmem.reset() {
             Ok(n) => n,
             Err(e) => {
@@ -624,4 +657,53 @@ fn negotiate(
         channel,
         num_capsets,
     ))
+}
+
+/// [`VhostUserDevice::transport`]'s thread: serves [`TransportMsg`]s with `link` until the
+/// tube hangs up.
+fn serve_tube(mut link: Box<dyn DeviceLink>, tube: &Tube) {
+    loop {
+        let (msg, fds) = match tube.recv::<TransportMsg>() {
+            Ok(m) => m,
+            Err(hostmem_ipc::Error::Hangup) => return,
+            Err(e) => {
+                log::warn!("vhost-user shim: {e}; stopped");
+                return;
+            }
+        };
+        let (seq, res) = match msg {
+            TransportMsg::GuestMemory { seq, regions } => {
+                let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                (seq, link.guest_memory(&regions, &fds))
+            }
+            TransportMsg::QueueEnable { seq, queue } => {
+                let mut fds = fds.into_iter();
+                match (fds.next(), fds.next()) {
+                    (Some(kick), Some(call)) => {
+                        let (kick, call) = (eventfd_from_fd(kick), eventfd_from_fd(call));
+                        (
+                            seq,
+                            link.queue_enable(&queue, OFFERED_FEATURES, &kick, &call),
+                        )
+                    }
+                    _ => (
+                        seq,
+                        Err(PciError::Link {
+                            what: "QueueEnable",
+                            reason: "without its two eventfds".into(),
+                        }),
+                    ),
+                }
+            }
+            TransportMsg::Reset { seq } => (seq, link.reset()),
+            TransportMsg::Stats { seq } => (seq, link.stats().map(|_| ())),
+        };
+        let reply = TransportReply::Done {
+            seq,
+            error: res.err().map(|e| e.to_string()),
+        };
+        if tube.send(&reply, &[]).is_err() {
+            return;
+        }
+    }
 }

@@ -505,3 +505,47 @@ fn shmem_map_goes_through_every_check_of_the_mapping_service() {
     let c = hm.counters();
     assert_eq!((c.maps_ok, c.unmaps_ok), (1, 1));
 }
+
+#[test]
+fn bench_runs_the_vhost_user_case_with_one_memslot() {
+    let _g = common::serial();
+    if !common::kvm() {
+        return;
+    }
+    use hostmem_vmm::bench::{self, BenchOptions, CaseKind};
+    let mut o = BenchOptions::tiny(common::device_config());
+    o.cases = vec![CaseKind::Floor, CaseKind::FixedSandboxed];
+    o.vhost_user = true;
+    o.cold_starts = 1;
+    let r = bench::run(&o).expect("bench");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let c = r
+        .case(hostmem_vmm::bench_vhost_user::NAME)
+        .expect("the case ran");
+    assert!(c.failed.is_none(), "{:?}", c.failed);
+    let per_level = (o.rounds * o.batch) as u64;
+    assert_eq!(c.cycles, per_level);
+    let cycles: u64 = c.sweep.iter().map(|p| p.cycles).sum();
+    assert_eq!(cycles, per_level * o.levels.len() as u64);
+    let ch = &c.checks;
+    assert_eq!(
+        (ch.guest_mismatches, ch.stale_reads, ch.host_mismatches),
+        (0, 0, 0)
+    );
+    assert_eq!(c.guest_holes, 0);
+    // Warm-up: 2 guest reads per blob, then 2 per timed cycle; the host saw the warm-up.
+    assert_eq!(ch.guest_verified, 2 * o.blobs as u64 + 2 * cycles, "{ch:?}");
+    assert_eq!(ch.host_verified, 2 * o.blobs as u64);
+    assert_eq!(c.memslot_changes, 1);
+    assert!(c.peak_live > *o.levels.iter().max().unwrap());
+    let cyc = |n: &str| r.case(n).unwrap().cycle_us.p50;
+    assert_eq!(
+        r.ratios["vhost_user_vs_floor"],
+        cyc(hostmem_vmm::bench_vhost_user::NAME) / cyc("floor")
+    );
+    assert_eq!(
+        r.ratios["vhost_user_vs_fixed_sandboxed"],
+        cyc(hostmem_vmm::bench_vhost_user::NAME) / cyc("fixed-sandboxed")
+    );
+    assert!(bench::render(&r).contains("vhost-user-sandboxed"));
+}
