@@ -595,6 +595,15 @@ impl VhostUserDevice {
     }
 }
 
+impl Drop for VhostUserDevice {
+    /// A device dropped without [`VhostUserDevice::stop`] (an error path) does not outlive us.
+    fn drop(&mut self) {
+        if let Some(b) = self.backend.take() {
+            b.end();
+        }
+    }
+}
+
 /// Everything between the connection and the first guest request (see the module doc).
 fn negotiate(
     fe: &mut Frontend,
