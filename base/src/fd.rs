@@ -134,3 +134,14 @@ pub fn take_inherited(fd: RawFd) -> crate::Result<OwnedFd> {
     // lock), so this OwnedFd is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// Duplicates a descriptor known only by its number (e.g. one a library lends out as
+/// `&dyn AsRawFd`, like the blob fd of a vhost-user `SHMEM_MAP`) into a new, CLOEXEC
+/// `OwnedFd` of our own; the original stays with its owner.
+pub fn dup_raw(fd: RawFd) -> Result<OwnedFd, Errno> {
+    let new = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0))?;
+    // SAFETY: F_DUPFD_CLOEXEC succeeded and returned a descriptor number that was free a
+    // moment ago and that nothing else in this process knows of, so this OwnedFd is its
+    // only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}

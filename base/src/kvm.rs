@@ -23,6 +23,16 @@ pub fn eventfd_as_fd(fd: &EventFd) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
 }
 
+/// Takes an owned descriptor (e.g. a kick eventfd that arrived over a tube) as an
+/// [`EventFd`], the type the ioeventfd/irqfd calls and the `vhost` crate take. A descriptor
+/// that is not an eventfd only makes its reads and writes fail.
+pub fn eventfd_from_fd(fd: std::os::fd::OwnedFd) -> EventFd {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: `into_raw_fd` gives up the OwnedFd's sole ownership of an open descriptor,
+    // which the EventFd takes over (and closes when dropped); nothing else owns it.
+    unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+}
+
 /// A host memory range that stays mapped, at a fixed address, for as long as the object
 /// lives.
 ///

@@ -653,6 +653,7 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
         ));
         let _ = std::fs::remove_file(&marker);
         let opts = RunOptions {
+            transport: Default::default(),
             mode: Mode::Fixed,
             window: 32 << 20,
             blobs: 30,

@@ -10,11 +10,15 @@
 //! * [`run`]: the `hostmem run` workload and its report.
 //! * [`resources`]: fd/VMA/RSS accounting of both processes (what a soak checks).
 //! * [`latency`]: latency summaries (p50/p99) and a fixed-size `hdrhistogram` recorder.
-//! * [`mod@bench`]: `hostmem bench` (cases, runner, limits, report, plot).
+//! * [`mod@bench`]: `hostmem bench` (cases, runner, limits, report, plot, the
+//!   `vhost-user-sandboxed` case).
 //! * [`policy`]: compiling the device's seccomp policy.
-//! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the transport tube).
+//! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the link to the
+//!   device: the transport tube or vhost-user).
 //! * [`vhost_user`]: `hostmem vhost-user`: the jailed device as a vhost-user backend on a
 //!   listening socket, supervised.
+//! * [`vhost_frontend`]: `hostmem run --transport vhost-user`: the VMM as the device's
+//!   vhost-user frontend, every `SHMEM_MAP` checked and placed in the one-memslot window.
 
 #![forbid(unsafe_code)]
 
@@ -29,5 +33,6 @@ pub mod queue_driver;
 pub mod resources;
 pub mod run;
 pub mod service;
+pub mod vhost_frontend;
 pub mod vhost_user;
 pub mod virtio_pci;

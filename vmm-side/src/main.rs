@@ -66,6 +66,11 @@ struct VhostUserArgs {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    /// How the VMM reaches the jailed device: virtio-pci (hostmem's transport and mapping
+    /// tubes) or vhost-user (the VMM as the device's vhost-user frontend, each SHMEM_MAP
+    /// checked and placed in the one-memslot window).
+    #[arg(long, value_enum, default_value = "virtio-pci")]
+    transport: run::Transport,
     /// Placement mode.
     #[arg(long, value_enum, default_value = "fixed")]
     mode: Mode,
@@ -255,6 +260,7 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         });
     }
     let opts = RunOptions {
+        transport: a.transport,
         mode: a.mode,
         window: a.window,
         blobs: a.blobs,
@@ -272,7 +278,8 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "hostmem run: mode {}, backend {}, window {} MiB, seed {}",
+            "hostmem run: transport {}, mode {}, backend {}, window {} MiB, seed {}",
+            r.transport,
             r.mode,
             r.backend,
             r.window_bytes >> 20,

@@ -93,6 +93,47 @@ impl BackendDevice {
     pub fn describe(&self, info: &ExitInfo) -> String {
         crate::device::describe(info, &self.child)
     }
+
+    /// Kills the device (a no-op on one that already ended), waits for it and says how it
+    /// ended: the exit, in words, the refused syscall for SIGSYS, and the seccomp
+    /// violations logged (log mode). For `hostmem run --transport vhost-user`.
+    pub fn end(mut self) -> BackendEnd {
+        self.child.kill(libc::SIGKILL);
+        let info = self.child.wait().ok();
+        let syscall = match info {
+            Some(ExitInfo::Signaled { signal, .. }) if signal == libc::SIGSYS => {
+                self.child.sigsys_report().map(|r| r.to_string())
+            }
+            _ => None,
+        };
+        let mut violations: Vec<String> = self
+            .child
+            .seccomp_log()
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        violations.sort();
+        violations.dedup();
+        BackendEnd {
+            described: info.map(|i| crate::device::describe(&i, &self.child)),
+            info,
+            syscall,
+            violations,
+        }
+    }
+}
+
+/// How a backend device ended ([`BackendDevice::end`]).
+#[derive(Debug, Clone)]
+pub struct BackendEnd {
+    /// Exit status, if it could be collected.
+    pub info: Option<ExitInfo>,
+    /// The same in words.
+    pub described: Option<String>,
+    /// For SIGSYS: the syscall.
+    pub syscall: Option<String>,
+    /// Seccomp violations logged.
+    pub violations: Vec<String>,
 }
 
 /// Starts the device on `listener` (a duplicate goes to the device), checks its jail from

@@ -13,6 +13,7 @@ use common::{device_config, hostmem, jail_works, kvm, serial, start_device};
 
 fn options(mode: Mode, blobs: u32) -> RunOptions {
     RunOptions {
+        transport: Default::default(),
         mode,
         window: 64 << 20,
         blobs,

@@ -297,6 +297,7 @@ fn soak_map_unmap_cycles_return_every_resource() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000);
     let o = RunOptions {
+        transport: Default::default(),
         mode: Mode::Fixed,
         window: 64 << 20,
         blobs: cycles,

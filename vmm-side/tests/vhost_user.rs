@@ -4,6 +4,11 @@
 //! the `vhost` crate negotiates, maps a blob through `SHMEM_MAP` (so the policy covers a
 //! whole session), the device is killed, the supervisor restarts it on the same socket and
 //! a new frontend is served from a fresh state.
+//!
+//! And the other side: `hostmem run --transport vhost-user` (our VMM as the frontend of the
+//! same jailed device, [`hostmem_vmm::vhost_frontend`]) on real KVM — one memslot, every
+//! blob checked by the guest, a kill mid-run — and its `SHMEM_MAP` handler against every
+//! check the mapping service makes.
 
 mod common;
 
@@ -318,4 +323,229 @@ fn jailed_backend_serves_a_frontend_and_is_restarted() {
     .unwrap();
     sup.join().unwrap().expect("supervisor");
     let _ = std::fs::remove_file(path);
+}
+
+// ---- hostmem run --transport vhost-user ----
+
+use hostmem_vmm::hostmem::Mode;
+use hostmem_vmm::run::{run, Restart, RunOptions, Transport};
+use hostmem_vmm::vhost_frontend::ShmemService;
+use std::os::unix::fs::FileExt;
+use vhost::vhost_user::message::VhostUserMMapFlags;
+use vhost::vhost_user::VhostUserFrontendReqHandler;
+
+fn vu_options(blobs: u32) -> RunOptions {
+    RunOptions {
+        transport: Transport::VhostUser,
+        mode: Mode::Fixed,
+        window: 64 << 20,
+        blobs,
+        seed: 11,
+        max_live: 16,
+        device: common::device_config(),
+        restart: Restart::OnFailure(2),
+        kill_after: None,
+        show_progress: false,
+        use_kvm: true,
+        command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
+    }
+}
+
+#[test]
+fn run_over_vhost_user_places_every_shmem_map_in_one_memslot() {
+    let _g = common::serial();
+    if !common::kvm() {
+        return;
+    }
+    let r = run(&vu_options(120)).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.transport, "vhost-user");
+    assert_eq!(r.blobs_mapped, 120);
+    assert_eq!(r.guest_mismatches, 0);
+    assert_eq!(r.guest_holes, 0);
+    // Every blob read once, zeros after every unmap, guest writes seen by the device.
+    assert!(r.guest_verified >= 240, "{}", r.guest_verified);
+    // QEMU and crosvm would have added and removed a memslot per SHMEM_MAP here.
+    assert_eq!(r.memslot_changes, 1);
+    assert!(r.max_live_placements > 1);
+    assert_eq!(r.refused_events, 0);
+    assert_eq!(r.guest_driver.errors, 0);
+    assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fd count back to baseline");
+    assert!(
+        r.seccomp_violations.is_empty(),
+        "{:?}",
+        r.seccomp_violations
+    );
+    if r.device.jailed {
+        assert_eq!((r.device.seccomp, r.device.no_new_privs), (2, true));
+        assert_eq!(r.device.cap_eff, "0000000000000000");
+    }
+    assert_eq!(r.device.num_capsets, 1, "GET_CONFIG's num_capsets");
+}
+
+#[test]
+fn run_over_vhost_user_survives_a_device_kill() {
+    let _g = common::serial();
+    if !common::kvm() {
+        return;
+    }
+    let mut o = vu_options(80);
+    o.kill_after = Some(30);
+    let r = run(&o).unwrap();
+    assert_eq!(r.device_exits.len(), 1, "{:?}", r.device_exits);
+    let exit = &r.device_exits[0];
+    assert_eq!(exit.signal, Some(libc::SIGKILL));
+    assert!(exit.restored > 0, "live placements restored: {exit:?}");
+    assert_eq!(r.restarts, 1);
+    assert_eq!(
+        r.guest_driver.device_resets, 1,
+        "the guest reset the device"
+    );
+    // The guest read zeros where the dead device's blobs were, and went on.
+    assert_eq!(r.guest_mismatches, 0);
+    assert!(r.blobs_mapped >= 79, "{}", r.blobs_mapped);
+    assert_eq!(r.memslot_changes, 1);
+    assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fds back after the death");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+}
+
+fn mmap_req(shmid: u8, shm_offset: u64, len: u64, fd_offset: u64) -> VhostUserMMap {
+    VhostUserMMap {
+        shmid,
+        shm_offset,
+        len,
+        fd_offset,
+        flags: VhostUserMMapFlags::WRITABLE.bits(),
+        ..Default::default()
+    }
+}
+
+fn errno(r: std::io::Result<u64>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn shmem_map_goes_through_every_check_of_the_mapping_service() {
+    let hm = common::hostmem(REGION);
+    let svc = ShmemService::new(hm.clone());
+    let sealed = SharedMemory::new("blob", 4 * PAGE).unwrap();
+    std::fs::File::from(sealed.try_clone_fd().unwrap())
+        .write_all_at(b"vhost-user", PAGE)
+        .unwrap();
+    sealed.seal_size().unwrap();
+    let fd = sealed.as_fd();
+    let einval = Some(libc::EINVAL);
+    // Another region, misaligned fields, past the end, zero length.
+    assert_eq!(errno(svc.shmem_map(&mmap_req(2, 0, PAGE, 0), &fd)), einval);
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 100, PAGE, 0), &fd)),
+        einval
+    );
+    assert_eq!(errno(svc.shmem_map(&mmap_req(1, 0, 100, 0), &fd)), einval);
+    assert_eq!(errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 1), &fd)), einval);
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, REGION, PAGE, 0), &fd)),
+        einval
+    );
+    assert_eq!(errno(svc.shmem_map(&mmap_req(1, 0, 0, 0), &fd)), einval);
+    // Longer than the file.
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, 8 * PAGE, 0), &fd)),
+        einval
+    );
+    // A file that can shrink under the mapping.
+    let unsealed = SharedMemory::new("unsealed", PAGE).unwrap();
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &unsealed.as_fd())),
+        einval
+    );
+    // Not a regular file.
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &a.as_fd())),
+        einval
+    );
+    assert_eq!(hm.live(), 0, "nothing placed by a refused request");
+    // A good one is placed in the window before the ack.
+    assert_eq!(
+        svc.shmem_map(&mmap_req(1, 8 * PAGE, 2 * PAGE, PAGE), &fd)
+            .unwrap(),
+        0
+    );
+    let mut b = [0u8; 10];
+    hm.window().read(8 * PAGE, &mut b).unwrap();
+    assert_eq!(&b, b"vhost-user");
+    // Overlap with it.
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 9 * PAGE, PAGE, 0), &fd)),
+        einval
+    );
+    // Unmap must name exactly the placement.
+    assert_eq!(
+        errno(svc.shmem_unmap(&mmap_req(1, 8 * PAGE, PAGE, 0))),
+        einval
+    );
+    assert_eq!(
+        errno(svc.shmem_unmap(&mmap_req(1, 9 * PAGE, PAGE, 0))),
+        einval
+    );
+    assert_eq!(
+        errno(svc.shmem_unmap(&mmap_req(2, 8 * PAGE, 2 * PAGE, 0))),
+        einval
+    );
+    assert_eq!(
+        svc.shmem_unmap(&mmap_req(1, 8 * PAGE, 2 * PAGE, 0))
+            .unwrap(),
+        0
+    );
+    hm.window().read(8 * PAGE, &mut b).unwrap();
+    assert_eq!(b, [0u8; 10], "background again before the ack");
+    assert_eq!(hm.live(), 0);
+    hm.audit().unwrap();
+    let c = hm.counters();
+    assert_eq!((c.maps_ok, c.unmaps_ok), (1, 1));
+}
+
+#[test]
+fn bench_runs_the_vhost_user_case_with_one_memslot() {
+    let _g = common::serial();
+    if !common::kvm() {
+        return;
+    }
+    use hostmem_vmm::bench::{self, BenchOptions, CaseKind};
+    let mut o = BenchOptions::tiny(common::device_config());
+    o.cases = vec![CaseKind::Floor, CaseKind::FixedSandboxed];
+    o.vhost_user = true;
+    o.cold_starts = 1;
+    let r = bench::run(&o).expect("bench");
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let c = r
+        .case(hostmem_vmm::bench::vhost_user::NAME)
+        .expect("the case ran");
+    assert!(c.failed.is_none(), "{:?}", c.failed);
+    let per_level = (o.rounds * o.batch) as u64;
+    assert_eq!(c.cycles, per_level);
+    let cycles: u64 = c.sweep.iter().map(|p| p.cycles).sum();
+    assert_eq!(cycles, per_level * o.levels.len() as u64);
+    let ch = &c.checks;
+    assert_eq!(
+        (ch.guest_mismatches, ch.stale_reads, ch.host_mismatches),
+        (0, 0, 0)
+    );
+    assert_eq!(c.guest_holes, 0);
+    // Warm-up: 2 guest reads per blob, then 2 per timed cycle; the host saw the warm-up.
+    assert_eq!(ch.guest_verified, 2 * o.blobs as u64 + 2 * cycles, "{ch:?}");
+    assert_eq!(ch.host_verified, 2 * o.blobs as u64);
+    assert_eq!(c.memslot_changes, 1);
+    assert!(c.peak_live > *o.levels.iter().max().unwrap());
+    let cyc = |n: &str| r.case(n).unwrap().cycle_us.p50;
+    assert_eq!(
+        r.ratios["vhost_user_vs_floor"],
+        cyc(hostmem_vmm::bench::vhost_user::NAME) / cyc("floor")
+    );
+    assert_eq!(
+        r.ratios["vhost_user_vs_fixed_sandboxed"],
+        cyc(hostmem_vmm::bench::vhost_user::NAME) / cyc("fixed-sandboxed")
+    );
+    assert!(bench::render(&r).contains("vhost-user-sandboxed"));
 }

@@ -36,6 +36,7 @@ fn virgl_run_jailed_guest_sees_what_the_renderer_sees() {
         }
     };
     let opts = RunOptions {
+        transport: Default::default(),
         mode: Mode::Fixed,
         window: 64 << 20,
         blobs: 150,

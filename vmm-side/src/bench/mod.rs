@@ -12,6 +12,7 @@
 //! | `fixed-sandboxed` | the product: jailed device, commands on its real virtqueue (the host-side [`QueueDriver`](crate::queue_driver::QueueDriver)), tubes, validation, mirror placement in both processes |
 //! | `slot-sandboxed` | the same path with a memslot per blob |
 //! | `fixed-sandboxed-pipelined` | as `fixed-sandboxed`, with `queue_depth` commands in flight |
+//! | `vhost-user-sandboxed` | as `fixed-sandboxed` over vhost-user (`SHMEM_MAP` into the VMM's window), run with it ([`vhost_user`]) |
 //!
 //! Every case owns a VM whose window is read by a ring-3 [`GuestProbe`](crate::probe::GuestProbe) vCPU. One cycle is
 //! MAP_BLOB (timed), the guest reads the blob (must see its pattern), UNMAP_BLOB (timed), the
@@ -37,6 +38,7 @@ mod limits;
 mod plot;
 mod report;
 mod runner;
+pub mod vhost_user;
 
 pub use cases::{BlobSpec, CaseKind, InprocPlacer, Workload};
 pub use limits::run_limits;
@@ -89,6 +91,8 @@ pub struct BenchOptions {
     pub device: DeviceConfig,
     /// Progress on stderr when it is a terminal.
     pub show_progress: bool,
+    /// Also run `vhost-user-sandboxed` (when `fixed-sandboxed` runs; [`vhost_user`]).
+    pub vhost_user: bool,
 }
 
 impl BenchOptions {
@@ -113,6 +117,7 @@ impl BenchOptions {
             limit_seconds: 60.0,
             device,
             show_progress: true,
+            vhost_user: true,
         }
     }
 
@@ -147,6 +152,7 @@ impl BenchOptions {
             limit_cap: 64,
             limit_seconds: 10.0,
             show_progress: false,
+            vhost_user: false,
             ..BenchOptions::full(device)
         }
     }

@@ -17,6 +17,7 @@ use super::report::{
     lat, ratios, targets, BenchReport, CaseReport, Checks, DeviceMemory, Machine, OptionsReport,
     RemapReport, SweepPoint,
 };
+use super::vhost_user::{self, VhostUserCase};
 use super::BenchOptions;
 use crate::device::{Device, DeviceConfig};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
@@ -430,6 +431,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             CaseRun::setup(*k, opts, &wl).with_context(|| format!("setting up {}", k.name()))?,
         );
     }
+    let mut vhost_user = match VhostUserCase::wanted(opts) {
+        true => VhostUserCase::setup(opts, &wl)
+            .map_err(|e| errors.push(format!("{}: setup: {e:#}", vhost_user::NAME)))
+            .ok(),
+        false => None,
+    };
     let cold_hm = Arc::new(Hostmem::new(
         8 << 20,
         None,
@@ -457,6 +464,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 c.failed = Some(format!("background {level}: {e:#}"));
             }
         }
+        if let Some(v) = vhost_user.as_mut() {
+            v.set_background(level, &wl);
+        }
         for r in 0..opts.rounds {
             let n = cases.len();
             for j in 0..n {
@@ -468,6 +478,9 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                     log::error!("{}: {e:#}", c.kind.name());
                     c.failed = Some(format!("{e:#}"));
                 }
+            }
+            if let Some(v) = vhost_user.as_mut() {
+                v.batch(opts, &wl);
             }
             if cold_ms.len() + errors.len() < opts.cold_starts {
                 timed_start(&mut cold_ms, &mut idle_rss, &mut errors);
@@ -547,6 +560,13 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         });
     }
     drop(cases);
+    if let Some(v) = vhost_user.take() {
+        let r = v.report();
+        if let Some(f) = &r.failed {
+            errors.push(format!("{}: {f}", r.name));
+        }
+        reports.push(r);
+    }
     let limits = if opts.limits {
         progress(show, 0, 1, "limits");
         let r = run_limits(opts);
@@ -558,7 +578,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         vec![]
     };
     let cold = lat(&cold_ms);
-    let ratios = ratios(&reports);
+    let mut ratios = ratios(&reports);
+    vhost_user::add_ratios(&reports, &mut ratios);
     let targets = targets(&reports, &ratios, (!cold_ms.is_empty()).then_some(cold.p50));
     Ok(BenchReport {
         machine: machine(),

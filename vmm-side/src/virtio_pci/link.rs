@@ -1,60 +1,164 @@
-//! The link to the device process: attaching a (new) device, queue enables and resets sent
-//! over the transport tube, each answered before the guest's access completes.
+//! The link to the device process: the [`DeviceLink`] trait and its native implementation
+//! [`TubeLink`] (the transport tube), and attaching a (new) device, queue enables and
+//! resets sent over the link, each answered before the guest's access completes.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use hostmem_base::kvm::eventfd_as_fd;
+use hostmem_base::kvm::{eventfd_as_fd, EventFd};
 use hostmem_ipc::protocol::{GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply};
 use hostmem_ipc::Tube;
 
 use super::{status, Error, VirtioPciGpu, VirtioState, NUM_QUEUES, VIRTIO_F_RING_EVENT_IDX};
 
-/// The attached device.
+/// The transport's link to the device: what it must tell the device process when the guest
+/// sets the device up. Every call completes only when the device has answered.
+pub trait DeviceLink: Send + std::fmt::Debug {
+    /// Short name for logs and reports (`transport-tube`, `vhost-user`).
+    fn name(&self) -> &'static str;
+    /// Guest RAM: the regions and their memfds (sent once per device, at attach).
+    fn guest_memory(
+        &mut self,
+        regions: &[GuestRegion],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error>;
+    /// The driver enabled queue `setup.index` with these ring addresses (guest-physical);
+    /// `driver_features` are the features it accepted. `kick`/`call` are bound in KVM and
+    /// stay the transport's.
+    fn queue_enable(
+        &mut self,
+        setup: &QueueSetup,
+        driver_features: u64,
+        kick: &EventFd,
+        call: &EventFd,
+    ) -> Result<(), Error>;
+    /// Device status 0: the device drops every queue, context and blob.
+    fn reset(&mut self) -> Result<(), Error>;
+    /// The device's virtqueue counters.
+    fn stats(&self) -> Result<QueueStats, Error>;
+}
+
+/// The native link: [`TransportMsg`]s over the transport tube.
 #[derive(Debug)]
-pub(super) struct Link {
+pub struct TubeLink {
     tube: Arc<Tube>,
     /// One request/reply exchange at a time (`stats` takes `&self`).
     exchange: Mutex<()>,
+    seq: AtomicU64,
+}
+
+impl TubeLink {
+    /// A link over `tube`, each exchange bounded by `timeout`.
+    pub fn new(tube: Arc<Tube>, timeout: Duration) -> Result<TubeLink, Error> {
+        tube.set_recv_timeout(Some(timeout))
+            .map_err(Error::Timeouts)?;
+        tube.set_send_timeout(Some(timeout))
+            .map_err(Error::Timeouts)?;
+        Ok(TubeLink {
+            tube,
+            exchange: Mutex::new(()),
+            seq: AtomicU64::new(1),
+        })
+    }
+}
+
+impl DeviceLink for TubeLink {
+    fn name(&self) -> &'static str {
+        "transport-tube"
+    }
+
+    fn guest_memory(
+        &mut self,
+        regions: &[GuestRegion],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), Error> {
+        let regions = regions.to_vec();
+        let reply = request(
+            self,
+            "GuestMemory",
+            |seq| TransportMsg::GuestMemory { seq, regions },
+            fds,
+        )?;
+        done(reply, "GuestMemory")
+    }
+
+    fn queue_enable(
+        &mut self,
+        setup: &QueueSetup,
+        _driver_features: u64,
+        kick: &EventFd,
+        call: &EventFd,
+    ) -> Result<(), Error> {
+        let fds = [eventfd_as_fd(kick), eventfd_as_fd(call)];
+        let queue = *setup;
+        request(
+            self,
+            "QueueEnable",
+            |seq| TransportMsg::QueueEnable { seq, queue },
+            &fds,
+        )
+        .and_then(|r| done(r, "QueueEnable"))
+    }
+
+    fn reset(&mut self) -> Result<(), Error> {
+        request(self, "Reset", |seq| TransportMsg::Reset { seq }, &[])
+            .and_then(|r| done(r, "Reset"))
+    }
+
+    fn stats(&self) -> Result<QueueStats, Error> {
+        match request(self, "Stats", |seq| TransportMsg::Stats { seq }, &[])? {
+            TransportReply::Stats { stats, .. } => Ok(stats),
+            TransportReply::Done {
+                error: Some(reason),
+                ..
+            } => Err(Error::Refused {
+                what: "Stats",
+                reason,
+            }),
+            other => Err(Error::UnexpectedReply {
+                what: "Stats",
+                seq: reply_seq(&other),
+                got: format!("{other:?}"),
+            }),
+        }
+    }
 }
 
 impl VirtioPciGpu {
-    /// A (new) device: remember the transport tube and num_capsets, send GuestMemory and
-    /// wait for Done. Queues the guest enabled while no device was attached are then sent
-    /// (unless the status says DEVICE_NEEDS_RESET: the driver must reset first). On an
-    /// error the device is not attached.
+    /// A (new) device behind its transport tube: [`VirtioPciGpu::attach_link`] with a
+    /// [`TubeLink`] whose exchanges are bounded by the reply timeout.
     pub fn attach(&mut self, transport: Arc<Tube>, num_capsets: u32) -> Result<(), Error> {
+        let link = TubeLink::new(transport, self.reply_timeout)?;
+        self.attach_link(Box::new(link), num_capsets)
+    }
+
+    /// A (new) device: remember its link and num_capsets, send guest RAM and wait for the
+    /// answer. Queues the guest enabled while no device was attached are then sent (unless
+    /// the status says DEVICE_NEEDS_RESET: the driver must reset first). On an error the
+    /// device is not attached.
+    pub fn attach_link(
+        &mut self,
+        mut link: Box<dyn DeviceLink>,
+        num_capsets: u32,
+    ) -> Result<(), Error> {
         if self.link.is_some() {
             log::warn!("virtio-pci: a device attaches while another is attached; replacing it");
             self.detach();
         }
-        transport
-            .set_recv_timeout(Some(self.reply_timeout))
-            .map_err(Error::Timeouts)?;
-        transport
-            .set_send_timeout(Some(self.reply_timeout))
-            .map_err(Error::Timeouts)?;
-        let link = Link {
-            tube: transport,
-            exchange: Mutex::new(()),
-        };
         let regions: Vec<GuestRegion> = self.guest_ram.iter().map(|(r, _)| *r).collect();
         let fds: Vec<BorrowedFd<'_>> = self.guest_ram.iter().map(|(_, fd)| fd.as_fd()).collect();
-        let reply = request(
-            &link,
-            &self.seq,
-            "GuestMemory",
-            |seq| TransportMsg::GuestMemory { seq, regions },
-            &fds,
-        )?;
-        done(reply, "GuestMemory")?;
+        link.guest_memory(&regions, &fds)?;
         if num_capsets != self.num_capsets {
             self.num_capsets = num_capsets;
             self.config_changed();
         }
+        log::info!(
+            "virtio-pci: device attached over {} ({num_capsets} capsets)",
+            link.name()
+        );
         self.link = Some(link);
-        log::info!("virtio-pci: device attached ({num_capsets} capsets)");
         if !self.v.needs_reset {
             for index in 0..NUM_QUEUES {
                 let pending = self.queue(index).is_some_and(|q| q.enabled && !q.live);
@@ -89,28 +193,7 @@ impl VirtioPciGpu {
 
     /// The device's QueueStats (TransportMsg::Stats), when attached.
     pub fn stats(&self) -> Result<QueueStats, Error> {
-        let link = self.link.as_ref().ok_or(Error::NotAttached)?;
-        match request(
-            link,
-            &self.seq,
-            "Stats",
-            |seq| TransportMsg::Stats { seq },
-            &[],
-        )? {
-            TransportReply::Stats { stats, .. } => Ok(stats),
-            TransportReply::Done {
-                error: Some(reason),
-                ..
-            } => Err(Error::Refused {
-                what: "Stats",
-                reason,
-            }),
-            other => Err(Error::UnexpectedReply {
-                what: "Stats",
-                seq: reply_seq(&other),
-                got: format!("{other:?}"),
-            }),
-        }
+        self.link.as_ref().ok_or(Error::NotAttached)?.stats()
     }
 
     /// Whether `gpa..gpa + len` lies inside one guest RAM region.
@@ -179,8 +262,8 @@ impl VirtioPciGpu {
     /// device needs a reset; on a tube failure the device is detached as well.
     fn send_queue_enable(&mut self, index: u16) {
         let (Some(link), Some(q), Some(ev)) = (
-            self.link.as_ref(),
-            self.queue(index).copied(),
+            self.link.as_mut(),
+            self.v.queues.get(usize::from(index)).copied(),
             self.events.get(usize::from(index)),
         ) else {
             return;
@@ -193,15 +276,7 @@ impl VirtioPciGpu {
             used: q.device,
             event_idx: self.v.driver_features & VIRTIO_F_RING_EVENT_IDX != 0,
         };
-        let fds = [eventfd_as_fd(&ev.kick), eventfd_as_fd(&ev.call)];
-        let got = request(
-            link,
-            &self.seq,
-            "QueueEnable",
-            |seq| TransportMsg::QueueEnable { seq, queue: setup },
-            &fds,
-        )
-        .and_then(|r| done(r, "QueueEnable"));
+        let got = link.queue_enable(&setup, self.v.driver_features, &ev.kick, &ev.call);
         match got {
             Ok(()) => {
                 if let Some(q) = self.v.queues.get_mut(usize::from(index)) {
@@ -227,16 +302,8 @@ impl VirtioPciGpu {
     /// Device status 0: the device drops everything (the write completes only after its
     /// Done), then every virtio register is back to its initial value.
     pub(super) fn reset(&mut self) {
-        if let Some(link) = &self.link {
-            let got = request(
-                link,
-                &self.seq,
-                "Reset",
-                |seq| TransportMsg::Reset { seq },
-                &[],
-            )
-            .and_then(|r| done(r, "Reset"));
-            if let Err(e) = got {
+        if let Some(link) = self.link.as_mut() {
+            if let Err(e) = link.reset() {
                 // The driver polls the status for 0 after a reset, so it must read 0 even so;
                 // the device's next answer (or its supervisor) tells what became of it.
                 log::error!("virtio-pci: device reset failed: {e}");
@@ -255,14 +322,13 @@ fn reply_seq(r: &TransportReply) -> u64 {
 /// One exchange: send, then wait for the reply with the same seq (older replies, left by
 /// an exchange that timed out, are skipped).
 fn request(
-    link: &Link,
-    seq_counter: &AtomicU64,
+    link: &TubeLink,
     what: &'static str,
     msg: impl FnOnce(u64) -> TransportMsg,
     fds: &[BorrowedFd<'_>],
 ) -> Result<TransportReply, Error> {
     let _one_at_a_time = link.exchange.lock().unwrap_or_else(|p| p.into_inner());
-    let seq = seq_counter.fetch_add(1, Ordering::Relaxed);
+    let seq = link.seq.fetch_add(1, Ordering::Relaxed);
     link.tube
         .send(&msg(seq), fds)
         .map_err(|source| Error::Send { what, source })?;

@@ -32,13 +32,17 @@
 //!
 //! The transport is the only reader of the transport tube (it waits for each reply).
 //!
+//! The link to the device is a [`DeviceLink`]: [`TubeLink`] (the transport tube to a device
+//! started by [`crate::device::Device`]) or `crate::vhost_frontend::VhostUserLink` (the
+//! same messages as vhost-user requests to a device serving vhost-user). Everything the
+//! guest sees (config space, BAR0, the queue registers, resets) is this one shared code.
+//!
 //! Files: this one holds the layout, the errors, the state and the accessors;
 //! `config_space.rs` the PCI configuration space, `bar0.rs` the registers in BAR0 (common
-//! configuration, ISR, device configuration, notify), `link.rs` the exchanges with the
-//! device process.
+//! configuration, ISR, device configuration, notify), `link.rs` the [`DeviceLink`] trait, the
+//! native [`TubeLink`] and the exchanges with the device process.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,7 +54,7 @@ mod bar0;
 mod config_space;
 mod link;
 
-use link::Link;
+pub use link::{DeviceLink, TubeLink};
 
 /// PCI vendor id (Red Hat, virtio).
 pub const VENDOR_ID: u16 = 0x1af4;
@@ -290,6 +294,17 @@ pub enum Error {
         /// Its reason.
         reason: String,
     },
+    /// The link to the device failed (a vhost-user socket error, a hang-up, a timeout).
+    #[error("{what} to the device: {reason}")]
+    Link {
+        /// Which message.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The link has no such operation (e.g. virtqueue counters over vhost-user).
+    #[error("{0} is not available over this link")]
+    Unsupported(&'static str),
 }
 
 /// How the transport hands its eventfds to the hypervisor: kick eventfds become ioeventfds
@@ -390,8 +405,7 @@ pub struct VirtioPciGpu {
     bar2_size: u64,
     guest_ram: Vec<(GuestRegion, OwnedFd)>,
     events: Vec<QueueEvents>,
-    link: Option<Link>,
-    seq: AtomicU64,
+    link: Option<Box<dyn DeviceLink>>,
     reply_timeout: Duration,
     /// Last num_capsets a device reported (the device cfg keeps it while detached).
     num_capsets: u32,
@@ -448,7 +462,6 @@ impl VirtioPciGpu {
             guest_ram,
             events: Vec::new(),
             link: None,
-            seq: AtomicU64::new(1),
             reply_timeout: REPLY_TIMEOUT,
             num_capsets: 0,
             config_generation: 0,

@@ -7,6 +7,11 @@
 //! PCI and BAR0 exits ([`crate::virtio_pci`]), the device's placement events
 //! ([`crate::service`]) and the device's life (restart policy, fault injection, resource
 //! accounting at the guest's warm-up and drain events).
+//!
+//! Two transports reach the same jailed device binary through the same virtio-pci code:
+//! `virtio-pci` (hostmem's own transport tube and mapping tube, [`crate::device`]) and
+//! `vhost-user` (the device as a vhost-user backend, the VMM its frontend placing every
+//! `SHMEM_MAP` in the window, [`crate::vhost_frontend`]).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -18,12 +23,17 @@ use hostmem_base::kvm::Vm;
 use hostmem_base::procfs;
 use serde::Serialize;
 
-use crate::device::{Device, DeviceConfig, DeviceExit, DeviceFacts};
+use crate::device::{DeviceConfig, DeviceExit, DeviceFacts};
 use crate::guest::{GuestEvent, GuestParams, GuestVm};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 pub use crate::latency::Latency;
 use crate::resources::{Usage, UsageCheck};
 use crate::virtio_pci::{PciLayout, VirtioPciGpu};
+
+mod session;
+
+pub use session::Transport;
+use session::{add_stats, connect, Session};
 
 const PAGE: u64 = 4096;
 /// virgl backend: the venus capset; the workload's blobs are venus SHM blobs (blob_id 0,
@@ -65,6 +75,8 @@ impl std::str::FromStr for Restart {
 /// Options of a run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// How the transport reaches the device.
+    pub transport: Transport,
     /// Placement mode.
     pub mode: Mode,
     /// Window size in bytes.
@@ -98,7 +110,8 @@ pub struct Report {
     pub mode: &'static str,
     /// Backend.
     pub backend: String,
-    /// How the guest reaches the device: `virtio-pci`.
+    /// How the VMM reaches the device: `virtio-pci` (transport and mapping tubes) or
+    /// `vhost-user` (the VMM as vhost-user frontend). The guest sees virtio-pci either way.
     pub transport: &'static str,
     /// Window size.
     pub window_bytes: u64,
@@ -231,37 +244,6 @@ pub struct VirtqueueReport {
     pub notify_exits: u64,
 }
 
-/// One device and its transport attachment.
-struct Session {
-    device: Device,
-}
-
-fn connect(
-    opts: &RunOptions,
-    hostmem: &Arc<Hostmem>,
-    pci: &mut VirtioPciGpu,
-) -> anyhow::Result<Session> {
-    let device = Device::start(&opts.device, hostmem.clone())?;
-    if let Err(e) = pci.attach(device.transport(), device.facts().num_capsets) {
-        let exit = device.stop("the transport could not attach it");
-        anyhow::bail!("attaching the device to the virtio-pci transport: {e} ({exit:?})");
-    }
-    Ok(Session { device })
-}
-
-/// Adds the device's virtqueue counters to `vq` (before it stops).
-fn add_stats(pci: &VirtioPciGpu, vq: &mut VirtqueueReport) {
-    match pci.stats() {
-        Ok(s) => {
-            vq.kicks += s.kicks;
-            vq.chains += s.chains;
-            vq.bad_chains += s.bad_chains;
-            vq.interrupts += s.interrupts;
-        }
-        Err(e) => log::debug!("virtqueue stats: {e}"),
-    }
-}
-
 /// Runs the workload and returns its report.
 pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let t0 = Instant::now();
@@ -322,10 +304,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let mut session = Some(connect(opts, &hostmem, &mut pci)?);
     let mut facts = session
         .as_ref()
-        .map(|s| s.device.facts().clone())
+        .map(|s| s.facts().clone())
         .unwrap_or_default();
     let mut usage = UsageCheck::default();
-    let device_usage = |s: &Session| Usage::of(&s.device.pid().to_string());
+    let device_usage = |s: &Session| Usage::of(&s.pid().to_string());
     let mut vq = VirtqueueReport::default();
     let slots_at_start = hostmem.memslot_changes();
     let mut warm_up_slots = 0;
@@ -389,10 +371,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                         killed = true;
                         log::warn!(
                             "fault injection: SIGKILL to device pid {} with {} live placements",
-                            s.device.pid(),
+                            s.pid(),
                             hostmem.live()
                         );
-                        s.device.kill(libc::SIGKILL);
+                        s.kill(libc::SIGKILL);
                     }
                 }
             }
@@ -451,15 +433,19 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }
         if lost.is_none() {
             if let Some(s) = &session {
-                if s.device.has_ended() {
+                if s.has_ended() {
                     lost = Some("the device ended".into());
+                } else if matches!(s, Session::VhostUser(_)) && !pci.is_attached() {
+                    // The main socket broke (the device closes it on a protocol error and
+                    // waits for the next frontend): restart it.
+                    lost = Some("the vhost-user connection broke".into());
                 }
             }
         }
         let Some(why) = lost else { continue };
         let Some(s) = session.take() else { continue };
         add_stats(&pci, &mut vq);
-        let exit = s.device.stop(&why);
+        let exit = s.stop(&why);
         pci.detach();
         exits_violations(&mut violations, &exit);
         if hostmem.live() != 0 {
@@ -473,7 +459,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                     Ok(s) => {
                         // Its usage baseline is taken when the guest has set it up
                         // (GuestEvent::Reinitialised).
-                        facts = s.device.facts().clone();
+                        facts = s.facts().clone();
                         session = Some(s);
                     }
                     Err(e) => {
@@ -494,10 +480,16 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let results = guest.results()?;
     if let Some(s) = session.take() {
         add_stats(&pci, &mut vq);
-        let exit = s.device.finish("run finished");
+        // A vhost-user backend serves until it is killed: it ended cleanly if it was still
+        // serving when the run ended it.
+        let serving = match &s {
+            Session::Native(_) => None,
+            Session::VhostUser(d) => Some(!d.has_ended()),
+        };
+        let exit = s.finish("run finished");
         pci.detach();
         exits_violations(&mut violations, &exit);
-        if exit.code != Some(0) {
+        if !serving.unwrap_or(exit.code == Some(0)) {
             errors.push(format!("device did not exit cleanly at the end: {exit:?}"));
         }
     }
@@ -534,7 +526,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let report = Report {
         mode: opts.mode.name(),
         backend: opts.device.backend.clone(),
-        transport: "virtio-pci",
+        transport: opts.transport.name(),
         window_bytes: opts.window,
         seed: opts.seed,
         blobs_mapped: results.blobs_mapped,

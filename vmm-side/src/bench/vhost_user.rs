@@ -1,0 +1,325 @@
+//! `hostmem bench`'s `vhost-user-sandboxed` case: one map+unmap cycle through the same
+//! jailed device binary served over **vhost-user**, with the VMM as its frontend
+//! ([`crate::vhost_frontend`]): `MAP_BLOB` on the device's virtqueue → `SHMEM_MAP` with the
+//! blob fd on the backend channel → every mapping-service check and MAP_FIXED in the VMM's
+//! one-memslot window → ack → used ring. Measured like `fixed-sandboxed` (same blobs, same
+//! host-side [`QueueDriver`] and guest checks, interleaved in the same rounds) so the two
+//! differ only in the transport: the mirror placement and the mapping tube's pipelined
+//! verdicts on one side, `SHMEM_MAP` with `REPLY_ACK` on the other. The remap test is not
+//! run for it.
+//!
+//! Kept in a file of its own so that the runner only calls it (see [`VhostUserCase`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context};
+use hostmem_base::kvm::Vm;
+use hostmem_device::backend::shm::{encode_stream, ShmOp};
+
+use super::{BenchOptions, BlobSpec, CaseKind, CaseReport, Checks, SweepPoint, Workload};
+use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
+use crate::latency::Latency;
+use crate::probe::{GuestProbe, ProbeRead};
+use crate::queue_driver::QueueDriver;
+use crate::vhost_frontend::VhostUserDevice;
+use crate::virtio_pci::REPLY_TIMEOUT;
+
+/// The case's name in reports.
+pub const NAME: &str = "vhost-user-sandboxed";
+/// The context the case's blobs live in.
+const CTX: u32 = 1;
+
+#[derive(Debug, Default, Clone)]
+struct Samples {
+    map_us: Vec<f64>,
+    unmap_us: Vec<f64>,
+    cycle_us: Vec<f64>,
+    refault_us: Vec<f64>,
+    cycles: u64,
+    op_seconds: f64,
+    memslot_changes: u64,
+}
+
+fn lat(v: &[f64]) -> Latency {
+    let mut v = v.to_vec();
+    Latency::of(&mut v)
+}
+
+fn us(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The case: its VM, window, guest probe, device and driver.
+pub struct VhostUserCase {
+    hostmem: Arc<Hostmem>,
+    probe: GuestProbe,
+    driver: Option<QueueDriver>,
+    device: Option<VhostUserDevice>,
+    cursor: usize,
+    bg_live: usize,
+    bg_created: usize,
+    checks: Checks,
+    levels: Vec<(usize, Samples)>,
+    failed: Option<String>,
+}
+
+impl VhostUserCase {
+    /// Whether the bench runner should run it: asked for, alongside `fixed-sandboxed`.
+    pub fn wanted(opts: &BenchOptions) -> bool {
+        opts.vhost_user && opts.cases.contains(&CaseKind::FixedSandboxed)
+    }
+
+    /// A VM with the window in fixed mode, its guest probe, the jailed device over
+    /// vhost-user, the workload's blobs created and one warm-up cycle checked by host and
+    /// guest.
+    pub fn setup(opts: &BenchOptions, wl: &Workload) -> anyhow::Result<VhostUserCase> {
+        let vm = Arc::new(Vm::open()?);
+        let hostmem = Arc::new(Hostmem::new(
+            opts.window,
+            Some(vm.clone()),
+            DEFAULT_WINDOW_GPA,
+            Mode::Fixed,
+            Limits::default(),
+        )?);
+        let ram = (opts.working_set + (4 << 20)) as usize;
+        let probe = GuestProbe::new(vm, DEFAULT_WINDOW_GPA, opts.window, ram)?;
+        let mut device = VhostUserDevice::start(&opts.device, hostmem.clone(), REPLY_TIMEOUT)
+            .context("starting the vhost-user device")?;
+        let mut driver = QueueDriver::new(device.transport()?)?;
+        driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
+        let mut c = VhostUserCase {
+            hostmem,
+            probe,
+            driver: Some(driver),
+            device: Some(device),
+            cursor: 0,
+            bg_live: 0,
+            bg_created: 0,
+            checks: Checks::default(),
+            levels: vec![],
+            failed: None,
+        };
+        for b in &wl.cycling {
+            c.create(b)?;
+        }
+        for b in &wl.cycling {
+            c.map(b)?;
+            c.host_check(b, true)?;
+            c.guest_check(b, true)?;
+            c.unmap(b)?;
+            c.host_check(b, false)?;
+            c.guest_check(b, false)?;
+        }
+        c.probe.touch_ram(opts.working_set)?;
+        Ok(c)
+    }
+
+    fn driver(&mut self) -> anyhow::Result<&mut QueueDriver> {
+        self.driver.as_mut().ok_or_else(|| anyhow!("driver gone"))
+    }
+
+    fn create(&mut self, b: &BlobSpec) -> anyhow::Result<()> {
+        let d = self.driver()?;
+        d.create_blob(CTX, b.res, 0, b.size)
+            .with_context(|| format!("CREATE_BLOB {}", b.res))?;
+        let fill = encode_stream(&[ShmOp::Fill {
+            resource_id: b.res,
+            offset: 0,
+            len: b.size,
+            seed: b.seed,
+        }]);
+        d.submit_3d(CTX, fill)
+            .with_context(|| format!("SUBMIT_3D fill {}", b.res))?;
+        Ok(())
+    }
+
+    fn map(&mut self, b: &BlobSpec) -> anyhow::Result<()> {
+        self.driver()?
+            .map_blob(CTX, b.res, b.offset)
+            .with_context(|| format!("MAP_BLOB {} at {:#x}", b.res, b.offset))?;
+        Ok(())
+    }
+
+    fn unmap(&mut self, b: &BlobSpec) -> anyhow::Result<()> {
+        self.driver()?
+            .unmap_blob(CTX, b.res)
+            .with_context(|| format!("UNMAP_BLOB {}", b.res))?;
+        Ok(())
+    }
+
+    /// The VMM's own window shows the blob, then zeros.
+    fn host_check(&mut self, b: &BlobSpec, mapped: bool) -> anyhow::Result<()> {
+        let mut q = [0u8; 8];
+        self.hostmem.window().read(b.offset, &mut q)?;
+        let want = if mapped { b.first_qword() } else { 0 };
+        if u64::from_le_bytes(q) == want {
+            self.checks.host_verified += 1;
+        } else {
+            self.checks.host_mismatches += 1;
+        }
+        Ok(())
+    }
+
+    /// The guest sees the blob after a map and the background after an unmap.
+    fn guest_check(&mut self, b: &BlobSpec, mapped: bool) -> anyhow::Result<()> {
+        let read = self.probe.read_u64(b.offset)?;
+        let c = &mut self.checks;
+        match (read, mapped) {
+            (ProbeRead::Value(v), true) if v == b.first_qword() => c.guest_verified += 1,
+            (ProbeRead::Value(0), false) => c.guest_verified += 1,
+            (ProbeRead::Value(0), true) => c.stale_reads += 1,
+            (ProbeRead::Value(v), false) if v == b.first_qword() => c.stale_reads += 1,
+            (ProbeRead::Hole { .. }, _) => c.guest_holes += 1,
+            (ProbeRead::Value(_), _) => c.guest_mismatches += 1,
+        }
+        Ok(())
+    }
+
+    /// `n` background blobs mapped (as the other cases' levels).
+    pub fn set_background(&mut self, n: usize, wl: &Workload) {
+        if self.failed.is_some() {
+            return;
+        }
+        let r = (|| -> anyhow::Result<()> {
+            while self.bg_live < n {
+                let b = *wl
+                    .background
+                    .get(self.bg_live)
+                    .ok_or_else(|| anyhow!("no background blob {}", self.bg_live))?;
+                if self.bg_created <= self.bg_live {
+                    self.create(&b)?;
+                    self.bg_created += 1;
+                }
+                self.map(&b)?;
+                self.bg_live += 1;
+            }
+            while self.bg_live > n {
+                let b = wl.background[self.bg_live - 1];
+                self.unmap(&b)?;
+                self.bg_live -= 1;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            self.failed = Some(format!("background {n}: {e:#}"));
+        }
+    }
+
+    fn samples(&mut self) -> &mut Samples {
+        if self.levels.last().map(|(l, _)| *l) != Some(self.bg_live) {
+            self.levels.push((self.bg_live, Samples::default()));
+        }
+        &mut self.levels.last_mut().expect("just pushed").1
+    }
+
+    /// One batch of `opts.batch` cycles, timed like `fixed-sandboxed`'s.
+    pub fn batch(&mut self, opts: &BenchOptions, wl: &Workload) {
+        if self.failed.is_some() {
+            return;
+        }
+        let slots0 = self.hostmem.memslot_changes();
+        let r = (|| -> anyhow::Result<()> {
+            for _ in 0..opts.batch {
+                let b = wl.cycling[self.cursor % wl.cycling.len()];
+                self.cursor += 1;
+                let t = Instant::now();
+                self.map(&b)?;
+                let m = t.elapsed();
+                self.guest_check(&b, true)?;
+                let t = Instant::now();
+                self.unmap(&b)?;
+                let u = t.elapsed();
+                self.guest_check(&b, false)?;
+                let rf = self.probe.touch_ram(opts.working_set)?;
+                let s = self.samples();
+                s.map_us.push(us(m));
+                s.unmap_us.push(us(u));
+                s.cycle_us.push(us(m + u));
+                s.refault_us.push(us(rf));
+                s.cycles += 1;
+                s.op_seconds += (m + u).as_secs_f64();
+            }
+            Ok(())
+        })();
+        let d = self.hostmem.memslot_changes() - slots0;
+        self.samples().memslot_changes += d;
+        if let Err(e) = r {
+            log::error!("{NAME}: {e:#}");
+            self.failed = Some(format!("{e:#}"));
+        }
+    }
+
+    /// Stops the device and reports the case (first level as the headline, as the others).
+    pub fn report(mut self) -> CaseReport {
+        drop(self.driver.take());
+        if let Some(d) = self.device.take() {
+            d.finish_with("bench done", log::Level::Debug);
+        }
+        let first = self
+            .levels
+            .first()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default();
+        let timed: u64 = self.levels.iter().map(|(_, s)| s.cycles).sum();
+        let slot_changes: u64 = self.levels.iter().map(|(_, s)| s.memslot_changes).sum();
+        CaseReport {
+            name: NAME,
+            mode: Mode::Fixed.name(),
+            map_us: lat(&first.map_us),
+            unmap_us: lat(&first.unmap_us),
+            cycle_us: lat(&first.cycle_us),
+            cycles_per_s: if first.op_seconds > 0.0 {
+                first.cycles as f64 / first.op_seconds
+            } else {
+                0.0
+            },
+            cycles: first.cycles,
+            memslot_changes: self.hostmem.memslot_changes(),
+            memslot_changes_per_cycle: if timed > 0 {
+                slot_changes as f64 / timed as f64
+            } else {
+                0.0
+            },
+            peak_live: self.hostmem.max_live_seen(),
+            guest_refault_us: lat(&first.refault_us),
+            guest_holes: self.checks.guest_holes,
+            stale_reads: self.checks.stale_reads,
+            checks: self.checks,
+            remap: Default::default(),
+            sweep: self
+                .levels
+                .iter()
+                .map(|(live, s)| SweepPoint {
+                    live: *live,
+                    cycle_us: lat(&s.cycle_us),
+                    map_us: lat(&s.map_us),
+                    unmap_us: lat(&s.unmap_us),
+                    cycles: s.cycles,
+                })
+                .collect(),
+            failed: self.failed.clone(),
+        }
+    }
+}
+
+/// Adds `vhost_user_vs_floor` and `vhost_user_vs_fixed_sandboxed` (cycle p50 over theirs).
+pub fn add_ratios(cases: &[CaseReport], out: &mut BTreeMap<String, f64>) {
+    let cyc = |n: &str| {
+        cases
+            .iter()
+            .find(|c| c.name == n && c.cycles > 0)
+            .map(|c| c.cycle_us.p50)
+    };
+    for (key, den) in [
+        ("vhost_user_vs_floor", "floor"),
+        ("vhost_user_vs_fixed_sandboxed", "fixed-sandboxed"),
+    ] {
+        if let (Some(n), Some(d)) = (cyc(NAME), cyc(den)) {
+            if d > 0.0 {
+                out.insert(key.to_string(), n / d);
+            }
+        }
+    }
+}
