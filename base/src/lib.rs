@@ -12,6 +12,7 @@ pub mod fd;
 pub mod kvm;
 pub mod mmap;
 pub mod procfs;
+pub mod rng;
 pub mod sandbox;
 pub mod seccomp;
 pub mod shm;

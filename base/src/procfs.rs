@@ -1,5 +1,12 @@
 //! Small `/proc` readers: VMA and fd counts, `vm.max_map_count`, a process's status fields
 //! (seccomp mode, no_new_privs, capabilities), RSS and the mappings inside a range.
+//!
+//! Hand-written rather than the `procfs` crate (decision, issue 16): the same readers run
+//! inside the jailed device (the mirror's VMA budget counts `/proc/self/maps` lines under
+//! seccomp, with only a read-only `/proc` in an empty root), where every extra syscall a
+//! crate makes would need a policy rule, and on the placement path (a count every 256
+//! placements), where counting lines beats parsing every mapping into an owned struct. What
+//! they read is a handful of stable fields; each reader's parse errors name the file.
 
 use std::path::Path;
 

@@ -10,6 +10,7 @@
 //! VMM crate; [`run_input`] is a plain `fn(&[u8])` that can move into
 //! `hostmem_tests::fuzz::TARGETS` unchanged.
 
+use hostmem_base::rng::SplitMix64;
 use std::os::fd::OwnedFd;
 
 use hostmem_base::shm::SharedMemory;
@@ -316,18 +317,6 @@ fn run(data: &[u8]) -> hostmem_ipc::protocol::QueueStats {
     before
 }
 
-/// xorshift64*: deterministic and dependency-free.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 /// Hand-written seeds: a normal session, a loop, a pipelined map storm, a reset in traffic.
 fn seeds() -> Vec<Vec<u8>> {
     // op 4 (template t -> slot s), op 0 (desc i, sel, len, flags, next), op 1 (offer), op 2.
@@ -365,11 +354,11 @@ fn seeds() -> Vec<Vec<u8>> {
     ]
 }
 
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut SplitMix64, seed: &[u8]) -> Vec<u8> {
     let mut v = seed.to_vec();
-    let n = 1 + rng.next() % 8;
+    let n = 1 + rng.next_u64() % 8;
     for _ in 0..n {
-        let r = rng.next();
+        let r = rng.next_u64();
         let pos = if v.is_empty() {
             0
         } else {
@@ -406,13 +395,15 @@ fn fuzz_virtqueue_and_command_parser() {
     assert_eq!((st[0].chains, st[0].bad_chains), (6, 0), "{:?}", st[0]);
     assert_eq!((st[1].chains, st[1].bad_chains), (1, 1), "{:?}", st[1]);
     assert_eq!((st[2].chains, st[2].bad_chains), (9, 0), "{:?}", st[2]);
-    let mut rng = Rng(seed | 1);
+    let mut rng = SplitMix64::new(seed);
     let t = std::time::Instant::now();
     for i in 0..iters {
         let input = if i % 4 == 0 {
-            (0..rng.next() % 256).map(|_| rng.next() as u8).collect()
+            (0..rng.next_u64() % 256)
+                .map(|_| rng.next_u64() as u8)
+                .collect()
         } else {
-            let s = &seeds[(rng.next() % seeds.len() as u64) as usize];
+            let s = &seeds[(rng.next_u64() % seeds.len() as u64) as usize];
             mutate(&mut rng, s)
         };
         let r = std::panic::catch_unwind(|| run_input(&input));

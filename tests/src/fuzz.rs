@@ -361,14 +361,14 @@ pub fn validator(data: &[u8]) {
     }
 }
 
-/// The run's seeded generator (splitmix64, `hostmem_vmm::run::Rng`) over `usize` ranges.
+/// The workspace's seeded generator (splitmix64, `hostmem_base::rng`) over `usize` ranges.
 #[derive(Debug, Clone)]
-pub struct Rng(hostmem_vmm::run::Rng);
+pub struct Rng(hostmem_base::rng::SplitMix64);
 
 impl Rng {
     /// From a seed.
     pub fn new(seed: u64) -> Rng {
-        Rng(hostmem_vmm::run::Rng::new(seed))
+        Rng(hostmem_base::rng::SplitMix64::new(seed))
     }
     /// Next value.
     pub fn next_u64(&mut self) -> u64 {

@@ -667,13 +667,8 @@ fn garbage_from_the_guest_never_panics() {
     let (tube, dev) = fake_device(Script::default());
     gpu.attach(tube, 0).unwrap();
     cfg_write(&mut gpu, 0x04, 2, 0x2);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = hostmem_base::rng::SplitMix64::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = || rng.next_u64();
     let mut buf = [0u8; 16];
     for _ in 0..20_000 {
         let r = next();

@@ -93,20 +93,12 @@ pub fn shm_capset_bytes() -> Vec<u8> {
     v
 }
 
-/// splitmix64 finalizer.
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Qword `index` (counted from the start of the blob) of the FILL pattern with `seed`:
 /// `splitmix64(seed ^ index)`, where splitmix64 adds `0x9e3779b97f4a7c15` and applies the
 /// standard finalizer (`z ^= z >> 30; z *= 0xbf58476d1ce4e5b9; z ^= z >> 27;
 /// z *= 0x94d049bb133111eb; z ^= z >> 31`), all wrapping.
 pub fn pattern_qword(seed: u64, index: u64) -> u64 {
-    splitmix64(seed ^ index)
+    hostmem_base::rng::mix(seed ^ index)
 }
 
 /// The bytes FILL writes to blob range `offset..offset + len` with `seed`.

@@ -132,7 +132,7 @@ impl Workload {
         let mut cycling = Vec::with_capacity(n);
         let mut cursor = 0u64;
         for i in 0..n {
-            let size = rng.blob_size().min(opts.max_blob.max(PAGE) / PAGE * PAGE);
+            let size = crate::run::blob_size(&mut rng).min(opts.max_blob.max(PAGE) / PAGE * PAGE);
             let offset = cursor + rng.below(8) * PAGE;
             cursor = offset + size;
             if cursor > w / 2 {

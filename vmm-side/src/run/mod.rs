@@ -165,33 +165,14 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
-/// splitmix64: the seeded generator.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
+/// The workspace's seeded generator (splitmix64, `hostmem_base::rng`).
+pub use hostmem_base::rng::SplitMix64 as Rng;
 
-impl Rng {
-    /// A generator from `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    /// Next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-    /// A blob size from 4 KiB to 2 MiB, log-uniform in pages.
-    pub fn blob_size(&mut self) -> u64 {
-        let shift = self.below(10); // 1..512 pages
-        let pages = (1u64 << shift) + self.below(1u64 << shift);
-        pages.min(512) * PAGE
-    }
+/// A blob size from 4 KiB to 2 MiB, log-uniform in pages.
+pub fn blob_size(rng: &mut Rng) -> u64 {
+    let shift = rng.below(10); // 1..512 pages
+    let pages = (1u64 << shift) + rng.below(1u64 << shift);
+    pages.min(512) * PAGE
 }
 
 /// Where BAR0 (common/notify/ISR/device configuration) sits in guest-physical memory.
