@@ -303,3 +303,105 @@ pub fn render(g: &[GrowthPoint]) -> String {
     }
     s
 }
+
+/// The study as an SVG: the sandboxed cycle p50 against live placements, one line per
+/// window, and the memory of each point (KVM's slot metadata, VMM and device RSS).
+pub fn plot(g: &[GrowthPoint], path: &std::path::Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1400, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(700);
+    let max_cycle = g.iter().map(|p| p.cycle_us.p50).fold(1.0, f64::max) * 1.2;
+    let mut ch = ChartBuilder::on(&left)
+        .caption(
+            "map+unmap p50 (jailed device) by live placements",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..10_500f64, 0f64..max_cycle)?;
+    ch.configure_mesh()
+        .x_desc("live placements")
+        .y_desc("µs per map+unmap")
+        .draw()?;
+    for (i, w) in WINDOWS.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = g
+            .iter()
+            .filter(|p| p.window == *w)
+            .map(|p| (p.live as f64, p.cycle_us.p50))
+            .collect();
+        ch.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(format!("window {} MiB", w >> 20))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        ch.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+    }
+    let floor: Vec<(f64, f64)> = g
+        .iter()
+        .filter(|p| p.window == WINDOWS[0])
+        .map(|p| (p.live as f64, p.floor_cycle_us.p50))
+        .collect();
+    ch.draw_series(LineSeries::new(floor, BLACK.stroke_width(1)))?
+        .label("floor (256 MiB)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+    ch.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    // Memory by window (0 live) and by live placements (the largest window).
+    let mib = |k: u64| k as f64 / 1024.0;
+    let max_mem = g
+        .iter()
+        .map(|p| {
+            mib(p.kvm_slot_vmalloc_kib.unwrap_or(0))
+                .max(mib(p.vmm_rss_kib))
+                .max(mib(p.device_rss_kib))
+        })
+        .fold(1.0, f64::max)
+        * 1.2;
+    let mut ch = ChartBuilder::on(&right)
+        .caption("memory by window size (0 and 10k live)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d((0.2f64..20f64).log_scale(), 0f64..max_mem)?;
+    ch.configure_mesh()
+        .x_desc("window GiB (log scale)")
+        .y_desc("MiB")
+        .draw()?;
+    type Pick = fn(&GrowthPoint) -> u64;
+    let series: [(&str, usize, Pick); 5] = [
+        ("KVM slot metadata (VmallocUsed growth)", 0, |p| {
+            p.kvm_slot_vmalloc_kib.unwrap_or(0)
+        }),
+        ("VMM RSS, 0 live", 0, |p| p.vmm_rss_kib),
+        ("VMM RSS, 10k live", 10_000, |p| p.vmm_rss_kib),
+        ("device RSS, 0 live", 0, |p| p.device_rss_kib),
+        ("device RSS, 10k live", 10_000, |p| p.device_rss_kib),
+    ];
+    for (i, (name, live, f)) in series.into_iter().enumerate() {
+        let color = Palette99::pick(i + 4).to_rgba();
+        let pts: Vec<(f64, f64)> = g
+            .iter()
+            .filter(|p| p.live == live)
+            .map(|p| (p.window as f64 / (1u64 << 30) as f64, mib(f(p))))
+            .collect();
+        ch.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        ch.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+    }
+    ch.configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

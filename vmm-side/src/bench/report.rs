@@ -514,9 +514,14 @@ pub fn render(r: &BenchReport) -> String {
     s
 }
 
-/// Writes `bench.json` and `bench.svg` into `dir`.
+/// Writes `bench.json`, `bench.txt` (the table) and `bench.svg` into `dir`, and
+/// `growth.svg` when the report has the growth study.
 pub fn write_out(r: &BenchReport, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("bench.json"), serde_json::to_string_pretty(r)?)?;
+    std::fs::write(dir.join("bench.txt"), render(r))?;
+    if !r.growth.is_empty() {
+        super::growth::plot(&r.growth, &dir.join("growth.svg"))?;
+    }
     plot(r, &dir.join("bench.svg"))
 }
