@@ -18,7 +18,7 @@ pub struct Received {
 }
 
 /// Room for this many fds in one receive.
-pub const RECV_FD_SLOTS: usize = 8;
+pub const RECV_FD_SLOTS: usize = 64;
 
 /// `recvmsg` with `MSG_CMSG_CLOEXEC`, room for [`RECV_FD_SLOTS`] fds, retried on EINTR.
 /// Every fd the kernel installed is returned as an `OwnedFd`, so dropping the result closes
@@ -41,7 +41,7 @@ fn recv_with_fds_flags(
     buf: &mut [u8],
     flags: libc::c_int,
 ) -> Result<Received, Errno> {
-    const CMSG_BYTES: usize = 256;
+    const CMSG_BYTES: usize = 512;
     // u64 elements keep the control buffer aligned for cmsghdr.
     let mut control = [0u64; CMSG_BYTES / 8];
     let space = std::mem::size_of_val(&control);

@@ -1,27 +1,62 @@
 //! The device's [`Placer`]: every placement is made in the device's mirror of the window
-//! first (MAP_FIXED), then reported to the VMM over the mapping tube with the blob's fd; the
-//! guest's command completes only when the VMM has acknowledged it. A refusal undoes the
-//! mirror placement, so both views stay identical.
+//! and reported to the VMM over the mapping tube with the blob's fd; the guest's command
+//! completes only when the VMM has acknowledged it. A refusal undoes the mirror placement,
+//! so both views stay identical.
 //!
-//! Unmap restores the mirror's background first, then reports; the VMM restores its own
-//! window before it acknowledges, so the guest never sees the blob after UNMAP_BLOB.
+//! **Overlap.** The event goes to the VMM *before* the device's own mirror placement (or
+//! restore), so on two cores the VMM's MAP_FIXED and the device's run at the same time;
+//! the verdict is read only after both. The window's cheap checks (range, overlap) run
+//! before anything is sent. If the mirror placement still fails after the event left, the
+//! command fails: a placement the VMM accepted is taken back with an Unmap before the
+//! guest hears of it; a mirror restore that fails after the VMM was told breaks the tube
+//! (the device exits and the VMM restores its whole window, DESIGN.md invariant 4). For
+//! an unmap, the guest still hears only after the VMM restored its window (invariant 2).
 //!
-//! Placements can be pipelined: `begin_map`/`begin_unmap` change the mirror and send the
-//! event without waiting, `finish_next` waits for the oldest verdict (the VMM answers in
-//! event order) and undoes a refused placement. `map`/`unmap` are both in one call.
+//! **Batching.** Events wait in an outbox while the VMM is busy with earlier ones (sent and
+//! not answered; replies already queued are read without waiting): the next time the VMM
+//! is idle, when the outbox holds [`MAX_BATCH`] events, or when the device needs a
+//! verdict, the outbox goes as one message, a [`DeviceMsg::Batch`] with one fd per Map,
+//! answered by one [`VmmMsg::Replies`] in event order. A lone event goes as a plain
+//! [`DeviceMsg::Map`]/[`DeviceMsg::Unmap`]. The VMM answers in event order, so verdicts
+//! keep command order.
+//!
+//! **Trace** (`hostmem bench`'s per-hop breakdown, off in a normal run): with
+//! [`MirrorPlacer::set_trace`] every placement gets [`DeviceStamps`], every event goes in a
+//! batch asking the VMM for its [`hostmem_ipc::protocol::VmmStamps`], and the records wait
+//! for [`MirrorPlacer::take_trace`].
+//!
+//! `begin_map`/`begin_unmap` start a placement without waiting, `finish_next` waits for
+//! the oldest verdict; `map`/`unmap` are both in one call.
 
-use std::collections::VecDeque;
-use std::os::fd::AsFd;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use hostmem_base::window::{MappedBy, Window};
-use hostmem_ipc::protocol::{DeviceMsg, Outcome, RefuseCode, VmmMsg};
+use hostmem_ipc::protocol::{
+    monotonic_ns, DeviceMsg, DeviceStamps, Outcome, RefuseCode, TraceRecord, VmmMsg, VmmStamps,
+    MAX_BATCH,
+};
 use hostmem_ipc::Tube;
 
 use crate::gpu::{MapRequest, PlaceError, Placer};
 
 /// How long the device waits for the VMM to answer one placement event.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Trace records kept at most (older ones are dropped).
+pub const MAX_TRACE: usize = 16 * 1024;
+
+/// One event sent (or in the outbox) and not settled.
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    resource_id: u32,
+    offset: u64,
+    len: u64,
+    map: bool,
+    /// The mirror placement failed after the event left.
+    mirror_err: Option<PlaceError>,
+}
 
 /// Places blobs in the mirror and reports them to the VMM.
 #[derive(Debug)]
@@ -33,11 +68,24 @@ pub struct MirrorPlacer {
     broken: Option<String>,
     /// Set when the VMM asked us to shut down while we waited for a reply.
     shutdown: bool,
-    /// Events sent and not answered yet, oldest first: their seq and, for a placement, the
-    /// range to undo if the VMM refuses it.
-    inflight: VecDeque<(u64, Option<(u64, u64)>)>,
+    /// Events not settled yet, oldest first.
+    inflight: VecDeque<Entry>,
+    /// Events not sent yet (their Map fds with them), oldest first.
+    outbox: Vec<(DeviceMsg, Option<OwnedFd>)>,
+    /// Events sent whose verdict has not arrived.
+    unanswered: usize,
+    /// Verdicts that arrived before they were asked for.
+    verdicts: HashMap<u64, Outcome>,
     /// Placements the renderer mapped itself ([`crate::backend::Backend::map_fixed`]).
     renderer_mapped: u64,
+    /// Tube messages sent with events, and events sent.
+    messages: u64,
+    events: u64,
+    /// Tracing: records being filled (by seq) and finished ones.
+    trace: bool,
+    woke: u64,
+    open: HashMap<u64, TraceRecord>,
+    records: Vec<TraceRecord>,
 }
 
 fn refuse(code: RefuseCode, reason: String) -> PlaceError {
@@ -45,6 +93,13 @@ fn refuse(code: RefuseCode, reason: String) -> PlaceError {
         RefuseCode::OutOfMemory => PlaceError::OutOfMemory(reason),
         RefuseCode::InvalidParameter => PlaceError::InvalidParameter(reason),
         RefuseCode::Unspec => PlaceError::Unspec(reason),
+    }
+}
+
+fn verdict(o: Outcome) -> Result<(), PlaceError> {
+    match o {
+        Outcome::Ok => Ok(()),
+        Outcome::Refused { code, reason } => Err(refuse(code, reason)),
     }
 }
 
@@ -78,7 +133,16 @@ impl MirrorPlacer {
             broken: None,
             shutdown: false,
             inflight: VecDeque::new(),
+            outbox: Vec::new(),
+            unanswered: 0,
+            verdicts: HashMap::new(),
             renderer_mapped: 0,
+            messages: 0,
+            events: 0,
+            trace: false,
+            woke: 0,
+            open: HashMap::new(),
+            records: Vec::new(),
         }
     }
 
@@ -98,6 +162,12 @@ impl MirrorPlacer {
         self.renderer_mapped
     }
 
+    /// Tube messages that carried events, and the events they carried (their ratio is the
+    /// mean batch).
+    pub fn batching(&self) -> (u64, u64) {
+        (self.messages, self.events)
+    }
+
     /// Why the tube is unusable, if it is.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_deref()
@@ -108,48 +178,247 @@ impl MirrorPlacer {
         self.shutdown
     }
 
-    /// Sends an event (the next seq) without waiting for its reply.
-    fn send_event(
-        &mut self,
-        msg: DeviceMsg,
-        fd: Option<std::os::fd::BorrowedFd<'_>>,
-    ) -> Result<(), PlaceError> {
-        if let Some(why) = &self.broken {
-            return Err(PlaceError::Unspec(format!("mapping tube unusable: {why}")));
-        }
-        let fds: Vec<_> = fd.into_iter().collect();
-        if let Err(e) = self.tube.send(&msg, &fds) {
-            return Err(self.break_with(format!("send: {e}")));
-        }
-        Ok(())
+    /// Starts (dropping older records) or stops tracing.
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on;
+        self.open.clear();
+        self.records.clear();
     }
 
-    /// Waits for the reply to event `seq`, the oldest unanswered one.
-    fn wait_reply(&mut self, seq: u64) -> Result<(), PlaceError> {
-        if let Some(why) = &self.broken {
-            return Err(PlaceError::Unspec(format!("mapping tube unusable: {why}")));
+    /// True while tracing.
+    pub fn tracing(&self) -> bool {
+        self.trace
+    }
+
+    /// The device loop woke on a kick (trace only).
+    pub fn note_woke(&mut self) {
+        if self.trace {
+            self.woke = monotonic_ns();
         }
-        if let Err(e) = self.tube.set_recv_timeout(Some(REPLY_TIMEOUT)) {
-            return Err(self.break_with(format!("setting the reply timeout: {e}")));
+    }
+
+    /// The loop wrote the responses that were ready into the used ring: settled records are
+    /// finished (trace only).
+    pub fn note_used(&mut self) {
+        if !self.trace || self.open.is_empty() {
+            return;
         }
-        match self.tube.recv::<VmmMsg>() {
-            Ok((VmmMsg::Reply { seq: s, outcome }, _)) if s == seq => match outcome {
-                Outcome::Ok => Ok(()),
-                Outcome::Refused { code, reason } => Err(refuse(code, reason)),
-            },
-            Ok((VmmMsg::Shutdown, _)) => {
-                self.shutdown = true;
-                Err(self.break_with("shutdown requested".into()))
+        let now = monotonic_ns();
+        let done: Vec<u64> = self
+            .open
+            .iter()
+            .filter(|(_, r)| r.device.reply != 0)
+            .map(|(s, _)| *s)
+            .collect();
+        for seq in done {
+            if let Some(mut r) = self.open.remove(&seq) {
+                r.device.used = now;
+                if self.records.len() < MAX_TRACE {
+                    self.records.push(r);
+                }
             }
-            Ok((other, _)) => Err(self.break_with(format!("unexpected message {other:?}"))),
-            Err(e) => Err(self.break_with(format!("receive: {e}"))),
+        }
+    }
+
+    /// Up to `max` of the finished trace records, oldest first (and forgets them).
+    pub fn take_trace(&mut self, max: usize) -> Vec<TraceRecord> {
+        self.records.sort_by_key(|x| x.seq);
+        let n = max.min(self.records.len());
+        self.records.drain(..n).collect()
+    }
+
+    fn stamp(&mut self, seq: u64, f: impl FnOnce(&mut TraceRecord)) {
+        if self.trace {
+            if let Some(r) = self.open.get_mut(&seq) {
+                f(r);
+            }
+        }
+    }
+
+    fn usable(&self) -> Result<(), PlaceError> {
+        match &self.broken {
+            Some(why) => Err(PlaceError::Unspec(format!("mapping tube unusable: {why}"))),
+            None => Ok(()),
         }
     }
 
     fn break_with(&mut self, why: String) -> PlaceError {
-        log::error!("mapping tube: {why}");
-        self.broken = Some(why.clone());
+        if self.broken.is_none() {
+            log::error!("mapping tube: {why}");
+            self.broken = Some(why.clone());
+        }
         PlaceError::Unspec(format!("mapping tube: {why}"))
+    }
+
+    /// Queues an event (and the entry that waits for its verdict) and sends what the VMM
+    /// can take now.
+    fn queue(&mut self, msg: DeviceMsg, fd: Option<OwnedFd>, e: Entry) {
+        if self.trace {
+            let r = TraceRecord {
+                seq: e.seq,
+                map: e.map,
+                device: DeviceStamps {
+                    woke: self.woke,
+                    begin: monotonic_ns(),
+                    ..DeviceStamps::default()
+                },
+                ..TraceRecord::default()
+            };
+            self.open.insert(e.seq, r);
+        }
+        self.outbox.push((msg, fd));
+        self.inflight.push_back(e);
+        self.pump();
+    }
+
+    /// Sends the outbox if the VMM has nothing of ours left to answer (reading the replies
+    /// already queued, without waiting) or if the outbox is full.
+    fn pump(&mut self) {
+        if self.outbox.is_empty() || self.broken.is_some() {
+            return;
+        }
+        while self.unanswered > 0 && self.outbox.len() < MAX_BATCH {
+            match self.receive(false) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => break,
+            }
+        }
+        if self.unanswered == 0 || self.outbox.len() >= MAX_BATCH {
+            self.flush_outbox();
+        }
+    }
+
+    /// Sends every event in the outbox, as one message.
+    fn flush_outbox(&mut self) {
+        if self.outbox.is_empty() || self.broken.is_some() {
+            return;
+        }
+        let out = std::mem::take(&mut self.outbox);
+        let n = out.len();
+        let (events, fds): (Vec<DeviceMsg>, Vec<Option<OwnedFd>>) = out.into_iter().unzip();
+        let seqs: Vec<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                DeviceMsg::Map { seq, .. } | DeviceMsg::Unmap { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        let borrowed: Vec<_> = fds.iter().flatten().map(|f| f.as_fd()).collect();
+        let sent = if n == 1 && !self.trace {
+            let mut events = events;
+            match events.pop() {
+                Some(ev) => self.tube.send(&ev, &borrowed),
+                None => Ok(()),
+            }
+        } else {
+            let msg = DeviceMsg::Batch {
+                events,
+                trace: self.trace,
+            };
+            self.tube.send(&msg, &borrowed)
+        };
+        if let Err(e) = sent {
+            // Every entry waiting for these verdicts fails through `broken`.
+            self.break_with(format!("send: {e}"));
+            return;
+        }
+        self.unanswered += n;
+        self.messages += 1;
+        self.events += n as u64;
+        if self.trace {
+            let now = monotonic_ns();
+            for s in seqs {
+                self.stamp(s, |r| {
+                    r.device.sent = now;
+                    r.batch = u32::try_from(n).unwrap_or(u32::MAX);
+                });
+            }
+        }
+    }
+
+    /// Reads one message from the VMM (waiting for it if `wait`); its verdicts go to
+    /// `verdicts`. `Ok(false)`: nothing was queued (only without `wait`).
+    fn receive(&mut self, wait: bool) -> Result<bool, PlaceError> {
+        self.usable()?;
+        let got = if wait {
+            if let Err(e) = self.tube.set_recv_timeout(Some(REPLY_TIMEOUT)) {
+                return Err(self.break_with(format!("setting the reply timeout: {e}")));
+            }
+            self.tube.recv::<VmmMsg>().map(|(m, _)| Some(m))
+        } else {
+            match self.tube.try_recv_bytes() {
+                Ok(None) => Ok(None),
+                Ok(Some((bytes, fds))) => {
+                    drop(fds);
+                    serde_json::from_slice::<VmmMsg>(&bytes)
+                        .map(Some)
+                        .map_err(hostmem_ipc::Error::from)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let msg = match got {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(false),
+            Err(e) => return Err(self.break_with(format!("receive: {e}"))),
+        };
+        let now = if self.trace { monotonic_ns() } else { 0 };
+        let put = |p: &mut Self, seq: u64, outcome: Outcome, vmm: Option<VmmStamps>| {
+            p.unanswered = p.unanswered.saturating_sub(1);
+            p.verdicts.insert(seq, outcome);
+            p.stamp(seq, |r| {
+                r.device.reply = now;
+                r.vmm = vmm.unwrap_or_default();
+            });
+        };
+        match msg {
+            VmmMsg::Reply { seq, outcome } => put(self, seq, outcome, None),
+            VmmMsg::Replies { replies } => {
+                for r in replies {
+                    put(self, r.seq, r.outcome, r.stamps);
+                }
+            }
+            VmmMsg::Shutdown => {
+                self.shutdown = true;
+                return Err(self.break_with("shutdown requested".into()));
+            }
+            other => return Err(self.break_with(format!("unexpected message {other:?}"))),
+        }
+        Ok(true)
+    }
+
+    /// The verdict of event `seq` (sent, or sent now with the rest of the outbox).
+    fn wait_verdict(&mut self, seq: u64) -> Result<(), PlaceError> {
+        self.flush_outbox();
+        loop {
+            if let Some(o) = self.verdicts.remove(&seq) {
+                return verdict(o);
+            }
+            self.usable()?;
+            if self.unanswered == 0 {
+                return Err(self.break_with(format!("event {seq} has no verdict coming")));
+            }
+            self.receive(true)?;
+        }
+    }
+
+    /// Removes an event that never left (its entry too); false if it was sent.
+    fn recall(&mut self, seq: u64) -> bool {
+        let before = self.outbox.len();
+        self.outbox.retain(|(m, _)| {
+            !matches!(m, DeviceMsg::Map { seq: s, .. } | DeviceMsg::Unmap { seq: s, .. } if *s == seq)
+        });
+        if self.outbox.len() == before {
+            return false;
+        }
+        self.inflight.retain(|e| e.seq != seq);
+        self.open.remove(&seq);
+        true
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
     }
 }
 
@@ -169,16 +438,20 @@ impl Placer for MirrorPlacer {
     }
 
     fn begin_map(&mut self, req: &MapRequest<'_>) -> Result<Option<u64>, PlaceError> {
-        let by = req.place_in(&self.window).map_err(window_error)?;
-        if by == MappedBy::Caller {
-            self.renderer_mapped += 1;
-            if self.renderer_mapped == 1 {
-                log::info!("mirror: placing blobs with the renderer's own map_fixed");
-            }
-        }
-        self.seq += 1;
+        self.usable()?;
+        // The cheap checks before the VMM hears of it (the VMA budget and the fd's facts
+        // are checked by the placement itself).
+        self.window
+            .check_place(req.offset, req.len)
+            .map_err(window_error)?;
+        let fd = req
+            .blob
+            .fd
+            .try_clone()
+            .map_err(|e| PlaceError::OutOfMemory(format!("dup of the blob fd: {e}")))?;
+        let seq = self.next_seq();
         let msg = DeviceMsg::Map {
-            seq: self.seq,
+            seq,
             resource_id: req.resource_id,
             offset: req.offset,
             len: req.len,
@@ -186,13 +459,39 @@ impl Placer for MirrorPlacer {
             prot: req.prot.bits(),
             map_info: req.map_info,
         };
-        if let Err(e) = self.send_event(msg, Some(req.blob.fd.as_fd())) {
-            self.undo(req.offset, req.len);
-            return Err(e);
+        let entry = Entry {
+            seq,
+            resource_id: req.resource_id,
+            offset: req.offset,
+            len: req.len,
+            map: true,
+            mirror_err: None,
+        };
+        self.queue(msg, Some(fd), entry);
+        // The VMM may be placing it now: place the mirror meanwhile.
+        match req.place_in(&self.window) {
+            Ok(by) => {
+                if by == MappedBy::Caller {
+                    self.renderer_mapped += 1;
+                    if self.renderer_mapped == 1 {
+                        log::info!("mirror: placing blobs with the renderer's own map_fixed");
+                    }
+                }
+                let now = if self.trace { monotonic_ns() } else { 0 };
+                self.stamp(seq, |r| r.device.mirror_done = now);
+            }
+            Err(e) => {
+                let err = window_error(e);
+                if self.recall(seq) {
+                    return Err(err);
+                }
+                // Sent: settled (and taken back from the VMM) in `finish_next`.
+                if let Some(en) = self.inflight.iter_mut().find(|en| en.seq == seq) {
+                    en.mirror_err = Some(err);
+                }
+            }
         }
-        self.inflight
-            .push_back((self.seq, Some((req.offset, req.len))));
-        Ok(Some(self.seq))
+        Ok(Some(seq))
     }
 
     fn begin_unmap(
@@ -201,27 +500,77 @@ impl Placer for MirrorPlacer {
         offset: u64,
         len: u64,
     ) -> Result<Option<u64>, PlaceError> {
-        self.window.restore(offset, len).map_err(window_error)?;
-        self.seq += 1;
+        self.usable()?;
+        let seq = self.next_seq();
         let msg = DeviceMsg::Unmap {
-            seq: self.seq,
+            seq,
             resource_id,
             offset,
             len,
         };
-        self.send_event(msg, None)?;
-        self.inflight.push_back((self.seq, None));
-        Ok(Some(self.seq))
+        let entry = Entry {
+            seq,
+            resource_id,
+            offset,
+            len,
+            map: false,
+            mirror_err: None,
+        };
+        self.queue(msg, None, entry);
+        match self.window.restore(offset, len) {
+            Ok(_) => {
+                let now = if self.trace { monotonic_ns() } else { 0 };
+                self.stamp(seq, |r| r.device.mirror_done = now);
+            }
+            Err(e) => {
+                let err = window_error(e);
+                if self.recall(seq) {
+                    return Err(err);
+                }
+                // The VMM restores its window while ours keeps the blob: the views would
+                // differ. Give up the device; the VMM restores everything (invariant 4).
+                return Err(self.break_with(format!(
+                    "mirror restore of {offset:#x}+{len:#x} failed after the VMM was told: {err:?}"
+                )));
+            }
+        }
+        Ok(Some(seq))
     }
 
     fn finish_next(&mut self) -> Option<(u64, Result<(), PlaceError>)> {
-        let (seq, undo) = self.inflight.pop_front()?;
-        let r = self.wait_reply(seq);
-        if let (Err(_), Some((offset, len))) = (&r, undo) {
-            // Undo the mirror so that both views stay identical.
-            self.undo(offset, len);
-        }
-        Some((seq, r))
+        let e = self.inflight.pop_front()?;
+        let v = self.wait_verdict(e.seq);
+        let r = match (e.map, e.mirror_err, v) {
+            (true, None, Ok(())) | (false, _, Ok(())) => Ok(()),
+            (true, None, Err(refused)) => {
+                // Undo the mirror so that both views stay identical.
+                self.undo(e.offset, e.len);
+                Err(refused)
+            }
+            (true, Some(err), Ok(())) => {
+                // The VMM placed what our mirror could not: take it back before the guest
+                // hears of the failure.
+                let seq = self.next_seq();
+                let msg = DeviceMsg::Unmap {
+                    seq,
+                    resource_id: e.resource_id,
+                    offset: e.offset,
+                    len: e.len,
+                };
+                self.flush_outbox();
+                self.outbox.push((msg, None));
+                if let Err(u) = self.wait_verdict(seq) {
+                    self.break_with(format!(
+                        "taking back {:#x}+{:#x} after the mirror failed: {u:?}",
+                        e.offset, e.len
+                    ));
+                }
+                Err(err)
+            }
+            (true, Some(err), Err(_)) => Err(err),
+            (false, _, Err(refused)) => Err(refused),
+        };
+        Some((e.seq, r))
     }
 }
 

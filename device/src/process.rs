@@ -277,23 +277,34 @@ fn run_vhost_user(args: &Args) -> Result<()> {
 /// Placements in flight at most before the device waits for the oldest verdict.
 pub const MAX_IN_FLIGHT: usize = 32;
 
+/// How long the idle loop keeps polling its fds (kick eventfds, transport tube) without
+/// sleeping after the last work, like QEMU's `poll-max-ns`: waking a sleeping process costs
+/// tens of microseconds on a VM host (`hostmem bench`'s breakdown, "guest kick → device
+/// sees it"), far more than the next command usually takes to come.
+pub const IDLE_SPIN: Duration = Duration::from_micros(100);
+
 /// The device's loop: poll(2) on the transport tube and every enabled queue's kick
 /// eventfd. Kicks serve their queue; transport messages are answered in order
 /// ([`handle_transport`]). While MAP/UNMAP placements are in flight the poll does not
 /// sleep: when nothing new came, the oldest verdict is settled (as the control-queue loop
-/// did), and at [`MAX_IN_FLIGHT`] the device settles before it takes more. Returns when
-/// the transport tube closes (EOF: exit 0) or the VMM asked for shutdown; an error when the
-/// mapping tube broke.
+/// did), and at [`MAX_IN_FLIGHT`] the device settles before it takes more. When idle it
+/// polls without sleeping for [`IDLE_SPIN`] first (yielding the CPU between polls). Returns
+/// when the transport tube closes (EOF: exit 0) or the VMM asked for shutdown; an error
+/// when the mapping tube broke.
 pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> {
+    let mut idle_since: Option<std::time::Instant> = None;
     loop {
         if dev.in_flight() >= MAX_IN_FLIGHT {
             dev.finish_one();
+            dev.gpu_mut().placer_mut().note_used();
             if stop_if_asked(dev.gpu())? {
                 return Ok(());
             }
             continue;
         }
-        let timeout = if dev.in_flight() > 0 || dev.busy() {
+        let working = dev.in_flight() > 0 || dev.busy();
+        let spinning = !working && idle_since.is_some_and(|t| t.elapsed() < IDLE_SPIN);
+        let timeout = if working || spinning {
             PollTimeout::ZERO
         } else {
             PollTimeout::NONE
@@ -321,19 +332,32 @@ pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> 
                 .collect();
             (t, k)
         };
+        if !kicked.is_empty() {
+            dev.gpu_mut().placer_mut().note_woke();
+        }
         if dev.busy() {
             dev.process_busy();
         } else if !transport_ready && kicked.is_empty() {
-            // Nothing new while placements are in flight: settle the oldest.
-            dev.finish_one();
+            if working {
+                // Nothing new while placements are in flight: settle the oldest.
+                dev.finish_one();
+            } else if spinning {
+                std::thread::yield_now();
+                continue;
+            }
         }
         for index in kicked {
             dev.kick(index);
         }
+        dev.gpu_mut().placer_mut().note_used();
         if transport_ready {
             match transport.try_recv_bytes() {
                 Ok(Some((bytes, fds))) => {
-                    if let Some(reply) = handle_transport(dev, &bytes, fds) {
+                    let reply = match trace_request(dev, &bytes) {
+                        Some(r) => Some(r),
+                        None => handle_transport(dev, &bytes, fds),
+                    };
+                    if let Some(reply) = reply {
                         match transport.send(&reply, &[]) {
                             Ok(()) => {}
                             Err(TubeError::Hangup) => {
@@ -355,6 +379,29 @@ pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> 
         if stop_if_asked(dev.gpu())? {
             return Ok(());
         }
+        // Work was done (or a message came): spin again before the next sleep.
+        idle_since = Some(std::time::Instant::now());
+    }
+}
+
+/// Trace records per [`TransportReply::Trace`]: each is ~300 bytes of JSON, and a tube
+/// message holds 64 KiB.
+pub const TRACE_PER_MESSAGE: usize = 128;
+
+/// The trace messages ([`TransportMsg::Trace`], [`TransportMsg::TraceTake`]), which need
+/// the mirror placer; `None` for any other message.
+fn trace_request(dev: &mut VirtioGpu<MirrorPlacer>, bytes: &[u8]) -> Option<TransportReply> {
+    match serde_json::from_slice::<TransportMsg>(bytes).ok()? {
+        TransportMsg::Trace { seq, on } => {
+            dev.gpu_mut().placer_mut().set_trace(on);
+            log::info!("trace {}", if on { "on" } else { "off" });
+            Some(TransportReply::Done { seq, error: None })
+        }
+        TransportMsg::TraceTake { seq } => Some(TransportReply::Trace {
+            seq,
+            records: dev.gpu_mut().placer_mut().take_trace(TRACE_PER_MESSAGE),
+        }),
+        _ => None,
     }
 }
 
@@ -385,7 +432,9 @@ pub fn handle_transport<P: Placer>(
         TransportMsg::GuestMemory { seq, .. }
         | TransportMsg::QueueEnable { seq, .. }
         | TransportMsg::Reset { seq }
-        | TransportMsg::Stats { seq } => *seq,
+        | TransportMsg::Stats { seq }
+        | TransportMsg::Trace { seq, .. }
+        | TransportMsg::TraceTake { seq } => *seq,
     };
     let done = |r: Result<()>| {
         let error = r.err().map(|e| {
@@ -424,6 +473,10 @@ pub fn handle_transport<P: Placer>(
             seq,
             stats: dev.stats(),
         }),
+        // Only the device loop over the mirror placer traces ([`serve`]).
+        TransportMsg::Trace { .. } | TransportMsg::TraceTake { .. } => done(Err(Error::Protocol(
+            "this device loop does not trace placements".into(),
+        ))),
     }
 }
 

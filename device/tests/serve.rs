@@ -19,7 +19,7 @@ use hostmem_device::process::serve;
 use hostmem_device::virtio::{guest_memory, VirtioGpu, CONTROLQ};
 use hostmem_device::wire::*;
 use hostmem_ipc::protocol::{
-    DeviceMsg, GuestRegion, Outcome, QueueSetup, TransportMsg, TransportReply, VmmMsg,
+    BatchReply, DeviceMsg, GuestRegion, Outcome, QueueSetup, TransportMsg, TransportReply, VmmMsg,
 };
 use hostmem_ipc::Tube;
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -51,6 +51,21 @@ fn the_loop_serves_kicks_and_transport_messages_until_eof() {
     let (seen_tx, seen_rx) = mpsc::channel::<DeviceMsg>();
     let vmm = std::thread::spawn(move || loop {
         match vmm_map.recv::<DeviceMsg>() {
+            Ok((DeviceMsg::Batch { events, .. }, _fds)) => {
+                // Several events in one message: one Replies, in event order.
+                let mut replies = vec![];
+                for ev in events {
+                    if let DeviceMsg::Map { seq, .. } | DeviceMsg::Unmap { seq, .. } = &ev {
+                        replies.push(BatchReply {
+                            seq: *seq,
+                            outcome: Outcome::Ok,
+                            stamps: None,
+                        });
+                        let _ = seen_tx.send(ev);
+                    }
+                }
+                vmm_map.send(&VmmMsg::Replies { replies }, &[]).unwrap();
+            }
             Ok((msg, _fds)) => {
                 let seq = match &msg {
                     DeviceMsg::Map { seq, .. } | DeviceMsg::Unmap { seq, .. } => *seq,

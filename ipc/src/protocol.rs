@@ -6,7 +6,9 @@
 //!   per placement event, [`VmmMsg::Shutdown`] to stop.
 //! * device → VMM: [`DeviceMsg::Ready`] once the mirror is mapped, then
 //!   [`DeviceMsg::Map`] (with the blob's fd) and [`DeviceMsg::Unmap`] events, each answered
-//!   by a `Reply` with the same `seq` before the guest's command completes.
+//!   by a `Reply` with the same `seq` before the guest's command completes, or several of
+//!   them in one [`DeviceMsg::Batch`] (the Map events' fds in event order, at most
+//!   [`MAX_BATCH`]), answered by one [`VmmMsg::Replies`] in event order.
 //!
 //! Transport tube (serde_json), the virtio transport's channel to the device, the way a
 //! vhost-user frontend's socket is (the guest's commands never cross it: they live in
@@ -28,6 +30,81 @@ use crate::tube::{Error, Message, Result, Tube};
 
 /// The protocol version both sides must speak.
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Most events in one [`DeviceMsg::Batch`] (each Map carries one fd; SCM_RIGHTS carries up
+/// to 253 per message, the tube allows [`crate::tube::MAX_FDS`]).
+pub const MAX_BATCH: usize = crate::tube::MAX_FDS;
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on the host (the jail makes
+/// no time namespace), so stamps taken in the driver, the device and the VMM compare.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+/// What the VMM's mapping service stamped for one event of a traced batch
+/// ([`monotonic_ns`]; `hostmem bench`'s per-hop breakdown, never in a normal run).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmStamps {
+    /// The message holding the event was received and parsed.
+    pub received: u64,
+    /// The event passed every check (fd facts, invariant 1), before the placement.
+    pub checked: u64,
+    /// The VMM's own placement (or restore) is done.
+    pub placed: u64,
+    /// The reply holding the verdict was sent.
+    pub replied: u64,
+}
+
+/// What the device stamped for one placement of a traced run ([`monotonic_ns`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStamps {
+    /// The device's poll loop woke on the kick that brought the command.
+    pub woke: u64,
+    /// The command reached the placer (chain read, command parsed, blob exported).
+    pub begin: u64,
+    /// The event left for the VMM (sendmsg returned).
+    pub sent: u64,
+    /// The device's own mirror placement (or restore) is done.
+    pub mirror_done: u64,
+    /// The VMM's verdict was received.
+    pub reply: u64,
+    /// The response is in the used ring (and the call eventfd signalled if asked).
+    pub used: u64,
+}
+
+/// One traced placement: the device's stamps and the VMM's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRecord {
+    /// The event's sequence number.
+    pub seq: u64,
+    /// A Map (else an Unmap).
+    pub map: bool,
+    /// Events in the tube message that carried it.
+    pub batch: u32,
+    /// The device's stamps.
+    pub device: DeviceStamps,
+    /// The VMM's stamps.
+    pub vmm: VmmStamps,
+}
+
+/// One verdict of a [`VmmMsg::Replies`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchReply {
+    /// The event's sequence number.
+    pub seq: u64,
+    /// What the VMM did.
+    pub outcome: Outcome,
+    /// The VMM's stamps, when the batch asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamps: Option<VmmStamps>,
+}
 
 /// Which end of the tube a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +181,11 @@ pub enum VmmMsg {
     },
     /// Stop serving and exit.
     Shutdown,
+    /// The answers to one [`DeviceMsg::Batch`], in its event order.
+    Replies {
+        /// One per event.
+        replies: Vec<BatchReply>,
+    },
 }
 
 /// device → VMM on the mapping tube.
@@ -146,6 +228,15 @@ pub enum DeviceMsg {
         /// Length.
         len: u64,
     },
+    /// Several Map/Unmap events in one message (the Maps' fds in event order), answered by
+    /// one [`VmmMsg::Replies`]. Anything else inside is refused.
+    Batch {
+        /// The events, oldest first.
+        events: Vec<DeviceMsg>,
+        /// Stamp each event ([`VmmStamps`] in the replies): `hostmem bench`'s breakdown.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        trace: bool,
+    },
 }
 
 impl Message for VmmMsg {
@@ -156,7 +247,14 @@ impl Message for VmmMsg {
 
 impl Message for DeviceMsg {
     fn fd_count(&self) -> usize {
-        usize::from(matches!(self, DeviceMsg::Map { .. }))
+        match self {
+            DeviceMsg::Map { .. } => 1,
+            DeviceMsg::Batch { events, .. } => events
+                .iter()
+                .filter(|e| matches!(e, DeviceMsg::Map { .. }))
+                .count(),
+            _ => 0,
+        }
     }
 }
 
@@ -216,6 +314,20 @@ pub enum TransportMsg {
         /// Sequence number.
         seq: u64,
     },
+    /// `hostmem bench`'s breakdown: start (`on`, dropping older records) or stop stamping
+    /// placements ([`TraceRecord`]). Answered `Done`.
+    Trace {
+        /// Sequence number.
+        seq: u64,
+        /// Stamp from now on.
+        on: bool,
+    },
+    /// Hand over (and forget) the oldest trace records, as many as fit in one message:
+    /// answered [`TransportReply::Trace`] (empty when there are no more).
+    TraceTake {
+        /// Sequence number.
+        seq: u64,
+    },
 }
 
 /// What the device counted on its virtqueues since it started.
@@ -252,6 +364,13 @@ pub enum TransportReply {
         seq: u64,
         /// The counters.
         stats: QueueStats,
+    },
+    /// The trace records, oldest first.
+    Trace {
+        /// The message's sequence number.
+        seq: u64,
+        /// The records.
+        records: Vec<TraceRecord>,
     },
 }
 

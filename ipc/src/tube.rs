@@ -17,8 +17,11 @@ use serde::Serialize;
 
 /// Largest message a tube sends or accepts, in bytes.
 pub const MAX_MESSAGE: usize = 64 * 1024;
-/// Most fds one message may carry.
-pub const MAX_FDS: usize = 4;
+/// Most fds one message may carry: a batch of placements carries one per Map
+/// (`protocol::MAX_BATCH`). SCM_RIGHTS allows 253; the receiver has room for twice this
+/// many (`hostmem_base::fd::RECV_FD_SLOTS`), so a sender of a few more is told apart from
+/// a flood.
+pub const MAX_FDS: usize = 32;
 
 /// Result alias for hostmem-ipc.
 pub type Result<T> = std::result::Result<T, Error>;

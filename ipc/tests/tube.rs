@@ -8,7 +8,7 @@ use hostmem_base::mmap::{MemoryMapping, Prot};
 use hostmem_base::procfs::open_fds;
 use hostmem_base::shm::SharedMemory;
 use hostmem_ipc::protocol::{handshake, DeviceMsg, Hello, Role, VmmMsg, PROTOCOL_VERSION};
-use hostmem_ipc::{Error, Tube, MAX_MESSAGE};
+use hostmem_ipc::{Error, Tube, MAX_FDS, MAX_MESSAGE};
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 
 const CHILD_ENV: &str = "HOSTMEM_TUBE_TEST_CHILD_FD";
@@ -135,8 +135,8 @@ fn bad_input_is_a_typed_error_and_leaks_no_fd() {
         })
     ));
 
-    // More fds than allowed (6 > MAX_FDS, sent raw, bypassing our sender's check).
-    let fds = [shm.as_fd(); 6];
+    // More fds than allowed (MAX_FDS + 2, sent raw, bypassing our sender's check).
+    let fds = [shm.as_fd(); MAX_FDS + 2];
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     nix::sys::socket::sendmsg::<()>(
         a.as_fd().as_raw_fd(),
@@ -148,11 +148,11 @@ fn bad_input_is_a_typed_error_and_leaks_no_fd() {
     .unwrap();
     assert!(matches!(
         b.recv::<VmmMsg>(),
-        Err(Error::TooManyFds { got: 6, .. })
+        Err(Error::TooManyFds { got, .. }) if got == MAX_FDS + 2
     ));
     assert_eq!(memfds_named(name), 1);
     // Far more fds than the receive buffer has room for: control data truncated.
-    let raw = [shm.as_fd().as_raw_fd(); 20];
+    let raw = [shm.as_fd().as_raw_fd(); 3 * MAX_FDS];
     nix::sys::socket::sendmsg::<()>(
         a.as_fd().as_raw_fd(),
         &[std::io::IoSlice::new(b"\"Shutdown\"")],

@@ -127,6 +127,9 @@ struct BenchArgs {
     /// Also find the largest number of simultaneously mapped blobs per mode.
     #[arg(long)]
     limits: bool,
+    /// Also measure the window's cost as it grows (256 MiB to 16 GiB, 0 to 10k live).
+    #[arg(long)]
+    growth: bool,
     /// Commands in flight in the pipelined case.
     #[arg(long, default_value_t = 16)]
     queue_depth: usize,
@@ -344,6 +347,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
         bench::BenchOptions::full(device)
     };
     o.limits = a.limits;
+    o.growth = a.growth;
     o.queue_depth = a.queue_depth.max(1);
     o.blobs = o.blobs.max(o.queue_depth);
     o.seed = a.seed;

@@ -142,15 +142,50 @@ fn tiny_bench_every_case_maps_what_it_claims() {
         r.ratios["slot_vs_fixed_sandboxed_refault"],
         rf("slot-sandboxed") / rf("fixed-sandboxed")
     ));
+    let thr = |n: &str| r.case(n).unwrap().cycles_per_s;
     assert!(close(
-        r.ratios["pipelined_vs_floor"],
+        r.ratios["latency_pipelined_vs_floor"],
         cyc("fixed-sandboxed-pipelined") / cyc("floor")
     ));
     assert!(close(
-        r.ratios["fixed_sandboxed_vs_floor"],
+        r.ratios["latency_fixed_sandboxed_vs_floor"],
         cyc("fixed-sandboxed") / cyc("floor")
     ));
+    assert!(close(
+        r.ratios["throughput_pipelined_vs_floor"],
+        thr("fixed-sandboxed-pipelined") / thr("floor")
+    ));
+    // Throughput and latency are separate: placements are two per pair, and a pipelined
+    // pair's latency is its map's plus its unmap's, each among queue_depth in flight.
+    for c in &r.cases {
+        assert!(
+            close(c.placements_per_s, 2.0 * c.cycles_per_s),
+            "{}",
+            c.name
+        );
+        assert!(c.sweep.iter().all(|p| p.cycles_per_s > 0.0), "{}", c.name);
+    }
+    let p = r.case("fixed-sandboxed-pipelined").unwrap();
+    assert!(p.cycle_us.p50 >= p.map_us.p50, "{p:?}");
+    // The per-hop breakdown: every hop measured for each traced command, the parts add up
+    // to about the total (p50s of parts need not sum exactly).
+    let b = r.breakdown.as_ref().expect("breakdown");
+    assert_eq!(b.samples, o.breakdown);
+    assert_eq!(b.hops.len(), 10);
+    let total = b.total.as_ref().unwrap();
+    assert!(total.map_us.p50 > 0.0 && total.unmap_us.p50 > 0.0);
+    let vmm_place = b.hops.iter().find(|h| h.name == "VMM placement").unwrap();
+    assert!(vmm_place.map_us.p50 > 0.0, "{vmm_place:?}");
+    assert!(r.pipelined_events_per_message.unwrap() >= 1.0);
+    // The four targets of issue 15 first, each with a verdict.
     assert_eq!(r.targets.len(), 6);
+    assert!(r.targets[0].name.contains("pipelined throughput"));
+    assert!(r.targets[1].name.contains("latency"));
+    let text = bench::render(&r);
+    assert!(
+        text.contains("per-hop breakdown") && text.contains("PASS"),
+        "{text}"
+    );
     for t in &r.targets {
         assert!(t.value.is_some() && t.pass.is_some(), "{t:?}");
     }
@@ -168,6 +203,13 @@ fn tiny_bench_every_case_maps_what_it_claims() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap();
     assert_eq!(json["cases"].as_array().unwrap().len(), 6);
     assert!(json["cases"][0]["map_us"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(json["cases"][0]["placements_per_s"].as_f64().unwrap() > 0.0);
+    assert!(json["ratios"]["throughput_pipelined_vs_floor"]
+        .as_f64()
+        .is_some());
+    assert_eq!(json["targets"].as_array().unwrap().len(), 6);
+    assert!(json["targets"][0]["pass"].is_boolean());
+    assert!(json["breakdown"]["hops"].as_array().unwrap().len() == 10);
     let svg = std::fs::read_to_string(dir.join("bench.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("fixed-sandboxed"));
     assert!(bench::render(&r).contains("slot-sandboxed"));

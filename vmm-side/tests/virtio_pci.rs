@@ -128,6 +128,12 @@ fn fake_device(script: Script) -> (Arc<Tube>, FakeDevice) {
                 TransportReply::Done { seq, error: None }
             }
             TransportMsg::Stats { seq } => TransportReply::Stats { seq, stats: STATS },
+            // The bench's trace messages: the transport never sends them.
+            TransportMsg::Trace { seq, .. } => TransportReply::Done { seq, error: None },
+            TransportMsg::TraceTake { seq } => TransportReply::Trace {
+                seq,
+                records: vec![],
+            },
         };
         theirs.send(&reply, &[]).unwrap();
     });
@@ -438,6 +444,7 @@ fn linux_style_init_against_a_fake_device() {
             TransportMsg::QueueEnable { .. } => "enable",
             TransportMsg::Reset { .. } => "reset",
             TransportMsg::Stats { .. } => "stats",
+            TransportMsg::Trace { .. } | TransportMsg::TraceTake { .. } => "trace",
         })
         .collect();
     assert_eq!(kinds, ["memory", "reset", "enable", "enable", "stats"]);

@@ -29,18 +29,28 @@
 //! design requires and are reported separately), and a final check that the spinning guest
 //! sees the last blob and nothing older.
 //!
+//! Throughput and latency are separate columns: latency is per command, from the kick to
+//! the used-ring entry; throughput is map+unmap pairs per second of wall time; each is
+//! compared with the floor's same figure. A traced run of synchronous commands gives the
+//! per-hop breakdown (`breakdown`), and `--growth` the window's cost as it grows
+//! (`growth`).
+//!
 //! Also measured: the device's cold start (spawn, jail, seccomp, handshake → Ready) and its
 //! resident memory; with `limits`, the largest number of simultaneously mapped blobs in each
 //! mode and what stopped it.
 
+mod breakdown;
 mod cases;
+mod growth;
 mod limits;
 mod plot;
 mod report;
 mod runner;
 pub mod vhost_user;
 
+pub use breakdown::{Breakdown, Hop};
 pub use cases::{BlobSpec, CaseKind, InprocPlacer, Workload};
+pub use growth::GrowthPoint;
 pub use limits::run_limits;
 pub use plot::plot;
 pub use report::{
@@ -83,6 +93,11 @@ pub struct BenchOptions {
     pub cold_starts: usize,
     /// Also find the largest number of simultaneously mapped blobs per mode.
     pub limits: bool,
+    /// Synchronous map/unmap pairs traced for the per-hop breakdown (0: none).
+    pub breakdown: usize,
+    /// Also measure the window's cost as it grows (windows 256 MiB to 16 GiB, 0 to 10k
+    /// live placements).
+    pub growth: bool,
     /// Stop a limits search here (blobs).
     pub limit_cap: usize,
     /// Stop a limits search after this many seconds.
@@ -113,6 +128,8 @@ impl BenchOptions {
             sync_remaps: 400,
             cold_starts: 40,
             limits: false,
+            breakdown: 200,
+            growth: false,
             limit_cap: 40_000,
             limit_seconds: 60.0,
             device,
@@ -149,6 +166,7 @@ impl BenchOptions {
             remaps: 40,
             sync_remaps: 8,
             cold_starts: 2,
+            breakdown: 8,
             limit_cap: 64,
             limit_seconds: 10.0,
             show_progress: false,

@@ -46,6 +46,8 @@ struct CaseRun {
     levels: Vec<(usize, Samples)>,
     remap: RemapReport,
     failed: Option<String>,
+    breakdown: Option<super::breakdown::Breakdown>,
+    events_per_message: Option<f64>,
 }
 
 fn us(d: std::time::Duration) -> f64 {
@@ -77,6 +79,8 @@ impl CaseRun {
             levels: vec![],
             remap: RemapReport::default(),
             failed: None,
+            breakdown: None,
+            events_per_message: None,
         };
         for b in wl.cycling.iter().chain(wl.spin.iter()) {
             c.path.create(b)?;
@@ -243,9 +247,11 @@ impl CaseRun {
             }
             let r = self.probe.touch_ram(opts.working_set)?;
             let s = self.samples();
+            // Latency of a pair: a blob's map plus its unmap, each among q in flight.
+            s.cycle_us
+                .extend(map_lat.iter().zip(&unmap_lat).map(|(m, u)| m + u));
             s.map_us.extend(map_lat);
             s.unmap_us.extend(unmap_lat);
-            s.cycle_us.push(us(map_wall + unmap_wall) / q as f64);
             s.refault_us.push(us(r));
             s.cycles += q as u64;
             s.op_seconds += (map_wall + unmap_wall).as_secs_f64();
@@ -356,6 +362,48 @@ impl CaseRun {
             self.checks.guest_verified += 1;
         }
         self.path.unmap(&self.hostmem, &a)?;
+        Ok(())
+    }
+
+    /// The per-hop breakdown (fixed-sandboxed) and the pipelined batching (a traced
+    /// pipelined batch: events per tube message).
+    fn trace(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
+        let Route::Sandboxed {
+            driver: Some(d), ..
+        } = &mut self.path
+        else {
+            return Ok(());
+        };
+        match self.kind {
+            CaseKind::FixedSandboxed if opts.breakdown > 0 => {
+                self.breakdown = Some(super::breakdown::run(d, &wl.cycling[0], opts.breakdown)?);
+            }
+            CaseKind::FixedSandboxedPipelined => {
+                let q = opts.queue_depth.clamp(1, wl.cycling.len());
+                d.set_trace(true)?;
+                for round in 0..2 {
+                    let mut tags = Vec::with_capacity(q);
+                    for b in &wl.cycling[..q] {
+                        tags.push(if round == 0 {
+                            d.submit_map(CTX, b.res, b.offset)?
+                        } else {
+                            d.submit_unmap(CTX, b.res)?
+                        });
+                    }
+                    for t in tags {
+                        d.wait_ok_or_map(t)?;
+                    }
+                }
+                let recs = d.take_trace()?;
+                d.set_trace(false)?;
+                if !recs.is_empty() {
+                    // A message of k events holds k records of batch k: messages = Σ 1/k.
+                    let msgs: f64 = recs.iter().map(|r| 1.0 / f64::from(r.batch.max(1))).sum();
+                    self.events_per_message = Some(recs.len() as f64 / msgs);
+                }
+            }
+            _ => {}
+        }
         Ok(())
     }
 
@@ -499,8 +547,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             .and_then(|()| c.remap_test(opts, &wl));
         if let Err(e) = res {
             c.failed = Some(format!("remap test: {e:#}"));
+        } else if let Err(e) = c.trace(opts, &wl) {
+            errors.push(format!("{}: trace: {e:#}", c.kind.name()));
         }
     }
+    let breakdown = cases.iter_mut().find_map(|c| c.breakdown.take());
+    let pipelined_events_per_message = cases.iter().find_map(|c| c.events_per_message);
     if show {
         eprintln!();
     }
@@ -527,11 +579,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             map_us: lat(&first.map_us),
             unmap_us: lat(&first.unmap_us),
             cycle_us: lat(&first.cycle_us),
-            cycles_per_s: if first.op_seconds > 0.0 {
-                first.cycles as f64 / first.op_seconds
-            } else {
-                0.0
-            },
+            cycles_per_s: per_s(&first),
+            placements_per_s: 2.0 * per_s(&first),
             cycles: first.cycles,
             memslot_changes: c.hostmem.memslot_changes(),
             memslot_changes_per_cycle: if timed > 0 {
@@ -553,6 +602,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                     cycle_us: lat(&s.cycle_us),
                     map_us: lat(&s.map_us),
                     unmap_us: lat(&s.unmap_us),
+                    cycles_per_s: per_s(s),
                     cycles: s.cycles,
                 })
                 .collect(),
@@ -574,6 +624,18 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             eprintln!();
         }
         r
+    } else {
+        vec![]
+    };
+    let growth = if opts.growth {
+        progress(show, 0, 1, "growth");
+        match super::growth::run(opts) {
+            Ok(g) => g,
+            Err(e) => {
+                errors.push(format!("growth: {e:#}"));
+                vec![]
+            }
+        }
     } else {
         vec![]
     };
@@ -614,12 +676,23 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             after_run_rss_kib,
         },
         ratios,
+        breakdown,
+        pipelined_events_per_message,
+        growth,
         targets,
         limits,
         errors,
         seconds: t0.elapsed().as_secs_f64(),
         cycle_samples,
     })
+}
+
+fn per_s(s: &Samples) -> f64 {
+    if s.op_seconds > 0.0 {
+        s.cycles as f64 / s.op_seconds
+    } else {
+        0.0
+    }
 }
 
 /// Starts a device, times spawn → Ready, reads its resident memory, stops it.

@@ -75,6 +75,11 @@ impl QueueDriver {
         }
     }
 
+    /// Waits for a successful response of any kind (OK_NODATA or OK_MAP_INFO).
+    pub fn wait_ok_or_map(&mut self, tag: u64) -> Result<(), CmdError> {
+        expect_ok(&self.wait(tag)?).map(drop)
+    }
+
     /// `RESOURCE_MAP_BLOB` at `offset`; returns the map_info.
     pub fn map_blob(&mut self, ctx: u32, res: u32, offset: u64) -> Result<u32, CmdError> {
         let tag = self.submit_map(ctx, res, offset)?;

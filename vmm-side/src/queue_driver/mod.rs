@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_device::wire::ErrorCode;
-use hostmem_ipc::protocol::{GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply};
+use hostmem_ipc::protocol::{
+    monotonic_ns, GuestRegion, QueueSetup, QueueStats, TraceRecord, TransportMsg, TransportReply,
+};
 use hostmem_ipc::{Tube, REPLY_SPIN};
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -235,6 +237,11 @@ pub struct QueueDriver {
     /// Why the device was declared lost.
     lost: Option<String>,
     stats: DriverStats,
+    /// Tracing: kick and used-ring stamps ([`monotonic_ns`]) per tag.
+    trace: bool,
+    stamps: HashMap<u64, (u64, u64)>,
+    last_kick: u64,
+    seen_at: u64,
 }
 
 /// What the driver counted.
@@ -285,6 +292,10 @@ impl QueueDriver {
             done: HashMap::new(),
             lost: None,
             stats: DriverStats::default(),
+            trace: false,
+            stamps: HashMap::new(),
+            last_kick: 0,
+            seen_at: 0,
         };
         d.set_up()?;
         Ok(d)
@@ -413,6 +424,67 @@ impl QueueDriver {
         }
     }
 
+    /// Starts (`on`, forgetting older stamps) or stops tracing, here and in the device
+    /// ([`TransportMsg::Trace`]): each command's kick and used-ring stamps, each placement's
+    /// device and VMM stamps (`hostmem bench`'s per-hop breakdown).
+    pub fn set_trace(&mut self, on: bool) -> Result<(), DriverError> {
+        self.check_lost()?;
+        let seq = self.seq();
+        let transport = self.transport.clone();
+        transport_call(
+            &transport,
+            self.timeout,
+            "Trace",
+            seq,
+            &TransportMsg::Trace { seq, on },
+            &[],
+        )
+        .map_err(|e| self.lose(e))?;
+        self.trace = on;
+        self.stamps.clear();
+        Ok(())
+    }
+
+    /// The kick and used-ring stamps ([`monotonic_ns`]) of traced command `tag`, once it
+    /// completed.
+    pub fn stamps(&self, tag: u64) -> Option<(u64, u64)> {
+        self.stamps.get(&tag).copied().filter(|s| s.1 != 0)
+    }
+
+    /// The device's trace records so far, oldest first ([`TransportMsg::TraceTake`] until
+    /// one answers none).
+    pub fn take_trace(&mut self) -> Result<Vec<TraceRecord>, DriverError> {
+        let mut all = Vec::new();
+        loop {
+            let part = self.take_trace_part()?;
+            if part.is_empty() {
+                return Ok(all);
+            }
+            all.extend(part);
+        }
+    }
+
+    fn take_trace_part(&mut self) -> Result<Vec<TraceRecord>, DriverError> {
+        self.check_lost()?;
+        let seq = self.seq();
+        let transport = self.transport.clone();
+        match transport_call(
+            &transport,
+            self.timeout,
+            "TraceTake",
+            seq,
+            &TransportMsg::TraceTake { seq },
+            &[],
+        ) {
+            Ok(TransportReply::Trace { records, .. }) => Ok(records),
+            Ok(other) => Err(DriverError::BadReply {
+                what: "TraceTake",
+                got: format!("{other:?}"),
+            }),
+            Err(e) => Err(self.lose(e)),
+        }
+    }
+
     /// What this driver counted.
     pub fn stats(&self) -> DriverStats {
         self.stats
@@ -439,6 +511,9 @@ impl QueueDriver {
         }
         let tag = self.next_tag;
         self.next_tag += 1;
+        if self.trace {
+            self.stamps.insert(tag, (self.last_kick, 0));
+        }
         self.pending.insert(tag, Pending { slot });
         self.by_head.insert(slot * 2, tag);
         self.stats.submitted += 1;
@@ -479,6 +554,9 @@ impl QueueDriver {
         // Kick every time: cheap next to the device's work, and no notification-suppression
         // race to get wrong.
         fence(Ordering::SeqCst);
+        if self.trace {
+            self.last_kick = monotonic_ns();
+        }
         self.ctrl.kick.write(1).map_err(DriverError::EventFd)?;
         self.stats.kicks += 1;
         Ok(())
@@ -499,6 +577,7 @@ impl QueueDriver {
                 .load(GuestAddress(self.ctrl.used + 2), Ordering::Acquire)
                 .map_err(|e| DriverError::Memory(e.to_string()))?;
             if used_idx != self.ctrl.last_used {
+                self.seen_at = if self.trace { monotonic_ns() } else { 0 };
                 while self.ctrl.last_used != used_idx {
                     self.take_used()?;
                 }
@@ -585,6 +664,9 @@ impl QueueDriver {
             .read_slice(&mut bytes, GuestAddress(resp))
             .map_err(|e| DriverError::Memory(e.to_string()))?;
         self.done.insert(tag, bytes);
+        if let Some(st) = self.stamps.get_mut(&tag) {
+            st.1 = self.seen_at;
+        }
         self.stats.completed += 1;
         Ok(())
     }
@@ -636,7 +718,11 @@ fn transport_call(
                 reason: reason.clone(),
             }),
         },
-        TransportReply::Stats { seq: s, .. } if *s == seq => Ok(reply),
+        TransportReply::Stats { seq: s, .. } | TransportReply::Trace { seq: s, .. }
+            if *s == seq =>
+        {
+            Ok(reply)
+        }
         other => Err(DriverError::BadReply {
             what,
             got: format!("{other:?}"),

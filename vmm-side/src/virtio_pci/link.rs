@@ -315,7 +315,9 @@ impl VirtioPciGpu {
 
 fn reply_seq(r: &TransportReply) -> u64 {
     match r {
-        TransportReply::Done { seq, .. } | TransportReply::Stats { seq, .. } => *seq,
+        TransportReply::Done { seq, .. }
+        | TransportReply::Stats { seq, .. }
+        | TransportReply::Trace { seq, .. } => *seq,
     }
 }
 

@@ -1,0 +1,132 @@
+//! The per-hop breakdown of one sandboxed MAP_BLOB and UNMAP_BLOB: with tracing on
+//! ([`QueueDriver::set_trace`]), the driver, the device and the VMM's mapping service stamp
+//! each command with `CLOCK_MONOTONIC` (one clock for the three processes), and the hops
+//! between the stamps say where the time goes. Tracing is a bench mode: a normal run takes
+//! no stamps.
+
+use serde::Serialize;
+
+use super::cases::{BlobSpec, CTX};
+use super::report::lat;
+use crate::latency::Latency;
+use crate::queue_driver::QueueDriver;
+use hostmem_ipc::protocol::TraceRecord;
+
+/// One hop: its p50/p99 for maps and for unmaps (µs).
+#[derive(Debug, Clone, Serialize)]
+pub struct Hop {
+    /// From which stamp to which.
+    pub name: &'static str,
+    /// MAP_BLOB.
+    pub map_us: Latency,
+    /// UNMAP_BLOB.
+    pub unmap_us: Latency,
+}
+
+/// Where one synchronous command's time goes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Breakdown {
+    /// Commands of each kind traced.
+    pub samples: usize,
+    /// The hops in order; their p50s add up to about the total's.
+    pub hops: Vec<Hop>,
+    /// Guest kick to the used-ring entry seen by the guest.
+    pub total: Option<Hop>,
+    /// The device's own mirror placement, from its event leaving (it overlaps the VMM's
+    /// hops).
+    pub mirror: Option<Hop>,
+}
+
+/// The hop names, in order, and how each is computed from a record and the driver's
+/// (kick, seen) stamps.
+type HopFn = fn(&TraceRecord, (u64, u64)) -> (u64, u64);
+const HOPS: [(&str, HopFn); 10] = [
+    ("guest kick -> device wakes", |r, d| (d.0, r.device.woke)),
+    ("device wakes -> placer (chain, parse, export)", |r, _| {
+        (r.device.woke, r.device.begin)
+    }),
+    ("placer -> event sent", |r, _| {
+        (r.device.begin, r.device.sent)
+    }),
+    ("event sent -> VMM receives", |r, _| {
+        (r.device.sent, r.vmm.received)
+    }),
+    ("VMM checks", |r, _| (r.vmm.received, r.vmm.checked)),
+    ("VMM placement", |r, _| (r.vmm.checked, r.vmm.placed)),
+    ("VMM reply sent", |r, _| (r.vmm.placed, r.vmm.replied)),
+    ("reply -> device has the verdict", |r, _| {
+        (r.vmm.replied, r.device.reply)
+    }),
+    ("verdict -> used ring written", |r, _| {
+        (r.device.reply, r.device.used)
+    }),
+    ("used ring -> guest sees it", |r, d| (r.device.used, d.1)),
+];
+
+fn us(from: u64, to: u64) -> f64 {
+    // Stamps of one clock; a hop that the other side's parallel work made negative is 0.
+    to.saturating_sub(from) as f64 / 1e3
+}
+
+/// Runs `n` synchronous map/unmap pairs of `blob` with tracing and returns the breakdown.
+/// Each command makes exactly one placement event, so the device's records and the
+/// driver's tags pair up in order.
+pub fn run(d: &mut QueueDriver, blob: &BlobSpec, n: usize) -> anyhow::Result<Breakdown> {
+    d.set_trace(true)?;
+    let mut tags = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        let t = d.submit_map(CTX, blob.res, blob.offset)?;
+        d.wait_map(t)?;
+        tags.push((true, d.stamps(t)));
+        let t = d.submit_unmap(CTX, blob.res)?;
+        d.wait_ok(t)?;
+        tags.push((false, d.stamps(t)));
+    }
+    let records = d.take_trace()?;
+    d.set_trace(false)?;
+    anyhow::ensure!(
+        records.len() == tags.len(),
+        "{} trace records for {} commands",
+        records.len(),
+        tags.len()
+    );
+    let mut per: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); HOPS.len() + 2];
+    for (r, (map, st)) in records.iter().zip(&tags) {
+        anyhow::ensure!(r.map == *map, "trace record {} is out of order", r.seq);
+        let Some(st) = *st else { continue };
+        let mut push = |i: usize, v: f64| {
+            if let Some(p) = per.get_mut(i) {
+                if *map {
+                    p.0.push(v)
+                } else {
+                    p.1.push(v)
+                }
+            }
+        };
+        for (i, (_, f)) in HOPS.iter().enumerate() {
+            let (a, b) = f(r, st);
+            push(i, us(a, b));
+        }
+        push(HOPS.len(), us(st.0, st.1));
+        push(HOPS.len() + 1, us(r.device.sent, r.device.mirror_done));
+    }
+    let hop = |name: &'static str, v: &(Vec<f64>, Vec<f64>)| Hop {
+        name,
+        map_us: lat(&v.0),
+        unmap_us: lat(&v.1),
+    };
+    Ok(Breakdown {
+        samples: n,
+        hops: HOPS
+            .iter()
+            .zip(&per)
+            .map(|((name, _), v)| hop(name, v))
+            .collect(),
+        total: per
+            .get(HOPS.len())
+            .map(|v| hop("guest kick -> guest sees it (total)", v)),
+        mirror: per
+            .get(HOPS.len() + 1)
+            .map(|v| hop("device mirror placement (overlaps the VMM's)", v)),
+    })
+}
