@@ -264,17 +264,21 @@ impl VhostUserCase {
             .unwrap_or_default();
         let timed: u64 = self.levels.iter().map(|(_, s)| s.cycles).sum();
         let slot_changes: u64 = self.levels.iter().map(|(_, s)| s.memslot_changes).sum();
+        let per_s = |s: &Samples| {
+            if s.op_seconds > 0.0 {
+                s.cycles as f64 / s.op_seconds
+            } else {
+                0.0
+            }
+        };
         CaseReport {
             name: NAME,
             mode: Mode::Fixed.name(),
             map_us: lat(&first.map_us),
             unmap_us: lat(&first.unmap_us),
             cycle_us: lat(&first.cycle_us),
-            cycles_per_s: if first.op_seconds > 0.0 {
-                first.cycles as f64 / first.op_seconds
-            } else {
-                0.0
-            },
+            cycles_per_s: per_s(&first),
+            placements_per_s: 2.0 * per_s(&first),
             cycles: first.cycles,
             memslot_changes: self.hostmem.memslot_changes(),
             memslot_changes_per_cycle: if timed > 0 {
@@ -297,6 +301,7 @@ impl VhostUserCase {
                     map_us: lat(&s.map_us),
                     unmap_us: lat(&s.unmap_us),
                     cycles: s.cycles,
+                    cycles_per_s: per_s(s),
                 })
                 .collect(),
             failed: self.failed.clone(),
