@@ -503,8 +503,17 @@ fn a_filter_installed_before_exec_binds_a_program_that_installs_none() {
     let mut c = spawn(cfg).unwrap();
     let facts = verify_jailed(c.pid()).unwrap();
     assert_eq!(facts.seccomp, 2);
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", c.pid())).unwrap();
-    assert_eq!(cmdline, b"/usr/bin/sleep\x005\x00", "arguments untouched");
+    // The child may not have reached execveat yet (its cmdline is then still ours): wait.
+    let want: &[u8] = b"/usr/bin/sleep\x005\x00";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let cmdline = loop {
+        let got = std::fs::read(format!("/proc/{}/cmdline", c.pid())).unwrap();
+        if got == want || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(cmdline, want, "arguments untouched");
     assert_eq!(proc_fds(c.pid()), vec![0, 1, 2]);
     c.kill(libc::SIGKILL);
     c.wait().unwrap();
