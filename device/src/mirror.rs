@@ -27,6 +27,12 @@
 //!
 //! `begin_map`/`begin_unmap` start a placement without waiting, `finish_next` waits for
 //! the oldest verdict; `map`/`unmap` are both in one call.
+//!
+//! **Test-only failure injection** ([`MirrorFaults`], [`MirrorPlacer::set_test_faults`];
+//! the device's `--test-fail-mirror-place N` / `--test-fail-mirror-restore N`): the Nth
+//! mirror placement or restore fails as if its MAP_FIXED had returned ENOMEM, *after* its
+//! event was sent, to exercise the take-back and the broken tube above. Off unless a
+//! test sets it; nothing in a normal run does.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
@@ -45,6 +51,19 @@ use crate::gpu::{MapRequest, PlaceError, Placer};
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Trace records kept at most (older ones are dropped).
 pub const MAX_TRACE: usize = 16 * 1024;
+
+/// Test-only failure injection in the mirror: counted from when it is set, the Nth
+/// placement (`fail_place`) or restore (`fail_restore`) fails as if MAP_FIXED had returned
+/// ENOMEM, after its event went to the VMM (the mirror keeps what it had: nothing placed,
+/// or the blob not restored). Each fires once. Default: off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MirrorFaults {
+    /// The Nth mirror placement from now (1: the next) fails.
+    pub fail_place: Option<u64>,
+    /// The Nth mirror restore from now (1: the next) fails; undoing a refused placement
+    /// is not counted.
+    pub fail_restore: Option<u64>,
+}
 
 /// One event sent (or in the outbox) and not settled.
 #[derive(Debug)]
@@ -86,6 +105,10 @@ pub struct MirrorPlacer {
     woke: u64,
     open: HashMap<u64, TraceRecord>,
     records: Vec<TraceRecord>,
+    /// Test-only failure injection, and the placements and restores tried since it was set.
+    faults: MirrorFaults,
+    places: u64,
+    restores: u64,
 }
 
 fn refuse(code: RefuseCode, reason: String) -> PlaceError {
@@ -143,7 +166,43 @@ impl MirrorPlacer {
             woke: 0,
             open: HashMap::new(),
             records: Vec::new(),
+            faults: MirrorFaults::default(),
+            places: 0,
+            restores: 0,
         }
+    }
+
+    /// **Test only**: makes the Nth mirror placement or restore from now fail after its
+    /// event was sent ([`MirrorFaults`]). A normal run never calls this.
+    pub fn set_test_faults(&mut self, faults: MirrorFaults) {
+        if faults != MirrorFaults::default() {
+            log::warn!("test knob: mirror failure injection {faults:?}");
+        }
+        self.faults = faults;
+        self.places = 0;
+        self.restores = 0;
+    }
+
+    /// The injected failure of this placement or restore, if the test knob names it.
+    fn injected(&mut self, restore: bool, offset: u64, len: u64) -> Option<hostmem_base::Error> {
+        let (n, at) = if restore {
+            self.restores += 1;
+            (self.restores, self.faults.fail_restore)
+        } else {
+            self.places += 1;
+            (self.places, self.faults.fail_place)
+        };
+        (at == Some(n)).then(|| {
+            log::warn!(
+                "test knob: mirror {} {n} of {offset:#x}+{len:#x} fails",
+                if restore { "restore" } else { "placement" }
+            );
+            hostmem_base::Error::MapFixed {
+                offset,
+                len,
+                errno: nix::errno::Errno::ENOMEM,
+            }
+        })
     }
 
     /// The mirror.
@@ -469,7 +528,11 @@ impl Placer for MirrorPlacer {
         };
         self.queue(msg, Some(fd), entry);
         // The VMM may be placing it now: place the mirror meanwhile.
-        match req.place_in(&self.window) {
+        let placed = match self.injected(false, req.offset, req.len) {
+            Some(e) => Err(e),
+            None => req.place_in(&self.window),
+        };
+        match placed {
             Ok(by) => {
                 if by == MappedBy::Caller {
                     self.renderer_mapped += 1;
@@ -517,7 +580,11 @@ impl Placer for MirrorPlacer {
             mirror_err: None,
         };
         self.queue(msg, None, entry);
-        match self.window.restore(offset, len) {
+        let restored = match self.injected(true, offset, len) {
+            Some(e) => Err(e),
+            None => self.window.restore(offset, len),
+        };
+        match restored {
             Ok(_) => {
                 let now = if self.trace { monotonic_ns() } else { 0 };
                 self.stamp(seq, |r| r.device.mirror_done = now);

@@ -19,7 +19,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
 use crate::backend::Backend;
 use crate::gpu::{Gpu, Placer};
-use crate::mirror::MirrorPlacer;
+use crate::mirror::{MirrorFaults, MirrorPlacer};
 use crate::virtio::{guest_memory, VirtioGpu};
 use crate::{Error, Result};
 
@@ -53,6 +53,14 @@ pub struct Args {
     /// kept in reserve), to exercise the headroom refusal.
     #[arg(long, value_name = "N")]
     pub vma_limit: Option<usize>,
+    /// Test knob: the Nth mirror placement fails after its Map event was sent (as if its
+    /// MAP_FIXED returned ENOMEM), to exercise the take-back ([`crate::mirror::MirrorFaults`]).
+    #[arg(long, value_name = "N")]
+    pub test_fail_mirror_place: Option<u64>,
+    /// Test knob: the Nth mirror restore fails after its Unmap event was sent (the device
+    /// then exits; [`crate::mirror::MirrorFaults`]).
+    #[arg(long, value_name = "N")]
+    pub test_fail_mirror_restore: Option<u64>,
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
     #[arg(long)]
     pub test_ops: bool,
@@ -218,7 +226,12 @@ fn run(args: &Args) -> Result<()> {
     log::info!(
         "device ready: backend {backend_name} ({num_capsets} capsets), window {size:#x} bytes"
     );
-    let mut dev = VirtioGpu::new(Gpu::new(backend, MirrorPlacer::new(mirror, mapping)));
+    let mut placer = MirrorPlacer::new(mirror, mapping);
+    placer.set_test_faults(MirrorFaults {
+        fail_place: args.test_fail_mirror_place,
+        fail_restore: args.test_fail_mirror_restore,
+    });
+    let mut dev = VirtioGpu::new(Gpu::new(backend, placer));
     serve(&transport, &mut dev)
 }
 
@@ -546,8 +559,14 @@ mod tests {
             "--vma-limit",
             "12",
             "--test-ops",
+            "--test-fail-mirror-place",
+            "2",
         ])
         .unwrap();
+        assert_eq!(
+            (a.test_fail_mirror_place, a.test_fail_mirror_restore),
+            (Some(2), None)
+        );
         assert_eq!(
             (
                 a.transport_fd,
