@@ -1,6 +1,8 @@
 //! Fault injection and soak, through the real jailed device and the real mapping service:
-//! the device killed at exact points of an event, the VMM at its fd limit (EMFILE), and a
-//! long map/unmap run whose fd, VMA and RSS counts must come back. After every fault the
+//! the device killed at exact points of an event, the VMM at its fd limit (EMFILE, also for
+//! a whole batch of events), the device's mirror placement or restore failing after its
+//! event left (the device's `--test-fail-mirror-*` knobs), and a long map/unmap run whose
+//! fd, VMA and RSS counts must come back. After every fault the
 //! VMM's placement table must equal what `/proc/self/maps` shows in the window, and the
 //! KVM guest must read what the table says.
 
@@ -58,7 +60,14 @@ impl Vmm {
     }
 
     fn start_device(&mut self) {
-        let (dev, mut drv) = start_device(&device_config(), &self.hm);
+        self.start_device_with(&[]);
+    }
+
+    /// Starts the device with `extra` arguments (its test knobs).
+    fn start_device_with(&mut self, extra: &[&str]) {
+        let mut cfg = device_config();
+        cfg.extra_args = extra.iter().map(|s| s.to_string()).collect();
+        let (dev, mut drv) = start_device(&cfg, &self.hm);
         drv.set_timeout(Duration::from_secs(5)).unwrap();
         drv.ctx_create(CTX, 0).unwrap();
         self.dev = Some(dev);
@@ -408,6 +417,208 @@ fn pipelined_maps_with_refusals_in_the_middle_are_undone() {
     // Room for the refused two: the device undid them, so the same maps work now.
     v.drv().unmap_blob(CTX, 2).unwrap();
     for res in 5..=6u32 {
+        v.drv().map_blob(CTX, res, at(res)).unwrap();
+        v.guest_sees(at(res), 2 * P, Some(res));
+    }
+    v.consistent();
+    let exit = v.stop_device("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+}
+
+/// The device's mirror placement fails after its Map event left (the device's
+/// `--test-fail-mirror-place 2`: the second placement fails as if MAP_FIXED had returned
+/// ENOMEM). The VMM placed the blob meanwhile; the device takes it back with an Unmap
+/// before the guest hears ERR_OUT_OF_MEMORY: the VMM's window is without it (table, maps
+/// and the guest agree), and the same map works afterwards, so the mirror is free there.
+#[test]
+fn a_mirror_placement_failing_after_its_map_left_is_taken_back() {
+    let _s = serial();
+    let mut v = Vmm::new();
+    v.start_device_with(&["--test-fail-mirror-place", "2"]);
+    let at = |res: u32| u64::from(res) * 4 * P;
+    v.create(1, 2 * P).unwrap();
+    v.create(2, 2 * P).unwrap();
+    v.drv().map_blob(CTX, 1, at(1)).unwrap();
+    let before = v.hm.counters();
+    match v.drv().map_blob(CTX, 2, at(2)) {
+        Err(CmdError::Device(c)) => assert_eq!(format!("{c:?}"), "OutOfMemory"),
+        other => panic!("expected ERR_OUT_OF_MEMORY, got {other:?}"),
+    }
+    let after = v.hm.counters();
+    assert_eq!(
+        (
+            after.maps_ok - before.maps_ok,
+            after.unmaps_ok - before.unmaps_ok
+        ),
+        (1, 1),
+        "the VMM placed it and took it back: {after:?}"
+    );
+    assert_eq!(v.hm.live(), 1, "only blob 1 is placed");
+    v.consistent();
+    v.guest_sees(at(1), 2 * P, Some(1));
+    v.guest_sees(at(2), 2 * P, None);
+    // The knob fires once: the mirror is free at at(2), the same map works.
+    v.drv().map_blob(CTX, 2, at(2)).unwrap();
+    v.consistent();
+    v.guest_sees(at(2), 2 * P, Some(2));
+    v.drv().unmap_blob(CTX, 2).unwrap();
+    v.drv().unmap_blob(CTX, 1).unwrap();
+    assert_eq!(v.hm.live(), 0);
+    let exit = v.stop_device("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+}
+
+/// The device's mirror restore fails after its Unmap event left
+/// (`--test-fail-mirror-restore 1`): the VMM restored its range, the mirror still holds the
+/// blob, so the views differ and the device gives up: the guest's UNMAP fails, the device
+/// exits with its tube-failure code on its own, the VMM restores its whole window (table,
+/// maps and guest: all background), and a new device maps at the same places.
+#[test]
+fn a_mirror_restore_failing_after_its_unmap_left_ends_the_device() {
+    let _s = serial();
+    let mut v = Vmm::new();
+    let baseline = fd_count().unwrap();
+    v.start_device_with(&["--test-fail-mirror-restore", "1"]);
+    let at = |res: u32| u64::from(res) * 4 * P;
+    for res in 1..=2u32 {
+        v.create(res, 2 * P).unwrap();
+        v.drv().map_blob(CTX, res, at(res)).unwrap();
+    }
+    v.guest_sees(at(2), 2 * P, Some(2));
+    match v.drv().unmap_blob(CTX, 1) {
+        Err(CmdError::Device(c)) => assert_eq!(format!("{c:?}"), "Unspec"),
+        Err(e) => assert!(e.device_lost(), "{e}"),
+        Ok(()) => panic!("the UNMAP completed though the mirror kept the blob"),
+    }
+    // The device exits by itself (exit code 3: the mapping tube failed).
+    let pid = v.dev.as_ref().unwrap().pid();
+    let t0 = std::time::Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}/cmdline")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z"))
+            .unwrap_or(false)
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the device did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let exit = v.stop_device("after the failed restore");
+    assert_eq!(exit.code, Some(3), "{exit:?}");
+    assert_eq!(v.hm.live(), 0, "the VMM restored its whole window");
+    v.consistent();
+    for res in 1..=2u32 {
+        v.guest_sees(at(res), 2 * P, None);
+    }
+    assert_eq!(fd_count().unwrap(), baseline, "VMM fds leaked");
+    v.start_device();
+    v.create(1, 2 * P).unwrap();
+    v.drv().map_blob(CTX, 1, at(1)).unwrap();
+    v.guest_sees(at(1), 2 * P, Some(1));
+    v.drv().unmap_blob(CTX, 1).unwrap();
+    v.consistent();
+    let exit = v.stop_device("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+}
+
+/// A batch arrives while the VMM is at its fd limit: the kernel drops its fds
+/// (MSG_CTRUNC). Its Maps are refused, its Unmap is still done, and the device's mirror
+/// follows: the guest gets OK for the unmap and ERR_OUT_OF_MEMORY for both maps, the
+/// VMM's window and table agree, and once fds are free the same maps (and a map where the
+/// unmapped blob was) work, so the mirror is background at all three places.
+///
+/// How the batch is made: the VMM's fault hook holds it at blob X's Map while the test
+/// queues MAP B, UNMAP A, MAP C, MAP D; the device then sends B alone (the VMM owes it
+/// nothing), and the VMM, held again at B (where the hook exhausts the fds), lets
+/// UNMAP A, MAP C and MAP D pile up in the device's outbox: they leave as one batch.
+#[test]
+fn a_batch_whose_fds_are_lost_refuses_its_maps_and_does_its_unmaps() {
+    use std::sync::Mutex;
+    let _s = serial();
+    let mut v = Vmm::new();
+    v.start_device();
+    let (x, a, b, c, d) = (1u32, 2u32, 3u32, 4u32, 5u32);
+    let at = |res: u32| u64::from(res) * 4 * P;
+    for res in [x, a, b, c, d] {
+        v.create(res, 2 * P).unwrap();
+    }
+    v.drv().map_blob(CTX, a, at(a)).unwrap();
+    let before = v.hm.counters();
+    let limit: Arc<Mutex<Option<FdLimit>>> = Arc::new(Mutex::new(None));
+    let held_x = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (l, h) = (limit.clone(), held_x.clone());
+    v.hm.set_fault_hook(Some(Box::new(move |p, res| {
+        if p != FaultPoint::MapReceived {
+            return;
+        }
+        if res == x {
+            h.store(true, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(150));
+        } else if res == b {
+            // B's fd arrived; the batch behind it will find no free fd.
+            *l.lock().unwrap() = Some(FdLimit::exhaust());
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    })));
+    let tx = v.drv().submit_map(CTX, x, at(x)).unwrap();
+    let t0 = std::time::Instant::now();
+    while !held_x.load(std::sync::atomic::Ordering::SeqCst) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "X never reached the VMM"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The device now waits for X's verdict: these four are in the ring together.
+    std::thread::sleep(Duration::from_millis(30));
+    let tb = v.drv().submit_map(CTX, b, at(b)).unwrap();
+    let ta = v.drv().submit_unmap(CTX, a).unwrap();
+    let tc = v.drv().submit_map(CTX, c, at(c)).unwrap();
+    let td = v.drv().submit_map(CTX, d, at(d)).unwrap();
+    let mut verdict = |tag: u64, map: bool| -> String {
+        let r = if map {
+            v.drv().wait_map(tag).map(drop)
+        } else {
+            v.drv().wait_ok(tag).map(drop)
+        };
+        match r {
+            Ok(()) => "ok".into(),
+            Err(CmdError::Device(c)) => format!("{c:?}"),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let got = [
+        verdict(tx, true),
+        verdict(tb, true),
+        verdict(ta, false),
+        verdict(tc, true),
+        verdict(td, true),
+    ];
+    v.hm.set_fault_hook(None);
+    let fds_were_exhausted = limit.lock().unwrap().take().is_some();
+    assert!(fds_were_exhausted, "the hook ran at B");
+    assert_eq!(
+        got,
+        ["ok", "ok", "ok", "OutOfMemory", "OutOfMemory"],
+        "X, B placed; A unmapped; C and D refused"
+    );
+    let after = v.hm.counters();
+    assert_eq!(
+        after.protocol_errors - before.protocol_errors,
+        1,
+        "C and D (and A) came in one message whose fds were lost: {after:?}"
+    );
+    assert_eq!(after.unmaps_ok - before.unmaps_ok, 1, "A's unmap was done");
+    assert_eq!(v.hm.live(), 2, "X and B");
+    v.consistent();
+    v.guest_sees(at(x), 2 * P, Some(x));
+    v.guest_sees(at(b), 2 * P, Some(b));
+    for res in [a, c, d] {
+        v.guest_sees(at(res), 2 * P, None);
+    }
+    // The mirror agrees: C, D and A map where they were refused or unmapped.
+    for res in [c, d, a] {
         v.drv().map_blob(CTX, res, at(res)).unwrap();
         v.guest_sees(at(res), 2 * P, Some(res));
     }
