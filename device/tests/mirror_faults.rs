@@ -331,7 +331,7 @@ fn a_mirror_restore_failing_after_its_unmap_left_breaks_the_tube() {
 fn a_batch_keeps_verdict_order_undoes_a_refusal_in_the_middle_and_unmaps_after_the_vmm() {
     let (mut placer, vmm) = setup(Policy {
         refuse: HashSet::from([3]),
-        delay: Duration::from_millis(30),
+        delay: Duration::from_millis(100),
     });
     let (a, b, c, d) = (blob(1, 1), blob(2, 1), blob(3, 1), blob(4, 1));
     placer.map(&req(1, 0, &a)).unwrap();
@@ -384,7 +384,7 @@ fn a_batch_keeps_verdict_order_undoes_a_refusal_in_the_middle_and_unmaps_after_t
 fn a_mirror_failure_while_the_event_waits_in_the_outbox_recalls_it() {
     let (mut placer, vmm) = setup(Policy {
         refuse: HashSet::new(),
-        delay: Duration::from_millis(30),
+        delay: Duration::from_millis(100),
     });
     let (b, c, d) = (blob(2, 1), blob(3, 1), blob(4, 1));
     let tb = placer.begin_map(&req(2, 4 * P, &b)).unwrap().unwrap();

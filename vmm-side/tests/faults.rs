@@ -554,7 +554,7 @@ fn a_batch_whose_fds_are_lost_refuses_its_maps_and_does_its_unmaps() {
         }
         if res == x {
             h.store(true, std::sync::atomic::Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(150));
+            std::thread::sleep(Duration::from_millis(300));
         } else if res == b {
             // B's fd arrived; the batch behind it will find no free fd.
             *l.lock().unwrap() = Some(FdLimit::exhaust());
@@ -571,7 +571,7 @@ fn a_batch_whose_fds_are_lost_refuses_its_maps_and_does_its_unmaps() {
         std::thread::sleep(Duration::from_millis(1));
     }
     // The device now waits for X's verdict: these four are in the ring together.
-    std::thread::sleep(Duration::from_millis(30));
+    std::thread::sleep(Duration::from_millis(100));
     let tb = v.drv().submit_map(CTX, b, at(b)).unwrap();
     let ta = v.drv().submit_unmap(CTX, a).unwrap();
     let tc = v.drv().submit_map(CTX, c, at(c)).unwrap();
