@@ -335,11 +335,13 @@ fn a_batch_keeps_verdict_order_undoes_a_refusal_in_the_middle_and_unmaps_after_t
     });
     let (a, b, c, d) = (blob(1, 1), blob(2, 1), blob(3, 1), blob(4, 1));
     placer.map(&req(1, 0, &a)).unwrap();
-    let mut tickets = vec![];
-    tickets.push(placer.begin_map(&req(2, 4 * P, &b)).unwrap().unwrap());
-    tickets.push(placer.begin_unmap(1, 0, P).unwrap().unwrap());
-    tickets.push(placer.begin_map(&req(3, 8 * P, &c)).unwrap().unwrap());
-    tickets.push(placer.begin_map(&req(4, 12 * P, &d)).unwrap().unwrap());
+    // One at a time, in this order (a vec! literal would evaluate them in order too, but
+    // the order is the point).
+    let tb = placer.begin_map(&req(2, 4 * P, &b)).unwrap().unwrap();
+    let ta = placer.begin_unmap(1, 0, P).unwrap().unwrap();
+    let tc = placer.begin_map(&req(3, 8 * P, &c)).unwrap().unwrap();
+    let td = placer.begin_map(&req(4, 12 * P, &d)).unwrap().unwrap();
+    let tickets = [tb, ta, tc, td];
     let mut results = vec![];
     while let Some((t, r)) = placer.finish_next() {
         if t == tickets[1] {
