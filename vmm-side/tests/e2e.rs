@@ -166,10 +166,13 @@ fn vma_headroom_refuses_with_out_of_memory_and_unmaps_still_succeed() {
     assert!(hm.counters().refused > refused_before, "the VMM refused");
     dev.finish("test done");
 
-    // Device side: the mirror refuses first, the VMM never hears of it.
+    // Device side: the mirror's VMA budget refuses. The Map event has already left (the
+    // device overlaps its mirror placement with the VMM's), so the VMM places it and then
+    // gets the take-back Unmap: it refuses nothing, and its window ends up empty.
     let (hm, dev, d) = start(&["--vma-limit", "20"]);
     map_until_refused_then_unmap_all(&hm, d);
     assert_eq!(hm.counters().refused, 0);
+    assert_eq!(hm.live(), 0, "the taken-back placement is gone from the VMM's window");
     dev.finish("test done");
 }
 
