@@ -5,6 +5,8 @@
 //! its seq, that Reset answers only after the VMM heard the Unmap, and that closing the
 //! transport tube ends the loop cleanly.
 
+mod common;
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -16,29 +18,20 @@ use hostmem_device::backend::Backend;
 use hostmem_device::gpu::Gpu;
 use hostmem_device::mirror::MirrorPlacer;
 use hostmem_device::process::serve;
-use hostmem_device::virtio::{guest_memory, VirtioGpu, CONTROLQ};
+use hostmem_device::virtio::{VirtioGpu, CONTROLQ};
 use hostmem_device::wire::*;
 use hostmem_ipc::protocol::{
-    BatchReply, DeviceMsg, GuestRegion, Outcome, QueueSetup, TransportMsg, TransportReply, VmmMsg,
+    BatchReply, DeviceMsg, Outcome, QueueSetup, TransportMsg, TransportReply, VmmMsg,
 };
 use hostmem_ipc::Tube;
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use vm_memory::{Bytes, GuestAddress};
 
-const RAM_GPA: u64 = 0x10_0000;
+use common::{efd, AVAIL, DESC, RAM_GPA, USED};
+
 const RAM_SIZE: u64 = 1 << 20;
-const DESC: u64 = RAM_GPA;
-const AVAIL: u64 = RAM_GPA + 0x1000;
-const USED: u64 = RAM_GPA + 0x2000;
 const DATA: u64 = RAM_GPA + 0x4000;
 const SIZE: u16 = 16;
 const WINDOW: u64 = 1 << 20;
-
-fn efd() -> OwnedFd {
-    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-        .expect("eventfd")
-        .into()
-}
 
 #[test]
 fn the_loop_serves_kicks_and_transport_messages_until_eof() {
@@ -95,13 +88,7 @@ fn the_loop_serves_kicks_and_transport_messages_until_eof() {
     });
 
     // The transport: guest RAM and the control queue.
-    let ram = SharedMemory::new("ram", RAM_SIZE).unwrap();
-    let region = GuestRegion {
-        gpa: RAM_GPA,
-        size: RAM_SIZE,
-        fd_offset: 0,
-    };
-    let mem = guest_memory(&[region], vec![ram.try_clone_fd().unwrap()]).unwrap();
+    let (ram, mem) = common::ram("ram", RAM_SIZE);
     vmm_tr
         .set_recv_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -117,7 +104,7 @@ fn the_loop_serves_kicks_and_transport_messages_until_eof() {
         ask(
             &TransportMsg::GuestMemory {
                 seq: 1,
-                regions: vec![region],
+                regions: vec![common::region(RAM_SIZE)],
             },
             &[ram.try_clone_fd().unwrap()],
         ),
@@ -179,28 +166,15 @@ fn the_loop_serves_kicks_and_transport_messages_until_eof() {
             let r = DATA + u64::from(k) * 0x400;
             let w = r + 0x200;
             mem.write_slice(c, GuestAddress(r)).unwrap();
-            let mut d = Vec::new();
-            for (a, l, f, n) in [(r, c.len() as u32, 1u16, 2 * k + 1), (w, 64, 2, 0)] {
-                d.extend_from_slice(&a.to_le_bytes());
-                d.extend_from_slice(&l.to_le_bytes());
-                d.extend_from_slice(&f.to_le_bytes());
-                d.extend_from_slice(&n.to_le_bytes());
-            }
-            mem.write_slice(&d, GuestAddress(DESC + 32 * u64::from(k)))
-                .unwrap();
-            mem.write_obj(
-                (2 * k).to_le(),
-                GuestAddress(AVAIL + 4 + 2 * u64::from(idx % SIZE)),
-            )
-            .unwrap();
-            idx += 1;
-            mem.write_obj(idx.to_le(), GuestAddress(AVAIL + 2)).unwrap();
+            common::write_desc(&mem, DESC, 2 * k, r, c.len() as u32, 1, 2 * k + 1);
+            common::write_desc(&mem, DESC, 2 * k + 1, w, 64, 2, 0);
+            idx = common::offer(&mem, AVAIL, SIZE, idx, 2 * k);
         }
         nix::unistd::write(kick.as_fd(), &1u64.to_ne_bytes()).unwrap();
         idx
     };
     let want = offer(&cmds, 0);
-    let used_idx = || u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap());
+    let used_idx = || common::used_idx(&mem, USED);
     let t0 = Instant::now();
     while used_idx() != want {
         assert!(

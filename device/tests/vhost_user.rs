@@ -7,44 +7,29 @@
 //! `SHMEM_MAP` / `SHMEM_UNMAP` (the device keeps serving: no deadlock), num_scanouts and
 //! `GET_DISPLAY_INFO`, and disconnect → reset → reconnect. The
 //! backend serves in a thread of the test (`serve_listener` on a socket in a temp dir), the
-//! frontend's backend channel in another.
+//! frontend (`common/frontend.rs`, shared with the VMM's vhost-user suite) and its backend
+//! channel in others.
+
+#[path = "common/frontend.rs"]
+mod frontend;
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hostmem_base::shm::SharedMemory;
+use frontend::{assert_ok, blob, connect, Fe, PAGE, RAM_GPA, RAM_SIZE};
 use hostmem_device::backend::shm::SHM_CAPSET_ID;
-use hostmem_device::vhost_user::{
-    serve_listener, Options, CONFIG_SIZE, OFFERED_FEATURES, SHMEM_ID,
-};
-use hostmem_device::virtio::{guest_memory, GuestMemoryMmap};
+use hostmem_device::vhost_user::{serve_listener, Options, CONFIG_SIZE, SHMEM_ID};
 use hostmem_device::wire::*;
-use hostmem_ipc::protocol::GuestRegion;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserMMap, VhostUserMMapFlags,
-    VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserMMapFlags, VhostUserProtocolFeatures,
 };
-use vhost::vhost_user::{
-    Frontend, FrontendReqHandler, VhostUserFrontend, VhostUserFrontendReqHandlerMut,
-};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
 
 const REGION: u64 = 64 << 20;
-const RAM_GPA: u64 = 0x10_0000;
-const RAM_SIZE: u64 = 4 << 20;
-const DESC: u64 = RAM_GPA;
-const AVAIL: u64 = RAM_GPA + 0x1000;
-const USED: u64 = RAM_GPA + 0x2000;
-const DATA: u64 = RAM_GPA + 0x10000;
-const QSIZE: u16 = 16;
-const PAGE: u64 = 4096;
 
 fn socket_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("hostmem-vu-{}-{name}.sock", std::process::id()))
@@ -62,266 +47,6 @@ fn backend(name: &str, connections: usize) -> (PathBuf, JoinHandle<()>) {
     };
     let t = std::thread::spawn(move || serve_listener(&listener, &opts).expect("backend serves"));
     (path, t)
-}
-
-/// What the frontend's backend channel saw.
-#[derive(Default)]
-struct Recorder {
-    maps: Vec<(VhostUserMMap, u64)>,
-    unmaps: Vec<VhostUserMMap>,
-    refuse: bool,
-    /// Like QEMU 11.1: before acking a map (unmap), add (remove) a memory region for it on
-    /// the main socket and wait for the backend's reply.
-    qemu_like: Option<Frontend>,
-    /// The regions added that way, by shm offset.
-    regions: Vec<(u64, SharedMemory)>,
-}
-
-/// Where the test's "shared memory region" lies in guest-physical space.
-const SHM_GPA: u64 = 0x1_0000_0000;
-
-impl Recorder {
-    fn region(shm_offset: u64, len: u64, fd: i32) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: SHM_GPA + shm_offset,
-            memory_size: len,
-            userspace_addr: SHM_GPA + shm_offset,
-            mmap_offset: 0,
-            mmap_handle: fd,
-        }
-    }
-}
-
-impl VhostUserFrontendReqHandlerMut for Recorder {
-    fn shmem_map(&mut self, req: &VhostUserMMap, fd: &dyn AsRawFd) -> std::io::Result<u64> {
-        if self.refuse {
-            return Err(std::io::Error::from_raw_os_error(libc_enomem()));
-        }
-        let len = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.len();
-        self.maps.push((*req, len));
-        if let Some(fe) = self.qemu_like.as_mut() {
-            let (off, l) = (req.shm_offset, req.len);
-            let shm = SharedMemory::new("shm-map", l).map_err(std::io::Error::other)?;
-            // Waits for the backend's reply: the backend must serve this while our ack
-            // of its SHMEM_MAP is outstanding.
-            fe.add_mem_region(&Recorder::region(off, l, shm.as_fd().as_raw_fd()))
-                .map_err(std::io::Error::other)?;
-            self.regions.push((off, shm));
-        }
-        Ok(0)
-    }
-    fn shmem_unmap(&mut self, req: &VhostUserMMap) -> std::io::Result<u64> {
-        self.unmaps.push(*req);
-        if let Some(fe) = self.qemu_like.as_mut() {
-            let (off, l) = (req.shm_offset, req.len);
-            let i = self
-                .regions
-                .iter()
-                .position(|(o, _)| *o == off)
-                .ok_or_else(|| std::io::Error::other("unmap of a region never mapped"))?;
-            let (_, shm) = self.regions.remove(i);
-            fe.remove_mem_region(&Recorder::region(off, l, shm.as_fd().as_raw_fd()))
-                .map_err(std::io::Error::other)?;
-        }
-        Ok(0)
-    }
-}
-
-fn libc_enomem() -> i32 {
-    nix::errno::Errno::ENOMEM as i32
-}
-
-/// A frontend with one control queue, guest RAM and a backend channel.
-struct Fe {
-    fe: Frontend,
-    rec: Arc<Mutex<Recorder>>,
-    _channel: JoinHandle<()>,
-    _ram: SharedMemory,
-    mem: GuestMemoryMmap,
-    kick: EventFd,
-    call: EventFd,
-    avail_idx: u16,
-    used_seen: u16,
-    data: u64,
-}
-
-fn connect(path: &PathBuf) -> Frontend {
-    for _ in 0..100 {
-        if let Ok(fe) = Frontend::connect(path, 2) {
-            return fe;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("cannot connect to {}", path.display());
-}
-
-impl Fe {
-    /// Connects and negotiates everything; the control queue runs.
-    fn new(path: &PathBuf) -> Fe {
-        let mut fe = connect(path);
-        fe.set_owner().unwrap();
-        let features = fe.get_features().unwrap();
-        assert_eq!(features, OFFERED_FEATURES);
-        // No event index: this driver wants every used buffer signalled.
-        fe.set_features(features & !(1 << 29)).unwrap();
-        let proto = fe.get_protocol_features().unwrap();
-        fe.set_protocol_features(proto).unwrap();
-        let rec = Arc::new(Mutex::new(Recorder::default()));
-        let mut handler = FrontendReqHandler::new(rec.clone()).unwrap();
-        handler.set_reply_ack_flag(true);
-        fe.set_backend_request_fd(&handler.get_tx_raw_fd()).unwrap();
-        let channel = std::thread::spawn(move || loop {
-            match handler.handle_request() {
-                Ok(_) | Err(vhost::vhost_user::Error::ReqHandlerError(_)) => {}
-                Err(_) => return,
-            }
-        });
-        let ram = SharedMemory::new("guest-ram", RAM_SIZE).unwrap();
-        let mem = guest_memory(
-            &[GuestRegion {
-                gpa: RAM_GPA,
-                size: RAM_SIZE,
-                fd_offset: 0,
-            }],
-            vec![ram.try_clone_fd().unwrap()],
-        )
-        .unwrap();
-        fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: RAM_GPA,
-            memory_size: RAM_SIZE,
-            // Our "address space" is the guest's: user_addr = GPA.
-            userspace_addr: RAM_GPA,
-            mmap_offset: 0,
-            mmap_handle: ram.as_fd().as_raw_fd(),
-        }])
-        .unwrap();
-        let kick = EventFd::new(libc_efd_nonblock()).unwrap();
-        let call = EventFd::new(libc_efd_nonblock()).unwrap();
-        fe.set_vring_num(0, QSIZE).unwrap();
-        fe.set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: 256,
-                queue_size: QSIZE,
-                flags: 0,
-                desc_table_addr: DESC,
-                used_ring_addr: USED,
-                avail_ring_addr: AVAIL,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(0, 0).unwrap();
-        fe.set_vring_kick(0, &kick).unwrap();
-        fe.set_vring_call(0, &call).unwrap();
-        fe.set_vring_enable(0, true).unwrap();
-        Fe {
-            fe,
-            rec,
-            _channel: channel,
-            _ram: ram,
-            mem,
-            kick,
-            call,
-            avail_idx: 0,
-            used_seen: 0,
-            data: DATA,
-        }
-    }
-
-    fn alloc(&mut self, bytes: &[u8], len: u32) -> u64 {
-        let at = self.data;
-        self.mem.write_slice(bytes, GuestAddress(at)).unwrap();
-        self.data += u64::from(len.max(bytes.len() as u32)).next_multiple_of(64);
-        at
-    }
-
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut b = Vec::with_capacity(16);
-        b.extend_from_slice(&addr.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
-        b.extend_from_slice(&flags.to_le_bytes());
-        b.extend_from_slice(&next.to_le_bytes());
-        self.mem
-            .write_slice(&b, GuestAddress(DESC + u64::from(i) * 16))
-            .unwrap();
-    }
-
-    /// Sends `cmd` on the control queue, waits for the call eventfd, returns the response.
-    fn roundtrip(&mut self, cmd: &Command) -> Response {
-        let req = cmd.encode();
-        let r = self.alloc(&req, req.len() as u32);
-        let w = self.alloc(&[], 512);
-        let head = (self.avail_idx % (QSIZE / 2)) * 2;
-        self.desc(head, r, req.len() as u32, 1, head + 1);
-        self.desc(head + 1, w, 512, 2, 0);
-        let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx.to_le(), GuestAddress(AVAIL + 2))
-            .unwrap();
-        self.kick.write(1).unwrap();
-        // vmm-sys-util's EventFd has no AsFd to poll: look at the used ring until it moves
-        // (5 s at most), then the call eventfd must have been signalled.
-        let t0 = std::time::Instant::now();
-        let used_idx = loop {
-            let idx: u16 = u16::from_le(self.mem.read_obj(GuestAddress(USED + 2)).unwrap());
-            if idx != self.used_seen {
-                break idx;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "no used entry for {cmd:?} within 5 s"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        };
-        // The device writes the used ring first, then signals.
-        while self.call.read().is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "the call eventfd was not signalled for {cmd:?}"
-            );
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        assert_eq!(used_idx, self.used_seen.wrapping_add(1), "one used entry");
-        let at = USED + 4 + 8 * u64::from(self.used_seen % QSIZE);
-        let id: u32 = u32::from_le(self.mem.read_obj(GuestAddress(at)).unwrap());
-        let len: u32 = u32::from_le(self.mem.read_obj(GuestAddress(at + 4)).unwrap());
-        self.used_seen = used_idx;
-        assert_eq!(id, u32::from(head));
-        let mut b = vec![0u8; len as usize];
-        self.mem.read_slice(&mut b, GuestAddress(w)).unwrap();
-        Response::parse(&b).expect("response parses")
-    }
-
-    fn maps(&self) -> Vec<(VhostUserMMap, u64)> {
-        self.rec.lock().unwrap().maps.clone()
-    }
-}
-
-fn libc_efd_nonblock() -> i32 {
-    nix::sys::eventfd::EfdFlags::EFD_NONBLOCK.bits()
-}
-
-fn assert_ok(r: &Response) {
-    assert!(
-        matches!(r, Response::OkNoData { .. }),
-        "expected OK, got {r:?}"
-    );
-}
-
-fn blob(fe: &mut Fe, ctx: u32, id: u32, size: u64) {
-    assert_ok(&fe.roundtrip(&Command::create_blob(
-        ctx,
-        id,
-        VIRTIO_GPU_BLOB_MEM_HOST3D,
-        VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
-        0,
-        size,
-    )));
 }
 
 #[test]

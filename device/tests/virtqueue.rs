@@ -5,6 +5,8 @@
 //! DESIGN invariant 8: each must end in an error response or a chain returned with length
 //! 0 (or dropped), and the device must go on serving.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
@@ -18,16 +20,13 @@ use hostmem_device::virtio::{
 };
 use hostmem_device::wire::*;
 use hostmem_ipc::protocol::{GuestRegion, QueueSetup, TransportMsg, TransportReply};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use vm_memory::{Bytes, GuestAddress};
 
+use common::{efd, ram, region, AVAIL, DESC, RAM_GPA, USED};
+
 const WINDOW: u64 = 16 << 20;
-/// Guest RAM: 4 MiB at 1 MiB (GPA 0 and the hostmem window at 4 GiB are outside).
-const RAM_GPA: u64 = 0x10_0000;
+/// Guest RAM: 4 MiB at [`RAM_GPA`].
 const RAM_SIZE: u64 = 4 << 20;
-const DESC: u64 = RAM_GPA;
-const AVAIL: u64 = RAM_GPA + 0x1000;
-const USED: u64 = RAM_GPA + 0x2000;
 const CURSOR_DESC: u64 = RAM_GPA + 0x3000;
 const CURSOR_AVAIL: u64 = RAM_GPA + 0x4000;
 const CURSOR_USED: u64 = RAM_GPA + 0x5000;
@@ -110,28 +109,13 @@ struct Driver {
     data: u64,
 }
 
-fn efd() -> OwnedFd {
-    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-        .expect("eventfd")
-        .into()
-}
-
 fn dup(fd: &OwnedFd) -> OwnedFd {
     fd.try_clone().expect("dup")
 }
 
-fn region() -> GuestRegion {
-    GuestRegion {
-        gpa: RAM_GPA,
-        size: RAM_SIZE,
-        fd_offset: 0,
-    }
-}
-
 impl Driver {
     fn new() -> Driver {
-        let memfd = SharedMemory::new("guest-ram", RAM_SIZE).expect("memfd");
-        let mem = guest_memory(&[region()], vec![memfd.try_clone_fd().unwrap()]).expect("ram");
+        let (memfd, mem) = ram("guest-ram", RAM_SIZE);
         Driver {
             memfd,
             mem,
@@ -141,7 +125,11 @@ impl Driver {
     }
 
     fn device_memory(&self) -> GuestMemoryMmap {
-        guest_memory(&[region()], vec![self.memfd.try_clone_fd().unwrap()]).expect("ram")
+        guest_memory(
+            &[region(RAM_SIZE)],
+            vec![self.memfd.try_clone_fd().unwrap()],
+        )
+        .expect("ram")
     }
 
     fn setup(&self, index: u16, size: u16, event_idx: bool) -> QueueSetup {
@@ -187,29 +175,15 @@ impl Driver {
     }
 
     fn desc(&mut self, q: u16, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let base = self.ring(q).desc;
-        let mut b = Vec::with_capacity(16);
-        b.extend_from_slice(&addr.to_le_bytes());
-        b.extend_from_slice(&len.to_le_bytes());
-        b.extend_from_slice(&flags.to_le_bytes());
-        b.extend_from_slice(&next.to_le_bytes());
-        self.mem
-            .write_slice(&b, GuestAddress(base + u64::from(i) * 16))
-            .unwrap();
+        let table = self.ring(q).desc;
+        common::write_desc(&self.mem, table, i, addr, len, flags, next);
     }
 
     /// Offers `head` in the avail ring (no kick).
     fn offer(&mut self, q: u16, head: u16) {
         let r = self.ring(q);
         let (avail, size, idx) = (r.avail, r.size, r.avail_idx);
-        r.avail_idx = idx.wrapping_add(1);
-        let slot = avail + 4 + 2 * u64::from(idx % size);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
-        self.mem
-            .write_obj(idx.wrapping_add(1).to_le(), GuestAddress(avail + 2))
-            .unwrap();
+        self.ring(q).avail_idx = common::offer(&self.mem, avail, size, idx, head);
     }
 
     fn kick(&mut self, dev: &mut Dev, q: u16) {
@@ -239,14 +213,11 @@ impl Driver {
     fn used(&mut self, q: u16) -> Vec<(u32, u32)> {
         let r = self.ring(q);
         let (used, size, seen) = (r.used, r.size, r.used_seen);
-        let idx: u16 = u16::from_le(self.mem.read_obj(GuestAddress(used + 2)).unwrap());
+        let idx = common::used_idx(&self.mem, used);
         let mut out = Vec::new();
         let mut i = seen;
         while i != idx {
-            let at = used + 4 + 8 * u64::from(i % size);
-            let id: u32 = u32::from_le(self.mem.read_obj(GuestAddress(at)).unwrap());
-            let len: u32 = u32::from_le(self.mem.read_obj(GuestAddress(at + 4)).unwrap());
-            out.push((id, len));
+            out.push(common::used_elem(&self.mem, used, size, i));
             i = i.wrapping_add(1);
         }
         self.ring(q).used_seen = idx;
@@ -1007,7 +978,7 @@ fn the_transport_messages_are_answered_with_their_seq() {
         &mut dev,
         &TransportMsg::GuestMemory {
             seq: 2,
-            regions: vec![region()],
+            regions: vec![region(RAM_SIZE)],
         },
         vec![],
     ));
@@ -1015,7 +986,7 @@ fn the_transport_messages_are_answered_with_their_seq() {
         &mut dev,
         &TransportMsg::GuestMemory {
             seq: 3,
-            regions: vec![region()],
+            regions: vec![region(RAM_SIZE)],
         },
         vec![drv.memfd.try_clone_fd().unwrap()],
     ));

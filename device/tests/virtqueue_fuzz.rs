@@ -10,24 +10,21 @@
 //! VMM crate; [`run_input`] is a plain `fn(&[u8])` that can move into
 //! `hostmem_tests::fuzz::TARGETS` unchanged.
 
-use hostmem_base::rng::SplitMix64;
-use std::os::fd::OwnedFd;
+mod common;
 
-use hostmem_base::shm::SharedMemory;
+use hostmem_base::rng::SplitMix64;
+
 use hostmem_device::backend::shm::ShmBackend;
 use hostmem_device::backend::Backend;
 use hostmem_device::gpu::{Gpu, MapRequest, PlaceError, Placer};
-use hostmem_device::virtio::{guest_memory, GuestMemoryMmap, VirtioGpu, CONTROLQ, CURSORQ};
+use hostmem_device::virtio::{GuestMemoryMmap, VirtioGpu, CONTROLQ, CURSORQ};
 use hostmem_device::wire::*;
-use hostmem_ipc::protocol::{GuestRegion, QueueSetup};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use hostmem_ipc::protocol::QueueSetup;
 use vm_memory::{Bytes, GuestAddress};
 
-const RAM_GPA: u64 = 0x10_0000;
+use common::{efd, used_idx, AVAIL, DESC, RAM_GPA, USED};
+
 const RAM_SIZE: u64 = 1 << 20;
-const DESC: u64 = RAM_GPA;
-const AVAIL: u64 = RAM_GPA + 0x1000;
-const USED: u64 = RAM_GPA + 0x2000;
 const DATA: u64 = RAM_GPA + 0x4000;
 /// The part of RAM a program touches (cleared before each input).
 const SCRATCH: usize = 0x4000 + 16 * 0x400;
@@ -72,23 +69,9 @@ impl Placer for Pipelined {
     }
 }
 
-fn efd() -> OwnedFd {
-    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-        .expect("eventfd")
-        .into()
-}
-
 fn memory() -> &'static GuestMemoryMmap {
     static MEM: std::sync::OnceLock<GuestMemoryMmap> = std::sync::OnceLock::new();
-    MEM.get_or_init(|| {
-        let fd = SharedMemory::new("fuzz-ram", RAM_SIZE).unwrap().into_fd();
-        let r = GuestRegion {
-            gpa: RAM_GPA,
-            size: RAM_SIZE,
-            fd_offset: 0,
-        };
-        guest_memory(&[r], vec![fd]).unwrap()
-    })
+    MEM.get_or_init(|| common::ram("fuzz-ram", RAM_SIZE).1)
 }
 
 /// Commands the program can drop into a data buffer (so the handler sees real traffic).
@@ -205,13 +188,8 @@ fn run(data: &[u8]) -> hostmem_ipc::protocol::QueueStats {
                 } else {
                     u32::from(len) % 0x800
                 };
-                let mut b = Vec::with_capacity(16);
-                b.extend_from_slice(&addr.to_le_bytes());
-                b.extend_from_slice(&len.to_le_bytes());
-                b.extend_from_slice(&u16::from(flags & 7).to_le_bytes());
-                b.extend_from_slice(&u16::from(next).to_le_bytes());
-                let at = DESC + u64::from(i) * 16;
-                mem.write_slice(&b, GuestAddress(at)).unwrap();
+                let (flags, next) = (u16::from(flags & 7), u16::from(next));
+                common::write_desc(mem, DESC, u16::from(i), addr, len, flags, next);
             }
             1 => {
                 let Some(h) = p.byte() else { break };
@@ -272,11 +250,9 @@ fn run(data: &[u8]) -> hostmem_ipc::protocol::QueueStats {
     }
     // Every used entry names a head inside the queue.
     if size.is_power_of_two() && size <= 256 && dev.queue_enabled(CONTROLQ) {
-        let used_idx: u16 = u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap());
-        let n = used_idx.min(size);
+        let n = used_idx(mem, USED).min(size);
         for i in 0..n {
-            let at = USED + 4 + 8 * u64::from(i);
-            let id: u32 = u32::from_le(mem.read_obj(GuestAddress(at)).unwrap());
+            let (id, _) = common::used_elem(mem, USED, size, i);
             assert!(id < u32::from(size), "used id {id} in a queue of {size}");
         }
     }
@@ -295,19 +271,12 @@ fn run(data: &[u8]) -> hostmem_ipc::protocol::QueueStats {
     let cmd = Command::ctx_create(77, 0, b"").encode();
     let (r, w) = (DATA, DATA + 0x400);
     mem.write_slice(&cmd, GuestAddress(r)).unwrap();
-    let mut d = Vec::new();
-    for (addr, len, flags, next) in [(r, cmd.len() as u32, 1u16, 1u16), (w, 64, 2, 0)] {
-        d.extend_from_slice(&addr.to_le_bytes());
-        d.extend_from_slice(&len.to_le_bytes());
-        d.extend_from_slice(&flags.to_le_bytes());
-        d.extend_from_slice(&next.to_le_bytes());
-    }
-    mem.write_slice(&d, GuestAddress(DESC)).unwrap();
+    common::write_desc(mem, DESC, 0, r, cmd.len() as u32, 1, 1);
+    common::write_desc(mem, DESC, 1, w, 64, 2, 0);
     mem.write_obj(1u16.to_le(), GuestAddress(AVAIL + 2))
         .unwrap();
     dev.kick(CONTROLQ);
-    let used_idx: u16 = u16::from_le(mem.read_obj(GuestAddress(USED + 2)).unwrap());
-    assert_eq!(used_idx, 1, "still serving");
+    assert_eq!(used_idx(mem, USED), 1, "still serving");
     let mut resp = [0u8; 24];
     mem.read_slice(&mut resp, GuestAddress(w)).unwrap();
     assert_eq!(
