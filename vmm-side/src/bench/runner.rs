@@ -23,15 +23,17 @@ use crate::device::{Device, DeviceConfig};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{GuestProbe, ProbeRead};
 
+/// What one level of background placements measured (this runner's cases and the
+/// vhost-user case alike).
 #[derive(Debug, Default, Clone)]
-struct Samples {
-    map_us: Vec<f64>,
-    unmap_us: Vec<f64>,
-    cycle_us: Vec<f64>,
-    refault_us: Vec<f64>,
-    cycles: u64,
-    op_seconds: f64,
-    memslot_changes: u64,
+pub(super) struct Samples {
+    pub(super) map_us: Vec<f64>,
+    pub(super) unmap_us: Vec<f64>,
+    pub(super) cycle_us: Vec<f64>,
+    pub(super) refault_us: Vec<f64>,
+    pub(super) cycles: u64,
+    pub(super) op_seconds: f64,
+    pub(super) memslot_changes: u64,
 }
 
 struct CaseRun {
@@ -50,7 +52,7 @@ struct CaseRun {
     events_per_message: Option<f64>,
 }
 
-fn us(d: std::time::Duration) -> f64 {
+pub(super) fn us(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
@@ -569,44 +571,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         if let Some(f) = &c.failed {
             errors.push(format!("{}: {f}", c.kind.name()));
         }
-        let first = c.levels.first().map(|(_, s)| s.clone()).unwrap_or_default();
-        let timed: u64 = c.levels.iter().map(|(_, s)| s.cycles).sum();
-        let slot_changes: u64 = c.levels.iter().map(|(_, s)| s.memslot_changes).sum();
-        cycle_samples.push((c.kind.name().to_string(), first.cycle_us.clone()));
+        let first_cycles = c.levels.first().map(|(_, s)| s.cycle_us.clone());
+        cycle_samples.push((c.kind.name().to_string(), first_cycles.unwrap_or_default()));
         reports.push(CaseReport {
-            name: c.kind.name(),
-            mode: c.kind.mode().name(),
-            map_us: lat(&first.map_us),
-            unmap_us: lat(&first.unmap_us),
-            cycle_us: lat(&first.cycle_us),
-            cycles_per_s: per_s(&first),
-            placements_per_s: 2.0 * per_s(&first),
-            cycles: first.cycles,
             memslot_changes: c.hostmem.memslot_changes(),
-            memslot_changes_per_cycle: if timed > 0 {
-                slot_changes as f64 / timed as f64
-            } else {
-                0.0
-            },
             peak_live: c.peak_live(),
-            guest_refault_us: lat(&first.refault_us),
-            guest_holes: c.checks.guest_holes,
-            stale_reads: c.checks.stale_reads,
-            checks: c.checks,
             remap: c.remap,
-            sweep: c
-                .levels
-                .iter()
-                .map(|(live, s)| SweepPoint {
-                    live: *live,
-                    cycle_us: lat(&s.cycle_us),
-                    map_us: lat(&s.map_us),
-                    unmap_us: lat(&s.unmap_us),
-                    cycles_per_s: per_s(s),
-                    cycles: s.cycles,
-                })
-                .collect(),
             failed: c.failed.clone(),
+            ..case_report(c.kind.name(), c.kind.mode(), &c.levels, c.checks)
         });
     }
     drop(cases);
@@ -692,6 +664,54 @@ fn per_s(s: &Samples) -> f64 {
         s.cycles as f64 / s.op_seconds
     } else {
         0.0
+    }
+}
+
+/// A case's report from its levels (the first is the headline) and checks. What only the
+/// case knows — memslot changes over the whole run, peak live, the remap test, a failure —
+/// is left empty for the caller to fill in.
+pub(super) fn case_report(
+    name: &'static str,
+    mode: Mode,
+    levels: &[(usize, Samples)],
+    checks: Checks,
+) -> CaseReport {
+    let first = levels.first().map(|(_, s)| s.clone()).unwrap_or_default();
+    let timed: u64 = levels.iter().map(|(_, s)| s.cycles).sum();
+    let slot_changes: u64 = levels.iter().map(|(_, s)| s.memslot_changes).sum();
+    CaseReport {
+        name,
+        mode: mode.name(),
+        map_us: lat(&first.map_us),
+        unmap_us: lat(&first.unmap_us),
+        cycle_us: lat(&first.cycle_us),
+        cycles_per_s: per_s(&first),
+        placements_per_s: 2.0 * per_s(&first),
+        cycles: first.cycles,
+        memslot_changes: 0,
+        memslot_changes_per_cycle: if timed > 0 {
+            slot_changes as f64 / timed as f64
+        } else {
+            0.0
+        },
+        peak_live: 0,
+        guest_refault_us: lat(&first.refault_us),
+        guest_holes: checks.guest_holes,
+        stale_reads: checks.stale_reads,
+        checks,
+        remap: RemapReport::default(),
+        sweep: levels
+            .iter()
+            .map(|(live, s)| SweepPoint {
+                live: *live,
+                cycle_us: lat(&s.cycle_us),
+                map_us: lat(&s.map_us),
+                unmap_us: lat(&s.unmap_us),
+                cycles_per_s: per_s(s),
+                cycles: s.cycles,
+            })
+            .collect(),
+        failed: None,
     }
 }
 

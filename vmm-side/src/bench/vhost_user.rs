@@ -18,9 +18,9 @@ use anyhow::{anyhow, Context};
 use hostmem_base::kvm::Vm;
 use hostmem_device::backend::shm::{encode_stream, ShmOp};
 
-use super::{BenchOptions, BlobSpec, CaseKind, CaseReport, Checks, SweepPoint, Workload};
+use super::runner::{case_report, us, Samples};
+use super::{BenchOptions, BlobSpec, CaseKind, CaseReport, Checks, Workload};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
-use crate::latency::Latency;
 use crate::probe::{GuestProbe, ProbeRead};
 use crate::queue_driver::QueueDriver;
 use crate::vhost_frontend::VhostUserDevice;
@@ -30,26 +30,6 @@ use crate::virtio_pci::REPLY_TIMEOUT;
 pub const NAME: &str = "vhost-user-sandboxed";
 /// The context the case's blobs live in.
 const CTX: u32 = 1;
-
-#[derive(Debug, Default, Clone)]
-struct Samples {
-    map_us: Vec<f64>,
-    unmap_us: Vec<f64>,
-    cycle_us: Vec<f64>,
-    refault_us: Vec<f64>,
-    cycles: u64,
-    op_seconds: f64,
-    memslot_changes: u64,
-}
-
-fn lat(v: &[f64]) -> Latency {
-    let mut v = v.to_vec();
-    Latency::of(&mut v)
-}
-
-fn us(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
 
 /// The case: its VM, window, guest probe, device and driver.
 pub struct VhostUserCase {
@@ -257,54 +237,11 @@ impl VhostUserCase {
         if let Some(d) = self.device.take() {
             d.finish_with("bench done", log::Level::Debug);
         }
-        let first = self
-            .levels
-            .first()
-            .map(|(_, s)| s.clone())
-            .unwrap_or_default();
-        let timed: u64 = self.levels.iter().map(|(_, s)| s.cycles).sum();
-        let slot_changes: u64 = self.levels.iter().map(|(_, s)| s.memslot_changes).sum();
-        let per_s = |s: &Samples| {
-            if s.op_seconds > 0.0 {
-                s.cycles as f64 / s.op_seconds
-            } else {
-                0.0
-            }
-        };
         CaseReport {
-            name: NAME,
-            mode: Mode::Fixed.name(),
-            map_us: lat(&first.map_us),
-            unmap_us: lat(&first.unmap_us),
-            cycle_us: lat(&first.cycle_us),
-            cycles_per_s: per_s(&first),
-            placements_per_s: 2.0 * per_s(&first),
-            cycles: first.cycles,
             memslot_changes: self.hostmem.memslot_changes(),
-            memslot_changes_per_cycle: if timed > 0 {
-                slot_changes as f64 / timed as f64
-            } else {
-                0.0
-            },
             peak_live: self.hostmem.max_live_seen(),
-            guest_refault_us: lat(&first.refault_us),
-            guest_holes: self.checks.guest_holes,
-            stale_reads: self.checks.stale_reads,
-            checks: self.checks,
-            remap: Default::default(),
-            sweep: self
-                .levels
-                .iter()
-                .map(|(live, s)| SweepPoint {
-                    live: *live,
-                    cycle_us: lat(&s.cycle_us),
-                    map_us: lat(&s.map_us),
-                    unmap_us: lat(&s.unmap_us),
-                    cycles: s.cycles,
-                    cycles_per_s: per_s(s),
-                })
-                .collect(),
             failed: self.failed.clone(),
+            ..case_report(NAME, Mode::Fixed, &self.levels, self.checks)
         }
     }
 }
