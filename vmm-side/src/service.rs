@@ -76,32 +76,15 @@ pub fn serve(hostmem: &Hostmem, tube: &Arc<Tube>) -> ServeEnd {
             }
             continue;
         }
-        let (seq, outcome) = match msg {
-            DeviceMsg::Map {
+        let (seq, outcome) = match map_event(msg) {
+            Ok((seq, ev)) => (seq, hostmem.handle_map(&ev, fds.pop())),
+            Err(DeviceMsg::Unmap {
                 seq,
                 resource_id,
                 offset,
                 len,
-                fd_offset,
-                prot,
-                map_info: _,
-            } => {
-                let ev = MapEvent {
-                    resource_id,
-                    offset,
-                    len,
-                    fd_offset,
-                    prot,
-                };
-                (seq, hostmem.handle_map(&ev, fds.pop()))
-            }
-            DeviceMsg::Unmap {
-                seq,
-                resource_id,
-                offset,
-                len,
-            } => (seq, hostmem.handle_unmap(resource_id, offset, len)),
-            other => {
+            }) => (seq, hostmem.handle_unmap(resource_id, offset, len)),
+            Err(other) => {
                 hostmem.note_protocol_error();
                 log::warn!("mapping tube: unexpected message from the device: {other:?}");
                 continue;
@@ -113,6 +96,32 @@ pub fn serve(hostmem: &Hostmem, tube: &Arc<Tube>) -> ServeEnd {
             Err(TubeError::Hangup) => return ServeEnd::Hangup,
             Err(e) => return ServeEnd::TubeFailed(e.to_string()),
         }
+    }
+}
+
+/// A Map's sequence number and the event it asks the window for; any other message comes
+/// back as it was.
+fn map_event(msg: DeviceMsg) -> Result<(u64, MapEvent), DeviceMsg> {
+    match msg {
+        DeviceMsg::Map {
+            seq,
+            resource_id,
+            offset,
+            len,
+            fd_offset,
+            prot,
+            map_info: _,
+        } => Ok((
+            seq,
+            MapEvent {
+                resource_id,
+                offset,
+                len,
+                fd_offset,
+                prot,
+            },
+        )),
+        other => Err(other),
     }
 }
 
@@ -133,23 +142,8 @@ fn handle_batch(
             received,
             ..VmmStamps::default()
         };
-        let (seq, outcome) = match ev {
-            DeviceMsg::Map {
-                seq,
-                resource_id,
-                offset,
-                len,
-                fd_offset,
-                prot,
-                map_info: _,
-            } => {
-                let ev = MapEvent {
-                    resource_id,
-                    offset,
-                    len,
-                    fd_offset,
-                    prot,
-                };
+        let (seq, outcome) = match map_event(ev) {
+            Ok((seq, ev)) => {
                 let fd = fds.next();
                 if trace {
                     if let Some(f) = &fd {
@@ -161,16 +155,16 @@ fn handle_batch(
                 }
                 (seq, hostmem.handle_map(&ev, fd))
             }
-            DeviceMsg::Unmap {
+            Err(DeviceMsg::Unmap {
                 seq,
                 resource_id,
                 offset,
                 len,
-            } => {
+            }) => {
                 st.checked = st.received;
                 (seq, hostmem.handle_unmap(resource_id, offset, len))
             }
-            other => {
+            Err(other) => {
                 hostmem.note_protocol_error();
                 log::warn!("mapping tube: a batch holds a message that is no event: {other:?}");
                 continue;
