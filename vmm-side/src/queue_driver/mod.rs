@@ -381,46 +381,36 @@ impl QueueDriver {
     /// Resets the device ([`TransportMsg::Reset`]: it drops every queue, context and blob;
     /// commands in flight are gone) and sets guest RAM and both queues up again.
     pub fn reset(&mut self) -> Result<(), DriverError> {
+        self.transport_request("Reset", |seq| TransportMsg::Reset { seq })?;
+        self.pending.clear();
+        self.by_head.clear();
+        self.done.clear();
+        self.free_slots = (0..SLOTS).rev().collect();
+        self.set_up().map_err(|e| self.lose(e))
+    }
+
+    /// Sends `msg(seq)` on the transport and waits for its reply; a failure loses the
+    /// device.
+    fn transport_request(
+        &mut self,
+        what: &'static str,
+        msg: impl FnOnce(u64) -> TransportMsg,
+    ) -> Result<TransportReply, DriverError> {
         self.check_lost()?;
         let seq = self.seq();
         let transport = self.transport.clone();
-        let r = transport_call(
-            &transport,
-            self.timeout,
-            "Reset",
-            seq,
-            &TransportMsg::Reset { seq },
-            &[],
-        )
-        .and_then(|_| {
-            self.pending.clear();
-            self.by_head.clear();
-            self.done.clear();
-            self.free_slots = (0..SLOTS).rev().collect();
-            self.set_up()
-        });
-        r.map_err(|e| self.lose(e))
+        transport_call(&transport, self.timeout, what, seq, &msg(seq), &[])
+            .map_err(|e| self.lose(e))
     }
 
     /// The device's virtqueue counters ([`TransportMsg::Stats`]).
     pub fn device_stats(&mut self) -> Result<QueueStats, DriverError> {
-        self.check_lost()?;
-        let seq = self.seq();
-        let transport = self.transport.clone();
-        match transport_call(
-            &transport,
-            self.timeout,
-            "Stats",
-            seq,
-            &TransportMsg::Stats { seq },
-            &[],
-        ) {
-            Ok(TransportReply::Stats { stats, .. }) => Ok(stats),
-            Ok(other) => Err(DriverError::BadReply {
+        match self.transport_request("Stats", |seq| TransportMsg::Stats { seq })? {
+            TransportReply::Stats { stats, .. } => Ok(stats),
+            other => Err(DriverError::BadReply {
                 what: "Stats",
                 got: format!("{other:?}"),
             }),
-            Err(e) => Err(self.lose(e)),
         }
     }
 
@@ -428,18 +418,7 @@ impl QueueDriver {
     /// ([`TransportMsg::Trace`]): each command's kick and used-ring stamps, each placement's
     /// device and VMM stamps (`hostmem bench`'s per-hop breakdown).
     pub fn set_trace(&mut self, on: bool) -> Result<(), DriverError> {
-        self.check_lost()?;
-        let seq = self.seq();
-        let transport = self.transport.clone();
-        transport_call(
-            &transport,
-            self.timeout,
-            "Trace",
-            seq,
-            &TransportMsg::Trace { seq, on },
-            &[],
-        )
-        .map_err(|e| self.lose(e))?;
+        self.transport_request("Trace", |seq| TransportMsg::Trace { seq, on })?;
         self.trace = on;
         self.stamps.clear();
         Ok(())
@@ -465,23 +444,12 @@ impl QueueDriver {
     }
 
     fn take_trace_part(&mut self) -> Result<Vec<TraceRecord>, DriverError> {
-        self.check_lost()?;
-        let seq = self.seq();
-        let transport = self.transport.clone();
-        match transport_call(
-            &transport,
-            self.timeout,
-            "TraceTake",
-            seq,
-            &TransportMsg::TraceTake { seq },
-            &[],
-        ) {
-            Ok(TransportReply::Trace { records, .. }) => Ok(records),
-            Ok(other) => Err(DriverError::BadReply {
+        match self.transport_request("TraceTake", |seq| TransportMsg::TraceTake { seq })? {
+            TransportReply::Trace { records, .. } => Ok(records),
+            other => Err(DriverError::BadReply {
                 what: "TraceTake",
                 got: format!("{other:?}"),
             }),
-            Err(e) => Err(self.lose(e)),
         }
     }
 
