@@ -789,15 +789,8 @@ impl<P: Placer> VirtioGpu<P> {
             );
             return;
         }
-        if q.queue.add_used(mem, head, 0).is_err() {
-            self.stats.bad_chains += 1;
-            self.limiter.warn(
-                BadChain::UsedRing.describe(),
-                format_args!("queue {index}: head {head}: used ring not writable"),
-            );
-            return;
-        }
-        q.dirty = true;
+        // Returned at once with nothing written (no cursor head is ever in flight).
+        self.return_used(mem, index, head, 0);
     }
 
     fn control_chain(&mut self, mem: &GuestMemoryMmap, head: u16) {

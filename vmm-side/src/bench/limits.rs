@@ -58,6 +58,31 @@ fn limit_window(cap: usize) -> u64 {
         .max(8 << 20)
 }
 
+/// Maps blob `n` = 0, 1, ... with `step` until it says why it stopped (`Some`), or the
+/// bench's blob or time cap is reached: how many were mapped, why it stopped, in how many
+/// seconds.
+fn fill(
+    opts: &BenchOptions,
+    mut step: impl FnMut(usize) -> anyhow::Result<Option<String>>,
+) -> anyhow::Result<(usize, String, f64)> {
+    let cap = opts.limit_cap;
+    let t = Instant::now();
+    let mut mapped = 0usize;
+    let stopped_by = loop {
+        if mapped >= cap {
+            break format!("bench cap ({cap} blobs)");
+        }
+        if t.elapsed().as_secs_f64() > opts.limit_seconds {
+            break format!("bench time cap ({} s)", opts.limit_seconds);
+        }
+        if let Some(why) = step(mapped)? {
+            break why;
+        }
+        mapped += 1;
+    };
+    Ok((mapped, stopped_by, t.elapsed().as_secs_f64()))
+}
+
 /// The VMM's own limit: placement events for 4 KiB blobs (fds of one sealed memfd, closed
 /// after each placement as a received fd is) until one is refused.
 fn limit_vmm(mode: Mode, limits: Limits, opts: &BenchOptions) -> anyhow::Result<LimitReport> {
@@ -72,30 +97,20 @@ fn limit_vmm(mode: Mode, limits: Limits, opts: &BenchOptions) -> anyhow::Result<
     )?;
     let src = SharedMemory::new("bench-limit", PAGE)?;
     src.seal_size()?;
-    let t = Instant::now();
-    let mut mapped = 0usize;
-    let stopped_by = loop {
-        if mapped >= cap {
-            break format!("bench cap ({cap} blobs)");
-        }
-        if t.elapsed().as_secs_f64() > opts.limit_seconds {
-            break format!("bench time cap ({} s)", opts.limit_seconds);
-        }
-        let res = 1 + mapped as u32;
+    let (mapped, stopped_by, seconds) = fill(opts, |n| {
         let ev = MapEvent {
-            resource_id: res,
-            offset: mapped as u64 * BG_STRIDE,
+            resource_id: 1 + n as u32,
+            offset: n as u64 * BG_STRIDE,
             len: PAGE,
             fd_offset: 0,
             prot: Prot::READ_WRITE.bits(),
         };
         let fd = src.try_clone_fd()?;
-        match hm.handle_map(&ev, Some(fd)) {
-            Outcome::Ok => mapped += 1,
-            Outcome::Refused { code, reason } => break format!("{code:?}: {reason}"),
-        }
-    };
-    let seconds = t.elapsed().as_secs_f64();
+        Ok(match hm.handle_map(&ev, Some(fd)) {
+            Outcome::Ok => None,
+            Outcome::Refused { code, reason } => Some(format!("{code:?}: {reason}")),
+        })
+    })?;
     hm.reset()?;
     Ok(LimitReport {
         mode: mode.name(),
@@ -122,25 +137,16 @@ fn limit_sandboxed(mode: Mode, opts: &BenchOptions) -> anyhow::Result<LimitRepor
     let device = Device::start(&opts.device, hm.clone())?;
     let mut driver = QueueDriver::new(device.transport())?;
     driver.ctx_create(CTX, 0)?;
-    let t = Instant::now();
-    let mut mapped = 0usize;
-    let stopped_by = loop {
-        if mapped >= cap {
-            break format!("bench cap ({cap} blobs)");
-        }
-        if t.elapsed().as_secs_f64() > opts.limit_seconds {
-            break format!("bench time cap ({} s)", opts.limit_seconds);
-        }
-        let res = 1 + mapped as u32;
+    let (mapped, stopped_by, seconds) = fill(opts, |n| {
+        let res = 1 + n as u32;
         if let Err(e) = driver.create_blob(CTX, res, 0, PAGE) {
-            break format!("CREATE_BLOB #{}: {e}", mapped + 1);
+            return Ok(Some(format!("CREATE_BLOB #{}: {e}", n + 1)));
         }
-        if let Err(e) = driver.map_blob(CTX, res, mapped as u64 * BG_STRIDE) {
-            break format!("MAP_BLOB #{}: {e}", mapped + 1);
+        if let Err(e) = driver.map_blob(CTX, res, n as u64 * BG_STRIDE) {
+            return Ok(Some(format!("MAP_BLOB #{}: {e}", n + 1)));
         }
-        mapped += 1;
-    };
-    let seconds = t.elapsed().as_secs_f64();
+        Ok(None)
+    })?;
     drop(driver);
     device.finish_with("bench limits done", log::Level::Debug);
     Ok(LimitReport {
