@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use hostmem_base::kvm::Vm;
@@ -52,7 +52,19 @@ struct CaseRun {
     events_per_message: Option<f64>,
 }
 
-pub(super) fn us(d: std::time::Duration) -> f64 {
+impl Samples {
+    /// One timed map+unmap cycle and the guest's RAM re-read after it.
+    pub(super) fn cycle(&mut self, map: Duration, unmap: Duration, refault: Duration) {
+        self.map_us.push(us(map));
+        self.unmap_us.push(us(unmap));
+        self.cycle_us.push(us(map + unmap));
+        self.refault_us.push(us(refault));
+        self.cycles += 1;
+        self.op_seconds += (map + unmap).as_secs_f64();
+    }
+}
+
+pub(super) fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
@@ -189,13 +201,7 @@ impl CaseRun {
                 let u = t.elapsed();
                 self.guest_check_unmapped(&b)?;
                 let r = self.probe.touch_ram(opts.working_set)?;
-                let s = self.samples();
-                s.map_us.push(us(m));
-                s.unmap_us.push(us(u));
-                s.cycle_us.push(us(m + u));
-                s.refault_us.push(us(r));
-                s.cycles += 1;
-                s.op_seconds += (m + u).as_secs_f64();
+                self.samples().cycle(m, u, r);
             }
         }
         let d = self.hostmem.memslot_changes() - slots0;

@@ -18,7 +18,7 @@ use anyhow::{anyhow, Context};
 use hostmem_base::kvm::Vm;
 use hostmem_device::backend::shm::{encode_stream, ShmOp};
 
-use super::runner::{case_report, us, Samples};
+use super::runner::{case_report, Samples};
 use super::{BenchOptions, BlobSpec, CaseKind, CaseReport, Checks, Workload};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{GuestProbe, ProbeRead};
@@ -213,13 +213,7 @@ impl VhostUserCase {
                 let u = t.elapsed();
                 self.guest_check(&b, false)?;
                 let rf = self.probe.touch_ram(opts.working_set)?;
-                let s = self.samples();
-                s.map_us.push(us(m));
-                s.unmap_us.push(us(u));
-                s.cycle_us.push(us(m + u));
-                s.refault_us.push(us(rf));
-                s.cycles += 1;
-                s.op_seconds += (m + u).as_secs_f64();
+                self.samples().cycle(m, u, rf);
             }
             Ok(())
         })();
