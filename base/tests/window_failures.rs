@@ -46,7 +46,16 @@ fn a_failed_placement_puts_the_background_back() {
         let e = w
             .place(8 * PAGE, 4 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
             .unwrap_err();
-        assert!(matches!(e, Error::MapFixed { errno: Errno::ENOMEM, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                Error::MapFixed {
+                    errno: Errno::ENOMEM,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert_eq!(w.live(), 0);
         assert_background(&w, 8 * PAGE, 4 * PAGE);
         w.restore_all().unwrap();
@@ -84,7 +93,8 @@ fn a_failed_caller_mapping_and_fd_mapping_leave_no_hole() {
 fn a_failed_restore_is_retried_and_never_leaves_a_hole() {
     let w = Window::new(32 * PAGE).unwrap();
     let b = blob(4 * PAGE, 0xcd);
-    w.place(0, 4 * PAGE, b.as_fd(), 0, Prot::READ_WRITE).unwrap();
+    w.place(0, 4 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
     // The restore's MAP_FIXED fails after unmapping the placement; the retry maps the
     // background back, so the restore succeeds.
     w.inject_map_failures(2, true);

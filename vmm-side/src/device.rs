@@ -236,6 +236,10 @@ impl Device {
             ro_binds: cfg.ro_binds.clone(),
             seccomp,
             seccomp_log: cfg.seccomp_log,
+            // The filter is on before the device's first instruction (loader and runtime
+            // start-up included); the device then installs only its SIGSYS reporter.
+            seccomp_at_exec: true,
+            sigsys_reporter: true,
             // The shm backend holds one memfd per blob: allow as many fds as the VMM allows
             // live placements (plus headroom for unmapped blobs), not the default 1024.
             rlimits: launch::Rlimits {

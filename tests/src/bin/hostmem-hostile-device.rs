@@ -575,9 +575,11 @@ fn parse_args() -> anyhow::Result<Args> {
 fn main() -> anyhow::Result<()> {
     hostmem_device::process::init_logging();
     let args = parse_args()?;
-    // Jailed like the real device: the filter first, before any input is read.
-    if let Some(fd) = args.seccomp_fd {
-        hostmem_jail::launch::child_install_seccomp(fd)?;
+    // Jailed like the real device: the launcher installed the filter before the exec; the
+    // SIGSYS reporter first, before any input is read.
+    match args.seccomp_fd {
+        Some(fd) => hostmem_jail::launch::child_install_seccomp(fd)?,
+        None => hostmem_jail::launch::child_install_sigsys_reporter()?,
     }
     // With --once, only the first device of a test attacks; its restarted successor behaves.
     let armed = match &args.once {
