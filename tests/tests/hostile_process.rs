@@ -202,6 +202,7 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
         // milliseconds.
         start_timeout: Duration::from_secs(3),
         render_server: None,
+        memory_limit: Some(hostmem_vmm::device::DEFAULT_DEVICE_MEMORY),
     }
 }
 
