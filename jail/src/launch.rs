@@ -16,9 +16,17 @@
 //! [`Error::LaunchStep`] naming it. The child is pid 1 of its pid namespace; we see its
 //! real pid and reap it directly.
 //!
-//! Seccomp is installed by the program itself as its first act ([`child_install_seccomp`]),
-//! from the program bytes the launcher handed over as a kept memfd (`--seccomp-fd N`). The
-//! VMM then checks `/proc/<pid>/status` and the namespaces from outside ([`verify_jailed`]).
+//! Seccomp: with [`JailConfig::seccomp_at_exec`] (the device, the render server) the
+//! launcher's child installs the filter as its last step before `execveat`, so the exec, the
+//! dynamic loader and the runtime's start-up run filtered too. With
+//! [`JailConfig::sigsys_reporter`] its kill actions become traps, it is installed with
+//! `SECCOMP_FILTER_FLAG_LOG` (a trap before the program's handler exists still leaves a
+//! kernel audit record naming the call) and the program installs the SIGSYS reporter as its
+//! first act ([`child_install_sigsys_reporter`]). Otherwise the program installs the filter
+//! itself ([`child_install_seccomp`], from a kept memfd named by `--seccomp-fd N`). The VMM
+//! then checks `/proc/<pid>/status` and the namespaces from outside ([`verify_jailed`]).
+//! [`JailConfig::cgroup`] puts the program in a (memory) cgroup before its first
+//! instruction.
 //!
 //! **SIGSYS reporting.** With a seccomp program, the launcher also hands the child the write
 //! end of a report pipe and names it in the environment ([`SIGSYS_FD_ENV`]).
@@ -30,7 +38,10 @@
 //! in `/dev/kmsg` for programs without the handler).
 //!
 //! **Log mode** (policy development: find what a policy is missing without dying on the
-//! first call). The compiler turns kill actions into `SECCOMP_RET_LOG`; the launcher sets
+//! first call). The compiler turns kill actions into `SECCOMP_RET_LOG`. With the filter at
+//! exec, the launcher turns those into `SECCOMP_RET_USER_NOTIF`, the child installs it with
+//! `SECCOMP_FILTER_FLAG_NEW_LISTENER` and sends the listener over a socketpair before the
+//! exec, and our thread serves it from the program's first call. Otherwise the launcher sets
 //! [`SECCOMP_NOTIFY_ENV`] and [`child_install_seccomp`] turns those into
 //! `SECCOMP_RET_USER_NOTIF`, installing the filter with a listener. A thread of ours takes a
 //! copy of the listener out of the child with `pidfd_getfd` (found by its

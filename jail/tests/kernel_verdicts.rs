@@ -80,7 +80,7 @@ fn calls_for(prog: &[SockFilter], listed: &[u32], n: usize, r: &mut Rng) -> Vec<
         335,
         336,
     ];
-    let mut word = |r: &mut Rng| -> u32 {
+    let word = |r: &mut Rng| -> u32 {
         let k = r.pick(&ks);
         match r.below(6) {
             0 => k.wrapping_add(1),

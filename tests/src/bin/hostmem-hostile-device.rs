@@ -583,7 +583,7 @@ impl HostilePlacer {
                 loop {
                     // Touched, so every page is really charged.
                     hoard.push(vec![0x5a; 16 << 20]);
-                    if hoard.len() % 64 == 0 {
+                    if hoard.len().is_multiple_of(64) {
                         log::warn!("hostile device: {} MiB allocated", hoard.len() * 16);
                     }
                 }
