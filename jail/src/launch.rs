@@ -536,8 +536,8 @@ impl JailedChild {
         if let Some(r) = self.drain_reports().pop() {
             return Some(r);
         }
-        // The audit line may lag the exit a little.
-        for _ in 0..20 {
+        // The audit line may lag the exit a little (more on a loaded machine).
+        for _ in 0..100 {
             if let Some(r) = self
                 .kernel_reports()
                 .into_iter()
