@@ -631,6 +631,11 @@ fn seccomp_reports_from(f: &mut std::fs::File, pid: i32, exe: Option<&str>) -> V
                 let nr = field("syscall=").and_then(|v| v.parse().ok());
                 let code = field("code=")
                     .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+                // An errno answer is the policy's decision, not a violation; the kernel
+                // audits those too for a filter installed with SECCOMP_FILTER_FLAG_LOG.
+                if code.is_some_and(|c| c & 0xffff_0000 == 0x0005_0000) {
+                    continue;
+                }
                 if let (Some(nr), Some(code)) = (nr, code) {
                     out.push(SyscallReport {
                         nr,
