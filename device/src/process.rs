@@ -166,12 +166,16 @@ pub fn main_with_args(args: &[String]) -> i32 {
             return EXIT_START;
         }
     };
-    // First act: the seccomp filter, before any input from anyone is read.
-    if let Some(fd) = args.seccomp_fd {
-        if let Err(e) = hostmem_jail::launch::child_install_seccomp(fd) {
-            log::error!("installing the seccomp filter failed: {e}");
-            return EXIT_START;
-        }
+    // The launcher installed the seccomp filter before the exec (it covers the loader and
+    // the runtime's start-up). First act: the SIGSYS reporter, if the launcher asked for it
+    // (a program-installed filter, `--seccomp-fd`, is still honoured).
+    let installed = match args.seccomp_fd {
+        Some(fd) => hostmem_jail::launch::child_install_seccomp(fd),
+        None => hostmem_jail::launch::child_install_sigsys_reporter(),
+    };
+    if let Err(e) = installed {
+        log::error!("seccomp set-up failed: {e}");
+        return EXIT_START;
     }
     let result = if args.vhost_user {
         run_vhost_user(&args)

@@ -111,6 +111,10 @@ struct RunArgs {
     /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
     #[arg(long)]
     policy_dir: Option<PathBuf>,
+    /// The device's memory limit (cgroup v1 memory controller; RLIMIT_DATA/FSIZE where no
+    /// memory cgroup can be made); 0 = unlimited.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    device_memory: u64,
     /// Fault injection: SIGKILL the device once this many blobs are mapped.
     #[arg(long, hide = true)]
     kill_after: Option<u32>,
@@ -234,6 +238,7 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
 fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     let mut device = run::default_device(&a.backend, a.policy_dir)?;
     device.seccomp_log = a.seccomp_log;
+    device.memory_limit = Some(a.device_memory);
     if a.no_jail {
         device.jailed = false;
         device.policy = None;
@@ -316,6 +321,16 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         println!(
             "  device pid {}: jailed {}, seccomp {}, no_new_privs {}, CapEff {}, {} fds",
             d.pid, d.jailed, d.seccomp, d.no_new_privs, d.cap_eff, d.open_fds
+        );
+        let m = &r.device_memory_limit;
+        println!(
+            "  device memory limit: {} MiB by {}{}",
+            m.bytes >> 20,
+            m.how,
+            m.fallback_reason
+                .as_ref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default()
         );
         for x in &r.device_exits {
             println!("  device exit: {x:?}");

@@ -212,6 +212,7 @@ pub fn start_backend(
             open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
             start_ms: t0.elapsed().as_secs_f64() * 1e3,
             num_capsets,
+            memory_limit: Default::default(),
         })
     };
     match connect() {

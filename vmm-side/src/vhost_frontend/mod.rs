@@ -440,6 +440,8 @@ impl VhostUserDevice {
             syscall: None,
             restored,
             seccomp_violations: vec![],
+            oom_killed: false,
+            max_memory: 0,
             cause: cause.to_string(),
         };
         let mut described = None;
