@@ -35,6 +35,12 @@ impl FileFacts {
         let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         self.seals.is_some_and(|s| s & want == want)
     }
+    /// True if the file was sealed for sharing ([`SharedMemory::seal_for_sharing`]): it can
+    /// neither shrink nor grow, and no seal can be added (F_SEAL_SEAL).
+    pub fn sealed_for_sharing(&self) -> bool {
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        self.seals.is_some_and(|s| s & want == want)
+    }
     /// True if the file refuses new writable shared mappings (`F_SEAL_WRITE` or
     /// `F_SEAL_FUTURE_WRITE`): a read/write `MAP_SHARED` of it fails with EPERM.
     pub fn write_sealed(&self) -> bool {
@@ -195,6 +201,7 @@ mod tests {
         }
         let facts = file_facts(shm.as_fd()).unwrap();
         assert!(facts.size_sealed() && !facts.write_sealed());
+        assert!(facts.sealed_for_sharing());
         let fresh = SharedMemory::new("u", 4096).unwrap();
         fcntl(
             fresh.as_fd().as_raw_fd(),

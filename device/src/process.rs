@@ -1,7 +1,9 @@
 //! The device process: what `hostmem-gpu-device` runs after the launcher exec'd it.
 //!
-//! Order matters: the seccomp filter the launcher handed over is installed **first**, before
-//! any input is read; then the handshake on the mapping tube, the hostmem memfd (mapped as
+//! Order matters: the launcher installed the seccomp filter right before the exec (the
+//! loader and the runtime's start-up already run filtered); the device's first act, before
+//! any input is read, is its SIGSYS reporter (`child_install_sigsys_reporter`), in both
+//! modes (native and `--vhost-user`). Then the handshake on the mapping tube, the hostmem memfd (mapped as
 //! the mirror), the backend, `Ready { backend, num_capsets }`, and [`serve`]: the poll loop
 //! over the transport tube (fd 3: guest memory, queue setup, reset, stats) and the enabled
 //! queues' kick eventfds ([`crate::virtio`]) until the VMM closes the transport tube.

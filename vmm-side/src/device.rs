@@ -84,9 +84,10 @@ pub struct MemoryLimitFacts {
     pub fallback_reason: Option<String>,
 }
 
-/// The per-device memory cgroup (v1), removed when dropped.
+/// The per-device memory cgroup (v1), removed when dropped. Shared with the vhost-user
+/// launch (`crate::vhost_user::start_backend`).
 #[derive(Debug)]
-struct DeviceCgroup {
+pub(crate) struct DeviceCgroup {
     dir: PathBuf,
 }
 
@@ -124,6 +125,11 @@ impl DeviceCgroup {
             cg.write("memory.memsw.limit_in_bytes", limit)?;
         }
         Ok(cg)
+    }
+
+    /// The group's directory (what the launcher's child joins).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn write(&self, file: &str, v: u64) -> Result<(), String> {
@@ -166,7 +172,7 @@ impl Drop for DeviceCgroup {
 }
 
 /// Bounds the memory of the device about to start: its cgroup, or the rlimits to set.
-fn memory_limit(
+pub(crate) fn memory_limit(
     limit: Option<u64>,
     rlimits: &mut launch::Rlimits,
 ) -> (MemoryLimitFacts, Option<DeviceCgroup>) {
@@ -625,14 +631,7 @@ impl Device {
         if let Err(e) = self.hostmem.audit() {
             log::error!("after the device ended the window is not what the VMM thinks: {e:#}");
         }
-        let oom_killed = matches!(
-            info,
-            Some(ExitInfo::Signaled {
-                signal: libc::SIGKILL,
-                ..
-            })
-        ) && self.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0);
-        let max_memory = self.cgroup.as_ref().map_or(0, DeviceCgroup::max_usage);
+        let (oom_killed, max_memory) = memory_end(info.as_ref(), self.cgroup.as_ref());
         let mut exit = DeviceExit {
             pid: self.facts.pid,
             code: None,
@@ -644,19 +643,7 @@ impl Device {
             max_memory,
             cause: cause.to_string(),
         };
-        if oom_killed {
-            let limit = self.facts.memory_limit.bytes;
-            exit.cause = format!(
-                "{cause}; out of memory: the kernel's OOM killer killed it at its memory limit ({} MiB, cgroup {})",
-                limit >> 20,
-                self.cgroup.as_ref().map(|c| c.dir.display().to_string()).unwrap_or_default()
-            );
-            log::error!(
-                "device pid {}: out of memory: killed by the kernel's OOM killer at its memory limit of {} MiB",
-                self.facts.pid,
-                limit >> 20
-            );
-        }
+        note_oom(&mut exit, &self.facts.memory_limit);
         let mut names: Vec<String> = self
             .child
             .seccomp_log()
@@ -693,6 +680,47 @@ impl Device {
         );
         exit
     }
+}
+
+/// How a device that ended stands with respect to its memory limit: whether the kernel's
+/// OOM killer killed it (a SIGKILL its cgroup counted as an OOM kill: the group holds the
+/// device alone) and the most memory the group ever held (0 without a cgroup). For both the
+/// native and the vhost-user device.
+pub(crate) fn memory_end(info: Option<&ExitInfo>, cgroup: Option<&DeviceCgroup>) -> (bool, u64) {
+    let killed = matches!(
+        info,
+        Some(ExitInfo::Signaled {
+            signal: libc::SIGKILL,
+            ..
+        })
+    );
+    (
+        killed && cgroup.is_some_and(|c| c.oom_kills() > 0),
+        cgroup.map_or(0, DeviceCgroup::max_usage),
+    )
+}
+
+/// For an OOM-killed device ([`DeviceExit::oom_killed`]): says so in the cause and logs it
+/// at error, by name, with the limit.
+pub(crate) fn note_oom(exit: &mut DeviceExit, limit: &MemoryLimitFacts) {
+    if !exit.oom_killed {
+        return;
+    }
+    exit.cause = format!(
+        "{}; out of memory: the kernel's OOM killer killed it at its memory limit ({} MiB, cgroup {})",
+        exit.cause,
+        limit.bytes >> 20,
+        limit
+            .cgroup
+            .as_ref()
+            .map(|c| c.display().to_string())
+            .unwrap_or_default()
+    );
+    log::error!(
+        "device pid {}: out of memory: killed by the kernel's OOM killer at its memory limit of {} MiB",
+        exit.pid,
+        limit.bytes >> 20
+    );
 }
 
 /// Starts `rs` with `socket` at [`SERVER_SOCKET_FD`], jailed like the device when the

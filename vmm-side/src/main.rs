@@ -62,6 +62,10 @@ struct VhostUserArgs {
     /// Stop after this many device starts (default: restart forever).
     #[arg(long)]
     max_starts: Option<usize>,
+    /// The device's memory limit (cgroup v1 memory controller; RLIMIT_DATA/FSIZE where no
+    /// memory cgroup can be made); 0 = unlimited.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    device_memory: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -209,7 +213,8 @@ fn main() -> ExitCode {
 
 fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
     use hostmem_vmm::vhost_user::{supervise, vhost_user_device, SuperviseOptions};
-    let device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
+    let mut device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
+    device.memory_limit = Some(a.device_memory);
     let opts = SuperviseOptions {
         socket: a.socket.clone(),
         shmem_size: a.shmem_size,
@@ -220,13 +225,15 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
         if n == 1 {
             // The one line a script waits for.
             println!(
-                "hostmem vhost-user: ready on {} (device pid {}, jailed {}, seccomp {}, {} capsets, region 1 of {} bytes)",
+                "hostmem vhost-user: ready on {} (device pid {}, jailed {}, seccomp {}, {} capsets, region 1 of {} bytes, memory limit {} MiB by {})",
                 opts.socket.display(),
                 facts.pid,
                 facts.jailed,
                 facts.seccomp,
                 facts.num_capsets,
-                opts.shmem_size
+                opts.shmem_size,
+                facts.memory_limit.bytes >> 20,
+                facts.memory_limit.how
             );
         } else {
             log::warn!("vhost-user device restarted (start {n}, pid {})", facts.pid);

@@ -172,7 +172,11 @@ fn vma_headroom_refuses_with_out_of_memory_and_unmaps_still_succeed() {
     let (hm, dev, d) = start(&["--vma-limit", "20"]);
     map_until_refused_then_unmap_all(&hm, d);
     assert_eq!(hm.counters().refused, 0);
-    assert_eq!(hm.live(), 0, "the taken-back placement is gone from the VMM's window");
+    assert_eq!(
+        hm.live(),
+        0,
+        "the taken-back placement is gone from the VMM's window"
+    );
     dev.finish("test done");
 }
 
