@@ -104,6 +104,10 @@ pub enum Error {
     /// Protection bits other than READ|WRITE (EXEC is never allowed), or none at all.
     #[error("protection {0:#x} not allowed (only READ, READ|WRITE)")]
     BadProtection(u32),
+    /// A writable placement of a file sealed against writes (`F_SEAL_WRITE` or
+    /// `F_SEAL_FUTURE_WRITE`): the MAP_FIXED would fail with EPERM, so it is refused first.
+    #[error("fd is sealed against writes (seals {0:#x}): a read/write placement would fail")]
+    WriteSealed(i32),
     /// The window's mappings in `/proc/self/maps` differ from its placement table.
     #[error("window mappings differ from the placement table: {0}")]
     WindowMismatch(String),

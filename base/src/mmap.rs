@@ -96,6 +96,27 @@ impl MemoryMapping {
         })
     }
 
+    /// Maps `size` bytes of anonymous, shared, zero-filled memory (read/write): shared with
+    /// children forked afterwards (e.g. `seccomp::kernel_verdicts`'s).
+    pub fn shared_anonymous(size: usize) -> Result<Self> {
+        let len = NonZeroUsize::new(size).ok_or(Error::InvalidSize(0))?;
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses cannot alias
+        // any existing Rust object; the result is owned by the returned MemoryMapping.
+        let addr = unsafe {
+            nix::sys::mman::mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )
+        }
+        .map_err(|errno| Error::Mmap { len: size, errno })?;
+        Ok(MemoryMapping {
+            addr: addr.cast(),
+            size,
+        })
+    }
+
     /// Maps `size` bytes of `fd` from `offset`, MAP_SHARED, with `prot`. The file must be at
     /// least `offset + size` long (checked with fstat, so a short file is an error here and
     /// not a SIGBUS later).

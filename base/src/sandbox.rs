@@ -65,6 +65,10 @@ pub enum Step {
     WaitParent,
     /// `prctl(PR_SET_PDEATHSIG)`.
     Pdeathsig,
+    /// Writing the child's pid into [`JailPlan::cgroup_procs`] (parent side).
+    Cgroup,
+    /// Sending the seccomp listener on [`JailPlan::listener_socket`].
+    SendListener,
     /// `setresgid`/`setresuid` to 0 of the new user namespace.
     SetIds,
     /// `mount --make-rprivate /`.
@@ -114,7 +118,7 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 30] = [
+    const ALL: [Step; 32] = [
         Step::Pipe,
         Step::Clone,
         Step::Setgroups,
@@ -122,6 +126,8 @@ impl Step {
         Step::GidMap,
         Step::WaitParent,
         Step::Pdeathsig,
+        Step::Cgroup,
+        Step::SendListener,
         Step::SetIds,
         Step::MakePrivate,
         Step::MountRoot,
@@ -161,6 +167,8 @@ impl Step {
             Step::GidMap => "gid_map",
             Step::WaitParent => "wait for parent",
             Step::Pdeathsig => "pdeathsig",
+            Step::Cgroup => "join the cgroup",
+            Step::SendListener => "send the seccomp listener",
             Step::SetIds => "setresuid/setresgid",
             Step::MakePrivate => "make / private",
             Step::MountRoot => "mount tmpfs root",
@@ -235,6 +243,19 @@ pub struct JailPlan {
     /// dynamic loader's calls, and `write` + `exit_group` (a failed exec is reported on the
     /// error pipe). no_new_privs is set before it.
     pub exec_filter: Option<Vec<crate::seccomp::SockFilter>>,
+    /// `seccomp(2)` flags for [`JailPlan::exec_filter`]: e.g. `SECCOMP_FILTER_FLAG_LOG` (the
+    /// kernel then audits trap actions too, so a trap before the program's SIGSYS handler
+    /// exists is still named in `/dev/kmsg`) or `SECCOMP_FILTER_FLAG_NEW_LISTENER` (log
+    /// mode: the listener goes to [`JailPlan::listener_socket`]).
+    pub exec_filter_flags: u32,
+    /// With `SECCOMP_FILTER_FLAG_NEW_LISTENER`: a connected unix socket on which the child
+    /// sends the new listener fd (SCM_RIGHTS, one byte of data) right after installing the
+    /// filter and before the exec, so the parent serves its notifications from the start.
+    pub listener_socket: Option<OwnedFd>,
+    /// A cgroup's `cgroup.procs`, opened for writing: the parent writes the child's pid into
+    /// it before letting the child go, so everything the child ever allocates is charged
+    /// there (the device's memory limit).
+    pub cgroup_procs: Option<File>,
 }
 
 /// Data for the child, all allocated before the clone.
@@ -250,6 +271,10 @@ struct Prepared<'a> {
     sync_r: RawFd,
     sync_w: RawFd,
     err_w: RawFd,
+    /// [`JailPlan::listener_socket`]'s fd, or -1.
+    listener_socket: RawFd,
+    /// Room for one SCM_RIGHTS control message (u64s: aligned for `cmsghdr`).
+    cmsg: [u64; 4],
     /// [`JailPlan::exec_filter`] as the kernel takes it (points into the plan).
     exec_filter: Option<libc::sock_fprog>,
 }
@@ -294,6 +319,8 @@ pub fn spawn_jailed(plan: &JailPlan) -> Result<i32, SpawnError> {
         sync_r: sync_r.as_raw_fd(),
         sync_w: sync_w.as_raw_fd(),
         err_w: err_w.as_raw_fd(),
+        listener_socket: plan.listener_socket.as_ref().map_or(-1, |s| s.as_raw_fd()),
+        cmsg: [0; 4],
         exec_filter: match &plan.exec_filter {
             Some(f) if f.is_empty() || f.len() > crate::seccomp::BPF_MAXINSNS => {
                 return Err(SpawnError {
@@ -355,6 +382,16 @@ pub fn spawn_jailed(plan: &JailPlan) -> Result<i32, SpawnError> {
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
         e
     };
+    if let Some(mut procs) = plan.cgroup_procs.as_ref() {
+        // Before the go: the child has not run a single instruction of its own yet.
+        if let Err(e) = std::io::Write::write_all(&mut procs, pid.to_string().as_bytes()) {
+            return Err(reap(SpawnError {
+                step: Step::Cgroup,
+                errno: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+                index: None,
+            }));
+        }
+    }
     if plan.namespaces {
         let (uid, gid) = plan.outside_ids;
         for (step, file, text) in [
@@ -670,6 +707,13 @@ fn child_main(p: &mut Prepared<'_>) -> ! {
         let err_w = err_hi;
         let prog = libc::fcntl(plan.program.as_raw_fd(), libc::F_DUPFD_CLOEXEC, p.high);
         check!(prog, Step::Fds);
+        let listener_socket = if p.listener_socket >= 0 {
+            let s = libc::fcntl(p.listener_socket, libc::F_DUPFD_CLOEXEC, p.high);
+            check!(s, Step::Fds);
+            s
+        } else {
+            -1
+        };
         for (slot, (fd, _)) in p.moved.iter_mut().zip(&plan.keep) {
             *slot = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, p.high);
             check!(*slot, Step::Fds);
@@ -700,15 +744,45 @@ fn child_main(p: &mut Prepared<'_>) -> ! {
         if let Some(fprog) = &p.exec_filter {
             // The filter points into plan.exec_filter (SockFilter is #[repr(C)] like
             // sock_filter), alive until the exec; no_new_privs is set above.
-            check!(
-                libc::syscall(
-                    libc::SYS_seccomp,
-                    libc::SECCOMP_SET_MODE_FILTER,
-                    0usize,
-                    fprog as *const libc::sock_fprog
-                ),
-                Step::ExecFilter
+            let listener = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                plan.exec_filter_flags as libc::c_ulong,
+                fprog as *const libc::sock_fprog,
             );
+            check!(listener, Step::ExecFilter);
+            if plan.exec_filter_flags & libc::SECCOMP_FILTER_FLAG_NEW_LISTENER as u32 != 0 {
+                // The listener (CLOEXEC: gone from here at the exec) goes to the parent.
+                // Everything lives on this stack or in `p`; the filter allows sendmsg.
+                let mut byte = 0u8;
+                let mut iov = libc::iovec {
+                    iov_base: (&mut byte as *mut u8).cast(),
+                    iov_len: 1,
+                };
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = p.cmsg.as_mut_ptr().cast();
+                msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+                let c = libc::CMSG_FIRSTHDR(&msg);
+                if c.is_null() {
+                    Errno::set_raw(libc::EINVAL);
+                    child_fail(err_w, Step::SendListener, None);
+                }
+                (*c).cmsg_level = libc::SOL_SOCKET;
+                (*c).cmsg_type = libc::SCM_RIGHTS;
+                (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), listener as i32);
+                check!(
+                    libc::syscall(
+                        libc::SYS_sendmsg,
+                        listener_socket,
+                        &msg as *const libc::msghdr,
+                        0
+                    ),
+                    Step::SendListener
+                );
+            }
         }
         libc::syscall(
             libc::SYS_execveat,

@@ -262,6 +262,258 @@ impl NotifyListener {
     }
 }
 
+/// What the kernel did with one call under a filter ([`kernel_verdicts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelVerdict {
+    /// The filter allowed it (or only logged it).
+    Allowed,
+    /// The filter answered this errno.
+    Errno(u16),
+    /// The process died by this signal making the call (SIGSYS for a kill or a trap).
+    Killed(i32),
+}
+
+/// The errno the probe filter of [`kernel_verdicts`] answers for every call; the filter
+/// under test overrides it with its own errno, or with a kill.
+const PROBE_ERRNO: u16 = 4000;
+
+/// Asks the kernel whether it accepts `prog` as a seccomp filter: installs it in a child
+/// (fork, no_new_privs, `seccomp(SET_MODE_FILTER)`) and returns the errno it got.
+pub fn kernel_accepts(prog: &[SockFilter]) -> Result<(), Errno> {
+    let fprog = libc::sock_fprog {
+        len: prog.len().min(u16::MAX as usize) as u16,
+        filter: prog.as_ptr() as *mut libc::sock_filter,
+    };
+    // The child's answer: the filter may kill its exit, so it goes through shared memory.
+    let shared = crate::mmap::MemoryMapping::shared_anonymous(8).map_err(|_| Errno::ENOMEM)?;
+    let word = shared.as_ptr() as *mut i64;
+    // SAFETY: `word` is the first 8 bytes of our own fresh mapping.
+    unsafe { word.write_volatile(i64::MIN) };
+    // SAFETY: a fork-like clone; the child runs only raw syscalls on `fprog` (prepared
+    // above, pointing at `prog`, which its copy of our memory holds), writes one word to
+    // the shared mapping and `_exit`s.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+    if pid == 0 {
+        // SAFETY: raw syscalls with integer arguments and a pointer to `fprog` (live).
+        unsafe {
+            let no_core = libc::rlimit64 {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::syscall(libc::SYS_prlimit64, 0, libc::RLIMIT_CORE, &no_core, 0usize);
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0);
+            let r = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0usize,
+                &fprog as *const libc::sock_fprog,
+            );
+            word.write_volatile(if r < 0 {
+                i64::from(Errno::last_raw())
+            } else {
+                0
+            });
+            libc::_exit(0);
+        }
+    }
+    if pid < 0 {
+        return Err(Errno::last());
+    }
+    nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None)?;
+    // SAFETY: as above; the child is gone.
+    match unsafe { word.read_volatile() } {
+        0 => Ok(()),
+        i64::MIN => Err(Errno::EIO),
+        e => Err(Errno::from_raw(e as i32)),
+    }
+}
+
+/// The kernel's real verdict on each call (`(nr, args)`) under `prog`, for checking an
+/// interpreter against it. Safe to use with any filter and any calls: a child installs a
+/// probe filter that answers errno [`PROBE_ERRNO`] to everything but `exit`/`exit_group`
+/// (so no call is ever executed), then `prog` on top. The kernel then returns `prog`'s errno
+/// where `prog` answers one (the most recent filter's data wins among errnos), the probe's
+/// where `prog` allows or logs, and kills where `prog` kills or traps. Results travel through
+/// shared memory, since every syscall of the child is filtered; a death names the call in
+/// flight and a new child goes on with the next one. Calls of `exit`/`exit_group` are not
+/// allowed (they would run). Core dumps are off in the children.
+pub fn kernel_verdicts(
+    prog: &[SockFilter],
+    calls: &[(u32, [u64; 6])],
+) -> Result<Vec<KernelVerdict>, SeccompError> {
+    check_len(prog)?;
+    let unprobed = [libc::SYS_exit, libc::SYS_exit_group, libc::SYS_seccomp];
+    if calls.iter().any(|(nr, _)| unprobed.contains(&(*nr as i64))) {
+        return Err(SeccompError::BadProgram(
+            "exit, exit_group and seccomp cannot be probed".into(),
+        ));
+    }
+    // The probe: exit, exit_group and seccomp (installing `prog` on top) allowed after the
+    // arch check, everything else answered with PROBE_ERRNO.
+    let ret_errno = 0x0005_0000 | u32::from(PROBE_ERRNO);
+    let probe = [
+        SockFilter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 4,
+        }, // ld arch
+        SockFilter {
+            code: 0x15,
+            jt: 0,
+            jf: 5,
+            k: 0xc000_003e,
+        }, // jeq x86_64
+        SockFilter {
+            code: 0x20,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // ld nr
+        SockFilter {
+            code: 0x15,
+            jt: 3,
+            jf: 0,
+            k: libc::SYS_exit as u32,
+        },
+        SockFilter {
+            code: 0x15,
+            jt: 2,
+            jf: 0,
+            k: libc::SYS_exit_group as u32,
+        },
+        SockFilter {
+            code: 0x15,
+            jt: 1,
+            jf: 0,
+            k: libc::SYS_seccomp as u32,
+        },
+        SockFilter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: ret_errno,
+        },
+        SockFilter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0x7fff_0000,
+        },
+    ];
+    let fprogs = [
+        libc::sock_fprog {
+            len: probe.len() as u16,
+            filter: probe.as_ptr() as *mut libc::sock_filter,
+        },
+        libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr() as *mut libc::sock_filter,
+        },
+    ];
+    // Shared with the children: [cursor, verdict per call]. u64 words.
+    let words = calls.len() + 1;
+    let shared = crate::mmap::MemoryMapping::shared_anonymous(words * 8)
+        .map_err(|e| SeccompError::BadProgram(format!("shared memory: {e}")))?;
+    let base = shared.as_ptr() as *mut u64;
+    const UNSET: u64 = u64::MAX;
+    for i in 0..words {
+        // SAFETY: `base` points at `words` u64s of our own fresh mapping.
+        unsafe { base.add(i).write_volatile(if i == 0 { 0 } else { UNSET }) };
+    }
+    let mut out = vec![KernelVerdict::Allowed; calls.len()];
+    let mut start = 0usize;
+    while start < calls.len() {
+        // SAFETY: as above.
+        unsafe { base.write_volatile(start as u64) };
+        // SAFETY: a fork-like clone; the child runs only raw syscalls on memory prepared
+        // before it (the programs, the calls, the shared mapping) and never returns.
+        let pid =
+            unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+        if pid == 0 {
+            // SAFETY: raw syscalls on live data (see above); the results go to the shared
+            // mapping with volatile writes; `_exit` ends the child.
+            unsafe {
+                let no_core = libc::rlimit64 {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::syscall(libc::SYS_prlimit64, 0, libc::RLIMIT_CORE, &no_core, 0usize);
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0);
+                for f in &fprogs {
+                    let r = libc::syscall(
+                        libc::SYS_seccomp,
+                        libc::SECCOMP_SET_MODE_FILTER,
+                        0usize,
+                        f as *const libc::sock_fprog,
+                    );
+                    if r < 0 {
+                        libc::_exit(100);
+                    }
+                }
+                let mut i = start;
+                while i < calls.len() {
+                    base.write_volatile(i as u64);
+                    let (nr, a) = &calls[i];
+                    let r = libc::syscall(*nr as libc::c_long, a[0], a[1], a[2], a[3], a[4], a[5]);
+                    // glibc's syscall() turns the kernel's -errno into -1 and errno.
+                    let v = if r == -1 {
+                        Errno::last_raw() as u64
+                    } else {
+                        1 << 32
+                    };
+                    base.add(1 + i).write_volatile(v);
+                    i += 1;
+                }
+                base.write_volatile(calls.len() as u64);
+                libc::syscall(libc::SYS_exit_group, 0);
+                libc::_exit(0);
+            }
+        }
+        if pid < 0 {
+            return Err(SeccompError::Install(Errno::last()));
+        }
+        let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None)
+            .map_err(|errno| SeccompError::Notify {
+                op: "waitpid",
+                errno,
+            })?;
+        // SAFETY: as above; the child is gone.
+        let cursor = unsafe { base.read_volatile() } as usize;
+        for (i, slot) in out
+            .iter_mut()
+            .enumerate()
+            .take(cursor.min(calls.len()))
+            .skip(start)
+        {
+            // SAFETY: as above.
+            let v = unsafe { base.add(1 + i).read_volatile() };
+            *slot = match v {
+                e if e == u64::from(PROBE_ERRNO) => KernelVerdict::Allowed,
+                e if e < 4096 => KernelVerdict::Errno(e as u16),
+                // Returned without an errno: the call ran, which the probe never allows.
+                _ => return Err(SeccompError::BadProgram(format!("call {i} ran"))),
+            };
+        }
+        match status {
+            nix::sys::wait::WaitStatus::Exited(_, 100) => {
+                return Err(SeccompError::Install(Errno::EINVAL))
+            }
+            nix::sys::wait::WaitStatus::Exited(..) => start = calls.len(),
+            nix::sys::wait::WaitStatus::Signaled(_, sig, _) => {
+                if cursor >= calls.len() {
+                    break; // killed by its own exit_group: every call is done
+                }
+                out[cursor] = KernelVerdict::Killed(sig as i32);
+                start = cursor + 1;
+            }
+            other => return Err(SeccompError::BadProgram(format!("child ended {other:?}"))),
+        }
+    }
+    drop(shared);
+    Ok(out)
+}
+
 /// Serialises a program: 8 bytes per instruction, little-endian.
 pub fn program_to_bytes(prog: &[SockFilter]) -> Vec<u8> {
     let mut v = Vec::with_capacity(prog.len() * 8);

@@ -35,6 +35,18 @@ impl FileFacts {
         let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
         self.seals.is_some_and(|s| s & want == want)
     }
+    /// True if the file was sealed for sharing ([`SharedMemory::seal_for_sharing`]): it can
+    /// neither shrink nor grow, and no seal can be added (F_SEAL_SEAL).
+    pub fn sealed_for_sharing(&self) -> bool {
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        self.seals.is_some_and(|s| s & want == want)
+    }
+    /// True if the file refuses new writable shared mappings (`F_SEAL_WRITE` or
+    /// `F_SEAL_FUTURE_WRITE`): a read/write `MAP_SHARED` of it fails with EPERM.
+    pub fn write_sealed(&self) -> bool {
+        let write = libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE;
+        self.seals.is_some_and(|s| s & write != 0)
+    }
     /// True if it is a regular file (memfds and shm files are).
     pub fn is_regular(&self) -> bool {
         SFlag::from_bits_truncate(self.mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
@@ -99,6 +111,25 @@ impl SharedMemory {
         Ok(())
     }
 
+    /// Seals what the VMM shares with the device (the hostmem window, guest RAM) for good:
+    /// F_SEAL_SHRINK | F_SEAL_GROW, then F_SEAL_SEAL, so that nobody holding the fd can ever
+    /// add a seal, in particular F_SEAL_WRITE / F_SEAL_FUTURE_WRITE, which would make the
+    /// VMM's own read/write `MAP_SHARED` of it (restoring the window's background) fail.
+    pub fn seal_for_sharing(&self) -> Result<()> {
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        if self.seals()? & want == want {
+            return Ok(());
+        }
+        fcntl(
+            self.fd.as_raw_fd(),
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .map_err(Error::Seal)?;
+        Ok(())
+    }
+
     /// Current seals.
     pub fn seals(&self) -> Result<i32> {
         fcntl(self.fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(Error::Seal)
@@ -157,6 +188,27 @@ mod tests {
         assert_eq!(facts.size, 8192);
         // A sealed memfd refuses to shrink.
         assert!(nix::unistd::ftruncate(shm.as_fd(), 4096).is_err());
+    }
+
+    #[test]
+    fn sealed_for_sharing_takes_no_more_seals() {
+        let shm = SharedMemory::new("t", 8192).unwrap();
+        shm.seal_for_sharing().unwrap();
+        shm.seal_for_sharing().unwrap(); // idempotent
+        for seal in [SealFlag::F_SEAL_WRITE, SealFlag::F_SEAL_FUTURE_WRITE] {
+            let r = fcntl(shm.as_fd().as_raw_fd(), FcntlArg::F_ADD_SEALS(seal));
+            assert_eq!(r, Err(Errno::EPERM), "{seal:?}");
+        }
+        let facts = file_facts(shm.as_fd()).unwrap();
+        assert!(facts.size_sealed() && !facts.write_sealed());
+        assert!(facts.sealed_for_sharing());
+        let fresh = SharedMemory::new("u", 4096).unwrap();
+        fcntl(
+            fresh.as_fd().as_raw_fd(),
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE),
+        )
+        .unwrap();
+        assert!(file_facts(fresh.as_fd()).unwrap().write_sealed());
     }
 
     #[test]

@@ -7,11 +7,22 @@
 //! page-aligned and inside the window (checked arithmetic), and a VMA budget refuses new
 //! placements before the process gets close enough to `vm.max_map_count` that a restore
 //! could fail with ENOMEM and leave a hole.
+//!
+//! **A failed placement never leaves a hole.** Kernels before 6.12 unmap the old range
+//! before a `mmap(MAP_FIXED)` that then fails returns, so every failure of a placement's or
+//! a restore's MAP_FIXED is followed by mapping the window's own background back over the
+//! range (up to [`RESTORE_ATTEMPTS`] times; the VMA reserve keeps room for it, and the
+//! background can always be mapped read/write because the window memfd is sealed with
+//! F_SEAL_SEAL and can never gain a write seal). What is known to fail is refused before the
+//! syscall: a write-sealed fd for a read/write placement ([`Error::WriteSealed`]).
+//! [`Window::inject_map_failures`] makes the next MAP_FIXEDs fail the way an old kernel's do
+//! (range unmapped, then an error), so tests reach every failure path on any kernel.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use nix::sys::mman::MapFlags;
@@ -24,6 +35,8 @@ use crate::{procfs, Error, Result};
 pub const DEFAULT_VMA_RESERVE: usize = 128;
 /// Re-count `/proc/self/maps` after this many placements even when far from the limit.
 const RECOUNT_EVERY: u32 = 256;
+/// How often the background is mapped back over a range whose MAP_FIXED failed.
+pub const RESTORE_ATTEMPTS: u32 = 3;
 
 /// One live placement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,16 +148,23 @@ pub struct Window {
     memfd: SharedMemory,
     map: MemoryMapping,
     state: Mutex<State>,
+    /// Test hook ([`Window::inject_map_failures`]): MAP_FIXEDs still to fail.
+    fail_next: AtomicU32,
+    /// ... and whether they unmap the range first, as kernels before 6.12 do.
+    fail_unmaps: AtomicBool,
 }
 
 impl Window {
-    /// Creates the window's memfd (`size` bytes, size-sealed) and maps it: the VMM's side.
+    /// Creates the window's memfd (`size` bytes) and maps it: the VMM's side. The memfd is
+    /// sealed for sharing ([`SharedMemory::seal_for_sharing`]: size fixed, no further seals)
+    /// before anyone else can hold it, so a device can never take the VMM's ability to map
+    /// its background read/write away.
     pub fn new(size: u64) -> Result<Self> {
         if size == 0 || !is_page_aligned(size) {
             return Err(Error::InvalidSize(size));
         }
         let memfd = SharedMemory::new("hostmem-window", size)?;
-        memfd.seal_size()?;
+        memfd.seal_for_sharing()?;
         Self::from_memfd(memfd)
     }
 
@@ -171,7 +191,19 @@ impl Window {
                 placements: BTreeMap::new(),
                 budget,
             }),
+            fail_next: AtomicU32::new(0),
+            fail_unmaps: AtomicBool::new(false),
         })
+    }
+
+    /// Test hook: the next `count` MAP_FIXEDs of this window (placements, restores and the
+    /// background mapped back after a failure) fail with ENOMEM; with `unmap_first` they
+    /// first unmap their range, as a failing MAP_FIXED does on kernels before 6.12. Not
+    /// used outside tests.
+    #[doc(hidden)]
+    pub fn inject_map_failures(&self, count: u32, unmap_first: bool) {
+        self.fail_unmaps.store(unmap_first, Ordering::SeqCst);
+        self.fail_next.store(count, Ordering::SeqCst);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -309,6 +341,11 @@ impl Window {
                 have: facts.size,
             });
         }
+        // A read/write MAP_SHARED of a write-sealed file fails (EPERM): refuse it before the
+        // syscall, as an invalid placement and not as a failed mmap.
+        if prot == Prot::READ_WRITE && facts.write_sealed() {
+            return Err(Error::WriteSealed(facts.seals.unwrap_or(0)));
+        }
         st.budget.admit()?;
         let target = FixedTarget {
             addr: self.map.as_ptr() as usize + offset as usize, // inside the window: checked
@@ -318,27 +355,23 @@ impl Window {
         };
         let by = match map(&target) {
             Ok(true) => MappedBy::Caller,
-            Ok(false) => {
-                self.map_fixed(offset, len, fd, fd_offset, prot)?;
-                MappedBy::Window
-            }
+            Ok(false) => MappedBy::Window,
             Err(why) => {
                 log::warn!(
                     "place {offset:#x}+{len:#x}: the caller's mapping failed ({why}); \
                      mapping the fd instead"
                 );
-                if let Err(e) = self.map_fixed(offset, len, fd, fd_offset, prot) {
-                    // Whatever the failed calls left there, the range must not be a hole.
-                    if let Err(r) =
-                        self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE)
-                    {
-                        log::error!("place {offset:#x}+{len:#x}: background not restored: {r}");
-                    }
-                    return Err(e);
-                }
                 MappedBy::Window
             }
         };
+        if by == MappedBy::Window {
+            if let Err(e) = self.map_fixed(offset, len, fd, fd_offset, prot) {
+                // Whatever the failed call (or the caller's) left there, the range must not
+                // be a hole: the background goes back before the error is returned.
+                self.map_background(offset, len);
+                return Err(e);
+            }
+        }
         st.budget.since_count += 1;
         st.budget.added_since_count += 2;
         st.placements.insert(
@@ -370,6 +403,22 @@ impl Window {
         debug_assert!(check_range(offset, len, self.size()).is_ok());
         let addr = self.map.as_ptr() as usize + offset as usize;
         let want = NonZeroUsize::new(addr).ok_or(Error::InvalidSize(offset))?;
+        if self
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            if self.fail_unmaps.load(Ordering::SeqCst) {
+                let ptr = std::ptr::NonNull::new(addr as *mut std::ffi::c_void)
+                    .ok_or(Error::InvalidSize(offset))?;
+                // SAFETY: addr..addr+len lies inside this window's own mapping (see the
+                // mmap below); unmapping it only makes the range a hole, which is what an
+                // old kernel's failing MAP_FIXED leaves and what the caller repairs. Nothing
+                // holds a reference into the window's memory.
+                unsafe { nix::sys::mman::munmap(ptr, len as usize) }.map_err(err)?;
+            }
+            return Err(err(nix::errno::Errno::ENOMEM));
+        }
         // SAFETY: addr..addr+len lies inside this window's own mapping (checked by every
         // caller with check_range against the window size), which this object owns for its
         // whole life. Replacing those pages with another MAP_SHARED file mapping cannot
@@ -393,6 +442,22 @@ impl Window {
         Ok(())
     }
 
+    /// Maps the window's background (its own memfd, read/write) back over
+    /// `offset..offset+len` after a failed MAP_FIXED there, trying [`RESTORE_ATTEMPTS`]
+    /// times. True if it is back (no hole).
+    fn map_background(&self, offset: u64, len: u64) -> bool {
+        for attempt in 1..=RESTORE_ATTEMPTS {
+            match self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE) {
+                Ok(()) => return true,
+                Err(e) => log::error!(
+                    "window {offset:#x}+{len:#x}: mapping the background back failed \
+                     (attempt {attempt} of {RESTORE_ATTEMPTS}): {e}"
+                ),
+            }
+        }
+        false
+    }
+
     /// Removes the live placement at exactly `offset..offset+len`: the window's background
     /// (its own memfd at the same offset, read/write) is mapped back and its pages are
     /// punched so the range reads zeros. On failure the placement stays recorded.
@@ -402,7 +467,13 @@ impl Window {
             Some(p) if p.len == len => *p,
             _ => return Err(Error::NotPlaced { offset, len }),
         };
-        self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE)?;
+        if let Err(e) = self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE) {
+            // On an old kernel the failed call unmapped the placement: the range is a hole
+            // unless the background goes back now. It is then restored after all.
+            if !self.map_background(offset, len) {
+                return Err(e);
+            }
+        }
         st.placements.remove(&offset);
         st.budget.added_since_count = st.budget.added_since_count.saturating_sub(2);
         drop(st);
@@ -418,7 +489,11 @@ impl Window {
     /// VMA count) and zeroes it; returns the placements that were live.
     pub fn restore_all(&self) -> Result<Vec<Placement>> {
         let mut st = self.lock();
-        self.map_fixed(0, self.size(), self.memfd.as_fd(), 0, Prot::READ_WRITE)?;
+        if let Err(e) = self.map_fixed(0, self.size(), self.memfd.as_fd(), 0, Prot::READ_WRITE) {
+            if !self.map_background(0, self.size()) {
+                return Err(e);
+            }
+        }
         let was: Vec<Placement> = std::mem::take(&mut st.placements).into_values().collect();
         st.budget.recount()?;
         drop(st);

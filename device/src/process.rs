@@ -1,7 +1,9 @@
 //! The device process: what `hostmem-gpu-device` runs after the launcher exec'd it.
 //!
-//! Order matters: the seccomp filter the launcher handed over is installed **first**, before
-//! any input is read; then the handshake on the mapping tube, the hostmem memfd (mapped as
+//! Order matters: the launcher installed the seccomp filter right before the exec (the
+//! loader and the runtime's start-up already run filtered); the device's first act, before
+//! any input is read, is its SIGSYS reporter (`child_install_sigsys_reporter`), in both
+//! modes (native and `--vhost-user`). Then the handshake on the mapping tube, the hostmem memfd (mapped as
 //! the mirror), the backend, `Ready { backend, num_capsets }`, and [`serve`]: the poll loop
 //! over the transport tube (fd 3: guest memory, queue setup, reset, stats) and the enabled
 //! queues' kick eventfds ([`crate::virtio`]) until the VMM closes the transport tube.
@@ -166,12 +168,16 @@ pub fn main_with_args(args: &[String]) -> i32 {
             return EXIT_START;
         }
     };
-    // First act: the seccomp filter, before any input from anyone is read.
-    if let Some(fd) = args.seccomp_fd {
-        if let Err(e) = hostmem_jail::launch::child_install_seccomp(fd) {
-            log::error!("installing the seccomp filter failed: {e}");
-            return EXIT_START;
-        }
+    // The launcher installed the seccomp filter before the exec (it covers the loader and
+    // the runtime's start-up). First act: the SIGSYS reporter, if the launcher asked for it
+    // (a program-installed filter, `--seccomp-fd`, is still honoured).
+    let installed = match args.seccomp_fd {
+        Some(fd) => hostmem_jail::launch::child_install_seccomp(fd),
+        None => hostmem_jail::launch::child_install_sigsys_reporter(),
+    };
+    if let Err(e) = installed {
+        log::error!("seccomp set-up failed: {e}");
+        return EXIT_START;
     }
     let result = if args.vhost_user {
         run_vhost_user(&args)

@@ -1,8 +1,14 @@
 //! A classic-BPF interpreter for seccomp programs: evaluates a compiled filter on a
-//! `seccomp_data` without the kernel, for table tests and `hostmem policy explain`. It runs
-//! the instructions seccomp allows (loads of seccomp_data words, ALU, jumps, returns,
-//! scratch memory); anything else, or a jump out of the program, is an error, as the
-//! kernel's verifier would refuse it.
+//! `seccomp_data` without the kernel, for table tests and `hostmem policy explain`.
+//!
+//! [`check`] refuses exactly what the kernel refuses when the filter is installed
+//! (`bpf_check_classic` + `seccomp_check_filter`): an empty or too long program, an
+//! instruction outside seccomp's subset (loads other than aligned 32-bit words of
+//! `seccomp_data`, `BPF_IND`/`BPF_MSH`, `MOD`, `RET X`, ...), a constant division by zero or
+//! shift by 32 or more, a scratch cell out of range or read before it is written on some
+//! path, a jump past the end, and a program whose last instruction is not a return.
+//! [`run`] checks first, then evaluates as the kernel does (a division by a zero `X`
+//! returns 0, i.e. kills). `tests/kernel_verdicts.rs` compares both with the kernel.
 
 use hostmem_base::seccomp::SockFilter;
 
@@ -47,8 +53,89 @@ impl SeccompData {
     }
 }
 
-/// Runs `prog` on `d`; returns the `SECCOMP_RET_*` value.
+/// Scratch memory cells (`BPF_MEMWORDS`).
+const MEMWORDS: u32 = 16;
+
+/// Whether seccomp allows instruction code `code` (`seccomp_check_filter`'s list; the
+/// `BPF_LD|W|ABS` offset is checked by [`check`]).
+fn code_allowed(code: u16) -> bool {
+    const ALU_OPS: [u16; 9] = [0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0xa0];
+    match code {
+        0x20 | 0x80 | 0x81 => true, // ld [k]; ld #len; ldx #len
+        0x06 | 0x16 => true,        // ret k; ret a
+        0x84 => true,               // neg
+        0x00 | 0x01 | 0x07 | 0x87 | 0x60 | 0x61 | 0x02 | 0x03 => true,
+        0x05 => true, // ja
+        0x15 | 0x1d | 0x25 | 0x2d | 0x35 | 0x3d | 0x45 | 0x4d => true,
+        c if c & 0x07 == 0x04 => ALU_OPS.contains(&(c & 0xf0)) && c & !0xf8 == 0x04,
+        _ => false,
+    }
+}
+
+/// Refuses what the kernel refuses to install (see the module doc).
+pub fn check(prog: &[SockFilter]) -> Result<(), String> {
+    let len = prog.len();
+    if len == 0 || len > hostmem_base::seccomp::BPF_MAXINSNS {
+        return Err(format!("{len} instructions"));
+    }
+    for (pc, i) in prog.iter().enumerate() {
+        let at = |what: &str| format!("instruction {pc} ({:#06x} k {:#x}): {what}", i.code, i.k);
+        if !code_allowed(i.code) {
+            return Err(at("not allowed in a seccomp filter"));
+        }
+        match i.code {
+            0x20 if i.k >= 64 || i.k % 4 != 0 => {
+                return Err(at("load outside seccomp_data or not 32-bit aligned"))
+            }
+            0x34 if i.k == 0 => return Err(at("division by zero")),
+            0x64 | 0x74 if i.k >= 32 => return Err(at("shift by 32 or more")),
+            0x60 | 0x61 | 0x02 | 0x03 if i.k >= MEMWORDS => {
+                return Err(at("scratch cell out of range"))
+            }
+            0x05 if i.k as usize >= len - pc - 1 => return Err(at("jump past the end")),
+            c if c & 0x07 == 0x05
+                && c != 0x05
+                && (pc + usize::from(i.jt) + 1 >= len || pc + usize::from(i.jf) + 1 >= len) =>
+            {
+                return Err(at("jump past the end"))
+            }
+            _ => {}
+        }
+    }
+    if !matches!(prog[len - 1].code, 0x06 | 0x16) {
+        return Err("the last instruction is not a return".into());
+    }
+    // check_load_and_stores: a scratch cell must be written on every path before a load.
+    let mut masks = vec![u16::MAX; len];
+    let mut valid: u16 = 0;
+    for (pc, i) in prog.iter().enumerate() {
+        valid &= masks[pc];
+        match i.code {
+            0x02 | 0x03 => valid |= 1 << i.k,
+            0x60 | 0x61 if valid & (1 << i.k) == 0 => {
+                return Err(format!(
+                    "instruction {pc}: scratch cell {} read before it is written",
+                    i.k
+                ))
+            }
+            0x05 => {
+                masks[pc + 1 + i.k as usize] &= valid;
+                valid = u16::MAX;
+            }
+            c if c & 0x07 == 0x05 => {
+                masks[pc + 1 + usize::from(i.jt)] &= valid;
+                masks[pc + 1 + usize::from(i.jf)] &= valid;
+                valid = u16::MAX;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Runs `prog` on `d` after [`check`]; returns the `SECCOMP_RET_*` value.
 pub fn run(prog: &[SockFilter], d: &SeccompData) -> Result<u32, String> {
+    check(prog)?;
     let (mut a, mut x) = (0u32, 0u32);
     let mut mem = [0u32; 16];
     let mut pc = 0usize;
@@ -84,13 +171,16 @@ pub fn run(prog: &[SockFilter], d: &SeccompData) -> Result<u32, String> {
                     0x00 => a.wrapping_add(src),
                     0x10 => a.wrapping_sub(src),
                     0x20 => a.wrapping_mul(src),
-                    0x30 => a.checked_div(src).ok_or("division by zero")?,
+                    // A zero X: the kernel's converted filter returns 0 (kill).
+                    0x30 => match a.checked_div(src) {
+                        Some(q) => q,
+                        None => return Ok(0),
+                    },
                     0x40 => a | src,
                     0x50 => a & src,
                     0x60 => a.checked_shl(src).unwrap_or(0),
                     0x70 => a.checked_shr(src).unwrap_or(0),
                     0x80 => a.wrapping_neg(),
-                    0x90 => a.checked_rem(src).ok_or("division by zero")?,
                     0xa0 => a ^ src,
                     op => return Err(format!("unsupported alu op {op:#x}")),
                 }

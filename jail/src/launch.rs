@@ -16,9 +16,17 @@
 //! [`Error::LaunchStep`] naming it. The child is pid 1 of its pid namespace; we see its
 //! real pid and reap it directly.
 //!
-//! Seccomp is installed by the program itself as its first act ([`child_install_seccomp`]),
-//! from the program bytes the launcher handed over as a kept memfd (`--seccomp-fd N`). The
-//! VMM then checks `/proc/<pid>/status` and the namespaces from outside ([`verify_jailed`]).
+//! Seccomp: with [`JailConfig::seccomp_at_exec`] (the device, the render server) the
+//! launcher's child installs the filter as its last step before `execveat`, so the exec, the
+//! dynamic loader and the runtime's start-up run filtered too. With
+//! [`JailConfig::sigsys_reporter`] its kill actions become traps, it is installed with
+//! `SECCOMP_FILTER_FLAG_LOG` (a trap before the program's handler exists still leaves a
+//! kernel audit record naming the call) and the program installs the SIGSYS reporter as its
+//! first act ([`child_install_sigsys_reporter`]). Otherwise the program installs the filter
+//! itself ([`child_install_seccomp`], from a kept memfd named by `--seccomp-fd N`). The VMM
+//! then checks `/proc/<pid>/status` and the namespaces from outside ([`verify_jailed`]).
+//! [`JailConfig::cgroup`] puts the program in a (memory) cgroup before its first
+//! instruction.
 //!
 //! **SIGSYS reporting.** With a seccomp program, the launcher also hands the child the write
 //! end of a report pipe and names it in the environment ([`SIGSYS_FD_ENV`]).
@@ -30,7 +38,10 @@
 //! in `/dev/kmsg` for programs without the handler).
 //!
 //! **Log mode** (policy development: find what a policy is missing without dying on the
-//! first call). The compiler turns kill actions into `SECCOMP_RET_LOG`; the launcher sets
+//! first call). The compiler turns kill actions into `SECCOMP_RET_LOG`. With the filter at
+//! exec, the launcher turns those into `SECCOMP_RET_USER_NOTIF`, the child installs it with
+//! `SECCOMP_FILTER_FLAG_NEW_LISTENER` and sends the listener over a socketpair before the
+//! exec, and our thread serves it from the program's first call. Otherwise the launcher sets
 //! [`SECCOMP_NOTIFY_ENV`] and [`child_install_seccomp`] turns those into
 //! `SECCOMP_RET_USER_NOTIF`, installing the filter with a listener. A thread of ours takes a
 //! copy of the listener out of the child with `pidfd_getfd` (found by its
@@ -92,6 +103,8 @@ pub struct Rlimits {
     pub fsize: u64,
     /// RLIMIT_AS, if limited.
     pub address_space: Option<u64>,
+    /// RLIMIT_DATA (private writable mappings and the heap), if limited.
+    pub data: Option<u64>,
 }
 
 impl Default for Rlimits {
@@ -101,6 +114,7 @@ impl Default for Rlimits {
             core: 0,
             fsize: u64::MAX,
             address_space: None,
+            data: None,
         }
     }
 }
@@ -139,6 +153,15 @@ pub struct JailConfig {
     /// allow the exec and the dynamic loader. No SIGSYS report and no log mode: a violation
     /// kills the program.
     pub seccomp_at_exec: bool,
+    /// With [`JailConfig::seccomp_at_exec`]: the program installs the SIGSYS reporter
+    /// itself as its first act ([`child_install_sigsys_reporter`]). Kill actions then become
+    /// traps, a report pipe is handed over ([`SIGSYS_FD_ENV`]), and the filter is installed
+    /// with `SECCOMP_FILTER_FLAG_LOG`, so a trap before the handler exists (in the loader or
+    /// the runtime's start-up) still leaves the kernel's audit record that names the call.
+    pub sigsys_reporter: bool,
+    /// A cgroup directory (v1 `memory` controller, made by the caller) the program joins
+    /// before it runs its first instruction: its memory limit.
+    pub cgroup: Option<PathBuf>,
     /// Count the kernel's seccomp audit records of the processes the program forks (same
     /// executable, e.g. a server's workers) as its own ([`JailedChild::seccomp_log`]).
     pub audit_descendants: bool,
@@ -163,6 +186,8 @@ impl Default for JailConfig {
             seccomp: None,
             seccomp_log: false,
             seccomp_at_exec: false,
+            sigsys_reporter: false,
+            cgroup: None,
             audit_descendants: false,
             stderr: None,
             outside_ids: None,
@@ -270,13 +295,15 @@ struct Notifier {
 }
 
 impl Notifier {
-    fn start(pid: i32) -> Result<Notifier, Error> {
+    /// Serves `pid`'s listener: `listener` if the launcher already holds it (a filter
+    /// installed before the exec), else the one the program installs, taken from it.
+    fn start(pid: i32, listener: Option<NotifyListener>) -> Result<Notifier, Error> {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (s, v) = (stop.clone(), seen.clone());
         let thread = std::thread::Builder::new()
             .name(format!("seccomp-log-{pid}"))
-            .spawn(move || serve_notifications(pid, &s, &v))
+            .spawn(move || serve_notifications(pid, listener, &s, &v))
             .map_err(|e| step_err("log-mode listener thread", errno_of(&e)))?;
         Ok(Notifier {
             stop,
@@ -310,26 +337,35 @@ fn find_listener_fd(pid: i32) -> Option<i32> {
         .and_then(|e| e.file_name().to_str()?.parse().ok())
 }
 
-fn serve_notifications(pid: i32, stop: &AtomicBool, seen: &Mutex<Vec<SyscallReport>>) {
+fn serve_notifications(
+    pid: i32,
+    given: Option<NotifyListener>,
+    stop: &AtomicBool,
+    seen: &Mutex<Vec<SyscallReport>>,
+) {
     let t0 = Instant::now();
-    let listener = loop {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Some(fd) = find_listener_fd(pid) {
-            match NotifyListener::take_from(pid, fd) {
-                Ok(l) => break l,
-                Err(e) => {
-                    log::error!("seccomp log mode: pid {pid}: {e}; its calls outside the policy will wait until it is killed");
-                    return;
+    let listener = if let Some(l) = given {
+        l
+    } else {
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if let Some(fd) = find_listener_fd(pid) {
+                match NotifyListener::take_from(pid, fd) {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        log::error!("seccomp log mode: pid {pid}: {e}; its calls outside the policy will wait until it is killed");
+                        return;
+                    }
                 }
             }
+            if t0.elapsed() > LISTENER_WAIT {
+                log::warn!("seccomp log mode: pid {pid} installed no listener within {LISTENER_WAIT:?}; nothing to report");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        if t0.elapsed() > LISTENER_WAIT {
-            log::warn!("seccomp log mode: pid {pid} installed no listener within {LISTENER_WAIT:?}; nothing to report");
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(1));
     };
     log::debug!("seccomp log mode: serving pid {pid}'s listener");
     let mut dropped = 0u64;
@@ -500,13 +536,14 @@ impl JailedChild {
         if let Some(r) = self.drain_reports().pop() {
             return Some(r);
         }
-        // The audit line may lag the exit a little.
-        for _ in 0..20 {
+        // The audit line may lag the exit a little (more on a loaded machine).
+        for _ in 0..100 {
             if let Some(r) = self
                 .kernel_reports()
                 .into_iter()
                 .rev()
-                .find(|r| r.code == 0x8000_0000)
+                // A kill, or (FLAG_LOG) a trap before the program's SIGSYS handler existed.
+                .find(|r| r.code == 0x8000_0000 || r.code == RET_TRAP)
             {
                 return Some(r);
             }
@@ -594,6 +631,11 @@ fn seccomp_reports_from(f: &mut std::fs::File, pid: i32, exe: Option<&str>) -> V
                 let nr = field("syscall=").and_then(|v| v.parse().ok());
                 let code = field("code=")
                     .and_then(|v| u32::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+                // An errno answer is the policy's decision, not a violation; the kernel
+                // audits those too for a filter installed with SECCOMP_FILTER_FLAG_LOG.
+                if code.is_some_and(|c| c & 0xffff_0000 == 0x0005_0000) {
+                    continue;
+                }
                 if let (Some(nr), Some(code)) = (nr, code) {
                     out.push(SyscallReport {
                         nr,
@@ -804,17 +846,42 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
     let mut env = cfg.env;
     let mut report = None;
     let mut exec_filter = None;
+    let mut exec_filter_flags = 0u32;
+    let mut listener_socket = None;
+    let mut listener_ours = None;
+    let report_pipe = |keep: &mut Vec<(OwnedFd, RawFd)>,
+                       env: &mut Vec<(OsString, OsString)>|
+     -> Result<OwnedFd, Error> {
+        let n = keep.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+            .map_err(|e| step_err("report pipe", e))?;
+        keep.push((w, n));
+        env.push((SIGSYS_FD_ENV.into(), n.to_string().into()));
+        Ok(r)
+    };
     if let (Some(prog), true) = (&cfg.seccomp, cfg.seccomp_at_exec) {
+        let mut filter = hostmem_base::seccomp::program_from_bytes(prog)
+            .map_err(|e| step_err(format!("seccomp program: {e}"), Errno::EINVAL))?;
         if cfg.seccomp_log {
-            return Err(step_err(
-                "log mode needs a program that installs its own filter",
-                Errno::EINVAL,
-            ));
+            // Log mode: the child installs the filter with a listener and sends it to us
+            // before the exec; our thread serves it from the program's first call on.
+            logs_to_notifications(&mut filter);
+            exec_filter_flags |= libc::SECCOMP_FILTER_FLAG_NEW_LISTENER as u32;
+            let (ours, theirs) = nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::SeqPacket,
+                None,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| step_err("listener socketpair", e))?;
+            listener_socket = Some(theirs);
+            listener_ours = Some(ours);
+        } else if cfg.sigsys_reporter {
+            kills_to_traps(&mut filter);
+            exec_filter_flags |= libc::SECCOMP_FILTER_FLAG_LOG as u32;
+            report = Some(report_pipe(&mut keep, &mut env)?);
         }
-        exec_filter = Some(
-            hostmem_base::seccomp::program_from_bytes(prog)
-                .map_err(|e| step_err(format!("seccomp program: {e}"), Errno::EINVAL))?,
-        );
+        exec_filter = Some(filter);
     } else if let Some(prog) = &cfg.seccomp {
         let shm = SharedMemory::new("hostmem-seccomp", prog.len() as u64)
             .map_err(|e| step_err(format!("seccomp memfd: {e}"), Errno::EIO))?;
@@ -826,15 +893,22 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
         args.push("--seccomp-fd".into());
         args.push(n.to_string().into());
         keep.push((f.into(), n));
-        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-            .map_err(|e| step_err("report pipe", e))?;
-        keep.push((w, n + 1));
-        env.push((SIGSYS_FD_ENV.into(), (n + 1).to_string().into()));
+        report = Some(report_pipe(&mut keep, &mut env)?);
         if cfg.seccomp_log {
             env.push((SECCOMP_NOTIFY_ENV.into(), "1".into()));
         }
-        report = Some(r);
     }
+    let cgroup_procs = match &cfg.cgroup {
+        Some(dir) => Some(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .map_err(|e| {
+                    step_err(format!("open {}/cgroup.procs", dir.display()), errno_of(&e))
+                })?,
+        ),
+        None => None,
+    };
     let mut argv = vec![cpath(&cfg.program)?];
     for a in &args {
         argv.push(cstring(a.as_bytes(), "argument")?);
@@ -875,6 +949,10 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
         rlimits.push((libc::RLIMIT_AS, a));
         rlimit_names.push("RLIMIT_AS");
     }
+    if let Some(d) = r.data {
+        rlimits.push((libc::RLIMIT_DATA, d));
+        rlimit_names.push("RLIMIT_DATA");
+    }
     let euid = nix::unistd::geteuid().as_raw();
     let outside_ids = cfg.outside_ids.unwrap_or(if euid == 0 {
         (65534, 65534)
@@ -899,6 +977,9 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
         envp,
         keep,
         exec_filter,
+        exec_filter_flags,
+        listener_socket,
+        cgroup_procs,
     };
     let kmsg = kmsg_at_end();
     let exe_needle = cfg.audit_descendants.then(|| {
@@ -927,7 +1008,19 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
     };
     if cfg.seccomp_log && cfg.seccomp.is_some() {
         // On failure `child` is dropped: killed and reaped.
-        child.notifier = Some(Notifier::start(pid)?);
+        let listener = match listener_ours {
+            Some(sock) => {
+                // Sent before the exec, which spawn_jailed has seen happen: it is queued.
+                let got = hostmem_base::fd::try_recv_with_fds(sock.as_fd(), &mut [0u8; 1])
+                    .map_err(|e| step_err("receiving the seccomp listener", e))?;
+                let fd = got.fds.into_iter().next().ok_or_else(|| {
+                    step_err("receiving the seccomp listener: no fd", Errno::EBADMSG)
+                })?;
+                Some(NotifyListener::new(fd))
+            }
+            None => None,
+        };
+        child.notifier = Some(Notifier::start(pid, listener)?);
     }
     Ok(child)
 }
@@ -1026,6 +1119,27 @@ pub fn kills_to_traps(prog: &mut [SockFilter]) -> usize {
         }
     }
     n
+}
+
+/// The first act of a program whose filter the launcher installed before the exec
+/// ([`JailConfig::seccomp_at_exec`] with [`JailConfig::sigsys_reporter`]): if the launcher
+/// named a SIGSYS report fd ([`SIGSYS_FD_ENV`]), install the SIGSYS handler that reports a
+/// trapped call (number and arguments) on it before the process dies by SIGSYS. Needs
+/// `rt_sigaction(SIGSYS)` and `rt_sigprocmask` in the policy. Without the variable (no
+/// filter, or log mode) it does nothing.
+pub fn child_install_sigsys_reporter() -> Result<(), Error> {
+    let Some(rfd) = std::env::var(SIGSYS_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok())
+    else {
+        return Ok(());
+    };
+    let owned = hostmem_base::fd::take_inherited(rfd)
+        .map_err(|e| Error::Seccomp(format!("report fd {rfd}: {e}")))?;
+    // The handler writes to it for the rest of the process's life.
+    let rfd = owned.into_raw_fd();
+    sandbox::install_sigsys_reporter(rfd)
+        .map_err(|e| Error::Seccomp(format!("SIGSYS handler: {e}")))
 }
 
 /// The jailed program's first act: read the BPF program from `fd`, close it, set

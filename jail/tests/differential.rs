@@ -1,6 +1,10 @@
 //! Differential test: for policies in the subset that `seccompiler` can express (==, !=, <,
-//! <=, >, >= on 64-bit arguments, allow vs kill), random `seccomp_data` get the same verdict
-//! from our compiled filter and from seccompiler's, both run through our interpreter.
+//! <=, >, >=, `&` (any bit of a mask) and `in` (no bit outside a mask) on all six 64-bit
+//! arguments, allow vs kill), random `seccomp_data` get the same verdict from our compiled
+//! filter and from seccompiler's, both run through our interpreter. (`tests/kernel_verdicts.rs`
+//! checks the interpreter against the kernel.) `arg & M` has no single seccompiler
+//! condition: it is "some bit of M is set", i.e. one rule per bit of M (`MaskedEq(bit) ==
+//! bit`); `arg in M` is `MaskedEq(!M) == 0`.
 
 use std::collections::BTreeMap;
 
@@ -57,6 +61,21 @@ const SYSCALLS: [(&str, i64); 5] = [
     ("ioctl", 16),
 ];
 
+/// Bit positions for `&` masks and single-bit arguments: both words, their edges.
+const BITS: [u32; 8] = [0, 1, 5, 31, 32, 33, 40, 63];
+
+/// A mask for `in` (and an argument value that may or may not fit in it).
+fn mask(r: &mut Rng) -> u64 {
+    match r.below(4) {
+        0 => value(r),
+        1 => 0xffff_ffff,
+        2 => r.next() & r.next(),
+        _ => (0..1 + r.below(3)).fold(0, |m, _| {
+            m | 1u64 << BITS[r.below(BITS.len() as u64) as usize]
+        }),
+    }
+}
+
 fn value(r: &mut Rng) -> u64 {
     let v = VALUES[r.below(VALUES.len() as u64) as usize];
     match r.below(4) {
@@ -93,17 +112,54 @@ fn same_verdicts_as_seccompiler_on_random_policies_and_calls() {
             for _ in 0..1 + r.below(3) {
                 let mut ands = Vec::new();
                 let mut conds = Vec::new();
+                // `arg & M` of this conjunction: (arg, the bits of M), at most one.
+                let mut any_bit: Option<(u8, Vec<u64>)> = None;
                 for _ in 0..1 + r.below(3) {
-                    let arg = r.below(3) as u8;
-                    let (op, mk) = OPS[r.below(OPS.len() as u64) as usize];
-                    let v = value(&mut r);
-                    ands.push(format!("arg{arg} {op} {v:#x}"));
-                    conds.push(
-                        SeccompCondition::new(arg, SeccompCmpArgLen::Qword, mk(v), v).unwrap(),
-                    );
+                    let arg = r.below(6) as u8;
+                    let cond = |op, v| SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, v);
+                    match r.below(8) {
+                        0 if any_bit.is_none() => {
+                            let bits: Vec<u64> = (0..1 + r.below(2))
+                                .map(|_| 1u64 << BITS[r.below(BITS.len() as u64) as usize])
+                                .collect::<std::collections::BTreeSet<_>>()
+                                .into_iter()
+                                .collect();
+                            let m = bits.iter().fold(0, |a, b| a | b);
+                            ands.push(format!("arg{arg} & {m:#x}"));
+                            any_bit = Some((arg, bits));
+                        }
+                        1 => {
+                            let m = mask(&mut r);
+                            ands.push(format!("arg{arg} in {m:#x}"));
+                            conds.push(cond(SeccompCmpOp::MaskedEq(!m), 0).unwrap());
+                        }
+                        _ => {
+                            let (op, mk) = OPS[r.below(OPS.len() as u64) as usize];
+                            let v = value(&mut r);
+                            ands.push(format!("arg{arg} {op} {v:#x}"));
+                            conds.push(cond(mk(v), v).unwrap());
+                        }
+                    }
                 }
                 ors.push(ands.join(" && "));
-                sc_rules.push(SeccompRule::new(conds).unwrap());
+                match any_bit {
+                    Some((arg, bits)) => {
+                        for b in bits {
+                            let mut c = conds.clone();
+                            c.push(
+                                SeccompCondition::new(
+                                    arg,
+                                    SeccompCmpArgLen::Qword,
+                                    SeccompCmpOp::MaskedEq(b),
+                                    b,
+                                )
+                                .unwrap(),
+                            );
+                            sc_rules.push(SeccompRule::new(c).unwrap());
+                        }
+                    }
+                    None => sc_rules.push(SeccompRule::new(conds).unwrap()),
+                }
             }
             text.push_str(&format!("{name}: {}\n", ors.join(" || ")));
             rules.insert(nr, sc_rules);
@@ -129,7 +185,14 @@ fn same_verdicts_as_seccompiler_on_random_policies_and_calls() {
             } else {
                 SYSCALLS[r.below(5) as usize].1 as u32
             };
-            let args = [value(&mut r), value(&mut r), value(&mut r), 0, 0, 0];
+            let mut args = [0u64; 6];
+            for a in &mut args {
+                *a = match r.below(3) {
+                    0 => mask(&mut r),
+                    1 => 1u64 << BITS[r.below(BITS.len() as u64) as usize],
+                    _ => value(&mut r),
+                };
+            }
             let d = SeccompData::x86_64(nr, args);
             let a = Action::from_ret(run(&ours, &d).unwrap());
             let b = Action::from_ret(run(&theirs, &d).unwrap());

@@ -22,7 +22,7 @@ use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmOp};
 use hostmem_device::wire::{
     Command, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_HOST3D,
 };
-use hostmem_vmm::device::{Device, DeviceConfig};
+use hostmem_vmm::device::{Device, DeviceConfig, DEFAULT_DEVICE_MEMORY};
 use hostmem_vmm::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use hostmem_vmm::probe::{expected_hash, GuestProbe, ProbeRead};
 use hostmem_vmm::queue_driver::{CmdError, QueueDriver};
@@ -145,6 +145,10 @@ struct Vmm {
     baseline_fds: usize,
     /// Start the device in the jail (namespaces, empty root, seccomp).
     jailed: bool,
+    /// Another policy than the real shm one (the loose-policy fd attacks).
+    policy: Option<PathBuf>,
+    /// The device's memory limit (default [`DEFAULT_DEVICE_MEMORY`]).
+    memory: Option<u64>,
 }
 
 fn vmm(name: &str) -> Vmm {
@@ -171,6 +175,8 @@ fn vmm(name: &str) -> Vmm {
         probe,
         baseline_fds: fd_count().unwrap(),
         jailed: false,
+        policy: None,
+        memory: Some(DEFAULT_DEVICE_MEMORY),
     }
 }
 
@@ -213,6 +219,7 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
         // milliseconds.
         start_timeout: Duration::from_secs(3),
         render_server: None,
+        memory_limit: Some(DEFAULT_DEVICE_MEMORY),
     }
 }
 
@@ -222,7 +229,14 @@ struct Session {
 }
 
 fn connect(v: &Vmm, scenario: &str) -> Session {
-    let dev = Device::start(&config(scenario, None, v.jailed), v.hm.clone()).unwrap();
+    let mut cfg = config(scenario, None, v.jailed);
+    if v.jailed {
+        if let Some(p) = &v.policy {
+            cfg.policy = Some(p.clone());
+        }
+    }
+    cfg.memory_limit = v.memory;
+    let dev = Device::start(&cfg, v.hm.clone()).unwrap();
     if v.jailed {
         assert!(
             dev.facts().jailed && dev.facts().seccomp == 2,
@@ -314,6 +328,17 @@ enum Verdict {
     /// in the device's virtqueues) and accepts it; the guest sees the blob; it is restored
     /// to background when the device ends.
     Accepted,
+    /// Attacker code on the fds the device holds, then good behaviour: the guest's command
+    /// succeeds (the device fails it if an operation that must fail succeeded), the guest
+    /// reads the blob; then the device is stopped and the VMM must restore its window
+    /// (a read/write mapping of the window memfd) and serve a restarted device.
+    Survives,
+    /// The jail's policy kills the device for this syscall (SIGSYS, named by the VMM); the
+    /// device is lost, the window restored, a restarted device works.
+    KilledBySeccomp(&'static str),
+    /// The kernel's OOM killer kills the device at its memory limit; the VMM reports it as
+    /// out of memory, restores the window and a restarted device works.
+    OomKilled,
 }
 
 fn scenario(name: &'static str, verdict: Verdict) {
@@ -331,9 +356,38 @@ fn scenario_jailed(name: &'static str, verdict: Verdict) {
     with_watchdog(name, move || scenario_body(name, verdict, true));
 }
 
+/// A jailed scenario with another policy folder and memory limit.
+fn scenario_jailed_with(
+    name: &'static str,
+    verdict: Verdict,
+    policy: Option<PathBuf>,
+    memory: Option<u64>,
+) {
+    let _serial = serial();
+    if !jail_works() {
+        println!("skipped: user namespaces unavailable, jailed scenario {name} not run");
+        return;
+    }
+    with_watchdog(name, move || {
+        scenario_body_with(name, verdict, true, policy, memory)
+    });
+}
+
 fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
+    scenario_body_with(name, verdict, jailed, None, Some(DEFAULT_DEVICE_MEMORY));
+}
+
+fn scenario_body_with(
+    name: &'static str,
+    verdict: Verdict,
+    jailed: bool,
+    policy: Option<PathBuf>,
+    memory: Option<u64>,
+) {
     let mut v = vmm(name);
     v.jailed = jailed;
+    v.policy = policy;
+    v.memory = memory;
     let mut s = connect(&v, name);
     let a = blob(&mut s, 1, 4 * P);
     s.drv.map_blob(CTX, 1, 0).unwrap();
@@ -434,14 +488,61 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
             assert_eq!(v.hm.live(), 2);
             v.guest_reads(16 * P, &b, "the unsolicited placement is visible");
         }
-        Verdict::Lost => {
-            let err = result.expect_err("the device must be declared lost");
-            assert!(err.device_lost(), "{name}: {err} must mean device lost");
+        Verdict::Survives | Verdict::KilledBySeccomp(_) | Verdict::OomKilled | Verdict::Lost => {
+            let cause = match verdict {
+                Verdict::Survives => {
+                    result.unwrap_or_else(|e| panic!("{name}: after the fd attack: {e}"));
+                    v.guest_reads(16 * P, &b, "blob 2 after the fd attack");
+                    v.guest_reads(0, &a, "blob 1 after the fd attack");
+                    if let Some(p) = v.probe.as_mut() {
+                        // The guest still writes anywhere in the window (background).
+                        p.fill(48 * P, 4 * P, 77).unwrap();
+                        p.fill(48 * P, 4 * P, 0).unwrap();
+                    }
+                    "stopped after the fd attack".to_string()
+                }
+                _ => {
+                    let err = result.expect_err("the device must be declared lost");
+                    assert!(err.device_lost(), "{name}: {err} must mean device lost");
+                    err.to_string()
+                }
+            };
             let Session { dev, drv } = s;
             drop(drv);
             let t = std::time::Instant::now();
             let ended = logged(" ended (");
-            let exit = dev.stop(&err.to_string());
+            let oom_lines = logged("out of memory: killed by the kernel's OOM killer");
+            let exit = dev.stop(&cause);
+            match verdict {
+                Verdict::KilledBySeccomp(call) => {
+                    assert_eq!(exit.signal, Some(libc::SIGSYS), "{name}: {exit:?}");
+                    let named = exit.syscall.clone().unwrap_or_default();
+                    assert!(named.starts_with(call), "{name}: named {named:?}: {exit:?}");
+                }
+                Verdict::OomKilled => {
+                    assert_eq!(exit.signal, Some(libc::SIGKILL), "{name}: {exit:?}");
+                    assert!(exit.oom_killed, "{name}: {exit:?}");
+                    assert!(exit.cause.contains("out of memory"), "{name}: {exit:?}");
+                    assert_eq!(
+                        logged("out of memory: killed by the kernel's OOM killer") - oom_lines,
+                        1,
+                        "{name}: the VMM logs the OOM kill by name"
+                    );
+                    let limit = v.memory.unwrap_or(0);
+                    assert!(
+                        exit.max_memory <= limit && exit.max_memory + (4 << 20) >= limit,
+                        "{name}: the group peaked at {} of {limit}",
+                        exit.max_memory
+                    );
+                }
+                Verdict::Survives => {
+                    assert!(
+                        !exit.oom_killed && exit.signal != Some(libc::SIGSYS),
+                        "{exit:?}"
+                    )
+                }
+                _ => {}
+            }
             assert_eq!(
                 logged(" ended (") - ended,
                 1,
@@ -458,11 +559,13 @@ fn scenario_body(name: &'static str, verdict: Verdict, jailed: bool) {
                 exit.code.is_some() || exit.signal.is_some(),
                 "{name}: {exit:?}"
             );
-            // Lost to its own misbehaviour, not killed by its seccomp policy.
-            assert!(
-                exit.signal != Some(libc::SIGSYS) && exit.syscall.is_none(),
-                "{name}: {exit:?}"
-            );
+            if verdict == Verdict::Lost {
+                // Lost to its own misbehaviour, not killed by its seccomp policy.
+                assert!(
+                    exit.signal != Some(libc::SIGSYS) && exit.syscall.is_none(),
+                    "{name}: {exit:?}"
+                );
+            }
             v.clean(&format!("{name}: after the device was stopped"));
             v.guest_zeros(0, 4 * P, "blob 1 gone with the device");
             v.guest_zeros(16 * P, 4 * P, "blob 2 gone with the device");
@@ -685,4 +788,98 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
         assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
         assert_eq!(VMM_PANICS.load(Ordering::SeqCst), 0);
     });
+}
+
+// Attacker code on the fds the VMM gave the device (issue 14), from the real jail under the
+// real policy: every operation the policy allows on the window memfd, guest RAM and the
+// eventfds must fail or be harmless (Survives: the VMM's window and guest keep working, also
+// after the device is stopped and restarted); what the policy forbids kills the device by
+// SIGSYS, named by the VMM.
+jailed_scenarios! {
+    jailed_fd_attacks_on_the_window_guest_ram_and_eventfds: "fd-shared" => Verdict::Survives;
+    jailed_write_seal_on_the_window_is_killed: "fd-write-seal-window" => Verdict::KilledBySeccomp("fcntl");
+    jailed_fallocate_allocating_is_killed: "fd-fallocate-allocate" => Verdict::KilledBySeccomp("fallocate");
+    jailed_memfd_hugetlb_is_killed: "memfd-hugetlb" => Verdict::KilledBySeccomp("memfd_create");
+    jailed_read_only_placement: "read-only" => Verdict::Refused("only READ|WRITE");
+}
+
+/// A copy of our policy folder where `fcntl` and `fallocate` are allowed with any
+/// arguments: what the VMM's own defences must hold against if the policy were looser.
+fn loose_policy() -> PathBuf {
+    let ours = hostmem_vmm::policy::default_dir();
+    let dir = std::env::temp_dir().join(format!("hostmem-loose-policy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["common_device.policy", "gpu_device_shm.policy"] {
+        let text = std::fs::read_to_string(ours.join(f)).unwrap();
+        let loose: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("fcntl:") {
+                    "fcntl: 1".to_string()
+                } else if l.starts_with("fallocate:") {
+                    "fallocate: 1".to_string()
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        std::fs::write(dir.join(f), loose).unwrap();
+    }
+    dir.join("gpu_device_shm.policy")
+}
+
+/// Every seal of every kind and every fallocate mode on the window and guest RAM, allowed by
+/// a loose policy: the seals fail (the VMM sealed both with F_SEAL_SEAL before the device got
+/// them), so the VMM can still map its window read/write, e.g. to restore it after the
+/// device is stopped. (Mutation-checked: without F_SEAL_SEAL the device's
+/// F_SEAL_FUTURE_WRITE succeeds and the test fails.)
+#[test]
+fn jailed_any_seal_on_the_window_under_a_loose_policy() {
+    scenario_jailed_with(
+        "fd-any-seal",
+        Verdict::Survives,
+        Some(loose_policy()),
+        Some(DEFAULT_DEVICE_MEMORY),
+    );
+}
+
+/// A blob sealed against writes, for a read/write placement: refused before the VMM's
+/// MAP_FIXED (which would fail), as an invalid parameter.
+#[test]
+fn jailed_write_sealed_blob_under_a_loose_policy() {
+    scenario_jailed_with(
+        "write-sealed-blob",
+        Verdict::Refused("sealed against writes"),
+        Some(loose_policy()),
+        Some(DEFAULT_DEVICE_MEMORY),
+    );
+}
+
+/// A device that allocates heap without end is stopped by the kernel at its memory limit
+/// (its cgroup), reported by the VMM as out of memory, and restarted; the VMM and the guest
+/// are undisturbed.
+#[test]
+fn jailed_device_allocating_without_end_is_oom_killed() {
+    if !memory_cgroup_works() {
+        return;
+    }
+    scenario_jailed_with("oom", Verdict::OomKilled, None, Some(64 << 20));
+}
+
+/// The same with memfd pages (what blobs are made of): shmem is charged to the device too.
+#[test]
+fn jailed_device_hoarding_memfds_is_oom_killed() {
+    if !memory_cgroup_works() {
+        return;
+    }
+    scenario_jailed_with("oom-memfd", Verdict::OomKilled, None, Some(64 << 20));
+}
+
+fn memory_cgroup_works() -> bool {
+    let ok = std::path::Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists();
+    if !ok {
+        println!("skipped: no cgroup v1 memory controller here (the device gets rlimits)");
+    }
+    ok
 }

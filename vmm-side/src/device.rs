@@ -14,9 +14,24 @@
 //! device is asked to exit (the transport tube is shut down: EOF), killed if needed, its exit is reported (signal; for SIGSYS the syscall), the
 //! whole window goes back to background and every blob memslot is deleted, so the guest keeps
 //! running and reads zeros where blobs were.
+//!
+//! **The device's memory is bounded** ([`DeviceConfig::memory_limit`], default
+//! [`DEFAULT_DEVICE_MEMORY`], `hostmem run --device-memory`). Preferred: a cgroup v1
+//! `memory` controller group of its own, made below the VMM's own memory cgroup before the
+//! spawn and joined by the launcher before the device runs its first instruction
+//! (`memory.limit_in_bytes`, and `memory.memsw.limit_in_bytes` where swap accounting exists).
+//! Everything the device faults in is charged there: heap, the blobs' memfd pages, pages of
+//! the window or guest RAM it touches first. At the limit the kernel's OOM killer kills the
+//! device (it is the group's only task) and nothing else; the VMM sees a SIGKILL, reads
+//! `oom_kill` in the group's `memory.oom_control`, and reports the device's end as out of
+//! memory (log line and [`DeviceExit::oom_killed`]); the run restarts it by its policy.
+//! Without a usable memory cgroup it falls back to rlimits: `RLIMIT_DATA` (heap and private
+//! mappings) and `RLIMIT_FSIZE` (each memfd's size) at the limit. That bounds less (many
+//! memfds, each below the limit, are not bounded together) and a breach is an allocation
+//! failure, not a clean OOM kill; [`MemoryLimitFacts::how`] says which one is in force.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -50,6 +65,154 @@ pub(crate) fn device_nofile() -> u64 {
 }
 /// How long the device has to say hello and get ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The device's memory limit unless configured: 1 GiB.
+pub const DEFAULT_DEVICE_MEMORY: u64 = 1 << 30;
+/// Where cgroup v1's `memory` controller is mounted on these hosts.
+const MEMORY_CGROUP_ROOT: &str = "/sys/fs/cgroup/memory";
+
+/// How the device's memory is bounded (reported by `hostmem run`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct MemoryLimitFacts {
+    /// The limit in bytes (0: none).
+    pub bytes: u64,
+    /// `cgroup-v1` (the `memory` controller: the kernel OOM-kills the device at the limit),
+    /// `rlimit` (RLIMIT_DATA + RLIMIT_FSIZE, when no memory cgroup could be made) or `none`.
+    pub how: String,
+    /// The device's cgroup, with `cgroup-v1`.
+    pub cgroup: Option<PathBuf>,
+    /// Why the cgroup could not be used, with `rlimit`.
+    pub fallback_reason: Option<String>,
+}
+
+/// The per-device memory cgroup (v1), removed when dropped. Shared with the vhost-user
+/// launch (`crate::vhost_user::start_backend`).
+#[derive(Debug)]
+pub(crate) struct DeviceCgroup {
+    dir: PathBuf,
+}
+
+impl DeviceCgroup {
+    /// Makes `<our memory cgroup>/hostmem-device-<our pid>-<n>` with `limit` bytes.
+    fn create(limit: u64) -> Result<DeviceCgroup, String> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let ours = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| format!("/proc/self/cgroup: {e}"))?
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+                ctrl.split(',')
+                    .any(|c| c == "memory")
+                    .then(|| path.to_string())
+            })
+            .ok_or("no cgroup v1 memory controller in /proc/self/cgroup")?;
+        let parent = Path::new(MEMORY_CGROUP_ROOT).join(ours.trim_start_matches('/'));
+        if !parent.join("memory.limit_in_bytes").exists() {
+            return Err(format!("{} has no memory.limit_in_bytes", parent.display()));
+        }
+        let dir = parent.join(format!(
+            "hostmem-device-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        let cg = DeviceCgroup { dir };
+        cg.write("memory.limit_in_bytes", limit)?;
+        // With swap accounting, swap counts too (else the device would swap instead of
+        // being stopped). Absent without swap accounting: fine.
+        if cg.dir.join("memory.memsw.limit_in_bytes").exists() {
+            cg.write("memory.memsw.limit_in_bytes", limit)?;
+        }
+        Ok(cg)
+    }
+
+    /// The group's directory (what the launcher's child joins).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn write(&self, file: &str, v: u64) -> Result<(), String> {
+        std::fs::write(self.dir.join(file), v.to_string())
+            .map_err(|e| format!("{}/{file} = {v}: {e}", self.dir.display()))
+    }
+
+    /// Times the kernel's OOM killer killed a task of this group (`memory.oom_control`).
+    fn oom_kills(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.oom_control"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Most memory the group ever held.
+    fn max_usage(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for DeviceCgroup {
+    fn drop(&mut self) {
+        // The device has been reaped; the kernel may still be tearing it down for a moment.
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        log::warn!("device cgroup {} not removed", self.dir.display());
+    }
+}
+
+/// Bounds the memory of the device about to start: its cgroup, or the rlimits to set.
+pub(crate) fn memory_limit(
+    limit: Option<u64>,
+    rlimits: &mut launch::Rlimits,
+) -> (MemoryLimitFacts, Option<DeviceCgroup>) {
+    let Some(bytes) = limit.filter(|b| *b > 0) else {
+        return (
+            MemoryLimitFacts {
+                how: "none".into(),
+                ..MemoryLimitFacts::default()
+            },
+            None,
+        );
+    };
+    match DeviceCgroup::create(bytes) {
+        Ok(cg) => (
+            MemoryLimitFacts {
+                bytes,
+                how: "cgroup-v1".into(),
+                cgroup: Some(cg.dir.clone()),
+                fallback_reason: None,
+            },
+            Some(cg),
+        ),
+        Err(why) => {
+            log::warn!(
+                "device memory limit: no memory cgroup ({why}); using RLIMIT_DATA and RLIMIT_FSIZE"
+            );
+            rlimits.data = Some(bytes);
+            rlimits.fsize = bytes;
+            (
+                MemoryLimitFacts {
+                    bytes,
+                    how: "rlimit".into(),
+                    cgroup: None,
+                    fallback_reason: Some(why),
+                },
+                None,
+            )
+        }
+    }
+}
 
 /// How to start the device.
 #[derive(Debug, Clone)]
@@ -78,6 +241,8 @@ pub struct DeviceConfig {
     /// virgl: start virglrenderer's render server first and hand the device a socket to it
     /// (venus runs there; Debian's 1.3.0 has venus nowhere else).
     pub render_server: Option<RenderServerConfig>,
+    /// The device's memory limit in bytes (`None` or 0: unlimited); see the module doc.
+    pub memory_limit: Option<u64>,
 }
 
 /// virglrenderer's render server (`virgl_render_server --socket-fd N`), started by the VMM
@@ -145,6 +310,8 @@ pub struct DeviceFacts {
     pub start_ms: f64,
     /// Capsets the device's backend offers (from `Ready`; `virtio_gpu_config.num_capsets`).
     pub num_capsets: u32,
+    /// How its memory is bounded.
+    pub memory_limit: MemoryLimitFacts,
 }
 
 /// How a device instance ended.
@@ -163,7 +330,11 @@ pub struct DeviceExit {
     /// Seccomp violations the kernel logged for this device (log mode: the syscalls the
     /// policy is missing, by name).
     pub seccomp_violations: Vec<String>,
-    /// Why the VMM noticed.
+    /// The kernel's OOM killer killed it at its memory limit (cgroup).
+    pub oom_killed: bool,
+    /// Most memory its cgroup ever held, in bytes (0 without a cgroup).
+    pub max_memory: u64,
+    /// Why the VMM noticed (and, for an OOM kill, that it ran out of memory).
     pub cause: String,
 }
 
@@ -178,6 +349,8 @@ pub struct Device {
     service: Option<JoinHandle<ServeEnd>>,
     hostmem: Arc<Hostmem>,
     facts: DeviceFacts,
+    /// Its memory cgroup (removed after it is reaped).
+    cgroup: Option<DeviceCgroup>,
 }
 
 impl std::fmt::Debug for Device {
@@ -227,6 +400,13 @@ impl Device {
         if let Some(f) = &cfg.log_filter {
             env.push(("RUST_LOG".into(), f.into()));
         }
+        // The shm backend holds one memfd per blob: allow as many fds as the VMM allows
+        // live placements (plus headroom for unmapped blobs), not the default 1024.
+        let mut rlimits = launch::Rlimits {
+            nofile: device_nofile(),
+            ..launch::Rlimits::default()
+        };
+        let (memory, cgroup) = memory_limit(cfg.memory_limit, &mut rlimits);
         let jail = JailConfig {
             program: cfg.program.clone(),
             args: args.into_iter().map(Into::into).collect(),
@@ -236,12 +416,12 @@ impl Device {
             ro_binds: cfg.ro_binds.clone(),
             seccomp,
             seccomp_log: cfg.seccomp_log,
-            // The shm backend holds one memfd per blob: allow as many fds as the VMM allows
-            // live placements (plus headroom for unmapped blobs), not the default 1024.
-            rlimits: launch::Rlimits {
-                nofile: device_nofile(),
-                ..launch::Rlimits::default()
-            },
+            // The filter is on before the device's first instruction (loader and runtime
+            // start-up included); the device then installs only its SIGSYS reporter.
+            seccomp_at_exec: true,
+            sigsys_reporter: true,
+            rlimits,
+            cgroup: cgroup.as_ref().map(|c| c.dir.clone()),
             ..JailConfig::default()
         };
         let mut child = launch::spawn(jail).context("spawning the device")?;
@@ -279,6 +459,7 @@ impl Device {
                 open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
                 start_ms: t0.elapsed().as_secs_f64() * 1e3,
                 num_capsets,
+                memory_limit: memory.clone(),
             })
         };
         let facts = match connect() {
@@ -291,13 +472,15 @@ impl Device {
             }
         };
         log::info!(
-            "device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, no_new_privs {}, CapEff {}, {} fds)",
+            "device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, no_new_privs {}, CapEff {}, {} fds, memory limit {} MiB by {})",
             facts.start_ms,
             if facts.jailed { "" } else { "NOT " },
             facts.seccomp,
             facts.no_new_privs,
             facts.cap_eff,
-            facts.open_fds
+            facts.open_fds,
+            facts.memory_limit.bytes >> 20,
+            facts.memory_limit.how
         );
         // Events come back to back while the guest maps: poll before sleeping.
         mapping.set_recv_spin(hostmem_ipc::REPLY_SPIN);
@@ -316,6 +499,7 @@ impl Device {
             service: Some(service),
             hostmem,
             facts,
+            cgroup,
         })
     }
 
@@ -447,6 +631,7 @@ impl Device {
         if let Err(e) = self.hostmem.audit() {
             log::error!("after the device ended the window is not what the VMM thinks: {e:#}");
         }
+        let (oom_killed, max_memory) = memory_end(info.as_ref(), self.cgroup.as_ref());
         let mut exit = DeviceExit {
             pid: self.facts.pid,
             code: None,
@@ -454,8 +639,11 @@ impl Device {
             syscall: None,
             restored,
             seccomp_violations: vec![],
+            oom_killed,
+            max_memory,
             cause: cause.to_string(),
         };
+        note_oom(&mut exit, &self.facts.memory_limit);
         let mut names: Vec<String> = self
             .child
             .seccomp_log()
@@ -483,14 +671,56 @@ impl Device {
         let clean = !ended_before && exit.code == Some(0) && exit.seccomp_violations.is_empty();
         log::log!(
             normal.filter(|_| clean).unwrap_or(log::Level::Warn),
-            "device pid {} ended ({cause}): {}; {} placements restored to background",
+            "device pid {} ended ({}): {}; {} placements restored to background",
             exit.pid,
+            exit.cause,
             info.map(|i| describe(&i, &self.child))
                 .unwrap_or_else(|| "unknown status".into()),
             restored
         );
         exit
     }
+}
+
+/// How a device that ended stands with respect to its memory limit: whether the kernel's
+/// OOM killer killed it (a SIGKILL its cgroup counted as an OOM kill: the group holds the
+/// device alone) and the most memory the group ever held (0 without a cgroup). For both the
+/// native and the vhost-user device.
+pub(crate) fn memory_end(info: Option<&ExitInfo>, cgroup: Option<&DeviceCgroup>) -> (bool, u64) {
+    let killed = matches!(
+        info,
+        Some(ExitInfo::Signaled {
+            signal: libc::SIGKILL,
+            ..
+        })
+    );
+    (
+        killed && cgroup.is_some_and(|c| c.oom_kills() > 0),
+        cgroup.map_or(0, DeviceCgroup::max_usage),
+    )
+}
+
+/// For an OOM-killed device ([`DeviceExit::oom_killed`]): says so in the cause and logs it
+/// at error, by name, with the limit.
+pub(crate) fn note_oom(exit: &mut DeviceExit, limit: &MemoryLimitFacts) {
+    if !exit.oom_killed {
+        return;
+    }
+    exit.cause = format!(
+        "{}; out of memory: the kernel's OOM killer killed it at its memory limit ({} MiB, cgroup {})",
+        exit.cause,
+        limit.bytes >> 20,
+        limit
+            .cgroup
+            .as_ref()
+            .map(|c| c.display().to_string())
+            .unwrap_or_default()
+    );
+    log::error!(
+        "device pid {}: out of memory: killed by the kernel's OOM killer at its memory limit of {} MiB",
+        exit.pid,
+        limit.bytes >> 20
+    );
 }
 
 /// Starts `rs` with `socket` at [`SERVER_SOCKET_FD`], jailed like the device when the

@@ -249,6 +249,10 @@ impl GuestVm {
             )));
         }
         let ram_fd = SharedMemory::new("hostmem-guest-ram", RAM_SIZE as u64).map_err(setup)?;
+        // The device maps guest RAM too: it must never shrink it under KVM's mapping (a guest
+        // access would fail KVM_RUN, a VMM access raise SIGBUS) nor add a seal the VMM did
+        // not put there (issue 14).
+        ram_fd.seal_for_sharing().map_err(setup)?;
         let ram = Arc::new(
             MemoryMapping::from_fd(
                 std::os::fd::AsFd::as_fd(&ram_fd),

@@ -23,7 +23,9 @@
 //!   (they read as zeros again) — what a compromised renderer could do to the blobs it
 //!   renders anyway.
 //! * **It cannot** map outside the window or past its end (checked arithmetic), over a live
-//!   placement, with `PROT_EXEC`, a file that can shrink (a guest access would fault), a
+//!   placement, read-only or with `PROT_EXEC` (a guest write to a read-only placement would
+//!   fail KVM_RUN with EFAULT), a write-sealed file (the VMM's read/write mapping would
+//!   fail), a file that can shrink (a guest access would fault), a
 //!   socket, pipe, directory or device node, one resource id twice at once, more than
 //!   [`Limits::max_live`] placements or past the VMA headroom (invariant 7); it cannot unmap
 //!   what it did not place or part of a placement, and it cannot leave a hole: every range
@@ -418,6 +420,8 @@ impl Hostmem {
                 self.window
                     .place(ev.offset, ev.len, fd.as_fd(), ev.fd_offset, prot)
                     .map_err(|e| match e {
+                        // A failed MAP_FIXED has had the background put back (no hole): the
+                        // guest reads zeros there, as if nothing had been placed.
                         hostmem_base::Error::VmaHeadroom { .. } => Refusal::oom(e.to_string()),
                         hostmem_base::Error::MapFixed { .. } => Refusal::oom(e.to_string()),
                         _ => Refusal::invalid(e.to_string()),
@@ -572,6 +576,16 @@ fn check_map_in(
         }
     }
     let prot = Prot::from_bits(ev.prot).map_err(|e| Refusal::invalid(e.to_string()))?;
+    // The guest may write anywhere in the window (it is one read/write memslot): a guest
+    // write to a read-only host mapping makes KVM_RUN fail with EFAULT. So only read/write
+    // placements are accepted, in either mode (no memslot is ever KVM_MEM_READONLY).
+    if prot != Prot::READ_WRITE {
+        return Err(Refusal::invalid(format!(
+            "protection {:#x}: only READ|WRITE placements (a guest write to a read-only \
+             one would fail KVM_RUN with EFAULT)",
+            ev.prot
+        )));
+    }
     if !facts.is_regular() {
         return Err(Refusal::invalid(format!(
             "fd is not a regular mappable file (mode {:#o})",
@@ -593,6 +607,14 @@ fn check_map_in(
         return Err(Refusal::invalid(
             "fd is not sealed against shrinking (F_SEAL_SHRINK)",
         ));
+    }
+    // A write-sealed file cannot be mapped read/write shared (EPERM): refuse it here, as
+    // an invalid parameter, rather than as a failed MAP_FIXED.
+    if facts.write_sealed() {
+        return Err(Refusal::invalid(format!(
+            "fd is sealed against writes (seals {:#x})",
+            facts.seals.unwrap_or(0)
+        )));
     }
     if st.live.len() >= limits.max_live {
         return Err(Refusal::oom(format!(

@@ -62,6 +62,10 @@ struct VhostUserArgs {
     /// Stop after this many device starts (default: restart forever).
     #[arg(long)]
     max_starts: Option<usize>,
+    /// The device's memory limit (cgroup v1 memory controller; RLIMIT_DATA/FSIZE where no
+    /// memory cgroup can be made); 0 = unlimited.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    device_memory: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,6 +115,10 @@ struct RunArgs {
     /// Folder of the seccomp policies (default: the checkout's jail-policies/x86_64).
     #[arg(long)]
     policy_dir: Option<PathBuf>,
+    /// The device's memory limit (cgroup v1 memory controller; RLIMIT_DATA/FSIZE where no
+    /// memory cgroup can be made); 0 = unlimited.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    device_memory: u64,
     /// Fault injection: SIGKILL the device once this many blobs are mapped.
     #[arg(long, hide = true)]
     kill_after: Option<u32>,
@@ -205,7 +213,8 @@ fn main() -> ExitCode {
 
 fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
     use hostmem_vmm::vhost_user::{supervise, vhost_user_device, SuperviseOptions};
-    let device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
+    let mut device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
+    device.memory_limit = Some(a.device_memory);
     let opts = SuperviseOptions {
         socket: a.socket.clone(),
         shmem_size: a.shmem_size,
@@ -216,13 +225,15 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
         if n == 1 {
             // The one line a script waits for.
             println!(
-                "hostmem vhost-user: ready on {} (device pid {}, jailed {}, seccomp {}, {} capsets, region 1 of {} bytes)",
+                "hostmem vhost-user: ready on {} (device pid {}, jailed {}, seccomp {}, {} capsets, region 1 of {} bytes, memory limit {} MiB by {})",
                 opts.socket.display(),
                 facts.pid,
                 facts.jailed,
                 facts.seccomp,
                 facts.num_capsets,
-                opts.shmem_size
+                opts.shmem_size,
+                facts.memory_limit.bytes >> 20,
+                facts.memory_limit.how
             );
         } else {
             log::warn!("vhost-user device restarted (start {n}, pid {})", facts.pid);
@@ -234,6 +245,7 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
 fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     let mut device = run::default_device(&a.backend, a.policy_dir)?;
     device.seccomp_log = a.seccomp_log;
+    device.memory_limit = Some(a.device_memory);
     if a.no_jail {
         device.jailed = false;
         device.policy = None;
@@ -316,6 +328,16 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         println!(
             "  device pid {}: jailed {}, seccomp {}, no_new_privs {}, CapEff {}, {} fds",
             d.pid, d.jailed, d.seccomp, d.no_new_privs, d.cap_eff, d.open_fds
+        );
+        let m = &r.device_memory_limit;
+        println!(
+            "  device memory limit: {} MiB by {}{}",
+            m.bytes >> 20,
+            m.how,
+            m.fallback_reason
+                .as_ref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default()
         );
         for x in &r.device_exits {
             println!("  device exit: {x:?}");

@@ -4,13 +4,16 @@
 //! [`bind_socket`] creates the listening UNIX socket (a stale socket file at the path is
 //! removed first; anything else there is an error). [`start_backend`] starts the device in
 //! the same jail as the native transport (namespaces, empty root, no capabilities,
-//! seccomp under `gpu_device_vhost_user.policy`) with a duplicate of the listening socket at
+//! seccomp under `gpu_device_vhost_user.policy` installed by the launcher right before the
+//! exec, with the device's SIGSYS reporter, and the device's own memory cgroup at
+//! [`DeviceConfig::memory_limit`]: all as `Device::start` does) with a duplicate of the listening socket at
 //! fd 3 (`--vhost-user --socket-fd 3`: the device never opens a path) and a control tube
 //! at fd 4: the device says Hello, the supervisor checks its jail from `/proc`
 //! ([`launch::verify_jailed`], `Seccomp: 2`, `NoNewPrivs: 1`, `CapEff: 0`) and only then
 //! sends the go (a second Hello; the region's size went in `--shmem-size`, and the frontend
 //! owns the region), the device answers `Ready` and accepts frontends. [`supervise`] restarts a
-//! device that ended (a crash, a seccomp kill), with a short back-off; the listening
+//! device that ended (a crash, a seccomp kill, an OOM kill at its memory limit, said by
+//! name), with a short back-off; the listening
 //! socket stays, so a frontend reconnects to the new device at the same path.
 //!
 //! What the device does with a connection: `hostmem_device::vhost_user`.
@@ -27,7 +30,7 @@ use hostmem_ipc::protocol::{handshake, DeviceMsg, Hello, Role, VmmMsg};
 use hostmem_ipc::Tube;
 use hostmem_jail::launch::{self, ExitInfo, JailConfig, JailedChild};
 
-use crate::device::{DeviceConfig, DeviceFacts};
+use crate::device::{memory_end, memory_limit, DeviceCgroup, DeviceConfig, DeviceFacts};
 
 /// Fd number of the listening socket in the device (`--socket-fd`).
 pub const SOCKET_FD: i32 = 3;
@@ -62,6 +65,8 @@ pub struct BackendDevice {
     /// Kept open: its EOF would tell the device nothing, but closing it early is no use.
     _control: Tube,
     facts: DeviceFacts,
+    /// Its memory cgroup (removed after it is reaped, when this is dropped).
+    cgroup: Option<DeviceCgroup>,
 }
 
 impl std::fmt::Debug for BackendDevice {
@@ -94,12 +99,21 @@ impl BackendDevice {
         crate::device::describe(info, &self.child)
     }
 
+    /// True if the kernel's OOM killer killed the device at its memory limit (its cgroup
+    /// counted a kill and `info` is a SIGKILL).
+    pub fn oom_killed(&self, info: &ExitInfo) -> bool {
+        memory_end(Some(info), self.cgroup.as_ref()).0
+    }
+
     /// Kills the device (a no-op on one that already ended), waits for it and says how it
-    /// ended: the exit, in words, the refused syscall for SIGSYS, and the seccomp
-    /// violations logged (log mode). For `hostmem run --transport vhost-user`.
+    /// ended: the exit, in words, the refused syscall for SIGSYS, the seccomp violations
+    /// logged (log mode) and whether its memory cgroup's OOM killer ended it. For
+    /// `hostmem run --transport vhost-user`.
     pub fn end(mut self) -> BackendEnd {
         self.child.kill(libc::SIGKILL);
         let info = self.child.wait().ok();
+        // Only the cgroup's counter tells an OOM kill from our own SIGKILL.
+        let (oom_killed, max_memory) = memory_end(info.as_ref(), self.cgroup.as_ref());
         let syscall = match info {
             Some(ExitInfo::Signaled { signal, .. }) if signal == libc::SIGSYS => {
                 self.child.sigsys_report().map(|r| r.to_string())
@@ -119,6 +133,8 @@ impl BackendDevice {
             info,
             syscall,
             violations,
+            oom_killed,
+            max_memory,
         }
     }
 }
@@ -134,6 +150,10 @@ pub struct BackendEnd {
     pub syscall: Option<String>,
     /// Seccomp violations logged.
     pub violations: Vec<String>,
+    /// The kernel's OOM killer killed it at its memory limit (its cgroup counted a kill).
+    pub oom_killed: bool,
+    /// Most memory its cgroup ever held, in bytes (0 without a cgroup).
+    pub max_memory: u64,
 }
 
 /// Starts the device on `listener` (a duplicate goes to the device), checks its jail from
@@ -168,6 +188,11 @@ pub fn start_backend(
     if let Some(f) = &cfg.log_filter {
         env.push(("RUST_LOG".into(), f.into()));
     }
+    let mut rlimits = launch::Rlimits {
+        nofile: crate::device::device_nofile(),
+        ..launch::Rlimits::default()
+    };
+    let (memory, cgroup) = memory_limit(cfg.memory_limit, &mut rlimits);
     let jail = JailConfig {
         program: cfg.program.clone(),
         args: args.into_iter().map(Into::into).collect(),
@@ -177,10 +202,13 @@ pub fn start_backend(
         ro_binds: cfg.ro_binds.clone(),
         seccomp,
         seccomp_log: cfg.seccomp_log,
-        rlimits: launch::Rlimits {
-            nofile: crate::device::device_nofile(),
-            ..launch::Rlimits::default()
-        },
+        // As `Device::start`: the filter is on before the device's first instruction (the
+        // loader and the runtime's start-up run filtered); the device installs only its
+        // SIGSYS reporter.
+        seccomp_at_exec: true,
+        sigsys_reporter: true,
+        rlimits,
+        cgroup: cgroup.as_ref().map(|c| c.dir().to_path_buf()),
         ..JailConfig::default()
     };
     let mut child = launch::spawn(jail).context("spawning the vhost-user device")?;
@@ -212,14 +240,26 @@ pub fn start_backend(
             open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
             start_ms: t0.elapsed().as_secs_f64() * 1e3,
             num_capsets,
+            memory_limit: memory.clone(),
         })
     };
     match connect() {
-        Ok(facts) => Ok(BackendDevice {
-            child,
-            _control: control,
-            facts,
-        }),
+        Ok(facts) => {
+            log::info!(
+                "vhost-user device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, memory limit {} MiB by {})",
+                facts.start_ms,
+                if facts.jailed { "" } else { "NOT " },
+                facts.seccomp,
+                facts.memory_limit.bytes >> 20,
+                facts.memory_limit.how
+            );
+            Ok(BackendDevice {
+                child,
+                _control: control,
+                facts,
+                cgroup,
+            })
+        }
         Err(e) => {
             child.kill(libc::SIGKILL);
             let why = child
@@ -263,8 +303,19 @@ pub fn supervise(
         starts += 1;
         on_ready(starts, dev.facts());
         let info = dev.wait()?;
+        let oom = if dev.oom_killed(&info) {
+            let limit = &dev.facts().memory_limit;
+            log::error!(
+                "vhost-user device pid {}: out of memory: killed by the kernel's OOM killer at its memory limit of {} MiB",
+                dev.facts().pid,
+                limit.bytes >> 20
+            );
+            "; out of memory at its limit"
+        } else {
+            ""
+        };
         log::warn!(
-            "vhost-user device pid {} {}: restarting",
+            "vhost-user device pid {} {}{oom}: restarting",
             dev.facts().pid,
             dev.describe(&info)
         );

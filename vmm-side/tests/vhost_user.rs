@@ -16,14 +16,18 @@ mod common;
 mod frontend;
 
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use frontend::{assert_ok, blob, Fe, PAGE};
 use hostmem_base::shm::SharedMemory;
 use hostmem_device::backend::shm::SHM_CAPSET_ID;
+use hostmem_device::backend::shm::{encode_stream, ShmOp};
 use hostmem_device::vhost_user::SHMEM_ID;
 use hostmem_device::wire::*;
-use hostmem_vmm::vhost_user::{supervise, vhost_user_device, SuperviseOptions};
+use hostmem_vmm::vhost_user::{
+    bind_socket, start_backend, supervise, vhost_user_device, SuperviseOptions,
+};
 use vhost::vhost_user::message::VhostUserMMap;
 
 const REGION: u64 = 64 << 20;
@@ -99,6 +103,145 @@ use std::os::unix::fs::FileExt;
 use vhost::vhost_user::message::VhostUserMMapFlags;
 use vhost::vhost_user::VhostUserFrontendReqHandler;
 
+/// A copy of our policies with the rule for `syscall` removed from `file`, and the shm
+/// device config pointing at it (the vhost-user launch takes the vhost-user policy from the
+/// same folder).
+fn policies_without(file: &str, syscall: &str) -> (PathBuf, hostmem_vmm::device::DeviceConfig) {
+    let ours = hostmem_vmm::policy::default_dir();
+    let dir = std::env::temp_dir().join(format!(
+        "hostmem-vu-policy-{}-{syscall}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "common_device.policy",
+        "gpu_device_shm.policy",
+        "gpu_device_vhost_user.policy",
+    ] {
+        let text = std::fs::read_to_string(ours.join(f)).unwrap();
+        let kept: String = text
+            .lines()
+            .filter(|l| f != file || !l.starts_with(&format!("{syscall}:")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(f != file || kept != text, "{file} has no {syscall} rule");
+        std::fs::write(dir.join(f), kept).unwrap();
+    }
+    let mut cfg = common::device_config();
+    cfg.policy = Some(dir.join("gpu_device_shm.policy"));
+    cfg.start_timeout = Duration::from_secs(5);
+    (dir, vhost_user_device(cfg))
+}
+
+/// The vhost-user device is jailed like `Device::start`'s: its filter is installed by the
+/// launcher right before the exec, so the loader and the runtime's start-up run filtered (a
+/// policy without `sigaltstack`, which Rust's start-up calls before `main`, kills it before
+/// it says hello), and its SIGSYS reporter names a call refused later (`accept4`, once it
+/// serves) without the kernel's log.
+#[test]
+fn the_vhost_user_device_is_filtered_from_its_first_instruction() {
+    let _g = common::serial();
+    if !common::jail_works() {
+        return;
+    }
+    let (dir, cfg) = policies_without("common_device.policy", "sigaltstack");
+    let path = dir.join("gpu.sock");
+    let listener = bind_socket(&path).unwrap();
+    let err = start_backend(&cfg, &listener, REGION).expect_err("dies in its start-up");
+    let chain = format!("{err:#}");
+    assert!(chain.contains("SIGSYS"), "{chain}");
+    assert!(
+        !chain.contains("seccomp:") || chain.contains("seccomp: sigaltstack"),
+        "named another call: {chain}"
+    );
+    drop(listener);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (dir, cfg) = policies_without("gpu_device_vhost_user.policy", "accept4");
+    let path = dir.join("gpu.sock");
+    let listener = bind_socket(&path).unwrap();
+    let mut dev = start_backend(&cfg, &listener, REGION).expect("starts; accept4 comes later");
+    let info = dev.wait().unwrap();
+    assert!(
+        matches!(info, hostmem_jail::launch::ExitInfo::Signaled { signal, .. } if signal == libc::SIGSYS),
+        "{info:?}"
+    );
+    let end = dev.end();
+    let syscall = end.syscall.unwrap_or_default();
+    // The handler's record has the arguments (the listening socket is fd 3); the kernel's
+    // audit record, the only other source, has none.
+    assert!(
+        syscall.starts_with("accept4 (nr 288) args 0x3,"),
+        "the reporter names it: {syscall:?}"
+    );
+    drop(listener);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The vhost-user device runs under its memory limit like `Device::start`'s: its own memory
+/// cgroup, the device alone in it; filling a blob past the limit gets it OOM-killed, which
+/// the supervisor's check names, and the group goes with the device.
+#[test]
+fn the_vhost_user_device_is_oom_killed_at_its_memory_limit() {
+    let _g = common::serial();
+    let mut cfg = vhost_user_device(common::device_config());
+    cfg.memory_limit = Some(32 << 20);
+    let dir = std::env::temp_dir().join(format!("hostmem-vu-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gpu.sock");
+    let listener = bind_socket(&path).unwrap();
+    let mut dev = start_backend(&cfg, &listener, REGION).unwrap();
+    let m = dev.facts().memory_limit.clone();
+    assert_eq!(m.bytes, 32 << 20);
+    if m.how != "cgroup-v1" {
+        println!("skipped: no memory cgroup here ({:?})", m.fallback_reason);
+        assert_eq!(m.how, "rlimit");
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", dev.facts().pid)).unwrap();
+        assert!(limits.contains(&(32u64 << 20).to_string()), "{limits}");
+        dev.end();
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let group = m.cgroup.clone().unwrap();
+    let limit = std::fs::read_to_string(group.join("memory.limit_in_bytes")).unwrap();
+    assert_eq!(limit.trim(), (32u64 << 20).to_string());
+    let procs = std::fs::read_to_string(group.join("cgroup.procs")).unwrap();
+    assert_eq!(
+        procs.trim(),
+        dev.facts().pid.to_string(),
+        "the device alone"
+    );
+    let mut fe = Fe::new(&path);
+    assert_ok(&fe.roundtrip(&Command::ctx_create(1, SHM_CAPSET_ID, b"t")));
+    let size = 64 << 20;
+    blob(&mut fe, 1, 7, size);
+    // The device writes every page of the blob's memfd: charged to its group.
+    let fill = encode_stream(&[ShmOp::Fill {
+        resource_id: 7,
+        offset: 0,
+        len: size,
+        seed: 1,
+    }]);
+    fe.post(&Command::submit_3d(1, fill));
+    let info = dev.wait().unwrap();
+    assert!(
+        matches!(info, hostmem_jail::launch::ExitInfo::Signaled { signal, .. } if signal == libc::SIGKILL),
+        "{info:?}"
+    );
+    assert!(dev.oom_killed(&info), "the group counted an OOM kill");
+    let end = dev.end();
+    assert!(end.oom_killed, "{end:?}");
+    assert!(
+        end.max_memory <= 32 << 20 && end.max_memory + (4 << 20) >= 32 << 20,
+        "peak {} bytes",
+        end.max_memory
+    );
+    assert!(!group.exists(), "the cgroup goes with the device");
+    drop(fe);
+    drop(listener);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn vu_options(blobs: u32) -> RunOptions {
     RunOptions {
         transport: Transport::VhostUser,
@@ -122,9 +265,20 @@ fn run_over_vhost_user_places_every_shmem_map_in_one_memslot() {
     if !common::kvm() {
         return;
     }
-    let r = run(&vu_options(120)).unwrap();
+    let mut o = vu_options(120);
+    // --device-memory reaches the vhost-user device as it does the native one.
+    o.device.memory_limit = Some(192 << 20);
+    let r = run(&o).unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.transport, "vhost-user");
+    assert_eq!(r.device_memory_limit.bytes, 192 << 20);
+    assert_eq!(r.device.memory_limit, r.device_memory_limit);
+    assert!(
+        ["cgroup-v1", "rlimit"].contains(&r.device_memory_limit.how.as_str()),
+        "{:?}",
+        r.device_memory_limit
+    );
+    assert_eq!(r.device_oom_kills, 0);
     assert_eq!(r.blobs_mapped, 120);
     assert_eq!(r.guest_mismatches, 0);
     assert_eq!(r.guest_holes, 0);
@@ -161,6 +315,7 @@ fn run_over_vhost_user_survives_a_device_kill() {
     let exit = &r.device_exits[0];
     assert_eq!(exit.signal, Some(libc::SIGKILL));
     assert!(exit.restored > 0, "live placements restored: {exit:?}");
+    assert!(!exit.oom_killed, "our SIGKILL is not an OOM kill: {exit:?}");
     assert_eq!(r.restarts, 1);
     assert_eq!(
         r.guest_driver.device_resets, 1,

@@ -56,6 +56,7 @@ impl EventBinder for FakeBinder {
 
 fn guest_ram() -> Vec<(GuestRegion, OwnedFd)> {
     let mem = SharedMemory::new("guest-ram", RAM_SIZE).unwrap();
+    mem.seal_for_sharing().unwrap();
     let region = GuestRegion {
         gpa: 0,
         size: RAM_SIZE,
@@ -366,6 +367,41 @@ fn full_init(gpu: &mut VirtioPciGpu) {
     set_up_queues(gpu);
     wr(gpu, 0x14, 1, 0xf);
     assert_eq!(rd(gpu, 0x14, 1), 0xf);
+}
+
+/// Guest RAM goes to every device over either link (the transport tube, vhost-user's
+/// SET_MEM_TABLE): the transport takes only memfds sealed for sharing, so no device can
+/// shrink RAM under KVM's mapping or write-seal it (issue 14).
+#[test]
+fn guest_ram_must_be_sealed_for_sharing() {
+    let layout = PciLayout::new(WINDOW_GPA, WINDOW_SIZE);
+    let region = GuestRegion {
+        gpa: 0,
+        size: RAM_SIZE,
+        fd_offset: 0,
+    };
+    let unsealed = SharedMemory::new("guest-ram", RAM_SIZE).unwrap();
+    let size_only = SharedMemory::new("guest-ram", RAM_SIZE).unwrap();
+    size_only.seal_size().unwrap();
+    for (what, mem) in [("unsealed", unsealed), ("size-sealed only", size_only)] {
+        let ram = vec![(region, mem.try_clone_fd().unwrap())];
+        let e = VirtioPciGpu::with_binder(Arc::new(FakeBinder::default()), layout, ram)
+            .expect_err(what);
+        assert!(
+            matches!(e, Error::UnsealedRam { index: 0, .. }),
+            "{what}: {e}"
+        );
+    }
+    // Not a memfd at all (no seals).
+    let file = std::fs::File::open("/proc/self/exe").unwrap();
+    let e = VirtioPciGpu::with_binder(
+        Arc::new(FakeBinder::default()),
+        layout,
+        vec![(region, OwnedFd::from(file))],
+    )
+    .expect_err("a plain file");
+    assert!(matches!(e, Error::UnsealedRam { seals: None, .. }), "{e}");
+    VirtioPciGpu::with_binder(Arc::new(FakeBinder::default()), layout, guest_ram()).unwrap();
 }
 
 #[test]

@@ -34,6 +34,8 @@ use hostmem_ipc::protocol::{handshake, DeviceMsg, Outcome, RefuseCode, Role};
 use hostmem_ipc::protocol::{GuestRegion, QueueSetup, TransportMsg};
 use hostmem_ipc::protocol::{Hello, VmmMsg};
 use hostmem_ipc::{Error as TubeError, Tube};
+use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, SealFlag};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 const PAGE: u64 = 4096;
@@ -89,6 +91,49 @@ enum Scenario {
     ExitAfterPlace,
     CloseMidMessage,
     ForkHold,
+    // Attacker code on the fds the VMM gave it (issue 14): the window memfd, guest RAM, the
+    // kick/call eventfds, and blob fds of its own making.
+    /// Every operation the policy allows on the shared fds (seals, truncation, punching,
+    /// writes, mappings, eventfd writes and reads, closing dups): each must fail or be
+    /// harmless; the attack then behaves, and fails the guest's command if one of the
+    /// operations that must fail succeeded.
+    FdShared,
+    /// A write seal on the window memfd (F_SEAL_FUTURE_WRITE): the policy kills it.
+    FdWriteSealWindow,
+    /// fallocate allocating the window's pages (mode 0): the policy kills it.
+    FdFallocateAllocate,
+    /// memfd_create(MFD_HUGETLB): the policy kills it.
+    MemfdHugetlb,
+    /// Under a policy that allows every fcntl and fallocate: every seal of every kind and
+    /// every fallocate mode on the window and guest RAM; seals must fail (F_SEAL_SEAL).
+    FdAnySeal,
+    /// A blob with F_SEAL_FUTURE_WRITE for a read/write placement (needs the loose policy).
+    WriteSealedBlob,
+    /// A read-only placement (a guest write there would fault).
+    ReadOnly,
+    /// Allocate heap without end.
+    Oom,
+    /// Allocate memfd pages without end (what blobs are made of).
+    OomMemfd,
+}
+
+/// Dups of the fds the transport handed the device (guest RAM, kick and call eventfds),
+/// kept for the fd attacks.
+#[derive(Default)]
+struct Held {
+    ram: Vec<OwnedFd>,
+    kicks: Vec<OwnedFd>,
+    calls: Vec<OwnedFd>,
+}
+
+static HELD: std::sync::Mutex<Held> = std::sync::Mutex::new(Held {
+    ram: Vec::new(),
+    kicks: Vec::new(),
+    calls: Vec::new(),
+});
+
+fn held() -> std::sync::MutexGuard<'static, Held> {
+    HELD.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What the command loop must do to the response of the attacked command.
@@ -428,6 +473,85 @@ impl HostilePlacer {
                 self.send_raw(&bytes[..bytes.len() / 2], &[fd])?;
                 std::process::exit(1)
             }
+            Scenario::FdShared => {
+                fd_shared(&self.window).map_err(PlaceError::Unspec)?;
+                self.honest(req)
+            }
+            Scenario::FdWriteSealWindow => {
+                let r = fcntl(
+                    self.window.memfd().as_fd().as_raw_fd(),
+                    FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE),
+                );
+                // Only reached if the policy let the call through.
+                Err(PlaceError::Unspec(format!(
+                    "F_SEAL_FUTURE_WRITE on the window: {r:?}"
+                )))
+            }
+            Scenario::FdFallocateAllocate => {
+                let r = fallocate(
+                    self.window.memfd().as_fd().as_raw_fd(),
+                    FallocateFlags::empty(),
+                    0,
+                    size as i64,
+                );
+                Err(PlaceError::Unspec(format!("fallocate mode 0: {r:?}")))
+            }
+            Scenario::MemfdHugetlb => {
+                let r = memfd_create(
+                    c"hostile-huge",
+                    MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_HUGETLB,
+                );
+                Err(PlaceError::Unspec(format!(
+                    "memfd_create(MFD_HUGETLB): {r:?}"
+                )))
+            }
+            Scenario::FdAnySeal => {
+                fd_any_seal(&self.window).map_err(PlaceError::Unspec)?;
+                self.honest(req)
+            }
+            Scenario::WriteSealedBlob => {
+                // A copy of the blob, sealed like a good one and against future writes.
+                let m = SharedMemory::new("hostile-write-sealed", req.len)
+                    .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+                m.seal_size()
+                    .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+                fcntl(
+                    m.as_fd().as_raw_fd(),
+                    FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE),
+                )
+                .map_err(|e| PlaceError::Unspec(format!("F_SEAL_FUTURE_WRITE: {e}")))?;
+                self.bad_event(msg, m.as_fd())
+            }
+            Scenario::ReadOnly => {
+                *prot = libc::PROT_READ as u32;
+                self.bad_event(msg, fd)
+            }
+            Scenario::Oom => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    // Touched, so every page is really charged.
+                    hoard.push(vec![0x5a; 16 << 20]);
+                    if hoard.len().is_multiple_of(64) {
+                        log::warn!("hostile device: {} MiB allocated", hoard.len() * 16);
+                    }
+                }
+            }
+            Scenario::OomMemfd => {
+                let mut hoard = Vec::new();
+                loop {
+                    let m = SharedMemory::new("hostile-hoard", 16 << 20)
+                        .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+                    hostmem_base::mmap::MemoryMapping::from_fd(
+                        m.as_fd(),
+                        0,
+                        16 << 20,
+                        hostmem_base::mmap::Prot::READ_WRITE,
+                    )
+                    .and_then(|map| map.fill(0, 16 << 20, 0x5a))
+                    .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+                    hoard.push(m);
+                }
+            }
             Scenario::ForkHold => {
                 // A child inherits both tubes and outlives us; we hang. Killing us must be
                 // enough for the VMM to recover (its service thread must not wait for an EOF
@@ -446,6 +570,224 @@ impl HostilePlacer {
             }
         }
     }
+}
+
+/// Runs one fd operation of an attack; `must_fail` ones that succeed are a finding.
+fn op<T: std::fmt::Debug, E: std::fmt::Debug>(
+    findings: &mut Vec<String>,
+    what: &str,
+    must_fail: bool,
+    r: Result<T, E>,
+) {
+    log::warn!("hostile device: {what}: {r:?}");
+    if must_fail && r.is_ok() {
+        findings.push(format!("{what} succeeded"));
+    }
+}
+
+fn findings_to_result(findings: Vec<String>) -> Result<(), String> {
+    if findings.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("attack findings: {}", findings.join("; ")))
+    }
+}
+
+/// The shared memfds: the window and every guest RAM region.
+fn shared_memfds(window: &Window) -> Vec<(String, OwnedFd)> {
+    let mut v = vec![];
+    if let Ok(w) = window.memfd().try_clone_fd() {
+        v.push(("window".to_string(), w));
+    }
+    for (i, r) in held().ram.iter().enumerate() {
+        if let Ok(fd) = r.try_clone() {
+            v.push((format!("guest RAM {i}"), fd));
+        }
+    }
+    v
+}
+
+/// Everything the real shm policy allows on the shared fds (see [`Scenario::FdShared`]).
+fn fd_shared(window: &Window) -> Result<(), String> {
+    let mut f = Vec::new();
+    for (name, fd) in shared_memfds(window) {
+        let raw = fd.as_raw_fd();
+        let size = nix::sys::stat::fstat(raw).map_or(0, |s| s.st_size);
+        let shrink_grow = SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW;
+        op(
+            &mut f,
+            &format!("{name}: F_ADD_SEALS(SHRINK|GROW)"),
+            true,
+            fcntl(raw, FcntlArg::F_ADD_SEALS(shrink_grow)),
+        );
+        op(
+            &mut f,
+            &format!("{name}: ftruncate(0)"),
+            true,
+            nix::unistd::ftruncate(&fd, 0),
+        );
+        op(
+            &mut f,
+            &format!("{name}: ftruncate(size / 2)"),
+            true,
+            nix::unistd::ftruncate(&fd, size / 2),
+        );
+        op(
+            &mut f,
+            &format!("{name}: ftruncate(size + 1 page)"),
+            true,
+            nix::unistd::ftruncate(&fd, size + PAGE as i64),
+        );
+        op(
+            &mut f,
+            &format!("{name}: F_GET_SEALS"),
+            false,
+            fcntl(raw, FcntlArg::F_GET_SEALS),
+        );
+        op(
+            &mut f,
+            &format!("{name}: F_DUPFD_CLOEXEC"),
+            false,
+            fcntl(raw, FcntlArg::F_DUPFD_CLOEXEC(0)).map(|d| {
+                let _ = nix::unistd::close(d);
+            }),
+        );
+        if name == "window" {
+            // Zeroes background (under a live placement: not visible); never a fault.
+            op(
+                &mut f,
+                "window: fallocate(PUNCH_HOLE|KEEP_SIZE, whole)",
+                false,
+                fallocate(
+                    raw,
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    0,
+                    size,
+                ),
+            );
+            // write(2) at offset 0 (under blob 1 in the VMM's window: not visible).
+            op(
+                &mut f,
+                "window: write 8 bytes at 0",
+                false,
+                nix::unistd::write(&fd, b"hostile!"),
+            );
+        }
+        // Mappings of our own: shared read/write and read-only, touched (read only: guest RAM
+        // holds the rings, which the device may write anyway).
+        for prot in [
+            hostmem_base::mmap::Prot::READ_WRITE,
+            hostmem_base::mmap::Prot::READ,
+        ] {
+            let m = hostmem_base::mmap::MemoryMapping::from_fd(fd.as_fd(), 0, PAGE as usize, prot);
+            let read = m.and_then(|m| {
+                let mut b = [0u8; 8];
+                m.read_slice(0, &mut b).map(|()| b)
+            });
+            op(
+                &mut f,
+                &format!("{name}: mmap {prot:?} + read"),
+                false,
+                read,
+            );
+        }
+    }
+    let h = held();
+    for (i, k) in h.kicks.iter().enumerate() {
+        // A spurious kick: the device wakes itself.
+        op(
+            &mut f,
+            &format!("kick {i}: write 1"),
+            false,
+            nix::unistd::write(k, &1u64.to_ne_bytes()),
+        );
+    }
+    for (i, c) in h.calls.iter().enumerate() {
+        // A spurious interrupt, then stealing it: the driver polls its used ring anyway.
+        op(
+            &mut f,
+            &format!("call {i}: write 1"),
+            false,
+            nix::unistd::write(c, &1u64.to_ne_bytes()),
+        );
+        let mut b = [0u8; 8];
+        op(
+            &mut f,
+            &format!("call {i}: read"),
+            false,
+            nix::unistd::read(c.as_raw_fd(), &mut b),
+        );
+    }
+    drop(h);
+    // Closing our dups of everything (the originals the device core holds stay open).
+    let mut h = held();
+    op(
+        &mut f,
+        "close the dups",
+        false,
+        Ok::<usize, ()>(h.kicks.len() + h.calls.len()),
+    );
+    h.kicks.clear();
+    h.calls.clear();
+    findings_to_result(f)
+}
+
+/// Under a policy allowing every fcntl and fallocate ([`Scenario::FdAnySeal`]).
+fn fd_any_seal(window: &Window) -> Result<(), String> {
+    let mut f = Vec::new();
+    for (name, fd) in shared_memfds(window) {
+        let raw = fd.as_raw_fd();
+        for seal in [
+            SealFlag::F_SEAL_WRITE,
+            SealFlag::F_SEAL_FUTURE_WRITE,
+            SealFlag::F_SEAL_SEAL,
+            SealFlag::F_SEAL_SHRINK,
+            SealFlag::F_SEAL_GROW,
+            SealFlag::from_bits_retain(0x20), // F_SEAL_EXEC
+        ] {
+            op(
+                &mut f,
+                &format!("{name}: F_ADD_SEALS({seal:?})"),
+                true,
+                fcntl(raw, FcntlArg::F_ADD_SEALS(seal)),
+            );
+        }
+        if name == "window" {
+            let size = nix::sys::stat::fstat(raw).map_or(0, |s| s.st_size);
+            // Every mode: on shmem only allocation (inside the size: the window is
+            // GROW-sealed) and punching work; none can resize or fault the window.
+            for (mode, what) in [
+                (FallocateFlags::empty(), "allocate"),
+                (
+                    FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    "KEEP_SIZE past the end",
+                ),
+                (FallocateFlags::FALLOC_FL_COLLAPSE_RANGE, "COLLAPSE_RANGE"),
+                (FallocateFlags::FALLOC_FL_INSERT_RANGE, "INSERT_RANGE"),
+                (FallocateFlags::FALLOC_FL_ZERO_RANGE, "ZERO_RANGE"),
+                (FallocateFlags::FALLOC_FL_UNSHARE_RANGE, "UNSHARE_RANGE"),
+            ] {
+                let (off, len) = if what.contains("past") {
+                    (size, size)
+                } else {
+                    (0, PAGE as i64)
+                };
+                let r = fallocate(raw, mode, off, len);
+                // Growing it would be a finding; the rest is harmless either way.
+                op(
+                    &mut f,
+                    &format!("window: fallocate {what}"),
+                    what.contains("past"),
+                    r,
+                );
+            }
+            let now = nix::sys::stat::fstat(raw).map_or(0, |s| s.st_size);
+            if now != size {
+                f.push(format!("window resized {size} -> {now}"));
+            }
+        }
+    }
+    findings_to_result(f)
 }
 
 impl Placer for HostilePlacer {
@@ -522,9 +864,11 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     hostmem_device::process::init_logging();
     let args = <Args as clap::Parser>::parse();
-    // Jailed like the real device: the filter first, before any input is read.
-    if let Some(fd) = args.seccomp_fd {
-        hostmem_jail::launch::child_install_seccomp(fd)?;
+    // Jailed like the real device: the launcher installed the filter before the exec; the
+    // SIGSYS reporter first, before any input is read.
+    match args.seccomp_fd {
+        Some(fd) => hostmem_jail::launch::child_install_seccomp(fd)?,
+        None => hostmem_jail::launch::child_install_sigsys_reporter()?,
     }
     // With --once, only the first device of a test attacks; its restarted successor behaves.
     let armed = match &args.once {
@@ -698,6 +1042,22 @@ fn transport_msg(
     let Ok(msg) = serde_json::from_slice::<TransportMsg>(bytes) else {
         return Ok(handle_transport(dev, bytes, fds));
     };
+    // Dups for the fd attacks, before the core takes the originals.
+    match &msg {
+        TransportMsg::GuestMemory { .. } => {
+            held().ram = fds.iter().filter_map(|f| f.try_clone().ok()).collect();
+        }
+        TransportMsg::QueueEnable { .. } if fds.len() == 2 => {
+            let mut h = held();
+            if let Ok(k) = fds[0].try_clone() {
+                h.kicks.push(k);
+            }
+            if let Ok(c) = fds[1].try_clone() {
+                h.calls.push(c);
+            }
+        }
+        _ => {}
+    }
     let msg = match msg {
         TransportMsg::GuestMemory { seq, mut regions } => {
             // A fresh shadow ring for fresh memory.

@@ -263,8 +263,9 @@ impl QueueDriver {
     pub fn new(transport: Arc<Tube>) -> Result<QueueDriver, DriverError> {
         let ram = SharedMemory::new("hostmem-guest-ram", RAM_SIZE)
             .map_err(|e| DriverError::Memory(e.to_string()))?;
-        // The device maps it too: it must not be able to shrink it under our mapping.
-        ram.seal_size()
+        // The device maps it too: it must not be able to shrink it under our mapping, nor
+        // add a seal (F_SEAL_SEAL).
+        ram.seal_for_sharing()
             .map_err(|e| DriverError::Memory(e.to_string()))?;
         let file = File::from(
             ram.try_clone_fd()

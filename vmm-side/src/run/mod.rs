@@ -145,6 +145,10 @@ pub struct Report {
     pub virtqueue: VirtqueueReport,
     /// Facts of the (last) device.
     pub device: DeviceFacts,
+    /// How the device's memory is bounded (limit and mechanism; as in `device`).
+    pub device_memory_limit: crate::device::MemoryLimitFacts,
+    /// Device ends that were OOM kills at that limit.
+    pub device_oom_kills: u32,
     /// Device exits (crashes, kills) and what was restored.
     pub device_exits: Vec<DeviceExit>,
     /// Device restarts.
@@ -529,6 +533,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             vm_exits: guest.exits(),
         },
         virtqueue: vq,
+        device_memory_limit: facts.memory_limit.clone(),
+        device_oom_kills: exits.iter().filter(|x| x.oom_killed).count() as u32,
         device: facts,
         device_exits: exits,
         restarts,
@@ -605,5 +611,6 @@ pub fn device_config(
         log_filter: std::env::var("RUST_LOG").ok(),
         start_timeout: crate::device::START_TIMEOUT,
         render_server: None,
+        memory_limit: Some(crate::device::DEFAULT_DEVICE_MEMORY),
     }
 }

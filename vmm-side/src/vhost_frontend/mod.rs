@@ -440,6 +440,8 @@ impl VhostUserDevice {
             syscall: None,
             restored,
             seccomp_violations: vec![],
+            oom_killed: false,
+            max_memory: 0,
             cause: cause.to_string(),
         };
         let mut described = None;
@@ -451,14 +453,19 @@ impl VhostUserDevice {
             }
             exit.syscall = end.syscall;
             exit.seccomp_violations = end.violations;
+            exit.oom_killed = end.oom_killed;
+            exit.max_memory = end.max_memory;
             described = end.described;
         }
+        crate::device::note_oom(&mut exit, &self.facts.memory_limit);
         let clean = !ended_before
+            && !exit.oom_killed
             && exit.signal == Some(libc::SIGKILL)
             && exit.seccomp_violations.is_empty();
         log::log!(
             normal.filter(|_| clean).unwrap_or(log::Level::Warn),
-            "vhost-user device pid {pid} ended ({cause}): {}; {restored} placements restored to background",
+            "vhost-user device pid {pid} ended ({}): {}; {restored} placements restored to background",
+            exit.cause,
             described.unwrap_or_else(|| "unknown status".into())
         );
         exit

@@ -42,11 +42,12 @@
 //! configuration, ISR, device configuration, notify), `link.rs` the [`DeviceLink`] trait, the
 //! native [`TubeLink`] and the exchanges with the device process.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hostmem_base::kvm::{EventFd, KvmError, Vm, EFD_NONBLOCK};
+use hostmem_base::shm::{file_facts, FileFacts};
 use hostmem_ipc::protocol::GuestRegion;
 use hostmem_ipc::MAX_FDS;
 
@@ -233,6 +234,15 @@ pub enum Error {
         got: usize,
         /// The limit ([`MAX_FDS`]).
         max: usize,
+    },
+    /// A guest RAM memfd is not sealed for sharing (F_SEAL_SHRINK|GROW|SEAL): a device it
+    /// is handed to could shrink it under KVM's mapping or write-seal it.
+    #[error("guest RAM region {index}: not sealed for sharing (seals {seals:?})")]
+    UnsealedRam {
+        /// Which region.
+        index: usize,
+        /// Its seals (`None`: not a memfd).
+        seals: Option<i32>,
     },
     /// Creating an eventfd failed.
     #[error("creating the {what} eventfd of queue {queue}: {source}")]
@@ -454,6 +464,17 @@ impl VirtioPciGpu {
                 got: guest_ram.len(),
                 max: MAX_FDS,
             });
+        }
+        // Every device that attaches gets these fds, over either link (the transport tube
+        // or vhost-user's SET_MEM_TABLE): only RAM the device can neither resize nor seal.
+        for (index, (_, fd)) in guest_ram.iter().enumerate() {
+            let facts = file_facts(fd.as_fd()).ok();
+            if !facts.as_ref().is_some_and(FileFacts::sealed_for_sharing) {
+                return Err(Error::UnsealedRam {
+                    index,
+                    seals: facts.and_then(|f| f.seals),
+                });
+            }
         }
         let mut gpu = VirtioPciGpu {
             binder,

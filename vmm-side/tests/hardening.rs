@@ -1,0 +1,301 @@
+//! Issue 14, the VMM's side of it: no accepted placement makes a guest access fault (KVM_RUN
+//! EFAULT or SIGBUS in the VMM), a failed placement leaves no hole, and what the device can
+//! do to the shared memfds (window, guest RAM) cannot take the window away from the VMM.
+//!
+//! The guest checks run a real KVM vCPU (the ring-3 probe) writing to the window; without a
+//! usable `/dev/kvm` they print `skipped: <reason>`.
+
+mod common;
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Arc;
+
+use hostmem_base::kvm::Vm;
+use hostmem_base::mmap::{MemoryMapping, Prot};
+use hostmem_base::shm::SharedMemory;
+use hostmem_ipc::protocol::{Outcome, RefuseCode};
+use hostmem_vmm::hostmem::{Hostmem, Limits, MapEvent, Mode, DEFAULT_WINDOW_GPA};
+use hostmem_vmm::probe::{expected_hash, fill_pattern, GuestProbe, ProbeRead, ProbeWrite};
+use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+
+const P: u64 = 4096;
+const WINDOW: u64 = 4 << 20;
+const RW: u32 = (libc::PROT_READ | libc::PROT_WRITE) as u32;
+
+struct Guest {
+    hm: Arc<Hostmem>,
+    probe: Option<GuestProbe>,
+}
+
+/// A fixed-mode window, with a VM and the probe vCPU when KVM works.
+fn guest() -> Guest {
+    let vm = common::kvm().then(|| Arc::new(Vm::open().expect("Vm::open")));
+    let hm = Arc::new(
+        Hostmem::new(
+            WINDOW,
+            vm.clone(),
+            DEFAULT_WINDOW_GPA,
+            Mode::Fixed,
+            Limits::default(),
+        )
+        .unwrap(),
+    );
+    let probe = vm.map(|vm| GuestProbe::new(vm, DEFAULT_WINDOW_GPA, WINDOW, 4 << 20).unwrap());
+    Guest { hm, probe }
+}
+
+impl Guest {
+    /// The guest writes a pattern over `offset..+len` and reads it back; every write lands.
+    fn writes_land(&mut self, offset: u64, len: u64, seed: u64) {
+        let Some(p) = &mut self.probe else { return };
+        assert_eq!(p.fill(offset, len, seed).unwrap(), ProbeWrite::Written);
+        assert_eq!(
+            p.hash(offset, len).unwrap(),
+            ProbeRead::Value(expected_hash(&fill_pattern(len, seed)))
+        );
+    }
+
+    fn reads_zeros(&mut self, offset: u64, len: u64) {
+        let mut host = vec![1u8; len as usize];
+        self.hm.window().read(offset, &mut host).unwrap();
+        assert!(host.iter().all(|&b| b == 0), "host view at {offset:#x}");
+        let Some(p) = &mut self.probe else { return };
+        assert_eq!(
+            p.hash(offset, len).unwrap(),
+            ProbeRead::Value(expected_hash(&vec![0u8; len as usize]))
+        );
+    }
+}
+
+fn blob(len: u64) -> SharedMemory {
+    let shm = SharedMemory::new("hardening-blob", len).unwrap();
+    MemoryMapping::from_fd(shm.as_fd(), 0, len as usize, Prot::READ_WRITE)
+        .unwrap()
+        .fill(0, len as usize, 0x5a)
+        .unwrap();
+    shm.seal_size().unwrap();
+    shm
+}
+
+fn ev(resource_id: u32, offset: u64, len: u64, prot: u32) -> MapEvent {
+    MapEvent {
+        resource_id,
+        offset,
+        len,
+        fd_offset: 0,
+        prot,
+    }
+}
+
+fn refused_invalid(o: Outcome, what: &str) -> String {
+    match o {
+        Outcome::Refused {
+            code: RefuseCode::InvalidParameter,
+            reason,
+        } => reason,
+        other => panic!("{what}: {other:?}, want InvalidParameter"),
+    }
+}
+
+#[test]
+fn read_only_placements_are_refused_so_guest_writes_never_fault() {
+    let _s = common::serial();
+    let mut g = guest();
+    let b = blob(4 * P);
+    let why = refused_invalid(
+        g.hm.handle_map(
+            &ev(1, 0, 4 * P, libc::PROT_READ as u32),
+            Some(b.try_clone_fd().unwrap()),
+        ),
+        "read-only placement",
+    );
+    assert!(why.contains("READ|WRITE"), "{why}");
+    g.hm.audit().unwrap();
+    // Whatever the device claimed, the guest's write there lands (background).
+    g.writes_land(0, 4 * P, 7);
+    // A read/write placement takes guest writes, and they reach the blob.
+    assert_eq!(
+        g.hm.handle_map(&ev(2, 8 * P, 4 * P, RW), Some(b.try_clone_fd().unwrap())),
+        Outcome::Ok
+    );
+    g.writes_land(8 * P, 4 * P, 9);
+    if g.probe.is_some() {
+        let mut got = vec![0u8; 4 * P as usize];
+        MemoryMapping::from_fd(b.as_fd(), 0, 4 * P as usize, Prot::READ)
+            .unwrap()
+            .read_slice(0, &mut got)
+            .unwrap();
+        assert_eq!(got, fill_pattern(4 * P, 9));
+    }
+    g.hm.reset().unwrap();
+}
+
+/// Why the refusal above matters: a read-only mapping in the window (placed past the VMM's
+/// checks, straight into its `Window`) makes the guest's write fail KVM_RUN with EFAULT.
+#[test]
+fn a_read_only_mapping_would_fault_the_guest() {
+    let _s = common::serial();
+    let mut g = guest();
+    let Some(probe) = &mut g.probe else { return };
+    let b = blob(P);
+    g.hm.window()
+        .place(16 * P, P, b.as_fd(), 0, Prot::READ)
+        .unwrap();
+    let r = probe.write_u64(16 * P, 1);
+    assert!(
+        matches!(&r, Err(hostmem_vmm::probe::ProbeError::Vcpu(e)) if e.errno() == libc::EFAULT),
+        "a guest write to a read-only mapping: {r:?}"
+    );
+    g.hm.window().restore(16 * P, P).unwrap();
+    g.writes_land(16 * P, P, 3);
+}
+
+#[test]
+fn write_sealed_fds_are_invalid_parameters_not_failed_mmaps() {
+    let _s = common::serial();
+    let mut g = guest();
+    for (i, seal) in [SealFlag::F_SEAL_WRITE, SealFlag::F_SEAL_FUTURE_WRITE]
+        .into_iter()
+        .enumerate()
+    {
+        let b = blob(2 * P);
+        fcntl(b.as_fd().as_raw_fd(), FcntlArg::F_ADD_SEALS(seal)).unwrap();
+        let why = refused_invalid(
+            g.hm.handle_map(
+                &ev(10 + i as u32, 0, 2 * P, RW),
+                Some(b.try_clone_fd().unwrap()),
+            ),
+            "write-sealed fd",
+        );
+        assert!(why.contains("sealed against writes"), "{seal:?}: {why}");
+        g.hm.audit().unwrap();
+        g.writes_land(0, 2 * P, i as u64);
+    }
+}
+
+#[test]
+fn a_failed_placement_leaves_background_the_guest_can_write() {
+    let _s = common::serial();
+    let mut g = guest();
+    let b = blob(4 * P);
+    // The VMM's MAP_FIXED fails the way a pre-6.12 kernel's does (range unmapped first).
+    g.hm.window().inject_map_failures(1, true);
+    match g
+        .hm
+        .handle_map(&ev(1, 4 * P, 4 * P, RW), Some(b.try_clone_fd().unwrap()))
+    {
+        Outcome::Refused {
+            code: RefuseCode::OutOfMemory,
+            ..
+        } => {}
+        other => panic!("{other:?}"),
+    }
+    g.hm.audit().expect("no hole after a failed placement");
+    assert_eq!(g.hm.live(), 0);
+    g.reads_zeros(4 * P, 4 * P);
+    g.writes_land(4 * P, 4 * P, 11);
+    // A failed unmap (the restore's MAP_FIXED, twice) still restores.
+    g.hm.window().restore_all().unwrap();
+    assert_eq!(
+        g.hm.handle_map(&ev(1, 4 * P, 4 * P, RW), Some(b.try_clone_fd().unwrap())),
+        Outcome::Ok
+    );
+    g.hm.window().inject_map_failures(2, true);
+    assert_eq!(g.hm.handle_unmap(1, 4 * P, 4 * P), Outcome::Ok);
+    g.hm.audit().unwrap();
+    g.reads_zeros(4 * P, 4 * P);
+    g.writes_land(4 * P, 4 * P, 12);
+}
+
+#[test]
+fn the_window_memfd_is_sealed_before_anyone_else_holds_it() {
+    let _s = common::serial();
+    let g = guest();
+    let seals = g.hm.window().memfd().seals().unwrap();
+    let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    assert_eq!(seals & want, want, "seals {seals:#x}");
+    assert_eq!(seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE), 0);
+}
+
+/// Seccomp before the device's first instruction: the launcher installs the filter right
+/// before the exec, so the loader and the Rust runtime's start-up run filtered. A policy
+/// without `sigaltstack` (which Rust's start-up calls before `main`) kills the device before
+/// it says hello, and the VMM names the call: the kernel's audit record of the trap (there
+/// is no SIGSYS handler yet), read from /dev/kmsg.
+#[test]
+fn the_filter_is_on_before_the_devices_first_instruction() {
+    let _s = common::serial();
+    if !common::jail_works() {
+        return;
+    }
+    let ours = hostmem_vmm::policy::default_dir();
+    let dir = std::env::temp_dir().join(format!("hostmem-hardening-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["common_device.policy", "gpu_device_shm.policy"] {
+        let text = std::fs::read_to_string(ours.join(f)).unwrap();
+        let cut: String = text
+            .lines()
+            .filter(|l| !l.starts_with("sigaltstack"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.join(f), cut).unwrap();
+    }
+    let mut cfg = common::device_config();
+    cfg.policy = Some(dir.join("gpu_device_shm.policy"));
+    cfg.start_timeout = std::time::Duration::from_secs(5);
+    let hm = common::hostmem(WINDOW);
+    let kmsg = std::fs::File::open("/dev/kmsg").is_ok();
+    // The kernel log is rate-limited and shared with the whole machine: a few attempts.
+    let mut named = false;
+    for _ in 0..5 {
+        let err = hostmem_vmm::device::Device::start(&cfg, hm.clone())
+            .expect_err("the device dies in its start-up");
+        let chain = format!("{err:#}");
+        assert!(chain.contains("SIGSYS"), "{chain}");
+        hm.audit().unwrap();
+        if !kmsg || chain.contains("seccomp: sigaltstack") {
+            named = true;
+            break;
+        }
+        assert!(!chain.contains("seccomp:"), "named another call: {chain}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    if !kmsg {
+        println!("skipped: /dev/kmsg unreadable, the call is not named");
+    } else if !named {
+        println!("skipped: the kernel's audit records were rate-limited away in 5 attempts");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The device's memory limit is in force and reported: its own memory cgroup with the
+/// configured limit (or, without one, the rlimit fallback, said so).
+#[test]
+fn the_device_runs_under_its_memory_limit() {
+    let _s = common::serial();
+    let mut cfg = common::device_config();
+    cfg.memory_limit = Some(96 << 20);
+    let hm = common::hostmem(WINDOW);
+    let dev = hostmem_vmm::device::Device::start(&cfg, hm.clone()).unwrap();
+    let m = dev.facts().memory_limit.clone();
+    assert_eq!(m.bytes, 96 << 20);
+    match m.how.as_str() {
+        "cgroup-v1" => {
+            let dir = m.cgroup.clone().unwrap();
+            let limit = std::fs::read_to_string(dir.join("memory.limit_in_bytes")).unwrap();
+            assert_eq!(limit.trim(), (96u64 << 20).to_string());
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            assert_eq!(procs.trim(), dev.pid().to_string(), "the device alone");
+            let exit = dev.stop("done");
+            assert!(!exit.oom_killed);
+            assert!(!dir.exists(), "the cgroup goes with the device");
+        }
+        "rlimit" => {
+            println!("skipped: no memory cgroup here ({:?})", m.fallback_reason);
+            let limits = std::fs::read_to_string(format!("/proc/{}/limits", dev.pid())).unwrap();
+            assert!(limits.contains(&(96u64 << 20).to_string()), "{limits}");
+            dev.stop("done");
+        }
+        other => panic!("{other}"),
+    }
+}
