@@ -1,6 +1,7 @@
 //! The bench report: what is measured per case ([`CaseReport`]), the ratios and targets
 //! derived from it, the terminal table ([`render`]) and the files ([`write_out`]).
 
+use super::runner::Samples;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -524,4 +525,61 @@ pub fn write_out(r: &BenchReport, dir: &Path) -> anyhow::Result<()> {
         super::growth::plot(&r.growth, &dir.join("growth.svg"))?;
     }
     plot(r, &dir.join("bench.svg"))
+}
+
+/// Map+unmap pairs per second of timed wall time.
+fn per_s(s: &Samples) -> f64 {
+    if s.op_seconds > 0.0 {
+        s.cycles as f64 / s.op_seconds
+    } else {
+        0.0
+    }
+}
+
+/// A case's report from its levels (the first is the headline) and checks. What only the
+/// case knows — memslot changes over the whole run, peak live, the remap test, a failure —
+/// is left empty for the caller to fill in.
+pub(super) fn case_report(
+    name: &'static str,
+    mode: Mode,
+    levels: &[(usize, Samples)],
+    checks: Checks,
+) -> CaseReport {
+    let first = levels.first().map(|(_, s)| s.clone()).unwrap_or_default();
+    let timed: u64 = levels.iter().map(|(_, s)| s.cycles).sum();
+    let slot_changes: u64 = levels.iter().map(|(_, s)| s.memslot_changes).sum();
+    CaseReport {
+        name,
+        mode: mode.name(),
+        map_us: lat(&first.map_us),
+        unmap_us: lat(&first.unmap_us),
+        cycle_us: lat(&first.cycle_us),
+        cycles_per_s: per_s(&first),
+        placements_per_s: 2.0 * per_s(&first),
+        cycles: first.cycles,
+        memslot_changes: 0,
+        memslot_changes_per_cycle: if timed > 0 {
+            slot_changes as f64 / timed as f64
+        } else {
+            0.0
+        },
+        peak_live: 0,
+        guest_refault_us: lat(&first.refault_us),
+        guest_holes: checks.guest_holes,
+        stale_reads: checks.stale_reads,
+        checks,
+        remap: RemapReport::default(),
+        sweep: levels
+            .iter()
+            .map(|(live, s)| SweepPoint {
+                live: *live,
+                cycle_us: lat(&s.cycle_us),
+                map_us: lat(&s.map_us),
+                unmap_us: lat(&s.unmap_us),
+                cycles_per_s: per_s(s),
+                cycles: s.cycles,
+            })
+            .collect(),
+        failed: None,
+    }
 }

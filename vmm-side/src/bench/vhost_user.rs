@@ -18,7 +18,8 @@ use anyhow::{anyhow, Context};
 use hostmem_base::kvm::Vm;
 use hostmem_device::backend::shm::{encode_stream, ShmOp};
 
-use super::runner::{case_report, Samples};
+use super::report::case_report;
+use super::runner::Samples;
 use super::{BenchOptions, BlobSpec, CaseKind, CaseReport, Checks, Workload};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{GuestProbe, ProbeRead};
