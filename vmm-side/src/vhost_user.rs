@@ -28,9 +28,9 @@ use anyhow::{bail, Context};
 use hostmem_base::procfs;
 use hostmem_ipc::protocol::{handshake, DeviceMsg, Hello, Role, VmmMsg};
 use hostmem_ipc::Tube;
-use hostmem_jail::launch::{self, ExitInfo, JailConfig, JailedChild};
+use hostmem_jail::launch::{self, ExitInfo, JailedChild};
 
-use crate::device::{memory_end, memory_limit, DeviceCgroup, DeviceConfig, DeviceFacts};
+use crate::device::{memory_end, DeviceCgroup, DeviceConfig, DeviceFacts};
 
 /// Fd number of the listening socket in the device (`--socket-fd`).
 pub const SOCKET_FD: i32 = 3;
@@ -179,51 +179,16 @@ pub fn start_backend(
         cfg.backend.clone(),
     ]);
     args.extend(cfg.extra_args.iter().cloned());
-    let seccomp = match &cfg.policy {
-        Some(p) => Some(crate::policy::compile_device_policy(p, cfg.seccomp_log)?),
-        None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),
-        None => None,
-    };
-    let mut env = vec![];
-    if let Some(f) = &cfg.log_filter {
-        env.push(("RUST_LOG".into(), f.into()));
-    }
-    let mut rlimits = launch::Rlimits {
-        nofile: crate::device::device_nofile(),
-        ..launch::Rlimits::default()
-    };
-    let (memory, cgroup) = memory_limit(cfg.memory_limit, &mut rlimits);
-    let jail = JailConfig {
-        program: cfg.program.clone(),
-        args: args.into_iter().map(Into::into).collect(),
-        keep_fds: vec![(sock, SOCKET_FD), (control_dev.into_fd(), CONTROL_FD)],
-        env,
-        namespaces: cfg.jailed,
-        ro_binds: cfg.ro_binds.clone(),
-        seccomp,
-        seccomp_log: cfg.seccomp_log,
-        // As `Device::start`: the filter is on before the device's first instruction (the
-        // loader and the runtime's start-up run filtered); the device installs only its
-        // SIGSYS reporter.
-        seccomp_at_exec: true,
-        sigsys_reporter: true,
-        rlimits,
-        cgroup: cgroup.as_ref().map(|c| c.dir().to_path_buf()),
-        ..JailConfig::default()
-    };
+    let keep_fds = vec![(sock, SOCKET_FD), (control_dev.into_fd(), CONTROL_FD)];
+    // Jailed exactly as `Device::start` jails the native device.
+    let (jail, memory, cgroup) = crate::device::jail_config(cfg, args, keep_fds)?;
     let mut child = launch::spawn(jail).context("spawning the vhost-user device")?;
     let pid = child.pid();
     let connect = || -> anyhow::Result<DeviceFacts> {
         handshake::<VmmMsg, DeviceMsg>(&control, Role::Vmm, cfg.start_timeout)
             .context("handshake with the device")?;
         // The jail is checked from outside before the device may accept a frontend.
-        let st = procfs::status_of(&pid.to_string())?;
-        if cfg.jailed {
-            launch::verify_jailed(pid).context("the device is not properly jailed")?;
-            if st.seccomp != 2 || !st.no_new_privs || st.cap_eff != 0 {
-                bail!("device pid {pid} not jailed: {st:?}");
-            }
-        }
+        let st = crate::device::check_jailed(cfg, pid)?;
         // The go: a second Hello (the region's size went in the arguments).
         control.send(&VmmMsg::Hello(Hello::new(Role::Vmm)), &[])?;
         control.set_recv_timeout(Some(cfg.start_timeout))?;

@@ -248,52 +248,14 @@ impl Device {
             }
             None => None,
         };
-        let seccomp = match &cfg.policy {
-            Some(p) => Some(crate::policy::compile_device_policy(p, cfg.seccomp_log)?),
-            None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),
-            None => None,
-        };
-        let mut env = vec![];
-        if let Some(f) = &cfg.log_filter {
-            env.push(("RUST_LOG".into(), f.into()));
-        }
-        // The shm backend holds one memfd per blob: allow as many fds as the VMM allows
-        // live placements (plus headroom for unmapped blobs), not the default 1024.
-        let mut rlimits = launch::Rlimits {
-            nofile: device_nofile(),
-            ..launch::Rlimits::default()
-        };
-        let (memory, cgroup) = memory_limit(cfg.memory_limit, &mut rlimits);
-        let jail = JailConfig {
-            program: cfg.program.clone(),
-            args: args.into_iter().map(Into::into).collect(),
-            keep_fds,
-            env,
-            namespaces: cfg.jailed,
-            ro_binds: cfg.ro_binds.clone(),
-            seccomp,
-            seccomp_log: cfg.seccomp_log,
-            // The filter is on before the device's first instruction (loader and runtime
-            // start-up included); the device then installs only its SIGSYS reporter.
-            seccomp_at_exec: true,
-            sigsys_reporter: true,
-            rlimits,
-            cgroup: cgroup.as_ref().map(|c| c.dir().to_path_buf()),
-            ..JailConfig::default()
-        };
+        let (jail, memory, cgroup) = jail_config(cfg, args, keep_fds)?;
         let mut child = launch::spawn(jail).context("spawning the device")?;
         let pid = child.pid();
         let connect = || -> anyhow::Result<DeviceFacts> {
             handshake::<VmmMsg, DeviceMsg>(&mapping, Role::Vmm, cfg.start_timeout)
                 .context("handshake with the device")?;
             // Check the jail from outside before the device gets the hostmem memfd.
-            let st = procfs::status_of(&pid.to_string())?;
-            if cfg.jailed {
-                launch::verify_jailed(pid).context("the device is not properly jailed")?;
-                if st.seccomp != 2 || !st.no_new_privs || st.cap_eff != 0 {
-                    bail!("device pid {pid} not jailed: {st:?}");
-                }
-            }
+            let st = check_jailed(cfg, pid)?;
             let window = hostmem.window();
             mapping.send(
                 &VmmMsg::Hostmem {
@@ -391,14 +353,7 @@ impl Device {
         if self.service.as_ref().is_some_and(|s| s.is_finished()) {
             return true;
         }
-        // Peek without reaping (WNOWAIT), so that `stop` still collects the exit status.
-        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
-        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-        match waitid(Id::Pid(nix::unistd::Pid::from_raw(self.facts.pid)), flags) {
-            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => false,
-            // Exited or killed, or already reaped (ECHILD).
-            Ok(_) | Err(_) => true,
-        }
+        process_ended(self.facts.pid)
     }
 
     /// Ends the device (killing it if it is still alive), restores the window and reports
@@ -536,6 +491,75 @@ impl Device {
             restored
         );
         exit
+    }
+}
+
+/// The jail of a device process (native or vhost-user): `cfg`'s program with `args` and
+/// `keep_fds`, its seccomp policy compiled and installed right before the exec (the device
+/// then installs only its SIGSYS reporter), its rlimits and its memory bound. Returns the
+/// memory facts and the cgroup, which must live until the device is reaped.
+pub(crate) fn jail_config(
+    cfg: &DeviceConfig,
+    args: Vec<String>,
+    keep_fds: Vec<(std::os::fd::OwnedFd, i32)>,
+) -> anyhow::Result<(JailConfig, MemoryLimitFacts, Option<DeviceCgroup>)> {
+    let seccomp = match &cfg.policy {
+        Some(p) => Some(crate::policy::compile_device_policy(p, cfg.seccomp_log)?),
+        None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),
+        None => None,
+    };
+    let mut env = vec![];
+    if let Some(f) = &cfg.log_filter {
+        env.push(("RUST_LOG".into(), f.into()));
+    }
+    // The shm backend holds one memfd per blob: allow as many fds as the VMM allows live
+    // placements (plus headroom for unmapped blobs), not the default 1024.
+    let mut rlimits = launch::Rlimits {
+        nofile: device_nofile(),
+        ..launch::Rlimits::default()
+    };
+    let (memory, cgroup) = memory_limit(cfg.memory_limit, &mut rlimits);
+    let jail = JailConfig {
+        program: cfg.program.clone(),
+        args: args.into_iter().map(Into::into).collect(),
+        keep_fds,
+        env,
+        namespaces: cfg.jailed,
+        ro_binds: cfg.ro_binds.clone(),
+        seccomp,
+        seccomp_log: cfg.seccomp_log,
+        // The filter is on before the device's first instruction (loader and runtime
+        // start-up included); the device then installs only its SIGSYS reporter.
+        seccomp_at_exec: true,
+        sigsys_reporter: true,
+        rlimits,
+        cgroup: cgroup.as_ref().map(|c| c.dir().to_path_buf()),
+        ..JailConfig::default()
+    };
+    Ok((jail, memory, cgroup))
+}
+
+/// Checks from outside, before the device gets anything, that a jailed device really is:
+/// six new namespaces, `Seccomp: 2`, `NoNewPrivs: 1`, no capabilities. Returns its status.
+pub(crate) fn check_jailed(cfg: &DeviceConfig, pid: i32) -> anyhow::Result<procfs::ProcStatus> {
+    let st = procfs::status_of(&pid.to_string())?;
+    if cfg.jailed {
+        launch::verify_jailed(pid).context("the device is not properly jailed")?;
+        if st.seccomp != 2 || !st.no_new_privs || st.cap_eff != 0 {
+            bail!("device pid {pid} not jailed: {st:?}");
+        }
+    }
+    Ok(st)
+}
+
+/// True if the child `pid` has exited or was killed (or was already reaped). Peeks without
+/// reaping (WNOWAIT), so that whoever ends the device still collects its exit status.
+pub(crate) fn process_ended(pid: i32) -> bool {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::Pid(nix::unistd::Pid::from_raw(pid)), flags) {
+        Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => false,
+        Ok(_) | Err(_) => true,
     }
 }
 

@@ -381,13 +381,7 @@ impl VhostUserDevice {
         if self.channel.is_finished() {
             return true;
         }
-        // Peek without reaping (WNOWAIT), so that `stop` still collects the exit status.
-        use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
-        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-        match waitid(Id::Pid(nix::unistd::Pid::from_raw(self.facts.pid)), flags) {
-            Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => false,
-            Ok(_) | Err(_) => true,
-        }
+        crate::device::process_ended(self.facts.pid)
     }
 
     /// Ends the device (a vhost-user backend serves until it is killed), stops the backend
