@@ -17,19 +17,8 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The workspace's seeded generator.
+type Rng = hostmem_base::rng::SplitMix64;
 
 const VALUES: [u64; 9] = [
     0,
@@ -69,7 +58,7 @@ fn mask(r: &mut Rng) -> u64 {
     match r.below(4) {
         0 => value(r),
         1 => 0xffff_ffff,
-        2 => r.next() & r.next(),
+        2 => r.next_u64() & r.next_u64(),
         _ => (0..1 + r.below(3)).fold(0, |m, _| {
             m | 1u64 << BITS[r.below(BITS.len() as u64) as usize]
         }),
@@ -98,7 +87,7 @@ fn to_ours(p: &BpfProgram) -> Vec<SockFilter> {
 
 #[test]
 fn same_verdicts_as_seccompiler_on_random_policies_and_calls() {
-    let mut r = Rng(42);
+    let mut r = Rng::new(42);
     let mut calls = 0u64;
     for _policy in 0..60 {
         let mut text = String::new();

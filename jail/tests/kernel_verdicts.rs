@@ -16,18 +16,14 @@ use hostmem_jail::compiler::{compile, CompileOptions};
 use hostmem_jail::interp::{check, run, SeccompData};
 use hostmem_jail::policy::parse_file;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+/// The workspace's seeded generator, and picking from a slice with it.
+type Rng = hostmem_base::rng::SplitMix64;
+
+trait Pick {
+    fn pick<T: Copy>(&mut self, v: &[T]) -> T;
+}
+
+impl Pick for Rng {
     fn pick<T: Copy>(&mut self, v: &[T]) -> T {
         v[self.below(v.len() as u64) as usize]
     }
@@ -87,7 +83,7 @@ fn calls_for(prog: &[SockFilter], listed: &[u32], n: usize, r: &mut Rng) -> Vec<
             0 => k.wrapping_add(1),
             1 => k.wrapping_sub(1),
             2 => !k,
-            3 => r.next() as u32,
+            3 => r.next_u64() as u32,
             _ => k,
         }
     };
@@ -113,7 +109,7 @@ fn calls_for(prog: &[SockFilter], listed: &[u32], n: usize, r: &mut Rng) -> Vec<
 
 #[test]
 fn every_policy_gets_the_kernels_verdicts() {
-    let mut r = Rng(0x5ecc_0a11);
+    let mut r = Rng::new(0x5ecc_0a11);
     let mut total = 0usize;
     let mut seen = BTreeSet::new();
     for path in policies() {
