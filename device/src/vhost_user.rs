@@ -63,7 +63,10 @@
 //! in flight fail at once ([`ShmemPlacer::suspend`]); their acks, when they come, are
 //! skipped. When the
 //! frontend disconnects the device resets and [`serve_listener`] accepts the next
-//! connection on the listening socket, with a fresh backend.
+//! connection on the listening socket, with a fresh backend. A frontend that leaves a
+//! request unacked past [`Options::ack_timeout`] is treated the same way: the poll loop's
+//! timeout runs to that deadline, and then the connection is closed
+//! ([`ConnectionEnd::AckTimeout`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -393,8 +396,8 @@ impl ShmemPlacer {
 
     /// When the oldest request in flight runs out of time; `None` with nothing in flight.
     pub fn ack_deadline(&self) -> Option<Instant> {
-        let oldest = self.inflight.front()?;
-        Some(oldest.at.checked_add(self.ack_timeout).unwrap_or(oldest.at))
+        // A timeout too large for an `Instant` is no deadline at all.
+        self.inflight.front()?.at.checked_add(self.ack_timeout)
     }
 
     /// The oldest request in flight, named, when its deadline has passed at `now`: the
