@@ -260,6 +260,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         test_ops: args.test_ops,
         shmem_size: size,
         max_connections: None,
+        ack_timeout: crate::vhost_user::ACK_TIMEOUT,
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.test_ops, None)?;

@@ -63,7 +63,10 @@
 //! in flight fail at once ([`ShmemPlacer::suspend`]); their acks, when they come, are
 //! skipped. When the
 //! frontend disconnects the device resets and [`serve_listener`] accepts the next
-//! connection on the listening socket, with a fresh backend.
+//! connection on the listening socket, with a fresh backend. A frontend that leaves a
+//! request unacked past [`Options::ack_timeout`] is treated the same way: the poll loop's
+//! timeout runs to that deadline, and then the connection is closed
+//! ([`ConnectionEnd::AckTimeout`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -71,7 +74,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hostmem_base::mmap::{is_page_aligned, Prot};
 use hostmem_ipc::protocol::QueueSetup;
@@ -151,6 +154,9 @@ pub struct Options {
     pub shmem_size: u64,
     /// Stop after this many connections (tests); `None`: serve forever.
     pub max_connections: Option<usize>,
+    /// How long a `SHMEM_MAP`/`SHMEM_UNMAP` may wait for its ack before the frontend is
+    /// taken for broken and its connection closed ([`ACK_TIMEOUT`]; shorter in tests).
+    pub ack_timeout: Duration,
 }
 
 impl Default for Options {
@@ -160,6 +166,7 @@ impl Default for Options {
             test_ops: false,
             shmem_size: DEFAULT_SHMEM_SIZE,
             max_connections: None,
+            ack_timeout: ACK_TIMEOUT,
         }
     }
 }
@@ -197,7 +204,9 @@ const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 /// Largest body of a `SET_BACKEND_REQ_FD` the device reads (the message has none).
 const MAX_BACKEND_REQ_FD_BODY: usize = 256;
-/// How long a synchronous placement ([`Placer::map`]) waits for the frontend's ack.
+/// How long a placement waits for the frontend's ack by default: a synchronous one
+/// ([`Placer::map`]) inside the call, an asynchronous one in the poll loop
+/// ([`serve_connection`] closes the connection when the oldest ack is this late).
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The backend channel (the socket `SET_BACKEND_REQ_FD` brought), driven by the device
@@ -316,14 +325,16 @@ impl BackendChannel {
 /// asynchronous ([`Placer::verdicts_async`]): `begin_map` sends, the poll loop calls
 /// [`ShmemPlacer::receive`] when the channel is readable and then
 /// [`VirtioGpu::finish_one`] once per verdict.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ShmemPlacer {
     channel: Option<BackendChannel>,
     size: u64,
     stats: ShmemStats,
     next_ticket: u64,
-    /// Requests sent and not acked, oldest first: ticket, request code.
-    inflight: VecDeque<(u64, u32)>,
+    /// Requests sent and not acked, oldest first.
+    inflight: VecDeque<Sent>,
+    /// How long the oldest request may wait for its ack.
+    ack_timeout: Duration,
     /// Verdicts received and not taken by `finish_next`, oldest first.
     verdicts: VecDeque<(u64, std::result::Result<(), PlaceError>)>,
     /// Acks still owed for requests a reset forgot: skipped when they arrive.
@@ -333,13 +344,67 @@ pub struct ShmemPlacer {
     suspended: bool,
 }
 
+/// A request sent and not acked yet.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    ticket: u64,
+    request: u32,
+    shm_offset: u64,
+    len: u64,
+    at: Instant,
+}
+
+impl Sent {
+    /// Names the request in a log line.
+    fn describe(&self) -> String {
+        format!(
+            "{} #{} (shm offset {:#x}, {:#x} bytes)",
+            request_name(self.request),
+            self.ticket,
+            self.shm_offset,
+            self.len
+        )
+    }
+}
+
 impl ShmemPlacer {
-    /// A placer for a region of `size` bytes, with no backend channel yet.
+    /// A placer for a region of `size` bytes, with no backend channel yet, waiting
+    /// [`ACK_TIMEOUT`] for an ack.
     pub fn new(size: u64) -> Self {
         ShmemPlacer {
+            channel: None,
             size,
-            ..Default::default()
+            stats: ShmemStats::default(),
+            next_ticket: 0,
+            inflight: VecDeque::new(),
+            ack_timeout: ACK_TIMEOUT,
+            verdicts: VecDeque::new(),
+            stale: 0,
+            suspended: false,
         }
+    }
+
+    /// Sets how long a request may wait for its ack.
+    pub fn set_ack_timeout(&mut self, timeout: Duration) {
+        self.ack_timeout = timeout;
+    }
+
+    /// How long a request may wait for its ack.
+    pub fn ack_timeout(&self) -> Duration {
+        self.ack_timeout
+    }
+
+    /// When the oldest request in flight runs out of time; `None` with nothing in flight.
+    pub fn ack_deadline(&self) -> Option<Instant> {
+        // A timeout too large for an `Instant` is no deadline at all.
+        self.inflight.front()?.at.checked_add(self.ack_timeout)
+    }
+
+    /// The oldest request in flight, named, when its deadline has passed at `now`: the
+    /// frontend is not answering.
+    pub fn overdue(&self, now: Instant) -> Option<String> {
+        let deadline = self.ack_deadline()?;
+        (now >= deadline).then(|| self.inflight.front().map(Sent::describe))?
     }
 
     /// Takes a (new) backend channel (`SET_BACKEND_REQ_FD`): requests in flight on the old
@@ -398,17 +463,20 @@ impl ShmemPlacer {
                         self.stats.stale_replies += 1;
                         continue;
                     }
-                    let Some((ticket, sent)) = self.inflight.pop_front() else {
+                    let Some(sent) = self.inflight.pop_front() else {
                         self.break_channel(format!("an ack of request {request} nobody asked for"));
                         break;
                     };
-                    if request != sent {
-                        self.inflight.push_front((ticket, sent));
-                        self.break_channel(format!("ack of request {request}, expected {sent}"));
+                    if request != sent.request {
+                        let expected = sent.request;
+                        self.inflight.push_front(sent);
+                        self.break_channel(format!(
+                            "ack of request {request}, expected {expected}"
+                        ));
                         break;
                     }
-                    let r = self.verdict(sent, value);
-                    self.verdicts.push_back((ticket, r));
+                    let r = self.verdict(sent.request, value);
+                    self.verdicts.push_back((sent.ticket, r));
                 }
             }
             Err(e) => self.break_channel(e),
@@ -438,9 +506,9 @@ impl ShmemPlacer {
     }
 
     fn fail_inflight(&mut self, why: &str) {
-        while let Some((ticket, request)) = self.inflight.pop_front() {
-            let e = self.refused(request_name(request), why);
-            self.verdicts.push_back((ticket, Err(e)));
+        while let Some(sent) = self.inflight.pop_front() {
+            let e = self.refused(request_name(sent.request), why);
+            self.verdicts.push_back((sent.ticket, Err(e)));
         }
     }
 
@@ -476,11 +544,17 @@ impl ShmemPlacer {
             return Ok(None);
         }
         self.next_ticket += 1;
-        self.inflight.push_back((self.next_ticket, request));
+        self.inflight.push_back(Sent {
+            ticket: self.next_ticket,
+            request,
+            shm_offset: msg.shm_offset,
+            len: msg.len,
+            at: Instant::now(),
+        });
         Ok(Some(self.next_ticket))
     }
 
-    /// Waits (at most [`ACK_TIMEOUT`]) for the verdict of `ticket` and everything before it.
+    /// Waits (at most the ack timeout) for the verdict of `ticket` and everything before it.
     fn wait_for(&mut self, ticket: Option<u64>) -> std::result::Result<(), PlaceError> {
         let Some(ticket) = ticket else { return Ok(()) };
         while let Some((t, r)) = self.finish_next() {
@@ -567,21 +641,20 @@ impl Placer for ShmemPlacer {
             return Some(v);
         }
         // Synchronous use (`map`/`unmap`): wait for the oldest ack.
-        let deadline = std::time::Instant::now() + ACK_TIMEOUT;
+        let timeout = self.ack_timeout;
+        let start = Instant::now();
         loop {
-            let &(ticket, _) = self.inflight.front()?;
+            let ticket = self.inflight.front()?.ticket;
             let Some(fd) = self.channel_fd() else {
                 self.fail_inflight("no backend channel");
                 return self.verdicts.pop_front();
             };
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = timeout.saturating_sub(start.elapsed());
             let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
             let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
             match poll(&mut pfd, PollTimeout::from(ms)) {
                 Ok(0) => {
-                    self.break_channel(format!(
-                        "no ack for request {ticket} within {ACK_TIMEOUT:?}"
-                    ));
+                    self.break_channel(format!("no ack for request {ticket} within {timeout:?}"));
                     return self.verdicts.pop_front();
                 }
                 Ok(_) | Err(Errno::EINTR) => {}
@@ -704,7 +777,9 @@ impl VuGpu {
         let placer = self.dev.gpu_mut().placer_mut();
         placer.resume();
         if drop_channel {
+            let timeout = placer.ack_timeout();
             *placer = ShmemPlacer::new(placer.window_size());
+            placer.set_ack_timeout(timeout);
         }
         self.memory_dirty = true;
     }
@@ -1128,6 +1203,9 @@ pub enum ConnectionEnd {
     Disconnected,
     /// The frontend broke the protocol (the connection was closed).
     ProtocolError(String),
+    /// The frontend left a `SHMEM_MAP`/`SHMEM_UNMAP` (named here) unacked past the ack
+    /// timeout: taken for broken, the connection was closed.
+    AckTimeout(String),
 }
 
 /// Sends all of `bytes` with `sendmsg` (the device's seccomp policy has no `sendto`, which
@@ -1231,7 +1309,10 @@ fn take_backend_channel(sock: &UnixStream, vu: &Mutex<VuGpu>) -> std::result::Re
 /// backend channel and the started queues' kick eventfds. The frontend's requests are
 /// served whenever they come, also while `SHMEM_MAP`/`SHMEM_UNMAP` acks are outstanding
 /// (QEMU asks `ADD_MEM_REG`/`REM_MEM_REG` before it acks); a readable backend channel
-/// settles the commands whose acks arrived. The caller resets the state afterwards.
+/// settles the commands whose acks arrived. The oldest outstanding request bounds the
+/// poll's timeout: once its ack is later than the placer's ack timeout the frontend is
+/// taken for broken and the connection ends ([`ConnectionEnd::AckTimeout`]). The caller
+/// resets the state afterwards (the requests in flight fail as on a disconnect).
 pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<ConnectionEnd> {
     let mut handler = BackendReqHandler::from_stream(stream, vu.clone());
     // The handler keeps its socket to itself; a duplicate (same open file description)
@@ -1256,7 +1337,16 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
             let timeout = if busy {
                 PollTimeout::ZERO
             } else {
-                PollTimeout::NONE
+                match g.dev.gpu().placer().ack_deadline() {
+                    // Rounded up to whole milliseconds (no spinning just before the
+                    // deadline); a wait beyond u16 ms is cut short and recomputed.
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        let ms = left.as_micros().div_ceil(1000);
+                        PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX))
+                    }
+                    None => PollTimeout::NONE,
+                }
             };
             match poll(&mut fds, timeout) {
                 Ok(_) => {}
@@ -1304,6 +1394,13 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
         while g.dev.in_flight() > 0 && g.dev.gpu().placer().ready() > 0 {
             g.dev.finish_one();
         }
+        if let Some(what) = g.dev.gpu().placer().overdue(Instant::now()) {
+            let limit = g.dev.gpu().placer().ack_timeout();
+            log::warn!(
+                "vhost-user: no ack for {what} within {limit:?}: the frontend is broken, closing the connection"
+            );
+            return Ok(ConnectionEnd::AckTimeout(what));
+        }
         if busy {
             g.dev.process_busy();
         }
@@ -1338,6 +1435,11 @@ pub fn serve_listener(listener: &UnixListener, opts: &Options) -> Result<()> {
             opts.shmem_size
         );
         let vu = Arc::new(Mutex::new(VuGpu::new(backend, opts.shmem_size)));
+        lock(&vu)
+            .device_mut()
+            .gpu_mut()
+            .placer_mut()
+            .set_ack_timeout(opts.ack_timeout);
         let end = serve_connection(stream, &vu)?;
         let mut g = lock(&vu);
         let st = g.dev.gpu().placer().stats();

@@ -5,7 +5,8 @@
 //! refuses the map (the guest's command fails), a frontend that (as QEMU 11.1 does) sends
 //! `ADD_MEM_REG` / `REM_MEM_REG` and waits for their replies before it acks a
 //! `SHMEM_MAP` / `SHMEM_UNMAP` (the device keeps serving: no deadlock), num_scanouts and
-//! `GET_DISPLAY_INFO`, and disconnect → reset → reconnect. The
+//! `GET_DISPLAY_INFO`, disconnect → reset → reconnect, and a frontend that never acks a
+//! `SHMEM_MAP` (the backend closes it after the ack timeout and serves the next). The
 //! backend serves in a thread of the test (`serve_listener` on a socket in a temp dir), the
 //! frontend (`common/frontend.rs`, shared with the VMM's vhost-user suite) and its backend
 //! channel in others.
@@ -14,10 +15,12 @@
 mod frontend;
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use frontend::{assert_ok, blob, connect, Fe, PAGE, RAM_GPA, RAM_SIZE};
 use hostmem_device::backend::shm::SHM_CAPSET_ID;
@@ -37,12 +40,22 @@ fn socket_path(name: &str) -> PathBuf {
 
 /// The backend on a fresh listening socket, serving `connections` frontends in a thread.
 fn backend(name: &str, connections: usize) -> (PathBuf, JoinHandle<()>) {
+    backend_with(name, connections, Options::default().ack_timeout)
+}
+
+/// [`backend`] with its own ack timeout.
+fn backend_with(
+    name: &str,
+    connections: usize,
+    ack_timeout: Duration,
+) -> (PathBuf, JoinHandle<()>) {
     let path = socket_path(name);
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).expect("bind");
     let opts = Options {
         shmem_size: REGION,
         max_connections: Some(connections),
+        ack_timeout,
         ..Options::default()
     };
     let t = std::thread::spawn(move || serve_listener(&listener, &opts).expect("backend serves"));
@@ -254,6 +267,59 @@ fn display_info_answers_the_one_disabled_scanout() {
         }
         other => panic!("{other:?}"),
     }
+    drop(fe);
+    t.join().unwrap();
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_shmem_map_never_acked_ends_the_connection_and_the_next_frontend_is_served() {
+    let limit = Duration::from_millis(300);
+    let (path, t) = backend_with("stall", 2, limit);
+    let mut fe = Fe::new(&path);
+    assert_ok(&fe.roundtrip(&Command::ctx_create(1, SHM_CAPSET_ID, b"t")));
+    blob(&mut fe, 1, 7, PAGE);
+    let stall = fe.rec.lock().unwrap().stall.clone();
+    stall.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    fe.post(&Command::map_blob(1, 7, 0));
+    // The backend closes its end of the main socket: our side reads EOF. Bounded, so that
+    // a backend without the timeout fails this test instead of hanging it.
+    let sock = fe.fe.as_raw_fd();
+    let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    let mut b = [0u8; 1];
+    loop {
+        match nix::sys::socket::recv(sock, &mut b, flags) {
+            Ok(0) => break,
+            Ok(_) => panic!("the backend sent something on the main socket"),
+            Err(nix::errno::Errno::EAGAIN) => {}
+            Err(e) => panic!("recv: {e}"),
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "the backend did not close the connection within 5 s of an unacked SHMEM_MAP \
+             (ack timeout {limit:?})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= limit,
+        "closed after {took:?}, before the {limit:?} limit"
+    );
+    // Let the channel's thread go (it holds the recorder's lock until then).
+    stall.store(false, Ordering::Relaxed);
+    assert_eq!(fe.maps().len(), 1, "the SHMEM_MAP did reach the frontend");
+    drop(fe);
+    // The listener goes on: a new frontend is served, from a fresh device.
+    let mut fe = Fe::new(&path);
+    let r = fe.roundtrip(&Command::map_blob(1, 7, 0));
+    assert_eq!(r.error(), Some(ErrorCode::InvalidResourceId), "{r:?}");
+    assert_ok(&fe.roundtrip(&Command::ctx_create(1, SHM_CAPSET_ID, b"t")));
+    blob(&mut fe, 1, 7, PAGE);
+    let r = fe.roundtrip(&Command::map_blob(1, 7, 0));
+    assert!(matches!(r, Response::OkMapInfo { .. }), "{r:?}");
+    assert_eq!(fe.maps().len(), 1);
     drop(fe);
     t.join().unwrap();
     let _ = std::fs::remove_file(path);

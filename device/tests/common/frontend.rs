@@ -1,6 +1,6 @@
 //! A vhost-user frontend for tests, on the `vhost` crate's frontend side: it negotiates
 //! everything, gives the backend 4 MiB of guest RAM and one control queue laid out by hand,
-//! and records (or refuses) the backend's `SHMEM_MAP` / `SHMEM_UNMAP` on its backend channel.
+//! and records (or refuses, or never acks) the backend's `SHMEM_MAP` / `SHMEM_UNMAP` on its backend channel.
 //!
 //! Shared by two suites: `device/tests/vhost_user.rs` (the backend in a thread) and
 //! `vmm-side/tests/vhost_user.rs` (the jailed backend under the supervisor), each with
@@ -15,6 +15,7 @@ mod ring;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -46,6 +47,10 @@ pub struct Recorder {
     pub unmaps: Vec<VhostUserMMap>,
     /// Refuse every `SHMEM_MAP` (ENOMEM).
     pub refuse: bool,
+    /// Never ack: while set, a `SHMEM_MAP` is recorded and its ack held back (the
+    /// channel's thread waits, holding the recorder's lock: set it through a clone of
+    /// the `Arc`, not through the lock, and clear it to let the thread go).
+    pub stall: Arc<AtomicBool>,
     /// Like QEMU 11.1: before acking a map (unmap), add (remove) a memory region for it on
     /// the main socket and wait for the backend's reply.
     pub qemu_like: Option<Frontend>,
@@ -77,6 +82,9 @@ impl VhostUserFrontendReqHandlerMut for Recorder {
         }
         let len = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))?.len();
         self.maps.push((*req, len));
+        while self.stall.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(fe) = self.qemu_like.as_mut() {
             let (off, l) = (req.shm_offset, req.len);
             let shm = SharedMemory::new("shm-map", l).map_err(std::io::Error::other)?;
