@@ -16,8 +16,8 @@ use hostmem_base::window::Window;
 
 use hostmem_ipc::protocol::{handshake, DeviceMsg, Role, TransportMsg, TransportReply, VmmMsg};
 use hostmem_ipc::{Error as TubeError, Message, Tube};
-use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use nix::poll::PollTimeout;
 
 use crate::backend::Backend;
 use crate::gpu::{Gpu, Placer};
@@ -329,28 +329,10 @@ pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> 
         } else {
             PollTimeout::NONE
         };
-        let (transport_ready, kicked) = {
-            let kicks = dev.kick_fds();
-            let mut fds = vec![PollFd::new(transport.as_fd(), PollFlags::POLLIN)];
-            fds.extend(
-                kicks
-                    .iter()
-                    .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
-            );
-            match poll(&mut fds, timeout) {
-                Ok(_) => {}
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(Error::Poll(e)),
-            }
-            let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-            let t = fds.first().is_some_and(ready);
-            let k: Vec<u16> = kicks
-                .iter()
-                .zip(fds.iter().skip(1))
-                .filter(|(_, f)| ready(f))
-                .map(|((i, _), _)| *i)
-                .collect();
-            (t, k)
+        let (transport_ready, kicked) = match dev.wait(transport.as_fd(), timeout) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => return Err(Error::Poll(e)),
         };
         if !kicked.is_empty() {
             dev.gpu_mut().placer_mut().note_woke();

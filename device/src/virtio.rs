@@ -674,6 +674,38 @@ impl<P: Placer> VirtioGpu<P> {
             .collect()
     }
 
+    /// Waits up to `timeout` for `other` (the transport) or a kick eventfd to be readable:
+    /// whether `other` is, and the queues kicked. `Ok(None)` when a signal cut the wait
+    /// short (EINTR): the caller loops.
+    pub fn wait(
+        &self,
+        other: BorrowedFd<'_>,
+        timeout: nix::poll::PollTimeout,
+    ) -> std::result::Result<Option<(bool, Vec<u16>)>, nix::errno::Errno> {
+        use nix::poll::{poll, PollFd, PollFlags};
+        let kicks = self.kick_fds();
+        let mut fds = vec![PollFd::new(other, PollFlags::POLLIN)];
+        fds.extend(
+            kicks
+                .iter()
+                .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+        );
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+        let other_ready = fds.first().is_some_and(ready);
+        let kicked = kicks
+            .iter()
+            .zip(fds.iter().skip(1))
+            .filter(|(_, f)| ready(f))
+            .map(|((i, _), _)| *i)
+            .collect();
+        Ok(Some((other_ready, kicked)))
+    }
+
     /// A kick on queue `index`: reads its eventfd's counter (if it is readable; never
     /// blocks), then serves the queue.
     pub fn kick(&mut self, index: u16) {

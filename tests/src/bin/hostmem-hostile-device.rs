@@ -970,7 +970,7 @@ struct Shadow {
 
 /// The device loop of `hostmem_device::process::serve`, with the shadow used ring.
 fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result<()> {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::poll::PollTimeout;
     let mut shadow = Shadow {
         shm: SharedMemory::new("hostile-shadow", SHADOW_SIZE)?,
         real: None,
@@ -985,27 +985,10 @@ fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result
         } else {
             PollTimeout::NONE
         };
-        let (transport_ready, kicked) = {
-            let kicks = dev.kick_fds();
-            let mut fds = vec![PollFd::new(transport.as_fd(), PollFlags::POLLIN)];
-            fds.extend(
-                kicks
-                    .iter()
-                    .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
-            );
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => bail!("poll: {e}"),
-            }
-            let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
-            let t = fds.first().is_some_and(ready);
-            let k: Vec<u16> = kicks
-                .iter()
-                .zip(fds.iter().skip(1))
-                .filter(|(_, f)| ready(f))
-                .map(|((i, _), _)| *i)
-                .collect();
-            (t, k)
+        let (transport_ready, kicked) = match dev.wait(transport.as_fd(), timeout) {
+            Ok(Some(r)) => r,
+            Ok(None) => (false, vec![]),
+            Err(e) => bail!("poll: {e}"),
         };
         if dev.busy() {
             dev.process_busy();
