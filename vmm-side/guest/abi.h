@@ -27,7 +27,6 @@
 #define EV_DEVICE_LOST 6   /* arg = blobs that were live; the driver resets the device */
 #define EV_FATAL 7         /* results.message says why; the run is over */
 #define EV_REINITIALISED 8 /* after a loss: the new device is set up, no blob is live yet */
-#define YIELD_PORT 0x12    /* `out`: nothing to do yet; the VMM lets the other threads run */
 
 #define PARAMS_MAGIC 0x48534f4d454d4850ULL /* "PHMEMOSH" */
 #define MAX_PENDING_MISMATCHES 8
@@ -38,7 +37,7 @@ struct params {
     uint64_t seed;
     uint64_t max_live;     /* most blobs mapped at once */
     uint64_t batch;        /* commands per batch (in flight at once), <= 64 */
-    uint64_t yield_every;  /* empty used-ring polls between yield exits (0: never) */
+    uint64_t reserved;     /* 0 */
     uint32_t ctx_capset;   /* capset of the context the blobs live in (0: default) */
     uint32_t ops_capset;   /* != 0: FILL/CHECKSUM streams go to a second context of this capset */
     uint32_t holes_expected; /* per-blob-slot mode: an unmapped range reads as a hole (MMIO) */
@@ -58,7 +57,6 @@ struct results {
     uint64_t capsets;        /* GET_CAPSET_INFO answered */
     uint64_t device_resets;  /* re-initialisations after the device was lost */
     uint64_t lost_commands;  /* commands in flight when the device was lost */
-    uint64_t yields;         /* yield exits */
     uint64_t tsc_start, tsc_end;
     uint64_t map_samples, unmap_samples;
     uint64_t last_error_type;      /* response type of the last error */

@@ -421,7 +421,6 @@ static void post(struct slot *s)
 }
 
 static int device_lost;
-static u64 yield_every;
 
 /* Takes every used entry; returns how many. */
 static u32 reap(void)
@@ -460,10 +459,6 @@ static int wait(struct slot *s)
             continue;
         R->polls++;
         ++polls;
-        if (yield_every && polls % yield_every == 0) {
-            R->yields++;
-            outl(YIELD_PORT, 0);
-        }
         if ((polls & 0x3ffff) == 0) {
             event(EV_WAITING, polls);
             if (cc_r8(CC_STATUS) & S_NEEDS_RESET) {
@@ -866,10 +861,10 @@ static void drain(void)
     }
 }
 
-_Static_assert(offsetof(struct results, mismatch_at) == 152, "results layout (guest.rs)");
-_Static_assert(offsetof(struct results, map_hist) == 216, "results layout (guest.rs)");
-_Static_assert(offsetof(struct results, unmap_hist) == 4312, "results layout (guest.rs)");
-_Static_assert(offsetof(struct results, message) == 8408, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, mismatch_at) == 144, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, map_hist) == 208, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, unmap_hist) == 4304, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, message) == 8400, "results layout (guest.rs)");
 _Static_assert(offsetof(struct params, ctx_capset) == 48, "params layout (guest.rs)");
 _Static_assert(sizeof(struct params) == 64, "params layout (guest.rs)");
 
@@ -880,7 +875,6 @@ void driver_main(void)
         fatal("bad params magic");
     R->tsc_start = rdtsc();
     rng_state = P->seed;
-    yield_every = P->yield_every;
     find_gpu();
     start_device();
     u64 max_live = P->max_live;

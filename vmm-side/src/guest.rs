@@ -48,12 +48,11 @@ const TSS_GPA: u64 = 0x6_0000;
 const IO_BITMAP_OFFSET: u64 = 0x68;
 const PARAMS_GPA: u64 = 0x8_0000;
 const RESULTS_GPA: u64 = 0x8_1000;
-const RESULTS_LEN: usize = 8664;
+const RESULTS_LEN: usize = 8656;
 const IMAGE_GPA: u64 = 0x10_0000;
 const IMAGE_MAX: usize = 0xf_0000;
 const STACK_TOP: u64 = 0x20_0000;
 const EVENT_PORT: u16 = 0x11;
-const YIELD_PORT: u16 = 0x12;
 const PARAMS_MAGIC: u64 = 0x4853_4f4d_454d_4850;
 
 /// Guest failures.
@@ -92,8 +91,6 @@ pub struct GuestParams {
     pub ops_capset: u32,
     /// Per-blob-slot mode: unmapped window ranges are holes.
     pub holes_expected: bool,
-    /// Empty used-ring polls between yield exits (0: never yield).
-    pub yield_every: u64,
 }
 
 /// An event the driver raised (`EV_*` in `abi.h`).
@@ -153,8 +150,6 @@ pub struct GuestResults {
     pub device_resets: u64,
     /// Commands in flight when the device was lost.
     pub lost_commands: u64,
-    /// Yield exits (the driver had nothing to do; the VMM let other threads run).
-    pub yields: u64,
     /// TSC at the start and the end of the workload.
     pub tsc: (u64, u64),
     /// MAP_BLOB latency (submit to used entry seen).
@@ -271,7 +266,6 @@ impl GuestVm {
             (16, params.seed),
             (24, params.max_live),
             (32, params.batch),
-            (40, params.yield_every),
         ] {
             p[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }
@@ -386,7 +380,7 @@ impl GuestVm {
                 .collect()
         };
         let mismatches = q(40);
-        let message = page.get(8408..8664).unwrap_or(&[]);
+        let message = page.get(8400..8656).unwrap_or(&[]);
         let end = message
             .iter()
             .position(|&b| b == 0)
@@ -403,13 +397,12 @@ impl GuestVm {
             capsets: q(72),
             device_resets: q(80),
             lost_commands: q(88),
-            yields: q(96),
-            tsc: (q(104), q(112)),
-            map: hist_latency(&hist(216)),
-            unmap: hist_latency(&hist(4312)),
-            last_error: (q(136), q(144)),
+            tsc: (q(96), q(104)),
+            map: hist_latency(&hist(208)),
+            unmap: hist_latency(&hist(4304)),
+            last_error: (q(128), q(136)),
             mismatch_at: (0..mismatches.min(8) as usize)
-                .map(|i| q(152 + 8 * i))
+                .map(|i| q(144 + 8 * i))
                 .collect(),
             message: String::from_utf8_lossy(&message[..end]).into_owned(),
         })
@@ -444,12 +437,6 @@ fn run_vcpu(
                 let n = data.len().min(4);
                 code[..n].copy_from_slice(&data[..n]);
                 Some(u32::from_le_bytes(code))
-            }
-            VcpuExit::IoOut(YIELD_PORT, _) => {
-                // The guest driver has nothing to do but wait for the device: let the
-                // device and the mapping service run (2 cores, 3 busy threads).
-                std::thread::yield_now();
-                None
             }
             VcpuExit::IoOut(port, data) => {
                 if !pci.pio_write(port, data) {

@@ -257,9 +257,6 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         ctx_capset: if virgl { VIRTIO_GPU_CAPSET_VENUS } else { 0 },
         ops_capset: if virgl { VIRGL_TEST_CAPSET } else { 0 },
         holes_expected: opts.mode == Mode::PerBlobSlot,
-        // Measured here: yielding the VMM thread every 16–256 empty polls did not shorten
-        // map latency (each yield is an exit), so the driver spins.
-        yield_every: 0,
     };
     let mut guest = GuestVm::new(
         vm.clone(),
