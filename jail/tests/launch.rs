@@ -98,6 +98,19 @@ fn filter(nr: i64, action: SeccompAction) -> Vec<u8> {
     program_to_bytes(&prog)
 }
 
+/// Whether `pid` is blocked in `clock_nanosleep`/`nanosleep` (from `/proc/PID/syscall`).
+fn in_nanosleep(pid: i32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+        return false;
+    };
+    let nr: i64 = s
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(-1);
+    nr == libc::SYS_clock_nanosleep || nr == libc::SYS_nanosleep
+}
+
 fn proc_fds(pid: i32) -> Vec<i32> {
     let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -515,11 +528,14 @@ fn a_filter_installed_before_exec_binds_a_program_that_installs_none() {
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!(cmdline, want, "arguments untouched");
-    // (The dynamic loader holds a library open for a moment right after the exec.)
+    // The dynamic loader holds libc open for a moment right after the exec, and the fd table
+    // is `[0, 1, 2]` just before it opens it too: look only once `sleep` sleeps in
+    // clock_nanosleep (or nanosleep), when the loader is done.
     let t0 = std::time::Instant::now();
-    while proc_fds(c.pid()) != [0, 1, 2] && t0.elapsed() < Duration::from_secs(10) {
+    while !in_nanosleep(c.pid()) && t0.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert!(in_nanosleep(c.pid()), "sleep never reached its sleep");
     let fds: Vec<(i32, Option<PathBuf>)> = proc_fds(c.pid())
         .into_iter()
         .map(|fd| {
