@@ -148,6 +148,21 @@ impl SharedMemory {
         })
     }
 
+    /// Whether any page of `offset..offset+len` holds data (`lseek(SEEK_DATA)`: one cheap
+    /// call, no page-table walk). On an error it answers true, so a caller that punches
+    /// only where there is data still punches.
+    pub fn has_data(&self, offset: u64, len: u64) -> bool {
+        let Ok(start) = i64::try_from(offset) else {
+            return true;
+        };
+        match nix::unistd::lseek(self.fd.as_raw_fd(), start, nix::unistd::Whence::SeekData) {
+            Ok(next) => u64::try_from(next).map_or(true, |n| n < offset.saturating_add(len)),
+            // No data at or after `offset`.
+            Err(Errno::ENXIO) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Frees the pages of `offset..offset+len` so they read as zeros again.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         nix::fcntl::fallocate(

@@ -152,6 +152,8 @@ pub struct Window {
     fail_next: AtomicU32,
     /// ... and whether they unmap the range first, as kernels before 6.12 do.
     fail_unmaps: AtomicBool,
+    /// Restores punch the background back to zeros ([`Window::set_zero_on_restore`]).
+    zero_on_restore: AtomicBool,
 }
 
 impl Window {
@@ -193,7 +195,17 @@ impl Window {
             }),
             fail_next: AtomicU32::new(0),
             fail_unmaps: AtomicBool::new(false),
+            zero_on_restore: AtomicBool::new(true),
         })
+    }
+
+    /// Whether [`Window::restore`] and [`Window::restore_all`] zero the background they
+    /// map back (default: yes). The device's mirror turns it off: it shares the VMM's
+    /// memfd, whose owner zeroes it after its own restore, so a second punch of the same
+    /// pages is only cost (it walks every mapping of the range, KVM's included), and the
+    /// device's policy then needs no `fallocate` at all.
+    pub fn set_zero_on_restore(&self, on: bool) {
+        self.zero_on_restore.store(on, Ordering::Relaxed);
     }
 
     /// Test hook: the next `count` MAP_FIXEDs of this window (placements, restores and the
@@ -477,6 +489,11 @@ impl Window {
         st.placements.remove(&offset);
         st.budget.added_since_count = st.budget.added_since_count.saturating_sub(2);
         drop(st);
+        // Only a range that holds data needs the punch: a punch always walks every mapping
+        // of the range in every process (and KVM's MMU notifier), even an empty one.
+        if !self.zero_on_restore.load(Ordering::Relaxed) || !self.memfd.has_data(offset, len) {
+            return Ok(p);
+        }
         if let Err(e) = self.memfd.punch_hole(offset, len) {
             // The background is mapped back (no hole); only stale bytes may remain.
             log::warn!("restore {offset:#x}+{len:#x}: {e}; background not zeroed");
@@ -497,7 +514,9 @@ impl Window {
         let was: Vec<Placement> = std::mem::take(&mut st.placements).into_values().collect();
         st.budget.recount()?;
         drop(st);
-        self.memfd.punch_hole(0, self.size())?;
+        if self.zero_on_restore.load(Ordering::Relaxed) && self.memfd.has_data(0, self.size()) {
+            self.memfd.punch_hole(0, self.size())?;
+        }
         Ok(was)
     }
 

@@ -357,3 +357,43 @@ fn audit_finds_a_hole() {
     w.restore_all().unwrap();
     w.audit().unwrap();
 }
+
+#[test]
+fn restore_zeroes_written_background_and_a_mirror_leaves_it_to_the_owner() {
+    let w = Window::new(16 * PAGE).unwrap();
+    // Nothing written yet: no data, and a restore has nothing to punch.
+    assert!(!w.memfd().has_data(0, 16 * PAGE));
+    // Background written under where a blob goes (as a guest may before the map).
+    w.write(4 * PAGE, b"stale").unwrap();
+    assert!(w.memfd().has_data(4 * PAGE, PAGE));
+    assert!(
+        !w.memfd().has_data(5 * PAGE, 11 * PAGE),
+        "only page 4 holds data"
+    );
+    assert!(!w.memfd().has_data(0, 4 * PAGE));
+
+    // The mirror (same memfd) restores without zeroing: the bytes stay.
+    let mirror = Window::from_memfd(
+        SharedMemory::from_fd(w.memfd().try_clone_fd().unwrap(), 16 * PAGE).unwrap(),
+    )
+    .unwrap();
+    mirror.set_zero_on_restore(false);
+    let b = blob(PAGE, 0xcd);
+    mirror
+        .place(4 * PAGE, PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    mirror.restore(4 * PAGE, PAGE).unwrap();
+    assert_eq!(&read(&mirror, 4 * PAGE, 5), b"stale");
+
+    // The owner's restore zeroes it (for both views).
+    w.place(4 * PAGE, PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    assert!(read(&w, 4 * PAGE, PAGE as usize).iter().all(|&x| x == 0xcd));
+    w.restore(4 * PAGE, PAGE).unwrap();
+    assert!(!w.memfd().has_data(0, 16 * PAGE), "punched");
+    // (Reading a shared memfd mapping allocates its pages again, as zeros.)
+    assert!(read(&w, 4 * PAGE, PAGE as usize).iter().all(|&x| x == 0));
+    assert!(read(&mirror, 4 * PAGE, PAGE as usize)
+        .iter()
+        .all(|&x| x == 0));
+}

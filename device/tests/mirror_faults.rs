@@ -22,7 +22,7 @@ use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
 use hostmem_device::backend::ExportedBlob;
 use hostmem_device::gpu::{MapRequest, PlaceError, Placer};
-use hostmem_device::mirror::{MirrorFaults, MirrorPlacer};
+use hostmem_device::mirror::{MirrorFaults, MirrorPlacer, MESSAGES_IN_FLIGHT};
 use hostmem_ipc::protocol::{BatchReply, DeviceMsg, Outcome, RefuseCode, VmmMsg};
 use hostmem_ipc::Tube;
 
@@ -322,8 +322,9 @@ fn a_mirror_restore_failing_after_its_unmap_left_breaks_the_tube() {
     drop(placer);
 }
 
-/// Map B goes alone while the VMM is slow; Unmap A, Map C (refused by the VMM) and Map D
-/// pile up in the outbox and leave as one batch with two fds. Verdicts come back in
+/// Map B and Unmap A go alone while the VMM is slow ([`MESSAGES_IN_FLIGHT`] messages wait
+/// at the VMM); Map C (refused by the VMM) and Map D pile up in the outbox and leave as one
+/// batch with two fds. Verdicts come back in
 /// command order; C's mirror placement is undone; A's unmap settles only once the VMM has
 /// restored A (invariant 2: the guest hears of the unmap after the VMM's window is
 /// background again).
@@ -366,16 +367,14 @@ fn a_batch_keeps_verdict_order_undoes_a_refusal_in_the_middle_and_unmaps_after_t
         [
             Seen::One(Ev::Map(1, 0)),
             Seen::One(Ev::Map(2, 4 * P)),
-            Seen::Batch(
-                vec![Ev::Unmap(1, 0), Ev::Map(3, 8 * P), Ev::Map(4, 12 * P)],
-                2
-            ),
+            Seen::One(Ev::Unmap(1, 0)),
+            Seen::Batch(vec![Ev::Map(3, 8 * P), Ev::Map(4, 12 * P)], 2),
         ],
-        "the three queued events left as one batch"
+        "two messages in flight, then the two queued events left as one batch"
     );
     assert_eq!(placed(&vmm.window), [4 * P, 12 * P]);
     views_equal(&placer, &vmm);
-    assert_eq!(placer.batching(), (3, 5));
+    assert_eq!(placer.batching(), (4, 5));
     drop(placer);
 }
 
@@ -388,8 +387,11 @@ fn a_mirror_failure_while_the_event_waits_in_the_outbox_recalls_it() {
         refuse: HashSet::new(),
         delay: Duration::from_millis(100),
     });
-    let (b, c, d) = (blob(2, 1), blob(3, 1), blob(4, 1));
+    let (b, e, c, d) = (blob(2, 1), blob(5, 1), blob(3, 1), blob(4, 1));
+    // B and E fill the messages that may wait at the VMM: C waits in the outbox.
+    assert_eq!(MESSAGES_IN_FLIGHT, 2);
     let tb = placer.begin_map(&req(2, 4 * P, &b)).unwrap().unwrap();
+    let te = placer.begin_map(&req(5, 16 * P, &e)).unwrap().unwrap();
     placer.set_test_faults(MirrorFaults {
         fail_place: Some(1),
         fail_restore: None,
@@ -402,8 +404,11 @@ fn a_mirror_failure_while_the_event_waits_in_the_outbox_recalls_it() {
     let got: Vec<(u64, bool)> = std::iter::from_fn(|| placer.finish_next())
         .map(|(t, r)| (t, r.is_ok()))
         .collect();
-    assert_eq!(got, [(tb, true), (td, true)]);
-    assert_eq!(vmm.events(), [Ev::Map(2, 4 * P), Ev::Map(4, 12 * P)]);
+    assert_eq!(got, [(tb, true), (te, true), (td, true)]);
+    assert_eq!(
+        vmm.events(),
+        [Ev::Map(2, 4 * P), Ev::Map(5, 16 * P), Ev::Map(4, 12 * P)]
+    );
     views_equal(&placer, &vmm);
     drop(placer);
 }

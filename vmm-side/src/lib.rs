@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod bench;
 pub mod device;
 pub mod guest;

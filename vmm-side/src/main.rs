@@ -119,6 +119,12 @@ struct RunArgs {
     /// memory cgroup can be made); 0 = unlimited.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     device_memory: u64,
+    /// CPUs the device process may run on (e.g. `1` or `0-3`; default: any).
+    #[arg(long)]
+    device_cpus: Option<hostmem_vmm::affinity::CpuList>,
+    /// CPUs the VMM's mapping-service thread may run on (default: any).
+    #[arg(long)]
+    service_cpus: Option<hostmem_vmm::affinity::CpuList>,
     /// Fault injection: SIGKILL the device once this many blobs are mapped.
     #[arg(long, hide = true)]
     kill_after: Option<u32>,
@@ -168,6 +174,10 @@ struct BenchArgs {
     /// Write bench.json and bench.svg into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where the driver, the devices and the mapping services run: split (the driver and
+    /// the devices on the last CPU, the mapping services on the first) or none.
+    #[arg(long, value_enum, default_value = "split")]
+    cpu_layout: hostmem_vmm::bench::CpuLayout,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -246,6 +256,8 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
     let mut device = run::default_device(&a.backend, a.policy_dir)?;
     device.seccomp_log = a.seccomp_log;
     device.memory_limit = Some(a.device_memory);
+    device.device_cpus = a.device_cpus.clone().map(|l| l.0).unwrap_or_default();
+    device.service_cpus = a.service_cpus.clone().map(|l| l.0).unwrap_or_default();
     if a.no_jail {
         device.jailed = false;
         device.policy = None;
@@ -370,6 +382,7 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
     };
     o.limits = a.limits;
     o.growth = a.growth;
+    o.cpu_layout = a.cpu_layout;
     o.queue_depth = a.queue_depth.max(1);
     o.blobs = o.blobs.max(o.queue_depth);
     o.seed = a.seed;

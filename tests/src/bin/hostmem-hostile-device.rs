@@ -93,15 +93,15 @@ enum Scenario {
     ForkHold,
     // Attacker code on the fds the VMM gave it (issue 14): the window memfd, guest RAM, the
     // kick/call eventfds, and blob fds of its own making.
-    /// Every operation the policy allows on the shared fds (seals, truncation, punching,
-    /// writes, mappings, eventfd writes and reads, closing dups): each must fail or be
+    /// Every operation the policy allows on the shared fds (seals, truncation, writes, mappings, eventfd writes and reads, closing dups): each must fail or be
     /// harmless; the attack then behaves, and fails the guest's command if one of the
     /// operations that must fail succeeded.
     FdShared,
     /// A write seal on the window memfd (F_SEAL_FUTURE_WRITE): the policy kills it.
     FdWriteSealWindow,
-    /// fallocate allocating the window's pages (mode 0): the policy kills it.
-    FdFallocateAllocate,
+    /// fallocate on the window, even the harmless PUNCH_HOLE|KEEP_SIZE: the device needs no
+    /// fallocate, the policy kills it.
+    FdFallocate,
     /// memfd_create(MFD_HUGETLB): the policy kills it.
     MemfdHugetlb,
     /// Under a policy that allows every fcntl and fallocate: every seal of every kind and
@@ -487,14 +487,14 @@ impl HostilePlacer {
                     "F_SEAL_FUTURE_WRITE on the window: {r:?}"
                 )))
             }
-            Scenario::FdFallocateAllocate => {
+            Scenario::FdFallocate => {
                 let r = fallocate(
                     self.window.memfd().as_fd().as_raw_fd(),
-                    FallocateFlags::empty(),
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
                     0,
                     size as i64,
                 );
-                Err(PlaceError::Unspec(format!("fallocate mode 0: {r:?}")))
+                Err(PlaceError::Unspec(format!("fallocate PUNCH_HOLE: {r:?}")))
             }
             Scenario::MemfdHugetlb => {
                 let r = memfd_create(
@@ -653,18 +653,6 @@ fn fd_shared(window: &Window) -> Result<(), String> {
             }),
         );
         if name == "window" {
-            // Zeroes background (under a live placement: not visible); never a fault.
-            op(
-                &mut f,
-                "window: fallocate(PUNCH_HOLE|KEEP_SIZE, whole)",
-                false,
-                fallocate(
-                    raw,
-                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-                    0,
-                    size,
-                ),
-            );
             // write(2) at offset 0 (under blob 1 in the VMM's window: not visible).
             op(
                 &mut f,
@@ -757,6 +745,10 @@ fn fd_any_seal(window: &Window) -> Result<(), String> {
             // Every mode: on shmem only allocation (inside the size: the window is
             // GROW-sealed) and punching work; none can resize or fault the window.
             for (mode, what) in [
+                (
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+                    "PUNCH_HOLE|KEEP_SIZE",
+                ),
                 (FallocateFlags::empty(), "allocate"),
                 (
                     FallocateFlags::FALLOC_FL_KEEP_SIZE,
@@ -905,6 +897,9 @@ fn main() -> anyhow::Result<()> {
     };
     let memfd = fds.pop().context("Hostmem without fd")?;
     let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
+    // The VMM zeroes the background it shares with us after its own restores; our policy
+    // has no fallocate.
+    mirror.set_zero_on_restore(false);
     let backend = hostmem_device::process::make_backend(&args.backend)?;
     if args.scenario == Scenario::NoReady {
         hang()

@@ -68,19 +68,29 @@ fn us(from: u64, to: u64) -> f64 {
     to.saturating_sub(from) as f64 / 1e3
 }
 
-/// Runs `n` synchronous map/unmap pairs of `blob` with tracing and returns the breakdown.
-/// Each command makes exactly one placement event, so the device's records and the
-/// driver's tags pair up in order.
-pub fn run(d: &mut QueueDriver, blob: &BlobSpec, n: usize) -> anyhow::Result<Breakdown> {
+/// Runs `n` synchronous map/unmap pairs over `blobs` (in turn) with tracing and returns
+/// the breakdown. `between(blob, mapped)` runs after each command, untimed, as the timed
+/// cycle's guest checks do, so the hops are those of the cycle the latency table measures
+/// (idle gaps and all). Each command makes exactly one placement event, so the device's
+/// records and the driver's tags pair up in order.
+pub fn run(
+    d: &mut QueueDriver,
+    blobs: &[BlobSpec],
+    n: usize,
+    between: &mut dyn FnMut(&BlobSpec, bool) -> anyhow::Result<()>,
+) -> anyhow::Result<Breakdown> {
+    anyhow::ensure!(!blobs.is_empty(), "no blobs to trace");
     d.set_trace(true)?;
     let mut tags = Vec::with_capacity(2 * n);
-    for _ in 0..n {
+    for blob in blobs.iter().cycle().take(n) {
         let t = d.submit_map(CTX, blob.res, blob.offset)?;
         d.wait_map(t)?;
         tags.push((true, d.stamps(t)));
+        between(blob, true)?;
         let t = d.submit_unmap(CTX, blob.res)?;
         d.wait_ok(t)?;
         tags.push((false, d.stamps(t)));
+        between(blob, false)?;
     }
     let records = d.take_trace()?;
     d.set_trace(false)?;

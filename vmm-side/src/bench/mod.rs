@@ -59,6 +59,8 @@ pub use report::{
 };
 pub use runner::run;
 
+use serde::Serialize;
+
 use crate::device::DeviceConfig;
 
 /// What to run.
@@ -108,6 +110,22 @@ pub struct BenchOptions {
     pub show_progress: bool,
     /// Also run `vhost-user-sandboxed` (when `fixed-sandboxed` runs; [`vhost_user`]).
     pub vhost_user: bool,
+    /// Where the bench's threads and the devices run.
+    pub cpu_layout: CpuLayout,
+}
+
+/// Where the bench's driver (the guest's vCPU), the devices and the mapping services run
+/// ([`crate::affinity`] says why it matters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuLayout {
+    /// The driver and every device on the last allowed CPU, the mapping services on the
+    /// first: the VMM's address space runs on one core while the device works, so its
+    /// MAP_FIXED needs no TLB-shootdown IPI to a polling driver (needs two CPUs; with one
+    /// it is `none`).
+    Split,
+    /// Nothing pinned: the scheduler places every thread.
+    None,
 }
 
 impl BenchOptions {
@@ -135,6 +153,7 @@ impl BenchOptions {
             device,
             show_progress: true,
             vhost_user: true,
+            cpu_layout: CpuLayout::Split,
         }
     }
 
@@ -171,6 +190,8 @@ impl BenchOptions {
             limit_seconds: 10.0,
             show_progress: false,
             vhost_user: false,
+            // Tests run side by side: leave the scheduler alone.
+            cpu_layout: CpuLayout::None,
             ..BenchOptions::full(device)
         }
     }

@@ -185,6 +185,8 @@ pub struct OptionsReport {
     pub working_set: u64,
     /// Device jailed.
     pub jailed: bool,
+    /// Where the driver, the devices and the mapping services ran (`--cpu-layout`).
+    pub cpu_layout: String,
 }
 
 /// The bench report (`--json`).
@@ -371,6 +373,7 @@ pub fn render(r: &BenchReport) -> String {
         r.options.seed,
         r.options.levels.first().copied().unwrap_or(0)
     );
+    let _ = writeln!(s, "cpu layout: {}", r.options.cpu_layout);
     let _ = writeln!(
         s,
         "\nlatency: per command, kick to used ring (pipelined: {} in flight); throughput: map+unmap pairs per second",

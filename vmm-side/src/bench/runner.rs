@@ -18,7 +18,7 @@ use super::report::{
     OptionsReport, RemapReport,
 };
 use super::vhost_user::{self, VhostUserCase};
-use super::BenchOptions;
+use super::{BenchOptions, CpuLayout};
 use crate::device::{Device, DeviceConfig};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{GuestProbe, ProbeRead};
@@ -316,6 +316,10 @@ impl CaseRun {
         let (spin, host): (anyhow::Result<RemapReport>, anyhow::Result<u64>) =
             std::thread::scope(|s| {
                 let spinner = s.spawn(|| -> anyhow::Result<RemapReport> {
+                    // A vCPU of its own: off the driver's CPU (`--cpu-layout split`).
+                    if let Some(all) = ALL_CPUS.get() {
+                        let _ = crate::affinity::pin(0, all, "remap vCPU");
+                    }
                     let mut r = RemapReport::default();
                     // At least one chunk, however fast the host is.
                     loop {
@@ -376,41 +380,61 @@ impl CaseRun {
     /// The per-hop breakdown (fixed-sandboxed) and the pipelined batching (a traced
     /// pipelined batch: events per tube message).
     fn trace(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
+        if self.kind == CaseKind::FixedSandboxed && opts.breakdown > 0 {
+            // The timed cycle's own steps between commands, so the hops explain its latency.
+            let CaseRun { probe, path, .. } = self;
+            let Route::Sandboxed {
+                driver: Some(d), ..
+            } = path
+            else {
+                return Ok(());
+            };
+            let ws = opts.working_set;
+            let mut between = |b: &BlobSpec, mapped: bool| -> anyhow::Result<()> {
+                probe.read_u64(b.offset)?;
+                if !mapped {
+                    probe.touch_ram(ws)?;
+                }
+                Ok(())
+            };
+            self.breakdown = Some(super::breakdown::run(
+                d,
+                &wl.cycling,
+                opts.breakdown,
+                &mut between,
+            )?);
+            return Ok(());
+        }
+        if self.kind != CaseKind::FixedSandboxedPipelined {
+            return Ok(());
+        }
         let Route::Sandboxed {
             driver: Some(d), ..
         } = &mut self.path
         else {
             return Ok(());
         };
-        match self.kind {
-            CaseKind::FixedSandboxed if opts.breakdown > 0 => {
-                self.breakdown = Some(super::breakdown::run(d, &wl.cycling[0], opts.breakdown)?);
+        let q = opts.queue_depth.clamp(1, wl.cycling.len());
+        d.set_trace(true)?;
+        for round in 0..2 {
+            let mut tags = Vec::with_capacity(q);
+            for b in &wl.cycling[..q] {
+                tags.push(if round == 0 {
+                    d.submit_map(CTX, b.res, b.offset)?
+                } else {
+                    d.submit_unmap(CTX, b.res)?
+                });
             }
-            CaseKind::FixedSandboxedPipelined => {
-                let q = opts.queue_depth.clamp(1, wl.cycling.len());
-                d.set_trace(true)?;
-                for round in 0..2 {
-                    let mut tags = Vec::with_capacity(q);
-                    for b in &wl.cycling[..q] {
-                        tags.push(if round == 0 {
-                            d.submit_map(CTX, b.res, b.offset)?
-                        } else {
-                            d.submit_unmap(CTX, b.res)?
-                        });
-                    }
-                    for t in tags {
-                        d.wait_ok_or_map(t)?;
-                    }
-                }
-                let recs = d.take_trace()?;
-                d.set_trace(false)?;
-                if !recs.is_empty() {
-                    // A message of k events holds k records of batch k: messages = Σ 1/k.
-                    let msgs: f64 = recs.iter().map(|r| 1.0 / f64::from(r.batch.max(1))).sum();
-                    self.events_per_message = Some(recs.len() as f64 / msgs);
-                }
+            for t in tags {
+                d.wait_ok_or_map(t)?;
             }
-            _ => {}
+        }
+        let recs = d.take_trace()?;
+        d.set_trace(false)?;
+        if !recs.is_empty() {
+            // A message of k events holds k records of batch k: messages = Σ 1/k.
+            let msgs: f64 = recs.iter().map(|r| 1.0 / f64::from(r.batch.max(1))).sum();
+            self.events_per_message = Some(recs.len() as f64 / msgs);
         }
         Ok(())
     }
@@ -462,6 +486,53 @@ fn machine() -> Machine {
     }
 }
 
+/// Lets the previous batch's processes go idle before the next batch starts: the device and
+/// the mapping service poll for a while after their last work
+/// ([`hostmem_device::process::IDLE_SPIN`], [`hostmem_ipc::REPLY_SPIN`]), and on two
+/// cores a case whose batch starts while another case's pollers still spin measures them.
+fn settle() {
+    let spin = hostmem_device::process::IDLE_SPIN.max(hostmem_ipc::REPLY_SPIN);
+    std::thread::sleep(2 * spin + Duration::from_millis(1));
+}
+
+/// The layout `opts` asks for, applied: the devices' and mapping services' CPUs set in the
+/// returned options and the calling thread (the driver) pinned until the guard drops.
+/// Returns the description the report prints.
+fn apply_layout(opts: &BenchOptions) -> anyhow::Result<(BenchOptions, LayoutGuard, String)> {
+    let mut o = opts.clone();
+    let all = crate::affinity::allowed()?;
+    let _ = ALL_CPUS.set(all.clone());
+    let guard = LayoutGuard { all: all.clone() };
+    if opts.cpu_layout == CpuLayout::None || all.len() < 2 {
+        return Ok((o, guard, "none (nothing pinned)".into()));
+    }
+    let (first, last) = (all[0], all[all.len() - 1]);
+    o.device.device_cpus = vec![last];
+    o.device.service_cpus = vec![first];
+    crate::affinity::pin(0, &[last], "bench driver")?;
+    Ok((
+        o,
+        guard,
+        format!("split (driver and devices on CPU {last}, mapping services on CPU {first})"),
+    ))
+}
+
+/// Every CPU the bench started with (before the driver was pinned).
+static ALL_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
+/// Gives the calling thread every CPU back.
+struct LayoutGuard {
+    all: Vec<usize>,
+}
+
+impl Drop for LayoutGuard {
+    fn drop(&mut self) {
+        if let Err(e) = crate::affinity::pin(0, &self.all, "bench driver") {
+            log::warn!("{e:#}");
+        }
+    }
+}
+
 fn progress(show: bool, done: usize, total: usize, what: &str) {
     if show {
         let w = 30 * done / total.max(1);
@@ -477,6 +548,8 @@ fn progress(show: bool, done: usize, total: usize, what: &str) {
 pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let t0 = Instant::now();
     Vm::available().map_err(|why| anyhow!("/dev/kvm unusable: {why}"))?;
+    let (laid, _unpin, layout) = apply_layout(opts)?;
+    let opts = &laid;
     let wl = Workload::new(opts)?;
     let show = opts.show_progress && std::io::stderr().is_terminal();
     let mut errors = Vec::new();
@@ -530,12 +603,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 if c.failed.is_some() {
                     continue;
                 }
+                settle();
                 if let Err(e) = c.batch(opts, &wl) {
                     log::error!("{}: {e:#}", c.kind.name());
                     c.failed = Some(format!("{e:#}"));
                 }
             }
             if let Some(v) = vhost_user.as_mut() {
+                settle();
                 v.batch(opts, &wl);
             }
             if cold_ms.len() + errors.len() < opts.cold_starts {
@@ -633,6 +708,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             queue_depth: opts.queue_depth,
             working_set: opts.working_set,
             jailed: opts.device.jailed,
+            cpu_layout: layout,
         },
         guest_refault: reports
             .iter()

@@ -100,6 +100,11 @@ pub struct DeviceConfig {
     pub render_server: Option<RenderServerConfig>,
     /// The device's memory limit in bytes (`None` or 0: unlimited); see the module doc.
     pub memory_limit: Option<u64>,
+    /// CPUs the device process (and its render server) may run on; empty: any
+    /// ([`crate::affinity`]).
+    pub device_cpus: Vec<usize>,
+    /// CPUs the VMM's mapping-service thread for this device may run on; empty: any.
+    pub service_cpus: Vec<usize>,
 }
 
 /// virglrenderer's render server (`virgl_render_server --socket-fd N`), started by the VMM
@@ -251,6 +256,11 @@ impl Device {
         let (jail, memory, cgroup) = jail_config(cfg, args, keep_fds)?;
         let mut child = launch::spawn(jail).context("spawning the device")?;
         let pid = child.pid();
+        if let Err(e) = crate::affinity::pin(pid, &cfg.device_cpus, "device") {
+            child.kill(libc::SIGKILL);
+            let _ = child.wait();
+            return Err(e);
+        }
         let connect = || -> anyhow::Result<DeviceFacts> {
             handshake::<VmmMsg, DeviceMsg>(&mapping, Role::Vmm, cfg.start_timeout)
                 .context("handshake with the device")?;
@@ -306,9 +316,15 @@ impl Device {
         let mapping = Arc::new(mapping);
         let service = {
             let (hm, tube) = (hostmem.clone(), mapping.clone());
+            let cpus = cfg.service_cpus.clone();
             std::thread::Builder::new()
                 .name(format!("mapping-service-{pid}"))
-                .spawn(move || serve(&hm, &tube))?
+                .spawn(move || {
+                    if let Err(e) = crate::affinity::pin(0, &cpus, "mapping service") {
+                        log::warn!("{e:#}; it runs unpinned");
+                    }
+                    serve(&hm, &tube)
+                })?
         };
         Ok(Device {
             child,
@@ -593,7 +609,12 @@ fn spawn_render_server(
         audit_descendants: true,
         ..JailConfig::default()
     };
-    let server = launch::spawn(jail).context("spawning the render server")?;
+    let mut server = launch::spawn(jail).context("spawning the render server")?;
+    if let Err(e) = crate::affinity::pin(server.pid(), &cfg.device_cpus, "render server") {
+        server.kill(libc::SIGKILL);
+        let _ = server.wait();
+        return Err(e);
+    }
     let filter = match &rs.policy {
         Some(p) => format!("seccomp {}", p.display()),
         None => "no seccomp".into(),

@@ -609,5 +609,7 @@ pub fn device_config(
         start_timeout: crate::device::START_TIMEOUT,
         render_server: None,
         memory_limit: Some(crate::device::DEFAULT_DEVICE_MEMORY),
+        device_cpus: vec![],
+        service_cpus: vec![],
     }
 }
