@@ -60,6 +60,9 @@ pub enum Error {
     /// Punching the background back to zeros failed.
     #[error("fallocate(PUNCH_HOLE) failed: {0}")]
     PunchHole(Errno),
+    /// Writing zeros over background pages failed.
+    #[error("writing zeros over the background failed: {0}")]
+    ZeroFill(Errno),
     /// A size of zero, or a value that does not fit the platform.
     #[error("invalid size {0:#x}")]
     InvalidSize(u64),

@@ -35,6 +35,19 @@ pub fn max_map_count() -> Result<usize> {
         .map_err(|_| parse_err(path, "not a number"))
 }
 
+/// TLB-shootdown IPIs handled so far, all CPUs together (the `TLB:` line of
+/// `/proc/interrupts`); `None` where the kernel does not count them.
+pub fn tlb_shootdowns() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/interrupts").ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("TLB:"))?;
+    Some(
+        line.split_whitespace()
+            .skip(1)
+            .map_while(|w| w.parse::<u64>().ok())
+            .sum(),
+    )
+}
+
 /// Number of VMAs of this process (lines of `/proc/self/maps`).
 pub fn vma_count() -> Result<usize> {
     vma_count_of("self")

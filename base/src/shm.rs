@@ -148,19 +148,55 @@ impl SharedMemory {
         })
     }
 
-    /// Whether any page of `offset..offset+len` holds data (`lseek(SEEK_DATA)`: one cheap
-    /// call, no page-table walk). On an error it answers true, so a caller that punches
-    /// only where there is data still punches.
-    pub fn has_data(&self, offset: u64, len: u64) -> bool {
-        let Ok(start) = i64::try_from(offset) else {
-            return true;
-        };
-        match nix::unistd::lseek(self.fd.as_raw_fd(), start, nix::unistd::Whence::SeekData) {
-            Ok(next) => u64::try_from(next).map_or(true, |n| n < offset.saturating_add(len)),
-            // No data at or after `offset`.
-            Err(Errno::ENXIO) => false,
-            Err(_) => true,
+    /// The ranges of `offset..offset+len` that hold data (`SEEK_DATA`/`SEEK_HOLE`), at most
+    /// `max` of them (`None`: more than that, or the file cannot say).
+    pub fn data_extents(&self, offset: u64, len: u64, max: usize) -> Option<Vec<(u64, u64)>> {
+        use nix::unistd::{lseek, Whence};
+        let end = offset.checked_add(len)?;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let at = i64::try_from(pos).ok()?;
+            let data = match lseek(self.fd.as_raw_fd(), at, Whence::SeekData) {
+                Ok(d) => u64::try_from(d).ok()?,
+                Err(Errno::ENXIO) => break,
+                Err(_) => return None,
+            };
+            if data >= end {
+                break;
+            }
+            let hole = lseek(
+                self.fd.as_raw_fd(),
+                i64::try_from(data).ok()?,
+                Whence::SeekHole,
+            )
+            .ok()
+            .and_then(|h| u64::try_from(h).ok())?;
+            if out.len() == max {
+                return None;
+            }
+            out.push((data, hole.min(end) - data));
+            pos = hole.max(data + 1);
         }
+        Some(out)
+    }
+
+    /// Writes zeros over `offset..offset+len` through the file (no mapping is touched).
+    pub fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: usize = 64 * 1024;
+        let zeros = [0u8; CHUNK];
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from(len - done).map_or(CHUNK, |l| l.min(CHUNK));
+            let at = i64::try_from(offset + done).map_err(|_| Error::ZeroFill(Errno::EOVERFLOW))?;
+            match nix::sys::uio::pwrite(&self.fd, &zeros[..n], at) {
+                Ok(0) => return Err(Error::ZeroFill(Errno::EIO)),
+                Ok(w) => done += w as u64,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::ZeroFill(e)),
+            }
+        }
+        Ok(())
     }
 
     /// Frees the pages of `offset..offset+len` so they read as zeros again.

@@ -142,6 +142,10 @@ impl FixedTarget<'_> {
     }
 }
 
+/// Background data a restore zeroes by writing; more is punched
+/// ([`Window::zero_background`]).
+pub const ZERO_BY_WRITE_MAX: u64 = 64 * 1024;
+
 /// The hostmem window (or the device's mirror of it).
 #[derive(Debug)]
 pub struct Window {
@@ -197,6 +201,24 @@ impl Window {
             fail_unmaps: AtomicBool::new(false),
             zero_on_restore: AtomicBool::new(true),
         })
+    }
+
+    /// Makes the background of `offset..offset+len` read zeros again, the cheapest way:
+    /// nothing where no page holds data (`SEEK_DATA`; the usual case), a write of zeros
+    /// over the few pages that do (up to [`ZERO_BY_WRITE_MAX`]), a punch otherwise. A punch
+    /// walks every mapping of the range in every process (the device's mirror too: a
+    /// TLB-shootdown IPI to its CPU) and KVM's MMU notifier; a write touches no mapping. The
+    /// written pages stay allocated, as pages a guest merely read there do.
+    fn zero_background(&self, offset: u64, len: u64) -> Result<()> {
+        match self.memfd.data_extents(offset, len, 16) {
+            Some(ext) if ext.iter().map(|e| e.1).sum::<u64>() <= ZERO_BY_WRITE_MAX => {
+                for (o, l) in ext {
+                    self.memfd.write_zeros(o, l)?;
+                }
+                Ok(())
+            }
+            _ => self.memfd.punch_hole(offset, len),
+        }
     }
 
     /// Whether [`Window::restore`] and [`Window::restore_all`] zero the background they
@@ -489,12 +511,10 @@ impl Window {
         st.placements.remove(&offset);
         st.budget.added_since_count = st.budget.added_since_count.saturating_sub(2);
         drop(st);
-        // Only a range that holds data needs the punch: a punch always walks every mapping
-        // of the range in every process (and KVM's MMU notifier), even an empty one.
-        if !self.zero_on_restore.load(Ordering::Relaxed) || !self.memfd.has_data(offset, len) {
+        if !self.zero_on_restore.load(Ordering::Relaxed) {
             return Ok(p);
         }
-        if let Err(e) = self.memfd.punch_hole(offset, len) {
+        if let Err(e) = self.zero_background(offset, len) {
             // The background is mapped back (no hole); only stale bytes may remain.
             log::warn!("restore {offset:#x}+{len:#x}: {e}; background not zeroed");
             self.map.fill(offset as usize, len as usize, 0)?;
@@ -514,8 +534,8 @@ impl Window {
         let was: Vec<Placement> = std::mem::take(&mut st.placements).into_values().collect();
         st.budget.recount()?;
         drop(st);
-        if self.zero_on_restore.load(Ordering::Relaxed) && self.memfd.has_data(0, self.size()) {
-            self.memfd.punch_hole(0, self.size())?;
+        if self.zero_on_restore.load(Ordering::Relaxed) {
+            self.zero_background(0, self.size())?;
         }
         Ok(was)
     }

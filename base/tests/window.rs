@@ -361,16 +361,22 @@ fn audit_finds_a_hole() {
 #[test]
 fn restore_zeroes_written_background_and_a_mirror_leaves_it_to_the_owner() {
     let w = Window::new(16 * PAGE).unwrap();
-    // Nothing written yet: no data, and a restore has nothing to punch.
-    assert!(!w.memfd().has_data(0, 16 * PAGE));
+    // Nothing written yet: no data, and a restore has nothing to zero.
+    let extents = |w: &Window, o: u64, l: u64| w.memfd().data_extents(o, l, 16).unwrap();
+    assert_eq!(extents(&w, 0, 16 * PAGE), []);
     // Background written under where a blob goes (as a guest may before the map).
     w.write(4 * PAGE, b"stale").unwrap();
-    assert!(w.memfd().has_data(4 * PAGE, PAGE));
-    assert!(
-        !w.memfd().has_data(5 * PAGE, 11 * PAGE),
+    assert_eq!(extents(&w, 0, 16 * PAGE), [(4 * PAGE, PAGE)]);
+    assert_eq!(
+        extents(&w, 5 * PAGE, 11 * PAGE),
+        [],
         "only page 4 holds data"
     );
-    assert!(!w.memfd().has_data(0, 4 * PAGE));
+    assert_eq!(
+        extents(&w, 4 * PAGE + 8, 16),
+        [(4 * PAGE + 8, 16)],
+        "clipped"
+    );
 
     // The mirror (same memfd) restores without zeroing: the bytes stay.
     let mirror = Window::from_memfd(
@@ -390,10 +396,43 @@ fn restore_zeroes_written_background_and_a_mirror_leaves_it_to_the_owner() {
         .unwrap();
     assert!(read(&w, 4 * PAGE, PAGE as usize).iter().all(|&x| x == 0xcd));
     w.restore(4 * PAGE, PAGE).unwrap();
-    assert!(!w.memfd().has_data(0, 16 * PAGE), "punched");
     // (Reading a shared memfd mapping allocates its pages again, as zeros.)
     assert!(read(&w, 4 * PAGE, PAGE as usize).iter().all(|&x| x == 0));
     assert!(read(&mirror, 4 * PAGE, PAGE as usize)
         .iter()
         .all(|&x| x == 0));
+}
+
+#[test]
+fn restore_writes_zeros_over_a_little_background_data_and_punches_a_lot() {
+    use hostmem_base::window::ZERO_BY_WRITE_MAX;
+    let size = 8 * ZERO_BY_WRITE_MAX;
+    let w = Window::new(size).unwrap();
+    let b = blob(size, 0x11);
+    let extents = |o: u64, l: u64| w.memfd().data_extents(o, l, 16).unwrap();
+    // A little data: written over with zeros (the page stays, reading zeros).
+    w.write(PAGE, &[7u8; 100]).unwrap();
+    w.place(0, 2 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    w.restore(0, 2 * PAGE).unwrap();
+    assert_eq!(extents(0, 2 * PAGE), [(PAGE, PAGE)], "zeroed in place");
+    assert!(read(&w, 0, 2 * PAGE as usize).iter().all(|&x| x == 0));
+    // More than ZERO_BY_WRITE_MAX: punched (no page left).
+    let n = ZERO_BY_WRITE_MAX + PAGE;
+    w.write(0, &vec![9u8; n as usize]).unwrap();
+    w.place(0, size, b.as_fd(), 0, Prot::READ_WRITE).unwrap();
+    w.restore(0, size).unwrap();
+    assert_eq!(extents(0, size), [], "punched");
+    assert!(read(&w, 0, n as usize).iter().all(|&x| x == 0));
+    // Too many separate extents to list: punched as well.
+    // (Past the pages the reads above allocated again.)
+    let base = 2 * ZERO_BY_WRITE_MAX;
+    for i in 0..20 {
+        w.write(base + 2 * i * PAGE, b"x").unwrap();
+    }
+    assert!(w.memfd().data_extents(base, size - base, 16).is_none());
+    w.place(base, size - base, b.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    w.restore(base, size - base).unwrap();
+    assert_eq!(extents(base, size - base), []);
 }

@@ -140,3 +140,95 @@ pub fn run(
             .map(|v| hop("device mirror placement (overlaps the VMM's)", v)),
     })
 }
+
+/// Who was busy in a traced pipelined batch (maps then unmaps of `queue_depth` blobs):
+/// the share of the batch's wall time the VMM's mapping service spent between receiving a
+/// message and replying to it, and the device between starting an event and finishing its
+/// mirror placement. The busier one bounds the throughput.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PipelineTrace {
+    /// Placement events traced.
+    pub events: usize,
+    /// Mean events per tube message.
+    pub events_per_message: f64,
+    /// From the first event's start to the last used-ring entry, maps and unmaps (two
+    /// phases, the guest's reads between them not counted), µs.
+    pub wall_us: f64,
+    /// The VMM's busy share of `wall_us`.
+    pub vmm_busy: f64,
+    /// The device's busy share of `wall_us`.
+    pub device_busy: f64,
+}
+
+/// Length of the union of `spans` (ns).
+fn covered(mut spans: Vec<(u64, u64)>) -> u64 {
+    spans.retain(|(a, b)| b > a);
+    spans.sort_unstable();
+    let (mut total, mut end) = (0u64, 0u64);
+    for (a, b) in spans {
+        let a = a.max(end);
+        if b > a {
+            total += b - a;
+            end = b;
+        }
+    }
+    total
+}
+
+impl PipelineTrace {
+    /// The trace of `recs`; `None` when they hold no complete record.
+    pub fn of(recs: &[TraceRecord]) -> Option<PipelineTrace> {
+        let done: Vec<&TraceRecord> = recs
+            .iter()
+            .filter(|r| r.device.begin != 0 && r.device.used != 0 && r.vmm.received != 0)
+            .collect();
+        // The maps and the unmaps are two phases with the guest's reads between them:
+        // each phase's wall from its first event's start to its last used-ring entry.
+        let mut wall = 0u64;
+        for map in [true, false] {
+            let phase = done.iter().filter(|r| r.map == map);
+            let start = phase.clone().map(|r| r.device.begin).min();
+            let end = phase.map(|r| r.device.used).max();
+            if let (Some(a), Some(b)) = (start, end) {
+                wall += b.saturating_sub(a);
+            }
+        }
+        if wall == 0 {
+            return None;
+        }
+        let wall = wall as f64;
+        // A message of k events holds k records of batch k: messages = Σ 1/k.
+        let msgs: f64 = done.iter().map(|r| 1.0 / f64::from(r.batch.max(1))).sum();
+        let vmm = covered(
+            done.iter()
+                .map(|r| (r.vmm.received, r.vmm.replied))
+                .collect(),
+        );
+        let dev = covered(
+            done.iter()
+                .map(|r| (r.device.begin, r.device.mirror_done.max(r.device.sent)))
+                .collect(),
+        );
+        Some(PipelineTrace {
+            events: done.len(),
+            events_per_message: done.len() as f64 / msgs,
+            wall_us: wall / 1e3,
+            vmm_busy: vmm as f64 / wall,
+            device_busy: dev as f64 / wall,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_spans_are_counted_once() {
+        assert_eq!(
+            covered(vec![(0, 10), (5, 15), (20, 30), (25, 26), (7, 3)]),
+            25
+        );
+        assert_eq!(covered(vec![]), 0);
+    }
+}

@@ -360,6 +360,13 @@ impl Route {
                 let device = Device::start(&opts.device, hostmem.clone())
                     .with_context(|| format!("{}: starting the device", kind.name()))?;
                 let mut driver = QueueDriver::new(device.transport())?;
+                if !opts.device.device_cpus.is_empty() {
+                    // `--cpu-layout split`: the driver shares its CPU with the device. It
+                    // waits as a halted vCPU does: polling there only takes the CPU from the
+                    // device and keeps the VMM's address space live on it, so every
+                    // MAP_FIXED of the VMM sends that CPU a TLB-shootdown IPI.
+                    driver.set_reply_spin(std::time::Duration::ZERO);
+                }
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {
                     driver: Some(Box::new(driver)),

@@ -48,7 +48,7 @@ mod report;
 mod runner;
 pub mod vhost_user;
 
-pub use breakdown::{Breakdown, Hop};
+pub use breakdown::{Breakdown, Hop, PipelineTrace};
 pub use cases::{BlobSpec, CaseKind, InprocPlacer, Workload};
 pub use growth::GrowthPoint;
 pub use limits::run_limits;

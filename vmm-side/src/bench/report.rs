@@ -91,6 +91,10 @@ pub struct CaseReport {
     pub memslot_changes: u64,
     /// Memslot changes per timed cycle.
     pub memslot_changes_per_cycle: f64,
+    /// TLB-shootdown IPIs (the machine's, from `/proc/interrupts`) per timed cycle: a
+    /// MAP_FIXED or memslot change in a process whose threads run on other CPUs costs
+    /// one per other CPU ([`crate::affinity`]).
+    pub tlb_shootdowns_per_cycle: f64,
     /// Most placements live at once.
     pub peak_live: usize,
     /// Time (µs) for the guest to re-read its RAM working set after a cycle, first level.
@@ -216,6 +220,8 @@ pub struct BenchReport {
     pub breakdown: Option<Breakdown>,
     /// The pipelined case's batching: events per tube message (mean) in a traced batch.
     pub pipelined_events_per_message: Option<f64>,
+    /// Who was busy in the traced pipelined batch.
+    pub pipelined_trace: Option<super::breakdown::PipelineTrace>,
     /// The window's cost as it grows (`--growth`).
     pub growth: Vec<GrowthPoint>,
     /// Targets and verdicts.
@@ -381,13 +387,14 @@ pub fn render(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:<27} {:>17} {:>17} {:>17} {:>9} {:>9} {:>5} {:>17} {:>6} {:>6}",
+        "\n{:<27} {:>17} {:>17} {:>17} {:>9} {:>9} {:>8} {:>5} {:>17} {:>6} {:>6}",
         "case",
         "map p50/p99 µs",
         "unmap p50/p99 µs",
         "m+u lat p50/p99",
         "pairs/s",
         "memslots",
+        "TLB/pair",
         "peak",
         "refault p50/p99",
         "holes",
@@ -397,13 +404,14 @@ pub fn render(r: &BenchReport) -> String {
     for c in &r.cases {
         let _ = writeln!(
             s,
-            "{:<27} {:>17} {:>17} {:>17} {:>9.0} {:>9} {:>5} {:>17} {:>6} {:>6}{}",
+            "{:<27} {:>17} {:>17} {:>17} {:>9.0} {:>9} {:>8.1} {:>5} {:>17} {:>6} {:>6}{}",
             c.name,
             pair(&c.map_us),
             pair(&c.unmap_us),
             pair(&c.cycle_us),
             c.cycles_per_s,
             c.memslot_changes,
+            c.tlb_shootdowns_per_cycle,
             c.peak_live,
             pair(&c.guest_refault_us),
             c.guest_holes,
@@ -459,10 +467,15 @@ pub fn render(r: &BenchReport) -> String {
             );
         }
     }
-    if let Some(e) = r.pipelined_events_per_message {
+    if let Some(t) = r.pipelined_trace {
         let _ = writeln!(
             s,
-            "pipelined batching: {e:.1} placement events per tube message (traced batch)"
+            "pipelined (one traced batch, {} events in {:.0} µs): {:.1} events per tube message; VMM busy {:.0}%, device busy {:.0}% of the time",
+            t.events,
+            t.wall_us,
+            t.events_per_message,
+            t.vmm_busy * 100.0,
+            t.device_busy * 100.0
         );
     }
     if !r.growth.is_empty() {
@@ -551,6 +564,7 @@ pub(super) fn case_report(
     let first = levels.first().map(|(_, s)| s.clone()).unwrap_or_default();
     let timed: u64 = levels.iter().map(|(_, s)| s.cycles).sum();
     let slot_changes: u64 = levels.iter().map(|(_, s)| s.memslot_changes).sum();
+    let tlb: u64 = levels.iter().map(|(_, s)| s.tlb_shootdowns).sum();
     CaseReport {
         name,
         mode: mode.name(),
@@ -563,6 +577,11 @@ pub(super) fn case_report(
         memslot_changes: 0,
         memslot_changes_per_cycle: if timed > 0 {
             slot_changes as f64 / timed as f64
+        } else {
+            0.0
+        },
+        tlb_shootdowns_per_cycle: if timed > 0 {
+            tlb as f64 / timed as f64
         } else {
             0.0
         },

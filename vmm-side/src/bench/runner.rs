@@ -34,6 +34,8 @@ pub(super) struct Samples {
     pub(super) cycles: u64,
     pub(super) op_seconds: f64,
     pub(super) memslot_changes: u64,
+    /// TLB-shootdown IPIs during the timed batches (the whole machine's).
+    pub(super) tlb_shootdowns: u64,
 }
 
 struct CaseRun {
@@ -49,7 +51,7 @@ struct CaseRun {
     remap: RemapReport,
     failed: Option<String>,
     breakdown: Option<super::breakdown::Breakdown>,
-    events_per_message: Option<f64>,
+    pipeline: Option<super::breakdown::PipelineTrace>,
 }
 
 impl Samples {
@@ -94,7 +96,7 @@ impl CaseRun {
             remap: RemapReport::default(),
             failed: None,
             breakdown: None,
-            events_per_message: None,
+            pipeline: None,
         };
         for b in wl.cycling.iter().chain(wl.spin.iter()) {
             c.path.create(b)?;
@@ -186,6 +188,7 @@ impl CaseRun {
     /// One batch of `opts.batch` cycles.
     fn batch(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
         let slots0 = self.hostmem.memslot_changes();
+        let tlb0 = procfs::tlb_shootdowns();
         if self.kind == CaseKind::FixedSandboxedPipelined {
             self.batch_pipelined(opts, wl)?;
         } else {
@@ -206,6 +209,9 @@ impl CaseRun {
         }
         let d = self.hostmem.memslot_changes() - slots0;
         self.samples().memslot_changes += d;
+        if let (Some(a), Some(b)) = (tlb0, procfs::tlb_shootdowns()) {
+            self.samples().tlb_shootdowns += b.saturating_sub(a);
+        }
         Ok(())
     }
 
@@ -408,9 +414,11 @@ impl CaseRun {
         if self.kind != CaseKind::FixedSandboxedPipelined {
             return Ok(());
         }
+        // As a timed pipelined batch: all maps, the guest reads every blob, all unmaps.
+        let CaseRun { probe, path, .. } = self;
         let Route::Sandboxed {
             driver: Some(d), ..
-        } = &mut self.path
+        } = path
         else {
             return Ok(());
         };
@@ -428,14 +436,15 @@ impl CaseRun {
             for t in tags {
                 d.wait_ok_or_map(t)?;
             }
+            if round == 0 {
+                for b in &wl.cycling[..q] {
+                    probe.read_u64(b.offset)?;
+                }
+            }
         }
         let recs = d.take_trace()?;
         d.set_trace(false)?;
-        if !recs.is_empty() {
-            // A message of k events holds k records of batch k: messages = Σ 1/k.
-            let msgs: f64 = recs.iter().map(|r| 1.0 / f64::from(r.batch.max(1))).sum();
-            self.events_per_message = Some(recs.len() as f64 / msgs);
-        }
+        self.pipeline = super::breakdown::PipelineTrace::of(&recs);
         Ok(())
     }
 
@@ -635,7 +644,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         }
     }
     let breakdown = cases.iter_mut().find_map(|c| c.breakdown.take());
-    let pipelined_events_per_message = cases.iter().find_map(|c| c.events_per_message);
+    let pipelined_trace = cases.iter().find_map(|c| c.pipeline);
     if show {
         eprintln!();
     }
@@ -731,7 +740,8 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         },
         ratios,
         breakdown,
-        pipelined_events_per_message,
+        pipelined_events_per_message: pipelined_trace.map(|t| t.events_per_message),
+        pipelined_trace,
         growth,
         targets,
         limits,

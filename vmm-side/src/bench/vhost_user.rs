@@ -201,6 +201,7 @@ impl VhostUserCase {
             return;
         }
         let slots0 = self.hostmem.memslot_changes();
+        let tlb0 = hostmem_base::procfs::tlb_shootdowns();
         let r = (|| -> anyhow::Result<()> {
             for _ in 0..opts.batch {
                 let b = wl.cycling[self.cursor % wl.cycling.len()];
@@ -220,6 +221,9 @@ impl VhostUserCase {
         })();
         let d = self.hostmem.memslot_changes() - slots0;
         self.samples().memslot_changes += d;
+        if let (Some(a), Some(b)) = (tlb0, hostmem_base::procfs::tlb_shootdowns()) {
+            self.samples().tlb_shootdowns += b.saturating_sub(a);
+        }
         if let Err(e) = r {
             log::error!("{NAME}: {e:#}");
             self.failed = Some(format!("{e:#}"));
