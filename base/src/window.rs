@@ -522,6 +522,90 @@ impl Window {
         Ok(p)
     }
 
+    /// Removes several live placements at once, each named exactly as [`Window::restore`]
+    /// wants it; one result per range, in the order given. Ranges with nothing else live
+    /// between them go back to background together, in one MAP_FIXED over the span from
+    /// the first to the last (the gaps between them are background already): a burst of
+    /// unmaps costs one page-table update and one MMU-notifier round instead of one each,
+    /// and the span ends as one VMA. A span whose MAP_FIXED fails is mapped back as
+    /// [`Window::restore`] does; if even that fails, its placements stay recorded and
+    /// each of them gets the error.
+    pub fn restore_many(&self, ranges: &[(u64, u64)]) -> Vec<Result<Placement>> {
+        let mut out: Vec<Option<Result<Placement>>> = (0..ranges.len()).map(|_| None).collect();
+        let mut st = self.lock();
+        // The ranges that name a live placement exactly (each once), by offset.
+        let mut ok: Vec<(u64, u64, usize)> = Vec::with_capacity(ranges.len());
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            let named = matches!(st.placements.get(&offset), Some(p) if p.len == len);
+            if !named || ok.iter().any(|&(o, _, _)| o == offset) {
+                out[i] = Some(Err(Error::NotPlaced { offset, len }));
+            } else {
+                ok.push((offset, len, i));
+            }
+        }
+        ok.sort_unstable();
+        let mut spans: Vec<Vec<(u64, u64, usize)>> = Vec::new();
+        for r in ok {
+            let joins = spans
+                .last()
+                .and_then(|sp| sp.last())
+                .is_some_and(|&(o, l, _)| {
+                    // Nothing live from the previous range's end to this one's start.
+                    st.placements.range(o + l..r.0).next().is_none()
+                });
+            match spans.last_mut() {
+                Some(sp) if joins => sp.push(r),
+                _ => spans.push(vec![r]),
+            }
+        }
+        let mut zero = Vec::new();
+        for sp in spans {
+            let (Some(&(start, _, _)), Some(&(last, last_len, _))) = (sp.first(), sp.last()) else {
+                continue;
+            };
+            let len = last + last_len - start;
+            let res = self
+                .map_fixed(start, len, self.memfd.as_fd(), start, Prot::READ_WRITE)
+                .or_else(|e| {
+                    if self.map_background(start, len) {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                });
+            for &(offset, len, i) in &sp {
+                out[i] = Some(match &res {
+                    Ok(()) => {
+                        let p = st.placements.remove(&offset);
+                        st.budget.added_since_count = st.budget.added_since_count.saturating_sub(2);
+                        zero.push((offset, len));
+                        p.ok_or(Error::NotPlaced { offset, len })
+                    }
+                    Err(e) => Err(Error::MapFixed {
+                        offset,
+                        len,
+                        errno: match e {
+                            Error::MapFixed { errno, .. } => *errno,
+                            _ => nix::errno::Errno::EIO,
+                        },
+                    }),
+                });
+            }
+        }
+        drop(st);
+        if self.zero_on_restore.load(Ordering::Relaxed) {
+            for (offset, len) in zero {
+                if let Err(e) = self.zero_background(offset, len) {
+                    log::warn!("restore {offset:#x}+{len:#x}: {e}; background not zeroed");
+                    let _ = self.map.fill(offset as usize, len as usize, 0);
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or(Err(Error::InvalidSize(0))))
+            .collect()
+    }
+
     /// Restores the whole window to background in one MAP_FIXED (which can only lower the
     /// VMA count) and zeroes it; returns the placements that were live.
     pub fn restore_all(&self) -> Result<Vec<Placement>> {

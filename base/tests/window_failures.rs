@@ -163,3 +163,103 @@ fn the_window_memfd_takes_no_seal_from_anyone() {
     w.restore(0, PAGE).unwrap();
     assert_background(&w, 0, 16 * PAGE);
 }
+
+/// `restore_many`: ranges with nothing live between them go back in one MAP_FIXED (one
+/// background VMA where there were blobs and gaps); a live placement between two ranges
+/// splits them into two spans and stays; bad and repeated ranges get NotPlaced; results
+/// keep the order given.
+#[test]
+fn restore_many_joins_neighbours_keeps_the_rest_and_answers_in_order() {
+    let w = Window::new(64 * PAGE).unwrap();
+    let b = blob(4 * PAGE, 0x5a);
+    let keep = blob(PAGE, 0x77);
+    for off in [2, 8, 14, 30] {
+        w.place(off * PAGE, 4 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+            .unwrap();
+    }
+    // A placement that stays, between the third and the fourth.
+    w.place(22 * PAGE, PAGE, keep.as_fd(), 0, Prot::READ_WRITE)
+        .unwrap();
+    // The window's own VMAs (other tests map and unmap in this process meanwhile).
+    let (addr, size) = w.host_range();
+    let vmas = || {
+        hostmem_base::procfs::maps_in_range(addr, addr + size)
+            .unwrap()
+            .len()
+    };
+    let vmas_before = vmas();
+    let res = w.restore_many(&[
+        (30 * PAGE, 4 * PAGE),
+        (8 * PAGE, 4 * PAGE),
+        (9 * PAGE, 4 * PAGE), // not a placement
+        (2 * PAGE, 4 * PAGE),
+        (8 * PAGE, 4 * PAGE), // again
+        (14 * PAGE, 4 * PAGE),
+    ]);
+    let got: Vec<Option<u64>> = res
+        .iter()
+        .map(|r| r.as_ref().ok().map(|p| p.offset))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            Some(30 * PAGE),
+            Some(8 * PAGE),
+            None,
+            Some(2 * PAGE),
+            None,
+            Some(14 * PAGE)
+        ]
+    );
+    assert!(matches!(res[2], Err(Error::NotPlaced { .. })));
+    assert!(matches!(res[4], Err(Error::NotPlaced { .. })));
+    assert_eq!(w.live(), 1);
+    assert!(
+        all(&w, 22 * PAGE, PAGE, 0x77),
+        "the placement between stays"
+    );
+    assert_background(&w, 2 * PAGE, 16 * PAGE);
+    assert_background(&w, 30 * PAGE, 4 * PAGE);
+    // 2..18 became one VMA with the background around it.
+    let vmas_after = vmas();
+    assert_eq!(vmas_before, 11, "5 placements and 6 background pieces");
+    assert!(
+        vmas_after <= 3,
+        "{vmas_after} VMAs after: background, kept blob, background"
+    );
+}
+
+/// A span whose MAP_FIXED fails (the old range unmapped first, as before 6.12) is mapped
+/// back as background: its placements are gone, no hole. If the background cannot go back
+/// either, every placement of the span gets the error and stays recorded.
+#[test]
+fn restore_many_after_a_failed_span_leaves_no_hole() {
+    let w = Window::new(32 * PAGE).unwrap();
+    let b = blob(2 * PAGE, 0x42);
+    for off in [4, 8] {
+        w.place(off * PAGE, 2 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+            .unwrap();
+    }
+    w.inject_map_failures(1, true);
+    let res = w.restore_many(&[(4 * PAGE, 2 * PAGE), (8 * PAGE, 2 * PAGE)]);
+    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    assert_eq!(w.live(), 0);
+    assert_background(&w, 4 * PAGE, 6 * PAGE);
+
+    for off in [4, 8] {
+        w.place(off * PAGE, 2 * PAGE, b.as_fd(), 0, Prot::READ_WRITE)
+            .unwrap();
+    }
+    // The span's MAP_FIXED and every attempt to map the background back fail, without
+    // unmapping anything: the blobs stay where they are, recorded.
+    w.inject_map_failures(1 + RESTORE_ATTEMPTS, false);
+    let res = w.restore_many(&[(8 * PAGE, 2 * PAGE), (4 * PAGE, 2 * PAGE)]);
+    assert!(
+        res.iter().all(|r| matches!(r, Err(Error::MapFixed { .. }))),
+        "{res:?}"
+    );
+    assert_eq!(w.live(), 2);
+    w.audit().expect("table == maps");
+    assert!(all(&w, 4 * PAGE, 2 * PAGE, 0x42));
+    assert!(all(&w, 8 * PAGE, 2 * PAGE, 0x42));
+}

@@ -473,6 +473,78 @@ impl Hostmem {
         self.finish(res, &self.unmaps_ok, "unmap", resource_id, offset, len)
     }
 
+    /// Several unmaps that arrived together (a run of Unmap events in one batch), each
+    /// `(resource_id, offset, len)`: one outcome each, in order, exactly as
+    /// [`Hostmem::handle_unmap`] would give them one by one, but in fixed mode the accepted
+    /// ones go back to background together ([`Window::restore_many`]: one MAP_FIXED for
+    /// ranges with nothing else live between them). The per-event path is kept for the
+    /// per-blob-slot mode, a single event and a set fault hook (tests stop at each event).
+    pub fn handle_unmaps(&self, reqs: &[(u32, u64, u64)]) -> Vec<Outcome> {
+        let one_by_one = reqs.len() < 2
+            || self.mode != Mode::Fixed
+            || self
+                .faults
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some();
+        if one_by_one {
+            return reqs
+                .iter()
+                .map(|&(r, o, l)| self.handle_unmap(r, o, l))
+                .collect();
+        }
+        let mut res: Vec<Option<Result<(), Refusal>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut st = self.lock();
+        let mut ranges = Vec::new();
+        let mut which = Vec::new();
+        for (i, &(resource_id, offset, len)) in reqs.iter().enumerate() {
+            let check = match st.live.get(&offset) {
+                Some(l) if l.len == len && l.resource_id == resource_id && l.slot.is_none() => {
+                    if ranges.iter().any(|&(o, _)| o == offset) {
+                        Err(Refusal::invalid("no live placement there"))
+                    } else {
+                        Ok(())
+                    }
+                }
+                Some(l) if l.len == len && l.resource_id == resource_id => {
+                    Err(Refusal::unspec("a per-blob memslot in fixed mode"))
+                }
+                Some(l) => Err(Refusal::invalid(format!(
+                    "live placement at {offset:#x} is resource {} (+{:#x})",
+                    l.resource_id, l.len
+                ))),
+                None => Err(Refusal::invalid("no live placement there")),
+            };
+            match check {
+                Ok(()) => {
+                    ranges.push((offset, len));
+                    which.push(i);
+                }
+                Err(r) => res[i] = Some(Err(r)),
+            }
+        }
+        for (i, r) in which.into_iter().zip(self.window.restore_many(&ranges)) {
+            res[i] = Some(match r {
+                Ok(_) => {
+                    if let Some(l) = st.live.remove(&reqs[i].1) {
+                        st.by_resource.remove(&l.resource_id);
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(Refusal::unspec(format!("restore: {e}"))),
+            });
+        }
+        drop(st);
+        reqs.iter()
+            .zip(res)
+            .map(|(&(resource_id, offset, len), r)| {
+                let r = r.unwrap_or_else(|| Err(Refusal::unspec("not handled")));
+                self.finish(r, &self.unmaps_ok, "unmap", resource_id, offset, len)
+            })
+            .collect()
+    }
+
     fn try_unmap(&self, resource_id: u32, offset: u64, len: u64) -> Result<(), Refusal> {
         let mut st = self.lock();
         match st.live.get(&offset) {

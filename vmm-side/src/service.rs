@@ -2,8 +2,9 @@
 //! mapping tube, hands them to [`Hostmem`] (which checks everything) and replies.
 //!
 //! A [`DeviceMsg::Batch`] (several events, one fd per Map in event order) is handled event
-//! by event in its order, exactly as the same events in separate messages would be, and
-//! answered by one [`VmmMsg::Replies`]. A traced batch (`hostmem bench`'s breakdown) gets
+//! by event in its order, with the outcomes the same events in separate messages would
+//! get, and answered by one [`VmmMsg::Replies`]; a run of Unmaps in it goes back to
+//! background together ([`Hostmem::handle_unmaps`]). A traced batch (`hostmem bench`'s breakdown) gets
 //! [`VmmStamps`] per event; to stamp "checks done" apart from "placed", a traced Map runs
 //! the checks once on their own first (the placement repeats them, ~0.3 µs).
 
@@ -137,7 +138,8 @@ fn handle_batch(
     let received = if trace { monotonic_ns() } else { 0 };
     let mut fds = fds.into_iter();
     let mut replies = Vec::with_capacity(events.len());
-    for ev in events {
+    let mut events = events.into_iter().peekable();
+    while let Some(ev) = events.next() {
         let mut st = VmmStamps {
             received,
             ..VmmStamps::default()
@@ -161,8 +163,33 @@ fn handle_batch(
                 offset,
                 len,
             }) => {
+                // A run of Unmaps goes back to background together (Hostmem::handle_unmaps).
+                let mut run = vec![(seq, (resource_id, offset, len))];
+                while let Some(DeviceMsg::Unmap { .. }) = events.peek() {
+                    if let Some(DeviceMsg::Unmap {
+                        seq,
+                        resource_id,
+                        offset,
+                        len,
+                    }) = events.next()
+                    {
+                        run.push((seq, (resource_id, offset, len)));
+                    }
+                }
                 st.checked = st.received;
-                (seq, hostmem.handle_unmap(resource_id, offset, len))
+                let reqs: Vec<(u32, u64, u64)> = run.iter().map(|r| r.1).collect();
+                let outcomes = hostmem.handle_unmaps(&reqs);
+                if trace {
+                    st.placed = monotonic_ns();
+                }
+                for ((seq, _), outcome) in run.into_iter().zip(outcomes) {
+                    replies.push(BatchReply {
+                        seq,
+                        outcome,
+                        stamps: trace.then_some(st),
+                    });
+                }
+                continue;
             }
             Err(other) => {
                 hostmem.note_protocol_error();

@@ -13,8 +13,9 @@
 //! and the call eventfd. Many commands may be in flight ([`QueueDriver::submit`] then
 //! [`QueueDriver::wait`]); the device may complete them in any order.
 //!
-//! Waiting polls the used ring for [`REPLY_SPIN`] ([`QueueDriver::set_reply_spin`]) and
-//! then sleeps on the call eventfd (the host can take the "interrupt"). A device that answers nothing within the timeout,
+//! Waiting polls the used ring for [`REPLY_SPIN`] (for a lone command:
+//! [`QueueDriver::set_lone_reply_spin`]) and then sleeps on the call eventfd (the host can
+//! take the "interrupt"). A device that answers nothing within the timeout,
 //! whose transport tube hangs up, or that puts a descriptor in the used ring that is not in
 //! flight is lost ([`CmdError::device_lost`]); every later command fails at once.
 
@@ -227,8 +228,9 @@ pub struct QueueDriver {
     ctrl: Ring,
     cursor: Ring,
     timeout: Duration,
-    /// How long a wait polls the used ring before it sleeps on the call eventfd.
-    reply_spin: Duration,
+    /// How long a wait for the only command in flight polls the used ring before it
+    /// sleeps on the call eventfd (with more in flight: [`REPLY_SPIN`]).
+    lone_reply_spin: Duration,
     next_seq: u64,
     next_tag: u64,
     pending: HashMap<u64, Pending>,
@@ -287,7 +289,7 @@ impl QueueDriver {
             ctrl: Ring::new(CONTROLQ)?,
             cursor: Ring::new(CURSORQ)?,
             timeout: COMMAND_TIMEOUT,
-            reply_spin: REPLY_SPIN,
+            lone_reply_spin: REPLY_SPIN,
             next_seq: 1,
             next_tag: 1,
             pending: HashMap::new(),
@@ -382,11 +384,12 @@ impl QueueDriver {
         Ok(())
     }
 
-    /// Sets how long a wait polls the used ring before it sleeps on the call eventfd
-    /// ([`REPLY_SPIN`] by default; zero: sleep at once, as a halted vCPU waits for its
-    /// interrupt).
-    pub fn set_reply_spin(&mut self, t: Duration) {
-        self.reply_spin = t;
+    /// Sets how long a wait for the only command in flight polls the used ring before it
+    /// sleeps on the call eventfd ([`REPLY_SPIN`] by default; zero: sleep at once, as a
+    /// halted vCPU waits for its interrupt). With more commands in flight a wait always
+    /// polls for [`REPLY_SPIN`] first: the next completion is near.
+    pub fn set_lone_reply_spin(&mut self, t: Duration) {
+        self.lone_reply_spin = t;
     }
 
     /// Resets the device ([`TransportMsg::Reset`]: it drops every queue, context and blob;
@@ -563,7 +566,12 @@ impl QueueDriver {
                 return Ok(());
             }
             let now = Instant::now();
-            if now.duration_since(t0) < self.reply_spin {
+            let spin = if self.pending.len() > 1 {
+                REPLY_SPIN
+            } else {
+                self.lone_reply_spin
+            };
+            if now.duration_since(t0) < spin {
                 std::thread::yield_now();
                 continue;
             }
