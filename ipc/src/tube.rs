@@ -3,6 +3,7 @@
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hostmem_base::fd::{recv_with_fds, try_recv_with_fds};
@@ -120,6 +121,9 @@ pub struct Tube {
     sock: OwnedFd,
     /// How long a receive polls before it sleeps, in ns ([`Tube::set_recv_spin`]).
     spin_ns: AtomicU64,
+    /// The receive buffer ([`MAX_MESSAGE`] bytes), kept: a fresh zeroed 64 KiB per message
+    /// cost a memset on every receive of both ends.
+    rbuf: Mutex<Vec<u8>>,
 }
 
 impl Tube {
@@ -147,6 +151,7 @@ impl Tube {
         Tube {
             sock,
             spin_ns: AtomicU64::new(0),
+            rbuf: Mutex::new(Vec::new()),
         }
     }
 
@@ -234,13 +239,30 @@ impl Tube {
     /// Receives one raw message and the fds that came with it (CLOEXEC, owned). A message
     /// that was truncated, or whose fds were, is an error and its fds are closed.
     pub fn recv_bytes(&self) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
+        self.with_buf(|buf| self.recv_into(buf))
+    }
+
+    /// Runs `f` on the kept receive buffer, or on a fresh one while another receive (of
+    /// another thread) holds it: a receiver never waits for another's buffer.
+    fn with_buf<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        match self.rbuf.try_lock() {
+            Ok(mut b) => {
+                if b.len() < MAX_MESSAGE {
+                    b.resize(MAX_MESSAGE, 0);
+                }
+                f(&mut b)
+            }
+            Err(_) => f(&mut vec![0u8; MAX_MESSAGE]),
+        }
+    }
+
+    fn recv_into(&self, buf: &mut [u8]) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
         let spin = Duration::from_nanos(self.spin_ns.load(Ordering::Relaxed));
         let mut polled = None;
         if !spin.is_zero() {
             let t0 = std::time::Instant::now();
             loop {
-                match try_recv_with_fds(self.sock.as_fd(), &mut buf) {
+                match try_recv_with_fds(self.sock.as_fd(), buf) {
                     Err(Errno::EAGAIN) if t0.elapsed() < spin => std::thread::yield_now(),
                     Err(Errno::EAGAIN) => break,
                     r => {
@@ -250,23 +272,22 @@ impl Tube {
                 }
             }
         }
-        let got = polled.unwrap_or_else(|| recv_with_fds(self.sock.as_fd(), &mut buf));
+        let got = polled.unwrap_or_else(|| recv_with_fds(self.sock.as_fd(), buf));
         Self::received(got, buf)
     }
 
     /// [`Tube::recv_bytes`] without waiting: `Ok(None)` when no message is queued.
     pub fn try_recv_bytes(&self) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        match try_recv_with_fds(self.sock.as_fd(), &mut buf) {
+        self.with_buf(|buf| match try_recv_with_fds(self.sock.as_fd(), buf) {
             Err(Errno::EAGAIN) => Ok(None),
             got => Self::received(got, buf).map(Some),
-        }
+        })
     }
 
     /// Checks what one `recvmsg` brought.
     fn received(
         got: std::result::Result<hostmem_base::fd::Received, Errno>,
-        mut buf: Vec<u8>,
+        buf: &[u8],
     ) -> Result<(Vec<u8>, Vec<OwnedFd>)> {
         let got = match got {
             Ok(r) => r,
@@ -278,9 +299,9 @@ impl Tube {
         if got.truncated {
             return Err(Error::Truncated);
         }
+        let message = || buf.get(..got.len).unwrap_or(buf).to_vec();
         if got.control_truncated {
-            buf.truncate(got.len);
-            return Err(Error::ControlTruncated { message: buf });
+            return Err(Error::ControlTruncated { message: message() });
         }
         if got.fds.len() > MAX_FDS {
             return Err(Error::TooManyFds {
@@ -291,8 +312,7 @@ impl Tube {
         if got.len == 0 && got.fds.is_empty() {
             return Err(Error::Hangup);
         }
-        buf.truncate(got.len);
-        Ok((buf, got.fds))
+        Ok((message(), got.fds))
     }
 
     /// Sends a typed message as JSON; the fds must match `msg.fd_count()`.
