@@ -366,9 +366,11 @@ impl Route {
                     // the CPU from the device and keeps the VMM's address space live on it,
                     // so every MAP_FIXED of the VMM sends that CPU a TLB-shootdown IPI
                     // (measured: latency 3.2-3.4x the floor's instead of 3.5-4.6x). With
-                    // more in flight it still polls: completions come every few µs, and a
-                    // wake-up per completion cost the pipelined case a tenth.
-                    driver.set_lone_reply_spin(std::time::Duration::ZERO);
+                    // more in flight it looks at the used ring every 100 µs and sleeps in
+                    // between: a sched_yield loop kept the device off the CPU for up to a
+                    // tick at a time (p99 3.9 ms in a pipelined batch), and sleeping on the
+                    // call eventfd woke it once per completion (a tenth less throughput).
+                    driver.set_poll_sleep(Some(std::time::Duration::from_micros(100)));
                 }
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {

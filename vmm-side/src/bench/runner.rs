@@ -485,7 +485,11 @@ fn machine() -> Machine {
         })
         .unwrap_or_default();
     Machine {
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // The CPUs the bench started with (the driver may be pinned to one by now).
+        cores: ALL_CPUS
+            .get()
+            .map(Vec::len)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default(),
@@ -519,6 +523,7 @@ fn apply_layout(opts: &BenchOptions) -> anyhow::Result<(BenchOptions, LayoutGuar
     o.device.device_cpus = vec![last];
     o.device.service_cpus = vec![first];
     crate::affinity::pin(0, &[last], "bench driver")?;
+
     Ok((
         o,
         guard,
