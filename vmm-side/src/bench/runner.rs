@@ -386,65 +386,68 @@ impl CaseRun {
     /// The per-hop breakdown (fixed-sandboxed) and the pipelined batching (a traced
     /// pipelined batch: events per tube message).
     fn trace(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
-        if self.kind == CaseKind::FixedSandboxed && opts.breakdown > 0 {
-            // The timed cycle's own steps between commands, so the hops explain its latency.
-            let CaseRun { probe, path, .. } = self;
-            let Route::Sandboxed {
-                driver: Some(d), ..
-            } = path
-            else {
-                return Ok(());
-            };
-            let ws = opts.working_set;
-            let mut between = |b: &BlobSpec, mapped: bool| -> anyhow::Result<()> {
-                probe.read_u64(b.offset)?;
-                if !mapped {
-                    probe.touch_ram(ws)?;
-                }
-                Ok(())
-            };
-            self.breakdown = Some(super::breakdown::run(
-                d,
-                &wl.cycling,
-                opts.breakdown,
-                &mut between,
-            )?);
-            return Ok(());
-        }
-        if self.kind != CaseKind::FixedSandboxedPipelined {
-            return Ok(());
-        }
-        // As a timed pipelined batch: all maps, the guest reads every blob, all unmaps.
-        let CaseRun { probe, path, .. } = self;
+        let CaseRun {
+            kind,
+            probe,
+            path,
+            breakdown,
+            pipeline,
+            ..
+        } = self;
         let Route::Sandboxed {
             driver: Some(d), ..
         } = path
         else {
             return Ok(());
         };
-        let q = opts.queue_depth.clamp(1, wl.cycling.len());
-        d.set_trace(true)?;
-        for round in 0..2 {
-            let mut tags = Vec::with_capacity(q);
-            for b in &wl.cycling[..q] {
-                tags.push(if round == 0 {
-                    d.submit_map(CTX, b.res, b.offset)?
-                } else {
-                    d.submit_unmap(CTX, b.res)?
-                });
-            }
-            for t in tags {
-                d.wait_ok_or_map(t)?;
-            }
-            if round == 0 {
-                for b in &wl.cycling[..q] {
+        match kind {
+            CaseKind::FixedSandboxed if opts.breakdown > 0 => {
+                // The timed cycle's own steps between commands, so the hops explain its
+                // latency.
+                let ws = opts.working_set;
+                let mut between = |b: &BlobSpec, mapped: bool| -> anyhow::Result<()> {
                     probe.read_u64(b.offset)?;
-                }
+                    if !mapped {
+                        probe.touch_ram(ws)?;
+                    }
+                    Ok(())
+                };
+                *breakdown = Some(super::breakdown::run(
+                    d,
+                    &wl.cycling,
+                    opts.breakdown,
+                    &mut between,
+                )?);
             }
+            CaseKind::FixedSandboxedPipelined => {
+                // As a timed pipelined batch: all maps, the guest reads every blob, all
+                // unmaps.
+                let q = opts.queue_depth.clamp(1, wl.cycling.len());
+                d.set_trace(true)?;
+                for round in 0..2 {
+                    let mut tags = Vec::with_capacity(q);
+                    for b in &wl.cycling[..q] {
+                        tags.push(if round == 0 {
+                            d.submit_map(CTX, b.res, b.offset)?
+                        } else {
+                            d.submit_unmap(CTX, b.res)?
+                        });
+                    }
+                    for t in tags {
+                        d.wait_ok_or_map(t)?;
+                    }
+                    if round == 0 {
+                        for b in &wl.cycling[..q] {
+                            probe.read_u64(b.offset)?;
+                        }
+                    }
+                }
+                let recs = d.take_trace()?;
+                d.set_trace(false)?;
+                *pipeline = super::breakdown::PipelineTrace::of(&recs);
+            }
+            _ => {}
         }
-        let recs = d.take_trace()?;
-        d.set_trace(false)?;
-        self.pipeline = super::breakdown::PipelineTrace::of(&recs);
         Ok(())
     }
 
