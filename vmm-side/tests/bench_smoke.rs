@@ -177,6 +177,26 @@ fn tiny_bench_every_case_maps_what_it_claims() {
     let vmm_place = b.hops.iter().find(|h| h.name == "VMM placement").unwrap();
     assert!(vmm_place.map_us.p50 > 0.0, "{vmm_place:?}");
     assert!(r.pipelined_events_per_message.unwrap() >= 1.0);
+    // The traced pipelined batch: every map and unmap of the queue traced, busy shares of
+    // a positive wall time.
+    let t = r.pipelined_trace.expect("pipelined trace");
+    assert_eq!(t.events, 2 * o.queue_depth, "{t:?}");
+    assert!(t.wall_us > 0.0, "{t:?}");
+    for share in [t.vmm_busy, t.device_busy] {
+        assert!(share > 0.0 && share <= 1.0, "{t:?}");
+    }
+    assert_eq!(
+        t.events_per_message,
+        r.pipelined_events_per_message.unwrap()
+    );
+    // TLB shootdowns are counted where the kernel counts them (machine-wide, so other tests
+    // running meanwhile show up too: only that the column is filled is checked).
+    if hostmem_base::procfs::tlb_shootdowns().is_some() {
+        for c in &r.cases {
+            assert!(c.tlb_shootdowns_per_cycle.is_finite(), "{}", c.name);
+        }
+    }
+    assert!(text_has_layout(&bench::render(&r)));
     // The four targets of issue 15 first, each with a verdict.
     assert_eq!(r.targets.len(), 6);
     assert!(r.targets[0].name.contains("pipelined throughput"));
@@ -214,4 +234,8 @@ fn tiny_bench_every_case_maps_what_it_claims() {
     assert!(svg.starts_with("<svg") && svg.contains("fixed-sandboxed"));
     assert!(bench::render(&r).contains("slot-sandboxed"));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+fn text_has_layout(text: &str) -> bool {
+    text.contains("cpu layout: none") && text.contains("TLB/pair")
 }
