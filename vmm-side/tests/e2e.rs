@@ -352,3 +352,53 @@ fn queue_driver_many_in_flight_stats_and_reset() {
     assert_eq!(exit.code, Some(0), "{exit:?}");
     assert_eq!(exit.restored, 1);
 }
+
+/// A driver that never polls (`--cpu-layout split`'s): each wait sleeps on the call
+/// eventfd and says with `used_event` (VIRTIO_RING_F_EVENT_IDX) after which completion it
+/// wants it, so waiting for the last of many commands in flight is about one wake-up and
+/// the device signals about once, not once per command.
+#[test]
+fn a_sleeping_driver_is_woken_once_for_the_last_of_many() {
+    let _serial = serial();
+    let (_hm, dev, mut d) = start(&[]);
+    d.set_lone_reply_spin(std::time::Duration::ZERO);
+    d.set_multi_reply_spin(std::time::Duration::ZERO);
+    const N: u32 = 64;
+    let before = d.device_stats().unwrap();
+    let sleeps0 = d.stats().sleeps;
+    let tags: Vec<u64> = (1..=N)
+        .map(|res| {
+            let c = hostmem_device::wire::Command::create_blob(
+                1,
+                res,
+                hostmem_device::wire::VIRTIO_GPU_BLOB_MEM_HOST3D,
+                hostmem_device::wire::VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+                0,
+                4096,
+            );
+            d.submit(&c.encode()).unwrap()
+        })
+        .collect();
+    // The last first: one wait for all of them; the others are then done.
+    for tag in tags.into_iter().rev() {
+        d.wait_ok(tag).unwrap();
+    }
+    assert_eq!(d.in_flight(), 0);
+    let sleeps = d.stats().sleeps - sleeps0;
+    assert!(
+        sleeps >= 1 && sleeps <= 4,
+        "{sleeps} sleeps for {N} commands"
+    );
+    let after = d.device_stats().unwrap();
+    let signalled = after.interrupts - before.interrupts;
+    assert!(
+        signalled <= 4,
+        "{signalled} notifications for {N} commands ({after:?})"
+    );
+    // A lone command still completes through a sleep (used_event = the next completion).
+    d.map_blob(1, 1, 0).unwrap();
+    d.unmap_blob(1, 1).unwrap();
+    drop(d);
+    let exit = dev.finish("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+}

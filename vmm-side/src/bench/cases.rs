@@ -361,17 +361,15 @@ impl Route {
                     .with_context(|| format!("{}: starting the device", kind.name()))?;
                 let mut driver = QueueDriver::new(device.transport())?;
                 if !opts.device.device_cpus.is_empty() {
-                    // `--cpu-layout split`: the driver shares its CPU with the device. For a
-                    // lone command it waits as a halted vCPU does: polling there only takes
-                    // the CPU from the device and keeps the VMM's address space live on it,
-                    // so every MAP_FIXED of the VMM sends that CPU a TLB-shootdown IPI
-                    // (measured: latency 3.2-3.4x the floor's instead of 3.5-4.6x). With
-                    // more in flight it looks at the used ring every 100 µs and sleeps in
-                    // between: a sched_yield loop kept the device off the CPU for up to a
-                    // tick at a time (p99 3.9 ms in a pipelined batch), and sleeping on the
-                    // call eventfd woke it once per completion (a tenth less throughput).
+                    // `--cpu-layout split`: the driver shares its CPU with the device and
+                    // waits as a halted vCPU does, for its interrupt: polling there only
+                    // takes the CPU from the device (a `sched_yield` loop kept it off for up
+                    // to a tick under EEVDF: p99 3.9 ms in a pipelined batch) and keeps the
+                    // VMM's address space live on it, so every MAP_FIXED of the VMM sends
+                    // that CPU a TLB-shootdown IPI. A wait for the last of many commands is
+                    // still one wake-up (`used_event`).
                     driver.set_lone_reply_spin(std::time::Duration::ZERO);
-                    driver.set_poll_sleep(Some(std::time::Duration::from_micros(100)));
+                    driver.set_multi_reply_spin(std::time::Duration::ZERO);
                 }
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {
