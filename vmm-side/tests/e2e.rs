@@ -386,7 +386,7 @@ fn a_sleeping_driver_is_woken_once_for_the_last_of_many() {
     assert_eq!(d.in_flight(), 0);
     let sleeps = d.stats().sleeps - sleeps0;
     assert!(
-        sleeps >= 1 && sleeps <= 4,
+        (1..=4).contains(&sleeps),
         "{sleeps} sleeps for {N} commands"
     );
     let after = d.device_stats().unwrap();
