@@ -8,8 +8,9 @@
 //! the verdict is read only after both. The window's cheap checks (range, overlap) run
 //! before anything is sent. If the mirror placement still fails after the event left, the
 //! command fails: a placement the VMM accepted is taken back with an Unmap before the
-//! guest hears of it; a mirror restore that fails after the VMM was told breaks the tube
-//! (the device exits and the VMM restores its whole window, DESIGN.md invariant 4). For
+//! guest hears of it; a mirror restore that fails after the VMM was told, or an Unmap the
+//! VMM refuses after the mirror was restored, breaks the tube (the device exits and the
+//! VMM restores its whole window, DESIGN.md invariant 4). For
 //! an unmap, the guest still hears only after the VMM restored its window (invariant 2).
 //!
 //! **Batching.** Events wait in an outbox while [`MESSAGES_IN_FLIGHT`] of our messages
@@ -661,7 +662,14 @@ impl Placer for MirrorPlacer {
                 Err(err)
             }
             (true, Some(err), Err(_)) => Err(err),
-            (false, _, Err(refused)) => Err(refused),
+            (false, _, Err(refused)) => {
+                // Our mirror is background there, the VMM's window keeps the blob: the views
+                // differ. Give up the device; the VMM restores everything (invariant 4).
+                Err(self.break_with(format!(
+                    "the VMM refused the unmap of {:#x}+{:#x} ({refused:?}) after the mirror was restored",
+                    e.offset, e.len
+                )))
+            }
         };
         Some((e.seq, r))
     }

@@ -57,6 +57,8 @@ struct Policy {
     refuse: HashSet<u32>,
     /// Slept before handling each event (a busy VMM: events pile up in the outbox).
     delay: Duration,
+    /// Unmaps of these resources are refused (the VMM keeps the placement).
+    refuse_unmaps: HashSet<u32>,
 }
 
 impl FakeVmm {
@@ -144,9 +146,13 @@ fn handle(
             offset,
             len,
         } => {
-            let out = match window.restore(*offset, *len) {
-                Ok(_) => Outcome::Ok,
-                Err(e) => refused(e.to_string()),
+            let out = if policy.refuse_unmaps.contains(resource_id) {
+                refused(format!("test refuses unmapping resource {resource_id}"))
+            } else {
+                match window.restore(*offset, *len) {
+                    Ok(_) => Outcome::Ok,
+                    Err(e) => refused(e.to_string()),
+                }
             };
             (*seq, out, Ev::Unmap(*resource_id, *offset))
         }
@@ -333,6 +339,7 @@ fn a_batch_keeps_verdict_order_undoes_a_refusal_in_the_middle_and_unmaps_after_t
     let (mut placer, vmm) = setup(Policy {
         refuse: HashSet::from([3]),
         delay: Duration::from_millis(100),
+        ..Policy::default()
     });
     let (a, b, c, d) = (blob(1, 1), blob(2, 1), blob(3, 1), blob(4, 1));
     placer.map(&req(1, 0, &a)).unwrap();
@@ -386,6 +393,7 @@ fn a_mirror_failure_while_the_event_waits_in_the_outbox_recalls_it() {
     let (mut placer, vmm) = setup(Policy {
         refuse: HashSet::new(),
         delay: Duration::from_millis(100),
+        ..Policy::default()
     });
     let (b, e, c, d) = (blob(2, 1), blob(5, 1), blob(3, 1), blob(4, 1));
     // B and E fill the messages that may wait at the VMM: C waits in the outbox.
@@ -440,5 +448,38 @@ fn a_take_back_behind_queued_events_keeps_order_and_views() {
     assert_eq!(evs.last(), Some(&Ev::Unmap(2, 4 * P)), "{evs:?}");
     assert_eq!(placed(&vmm.window), [8 * P]);
     views_equal(&placer, &vmm);
+    drop(placer);
+}
+
+/// An Unmap the VMM refuses after the mirror was restored (its window keeps the blob, ours
+/// does not): the device cannot make the views agree again by itself, so it gives up the
+/// tube (the VMM restores everything when the device exits, invariant 4), the guest's
+/// UNMAP fails, and nothing more is sent.
+#[test]
+fn a_refused_unmap_breaks_the_tube() {
+    let (mut placer, vmm) = setup(Policy {
+        refuse_unmaps: HashSet::from([1]),
+        ..Policy::default()
+    });
+    let b1 = blob(1, 2);
+    placer.map(&req(1, 0, &b1)).unwrap();
+    match placer.unmap(1, 0, 2 * P) {
+        Err(PlaceError::Unspec(why)) => assert!(why.contains("refused the unmap"), "{why}"),
+        other => panic!("expected Unspec, got {other:?}"),
+    }
+    let broken = placer.broken().expect("the tube is given up").to_string();
+    assert!(broken.contains("refused the unmap"), "{broken}");
+    assert_eq!(placed(&vmm.window), [0], "the VMM kept it");
+    assert!(placed(placer.window()).is_empty(), "the mirror restored it");
+    let b2 = blob(2, 1);
+    assert!(matches!(
+        placer.map(&req(2, 8 * P, &b2)),
+        Err(PlaceError::Unspec(_))
+    ));
+    assert_eq!(
+        vmm.events(),
+        [Ev::Map(1, 0), Ev::Unmap(1, 0)],
+        "nothing after the break"
+    );
     drop(placer);
 }
