@@ -493,33 +493,12 @@ impl Window {
     }
 
     /// Removes the live placement at exactly `offset..offset+len`: the window's background
-    /// (its own memfd at the same offset, read/write) is mapped back and its pages are
-    /// punched so the range reads zeros. On failure the placement stays recorded.
+    /// (its own memfd at the same offset, read/write) is mapped back and made to read
+    /// zeros. On failure the placement stays recorded.
     pub fn restore(&self, offset: u64, len: u64) -> Result<Placement> {
-        let mut st = self.lock();
-        let p = match st.placements.get(&offset) {
-            Some(p) if p.len == len => *p,
-            _ => return Err(Error::NotPlaced { offset, len }),
-        };
-        if let Err(e) = self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE) {
-            // On an old kernel the failed call unmapped the placement: the range is a hole
-            // unless the background goes back now. It is then restored after all.
-            if !self.map_background(offset, len) {
-                return Err(e);
-            }
-        }
-        st.placements.remove(&offset);
-        st.budget.added_since_count = st.budget.added_since_count.saturating_sub(2);
-        drop(st);
-        if !self.zero_on_restore.load(Ordering::Relaxed) {
-            return Ok(p);
-        }
-        if let Err(e) = self.zero_background(offset, len) {
-            // The background is mapped back (no hole); only stale bytes may remain.
-            log::warn!("restore {offset:#x}+{len:#x}: {e}; background not zeroed");
-            self.map.fill(offset as usize, len as usize, 0)?;
-        }
-        Ok(p)
+        self.restore_many(&[(offset, len)])
+            .pop()
+            .unwrap_or(Err(Error::NotPlaced { offset, len }))
     }
 
     /// Removes several live placements at once, each named exactly as [`Window::restore`]
@@ -527,19 +506,20 @@ impl Window {
     /// between them go back to background together, in one MAP_FIXED over the span from
     /// the first to the last (the gaps between them are background already): a burst of
     /// unmaps costs one page-table update and one MMU-notifier round instead of one each,
-    /// and the span ends as one VMA. A span whose MAP_FIXED fails is mapped back as
-    /// [`Window::restore`] does; if even that fails, its placements stay recorded and
-    /// each of them gets the error.
+    /// and the span ends as one VMA. A span whose MAP_FIXED fails is mapped back
+    /// ([`Window::map_back`]); if even that fails, its placements stay recorded and each
+    /// of them gets the error.
     pub fn restore_many(&self, ranges: &[(u64, u64)]) -> Vec<Result<Placement>> {
-        let mut out: Vec<Option<Result<Placement>>> = (0..ranges.len()).map(|_| None).collect();
+        let mut out: Vec<Result<Placement>> = ranges
+            .iter()
+            .map(|&(offset, len)| Err(Error::NotPlaced { offset, len }))
+            .collect();
         let mut st = self.lock();
         // The ranges that name a live placement exactly (each once), by offset.
         let mut ok: Vec<(u64, u64, usize)> = Vec::with_capacity(ranges.len());
         for (i, &(offset, len)) in ranges.iter().enumerate() {
             let named = matches!(st.placements.get(&offset), Some(p) if p.len == len);
-            if !named || ok.iter().any(|&(o, _, _)| o == offset) {
-                out[i] = Some(Err(Error::NotPlaced { offset, len }));
-            } else {
+            if named && !ok.iter().any(|&(o, _, _)| o == offset) {
                 ok.push((offset, len, i));
             }
         }
@@ -563,58 +543,56 @@ impl Window {
             let (Some(&(start, _, _)), Some(&(last, last_len, _))) = (sp.first(), sp.last()) else {
                 continue;
             };
-            let len = last + last_len - start;
-            let res = self
-                .map_fixed(start, len, self.memfd.as_fd(), start, Prot::READ_WRITE)
-                .or_else(|e| {
-                    if self.map_background(start, len) {
-                        Ok(())
-                    } else {
-                        Err(e)
-                    }
+            let errno = self
+                .map_back(start, last + last_len - start)
+                .err()
+                .map(|e| match e {
+                    Error::MapFixed { errno, .. } => errno,
+                    _ => nix::errno::Errno::EIO,
                 });
             for &(offset, len, i) in &sp {
-                out[i] = Some(match &res {
-                    Ok(()) => {
-                        let p = st.placements.remove(&offset);
+                out[i] = match errno {
+                    None => {
                         st.budget.added_since_count = st.budget.added_since_count.saturating_sub(2);
                         zero.push((offset, len));
-                        p.ok_or(Error::NotPlaced { offset, len })
+                        st.placements
+                            .remove(&offset)
+                            .ok_or(Error::NotPlaced { offset, len })
                     }
-                    Err(e) => Err(Error::MapFixed {
-                        offset,
-                        len,
-                        errno: match e {
-                            Error::MapFixed { errno, .. } => *errno,
-                            _ => nix::errno::Errno::EIO,
-                        },
-                    }),
-                });
+                    Some(errno) => Err(Error::MapFixed { offset, len, errno }),
+                };
             }
         }
         drop(st);
         if self.zero_on_restore.load(Ordering::Relaxed) {
             for (offset, len) in zero {
                 if let Err(e) = self.zero_background(offset, len) {
-                    log::warn!("restore {offset:#x}+{len:#x}: {e}; background not zeroed");
-                    let _ = self.map.fill(offset as usize, len as usize, 0);
+                    // The background is mapped back (no hole); only stale bytes may remain.
+                    log::warn!("restore {offset:#x}+{len:#x}: {e}; zeroing through the mapping");
+                    if let Err(e) = self.map.fill(offset as usize, len as usize, 0) {
+                        log::error!("restore {offset:#x}+{len:#x}: {e}; background not zeroed");
+                    }
                 }
             }
         }
-        out.into_iter()
-            .map(|r| r.unwrap_or(Err(Error::InvalidSize(0))))
-            .collect()
+        out
+    }
+
+    /// Maps the background over `offset..offset+len`. On an old kernel a failed MAP_FIXED
+    /// has unmapped the range: it is a hole unless the background goes back now
+    /// ([`Window::map_background`]), and then it is restored after all.
+    fn map_back(&self, offset: u64, len: u64) -> Result<()> {
+        match self.map_fixed(offset, len, self.memfd.as_fd(), offset, Prot::READ_WRITE) {
+            Err(e) if !self.map_background(offset, len) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Restores the whole window to background in one MAP_FIXED (which can only lower the
     /// VMA count) and zeroes it; returns the placements that were live.
     pub fn restore_all(&self) -> Result<Vec<Placement>> {
         let mut st = self.lock();
-        if let Err(e) = self.map_fixed(0, self.size(), self.memfd.as_fd(), 0, Prot::READ_WRITE) {
-            if !self.map_background(0, self.size()) {
-                return Err(e);
-            }
-        }
+        self.map_back(0, self.size())?;
         let was: Vec<Placement> = std::mem::take(&mut st.placements).into_values().collect();
         st.budget.recount()?;
         drop(st);
