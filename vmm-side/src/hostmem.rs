@@ -207,7 +207,23 @@ impl std::fmt::Debug for Faults {
     }
 }
 
+/// An unmap must name a live placement exactly (resource, offset, length).
+fn check_unmap(st: &State, resource_id: u32, offset: u64, len: u64) -> Result<(), Refusal> {
+    match st.live.get(&offset) {
+        Some(l) if l.len == len && l.resource_id == resource_id => Ok(()),
+        Some(l) => Err(Refusal::invalid(format!(
+            "live placement at {offset:#x} is resource {} (+{:#x})",
+            l.resource_id, l.len
+        ))),
+        None => Err(Refusal::invalid("no live placement there")),
+    }
+}
+
 impl Faults {
+    fn is_set(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     fn at(&self, point: FaultPoint, resource_id: u32) {
         if let Some(h) = &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
             h(point, resource_id);
@@ -480,52 +496,31 @@ impl Hostmem {
     /// ranges with nothing else live between them). The per-event path is kept for the
     /// per-blob-slot mode, a single event and a set fault hook (tests stop at each event).
     pub fn handle_unmaps(&self, reqs: &[(u32, u64, u64)]) -> Vec<Outcome> {
-        let one_by_one = reqs.len() < 2
-            || self.mode != Mode::Fixed
-            || self
-                .faults
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .is_some();
-        if one_by_one {
+        if reqs.len() < 2 || self.mode != Mode::Fixed || self.faults.is_set() {
             return reqs
                 .iter()
                 .map(|&(r, o, l)| self.handle_unmap(r, o, l))
                 .collect();
         }
-        let mut res: Vec<Option<Result<(), Refusal>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut res: Vec<Result<(), Refusal>> = Vec::with_capacity(reqs.len());
         let mut st = self.lock();
         let mut ranges = Vec::new();
         let mut which = Vec::new();
         for (i, &(resource_id, offset, len)) in reqs.iter().enumerate() {
-            let check = match st.live.get(&offset) {
-                Some(l) if l.len == len && l.resource_id == resource_id && l.slot.is_none() => {
-                    if ranges.iter().any(|&(o, _)| o == offset) {
-                        Err(Refusal::invalid("no live placement there"))
-                    } else {
-                        Ok(())
-                    }
-                }
-                Some(l) if l.len == len && l.resource_id == resource_id => {
-                    Err(Refusal::unspec("a per-blob memslot in fixed mode"))
-                }
-                Some(l) => Err(Refusal::invalid(format!(
-                    "live placement at {offset:#x} is resource {} (+{:#x})",
-                    l.resource_id, l.len
-                ))),
-                None => Err(Refusal::invalid("no live placement there")),
+            // Named twice: the second finds nothing there, as it would one by one.
+            let check = if ranges.iter().any(|&(o, _)| o == offset) {
+                Err(Refusal::invalid("no live placement there"))
+            } else {
+                check_unmap(&st, resource_id, offset, len)
             };
-            match check {
-                Ok(()) => {
-                    ranges.push((offset, len));
-                    which.push(i);
-                }
-                Err(r) => res[i] = Some(Err(r)),
+            if check.is_ok() {
+                ranges.push((offset, len));
+                which.push(i);
             }
+            res.push(check);
         }
         for (i, r) in which.into_iter().zip(self.window.restore_many(&ranges)) {
-            res[i] = Some(match r {
+            res[i] = match r {
                 Ok(_) => {
                     if let Some(l) = st.live.remove(&reqs[i].1) {
                         st.by_resource.remove(&l.resource_id);
@@ -533,13 +528,12 @@ impl Hostmem {
                     Ok(())
                 }
                 Err(e) => Err(Refusal::unspec(format!("restore: {e}"))),
-            });
+            };
         }
         drop(st);
         reqs.iter()
             .zip(res)
             .map(|(&(resource_id, offset, len), r)| {
-                let r = r.unwrap_or_else(|| Err(Refusal::unspec("not handled")));
                 self.finish(r, &self.unmaps_ok, "unmap", resource_id, offset, len)
             })
             .collect()
@@ -547,16 +541,7 @@ impl Hostmem {
 
     fn try_unmap(&self, resource_id: u32, offset: u64, len: u64) -> Result<(), Refusal> {
         let mut st = self.lock();
-        match st.live.get(&offset) {
-            Some(l) if l.len == len && l.resource_id == resource_id => {}
-            Some(l) => {
-                return Err(Refusal::invalid(format!(
-                    "live placement at {offset:#x} is resource {} (+{:#x})",
-                    l.resource_id, l.len
-                )))
-            }
-            None => return Err(Refusal::invalid("no live placement there")),
-        }
+        check_unmap(&st, resource_id, offset, len)?;
         self.remove_live(&mut st, offset)
     }
 
