@@ -184,11 +184,7 @@ pub fn start_backend(
     let (jail, memory, cgroup) = crate::device::jail_config(cfg, args, keep_fds)?;
     let mut child = launch::spawn(jail).context("spawning the vhost-user device")?;
     let pid = child.pid();
-    if let Err(e) = crate::affinity::pin(pid, &cfg.device_cpus, "vhost-user device") {
-        child.kill(libc::SIGKILL);
-        let _ = child.wait();
-        return Err(e);
-    }
+    crate::device::pin_or_kill(&mut child, &cfg.device_cpus, "vhost-user device")?;
     let connect = || -> anyhow::Result<DeviceFacts> {
         handshake::<VmmMsg, DeviceMsg>(&control, Role::Vmm, cfg.start_timeout)
             .context("handshake with the device")?;

@@ -256,11 +256,7 @@ impl Device {
         let (jail, memory, cgroup) = jail_config(cfg, args, keep_fds)?;
         let mut child = launch::spawn(jail).context("spawning the device")?;
         let pid = child.pid();
-        if let Err(e) = crate::affinity::pin(pid, &cfg.device_cpus, "device") {
-            child.kill(libc::SIGKILL);
-            let _ = child.wait();
-            return Err(e);
-        }
+        pin_or_kill(&mut child, &cfg.device_cpus, "device")?;
         let connect = || -> anyhow::Result<DeviceFacts> {
             handshake::<VmmMsg, DeviceMsg>(&mapping, Role::Vmm, cfg.start_timeout)
                 .context("handshake with the device")?;
@@ -557,6 +553,21 @@ pub(crate) fn jail_config(
 
 /// Checks from outside, before the device gets anything, that a jailed device really is:
 /// six new namespaces, `Seccomp: 2`, `NoNewPrivs: 1`, no capabilities. Returns its status.
+/// Restricts a just-spawned child to `cpus` ([`DeviceConfig::device_cpus`]; empty: any);
+/// a child that cannot be pinned is killed and reaped.
+pub(crate) fn pin_or_kill(
+    child: &mut JailedChild,
+    cpus: &[usize],
+    what: &str,
+) -> anyhow::Result<()> {
+    let r = crate::affinity::pin(child.pid(), cpus, what);
+    if r.is_err() {
+        child.kill(libc::SIGKILL);
+        let _ = child.wait();
+    }
+    r
+}
+
 pub(crate) fn check_jailed(cfg: &DeviceConfig, pid: i32) -> anyhow::Result<procfs::ProcStatus> {
     let st = procfs::status_of(&pid.to_string())?;
     if cfg.jailed {
@@ -610,11 +621,7 @@ fn spawn_render_server(
         ..JailConfig::default()
     };
     let mut server = launch::spawn(jail).context("spawning the render server")?;
-    if let Err(e) = crate::affinity::pin(server.pid(), &cfg.device_cpus, "render server") {
-        server.kill(libc::SIGKILL);
-        let _ = server.wait();
-        return Err(e);
-    }
+    pin_or_kill(&mut server, &cfg.device_cpus, "render server")?;
     let filter = match &rs.policy {
         Some(p) => format!("seccomp {}", p.display()),
         None => "no seccomp".into(),

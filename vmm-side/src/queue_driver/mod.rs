@@ -567,14 +567,18 @@ impl QueueDriver {
         r.map_err(|e| self.lose(e))
     }
 
+    /// The controlq's used index, as the device last published it.
+    fn used_idx(&self) -> Result<u16, DriverError> {
+        self.mem
+            .load(GuestAddress(self.ctrl.used + 2), Ordering::Acquire)
+            .map_err(|e| DriverError::Memory(e.to_string()))
+    }
+
     fn collect_inner(&mut self, want: u16) -> Result<(), DriverError> {
         let t0 = Instant::now();
         let deadline = t0 + self.timeout;
         loop {
-            let used_idx: u16 = self
-                .mem
-                .load(GuestAddress(self.ctrl.used + 2), Ordering::Acquire)
-                .map_err(|e| DriverError::Memory(e.to_string()))?;
+            let used_idx = self.used_idx()?;
             if used_idx != self.ctrl.last_used {
                 self.seen_at = if self.trace { monotonic_ns() } else { 0 };
                 while self.ctrl.last_used != used_idx {
@@ -606,11 +610,7 @@ impl QueueDriver {
                 )
                 .map_err(|e| DriverError::Memory(e.to_string()))?;
             fence(Ordering::SeqCst);
-            let used_idx: u16 = self
-                .mem
-                .load(GuestAddress(self.ctrl.used + 2), Ordering::Acquire)
-                .map_err(|e| DriverError::Memory(e.to_string()))?;
-            if used_idx != self.ctrl.last_used {
+            if self.used_idx()? != self.ctrl.last_used {
                 continue;
             }
             self.sleep(deadline.saturating_duration_since(now).min(WAKE_SLICE))?;
@@ -640,11 +640,7 @@ impl QueueDriver {
         }
         if hup {
             // The device may have completed our command before it went: look once more.
-            let used_idx: u16 = self
-                .mem
-                .load(GuestAddress(self.ctrl.used + 2), Ordering::Acquire)
-                .map_err(|e| DriverError::Memory(e.to_string()))?;
-            if used_idx == self.ctrl.last_used {
+            if self.used_idx()? == self.ctrl.last_used {
                 return Err(DriverError::Hangup);
             }
         }
