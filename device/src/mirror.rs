@@ -98,8 +98,6 @@ pub struct MirrorPlacer {
     inflight: VecDeque<Entry>,
     /// Events not sent yet (their Map fds with them), oldest first.
     outbox: Vec<(DeviceMsg, Option<OwnedFd>)>,
-    /// Events sent whose verdict has not arrived.
-    unanswered: usize,
     /// Events still unanswered in each message sent, oldest first.
     sent: VecDeque<usize>,
     /// The tube's receive timeout is [`REPLY_TIMEOUT`].
@@ -168,7 +166,6 @@ impl MirrorPlacer {
             shutdown: false,
             inflight: VecDeque::new(),
             outbox: Vec::new(),
-            unanswered: 0,
             sent: VecDeque::new(),
             timeout_set: false,
             verdicts: HashMap::new(),
@@ -395,7 +392,6 @@ impl MirrorPlacer {
             self.break_with(format!("send: {e}"));
             return;
         }
-        self.unanswered += n;
         self.sent.push_back(n);
         self.messages += 1;
         self.events += n as u64;
@@ -443,7 +439,6 @@ impl MirrorPlacer {
         };
         let now = if self.trace { monotonic_ns() } else { 0 };
         let put = |p: &mut Self, seq: u64, outcome: Outcome, vmm: Option<VmmStamps>| {
-            p.unanswered = p.unanswered.saturating_sub(1);
             // The VMM answers in event order, hence message by message.
             if let Some(left) = p.sent.front_mut() {
                 *left = left.saturating_sub(1);
@@ -481,7 +476,7 @@ impl MirrorPlacer {
                 return verdict(o);
             }
             self.usable()?;
-            if self.unanswered == 0 {
+            if self.sent.is_empty() {
                 return Err(self.break_with(format!("event {seq} has no verdict coming")));
             }
             self.receive(true)?;
