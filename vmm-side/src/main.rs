@@ -174,8 +174,8 @@ struct BenchArgs {
     /// Write bench.json and bench.svg into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where the driver, the devices and the mapping services run: split (the driver and
-    /// the devices on the last CPU, the mapping services on the first) or none.
+    /// Where the driver, the devices and the mapping services run: split (the VMM's
+    /// driver and mapping services on the first CPU, the devices on the last) or none.
     #[arg(long, value_enum, default_value = "split")]
     cpu_layout: hostmem_vmm::bench::CpuLayout,
 }

@@ -361,13 +361,12 @@ impl Route {
                     .with_context(|| format!("{}: starting the device", kind.name()))?;
                 let mut driver = QueueDriver::new(device.transport())?;
                 if !opts.device.device_cpus.is_empty() {
-                    // `--cpu-layout split`: the driver shares its CPU with the device and
-                    // waits as a halted vCPU does, for its interrupt: polling there only
-                    // takes the CPU from the device (a `sched_yield` loop kept it off for up
-                    // to a tick under EEVDF: p99 3.9 ms in a pipelined batch) and keeps the
-                    // VMM's address space live on it, so every MAP_FIXED of the VMM sends
-                    // that CPU a TLB-shootdown IPI. A wait for the last of many commands is
-                    // still one wake-up (`used_event`).
+                    // `--cpu-layout split`: the driver shares its CPU with the mapping
+                    // services and waits as a halted vCPU does, for its interrupt: polling
+                    // there only takes the CPU from the service that must answer (a
+                    // `sched_yield` loop kept a peer off its CPU for up to a tick under
+                    // EEVDF: p99 3.9 ms in a pipelined batch). A wait for the last of many
+                    // commands is still one wake-up (`used_event`).
                     driver.set_lone_reply_spin(std::time::Duration::ZERO);
                     driver.set_multi_reply_spin(std::time::Duration::ZERO);
                 }

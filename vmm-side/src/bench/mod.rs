@@ -119,10 +119,11 @@ pub struct BenchOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum CpuLayout {
-    /// The driver and every device on the last allowed CPU, the mapping services on the
-    /// first: the VMM's address space runs on one core while the device works, so its
-    /// MAP_FIXED needs no TLB-shootdown IPI to a polling driver (needs two CPUs; with one
-    /// it is `none`).
+    /// One CPU per process: the VMM's threads (the driver, i.e. the guest's vCPU, and the
+    /// mapping services) on the first allowed CPU, every device on the last. Neither
+    /// address space is live on the other's CPU, so no MAP_FIXED needs a TLB-shootdown IPI,
+    /// and the device's CPU does nothing but the device's work (needs two CPUs; with one it
+    /// is `none`).
     Split,
     /// Nothing pinned: the scheduler places every thread.
     None,
