@@ -360,16 +360,7 @@ impl Route {
                 let device = Device::start(&opts.device, hostmem.clone())
                     .with_context(|| format!("{}: starting the device", kind.name()))?;
                 let mut driver = QueueDriver::new(device.transport())?;
-                if !opts.device.device_cpus.is_empty() {
-                    // `--cpu-layout split`: the driver shares its CPU with the mapping
-                    // services and waits as a halted vCPU does, for its interrupt: polling
-                    // there only takes the CPU from the service that must answer (a
-                    // `sched_yield` loop kept a peer off its CPU for up to a tick under
-                    // EEVDF: p99 3.9 ms in a pipelined batch). A wait for the last of many
-                    // commands is still one wake-up (`used_event`).
-                    driver.set_lone_reply_spin(std::time::Duration::ZERO);
-                    driver.set_multi_reply_spin(std::time::Duration::ZERO);
-                }
+                wait_as_the_layout_wants(&mut driver, opts);
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {
                     driver: Some(Box::new(driver)),
@@ -377,5 +368,17 @@ impl Route {
                 }
             }
         })
+    }
+}
+
+/// `--cpu-layout split`: the driver shares its CPU with the mapping services and waits as
+/// a halted vCPU does, for its interrupt: polling there only takes the CPU from the
+/// service that must answer (a `sched_yield` loop kept a peer off its CPU for up to a tick
+/// under EEVDF: p99 3.9 ms in a pipelined batch). A wait for the last of many commands is
+/// still one wake-up (`used_event`).
+pub(super) fn wait_as_the_layout_wants(driver: &mut QueueDriver, opts: &BenchOptions) {
+    if !opts.device.device_cpus.is_empty() {
+        driver.set_lone_reply_spin(std::time::Duration::ZERO);
+        driver.set_multi_reply_spin(std::time::Duration::ZERO);
     }
 }

@@ -113,11 +113,13 @@ pub(super) struct Channel {
 
 impl Channel {
     /// Creates the channel, gives the device its end (`SET_BACKEND_REQ_FD`) and starts
-    /// serving it.
+    /// serving it on a thread restricted to `cpus` (empty: any), as the native mapping
+    /// service is ([`crate::device::DeviceConfig::service_cpus`]).
     pub(super) fn start(
         fe: &mut Frontend,
         hostmem: Arc<Hostmem>,
         pid: i32,
+        cpus: Vec<usize>,
     ) -> anyhow::Result<Channel> {
         let mut handler = FrontendReqHandler::new(Arc::new(ShmemService::new(hostmem.clone())))
             .context("creating the backend channel")?;
@@ -128,6 +130,9 @@ impl Channel {
         let thread = std::thread::Builder::new()
             .name(format!("vhost-user-channel-{pid}"))
             .spawn(move || {
+                if let Err(e) = crate::affinity::pin(0, &cpus, "vhost-user channel") {
+                    log::warn!("{e:#}; it runs unpinned");
+                }
                 loop {
                     match handler.handle_request() {
                         // A refusal was nacked; the device fails the guest's command.

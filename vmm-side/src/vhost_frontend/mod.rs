@@ -79,6 +79,7 @@ use crate::hostmem::Hostmem;
 use crate::vhost_user::{bind_socket, start_backend, vhost_user_device, BackendDevice};
 use crate::virtio_pci::{
     DeviceLink, Error as PciError, MAX_QUEUE_SIZE, NUM_QUEUES, OFFERED_FEATURES,
+    VIRTIO_F_RING_EVENT_IDX,
 };
 use hostmem_jail::launch::ExitInfo;
 
@@ -104,6 +105,8 @@ pub fn required_protocol_features() -> VhostUserProtocolFeatures {
 pub struct VhostUserLink {
     fe: Frontend,
     hostmem: Arc<Hostmem>,
+    /// Virtio features the device offered (GET_FEATURES).
+    device_features: u64,
     /// Virtio features last sent (`None` after a reset).
     features: Option<u64>,
 }
@@ -167,6 +170,13 @@ impl DeviceLink for VhostUserLink {
         call: &EventFd,
     ) -> Result<(), PciError> {
         let features = driver_features | VHOST_USER_F_PROTOCOL_FEATURES;
+        let missing = features & !self.device_features;
+        if missing != 0 {
+            return Err(PciError::Refused {
+                what: "SET_FEATURES",
+                reason: format!("the device does not offer features {missing:#x}"),
+            });
+        }
         if self.features != Some(features) {
             self.fe
                 .set_features(features)
@@ -301,7 +311,13 @@ impl VhostUserDevice {
             stream.set_read_timeout(Some(timeout))?;
             stream.set_write_timeout(Some(timeout))?;
             let mut fe = Frontend::from_stream(stream, u64::from(NUM_QUEUES));
-            negotiate(&mut fe, hostmem.clone(), size, pid)
+            negotiate(
+                &mut fe,
+                hostmem.clone(),
+                size,
+                pid,
+                cfg.service_cpus.clone(),
+            )
         })();
         match connected {
             Ok((link, channel, num_capsets)) => {
@@ -475,12 +491,14 @@ impl Drop for VhostUserDevice {
     }
 }
 
-/// Everything between the connection and the first guest request (see the module doc).
+/// Everything between the connection and the first guest request (see the module doc);
+/// the backend channel's thread runs on `service_cpus`.
 fn negotiate(
     fe: &mut Frontend,
     hostmem: Arc<Hostmem>,
     size: u64,
     pid: i32,
+    service_cpus: Vec<usize>,
 ) -> anyhow::Result<(VhostUserLink, Channel, u32)> {
     fe.set_owner().context("SET_OWNER")?;
     let features = fe.get_features().context("GET_FEATURES")?;
@@ -527,11 +545,12 @@ fn negotiate(
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .map(u32::from_le_bytes)
         .context("GET_CONFIG: short config")?;
-    let channel = Channel::start(fe, hostmem.clone(), pid)?;
+    let channel = Channel::start(fe, hostmem.clone(), pid, service_cpus)?;
     Ok((
         VhostUserLink {
             fe: fe.clone(),
             hostmem,
+            device_features: features,
             features: None,
         },
         channel,
@@ -563,7 +582,18 @@ fn serve_tube(mut link: Box<dyn DeviceLink>, tube: &Tube) {
                         let (kick, call) = (eventfd_from_fd(kick), eventfd_from_fd(call));
                         (
                             seq,
-                            link.queue_enable(&queue, OFFERED_FEATURES, &kick, &call),
+                            // The driver's ring layout choice is a feature here.
+                            link.queue_enable(
+                                &queue,
+                                OFFERED_FEATURES
+                                    | if queue.event_idx {
+                                        VIRTIO_F_RING_EVENT_IDX
+                                    } else {
+                                        0
+                                    },
+                                &kick,
+                                &call,
+                            ),
                         )
                     }
                     _ => (
