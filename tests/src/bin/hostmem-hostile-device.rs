@@ -1088,6 +1088,19 @@ fn forward(dev: &mut VirtioGpu<HostilePlacer>, shadow: &mut Shadow) -> anyhow::R
     };
     let setup = *setup;
     let size = setup.size.max(1);
+    if setup.event_idx {
+        // The core asks for kicks in the shadow ring (avail_event, after its last element);
+        // the driver reads the real one. Copy it, then look at the avail index once more:
+        // an entry the driver published before it saw the copy came without a kick.
+        let tail = 4 + 8 * u64::from(size);
+        let asked: u16 = mem.load(GuestAddress(SHADOW_GPA + tail), Ordering::Acquire)?;
+        mem.store(asked, GuestAddress(setup.used + tail), Ordering::Release)?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let avail: u16 = mem.load(GuestAddress(setup.avail + 2), Ordering::Acquire)?;
+        if avail != asked {
+            dev.process_queue(setup.index);
+        }
+    }
     let idx: u16 = mem.load(GuestAddress(SHADOW_GPA + 2), Ordering::Acquire)?;
     let mut out: Vec<(u32, u32)> = vec![];
     while shadow.seen != idx {
