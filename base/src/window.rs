@@ -328,6 +328,22 @@ impl Window {
             .map(drop)
     }
 
+    /// [`Window::place`] for a caller that has just read `fd`'s facts ([`file_facts`]) to
+    /// check the request itself: the same checks on them, without a second `fstat` and
+    /// `F_GET_SEALS` (the VMM's mapping service, once per placement).
+    pub fn place_known(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: BorrowedFd<'_>,
+        facts: &crate::shm::FileFacts,
+        fd_offset: u64,
+        prot: Prot,
+    ) -> Result<()> {
+        self.place_inner(offset, len, fd, Some(facts), fd_offset, prot, |_| Ok(false))
+            .map(drop)
+    }
+
     /// [`Window::place`], but the mapping itself may be made by `map`: after every check
     /// passed, and under the window's lock, `map` gets the [`FixedTarget`] (the host range
     /// `offset..offset+len` of this window) and may map `fd` there itself, as
@@ -352,6 +368,24 @@ impl Window {
     where
         F: FnOnce(&FixedTarget<'_>) -> std::result::Result<bool, String>,
     {
+        self.place_inner(offset, len, fd, None, fd_offset, prot, map)
+    }
+
+    /// [`Window::place_with`] with `fd`'s facts when the caller has them (`None`: read here).
+    #[allow(clippy::too_many_arguments)]
+    fn place_inner<F>(
+        &self,
+        offset: u64,
+        len: u64,
+        fd: BorrowedFd<'_>,
+        known: Option<&crate::shm::FileFacts>,
+        fd_offset: u64,
+        prot: Prot,
+        map: F,
+    ) -> Result<MappedBy>
+    where
+        F: FnOnce(&FixedTarget<'_>) -> std::result::Result<bool, String>,
+    {
         let mut st = self.lock();
         Self::check_place_in(&st.placements, self.size(), offset, len)?;
         if !is_page_aligned(fd_offset) {
@@ -360,7 +394,10 @@ impl Window {
                 value: fd_offset,
             });
         }
-        let facts = file_facts(fd)?;
+        let facts = match known {
+            Some(f) => *f,
+            None => file_facts(fd)?,
+        };
         if !facts.is_regular() {
             return Err(Error::NotRegularFile { mode: facts.mode });
         }

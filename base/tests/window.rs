@@ -436,3 +436,36 @@ fn restore_writes_zeros_over_a_little_background_data_and_punches_a_lot() {
     w.restore(base, size - base).unwrap();
     assert_eq!(extents(base, size - base), []);
 }
+
+/// `place_known` checks the facts it is given exactly as `place` checks the ones it reads,
+/// and maps the fd when they pass.
+#[test]
+fn place_known_checks_the_given_facts_like_place() {
+    let w = Window::new(64 * PAGE).unwrap();
+    let b = blob(4 * PAGE, 0x5a);
+    let fd = b.as_fd();
+    let rw = Prot::READ_WRITE;
+    let facts = hostmem_base::shm::file_facts(fd).unwrap();
+    assert!(matches!(
+        w.place_known(0, 2 * PAGE, fd, &facts, 3 * PAGE, rw),
+        Err(Error::FileTooSmall { .. })
+    ));
+    assert!(matches!(
+        w.place_known(0, 100, fd, &facts, 0, rw),
+        Err(Error::Misaligned { .. })
+    ));
+    // Facts that say "not a regular file" are refused, whatever the fd is.
+    let (r, _w) = nix::unistd::pipe().unwrap();
+    let pipe_facts = hostmem_base::shm::file_facts(r.as_fd()).unwrap();
+    assert!(matches!(
+        w.place_known(0, PAGE, fd, &pipe_facts, 0, rw),
+        Err(Error::NotRegularFile { .. })
+    ));
+    assert_eq!(w.live(), 0);
+    w.place_known(4 * PAGE, 4 * PAGE, fd, &facts, 0, rw)
+        .unwrap();
+    assert_eq!(read(&w, 4 * PAGE, 8), vec![0x5a; 8]);
+    assert_eq!(w.live(), 1);
+    w.restore(4 * PAGE, 4 * PAGE).unwrap();
+    assert_eq!(read(&w, 4 * PAGE, 8), vec![0; 8]);
+}

@@ -434,7 +434,7 @@ impl Hostmem {
         let slot = match (self.mode, &self.vm) {
             (Mode::Fixed, _) => {
                 self.window
-                    .place(ev.offset, ev.len, fd.as_fd(), ev.fd_offset, prot)
+                    .place_known(ev.offset, ev.len, fd.as_fd(), &facts, ev.fd_offset, prot)
                     .map_err(|e| match e {
                         // A failed MAP_FIXED has had the background put back (no hole): the
                         // guest reads zeros there, as if nothing had been placed.
