@@ -36,7 +36,9 @@
 //! (`growth`).
 //!
 //! Also measured: the device's cold start (spawn, jail, seccomp, handshake → Ready) and its
-//! resident memory; with `limits`, the largest number of simultaneously mapped blobs in each
+//! resident memory, after every timed batch and 100 ms apart (a stopped device's namespaces
+//! are torn down by kernel workers for a while, and a start right after another skips a
+//! grace period); with `limits`, the largest number of simultaneously mapped blobs in each
 //! mode and what stopped it.
 
 mod breakdown;
