@@ -208,7 +208,9 @@ impl Ring {
             used: self.used,
             // VIRTIO_RING_F_EVENT_IDX: a waiter says after which completion it wants the
             // call eventfd (`used_event`), so a wait for the 16th of 16 commands in flight
-            // is one wake-up, not sixteen. (Kicks stay unconditional: always allowed.)
+            // is one wake-up, not sixteen; and the device says after which entry it wants a
+            // kick (`avail_event`), so a burst is one kick. A device that takes the queue
+            // must honour both.
             event_idx: true,
         }
     }
