@@ -7,9 +7,10 @@
 //! another core turns each placement into an IPI round trip (a VM exit on a virtualised
 //! host). `hostmem bench`'s per-hop breakdown measured the VMM's MAP_FIXED at about twice
 //! the in-process floor's for exactly that reason, with a polling driver on the other core.
-//! Pinning the device next to the vCPU and the mapping service on another core keeps the
-//! VMM's address space on one core at a time while the device works (`--device-cpus`,
-//! `--service-cpus`; the bench's `--cpu-layout split`). Nothing is pinned by default.
+//! Giving each process its own cores (the device on some, the VMM's vCPU and mapping
+//! service on others) keeps each address space live on its own cores only, so no
+//! placement sends an IPI (`--device-cpus`, `--service-cpus`; the bench's `--cpu-layout
+//! split`). Nothing is pinned by default.
 
 use anyhow::{bail, Context};
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
@@ -56,6 +57,14 @@ pub fn allowed() -> anyhow::Result<Vec<usize>> {
     Ok((0..CpuSet::count())
         .filter(|&c| set.is_set(c).unwrap_or(false))
         .collect())
+}
+
+/// Restricts the calling thread to `cpus` (empty: leaves it alone); a failure is logged
+/// and the thread runs unpinned. For the VMM's own service threads.
+pub fn pin_self_or_warn(cpus: &[usize], what: &str) {
+    if let Err(e) = pin(0, cpus, what) {
+        log::warn!("{e:#}; it runs unpinned");
+    }
 }
 
 /// Restricts `pid` (0: the calling thread) to `cpus`. An empty list leaves it alone.

@@ -316,9 +316,7 @@ impl Device {
             std::thread::Builder::new()
                 .name(format!("mapping-service-{pid}"))
                 .spawn(move || {
-                    if let Err(e) = crate::affinity::pin(0, &cpus, "mapping service") {
-                        log::warn!("{e:#}; it runs unpinned");
-                    }
+                    crate::affinity::pin_self_or_warn(&cpus, "mapping service");
                     serve(&hm, &tube)
                 })?
         };
@@ -551,8 +549,6 @@ pub(crate) fn jail_config(
     Ok((jail, memory, cgroup))
 }
 
-/// Checks from outside, before the device gets anything, that a jailed device really is:
-/// six new namespaces, `Seccomp: 2`, `NoNewPrivs: 1`, no capabilities. Returns its status.
 /// Restricts a just-spawned child to `cpus` ([`DeviceConfig::device_cpus`]; empty: any);
 /// a child that cannot be pinned is killed and reaped.
 pub(crate) fn pin_or_kill(
@@ -568,6 +564,8 @@ pub(crate) fn pin_or_kill(
     r
 }
 
+/// Checks from outside, before the device gets anything, that a jailed device really is:
+/// six new namespaces, `Seccomp: 2`, `NoNewPrivs: 1`, no capabilities. Returns its status.
 pub(crate) fn check_jailed(cfg: &DeviceConfig, pid: i32) -> anyhow::Result<procfs::ProcStatus> {
     let st = procfs::status_of(&pid.to_string())?;
     if cfg.jailed {

@@ -400,17 +400,18 @@ impl QueueDriver {
 
     /// Sets how long a wait for the only command in flight polls the used ring before it
     /// sleeps on the call eventfd ([`REPLY_SPIN`] by default; zero: sleep at once, as a
-    /// halted vCPU waits for its interrupt). With more commands in flight a wait always
-    /// polls for [`REPLY_SPIN`] first: the next completion is near.
+    /// halted vCPU waits for its interrupt). Waits with more in flight follow
+    /// [`QueueDriver::set_multi_reply_spin`].
     pub fn set_lone_reply_spin(&mut self, t: Duration) {
         self.lone_reply_spin = t;
     }
 
     /// Sets how long a wait with more than one command in flight polls before it sleeps
-    /// ([`REPLY_SPIN`] by default). Zero for a driver that shares its CPU with the device:
-    /// under EEVDF a `sched_yield` loop does not hand the CPU to a task that has run ahead
-    /// of its share, so a yielding poller can keep the device off its CPU until the next
-    /// tick (seen as a p99 of 3.9 ms in a pipelined batch). The sleep then ends with the
+    /// ([`REPLY_SPIN`] by default). Zero for a driver that shares its CPU with the thread
+    /// that must answer (the device, or the VMM's mapping service): under EEVDF a
+    /// `sched_yield` loop does not hand the CPU to a task that has run ahead of its share,
+    /// so a yielding poller can keep that thread off its CPU until the next tick (seen as
+    /// a p99 of 3.9 ms in a pipelined batch). The sleep then ends with the
     /// call eventfd after the completion it waits for (`used_event`), one wake-up per wait.
     pub fn set_multi_reply_spin(&mut self, t: Duration) {
         self.multi_reply_spin = t;

@@ -130,9 +130,7 @@ impl Channel {
         let thread = std::thread::Builder::new()
             .name(format!("vhost-user-channel-{pid}"))
             .spawn(move || {
-                if let Err(e) = crate::affinity::pin(0, &cpus, "vhost-user channel") {
-                    log::warn!("{e:#}; it runs unpinned");
-                }
+                crate::affinity::pin_self_or_warn(&cpus, "vhost-user channel");
                 loop {
                     match handler.handle_request() {
                         // A refusal was nacked; the device fails the guest's command.
