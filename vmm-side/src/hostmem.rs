@@ -219,6 +219,18 @@ fn check_unmap(st: &State, resource_id: u32, offset: u64, len: u64) -> Result<()
     }
 }
 
+/// Drops the live placement at `offset` from the tables (its range is already background).
+fn forget_live(st: &mut State, offset: u64) {
+    if let Some(l) = st.live.remove(&offset) {
+        st.by_resource.remove(&l.resource_id);
+    }
+}
+
+/// A window restore that failed, as the unmap's refusal.
+fn restore_refused(e: hostmem_base::Error) -> Refusal {
+    Refusal::unspec(format!("restore: {e}"))
+}
+
 impl Faults {
     fn is_set(&self) -> bool {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
@@ -522,12 +534,10 @@ impl Hostmem {
         for (i, r) in which.into_iter().zip(self.window.restore_many(&ranges)) {
             res[i] = match r {
                 Ok(_) => {
-                    if let Some(l) = st.live.remove(&reqs[i].1) {
-                        st.by_resource.remove(&l.resource_id);
-                    }
+                    forget_live(&mut st, reqs[i].1);
                     Ok(())
                 }
-                Err(e) => Err(Refusal::unspec(format!("restore: {e}"))),
+                Err(e) => Err(restore_refused(e)),
             };
         }
         drop(st);
@@ -553,7 +563,7 @@ impl Hostmem {
             None => {
                 self.window
                     .restore(offset, live.len)
-                    .map_err(|e| Refusal::unspec(format!("restore: {e}")))?;
+                    .map_err(restore_refused)?;
             }
             Some((slot, _)) => {
                 if let Some(vm) = &self.vm {
@@ -564,9 +574,7 @@ impl Hostmem {
                 st.free_slots.push(*slot);
             }
         }
-        if let Some(l) = st.live.remove(&offset) {
-            st.by_resource.remove(&l.resource_id);
-        }
+        forget_live(st, offset);
         Ok(())
     }
 

@@ -55,6 +55,14 @@ struct CaseRun {
 }
 
 impl Samples {
+    /// Adds the TLB shootdowns since `before` (a [`procfs::tlb_shootdowns`] reading taken
+    /// when the batch began); nothing where the kernel does not count them.
+    pub(super) fn add_tlb_since(&mut self, before: Option<u64>) {
+        if let (Some(a), Some(b)) = (before, procfs::tlb_shootdowns()) {
+            self.tlb_shootdowns += b.saturating_sub(a);
+        }
+    }
+
     /// One timed map+unmap cycle and the guest's RAM re-read after it.
     pub(super) fn cycle(&mut self, map: Duration, unmap: Duration, refault: Duration) {
         self.map_us.push(us(map));
@@ -209,9 +217,7 @@ impl CaseRun {
         }
         let d = self.hostmem.memslot_changes() - slots0;
         self.samples().memslot_changes += d;
-        if let (Some(a), Some(b)) = (tlb0, procfs::tlb_shootdowns()) {
-            self.samples().tlb_shootdowns += b.saturating_sub(a);
-        }
+        self.samples().add_tlb_since(tlb0);
         Ok(())
     }
 

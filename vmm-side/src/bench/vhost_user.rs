@@ -221,9 +221,7 @@ impl VhostUserCase {
         })();
         let d = self.hostmem.memslot_changes() - slots0;
         self.samples().memslot_changes += d;
-        if let (Some(a), Some(b)) = (tlb0, hostmem_base::procfs::tlb_shootdowns()) {
-            self.samples().tlb_shootdowns += b.saturating_sub(a);
-        }
+        self.samples().add_tlb_since(tlb0);
         if let Err(e) = r {
             log::error!("{NAME}: {e:#}");
             self.failed = Some(format!("{e:#}"));

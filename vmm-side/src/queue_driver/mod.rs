@@ -181,6 +181,16 @@ struct Ring {
 }
 
 impl Ring {
+    /// `used_event` (VIRTIO_RING_F_EVENT_IDX): the avail ring's last field.
+    fn used_event_addr(&self) -> GuestAddress {
+        GuestAddress(self.avail + 4 + 2 * u64::from(QUEUE_SIZE))
+    }
+
+    /// `avail_event` (VIRTIO_RING_F_EVENT_IDX): the used ring's last field.
+    fn avail_event_addr(&self) -> GuestAddress {
+        GuestAddress(self.used + 4 + 8 * u64::from(QUEUE_SIZE))
+    }
+
     fn new(index: u16) -> Result<Ring, DriverError> {
         let base = RAM_GPA + u64::from(index) * RING_STRIDE;
         let efd = || {
@@ -572,10 +582,7 @@ impl QueueDriver {
         // device busy with earlier chains leaves it behind, so a burst costs one kick.
         let avail_event: u16 = self
             .mem
-            .load(
-                GuestAddress(self.ctrl.used + 4 + 8 * u64::from(QUEUE_SIZE)),
-                Ordering::Acquire,
-            )
+            .load(self.ctrl.avail_event_addr(), Ordering::Acquire)
             .map_err(|e| DriverError::Memory(e.to_string()))?;
         if need_event(avail_event, self.ctrl.avail_idx, old) {
             self.ctrl.kick.write(1).map_err(DriverError::EventFd)?;
@@ -627,11 +634,7 @@ impl QueueDriver {
             // once more (a completion the device published before it read used_event).
             let used_event = self.ctrl.last_used.wrapping_add(want - 1);
             self.mem
-                .store(
-                    used_event,
-                    GuestAddress(self.ctrl.avail + 4 + 2 * u64::from(QUEUE_SIZE)),
-                    Ordering::Release,
-                )
+                .store(used_event, self.ctrl.used_event_addr(), Ordering::Release)
                 .map_err(|e| DriverError::Memory(e.to_string()))?;
             fence(Ordering::SeqCst);
             if self.used_idx()? != self.ctrl.last_used {
