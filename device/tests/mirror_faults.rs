@@ -298,6 +298,25 @@ fn a_mirror_placement_failing_after_its_map_left_is_taken_back_from_the_vmm() {
     drop(placer);
 }
 
+/// Unmapping resource 1 at 0 fails and gives up the tube, both saying `why`.
+fn unmap_breaks_the_tube(placer: &mut MirrorPlacer, why: &str) {
+    match placer.unmap(1, 0, 2 * P) {
+        Err(PlaceError::Unspec(e)) => assert!(e.contains(why), "{e}"),
+        other => panic!("expected Unspec, got {other:?}"),
+    }
+    let broken = placer.broken().expect("the tube is given up").to_string();
+    assert!(broken.contains(why), "{broken}");
+}
+
+/// On a broken tube every later placement fails at once.
+fn refuses_at_once(placer: &mut MirrorPlacer) {
+    let b2 = blob(2, 1);
+    assert!(matches!(
+        placer.map(&req(2, 8 * P, &b2)),
+        Err(PlaceError::Unspec(_))
+    ));
+}
+
 #[test]
 fn a_mirror_restore_failing_after_its_unmap_left_breaks_the_tube() {
     let (mut placer, vmm) = setup(Policy::default());
@@ -309,21 +328,12 @@ fn a_mirror_restore_failing_after_its_unmap_left_breaks_the_tube() {
     placer.map(&req(1, 0, &b1)).unwrap();
     // The VMM restores its window; the mirror keeps the blob: the views differ, so the
     // device must give up (the VMM restores everything when it exits, invariant 4).
-    match placer.unmap(1, 0, 2 * P) {
-        Err(PlaceError::Unspec(why)) => assert!(why.contains("restore"), "{why}"),
-        other => panic!("expected Unspec, got {other:?}"),
-    }
-    let broken = placer.broken().expect("the tube is given up").to_string();
-    assert!(broken.contains("restore"), "{broken}");
+    unmap_breaks_the_tube(&mut placer, "restore");
     assert_eq!(vmm.wait_events(2), [Ev::Map(1, 0), Ev::Unmap(1, 0)]);
     assert!(placed(&vmm.window).is_empty(), "the VMM restored its range");
     assert_eq!(placed(placer.window()), [0], "the mirror could not");
     // Nothing more is sent on a broken tube: every later placement fails at once.
-    let b2 = blob(2, 1);
-    assert!(matches!(
-        placer.map(&req(2, 8 * P, &b2)),
-        Err(PlaceError::Unspec(_))
-    ));
+    refuses_at_once(&mut placer);
     assert_eq!(vmm.events().len(), 2, "no event after the break");
     drop(placer);
 }
@@ -463,19 +473,10 @@ fn a_refused_unmap_breaks_the_tube() {
     });
     let b1 = blob(1, 2);
     placer.map(&req(1, 0, &b1)).unwrap();
-    match placer.unmap(1, 0, 2 * P) {
-        Err(PlaceError::Unspec(why)) => assert!(why.contains("refused the unmap"), "{why}"),
-        other => panic!("expected Unspec, got {other:?}"),
-    }
-    let broken = placer.broken().expect("the tube is given up").to_string();
-    assert!(broken.contains("refused the unmap"), "{broken}");
+    unmap_breaks_the_tube(&mut placer, "refused the unmap");
     assert_eq!(placed(&vmm.window), [0], "the VMM kept it");
     assert!(placed(placer.window()).is_empty(), "the mirror restored it");
-    let b2 = blob(2, 1);
-    assert!(matches!(
-        placer.map(&req(2, 8 * P, &b2)),
-        Err(PlaceError::Unspec(_))
-    ));
+    refuses_at_once(&mut placer);
     assert_eq!(
         vmm.events(),
         [Ev::Map(1, 0), Ev::Unmap(1, 0)],
