@@ -174,7 +174,16 @@ impl Window {
         Self::from_memfd(memfd)
     }
 
-    /// Maps an existing window memfd (the device's mirror of the VMM's window).
+    /// The device's mirror of the VMM's window (`memfd` is the VMM's): as
+    /// [`Window::from_memfd`], but its restores leave zeroing the shared background to the
+    /// owner ([`Window::set_zero_on_restore`]), so the device needs no `fallocate`.
+    pub fn mirror_of(memfd: SharedMemory) -> Result<Self> {
+        let w = Self::from_memfd(memfd)?;
+        w.set_zero_on_restore(false);
+        Ok(w)
+    }
+
+    /// Maps an existing window memfd.
     pub fn from_memfd(memfd: SharedMemory) -> Result<Self> {
         let size = memfd.size();
         if size == 0 || !is_page_aligned(size) {

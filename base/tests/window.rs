@@ -379,11 +379,10 @@ fn restore_zeroes_written_background_and_a_mirror_leaves_it_to_the_owner() {
     );
 
     // The mirror (same memfd) restores without zeroing: the bytes stay.
-    let mirror = Window::from_memfd(
+    let mirror = Window::mirror_of(
         SharedMemory::from_fd(w.memfd().try_clone_fd().unwrap(), 16 * PAGE).unwrap(),
     )
     .unwrap();
-    mirror.set_zero_on_restore(false);
     let b = blob(PAGE, 0xcd);
     mirror
         .place(4 * PAGE, PAGE, b.as_fd(), 0, Prot::READ_WRITE)

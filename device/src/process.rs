@@ -209,10 +209,9 @@ fn run(args: &Args) -> Result<()> {
     let memfd = fds
         .pop()
         .ok_or_else(|| Error::Protocol("Hostmem without fd".into()))?;
-    let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
     // The VMM zeroes the background it shares with us after its own restores; our policy
     // has no fallocate.
-    mirror.set_zero_on_restore(false);
+    let mirror = Window::mirror_of(SharedMemory::from_fd(memfd, size)?)?;
     if let Some(limit) = args.vma_limit {
         let now = hostmem_base::procfs::vma_count()?;
         log::warn!("test knob: mirror VMA limit {now} + {limit} (reserve 8)");

@@ -93,9 +93,10 @@ enum Scenario {
     ForkHold,
     // Attacker code on the fds the VMM gave it (issue 14): the window memfd, guest RAM, the
     // kick/call eventfds, and blob fds of its own making.
-    /// Every operation the policy allows on the shared fds (seals, truncation, writes, mappings, eventfd writes and reads, closing dups): each must fail or be
-    /// harmless; the attack then behaves, and fails the guest's command if one of the
-    /// operations that must fail succeeded.
+    /// Every operation the policy allows on the shared fds (seals, truncation, writes,
+    /// mappings, eventfd writes and reads, closing dups): each must fail or be harmless;
+    /// the attack then behaves, and fails the guest's command if one of the operations
+    /// that must fail succeeded.
     FdShared,
     /// A write seal on the window memfd (F_SEAL_FUTURE_WRITE): the policy kills it.
     FdWriteSealWindow,
@@ -896,10 +897,9 @@ fn main() -> anyhow::Result<()> {
         bail!("expected Hostmem, got {msg:?}");
     };
     let memfd = fds.pop().context("Hostmem without fd")?;
-    let mirror = Window::from_memfd(SharedMemory::from_fd(memfd, size)?)?;
     // The VMM zeroes the background it shares with us after its own restores; our policy
     // has no fallocate.
-    mirror.set_zero_on_restore(false);
+    let mirror = Window::mirror_of(SharedMemory::from_fd(memfd, size)?)?;
     let backend = hostmem_device::process::make_backend(&args.backend)?;
     if args.scenario == Scenario::NoReady {
         hang()
