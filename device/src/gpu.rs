@@ -189,6 +189,26 @@ pub trait Placer {
     fn begin_map(&mut self, req: &MapRequest<'_>) -> Result<Option<u64>, PlaceError> {
         self.map(req).map(|()| None)
     }
+    /// True when this placer can tell the VMM of a map before it makes its own placement
+    /// ([`Placer::announce_map`], then [`Placer::place_announced`]). The handler then
+    /// announces a run of pipelined maps first and places them afterwards, while the VMM
+    /// places its copies. Default: false.
+    fn announces(&self) -> bool {
+        false
+    }
+    /// [`Placer::begin_map`] up to the report: checked and on its way to the VMM, not
+    /// placed here yet. Returns the ticket ([`Placer::finish_next`]). Only called when
+    /// [`Placer::announces`]; the default refuses.
+    fn announce_map(&mut self, req: &MapRequest<'_>) -> Result<u64, PlaceError> {
+        let _ = req;
+        Err(PlaceError::Unspec("this placer does not announce".into()))
+    }
+    /// The placement of an announced map (`ticket`), made after everything announced so far
+    /// went to the VMM. A failure is not returned: it fails the map when it is settled
+    /// ([`Placer::finish_next`]). The default does nothing.
+    fn place_announced(&mut self, ticket: u64, req: &MapRequest<'_>) {
+        let _ = (ticket, req);
+    }
     /// [`Placer::begin_map`] for a restore.
     fn begin_unmap(
         &mut self,
@@ -202,6 +222,11 @@ pub trait Placer {
     /// refused placement has been undone by the placer. `None` when nothing is started.
     fn finish_next(&mut self) -> Option<(u64, Result<(), PlaceError>)> {
         None
+    }
+    /// True when [`Placer::finish_next`] would not wait: the oldest started operation's
+    /// verdict is already in (reading what has arrived, never waiting). Default: false.
+    fn next_verdict_ready(&mut self) -> bool {
+        false
     }
     /// True when verdicts arrive only while the caller's loop runs, so the handler must
     /// never wait for one inside [`Gpu::submit`] (see the module docs, "Pipelining"): the
@@ -295,6 +320,19 @@ pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
     /// Commands not started yet because a placement before them is unsettled and the
     /// placer's verdicts are asynchronous ([`Placer::verdicts_async`]), in order.
     deferred: VecDeque<(u64, Vec<u8>)>,
+    /// Maps announced to the placer whose own placement is still to make
+    /// ([`Gpu::place_due`]), in order.
+    due: VecDeque<Due>,
+}
+
+/// An announced map whose placement is due ([`Placer::place_announced`]).
+#[derive(Debug)]
+struct Due {
+    ticket: u64,
+    id: u32,
+    offset: u64,
+    len: u64,
+    exported: ExportedBlob,
 }
 
 /// A pipelined command ([`Gpu::submit`]) whose response goes out in command order.
@@ -350,6 +388,28 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             max_blobs: MAX_BLOBS,
             queue: VecDeque::new(),
             deferred: VecDeque::new(),
+            due: VecDeque::new(),
+        }
+    }
+
+    /// Makes the placements of the maps announced so far ([`Placer::place_announced`]): the
+    /// transport calls it when a run of chains is done, and everything that needs the
+    /// mirror as the guest will see it (settling, unmaps, a synchronous map, a reset) calls
+    /// it first.
+    pub fn place_due(&mut self) {
+        while let Some(d) = self.due.pop_front() {
+            let backend = &self.backend;
+            let via = |t: &FixedTarget<'_>| backend.map_fixed(d.id, &d.exported, t);
+            let req = MapRequest {
+                resource_id: d.id,
+                offset: d.offset,
+                len: d.len,
+                blob: &d.exported,
+                prot: Prot::READ_WRITE,
+                map_info: d.exported.map_info,
+                map_via: Some(MapVia(&via)),
+            };
+            self.placer.place_announced(d.ticket, &req);
         }
     }
 
@@ -423,6 +483,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
     /// backend or placer said.
     pub fn reset_all(&mut self) -> ResetSummary {
         let mut sum = ResetSummary::default();
+        self.place_due();
         while self.in_flight() > 0 {
             self.settle_one();
         }
@@ -637,8 +698,20 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         }
     }
 
+    /// [`Gpu::finish_one`], then again for every following operation whose verdict is
+    /// already in ([`Placer::next_verdict_ready`]): a run of verdicts that came together
+    /// is settled together, so its responses reach the used ring, and the driver's
+    /// interrupt, together.
+    pub fn finish_ready(&mut self) {
+        self.finish_one();
+        while self.in_flight() > 0 && self.placer.next_verdict_ready() {
+            self.finish_one();
+        }
+    }
+
     /// [`Gpu::finish_one`] without starting deferred commands.
     fn settle_one(&mut self) {
+        self.place_due();
         let Some(i) = self
             .queue
             .iter()
@@ -860,6 +933,9 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         c: &ResourceMapBlob,
         pipelined: bool,
     ) -> Result<(u32, Option<u64>), Refusal> {
+        if !pipelined {
+            self.place_due();
+        }
         let id = c.resource_id;
         let blob = match self.blobs.get(&id) {
             Some(b) => *b,
@@ -930,17 +1006,30 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             map_info: exported.map_info,
             map_via: Some(MapVia(&via)),
         };
-        let ticket = if pipelined {
+        let announce = pipelined && self.placer.announces();
+        let ticket = if announce {
+            self.placer.announce_map(&req).map(Some)
+        } else if pipelined {
             self.placer.begin_map(&req)
         } else {
             self.placer.map(&req).map(|()| None)
         }
         .map_err(place_refusal)?;
+        let map_info = exported.map_info;
+        if let (true, Some(ticket)) = (announce, ticket) {
+            self.due.push_back(Due {
+                ticket,
+                id,
+                offset,
+                len: blob.size,
+                exported,
+            });
+        }
         if let Some(b) = self.blobs.get_mut(&id) {
             b.mapped_at = Some(offset);
         }
         log::debug!("resource {id}: mapped at {offset:#x}+{:#x}", blob.size);
-        Ok((exported.map_info, ticket))
+        Ok((map_info, ticket))
     }
 
     fn unmap_blob(&mut self, id: u32) -> Result<(), Refusal> {
@@ -954,6 +1043,8 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         id: u32,
         pipelined: bool,
     ) -> Result<(u64, Option<u64>), Refusal> {
+        // The restore must follow the placement of anything announced (this blob's own).
+        self.place_due();
         let blob = match self.blobs.get(&id) {
             Some(b) => *b,
             None => return refuse(ErrorCode::InvalidResourceId, format!("no resource {id}")),

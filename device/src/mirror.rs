@@ -519,6 +519,25 @@ impl Placer for MirrorPlacer {
     }
 
     fn begin_map(&mut self, req: &MapRequest<'_>) -> Result<Option<u64>, PlaceError> {
+        let seq = self.announce_map(req)?;
+        // The VMM may be placing it now: place the mirror meanwhile.
+        match self.place_mirror(seq, req) {
+            Ok(()) => Ok(Some(seq)),
+            // Not sent yet: the command fails without the VMM.
+            Err(err) if self.recall(seq) => Err(err),
+            Err(err) => {
+                // Sent: settled (and taken back from the VMM) in `finish_next`.
+                self.note_mirror_err(seq, err);
+                Ok(Some(seq))
+            }
+        }
+    }
+
+    fn announces(&self) -> bool {
+        true
+    }
+
+    fn announce_map(&mut self, req: &MapRequest<'_>) -> Result<u64, PlaceError> {
         self.usable()?;
         // The cheap checks before the VMM hears of it (the VMA budget and the fd's facts
         // are checked by the placement itself).
@@ -549,34 +568,15 @@ impl Placer for MirrorPlacer {
             mirror_err: None,
         };
         self.queue(msg, Some(fd), entry);
-        // The VMM may be placing it now: place the mirror meanwhile.
-        let placed = match self.injected(false, req.offset, req.len) {
-            Some(e) => Err(e),
-            None => req.place_in(&self.window),
-        };
-        match placed {
-            Ok(by) => {
-                if by == MappedBy::Caller {
-                    self.renderer_mapped += 1;
-                    if self.renderer_mapped == 1 {
-                        log::info!("mirror: placing blobs with the renderer's own map_fixed");
-                    }
-                }
-                let now = if self.trace { monotonic_ns() } else { 0 };
-                self.stamp(seq, |r| r.device.mirror_done = now);
-            }
-            Err(e) => {
-                let err = window_error(e);
-                if self.recall(seq) {
-                    return Err(err);
-                }
-                // Sent: settled (and taken back from the VMM) in `finish_next`.
-                if let Some(en) = self.inflight.iter_mut().find(|en| en.seq == seq) {
-                    en.mirror_err = Some(err);
-                }
-            }
+        Ok(seq)
+    }
+
+    fn place_announced(&mut self, ticket: u64, req: &MapRequest<'_>) {
+        // Whatever waits in the outbox goes first, so the VMM places while we do.
+        self.flush_outbox();
+        if let Err(err) = self.place_mirror(ticket, req) {
+            self.note_mirror_err(ticket, err);
         }
-        Ok(Some(seq))
     }
 
     fn begin_unmap(
@@ -626,6 +626,23 @@ impl Placer for MirrorPlacer {
         Ok(Some(seq))
     }
 
+    fn next_verdict_ready(&mut self) -> bool {
+        let Some(seq) = self.inflight.front().map(|e| e.seq) else {
+            return false;
+        };
+        loop {
+            if self.verdicts.contains_key(&seq) {
+                return true;
+            }
+            // Replies already queued on the tube; an error marks the tube broken, and the
+            // next finish fails at once.
+            match self.receive(false) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => return self.broken.is_some(),
+            }
+        }
+    }
+
     fn finish_next(&mut self) -> Option<(u64, Result<(), PlaceError>)> {
         let e = self.inflight.pop_front()?;
         let v = self.wait_verdict(e.seq);
@@ -671,6 +688,31 @@ impl Placer for MirrorPlacer {
 }
 
 impl MirrorPlacer {
+    /// The mirror placement of Map `seq` (sent or in the outbox).
+    fn place_mirror(&mut self, seq: u64, req: &MapRequest<'_>) -> Result<(), PlaceError> {
+        let placed = match self.injected(false, req.offset, req.len) {
+            Some(e) => Err(e),
+            None => req.place_in(&self.window),
+        };
+        let by = placed.map_err(window_error)?;
+        if by == MappedBy::Caller {
+            self.renderer_mapped += 1;
+            if self.renderer_mapped == 1 {
+                log::info!("mirror: placing blobs with the renderer's own map_fixed");
+            }
+        }
+        let now = if self.trace { monotonic_ns() } else { 0 };
+        self.stamp(seq, |r| r.device.mirror_done = now);
+        Ok(())
+    }
+
+    /// The mirror placement of Map `seq`, already sent, failed: its settling takes it back.
+    fn note_mirror_err(&mut self, seq: u64, err: PlaceError) {
+        if let Some(en) = self.inflight.iter_mut().find(|en| en.seq == seq) {
+            en.mirror_err = Some(err);
+        }
+    }
+
     /// Waits for the verdicts of everything started before `ticket`, then for its own.
     fn finish(&mut self, ticket: Option<u64>) -> Result<(), PlaceError> {
         let Some(ticket) = ticket else { return Ok(()) };

@@ -9,7 +9,7 @@
 //! queues' kick eventfds ([`crate::virtio`]) until the VMM closes the transport tube.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_base::window::Window;
@@ -63,6 +63,10 @@ pub struct Args {
     /// then exits; [`crate::mirror::MirrorFaults`]).
     #[arg(long, value_name = "N")]
     pub test_fail_mirror_restore: Option<u64>,
+    /// How long the idle loop may poll its fds before it sleeps, in microseconds: the
+    /// window adapts between 100 µs and this ([`IdlePoll`]); 0 sleeps at once.
+    #[arg(long, value_name = "US", default_value_t = IDLE_POLL_MAX.as_micros() as u64)]
+    pub idle_poll_max_us: u64,
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
     #[arg(long)]
     pub test_ops: bool,
@@ -240,7 +244,8 @@ fn run(args: &Args) -> Result<()> {
         fail_restore: args.test_fail_mirror_restore,
     });
     let mut dev = VirtioGpu::new(Gpu::new(backend, placer));
-    serve(&transport, &mut dev)
+    let poll = IdlePoll::new(Duration::from_micros(args.idle_poll_max_us));
+    serve(&transport, &mut dev, poll)
 }
 
 /// vhost-user mode: the supervisor handshake (if `--control-fd`), then
@@ -299,22 +304,80 @@ fn run_vhost_user(args: &Args) -> Result<()> {
 /// Placements in flight at most before the device waits for the oldest verdict.
 pub const MAX_IN_FLIGHT: usize = 32;
 
-/// How long the idle loop keeps polling its fds (kick eventfds, transport tube) without
-/// sleeping after the last work, like QEMU's `poll-max-ns`: waking a sleeping process costs
-/// tens of microseconds on a VM host (`hostmem bench`'s breakdown, "guest kick → device
-/// sees it"), far more than the next command usually takes to come.
+/// Where the idle loop's polling window starts and what it shrinks back to ([`IdlePoll`]):
+/// after its last work the loop keeps polling its fds (kick eventfds, transport tube)
+/// without sleeping this long at least, like QEMU's `poll-max-ns`: waking a sleeping
+/// process costs tens of microseconds on a VM host (`hostmem bench`'s breakdown, "guest
+/// kick → device sees it"), far more than the next command usually takes to come.
 pub const IDLE_SPIN: Duration = Duration::from_micros(100);
+
+/// How far the polling window may grow by default (`--idle-poll-max-us`): KVM's default
+/// `halt_poll_ns` on x86. A device with a CPU of its own can afford more (`hostmem bench
+/// --cpu-layout split` gives it 1 ms).
+pub const IDLE_POLL_MAX: Duration = Duration::from_micros(200);
+
+/// The idle loop's polling window, adapted as KVM adapts a vCPU's halt polling: a sleep
+/// that ended before `max` (work came soon after the window closed) doubles the window, up
+/// to `max`; a longer one halves it, down to [`IDLE_SPIN`] (or `max`, if that is less). A
+/// burst of commands with short pauses (a guest that maps, reads, unmaps) is then served
+/// without a wake-up from sleep per burst, and an idle device soon sleeps at once again.
+/// `max` zero: never poll.
+#[derive(Debug, Clone)]
+pub struct IdlePoll {
+    window: Duration,
+    max: Duration,
+    asleep_since: Option<Instant>,
+}
+
+impl IdlePoll {
+    /// A window of [`IDLE_SPIN`] (at most `max`) that may grow to `max`.
+    pub fn new(max: Duration) -> Self {
+        IdlePoll {
+            window: IDLE_SPIN.min(max),
+            max,
+            asleep_since: None,
+        }
+    }
+
+    /// How long to poll after the last work.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// The loop goes to sleep at `now` (its window ran out).
+    pub fn sleeping(&mut self, now: Instant) {
+        self.asleep_since = Some(now);
+    }
+
+    /// The loop woke at `now`: adapt the window to how long it slept.
+    pub fn woke(&mut self, now: Instant) {
+        let Some(since) = self.asleep_since.take() else {
+            return;
+        };
+        let floor = IDLE_SPIN.min(self.max);
+        self.window = if now.saturating_duration_since(since) < self.max {
+            self.window.saturating_mul(2).max(floor).min(self.max)
+        } else {
+            (self.window / 2).max(floor)
+        };
+    }
+}
 
 /// The device's loop: poll(2) on the transport tube and every enabled queue's kick
 /// eventfd. Kicks serve their queue; transport messages are answered in order
 /// ([`handle_transport`]). While MAP/UNMAP placements are in flight the poll does not
 /// sleep: when nothing new came, the oldest verdict is settled (as the control-queue loop
 /// did), and at [`MAX_IN_FLIGHT`] the device settles before it takes more. When idle it
-/// polls without sleeping for [`IDLE_SPIN`] first (yielding the CPU between polls). Returns
+/// polls without sleeping for `poll`'s window first (yielding the CPU between polls;
+/// [`IdlePoll`]). Returns
 /// when the transport tube closes (EOF: exit 0) or the VMM asked for shutdown; an error
 /// when the mapping tube broke.
-pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> {
-    let mut idle_since: Option<std::time::Instant> = None;
+pub fn serve(
+    transport: &Tube,
+    dev: &mut VirtioGpu<MirrorPlacer>,
+    mut poll: IdlePoll,
+) -> Result<()> {
+    let mut idle_since: Option<Instant> = None;
     loop {
         if dev.in_flight() >= MAX_IN_FLIGHT {
             dev.finish_one();
@@ -325,13 +388,18 @@ pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> 
             continue;
         }
         let working = dev.in_flight() > 0 || dev.busy();
-        let spinning = !working && idle_since.is_some_and(|t| t.elapsed() < IDLE_SPIN);
+        let spinning = !working && idle_since.is_some_and(|t| t.elapsed() < poll.window());
         let timeout = if working || spinning {
             PollTimeout::ZERO
         } else {
+            poll.sleeping(Instant::now());
             PollTimeout::NONE
         };
-        let (transport_ready, kicked) = match dev.wait(transport.as_fd(), timeout) {
+        let waited = dev.wait(transport.as_fd(), timeout);
+        if timeout == PollTimeout::NONE {
+            poll.woke(Instant::now());
+        }
+        let (transport_ready, kicked) = match waited {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => return Err(Error::Poll(e)),
@@ -343,8 +411,9 @@ pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> 
             dev.process_busy();
         } else if !transport_ready && kicked.is_empty() {
             if working {
-                // Nothing new while placements are in flight: settle the oldest.
-                dev.finish_one();
+                // Nothing new while placements are in flight: settle the oldest, and those
+                // whose verdicts came with it.
+                dev.finish_ready();
             } else if spinning {
                 std::thread::yield_now();
                 continue;
@@ -384,7 +453,7 @@ pub fn serve(transport: &Tube, dev: &mut VirtioGpu<MirrorPlacer>) -> Result<()> 
             return Ok(());
         }
         // Work was done (or a message came): spin again before the next sleep.
-        idle_since = Some(std::time::Instant::now());
+        idle_since = Some(Instant::now());
     }
 }
 
@@ -503,6 +572,68 @@ mod tests {
 
     fn parse(args: &[&str]) -> std::result::Result<Args, String> {
         Args::parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    /// Sleeps for `slept` and wakes.
+    fn nap(p: &mut IdlePoll, at: Instant, slept: Duration) {
+        p.sleeping(at);
+        p.woke(at + slept);
+    }
+
+    #[test]
+    fn idle_poll_grows_on_short_sleeps_and_shrinks_on_long_ones() {
+        let us = Duration::from_micros;
+        let t = Instant::now();
+        let mut p = IdlePoll::new(us(1000));
+        assert_eq!(p.window(), IDLE_SPIN);
+        // Work came 300 µs into a sleep: polling longer would have caught it.
+        nap(&mut p, t, us(300));
+        assert_eq!(p.window(), us(200));
+        for _ in 0..5 {
+            nap(&mut p, t, us(300));
+        }
+        assert_eq!(p.window(), us(1000), "capped at max");
+        // A sleep longer than max: the device is idle, poll less.
+        nap(&mut p, t, us(5000));
+        assert_eq!(p.window(), us(500));
+        for _ in 0..10 {
+            nap(&mut p, t, us(5000));
+        }
+        assert_eq!(p.window(), IDLE_SPIN, "never below the start");
+        // A wake without a sleep before it changes nothing.
+        p.woke(t);
+        assert_eq!(p.window(), IDLE_SPIN);
+    }
+
+    #[test]
+    fn idle_poll_of_zero_never_polls_and_a_small_max_caps_the_start() {
+        let us = Duration::from_micros;
+        let t = Instant::now();
+        let mut p = IdlePoll::new(Duration::ZERO);
+        nap(&mut p, t, us(1));
+        assert_eq!(p.window(), Duration::ZERO);
+        let mut p = IdlePoll::new(us(40));
+        assert_eq!(p.window(), us(40));
+        nap(&mut p, t, us(10));
+        assert_eq!(p.window(), us(40));
+        nap(&mut p, t, us(100));
+        assert_eq!(p.window(), us(40));
+    }
+
+    #[test]
+    fn idle_poll_max_defaults_to_kvm_halt_polling_and_can_be_set() {
+        let a = parse(&["--transport-fd", "3", "--mapping-fd", "4"]).unwrap();
+        assert_eq!(a.idle_poll_max_us, 200);
+        let a = parse(&[
+            "--transport-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--idle-poll-max-us",
+            "1000",
+        ])
+        .unwrap();
+        assert_eq!(a.idle_poll_max_us, 1000);
     }
 
     #[test]

@@ -777,6 +777,9 @@ impl<P: Placer> VirtioGpu<P> {
                     self.cursor_chain(&mem, index, head);
                 }
             }
+            // The run's maps went to the VMM as they were announced; the device's own
+            // placements of them now, while the VMM makes its copies.
+            self.gpu.place_due();
             self.flush();
             let Some(Some(q)) = self.queues.get_mut(usize::from(index)) else {
                 return;
@@ -956,6 +959,14 @@ impl<P: Placer> VirtioGpu<P> {
     /// Settles the oldest pipelined placement and writes what became ready.
     pub fn finish_one(&mut self) {
         self.gpu.finish_one();
+        self.flush();
+    }
+
+    /// Settles the oldest pipelined placement and every following one whose verdict is
+    /// already in ([`Gpu::finish_ready`]), then writes what became ready: one notification
+    /// for the run, where one per verdict woke the driver again and again.
+    pub fn finish_ready(&mut self) {
+        self.gpu.finish_ready();
         self.flush();
     }
 

@@ -17,7 +17,7 @@ use hostmem_device::backend::shm::ShmBackend;
 use hostmem_device::backend::Backend;
 use hostmem_device::gpu::Gpu;
 use hostmem_device::mirror::MirrorPlacer;
-use hostmem_device::process::serve;
+use hostmem_device::process::{serve, IdlePoll, IDLE_POLL_MAX};
 use hostmem_device::virtio::{VirtioGpu, CONTROLQ};
 use hostmem_device::wire::*;
 use hostmem_ipc::protocol::{
@@ -84,7 +84,7 @@ fn the_loop_serves_kicks_and_transport_messages_until_eof() {
             MirrorPlacer::new(mirror, dev_map),
         );
         let mut dev = VirtioGpu::new(gpu);
-        serve(&dev_tr, &mut dev).map(|()| dev.stats())
+        serve(&dev_tr, &mut dev, IdlePoll::new(IDLE_POLL_MAX)).map(|()| dev.stats())
     });
 
     // The transport: guest RAM and the control queue.

@@ -222,6 +222,7 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
         memory_limit: Some(DEFAULT_DEVICE_MEMORY),
         device_cpus: vec![],
         service_cpus: vec![],
+        idle_poll_max: None,
     }
 }
 

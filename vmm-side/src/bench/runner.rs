@@ -509,11 +509,15 @@ fn machine() -> Machine {
 }
 
 /// Lets the previous batch's processes go idle before the next batch starts: the device and
-/// the mapping service poll for a while after their last work
-/// ([`hostmem_device::process::IDLE_SPIN`], [`hostmem_ipc::REPLY_SPIN`]), and on two
-/// cores a case whose batch starts while another case's pollers still spin measures them.
-fn settle() {
-    let spin = hostmem_device::process::IDLE_SPIN.max(hostmem_ipc::REPLY_SPIN);
+/// the mapping service poll for a while after their last work (the device's idle poll,
+/// `opts.device.idle_poll_max` at most, and [`hostmem_ipc::REPLY_SPIN`]), and on two cores
+/// a case whose batch starts while another case's pollers still spin measures them.
+fn settle(opts: &BenchOptions) {
+    let device = opts
+        .device
+        .idle_poll_max
+        .unwrap_or(hostmem_device::process::IDLE_POLL_MAX);
+    let spin = device.max(hostmem_ipc::REPLY_SPIN);
     std::thread::sleep(2 * spin + Duration::from_millis(1));
 }
 
@@ -534,6 +538,9 @@ fn apply_layout(opts: &BenchOptions) -> anyhow::Result<(BenchOptions, LayoutGuar
     let (first, last) = (all[0], all[all.len() - 1]);
     o.device.device_cpus = vec![last];
     o.device.service_cpus = vec![first];
+    // A device with a CPU of its own may poll longer before it sleeps: a pause between
+    // bursts (the guest reading what it mapped) then costs no wake-up from sleep.
+    o.device.idle_poll_max = Some(DEDICATED_IDLE_POLL_MAX);
     // The driver is the guest's vCPU, a thread of the VMM's process: with the mapping
     // services, so each process's address space is live on one CPU only.
     crate::affinity::pin(0, &[first], "bench driver")?;
@@ -542,10 +549,15 @@ fn apply_layout(opts: &BenchOptions) -> anyhow::Result<(BenchOptions, LayoutGuar
         o,
         guard,
         format!(
-            "split (the VMM's driver and mapping services on CPU {first}, devices on CPU {last})"
+            "split (the VMM's driver and mapping services on CPU {first}, devices on CPU {last}, \
+             polling up to {} µs when idle)",
+            DEDICATED_IDLE_POLL_MAX.as_micros()
         ),
     ))
 }
+
+/// How long a device on a CPU of its own (`--cpu-layout split`) polls at most when idle.
+pub const DEDICATED_IDLE_POLL_MAX: Duration = Duration::from_millis(1);
 
 /// Every CPU the bench started with (before the driver was pinned).
 static ALL_CPUS: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
@@ -633,14 +645,14 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                 if c.failed.is_some() {
                     continue;
                 }
-                settle();
+                settle(opts);
                 if let Err(e) = c.batch(opts, &wl) {
                     log::error!("{}: {e:#}", c.kind.name());
                     c.failed = Some(format!("{e:#}"));
                 }
             }
             if let Some(v) = vhost_user.as_mut() {
-                settle();
+                settle(opts);
                 v.batch(opts, &wl);
             }
             done += 1;

@@ -611,5 +611,6 @@ pub fn device_config(
         memory_limit: Some(crate::device::DEFAULT_DEVICE_MEMORY),
         device_cpus: vec![],
         service_cpus: vec![],
+        idle_poll_max: None,
     }
 }
