@@ -6,7 +6,11 @@
 //! **Overlap.** The event goes to the VMM *before* the device's own mirror placement (or
 //! restore), so on two cores the VMM's MAP_FIXED and the device's run at the same time;
 //! the verdict is read only after both. The window's cheap checks (range, overlap) run
-//! before anything is sent. If the mirror placement still fails after the event left, the
+//! before anything is sent. A pipelined map is announced ([`Placer::announce_map`]) and
+//! placed later ([`Placer::place_announced`], which first sends whatever waits in the
+//! outbox): the handler places a run of maps when the run of chains is done
+//! ([`crate::gpu::Gpu::place_due`]), so the whole run reaches the VMM before the device
+//! spends its MAP_FIXEDs. If the mirror placement still fails after the event left, the
 //! command fails: a placement the VMM accepted is taken back with an Unmap before the
 //! guest hears of it; a mirror restore that fails after the VMM was told, or an Unmap the
 //! VMM refuses after the mirror was restored, breaks the tube (the device exits and the

@@ -1356,3 +1356,123 @@ fn reset_drops_deferred_commands() {
     assert_eq!(sum.contexts, 1, "the deferred CTX_DESTROY never ran");
     assert!(sum.dropped_responses >= 1);
 }
+
+/// A placer that announces maps (as the device's mirror does): it records every call in
+/// order, and its verdicts are all Ok, given when asked.
+#[derive(Debug, Default)]
+struct AnnouncingPlacer {
+    log: Vec<String>,
+    next: u64,
+    started: std::collections::VecDeque<u64>,
+    /// The verdicts already in (for `next_verdict_ready`).
+    arrived: usize,
+}
+
+impl Placer for AnnouncingPlacer {
+    fn map(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError> {
+        self.log.push(format!("map {}", req.resource_id));
+        Ok(())
+    }
+    fn unmap(&mut self, id: u32, _: u64, _: u64) -> Result<(), PlaceError> {
+        self.log.push(format!("unmap {id}"));
+        Ok(())
+    }
+    fn window_size(&self) -> u64 {
+        WINDOW
+    }
+    fn announces(&self) -> bool {
+        true
+    }
+    fn announce_map(&mut self, req: &MapRequest<'_>) -> Result<u64, PlaceError> {
+        self.next += 1;
+        self.started.push_back(self.next);
+        self.log.push(format!("announce {}", req.resource_id));
+        Ok(self.next)
+    }
+    fn place_announced(&mut self, ticket: u64, req: &MapRequest<'_>) {
+        self.log
+            .push(format!("place {} (ticket {ticket})", req.resource_id));
+    }
+    fn begin_unmap(&mut self, id: u32, _: u64, _: u64) -> Result<Option<u64>, PlaceError> {
+        self.next += 1;
+        self.started.push_back(self.next);
+        self.log.push(format!("begin unmap {id}"));
+        Ok(Some(self.next))
+    }
+    fn finish_next(&mut self) -> Option<(u64, Result<(), PlaceError>)> {
+        let t = self.started.pop_front()?;
+        self.log.push(format!("settle {t}"));
+        self.arrived = self.arrived.saturating_sub(1);
+        Some((t, Ok(())))
+    }
+    fn next_verdict_ready(&mut self) -> bool {
+        self.arrived > 0 && !self.started.is_empty()
+    }
+}
+
+#[test]
+fn announced_maps_are_placed_after_the_run_and_before_anything_that_needs_them() {
+    let mut g = Gpu::new(Box::new(ShmBackend::new()), AnnouncingPlacer::default());
+    let run =
+        |g: &mut Gpu<AnnouncingPlacer, ShmBackend>, t: u64, c: Command| g.submit(t, &c.encode());
+    run(&mut g, 1, Command::ctx_create(1, 0, b"t"));
+    for id in [7, 8, 9, 30] {
+        run(
+            &mut g,
+            id.into(),
+            Command::create_blob(1, id, VIRTIO_GPU_BLOB_MEM_HOST3D, MAPPABLE, 0, ps()),
+        );
+    }
+    assert_eq!(g.take_ready().len(), 5);
+    // A run of three maps: all announced, none placed yet.
+    for (t, id) in [(10, 7), (11, 8), (12, 9)] {
+        run(&mut g, t, Command::map_blob(1, id, u64::from(id) * ps()));
+    }
+    assert_eq!(
+        g.placer().log,
+        ["announce 7", "announce 8", "announce 9"],
+        "the VMM hears of the whole run before the device places any of it"
+    );
+    assert_eq!(g.in_flight(), 3);
+    // The run is done: the placements, in order.
+    g.place_due();
+    assert_eq!(
+        &g.placer().log[3..],
+        [
+            "place 7 (ticket 1)",
+            "place 8 (ticket 2)",
+            "place 9 (ticket 3)"
+        ]
+    );
+    // Nothing is due twice.
+    g.place_due();
+    assert_eq!(g.placer().log.len(), 6);
+    // Two verdicts came together: one settle call settles both, the third stays.
+    g.placer_mut().arrived = 2;
+    g.finish_ready();
+    assert_eq!(&g.placer().log[6..], ["settle 1", "settle 2"]);
+    let tokens: Vec<u64> = g.take_ready().iter().map(|r| r.0).collect();
+    assert_eq!(tokens, vec![10, 11]);
+    assert_eq!(g.in_flight(), 1);
+    g.finish_ready();
+    assert_eq!(g.take_ready().len(), 1);
+
+    // A map announced and an unmap of the same blob in one run: the map is placed before
+    // it is settled, and both before the unmap's restore.
+    g.placer_mut().log.clear();
+    run(&mut g, 20, Command::map_blob(1, 30, 12 * ps()));
+    run(&mut g, 21, Command::unmap_blob(1, 30));
+    let log = g.placer().log.clone();
+    let pos = |s: &str| {
+        log.iter()
+            .position(|l| l.starts_with(s))
+            .unwrap_or_else(|| panic!("no {s:?} in {log:?}"))
+    };
+    assert!(pos("announce 30") < pos("place 30"), "{log:?}");
+    assert!(pos("place 30") < pos("settle"), "{log:?}");
+    assert!(pos("settle") < pos("unmap 30"), "{log:?}");
+    while g.in_flight() > 0 {
+        g.finish_one();
+    }
+    assert_eq!(g.take_ready().len(), 2);
+}
