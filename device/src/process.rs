@@ -64,8 +64,13 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub test_fail_mirror_restore: Option<u64>,
     /// How long the idle loop may poll its fds before it sleeps, in microseconds: the
-    /// window adapts between 100 µs and this ([`IdlePoll`]); 0 sleeps at once.
-    #[arg(long, value_name = "US", default_value_t = IDLE_POLL_MAX.as_micros() as u64)]
+    /// window adapts between 100 µs and this ([`IdlePoll`]); 0 sleeps at once, at most 1 s.
+    #[arg(
+        long,
+        value_name = "US",
+        default_value_t = IDLE_POLL_MAX.as_micros() as u64,
+        value_parser = clap::value_parser!(u64).range(0..=1_000_000)
+    )]
     pub idle_poll_max_us: u64,
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
     #[arg(long)]
@@ -634,6 +639,16 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.idle_poll_max_us, 1000);
+        let e = parse(&[
+            "--transport-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--idle-poll-max-us",
+            "2000000",
+        ])
+        .unwrap_err();
+        assert!(e.contains("idle-poll-max-us"), "{e}");
     }
 
     #[test]
