@@ -412,3 +412,65 @@ fn a_sleeping_driver_is_woken_once_for_the_last_of_many() {
     let exit = dev.finish("test done");
     assert_eq!(exit.code, Some(0), "{exit:?}");
 }
+
+/// A burst of 16 MAP_BLOBs in one kick, then 16 UNMAP_BLOBs, through the real jailed device
+/// with its idle poll off (`DeviceConfig::idle_poll_max` 0, passed as
+/// `--idle-poll-max-us 0`: the loop sleeps as soon as it has nothing to do). The device
+/// announces the run's maps and places its mirror copies afterwards; every map still
+/// completes only with the VMM's placement made (the VMM's table holds all 16 at their
+/// offsets when the last map is answered), every unmap only with the background back, and
+/// the waits in command order each find their answer.
+#[test]
+fn a_burst_of_maps_and_unmaps_in_one_kick_with_the_idle_poll_off() {
+    let _serial = serial();
+    let hm = hostmem(16 << 20);
+    let mut cfg = device_config();
+    cfg.idle_poll_max = Some(std::time::Duration::ZERO);
+    let (dev, mut d) = start_device(&cfg, &hm);
+    let argv = std::fs::read(format!("/proc/{}/cmdline", dev.pid())).unwrap();
+    let argv: Vec<&[u8]> = argv.split(|&b| b == 0).collect();
+    assert!(
+        argv.windows(2)
+            .any(|w| w[0] == b"--idle-poll-max-us" && w[1] == b"0"),
+        "the device was told: {argv:?}"
+    );
+    d.ctx_create(1, 0).unwrap();
+    const N: u32 = 16;
+    const P: u64 = 4096;
+    let at = |res: u32| u64::from(res) * 4 * P;
+    for res in 1..=N {
+        d.create_blob(1, res, 0, 2 * P).unwrap();
+    }
+    let tags: Vec<u64> = (1..=N)
+        .map(|res| d.submit_map(1, res, at(res)).unwrap())
+        .collect();
+    for tag in tags {
+        d.wait_map(tag).unwrap();
+    }
+    let mut want: Vec<(u64, u64)> = (1..=N).map(|res| (at(res), 2 * P)).collect();
+    want.sort_unstable();
+    let mut live = hm.live_ranges();
+    live.sort_unstable();
+    assert_eq!(live, want, "the VMM placed every map of the burst");
+    let stats = d.device_stats().unwrap();
+    assert!(
+        stats.chains >= u64::from(2 * N + 1),
+        "the device took every chain: {stats:?}"
+    );
+    let tags: Vec<u64> = (1..=N).map(|res| d.submit_unmap(1, res).unwrap()).collect();
+    for tag in tags {
+        d.wait_ok(tag).unwrap();
+    }
+    assert_eq!(hm.live(), 0, "every unmap restored the background");
+    // The burst again: the same offsets are free in both views.
+    let tags: Vec<u64> = (1..=N)
+        .map(|res| d.submit_map(1, res, at(res)).unwrap())
+        .collect();
+    for tag in tags {
+        d.wait_map(tag).unwrap();
+    }
+    assert_eq!(hm.live(), N as usize);
+    drop(d);
+    let exit = dev.finish("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+}
