@@ -124,7 +124,8 @@ pub enum CpuLayout {
     /// One CPU per process: the VMM's threads (the driver, i.e. the guest's vCPU, and the
     /// mapping services) on the first allowed CPU, every device on the last. Neither
     /// address space is live on the other's CPU, so no MAP_FIXED needs a TLB-shootdown IPI,
-    /// and the device's CPU does nothing but the device's work (needs two CPUs; with one it
+    /// and the device's CPU does nothing but the device's work, so the devices may poll up
+    /// to 1 ms when idle (`runner::DEDICATED_IDLE_POLL_MAX`) (needs two CPUs; with one it
     /// is `none`).
     Split,
     /// Nothing pinned: the scheduler places every thread.
