@@ -627,27 +627,14 @@ mod tests {
 
     #[test]
     fn idle_poll_max_defaults_to_kvm_halt_polling_and_can_be_set() {
-        let a = parse(&["--transport-fd", "3", "--mapping-fd", "4"]).unwrap();
-        assert_eq!(a.idle_poll_max_us, 200);
-        let a = parse(&[
-            "--transport-fd",
-            "3",
-            "--mapping-fd",
-            "4",
-            "--idle-poll-max-us",
-            "1000",
-        ])
-        .unwrap();
-        assert_eq!(a.idle_poll_max_us, 1000);
-        let e = parse(&[
-            "--transport-fd",
-            "3",
-            "--mapping-fd",
-            "4",
-            "--idle-poll-max-us",
-            "2000000",
-        ])
-        .unwrap_err();
+        let with = |max: Option<&str>| {
+            let mut a = vec!["--transport-fd", "3", "--mapping-fd", "4"];
+            a.extend(max.iter().flat_map(|m| ["--idle-poll-max-us", m]));
+            parse(&a)
+        };
+        assert_eq!(with(None).unwrap().idle_poll_max_us, 200);
+        assert_eq!(with(Some("1000")).unwrap().idle_poll_max_us, 1000);
+        let e = with(Some("2000000")).unwrap_err();
         assert!(e.contains("idle-poll-max-us"), "{e}");
     }
 
