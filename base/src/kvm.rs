@@ -191,7 +191,7 @@ fn lock_slots(slots: &SlotTable) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<d
 }
 
 impl Vm {
-    /// `Ok` if `/dev/kvm` can create a VM here, else why not (for "skipped: <reason>").
+    /// `Ok` if `/dev/kvm` can create a VM here, else why not (for `skipped: <reason>`).
     pub fn available() -> Result<(), String> {
         let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
         kvm.create_vm()

@@ -232,7 +232,7 @@ pub struct JailPlan {
     pub cap_last_cap: u32,
     /// The program, opened before the root changes (executed with `execveat`).
     pub program: OwnedFd,
-    /// argv (argv[0] first).
+    /// argv (`argv[0]` first).
     pub argv: Vec<CString>,
     /// The whole environment (`KEY=value`).
     pub envp: Vec<CString>,

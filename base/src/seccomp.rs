@@ -330,7 +330,7 @@ pub fn kernel_accepts(prog: &[SockFilter]) -> Result<(), Errno> {
 
 /// The kernel's real verdict on each call (`(nr, args)`) under `prog`, for checking an
 /// interpreter against it. Safe to use with any filter and any calls: a child installs a
-/// probe filter that answers errno [`PROBE_ERRNO`] to everything but `exit`/`exit_group`
+/// probe filter that answers errno `PROBE_ERRNO` to everything but `exit`/`exit_group`
 /// (so no call is ever executed), then `prog` on top. The kernel then returns `prog`'s errno
 /// where `prog` answers one (the most recent filter's data wins among errnos), the probe's
 /// where `prog` allows or logs, and kills where `prog` kills or traps. Results travel through

@@ -160,7 +160,7 @@ pub enum MappedBy {
 /// [`Window::place_with`] while the window's lock is held. Only the window makes one: the
 /// range lies inside the window's own mapping, is page-aligned, overlaps no live
 /// placement, and the VMA budget admitted it. That is what makes mapping over it (with
-/// MAP_FIXED) sound, e.g. in [`crate::virgl::Renderer::map_fixed`].
+/// MAP_FIXED) sound, e.g. in `virgl::Renderer::map_fixed` (feature `virgl`).
 #[derive(Debug)]
 pub struct FixedTarget<'w> {
     addr: usize,
@@ -192,7 +192,7 @@ impl FixedTarget<'_> {
 }
 
 /// Background data a restore zeroes by writing; more is punched
-/// ([`Window::zero_background`]).
+/// (`Window::zero_background`).
 pub const ZERO_BY_WRITE_MAX: u64 = 64 * 1024;
 
 /// The hostmem window (or the device's mirror of it).
@@ -595,7 +595,7 @@ impl Window {
     /// the first to the last (the gaps between them are background already): a burst of
     /// unmaps costs one page-table update and one MMU-notifier round instead of one each,
     /// and the span ends as one VMA. A span whose MAP_FIXED fails is mapped back
-    /// ([`Window::map_back`]); if even that fails, its placements stay recorded and each
+    /// (`Window::map_back`); if even that fails, its placements stay recorded and each
     /// of them gets the error.
     pub fn restore_many(&self, ranges: &[(u64, u64)]) -> Vec<Result<Placement>> {
         let mut out: Vec<Result<Placement>> = ranges

@@ -51,7 +51,7 @@
 //!
 //! `vhost`'s `Backend` only sends and waits, and keeps its socket to itself, so the loop
 //! takes `SET_BACKEND_REQ_FD` off the frontend's socket before the crate's handler sees it
-//! ([`take_backend_channel`]) and the device writes the two messages itself
+//! (`take_backend_channel`) and the device writes the two messages itself
 //! ([`BackendChannel`], with their layout). Everything else is the crate's.
 //!
 //! # Reset and disconnect

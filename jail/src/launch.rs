@@ -125,7 +125,7 @@ pub struct JailConfig {
     /// The program to jail (opened before the root changes, executed through its fd; must
     /// be an ELF executable, not a `#!` script).
     pub program: PathBuf,
-    /// Its arguments (without argv[0]).
+    /// Its arguments (without `argv[0]`).
     pub args: Vec<OsString>,
     /// Fds to keep, with their number in the program. Everything else is closed. Fds 0 and
     /// 1 default to `/dev/null`, 2 to [`JailConfig::stderr`] (or our stderr).

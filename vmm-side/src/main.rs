@@ -93,7 +93,7 @@ struct RunArgs {
     /// Renderer backend: shm (always) or virgl (feature `virgl`).
     #[arg(long, default_value = "shm")]
     backend: String,
-    /// Restart policy: never | on-failure[:N].
+    /// Restart policy: `never` or `on-failure[:N]`.
     #[arg(long, default_value = "on-failure:3")]
     restart: Restart,
     /// Log seccomp violations (name and args) instead of killing the device.
