@@ -69,7 +69,7 @@ pub struct Args {
         long,
         value_name = "US",
         default_value_t = IDLE_POLL_MAX.as_micros() as u64,
-        value_parser = clap::value_parser!(u64).range(0..=1_000_000)
+        value_parser = clap::value_parser!(u64).range(0..=IDLE_POLL_LIMIT_US)
     )]
     pub idle_poll_max_us: u64,
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
@@ -320,6 +320,10 @@ pub const IDLE_SPIN: Duration = Duration::from_micros(100);
 /// `halt_poll_ns` on x86. A device with a CPU of its own can afford more (`hostmem bench
 /// --cpu-layout split` gives it 1 ms).
 pub const IDLE_POLL_MAX: Duration = Duration::from_micros(200);
+
+/// The largest idle-poll maximum an operator may set, in µs (1 s): a poll that never
+/// sleeps is not a setting.
+pub const IDLE_POLL_LIMIT_US: u64 = 1_000_000;
 
 /// The idle loop's polling window, adapted as KVM adapts a vCPU's halt polling: a sleep
 /// that ended before `max` (work came soon after the window closed) doubles the window, up

@@ -128,7 +128,7 @@ struct RunArgs {
     /// How long the device's idle loop may poll before it sleeps, in µs (native transport;
     /// default: the device's, 200; 0: sleep at once). More suits a device on a CPU of its
     /// own (`--device-cpus`).
-    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=hostmem_device::process::IDLE_POLL_LIMIT_US))]
     device_idle_poll_max_us: Option<u64>,
     /// Fault injection: SIGKILL the device once this many blobs are mapped.
     #[arg(long, hide = true)]
