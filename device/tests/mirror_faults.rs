@@ -484,3 +484,47 @@ fn a_refused_unmap_breaks_the_tube() {
     );
     drop(placer);
 }
+
+/// The device's own path for a run of maps: announced (the third waits in the outbox while
+/// two messages wait at the VMM), then placed when the run is done; the second placement
+/// fails. Placing first sends what waited, so every failure comes after its event left:
+/// that map is taken back with an Unmap, the others keep their order, both views agree.
+#[test]
+fn a_run_announced_then_placed_takes_back_a_failed_placement() {
+    let (mut placer, vmm) = setup(Policy {
+        refuse: HashSet::new(),
+        delay: Duration::from_millis(50),
+        ..Policy::default()
+    });
+    assert!(placer.announces());
+    let (b, c, d) = (blob(2, 1), blob(3, 1), blob(4, 1));
+    let reqs = [req(2, 4 * P, &b), req(3, 8 * P, &c), req(4, 12 * P, &d)];
+    let tickets: Vec<u64> = reqs
+        .iter()
+        .map(|r| placer.announce_map(r).unwrap())
+        .collect();
+    placer.set_test_faults(MirrorFaults {
+        fail_place: Some(2),
+        fail_restore: None,
+    });
+    for (t, r) in tickets.iter().zip(&reqs) {
+        placer.place_announced(*t, r);
+    }
+    let got: Vec<(u64, bool)> = std::iter::from_fn(|| placer.finish_next())
+        .map(|(t, r)| (t, r.is_ok()))
+        .collect();
+    assert_eq!(
+        got,
+        [(tickets[0], true), (tickets[1], false), (tickets[2], true)]
+    );
+    let evs = vmm.events();
+    assert_eq!(
+        evs[..3],
+        [Ev::Map(2, 4 * P), Ev::Map(3, 8 * P), Ev::Map(4, 12 * P)],
+        "all three reached the VMM: {evs:?}"
+    );
+    assert_eq!(evs.last(), Some(&Ev::Unmap(3, 8 * P)), "{evs:?}");
+    assert_eq!(placed(&vmm.window), [4 * P, 12 * P]);
+    views_equal(&placer, &vmm);
+    drop(placer);
+}
