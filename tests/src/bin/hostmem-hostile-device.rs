@@ -1091,14 +1091,25 @@ fn forward(dev: &mut VirtioGpu<HostilePlacer>, shadow: &mut Shadow) -> anyhow::R
     if setup.event_idx {
         // The core asks for kicks in the shadow ring (avail_event, after its last element);
         // the driver reads the real one. Copy it, then look at the avail index once more:
-        // an entry the driver published before it saw the copy came without a kick.
+        // an entry the driver published before it saw the copy came without a kick. Taking
+        // it moves avail_event again, so copy until the two agree: a stale copy left behind
+        // when the loop goes to sleep would cost the driver's next kick.
         let tail = 4 + 8 * u64::from(size);
-        let asked: u16 = mem.load(GuestAddress(SHADOW_GPA + tail), Ordering::Acquire)?;
-        mem.store(asked, GuestAddress(setup.used + tail), Ordering::Release)?;
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let avail: u16 = mem.load(GuestAddress(setup.avail + 2), Ordering::Acquire)?;
-        if avail != asked {
+        loop {
+            let asked: u16 = mem.load(GuestAddress(SHADOW_GPA + tail), Ordering::Acquire)?;
+            mem.store(asked, GuestAddress(setup.used + tail), Ordering::Release)?;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            let avail: u16 = mem.load(GuestAddress(setup.avail + 2), Ordering::Acquire)?;
+            if avail == asked {
+                break;
+            }
             dev.process_queue(setup.index);
+            let now: u16 = mem.load(GuestAddress(SHADOW_GPA + tail), Ordering::Acquire)?;
+            if now == asked {
+                // The core did not move it (its queue is broken or busy): the loop's next
+                // round serves it.
+                break;
+            }
         }
     }
     let idx: u16 = mem.load(GuestAddress(SHADOW_GPA + 2), Ordering::Acquire)?;
