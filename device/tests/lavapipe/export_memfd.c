@@ -1,6 +1,7 @@
 /* Allocates host-visible VkDeviceMemory on the host's lavapipe with an OPAQUE_FD export,
  * exports it (vkGetMemoryFdKHR) and prints "<pid> <fd> <allocation size>" per size given
- * on the command line, then waits for stdin to close so the test can open
+ * on the command line, after writing word k of allocation i as k ^ (i << 24) through
+ * vkMapMemory, then waits for stdin to close so the test can open
  * /proc/<pid>/fd/<fd>. What virglrenderer's render server gets from lavapipe for a venus
  * VkDeviceMemory blob, without the render server. No Vulkan headers on Debian 12's base
  * image: the few structures used are declared here (Vulkan 1.1 ABI, 64-bit). */
@@ -62,7 +63,9 @@ int main(int argc, char **argv) {
    int (*alloc)(VkDevice, const void *, const void *, VkDeviceMemory *) =
       (int (*)(VkDevice, const void *, const void *, VkDeviceMemory *))gdpa(dev, "vkAllocateMemory");
    int (*get_fd)(VkDevice, const void *, int *) = (int (*)(VkDevice, const void *, int *))gdpa(dev, "vkGetMemoryFdKHR");
-   if (!alloc || !get_fd) die("no vkAllocateMemory/vkGetMemoryFdKHR", 0);
+   int (*map)(VkDevice, VkDeviceMemory, uint64_t, uint64_t, uint32_t, void **) =
+      (int (*)(VkDevice, VkDeviceMemory, uint64_t, uint64_t, uint32_t, void **))gdpa(dev, "vkMapMemory");
+   if (!alloc || !get_fd || !map) die("no vkAllocateMemory/vkGetMemoryFdKHR/vkMapMemory", 0);
    for (int i = 1; i < argc; i++) {
       struct export_info ei = { 1000072002, NULL, OPAQUE_FD };
       struct alloc_info ai = { 5, &ei, strtoull(argv[i], NULL, 0), type };
@@ -71,6 +74,10 @@ int main(int argc, char **argv) {
       struct fd_info fi = { 1000074002, NULL, mem, OPAQUE_FD };
       int fd;
       if ((r = get_fd(dev, &fi, &fd))) die("vkGetMemoryFdKHR", r);
+      /* What Vulkan's own view holds: word k of allocation i is k ^ (i << 24). */
+      uint32_t *view;
+      if ((r = map(dev, mem, 0, ~0ull, 0, (void **)&view))) die("vkMapMemory", r);
+      for (uint64_t k = 0; k < ai.size / 4; k++) view[k] = (uint32_t)k ^ ((uint32_t)i << 24);
       printf("%d %d %llu\n", (int)getpid(), fd, (unsigned long long)ai.size);
    }
    fflush(stdout);
