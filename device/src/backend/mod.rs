@@ -5,6 +5,7 @@ use std::os::fd::OwnedFd;
 
 use hostmem_base::window::FixedTarget;
 
+pub mod opaque;
 pub mod shm;
 #[cfg(feature = "virgl")]
 pub mod virgl;

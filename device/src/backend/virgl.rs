@@ -32,12 +32,15 @@
 //!   unsealed fds: a file that shrinks under a mapping is a SIGBUS hole), `fd_offset` 0, and
 //!   the map info the library reports. The device's mirror places it with MAP_FIXED and
 //!   sends it to the VMM like any blob.
-//! * OPAQUE (type 2, lavapipe's VkDeviceMemory): the data does not start at file offset 0
-//!   and the library does not say where: refused with `ERR_UNSPEC`.
-//! * Export fails (EINVAL) for a **pointer-only** blob (a vrend HOST3D buffer: the library
-//!   has only an in-process pointer from `glMapBufferRange`). Nothing can cross into the
-//!   VMM, so MAP_BLOB answers `ERR_UNSPEC` and a log line says why — never a success that
-//!   maps nothing.
+//! * OPAQUE (type 2, a venus `VkDeviceMemory` on lavapipe without udmabuf): the data does
+//!   not start at file offset 0. 1.3.0 does not export OPAQUE resources at all (`-EINVAL`)
+//!   but reports the fd it holds (`resource_get_info`, [`Renderer::resource_fd`]). Placed
+//!   only when the fd is lavapipe's memory memfd holding the blob, from its data offset
+//!   ([`super::opaque`]); any other OPAQUE fd is refused with `ERR_UNSPEC` and the reason.
+//! * Export fails and no fd is known for a **pointer-only** blob (a vrend HOST3D buffer:
+//!   the library has only an in-process pointer from `glMapBufferRange`). Nothing can cross
+//!   into the VMM, so MAP_BLOB answers `ERR_UNSPEC` and a log line says why — never a
+//!   success that maps nothing.
 //!
 //! The mirror's mapping: with `virgl_renderer_resource_map_fixed` (virglrenderer >= 1.3.0,
 //! looked up at run time; Debian 12's 0.10.4 lacks it) the **renderer maps the blob into the
@@ -444,25 +447,17 @@ impl Backend for VirglBackend {
             .map_info(resource_id)
             .map_err(|e| call_error("map info", e))?;
         let exported = match self.renderer.export_blob(resource_id) {
-            Ok(x) => x,
-            Err(e) => {
-                let why = format!(
-                    "resource {resource_id} (context {}) is pointer-only: virglrenderer cannot \
-                     export it ({e}); its memory exists only as a pointer inside the renderer \
-                     (a vrend HOST3D buffer), so it cannot be placed in the VMM's window",
-                    blob.ctx_id
-                );
-                log::warn!("virgl: MAP_BLOB refused: {why}");
-                return Err(BackendError::Unspec(why));
+            Ok(x) if x.fd_type != FD_TYPE_OPAQUE => x,
+            // 1.3.0 refuses to export an OPAQUE resource (a venus VkDeviceMemory on
+            // lavapipe) but holds its fd; older versions export it. Either way, only
+            // lavapipe's layout is placed, from where its data starts.
+            first => {
+                let (size, ctx_id) = (blob.size, blob.ctx_id);
+                return self.export_opaque(resource_id, ctx_id, size, map_info, first.err());
             }
         };
         match exported.fd_type {
             FD_TYPE_SHM => {}
-            FD_TYPE_OPAQUE => {
-                return Err(BackendError::Unspec(format!(
-                    "resource {resource_id} exports an OPAQUE fd whose data offset is unknown"
-                )))
-            }
             FD_TYPE_DMABUF => {
                 return Err(BackendError::Unspec(format!(
                     "resource {resource_id} exports a dma-buf: not placeable here (no render node)"
@@ -494,6 +489,55 @@ impl Backend for VirglBackend {
             fd_offset: 0,
             map_info,
         })
+    }
+}
+
+impl VirglBackend {
+    /// MAP_BLOB of a blob `export_blob` did not hand out as SHM: an OPAQUE export, or an
+    /// export refused (`export_err`). Placed only if the resource's fd is lavapipe's
+    /// memory memfd holding the blob ([`super::opaque`]), at its data offset.
+    fn export_opaque(
+        &mut self,
+        resource_id: u32,
+        ctx_id: u32,
+        size: u64,
+        map_info: u32,
+        export_err: Option<virgl::Error>,
+    ) -> Result<ExportedBlob, BackendError> {
+        let fd = match self.renderer.resource_fd(resource_id) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let why = match export_err {
+                    Some(x) => format!(
+                        "resource {resource_id} (context {ctx_id}) is pointer-only: virglrenderer cannot export \
+                         it ({x}) nor name its fd ({e}); its memory exists only inside the \
+                         renderer (a vrend HOST3D buffer), so it cannot be placed in the \
+                         VMM's window"
+                    ),
+                    None => format!("resource {resource_id}: OPAQUE export without an fd: {e}"),
+                };
+                log::warn!("virgl: MAP_BLOB refused: {why}");
+                return Err(BackendError::Unspec(why));
+            }
+        };
+        match super::opaque::data_offset_of(&fd, size) {
+            Ok(fd_offset) => {
+                log::debug!(
+                    "virgl: resource {resource_id}: lavapipe OPAQUE memory, data at {fd_offset:#x}"
+                );
+                Ok(ExportedBlob {
+                    size,
+                    fd,
+                    fd_offset,
+                    map_info,
+                })
+            }
+            Err(why) => {
+                let why = format!("resource {resource_id}: OPAQUE fd refused: {why}");
+                log::warn!("virgl: MAP_BLOB refused: {why}");
+                Err(BackendError::Unspec(why))
+            }
+        }
     }
 }
 
