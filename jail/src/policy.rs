@@ -1,13 +1,31 @@
 //! The minijail policy language: parsing `.policy` files into a [`Policy`].
 //!
-//! Accepted, as minijail's compiler accepts it: `name: 1` / `allow`; argument expressions
-//! (`arg0`..`arg5` with `== != < <= > >= & in`, joined by `&&` and `||`, `&&` binding
-//! tighter); constant expressions with `|`, `~` and parentheses over numbers and named
-//! constants; `return ERRNO`; `expr; return ERRNO`; the actions `kill`, `kill-process`,
-//! `kill-thread`, `trap`, `trace`, `log`, `user-notify`; `{a, b}` syscall lists; repeated
-//! lines for one syscall (tried in file order); `@include` (relative to the including file,
-//! with an optional path-prefix rewrite), `@frequency` (accepted, ignored), `@default`,
+//! Accepted, as minijail's Python compiler (`tools/parser.py`, what crosvm builds its
+//! policies with) accepts it: `name: 1` / `allow`; argument expressions (`arg0`..`arg5`
+//! with `== != < <= > >= & in`, joined by `&&` and `||`, `&&` binding tighter); constant
+//! expressions with `|`, `~` and parentheses over numbers (negative ones too, as 64-bit two's
+//! complement) and named constants; the actions `kill`, `kill-process`, `kill-thread`,
+//! `trap`, `trace`, `log`, `user-notify`, `return ERRNO`; `expr; ACTION`; filter lists
+//! `{filter, filter, …}`; `{a, b}` syscall lists; `[arch=…]` metadata after a syscall name
+//! (a statement for another arch is skipped); repeated lines for one syscall (conditional
+//! filters combine in file order); `@include` (relative to the including file, with an
+//! optional path-prefix rewrite), `@frequency` (accepted, ignored), `@default`,
 //! `@denylist`; `\` continuations and `#` comments.
+//!
+//! Refused, as minijail refuses them, with file and line: a permissive `@default` (`allow`,
+//! `log`, `trace`, `return`: log mode is the launcher's option, not a policy's); any filter
+//! for a syscall after an unconditional one (it could never match: both lines are named);
+//! unknown constants and syscalls. Refused as not supported yet: syscall groups
+//! (`name@group`) and `expr; return ERRNO` inside a filter list.
+//!
+//! # `expr; return ERRNO`
+//!
+//! minijail's two compilers disagree. Its C compiler and the minijail0(5) man page: allow
+//! when `expr` holds, fail with ERRNO otherwise. Its Python compiler: fail with ERRNO when
+//! `expr` holds, otherwise the rest of the syscall's filters (then the default). We keep the
+//! C meaning; every such line is noted in [`Policy::notes`] and `hostmem policy lint` warns
+//! on it. `expr; ACTION` for any other action exists only in the Python compiler and has its
+//! meaning: ACTION when `expr` holds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -137,6 +155,15 @@ pub struct Policy {
     pub default: Action,
     /// `@denylist`: unlisted syscalls are allowed.
     pub denylist: bool,
+    /// What minijail would read differently, each with its `file:line`: the lines
+    /// `hostmem policy lint` warns on (see the module docs).
+    pub notes: Vec<String>,
+}
+
+/// Parse state beyond the policy: where each syscall's first unconditional filter is.
+#[derive(Default)]
+struct State {
+    unconditional: BTreeMap<u32, String>,
 }
 
 /// Parser options.
@@ -177,9 +204,10 @@ pub fn parse_file(path: &Path, opts: &ParseOptions) -> Result<Policy> {
         names: BTreeMap::new(),
         default: opts.default.unwrap_or(Action::KillProcess),
         denylist: false,
+        notes: Vec::new(),
     };
     let mut stack = Vec::new();
-    parse_into(path, opts, &mut p, &mut stack)?;
+    parse_into(path, opts, &mut p, &mut State::default(), &mut stack)?;
     if p.denylist && opts.default.is_none() {
         p.default = Action::Allow;
     }
@@ -194,6 +222,7 @@ pub fn parse_str(text: &str, opts: &ParseOptions) -> Result<Policy> {
         names: BTreeMap::new(),
         default: opts.default.unwrap_or(Action::KillProcess),
         denylist: false,
+        notes: Vec::new(),
     };
     parse_text(
         text,
@@ -201,6 +230,7 @@ pub fn parse_str(text: &str, opts: &ParseOptions) -> Result<Policy> {
         Path::new("."),
         opts,
         &mut p,
+        &mut State::default(),
         &mut Vec::new(),
     )?;
     if p.denylist && opts.default.is_none() {
@@ -213,6 +243,7 @@ fn parse_into(
     path: &Path,
     opts: &ParseOptions,
     p: &mut Policy,
+    st: &mut State,
     stack: &mut Vec<PathBuf>,
 ) -> Result<()> {
     let text = std::fs::read_to_string(path).map_err(|err| Error::Read {
@@ -229,7 +260,7 @@ fn parse_into(
     }
     stack.push(path.to_path_buf());
     let dir = path.parent().unwrap_or(Path::new("."));
-    let r = parse_text(&text, &path.display().to_string(), dir, opts, p, stack);
+    let r = parse_text(&text, &path.display().to_string(), dir, opts, p, st, stack);
     stack.pop();
     r
 }
@@ -240,6 +271,7 @@ fn parse_text(
     dir: &Path,
     opts: &ParseOptions,
     p: &mut Policy,
+    st: &mut State,
     stack: &mut Vec<PathBuf>,
 ) -> Result<()> {
     // Join `\` continuations, remembering the line each logical line starts on.
@@ -280,11 +312,11 @@ fn parse_text(
                         _ if Path::new(arg).is_relative() => dir.join(arg),
                         _ => PathBuf::from(arg),
                     };
-                    parse_into(&target, opts, p, stack)?;
+                    parse_into(&target, opts, p, st, stack)?;
                 }
                 "frequency" => {}
                 "denylist" => p.denylist = true,
-                "default" => p.default = parse_action(arg, &loc, col0 + 9)?,
+                "default" => p.default = parse_default_action(arg, &loc, col0 + 9)?,
                 other => return Err(loc.err(col0, format!("unknown directive @{other}"))),
             }
             continue;
@@ -293,27 +325,117 @@ fn parse_text(
             return Err(loc.err(col0, "expected `syscall: rule`"));
         };
         let rhs_col = col0 + lhs.len() + 1;
-        let names: Vec<&str> = match lhs.trim().strip_prefix('{') {
-            Some(inner) => inner
-                .strip_suffix('}')
-                .ok_or_else(|| loc.err(col0, "unclosed `{` in syscall list"))?
-                .split(',')
-                .map(str::trim)
-                .collect(),
-            None => vec![lhs.trim()],
-        };
-        let rules = parse_rhs(rhs, &loc, rhs_col)?;
+        let names = parse_descriptors(lhs.trim(), &loc, col0)?;
+        let rules = parse_rhs(rhs, &loc, rhs_col, &mut p.notes)?;
         for name in names {
             let nr = syscall_nr(name)
                 .ok_or_else(|| loc.err(col0, format!("unknown syscall `{name}`")))?;
             p.names.insert(nr, name.to_string());
-            p.syscalls
-                .entry(nr)
-                .or_default()
-                .extend(rules.iter().cloned());
+            for rule in &rules {
+                // minijail: nothing may follow an unconditional filter (it could not match).
+                if let Some(first) = st.unconditional.get(&nr) {
+                    return Err(loc.err(
+                        col0,
+                        format!(
+                            "syscall `{name}` already had an unconditional action at {first}: \
+                             this rule could never match (minijail refuses it too)"
+                        ),
+                    ));
+                }
+                if rule.expr.is_none() {
+                    st.unconditional.insert(nr, format!("{file}:{lineno}"));
+                }
+                p.syscalls.entry(nr).or_default().push(rule.clone());
+            }
         }
     }
     Ok(())
+}
+
+/// The syscall names of a statement's left side (`name`, `{a, b}`, each with optional
+/// `[key=value,…; …]` metadata). Names whose `arch` metadata leaves out x86_64 are dropped,
+/// as minijail drops them; other keys are ignored, as minijail ignores them.
+fn parse_descriptors<'a>(lhs: &'a str, loc: &Loc<'_>, col: usize) -> Result<Vec<&'a str>> {
+    let list = match lhs.strip_prefix('{') {
+        Some(inner) => inner
+            .strip_suffix('}')
+            .ok_or_else(|| loc.err(col, "unclosed `{` in syscall list"))?,
+        None => lhs,
+    };
+    let mut out = Vec::new();
+    for desc in split_top(list, ',') {
+        let desc = desc.trim();
+        let (name, meta) = match desc.split_once('[') {
+            Some((n, m)) => (
+                n.trim(),
+                Some(
+                    m.strip_suffix(']')
+                        .ok_or_else(|| loc.err(col, format!("unclosed `[` in `{desc}`")))?,
+                ),
+            ),
+            None => (desc, None),
+        };
+        if name.contains('@') {
+            return Err(loc.err(
+                col,
+                format!("syscall groups (`{name}`) are not supported yet"),
+            ));
+        }
+        let mut keep = true;
+        for pair in meta.into_iter().flat_map(|m| m.split(';')) {
+            let (key, values) = pair
+                .split_once('=')
+                .ok_or_else(|| loc.err(col, format!("metadata `{pair}` is not key=value")))?;
+            let values: Vec<&str> = values.split(',').map(str::trim).collect();
+            if values.iter().any(|v| v.is_empty()) {
+                return Err(loc.err(col, format!("empty value in metadata `{pair}`")));
+            }
+            if key.trim() == "arch" && !values.contains(&"x86_64") {
+                keep = false;
+            }
+        }
+        if name.is_empty() {
+            return Err(loc.err(col, "missing syscall name"));
+        }
+        if keep {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// `s` split at each `sep` outside brackets and parentheses.
+fn split_top(s: &str, sep: char) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '[' | '(' | '{' => depth += 1,
+            ']' | ')' | '}' => depth -= 1,
+            c if c == sep && depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + c.len_utf8();
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// `@default`: only the non-permissive actions minijail accepts there.
+fn parse_default_action(s: &str, loc: &Loc<'_>, col: usize) -> Result<Action> {
+    let a = parse_action(s, loc, col)?;
+    match a {
+        Action::KillProcess | Action::KillThread | Action::Trap | Action::UserNotify => Ok(a),
+        _ => Err(loc.err(
+            col,
+            format!(
+                "permissive `@default {}` refused (minijail refuses it too); log mode is the \
+                 launcher's option (`--seccomp-log`), not a policy's",
+                s.trim()
+            ),
+        )),
+    }
 }
 
 fn parse_action(s: &str, loc: &Loc<'_>, col: usize) -> Result<Action> {
@@ -343,6 +465,14 @@ fn parse_errno(s: &str, loc: &Loc<'_>, col: usize) -> Result<u16> {
 
 fn parse_number(s: &str) -> Option<u64> {
     let s = s.trim();
+    // minijail: a negative number is its 64-bit two's complement, down to -2^63.
+    if let Some(m) = s.strip_prefix('-') {
+        if m.starts_with('-') {
+            return None;
+        }
+        let v = parse_number(m)?;
+        return (v <= 1u64 << 63).then(|| v.wrapping_neg());
+    }
     if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         u64::from_str_radix(h, 16).ok()
     } else if s.len() > 1 && s.starts_with('0') && s.bytes().all(|b| b.is_ascii_digit()) {
@@ -352,13 +482,9 @@ fn parse_number(s: &str) -> Option<u64> {
     }
 }
 
-fn parse_rhs(rhs: &str, loc: &Loc<'_>, col: usize) -> Result<Vec<Rule>> {
-    let (expr_part, ret_part) = match rhs.split_once(';') {
-        Some((e, r)) => (e.trim(), Some(r.trim())),
-        None => (rhs.trim(), None),
-    };
-    let is_action = matches!(
-        expr_part,
+fn is_action(s: &str) -> bool {
+    matches!(
+        s,
         "1" | "allow"
             | "kill"
             | "kill-process"
@@ -367,30 +493,94 @@ fn parse_rhs(rhs: &str, loc: &Loc<'_>, col: usize) -> Result<Vec<Rule>> {
             | "trace"
             | "log"
             | "user-notify"
-    ) || expr_part.starts_with("return");
-    let mut rules = Vec::new();
-    if is_action {
-        rules.push(Rule {
-            expr: None,
-            action: parse_action(expr_part, loc, col)?,
-        });
-        if ret_part.is_some() {
-            return Err(loc.err(col, "`; return` after an action"));
-        }
-    } else {
-        rules.push(Rule {
-            expr: Some(parse_expr(expr_part, loc, col)?),
-            action: Action::Allow,
-        });
-        if let Some(r) = ret_part {
-            let action = parse_action(r, loc, col + expr_part.len() + 1)?;
-            if !matches!(action, Action::Errno(_)) {
-                return Err(loc.err(col, "only `return ERRNO` may follow `;`"));
-            }
-            rules.push(Rule { expr: None, action });
+    ) || s.starts_with("return")
+}
+
+/// A statement's right side: one filter or a `{…}` list of them, as rules in order.
+fn parse_rhs(rhs: &str, loc: &Loc<'_>, col: usize, notes: &mut Vec<String>) -> Result<Vec<Rule>> {
+    let rhs = rhs.trim();
+    for word in rhs.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if constants::minijail_lacks(word) {
+            notes.push(format!(
+                "{}:{}: `{word}` is not in minijail's constants table: minijail refuses this \
+                 policy (write its number, {:#x}, with a comment naming it)",
+                loc.file,
+                loc.line,
+                constants::lookup(word).unwrap_or_default()
+            ));
         }
     }
-    Ok(rules)
+    match rhs.strip_prefix('{') {
+        Some(inner) => {
+            let inner = inner
+                .strip_suffix('}')
+                .ok_or_else(|| loc.err(col, "unclosed `{` in filter list"))?;
+            let mut rules = Vec::new();
+            for f in split_top(inner, ',') {
+                rules.extend(parse_filter(f, loc, col, true, notes)?);
+            }
+            Ok(rules)
+        }
+        None => parse_filter(rhs, loc, col, false, notes),
+    }
+}
+
+/// One filter: an action, an expression (allow when it holds), or `expr; ACTION`.
+fn parse_filter(
+    f: &str,
+    loc: &Loc<'_>,
+    col: usize,
+    in_list: bool,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Rule>> {
+    let (expr_part, ret_part) = match f.split_once(';') {
+        Some((e, r)) => (e.trim(), Some(r.trim())),
+        None => (f.trim(), None),
+    };
+    if expr_part.is_empty() {
+        return Err(loc.err(col, "missing filter"));
+    }
+    if is_action(expr_part) {
+        if ret_part.is_some() {
+            return Err(loc.err(col, "`;` after an action"));
+        }
+        return Ok(vec![Rule {
+            expr: None,
+            action: parse_action(expr_part, loc, col)?,
+        }]);
+    }
+    let expr = Some(parse_expr(expr_part, loc, col)?);
+    let Some(r) = ret_part else {
+        return Ok(vec![Rule {
+            expr,
+            action: Action::Allow,
+        }]);
+    };
+    let action = parse_action(r, loc, col + expr_part.len() + 1)?;
+    match action {
+        Action::Errno(_) if in_list => Err(loc.err(
+            col,
+            "`expr; return ERRNO` inside a filter list is not supported yet (minijail's C and \
+             Python compilers give it opposite meanings; write it as its own line)",
+        )),
+        Action::Errno(_) => {
+            notes.push(format!(
+                "{}:{}: `{expr_part}; {r}`: allowed when the expression holds and {r} otherwise \
+                 (minijail's C compiler and minijail0(5), and hostmem); minijail's Python \
+                 compiler (crosvm's build) instead fails the call with the errno when it holds \
+                 and applies the default otherwise",
+                loc.file, loc.line
+            ));
+            Ok(vec![
+                Rule {
+                    expr,
+                    action: Action::Allow,
+                },
+                Rule { expr: None, action },
+            ])
+        }
+        action => Ok(vec![Rule { expr, action }]),
+    }
 }
 
 fn parse_expr(s: &str, loc: &Loc<'_>, col: usize) -> Result<Expr> {

@@ -193,6 +193,11 @@ pub fn lint(path: &Path, opts: &CompileOptions) -> Result<Vec<Finding>> {
             }
         }
     }
+    // What minijail would read differently (see the policy module's docs).
+    for note in &p.notes {
+        let (at, what) = note.split_once(": ").unwrap_or(("", note));
+        add(at, what.to_string());
+    }
     if allowed("clone") && syscall_nr("clone3").is_some_and(|nr| allows_unconditionally(&p, nr)) {
         add(
             "clone",

@@ -165,11 +165,18 @@ fn actions_errno_and_merged_lines() {
         ("allow", Action::Allow),
     ] {
         assert_eq!(verdict(&format!("read: {a}"), "read", a0(0)), want, "{a}");
-        assert_eq!(
-            verdict(&format!("@default {a}\nread: 1"), "write", a0(0)),
-            want,
-            "@default {a}"
-        );
+        // minijail takes only the non-permissive actions as a default.
+        let default = parse_str(&format!("@default {a}\nread: 1"), &ParseOptions::default());
+        if matches!(a, "trace" | "log" | "allow") {
+            let e = default.unwrap_err().to_string();
+            assert!(e.contains("<string>:1:") && e.contains("permissive"), "{e}");
+        } else {
+            assert_eq!(
+                verdict(&format!("@default {a}\nread: 1"), "write", a0(0)),
+                want,
+                "@default {a}"
+            );
+        }
     }
     // Repeated lines merge as OR, in file order.
     let p = "ioctl: arg1 == 1\nioctl: arg1 == 2\n";
@@ -340,4 +347,179 @@ fn forbidden_calls_die_by_sigsys_and_are_named() {
             "{what}: the trap report carries the arguments"
         );
     }
+}
+
+fn parse_err(text: &str) -> String {
+    match parse_str(text, &ParseOptions::default()) {
+        Ok(_) => panic!("accepted: {text:?}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Issue 23 item 2: permissive defaults are refused with their line, as minijail refuses
+/// them; the launcher's log mode (ParseOptions::default) is not a policy's.
+#[test]
+fn permissive_defaults_are_refused_with_their_line() {
+    for a in ["allow", "log", "trace", "return EPERM", "1"] {
+        let e = parse_err(&format!("read: 1\n@default {a}\n"));
+        assert!(e.starts_with("<string>:2:"), "{a}: {e}");
+        assert!(e.contains("permissive"), "{a}: {e}");
+    }
+    let log_mode = ParseOptions {
+        default: Some(Action::Log),
+        ..ParseOptions::default()
+    };
+    assert_eq!(
+        parse_str("read: 1", &log_mode).unwrap().default,
+        Action::Log
+    );
+}
+
+/// Issue 23 item 3: nothing may follow an unconditional filter of a syscall (it could never
+/// match); both lines are named. Conditional lines keep combining.
+#[test]
+fn rules_after_an_unconditional_one_are_refused_naming_both_lines() {
+    for (text, first) in [
+        ("read: 1\nread: arg0 == 1\n", 1),
+        ("read: 1\n\nread: return EPERM\n", 1),
+        ("read: arg0 == 0; return EPERM\nread: arg0 == 1\n", 1),
+        ("write: 1\nread: kill\nread: 1\n", 2),
+        ("{read, write}: 1\nwrite: arg0 == 2\n", 1),
+        ("read: {return EPERM, arg0 == 1}\n", 1),
+    ] {
+        let e = parse_err(text);
+        let last = text.trim_end().lines().count();
+        assert!(e.starts_with(&format!("<string>:{last}:")), "{text:?}: {e}");
+        assert!(
+            e.contains(&format!("unconditional action at <string>:{first}")),
+            "{e}"
+        );
+    }
+    // Conditional lines combine in file order, then one unconditional line may end them.
+    let p = "read: arg0 == 1\nread: arg0 == 2\nread: return EPERM\n";
+    assert_eq!(verdict(p, "read", a0(2)), Action::Allow);
+    assert_eq!(verdict(p, "read", a0(3)), Action::Errno(1));
+}
+
+/// Issue 23 item 4: negative constants mean their 64-bit two's complement, as in both
+/// minijail compilers; below -2^63 is refused.
+#[test]
+fn negative_constants_are_twos_complement() {
+    let p = "read: arg0 == -1\nwrite: arg2 == -4096 || arg2 == -0x8000000000000000\n";
+    assert_eq!(verdict(p, "read", a0(u64::MAX)), Action::Allow);
+    assert_eq!(verdict(p, "read", a0(1)), Action::KillProcess);
+    assert_eq!(
+        verdict(p, "write", [0, 0, (-4096i64) as u64, 0, 0, 0]),
+        Action::Allow
+    );
+    assert_eq!(verdict(p, "write", [0, 0, 1 << 63, 0, 0, 0]), Action::Allow);
+    assert_eq!(
+        verdict(p, "write", [0, 0, 4096, 0, 0, 0]),
+        Action::KillProcess
+    );
+    assert_eq!(
+        verdict("read: arg0 == -010", "read", a0((-8i64) as u64)),
+        Action::Allow
+    );
+    assert_eq!(verdict("read: arg0 in ~-2", "read", a0(1)), Action::Allow);
+    assert!(parse_err("read: arg0 == -0x8000000000000001").contains("unknown constant"));
+    assert!(parse_err("read: arg0 == --1").contains("unknown constant"));
+}
+
+/// Issue 23 item 6: filter lists, actions after an expression, `[arch=…]` metadata, read
+/// with minijail's (Python compiler's) meaning; what is not supported says so.
+#[test]
+fn filter_lists_actions_and_arch_metadata() {
+    let p = "read: {arg0 == 0, arg0 == 1; kill-thread, arg0 == 2; trap, return EBADF}\n";
+    assert_eq!(verdict(p, "read", a0(0)), Action::Allow);
+    assert_eq!(verdict(p, "read", a0(1)), Action::KillThread);
+    assert_eq!(verdict(p, "read", a0(2)), Action::Trap);
+    assert_eq!(verdict(p, "read", a0(3)), Action::Errno(9));
+    for (a, want) in [
+        ("log", Action::Log),
+        ("user-notify", Action::UserNotify),
+        ("kill", Action::KillProcess),
+        ("allow", Action::Allow),
+    ] {
+        let p = format!("read: arg0 == 7; {a}\n");
+        assert_eq!(verdict(&p, "read", a0(7)), want, "{a}");
+        assert_eq!(verdict(&p, "read", a0(8)), Action::KillProcess, "{a}");
+    }
+    let p = "read[arch=x86_64]: 1\nwrite[arch=aarch64,arm]: 1\n{close, dup[arch=arm]}: 1\n";
+    assert_eq!(verdict(p, "read", a0(0)), Action::Allow);
+    assert_eq!(verdict(p, "write", a0(0)), Action::KillProcess);
+    assert_eq!(verdict(p, "close", a0(0)), Action::Allow);
+    assert_eq!(verdict(p, "dup", a0(0)), Action::KillProcess);
+    assert_eq!(
+        verdict("read[arch=x86_64,arm; foo=bar]: 1", "read", a0(0)),
+        Action::Allow
+    );
+    assert!(parse_err("read: {arg0 == 0; return EPERM}").contains("not supported yet"));
+    assert!(parse_err("read@default: 1").contains("not supported yet"));
+    assert!(parse_err("read[arch]: 1").contains("key=value"));
+    assert!(parse_err("read[arch=x86_64: 1").contains("unclosed"));
+}
+
+/// Issue 23 items 1 and 5: every constant name a shipped policy uses is one minijail knows
+/// (the list kept from minijail's sources), and `policy lint` warns on what minijail would
+/// read differently: `expr; return ERRNO` and names minijail lacks.
+#[test]
+fn shipped_policies_name_only_minijail_constants() {
+    let known: std::collections::BTreeSet<String> =
+        std::fs::read_to_string(root().join("jail/data/minijail-constants-x86_64.txt"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(String::from)
+            .collect();
+    assert!(known.len() > 1800 && known.contains("PROT_READ") && !known.contains("F_ADD_SEALS"));
+    // The names our table says minijail lacks are indeed not minijail's, and are ours.
+    for name in hostmem_jail::constants::MINIJAIL_LACKS {
+        assert!(!known.contains(*name), "{name} is minijail's after all");
+        assert!(hostmem_jail::constants::lookup(name).is_some(), "{name}");
+    }
+    let mut checked = 0;
+    for e in std::fs::read_dir(root().join("jail-policies/x86_64"))
+        .unwrap()
+        .flatten()
+    {
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        for (i, line) in text.lines().enumerate() {
+            let rule = line.split('#').next().unwrap();
+            let Some((_, rhs)) = rule.split_once(':') else {
+                continue;
+            };
+            for word in rhs.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with(|c: char| c.is_ascii_uppercase()) {
+                    assert!(
+                        known.contains(word),
+                        "{}:{}: `{word}` is not a constant minijail knows",
+                        e.path().display(),
+                        i + 1
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 40, "{checked}");
+    let dir = std::env::temp_dir().join(format!("hostmem-lint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("p.policy");
+    std::fs::write(
+        &f,
+        "read: arg0 == 0; return EPERM\nfcntl: arg1 == F_ADD_SEALS\n",
+    )
+    .unwrap();
+    let findings = hostmem_jail::tools::lint(&f, &CompileOptions::default());
+    std::fs::remove_dir_all(&dir).unwrap();
+    let text = format!("{:?}", findings.unwrap());
+    assert!(
+        text.contains("p.policy:1") && text.contains("Python"),
+        "{text}"
+    );
+    assert!(
+        text.contains("p.policy:2") && text.contains("F_ADD_SEALS"),
+        "{text}"
+    );
 }
