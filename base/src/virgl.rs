@@ -377,10 +377,44 @@ impl Renderer {
         check("virgl_renderer_context_create_with_flags", ctx_id, ret)
     }
 
-    /// `virgl_renderer_context_destroy`.
+    /// `virgl_renderer_context_destroy`. The context's signalled fences are forgotten, so a
+    /// later context with the same id starts from fence 0.
     pub fn context_destroy(&self, ctx_id: u32) {
         // SAFETY: the library looks the id up and ignores unknown ids.
         unsafe { sys::virgl_renderer_context_destroy(ctx_id) };
+        CONTEXT_FENCES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|((c, _), _)| *c != ctx_id);
+    }
+
+    /// `virgl_renderer_context_create_fence` on `ring_idx` of a context, without waiting:
+    /// it retires through `write_context_fence` ([`last_context_fence`]) when the work
+    /// submitted on that ring before it is done, seen after [`Renderer::context_poll`].
+    pub fn context_create_fence(&self, ctx_id: u32, ring_idx: u32, fence_id: u64) -> Result<()> {
+        // SAFETY: plain integer arguments; the library checks the context id.
+        let ret =
+            unsafe { sys::virgl_renderer_context_create_fence(ctx_id, 0, ring_idx, fence_id) };
+        check("virgl_renderer_context_create_fence", ctx_id, ret)
+    }
+
+    /// `virgl_renderer_context_poll`: runs `write_context_fence` for the context's retired
+    /// fences. Never blocks.
+    pub fn context_poll(&self, ctx_id: u32) {
+        // SAFETY: plain integer argument; the library ignores unknown ids.
+        unsafe { sys::virgl_renderer_context_poll(ctx_id) };
+    }
+
+    /// `virgl_renderer_context_get_poll_fd`: an fd that is readable when the context has
+    /// fences to retire ([`Renderer::context_poll`]), if the context has one. The library
+    /// owns it; it stays open while the context lives (a caller that polls it after
+    /// `context_destroy` sees POLLNVAL or a spurious wake-up, nothing worse).
+    pub fn context_poll_fd(&self, ctx_id: u32) -> Option<BorrowedFd<'_>> {
+        // SAFETY: plain integer argument; the library answers -1 for unknown ids.
+        let fd = unsafe { sys::virgl_renderer_context_get_poll_fd(ctx_id) };
+        // SAFETY: a non-negative answer is an fd the library keeps open for the context's
+        // life (see above); borrowed, never closed here.
+        (fd >= 0).then(|| unsafe { BorrowedFd::borrow_raw(fd) })
     }
 
     /// `virgl_renderer_submit_cmd`: `stream` must be whole dwords.

@@ -41,8 +41,21 @@
 //!   driver reads only the header and never sees them.
 //! * A truncated command or an unknown / unsupported type gets `ERR_UNSPEC` (as QEMU does);
 //!   a length field that disagrees with the message gets `ERR_INVALID_PARAMETER`.
-//! * Responses echo the request's fence (`FLAG_FENCE`, `fence_id`, `ctx_id`, `ring_idx`):
-//!   every command completes before `handle` returns.
+//! * Responses echo the request's fence (`FLAG_FENCE`, `fence_id`, `ctx_id`, `ring_idx`).
+//!
+//! # Fences
+//!
+//! A successful command with `FLAG_FENCE` in a live context gets a context fence on its ring
+//! (`FLAG_INFO_RING_IDX`'s `ring_idx`, below [`MAX_RINGS`], else ring 0) after its work
+//! ([`Backend::create_fence`]). In the pipeline ([`Gpu::submit`]) a fence that has not
+//! signalled **parks** the response: it is not in command order any more, other commands
+//! go on, and [`Gpu::poll_fences`] (the device loop calls it when a
+//! [`Gpu::fence_fds`] fd is readable) releases it when the renderer retires the fence.
+//! Within one ring responses are released in the order they parked, a signalled fence
+//! behind a parked one waits for it; across rings and contexts in any order.
+//! [`Gpu::handle`] (no pipeline) waits for the fence, bounded by [`FENCE_WAIT`]. Destroying
+//! a context releases its parked responses (their fences can no longer retire); a reset
+//! drops them.
 //!
 //! # Pipelining
 //!
@@ -66,7 +79,7 @@ use crate::wire::{
     ctrl_type_name, Command, CtrlHdr, CtxCreate, ErrorCode, GetCapset, GetCapsetInfo, ResourceCmd,
     ResourceCreateBlob, ResourceMapBlob, Response, Submit3d, WireError, VIRTIO_GPU_BLOB_FLAGS_ALL,
     VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D,
-    VIRTIO_GPU_RESP_ERR_UNSPEC,
+    VIRTIO_GPU_FLAG_FENCE, VIRTIO_GPU_FLAG_INFO_RING_IDX, VIRTIO_GPU_RESP_ERR_UNSPEC,
 };
 
 /// Scanouts a device reports in `virtio_gpu_config.num_scanouts`: one, always disabled in
@@ -76,6 +89,11 @@ pub const NUM_SCANOUTS: u32 = 1;
 pub const MAX_BLOBS: usize = 65536;
 /// Most live contexts (`ERR_OUT_OF_MEMORY` beyond).
 pub const MAX_CONTEXTS: usize = 4096;
+/// Fence rings per context (`VIRTGPU_CONTEXT_PARAM_NUM_RINGS` is at most 64): a fenced
+/// command naming a ring at or past it is refused with `ERR_INVALID_PARAMETER`.
+pub const MAX_RINGS: u8 = 64;
+/// How long [`Gpu::handle`] waits for a fence before answering `ERR_UNSPEC`.
+pub const FENCE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most mem entries a GUEST blob may name (QEMU's limit).
 pub const MAX_MEM_ENTRIES: usize = 16384;
 
@@ -323,7 +341,17 @@ pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
     /// Maps announced to the placer whose own placement is still to make
     /// ([`Gpu::place_due`]), in order.
     due: VecDeque<Due>,
+    /// Responses parked until their fence retires, per (context, ring), in park order:
+    /// (fence id, token, response).
+    parked: BTreeMap<(u32, u32), VecDeque<Parked>>,
+    /// The highest fence the backend retired per (context, ring).
+    retired: BTreeMap<(u32, u32), u64>,
+    /// Parked responses whose fence retired, to go out first ([`Gpu::take_ready`]).
+    released: VecDeque<(u64, Vec<u8>)>,
 }
+
+/// A response parked behind its fence: (fence id, token, response).
+type Parked = (u64, u64, Vec<u8>);
 
 /// An announced map whose placement is due ([`Placer::place_announced`]).
 #[derive(Debug)]
@@ -389,6 +417,145 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             queue: VecDeque::new(),
             deferred: VecDeque::new(),
             due: VecDeque::new(),
+            parked: BTreeMap::new(),
+            retired: BTreeMap::new(),
+            released: VecDeque::new(),
+        }
+    }
+
+    /// The fence a successful response to `request` needs: `(ctx, ring, fence_id)` when it
+    /// is fenced and names a live context.
+    fn fence_of(&self, request: &[u8], resp: &Response) -> Option<(u32, u32, u64)> {
+        let hdr = CtrlHdr::parse(request).ok()?;
+        if hdr.flags & VIRTIO_GPU_FLAG_FENCE == 0 || matches!(resp, Response::Err { .. }) {
+            return None;
+        }
+        if !self.contexts.contains_key(&hdr.ctx_id) {
+            return None;
+        }
+        let ring = if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 {
+            u32::from(hdr.ring_idx)
+        } else {
+            0
+        };
+        Some((hdr.ctx_id, ring, hdr.fence_id))
+    }
+
+    /// Parks `resp` behind its fence, or queues it if the fence is signalled and nothing
+    /// parked on its ring before it.
+    fn fence_or_queue(&mut self, token: u64, (ctx, ring, id): (u32, u32, u64), resp: Vec<u8>) {
+        let key = (ctx, ring);
+        let behind = self.parked.get(&key).is_some_and(|q| !q.is_empty());
+        match self.backend.create_fence(ctx, ring, id) {
+            Ok(true) if !behind => self.queue.push_back(Queued::Ready(token, resp)),
+            Ok(done) => {
+                if done {
+                    let r = self.retired.entry(key).or_default();
+                    *r = (*r).max(id);
+                }
+                self.parked
+                    .entry(key)
+                    .or_default()
+                    .push_back((id, token, resp));
+            }
+            Err(e) => {
+                let hdr = CtrlHdr::parse(&resp).unwrap_or_default();
+                let r = refused(
+                    &hdr,
+                    (ErrorCode::Unspec, format!("fence {id}: backend: {e}")),
+                );
+                self.queue.push_back(Queued::Ready(token, r.encode()));
+            }
+        }
+    }
+
+    /// Asks the backend which fences retired and releases the parked responses they free,
+    /// in order per ring. Returns how many were released.
+    pub fn poll_fences(&mut self) -> usize {
+        for (ctx, ring, id) in self.backend.retire_fences() {
+            let r = self.retired.entry((ctx, ring)).or_default();
+            *r = (*r).max(id);
+        }
+        let mut n = 0;
+        for (key, q) in self.parked.iter_mut() {
+            let done = self.retired.get(key).copied().unwrap_or(0);
+            while q.front().is_some_and(|(id, _, _)| *id <= done) {
+                if let Some((_, token, resp)) = q.pop_front() {
+                    self.released.push_back((token, resp));
+                    n += 1;
+                }
+            }
+        }
+        self.parked.retain(|_, q| !q.is_empty());
+        n
+    }
+
+    /// Responses parked behind fences that have not retired.
+    pub fn parked(&self) -> usize {
+        self.parked.values().map(VecDeque::len).sum()
+    }
+
+    /// The fds to poll while responses are parked ([`Backend::fence_fds`]); when there are
+    /// parked responses and no fd, the caller polls [`Gpu::poll_fences`] on a short timer.
+    pub fn fence_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        if self.parked.is_empty() {
+            Vec::new()
+        } else {
+            self.backend.fence_fds()
+        }
+    }
+
+    /// Releases a destroyed context's parked responses (its fences cannot retire now).
+    fn release_context(&mut self, ctx_id: u32) {
+        let keys: Vec<(u32, u32)> = self
+            .parked
+            .keys()
+            .filter(|k| k.0 == ctx_id)
+            .copied()
+            .collect();
+        for k in keys {
+            if let Some(q) = self.parked.remove(&k) {
+                self.released.extend(q.into_iter().map(|(_, t, r)| (t, r)));
+            }
+        }
+        self.retired.retain(|k, _| k.0 != ctx_id);
+    }
+
+    /// [`Gpu::handle`]'s fence: waits (bounded by [`FENCE_WAIT`]) until it retired.
+    fn wait_fence(&mut self, (ctx, ring, id): (u32, u32, u64)) -> Result<(), String> {
+        if self
+            .backend
+            .create_fence(ctx, ring, id)
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + FENCE_WAIT;
+        loop {
+            for (c, r, f) in self.backend.retire_fences() {
+                let e = self.retired.entry((c, r)).or_default();
+                *e = (*e).max(f);
+            }
+            if self.retired.get(&(ctx, ring)).is_some_and(|f| *f >= id) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "fence {id} on ring {ring} did not retire in {FENCE_WAIT:?}"
+                ));
+            }
+            let fds = self.backend.fence_fds();
+            let ms = if fds.is_empty() {
+                1
+            } else {
+                left.as_millis().min(100) as u16
+            };
+            let mut pfds: Vec<nix::poll::PollFd<'_>> = fds
+                .iter()
+                .map(|fd| nix::poll::PollFd::new(*fd, nix::poll::PollFlags::POLLIN))
+                .collect();
+            let _ = nix::poll::poll(&mut pfds, nix::poll::PollTimeout::from(ms));
         }
     }
 
@@ -487,9 +654,13 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         while self.in_flight() > 0 {
             self.settle_one();
         }
-        sum.dropped_responses = self.queue.len() + self.deferred.len();
+        sum.dropped_responses =
+            self.queue.len() + self.deferred.len() + self.parked() + self.released.len();
         self.queue.clear();
         self.deferred.clear();
+        self.parked.clear();
+        self.retired.clear();
+        self.released.clear();
         let mapped: Vec<(u32, u64, u64)> = self.mapped().collect();
         for (id, offset, len) in mapped {
             match self.placer.unmap(id, offset, len) {
@@ -566,10 +737,39 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 return Response::error_for(&hdr, code);
             }
         };
-        match self.dispatch(&cmd) {
-            Ok(r) => r,
-            Err(refusal) => refused(&hdr, refusal),
+        let resp = self.run(&hdr, &cmd);
+        match self.fence_of(request, &resp) {
+            Some(f) => match self.wait_fence(f) {
+                Ok(()) => resp,
+                Err(why) => refused(&hdr, (ErrorCode::Unspec, why)),
+            },
+            None => resp,
         }
+    }
+
+    /// Checks the fence ring, then dispatches.
+    fn run(&mut self, hdr: &CtrlHdr, cmd: &Command) -> Response {
+        if hdr.flags & VIRTIO_GPU_FLAG_INFO_RING_IDX != 0 && hdr.ring_idx >= MAX_RINGS {
+            let why = format!("fence ring {} (rings are 0..{MAX_RINGS})", hdr.ring_idx);
+            return refused(hdr, (ErrorCode::InvalidParameter, why));
+        }
+        match self.dispatch(cmd) {
+            Ok(r) => r,
+            Err(refusal) => refused(hdr, refusal),
+        }
+    }
+
+    /// [`Gpu::handle_command`] without waiting for the command's fence: the response and the
+    /// fence it needs.
+    fn handle_unfenced(&mut self, request: &[u8]) -> (Response, Option<(u32, u32, u64)>) {
+        let (hdr, cmd) = match (CtrlHdr::parse(request), Command::parse(request)) {
+            (Ok(h), Ok(c)) => (h, c),
+            // Malformed: the synchronous path's answer (never fenced).
+            _ => return (self.handle_command(request), None),
+        };
+        let resp = self.run(&hdr, &cmd);
+        let fence = self.fence_of(request, &resp);
+        (resp, fence)
     }
 
     /// Handles a command as part of a pipeline (the device's command loop): MAP_BLOB,
@@ -649,8 +849,11 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                         self.settle_one();
                     }
                 }
-                let r = self.handle(request);
-                self.queue.push_back(Queued::Ready(token, r));
+                let (r, fence) = self.handle_unfenced(request);
+                match fence {
+                    Some(f) => self.fence_or_queue(token, f, r.encode()),
+                    None => self.queue.push_back(Queued::Ready(token, r.encode())),
+                }
             }
         }
         true
@@ -778,7 +981,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
 
     /// The responses that can go out now, in command order, with their tokens.
     pub fn take_ready(&mut self) -> Vec<(u64, Vec<u8>)> {
-        let mut out = Vec::new();
+        let mut out: Vec<(u64, Vec<u8>)> = self.released.drain(..).collect();
         while let Some(Queued::Ready(..)) = self.queue.front() {
             if let Some(Queued::Ready(token, r)) = self.queue.pop_front() {
                 out.push((token, r));
@@ -1119,6 +1322,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         }
         self.backend.destroy_context(ctx_id).map_err(ctx_refusal)?;
         self.contexts.remove(&ctx_id);
+        self.release_context(ctx_id);
         Ok(())
     }
 

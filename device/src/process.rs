@@ -416,6 +416,7 @@ pub fn serve(
         if !kicked.is_empty() {
             dev.gpu_mut().placer_mut().note_woke();
         }
+        dev.poll_fences();
         if dev.busy() {
             dev.process_busy();
         } else if !transport_ready && kicked.is_empty() {

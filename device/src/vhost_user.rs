@@ -1334,8 +1334,15 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
                     .iter()
                     .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
             );
+            // Parked fences wake the loop (poll_fences below); without an fd they are
+            // polled every millisecond.
+            let fences = g.dev.gpu().fence_fds();
+            let fence_timer = g.dev.gpu().parked() > 0 && fences.is_empty();
+            fds.extend(fences.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
             let timeout = if busy {
                 PollTimeout::ZERO
+            } else if fence_timer {
+                PollTimeout::from(1u8)
             } else {
                 match g.dev.gpu().placer().ack_deadline() {
                     // Rounded up to whole milliseconds (no spinning just before the
@@ -1401,6 +1408,7 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
             );
             return Ok(ConnectionEnd::AckTimeout(what));
         }
+        g.dev.poll_fences();
         if busy {
             g.dev.process_busy();
         }

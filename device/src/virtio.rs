@@ -690,6 +690,15 @@ impl<P: Placer> VirtioGpu<P> {
                 .iter()
                 .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
         );
+        // Parked fences wake the loop too (it then calls poll_fences); without an fd to
+        // wait on, they are polled every millisecond.
+        let fences = self.gpu.fence_fds();
+        let timeout = if self.gpu.parked() > 0 && fences.is_empty() {
+            timeout.min(nix::poll::PollTimeout::from(1u8))
+        } else {
+            timeout
+        };
+        fds.extend(fences.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
         match poll(&mut fds, timeout) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Ok(None),
@@ -953,6 +962,13 @@ impl<P: Placer> VirtioGpu<P> {
             } else {
                 self.stats.suppressed += 1;
             }
+        }
+    }
+
+    /// Releases the responses whose fences retired ([`Gpu::poll_fences`]) and writes them.
+    pub fn poll_fences(&mut self) {
+        if self.gpu.parked() > 0 && self.gpu.poll_fences() > 0 {
+            self.flush();
         }
     }
 

@@ -105,6 +105,35 @@ pub trait Backend: Send {
     /// `SUBMIT_3D`: run a command stream in a context. Returns reply bytes that the device
     /// appends after the response header (the shm backend's checksum query; empty otherwise).
     fn submit_3d(&mut self, ctx_id: u32, stream: &[u8]) -> Result<Vec<u8>, BackendError>;
+    /// A context fence on `ring_idx` of `ctx_id` after the work submitted there (a fenced
+    /// command: `FLAG_FENCE`, the ring from `FLAG_INFO_RING_IDX`, else 0): `Ok(true)` when
+    /// it is signalled already, `Ok(false)` when it retires later through
+    /// [`Backend::retire_fences`]. The default: the backend's work is synchronous, so every
+    /// fence is signalled at once.
+    fn create_fence(
+        &mut self,
+        ctx_id: u32,
+        ring_idx: u32,
+        fence_id: u64,
+    ) -> Result<bool, BackendError> {
+        let _ = (ctx_id, ring_idx, fence_id);
+        Ok(true)
+    }
+    /// Fds that become readable when a pending fence may have retired, for the device's
+    /// poll loop (empty: none pending, or the renderer gives none and must be polled).
+    fn fence_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        Vec::new()
+    }
+    /// Fences retired since the last call: `(ctx_id, ring_idx, highest fence id)` per ring
+    /// that advanced. Never blocks.
+    fn retire_fences(&mut self) -> Vec<(u32, u32, u64)> {
+        Vec::new()
+    }
+    /// Whether fences are pending ([`Backend::create_fence`] answered `Ok(false)` and they
+    /// have not all retired).
+    fn fences_pending(&self) -> bool {
+        false
+    }
     /// Export a blob for placement (called for `RESOURCE_MAP_BLOB`). A blob that cannot
     /// cross processes (pointer-only) must fail with [`BackendError::Unspec`] and a reason.
     fn export_blob(&mut self, resource_id: u32) -> Result<ExportedBlob, BackendError>;

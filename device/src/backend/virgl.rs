@@ -17,9 +17,11 @@
 //!   is an SHM memfd inside the renderer; a vrend blob names a pipe resource that the
 //!   context's stream created (`VIRGL_CCMD_PIPE_RESOURCE_CREATE` with that blob id).
 //! * `SUBMIT_3D` is passed to `virgl_renderer_submit_cmd`; the backend then creates a fence
-//!   (vrend: a global fence; venus: a context fence on ring 0) and polls until it signals,
-//!   so the command is complete when the guest's response (which echoes the guest's fence)
-//!   goes out. Venus queue rings (ring_idx > 0, asynchronous fences) are not offered.
+//!   for vrend (a global fence, polled until it signals). Venus streams run on in the render
+//!   server; the guest's fenced commands get a **context fence on their ring**
+//!   ([`Backend::create_fence`], up to 64 rings), which the device's loop waits for on the
+//!   context's poll fd ([`Backend::fence_fds`], [`Backend::retire_fences`]) while it serves
+//!   other chains (see [`crate::gpu`], "Fences").
 //! * **Every resource id is checked against the backend's own table before it reaches the
 //!   library** (unknown ids are `InvalidId`): some virglrenderer versions dereference an
 //!   unknown id before they check it.
@@ -132,6 +134,9 @@ pub struct VirglBackend {
     contexts: BTreeMap<u32, u32>,
     blobs: BTreeMap<u32, VirglBlob>,
     next_fence: u32,
+    /// Venus context fences not retired yet: the highest asked and the highest reported
+    /// ([`Backend::retire_fences`]) per (context, ring).
+    fences: BTreeMap<(u32, u32), (u64, u64)>,
 }
 
 fn call_error(what: &str, e: virgl::Error) -> BackendError {
@@ -194,6 +199,7 @@ impl VirglBackend {
             contexts: BTreeMap::new(),
             blobs: BTreeMap::new(),
             next_fence: 1,
+            fences: BTreeMap::new(),
         })
     }
 
@@ -344,7 +350,64 @@ impl Backend for VirglBackend {
         if capset != TEST_CAPSET_ID {
             self.renderer.context_destroy(ctx_id);
         }
+        self.fences.retain(|k, _| k.0 != ctx_id);
         Ok(())
+    }
+
+    fn create_fence(
+        &mut self,
+        ctx_id: u32,
+        ring_idx: u32,
+        fence_id: u64,
+    ) -> Result<bool, BackendError> {
+        let capset = *self
+            .contexts
+            .get(&ctx_id)
+            .ok_or_else(|| BackendError::InvalidId(format!("no context {ctx_id}")))?;
+        // Test ops and vrend streams complete inside submit_3d.
+        if capset != VIRTIO_GPU_CAPSET_VENUS {
+            return Ok(true);
+        }
+        self.renderer
+            .context_create_fence(ctx_id, ring_idx, fence_id)
+            .map_err(|e| call_error("context fence", e))?;
+        self.renderer.context_poll(ctx_id);
+        if virgl::last_context_fence(ctx_id, ring_idx) >= fence_id {
+            return Ok(true);
+        }
+        let e = self.fences.entry((ctx_id, ring_idx)).or_insert((0, 0));
+        e.0 = e.0.max(fence_id);
+        Ok(false)
+    }
+
+    fn fence_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        let mut ctxs: Vec<u32> = self.fences.keys().map(|k| k.0).collect();
+        ctxs.dedup();
+        ctxs.into_iter()
+            .filter_map(|c| self.renderer.context_poll_fd(c))
+            .collect()
+    }
+
+    fn retire_fences(&mut self) -> Vec<(u32, u32, u64)> {
+        let mut ctxs: Vec<u32> = self.fences.keys().map(|k| k.0).collect();
+        ctxs.dedup();
+        for c in ctxs {
+            self.renderer.context_poll(c);
+        }
+        let mut out = Vec::new();
+        self.fences.retain(|&(ctx, ring), (asked, reported)| {
+            let last = virgl::last_context_fence(ctx, ring);
+            if last > *reported {
+                *reported = last;
+                out.push((ctx, ring, last));
+            }
+            *reported < *asked
+        });
+        out
+    }
+
+    fn fences_pending(&self) -> bool {
+        !self.fences.is_empty()
     }
 
     fn create_blob(&mut self, args: &BlobCreate) -> Result<(), BackendError> {
@@ -410,19 +473,8 @@ impl Backend for VirglBackend {
             .submit_cmd(ctx_id, stream)
             .map_err(|e| BackendError::InvalidParameter(e.to_string()))?;
         if capset == VIRTIO_GPU_CAPSET_VENUS {
-            // venus: a context fence on ring 0 (the CPU ring) retires once the stream's work
-            // is done; wait for it so the response means "complete", as for vrend below.
-            let fence = u64::from(self.next_fence);
-            self.next_fence = self.next_fence.checked_add(1).unwrap_or(1);
-            let done = self
-                .renderer
-                .context_fence_and_wait(ctx_id, 0, fence, FENCE_SPINS)
-                .map_err(|e| call_error("context fence", e))?;
-            if !done {
-                return Err(BackendError::Unspec(format!(
-                    "venus fence {fence} of context {ctx_id} did not signal"
-                )));
-            }
+            // venus: the guest fences what it waits for (a context fence per ring,
+            // `create_fence`); the stream runs on in the render server meanwhile.
         } else {
             // vrend: complete the stream's GL work before the response goes out.
             let fence = self.next_fence;
