@@ -256,7 +256,7 @@ fn run(args: &Args) -> Result<()> {
 /// vhost-user mode: the supervisor handshake (if `--control-fd`), then
 /// [`crate::vhost_user::serve_listener`] on the inherited listening socket.
 fn run_vhost_user(args: &Args) -> Result<()> {
-    use crate::vhost_user::{serve_listener, Options};
+    use crate::vhost_user::Options;
     let size = args.shmem_size;
     if size == 0 || !size.is_power_of_two() || !hostmem_base::mmap::is_page_aligned(size) {
         return Err(Error::Protocol(format!(
@@ -267,18 +267,31 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         .socket_fd
         .ok_or_else(|| Error::Protocol("--socket-fd is required".into()))?;
     let listener = std::os::unix::net::UnixListener::from(hostmem_base::fd::take_inherited(fd)?);
+    let server = match args.render_server_fd {
+        Some(fd) => Some(hostmem_base::fd::take_inherited(fd)?),
+        None => None,
+    };
+    // With a render server the backend made here (on its socket) serves the one frontend
+    // this device takes: the library owns the socket from init to cleanup, so a second
+    // frontend needs a fresh device and server (the supervisor restarts it).
+    let with_server = server.is_some();
     let opts = Options {
         backend: args.backend.clone(),
         test_ops: args.test_ops,
         shmem_size: size,
-        max_connections: None,
+        max_connections: with_server.then_some(1),
         ack_timeout: crate::vhost_user::ACK_TIMEOUT,
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
-    let probe = make_backend_with(&args.backend, args.test_ops, None)?;
+    let probe = make_backend_with(&args.backend, args.test_ops, server)?;
     let num_capsets = u32::try_from(probe.capsets().len()).unwrap_or(u32::MAX);
     let backend_name = probe.name().to_string();
-    drop(probe);
+    let first = if with_server {
+        Some(probe)
+    } else {
+        drop(probe);
+        None
+    };
     if let Some(cfd) = args.control_fd {
         let control = Tube::from_fd(hostmem_base::fd::take_inherited(cfd)?)?;
         handshake::<DeviceMsg, VmmMsg>(&control, Role::Device, Duration::from_secs(20))?;
@@ -303,7 +316,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
     log::info!(
         "vhost-user backend ready: backend {backend_name} ({num_capsets} capsets), region 1 of {size:#x} bytes"
     );
-    serve_listener(&listener, &opts)
+    crate::vhost_user::serve_listener_with(&listener, &opts, first)
 }
 
 /// Placements in flight at most before the device waits for the oldest verdict.

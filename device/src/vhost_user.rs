@@ -1427,6 +1427,16 @@ fn libc_econnreset() -> i32 {
 /// disconnect the device has reset (every blob and mapping dropped). Returns after
 /// `opts.max_connections` connections, or never.
 pub fn serve_listener(listener: &UnixListener, opts: &Options) -> Result<()> {
+    serve_listener_with(listener, opts, None)
+}
+
+/// [`serve_listener`], the first frontend served by `first` (a backend made before, e.g.
+/// on a render server's socket) instead of a fresh one.
+pub fn serve_listener_with(
+    listener: &UnixListener,
+    opts: &Options,
+    mut first: Option<Box<dyn Backend>>,
+) -> Result<()> {
     let mut served = 0usize;
     loop {
         if opts.max_connections.is_some_and(|m| served >= m) {
@@ -1436,7 +1446,10 @@ pub fn serve_listener(listener: &UnixListener, opts: &Options) -> Result<()> {
             .accept()
             .map_err(|e| Error::Protocol(format!("accept on the vhost-user socket: {e}")))?;
         served += 1;
-        let backend = crate::process::make_backend_with(&opts.backend, opts.test_ops, None)?;
+        let backend = match first.take() {
+            Some(b) => b,
+            None => crate::process::make_backend_with(&opts.backend, opts.test_ops, None)?,
+        };
         log::info!(
             "vhost-user: frontend {served} connected (backend {}, region {:#x} bytes)",
             backend.name(),

@@ -66,6 +66,47 @@ struct VhostUserArgs {
     /// memory cgroup can be made); 0 = unlimited.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     device_memory: u64,
+    /// virgl: run venus in virglrenderer's render server, this program (as for `run`). Each
+    /// device start gets a fresh server and serves one frontend.
+    #[arg(long)]
+    virgl_render_server: Option<PathBuf>,
+    /// An extra read-only bind mount for the jailed device (and render server).
+    #[arg(long)]
+    ro_bind: Vec<PathBuf>,
+}
+
+/// `--ro-bind` folders (canonical) and `--virgl-render-server` (its jail and policy from the
+/// device's policy folder) added to `device`.
+fn add_binds_and_server(
+    device: &mut hostmem_vmm::device::DeviceConfig,
+    backend: &str,
+    ro_bind: &[PathBuf],
+    server: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    for dir in ro_bind {
+        let dir = std::fs::canonicalize(dir)
+            .map_err(|e| anyhow::anyhow!("--ro-bind {}: {e}", dir.display()))?;
+        device.ro_binds.push(dir);
+    }
+    if let Some(server) = server {
+        if backend != "virgl" {
+            anyhow::bail!("--virgl-render-server needs --backend virgl");
+        }
+        let program = std::fs::canonicalize(server)
+            .map_err(|e| anyhow::anyhow!("render server {}: {e}", server.display()))?;
+        // Jailed: its policy comes from the device's policy folder.
+        let policy = device
+            .policy
+            .as_ref()
+            .and_then(|p| p.parent())
+            .map(|dir| dir.join("virgl_render_server.policy"));
+        device.render_server = Some(hostmem_vmm::device::RenderServerConfig {
+            program,
+            ro_binds: hostmem_vmm::policy::render_server_ro_binds(),
+            policy,
+        });
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -231,6 +272,12 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
     use hostmem_vmm::vhost_user::{supervise, vhost_user_device, SuperviseOptions};
     let mut device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
     device.memory_limit = Some(a.device_memory);
+    add_binds_and_server(
+        &mut device,
+        &a.backend,
+        &a.ro_bind,
+        a.virgl_render_server.as_ref(),
+    )?;
     let opts = SuperviseOptions {
         socket: a.socket.clone(),
         shmem_size: a.shmem_size,
@@ -272,29 +319,12 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         device.policy = None;
         eprintln!("hostmem: --no-jail: the device runs WITHOUT namespaces or seccomp");
     }
-    for dir in &a.ro_bind {
-        let dir = std::fs::canonicalize(dir)
-            .map_err(|e| anyhow::anyhow!("--ro-bind {}: {e}", dir.display()))?;
-        device.ro_binds.push(dir);
-    }
-    if let Some(server) = &a.virgl_render_server {
-        if a.backend != "virgl" {
-            anyhow::bail!("--virgl-render-server needs --backend virgl");
-        }
-        let program = std::fs::canonicalize(server)
-            .map_err(|e| anyhow::anyhow!("render server {}: {e}", server.display()))?;
-        // Jailed: its policy comes from the device's policy folder.
-        let policy = device
-            .policy
-            .as_ref()
-            .and_then(|p| p.parent())
-            .map(|dir| dir.join("virgl_render_server.policy"));
-        device.render_server = Some(hostmem_vmm::device::RenderServerConfig {
-            program,
-            ro_binds: hostmem_vmm::policy::render_server_ro_binds(),
-            policy,
-        });
-    }
+    add_binds_and_server(
+        &mut device,
+        &a.backend,
+        &a.ro_bind,
+        a.virgl_render_server.as_ref(),
+    )?;
     let opts = RunOptions {
         transport: a.transport,
         mode: a.mode,

@@ -50,11 +50,17 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// The device config for vhost-user mode: `cfg` with the vhost-user policy from the same
-/// folder (`gpu_device_vhost_user.policy`).
+/// folder (`gpu_device_vhost_user.policy`; `gpu_device_vhost_user_virgl.policy` for the
+/// virgl backend).
 pub fn vhost_user_device(mut cfg: DeviceConfig) -> DeviceConfig {
     if let Some(p) = cfg.policy.take() {
         let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
-        cfg.policy = Some(dir.join("gpu_device_vhost_user.policy"));
+        let name = if cfg.backend == "virgl" {
+            "gpu_device_vhost_user_virgl.policy"
+        } else {
+            "gpu_device_vhost_user.policy"
+        };
+        cfg.policy = Some(dir.join(name));
     }
     cfg
 }
@@ -67,6 +73,8 @@ pub struct BackendDevice {
     facts: DeviceFacts,
     /// Its memory cgroup (removed after it is reaped, when this is dropped).
     cgroup: Option<DeviceCgroup>,
+    /// virgl: the render server the device's venus contexts run in (killed with it).
+    render_server: Option<Box<JailedChild>>,
 }
 
 impl std::fmt::Debug for BackendDevice {
@@ -83,15 +91,42 @@ impl BackendDevice {
         &self.facts
     }
 
-    /// Waits for the device to end.
+    /// Waits for the device to end (its render server, whose only client it was, is
+    /// ended then too).
     pub fn wait(&mut self) -> anyhow::Result<ExitInfo> {
-        Ok(self.child.wait()?)
+        let info = self.child.wait()?;
+        self.end_render_server();
+        Ok(info)
     }
 
     /// Kills the device and waits for it.
     pub fn kill(mut self) -> Option<ExitInfo> {
         self.child.kill(libc::SIGKILL);
-        self.child.wait().ok()
+        let info = self.child.wait().ok();
+        self.end_render_server();
+        info
+    }
+
+    /// Kills the render server (it has nothing to finish without its client) and logs how
+    /// it ended, with the calls its filter refused.
+    fn end_render_server(&mut self) -> Vec<String> {
+        let Some(mut server) = self.render_server.take() else {
+            return Vec::new();
+        };
+        server.kill(libc::SIGKILL);
+        match server.wait() {
+            Ok(i) => log::info!(
+                "render server pid {}: {}",
+                server.pid(),
+                crate::device::describe(&i, &server)
+            ),
+            Err(e) => log::warn!("render server pid {}: {e}", server.pid()),
+        }
+        server
+            .seccomp_log()
+            .iter()
+            .map(|r| format!("render server: {r}"))
+            .collect()
     }
 
     /// How the device ended, in words (for SIGSYS: the syscall).
@@ -126,6 +161,7 @@ impl BackendDevice {
             .iter()
             .map(|r| r.to_string())
             .collect();
+        violations.extend(self.end_render_server());
         violations.sort();
         violations.dedup();
         BackendEnd {
@@ -179,7 +215,22 @@ pub fn start_backend(
         cfg.backend.clone(),
     ]);
     args.extend(cfg.extra_args.iter().cloned());
-    let keep_fds = vec![(sock, SOCKET_FD), (control_dev.into_fd(), CONTROL_FD)];
+    let mut keep_fds = vec![(sock, SOCKET_FD), (control_dev.into_fd(), CONTROL_FD)];
+    // virgl: the render server first, as for the native device; the device takes one
+    // frontend with it and exits when that frontend goes (restarted with a fresh server).
+    let render_server = match &cfg.render_server {
+        Some(rs) => {
+            let (ours, theirs) = Tube::pair()?;
+            let server = crate::device::spawn_render_server(cfg, rs, theirs.into_fd())?;
+            keep_fds.push((ours.into_fd(), crate::device::RENDER_SERVER_FD));
+            args.extend([
+                "--virgl-server-fd".into(),
+                crate::device::RENDER_SERVER_FD.to_string(),
+            ]);
+            Some(Box::new(server))
+        }
+        None => None,
+    };
     // Jailed exactly as `Device::start` jails the native device.
     let (jail, memory, cgroup) = crate::device::jail_config(cfg, args, keep_fds)?;
     let mut child = launch::spawn(jail).context("spawning the vhost-user device")?;
@@ -224,6 +275,7 @@ pub fn start_backend(
                 _control: control,
                 facts,
                 cgroup,
+                render_server,
             })
         }
         Err(e) => {

@@ -596,7 +596,7 @@ pub(crate) fn process_ended(pid: i32) -> bool {
 
 /// Starts `rs` with `socket` at [`SERVER_SOCKET_FD`], jailed like the device when the
 /// device is (its own jail, no seccomp: see [`RenderServerConfig`]).
-fn spawn_render_server(
+pub(crate) fn spawn_render_server(
     cfg: &DeviceConfig,
     rs: &RenderServerConfig,
     socket: std::os::fd::OwnedFd,

@@ -277,7 +277,8 @@ impl std::fmt::Debug for VhostUserDevice {
 }
 
 impl VhostUserDevice {
-    /// Starts the device jailed (`cfg`, with the vhost-user policy from the same folder),
+    /// Starts the device jailed (`cfg`, with the vhost-user policy from the same folder:
+    /// [`vhost_user_device`]; virgl with its render server as the native device has it),
     /// connects, negotiates (see the module doc) and starts serving the backend channel.
     /// `timeout` bounds every reply on the main socket. Region 1 is the window.
     pub fn start(
@@ -285,10 +286,9 @@ impl VhostUserDevice {
         hostmem: Arc<Hostmem>,
         timeout: Duration,
     ) -> anyhow::Result<VhostUserDevice> {
-        if cfg.backend != "shm" || cfg.render_server.is_some() {
+        if cfg.render_server.is_some() && cfg.backend != "virgl" {
             bail!(
-                "--transport vhost-user serves the shm backend (the vhost-user policy has no \
-                 renderer rules), not {}",
+                "a render server is for the virgl backend, not {}",
                 cfg.backend
             );
         }
