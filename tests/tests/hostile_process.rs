@@ -247,7 +247,7 @@ fn connect(v: &Vmm, scenario: &str) -> Session {
             dev.facts()
         );
     }
-    let mut drv = QueueDriver::new(dev.transport()).unwrap();
+    let mut drv = QueueDriver::new(dev.transport(), &v.hm).unwrap();
     drv.set_timeout(COMMAND_TIMEOUT).unwrap();
     drv.ctx_create(CTX, 0).unwrap();
     Session { dev, drv }
@@ -636,6 +636,10 @@ scenarios! {
     fd_is_dev_zero: "dev-zero" => Verdict::Refused("not a regular mappable file");
     fd_is_a_short_memfd: "short-memfd" => Verdict::Refused("placement needs");
     fd_can_shrink_and_is_truncated_after_sending: "unsealed-truncate" => Verdict::Refused("F_SEAL_SHRINK");
+    fd_is_guest_ram_given_by_the_vmm: "guest-ram-as-blob" => Verdict::Refused("the VMM's own guest RAM");
+    fd_is_the_window_memfd_given_by_the_vmm: "window-as-blob" => Verdict::Refused("the VMM's own window memfd");
+    fd_is_a_read_only_reopen_of_the_blob: "read-only-reopen" => Verdict::Refused("opened O_RDONLY");
+    fd_is_an_o_path_reopen_of_the_blob: "path-reopen" => Verdict::Refused("O_PATH");
     map_without_its_fd: "no-fd" => Verdict::ProtocolErrors(1);
     map_with_two_fds: "two-fds" => Verdict::ProtocolErrors(1);
     malformed_json: "malformed" => Verdict::ProtocolErrors(1);
@@ -676,6 +680,8 @@ jailed_scenarios! {
     jailed_placement_of_a_live_resource_id_again: "same-resource-twice" => Verdict::Refused("is already placed");
     jailed_fd_is_a_short_memfd: "short-memfd" => Verdict::Refused("placement needs");
     jailed_fd_can_shrink_and_is_truncated: "unsealed-truncate" => Verdict::Refused("F_SEAL_SHRINK");
+    jailed_fd_is_guest_ram_given_by_the_vmm: "guest-ram-as-blob" => Verdict::Refused("the VMM's own guest RAM");
+    jailed_fd_is_the_window_memfd_given_by_the_vmm: "window-as-blob" => Verdict::Refused("the VMM's own window memfd");
     jailed_malformed_json: "malformed" => Verdict::ProtocolErrors(1);
     jailed_oversized_message: "oversized" => Verdict::ProtocolErrors(1);
     jailed_flood_of_bogus_events: "flood" => Verdict::Flood(5000);

@@ -26,7 +26,11 @@
 //!   placement, read-only or with `PROT_EXEC` (a guest write to a read-only placement would
 //!   fail KVM_RUN with EFAULT), a write-sealed file (the VMM's read/write mapping would
 //!   fail), a file that can shrink (a guest access would fault), a
-//!   socket, pipe, directory or device node, one resource id twice at once, more than
+//!   socket, pipe, directory or device node, an fd `mmap` would refuse for how it was
+//!   opened or where it lives (read-only or write-only, `O_PATH`, hugetlbfs:
+//!   [`FileFacts::mapping_refusal`], checked before the syscall), **any file the VMM gave
+//!   it** (the window's memfd, guest RAM: [`Hostmem::note_given`], by `st_dev`/`st_ino`, so
+//!   a dup or a `/proc` reopen is the same file), one resource id twice at once, more than
 //!   [`Limits::max_live`] placements or past the VMA headroom (invariant 7); it cannot unmap
 //!   what it did not place or part of a placement, and it cannot leave a hole: every range
 //!   is background or a blob at every moment (invariant 2), and on its death every
@@ -36,16 +40,17 @@
 //!   vhost-user backend: it must read the guest's requests and write its responses anywhere
 //!   the driver points descriptors. It can therefore read and write any guest RAM; the
 //!   jail (seccomp, namespaces, no other fds) keeps it from reaching anything beyond what
-//!   virtio already gives a device. The hostmem window adds no access to guest RAM.
+//!   virtio already gives a device. The hostmem window adds no access to guest RAM: a
+//!   Map whose fd is guest RAM (or the window itself) is refused by the file's identity.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostmem_base::kvm::Vm;
 use hostmem_base::mmap::{check_range, is_page_aligned, MemoryMapping, Prot};
-use hostmem_base::shm::{file_facts, FileFacts};
+use hostmem_base::shm::{file_facts, mapping_facts, FileFacts};
 use hostmem_base::window::Window;
 use hostmem_ipc::protocol::{Outcome, RefuseCode};
 use serde::Serialize;
@@ -156,9 +161,21 @@ struct Live {
     slot: Option<(u32, Arc<MemoryMapping>)>,
 }
 
+/// A file the VMM handed the device (the window's memfd, guest RAM): never accepted back
+/// as a blob, by identity.
+#[derive(Debug, Clone, Copy)]
+struct Given {
+    /// `(st_dev, st_ino)`.
+    id: (u64, u64),
+    what: &'static str,
+}
+
 #[derive(Debug, Default)]
 struct State {
     live: BTreeMap<u64, Live>,
+    /// Every file the VMM gave a device ([`Hostmem::note_given`]), kept for the life of
+    /// the `Hostmem` (a device may hold them as long).
+    given: Vec<Given>,
     /// Window offset of each live resource id (a device places a resource once at a time).
     by_resource: HashMap<u32, u64>,
     free_slots: Vec<u32>,
@@ -274,6 +291,7 @@ impl Hostmem {
         limits: Limits,
     ) -> anyhow::Result<Self> {
         let window = Arc::new(Window::new(size)?);
+        let window_id = file_facts(window.memfd().as_fd())?.id;
         let mut slot_changes = 0;
         if let (Some(vm), Mode::Fixed) = (&vm, mode) {
             vm.set_region(WINDOW_SLOT, window_gpa, window.clone(), 0, size as usize)?;
@@ -287,6 +305,10 @@ impl Hostmem {
             limits,
             state: Mutex::new(State {
                 next_slot: FIRST_BLOB_SLOT,
+                given: vec![Given {
+                    id: window_id,
+                    what: "window memfd",
+                }],
                 ..State::default()
             }),
             maps_ok: AtomicU64::new(0),
@@ -297,6 +319,25 @@ impl Hostmem {
             slot_changes: AtomicU64::new(slot_changes),
             faults: Faults::default(),
         })
+    }
+
+    /// Records that the VMM gives `fd`'s file to a device (`what`: "guest RAM", for logs):
+    /// a placement event whose fd is that file (any fd of it: a dup, a reopen through
+    /// `/proc`) is refused from then on as `InvalidParameter`. The window's memfd is recorded
+    /// by [`Hostmem::new`]; whoever hands the device any other file records it before it
+    /// does (the transport's guest RAM, the host-side queue driver's).
+    pub fn note_given(&self, what: &'static str, fd: BorrowedFd<'_>) -> anyhow::Result<()> {
+        let id = file_facts(fd)?.id;
+        let mut st = self.lock();
+        if !st.given.iter().any(|g| g.id == id) {
+            st.given.push(Given { id, what });
+        }
+        Ok(())
+    }
+
+    /// How many files are recorded as given to the device ([`Hostmem::note_given`]).
+    pub fn given_files(&self) -> usize {
+        self.lock().given.len()
     }
 
     /// Installs (or with `None` removes) a fault-injection hook, run at each
@@ -440,7 +481,7 @@ impl Hostmem {
 
     fn try_map(&self, ev: &MapEvent, fd: Option<OwnedFd>) -> Result<(), Refusal> {
         let fd = fd.ok_or_else(|| Refusal::invalid("placement event without an fd"))?;
-        let facts = file_facts(fd.as_fd()).map_err(|e| Refusal::invalid(format!("fd: {e}")))?;
+        let facts = mapping_facts(fd.as_fd()).map_err(|e| Refusal::invalid(format!("fd: {e}")))?;
         let mut st = self.lock();
         let prot = check_map_in(&st, &self.limits, self.window.size(), ev, &facts)?;
         let slot = match (self.mode, &self.vm) {
@@ -655,6 +696,21 @@ fn check_map_in(
         return Err(Refusal::invalid(format!(
             "fd is not a regular mappable file (mode {:#o})",
             facts.mode
+        )));
+    }
+    // How the fd was opened (read-only, O_PATH) or where it lives (hugetlbfs) would make
+    // the MAP_FIXED fail: refuse it here, named, rather than as out of memory.
+    if let Some(why) = facts.mapping_refusal(prot) {
+        return Err(Refusal::invalid(why));
+    }
+    // An fd the VMM handed the device (guest RAM, the window itself) would alias that memory
+    // in the window: guest RAM at a blob's address, or the window's background through a
+    // placement no restore zeroes.
+    if let Some(g) = st.given.iter().find(|g| g.id == facts.id) {
+        return Err(Refusal::invalid(format!(
+            "fd is the VMM's own {} (st_dev {:#x}, st_ino {}): no fd the VMM gave the \
+             device is accepted back as a blob",
+            g.what, facts.id.0, facts.id.1
         )));
     }
     let need = ev

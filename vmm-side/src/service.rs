@@ -149,7 +149,7 @@ fn handle_batch(
                 let fd = fds.next();
                 if trace {
                     if let Some(f) = &fd {
-                        if let Ok(facts) = hostmem_base::shm::file_facts(f.as_fd()) {
+                        if let Ok(facts) = hostmem_base::shm::mapping_facts(f.as_fd()) {
                             let _ = hostmem.check_map(&ev, &facts);
                         }
                     }

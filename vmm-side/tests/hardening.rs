@@ -299,3 +299,132 @@ fn the_device_runs_under_its_memory_limit() {
         other => panic!("{other}"),
     }
 }
+
+/// `path` (a `/proc/self/fd/N`) opened again with these access flags, as an owned fd.
+fn reopen(path: &str, read: bool, write: bool, custom: i32) -> std::os::fd::OwnedFd {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(read)
+        .write(write)
+        .custom_flags(custom)
+        .open(path)
+        .unwrap_or_else(|e| panic!("reopen {path}: {e}"))
+        .into()
+}
+
+/// Issue 22 item 6: a file the VMM gave the device (the window's own memfd, guest RAM) is
+/// refused as a blob by identity, whichever fd of it comes back (a dup, a reopen); the
+/// window is unchanged and a copy of the same size and seals is accepted.
+#[test]
+fn fds_the_vmm_gave_the_device_never_come_back_as_blobs() {
+    let _s = common::serial();
+    let mut g = guest();
+    // Guest RAM as the transport and the queue driver make it, recorded as given.
+    let ram = SharedMemory::new("hardening-guest-ram", 8 * P).unwrap();
+    ram.seal_for_sharing().unwrap();
+    g.hm.note_given("guest RAM", ram.as_fd()).unwrap();
+    g.hm.note_given("guest RAM", ram.as_fd()).unwrap();
+    assert_eq!(g.hm.given_files(), 2, "window + RAM, each once");
+    let win = g.hm.window().memfd();
+    let win_path = format!("/proc/self/fd/{}", win.as_fd().as_raw_fd());
+    let ram_path = format!("/proc/self/fd/{}", ram.as_fd().as_raw_fd());
+    let tries: Vec<(&str, std::os::fd::OwnedFd, &str)> = vec![
+        (
+            "the window memfd",
+            win.try_clone_fd().unwrap(),
+            "window memfd",
+        ),
+        (
+            "a reopen of the window",
+            reopen(&win_path, true, true, 0),
+            "window memfd",
+        ),
+        ("guest RAM", ram.try_clone_fd().unwrap(), "guest RAM"),
+        (
+            "a reopen of guest RAM",
+            reopen(&ram_path, true, true, 0),
+            "guest RAM",
+        ),
+    ];
+    let before = g.hm.counters();
+    for (i, (what, fd, names)) in tries.into_iter().enumerate() {
+        let why = refused_invalid(
+            g.hm.handle_map(&ev(20 + i as u32, 4 * P, 4 * P, RW), Some(fd)),
+            what,
+        );
+        assert!(
+            why.contains("the VMM's own") && why.contains(names),
+            "{what}: {why}"
+        );
+        g.hm.audit().unwrap();
+        assert_eq!(g.hm.live(), 0, "{what}: nothing placed");
+        g.reads_zeros(4 * P, 4 * P);
+        g.writes_land(4 * P, 4 * P, 30 + i as u64);
+        g.hm.window().restore_all().unwrap();
+    }
+    assert_eq!(g.hm.counters().refused - before.refused, 4);
+    assert_eq!(g.hm.counters().maps_ok, before.maps_ok);
+    // Another file with the same size and seals is a blob like any other.
+    let copy = SharedMemory::new("hardening-not-given", 8 * P).unwrap();
+    copy.seal_for_sharing().unwrap();
+    assert_eq!(
+        g.hm.handle_map(
+            &ev(30, 4 * P, 4 * P, RW),
+            Some(copy.try_clone_fd().unwrap())
+        ),
+        Outcome::Ok
+    );
+    g.hm.audit().unwrap();
+}
+
+/// Issue 22 item 7: what `mmap` would refuse is refused before it, as an invalid parameter
+/// that names the cause (not as a failed MAP_FIXED answered out of memory): a read-only or
+/// write-only reopen of a good blob, an `O_PATH` handle, a hugetlbfs memfd.
+#[test]
+fn fds_mmap_would_refuse_are_invalid_parameters_before_the_mmap() {
+    let _s = common::serial();
+    let mut g = guest();
+    let b = blob(4 * P);
+    let path = format!("/proc/self/fd/{}", b.as_fd().as_raw_fd());
+    let mut tries: Vec<(&str, std::os::fd::OwnedFd, &str)> = vec![
+        ("O_RDONLY reopen", reopen(&path, true, false, 0), "O_RDONLY"),
+        ("O_WRONLY reopen", reopen(&path, false, true, 0), "O_WRONLY"),
+        (
+            "O_PATH handle",
+            reopen(&path, true, false, libc::O_PATH),
+            "O_PATH",
+        ),
+    ];
+    match nix::sys::memfd::memfd_create(
+        c"hardening-huge",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+            | nix::sys::memfd::MemFdCreateFlag::MFD_HUGETLB
+            | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    ) {
+        Ok(fd) => {
+            nix::unistd::ftruncate(&fd, 2 << 20).unwrap();
+            fcntl(
+                fd.as_raw_fd(),
+                FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+            )
+            .unwrap();
+            tries.push(("hugetlbfs memfd", fd, "hugetlbfs"));
+        }
+        Err(e) => println!("skipped: memfd_create(MFD_HUGETLB) failed ({e}): no hugetlbfs case"),
+    }
+    for (i, (what, fd, names)) in tries.into_iter().enumerate() {
+        let why = refused_invalid(
+            g.hm.handle_map(&ev(40 + i as u32, 0, 4 * P, RW), Some(fd)),
+            what,
+        );
+        assert!(why.contains(names), "{what}: {why}");
+        g.hm.audit().unwrap();
+        assert_eq!(g.hm.live(), 0);
+        g.writes_land(0, 4 * P, 50 + i as u64);
+    }
+    // The same blob through a read/write reopen is fine.
+    assert_eq!(
+        g.hm.handle_map(&ev(49, 0, 4 * P, RW), Some(reopen(&path, true, true, 0))),
+        Outcome::Ok
+    );
+}

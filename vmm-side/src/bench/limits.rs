@@ -135,7 +135,7 @@ fn limit_sandboxed(mode: Mode, opts: &BenchOptions) -> anyhow::Result<LimitRepor
         Limits::default(),
     )?);
     let device = Device::start(&opts.device, hm.clone())?;
-    let mut driver = QueueDriver::new(device.transport())?;
+    let mut driver = QueueDriver::new(device.transport(), &hm)?;
     driver.ctx_create(CTX, 0)?;
     let (mapped, stopped_by, seconds) = fill(opts, |n| {
         let res = 1 + n as u32;

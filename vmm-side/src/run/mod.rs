@@ -275,6 +275,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         },
         vec![guest.ram_region()?],
     )?;
+    // Every device attached gets guest RAM: none may hand it back as a blob.
+    for fd in pci.guest_ram_fds() {
+        hostmem.note_given("guest RAM", fd)?;
+    }
     // Baseline after the window, VM, guest and transport exist: from here on the device's
     // comings and goings must leave the VMM's fd count unchanged.
     let fds_start = procfs::fd_count()?;

@@ -42,7 +42,7 @@
 //! configuration, ISR, device configuration, notify), `link.rs` the [`DeviceLink`] trait, the
 //! native [`TubeLink`] and the exchanges with the device process.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -563,6 +563,12 @@ impl VirtioPciGpu {
     /// The layout this transport decodes.
     pub fn layout(&self) -> PciLayout {
         self.layout
+    }
+
+    /// The memfds of guest RAM that every attaching device gets (to record them with
+    /// [`Hostmem::note_given`](crate::hostmem::Hostmem::note_given)).
+    pub fn guest_ram_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.guest_ram.iter().map(|(_, fd)| fd.as_fd())
     }
 
     /// The kick eventfd of `queue` (bound to its notify address).
