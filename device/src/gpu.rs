@@ -58,6 +58,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use hostmem_base::log_limit::LogLimiter;
 use hostmem_base::mmap::{is_page_aligned, Prot};
 use hostmem_base::window::FixedTarget;
 
@@ -543,7 +544,10 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         let hdr = match CtrlHdr::parse(request) {
             Ok(h) => h,
             Err(e) => {
-                log::warn!("control command refused: {e}");
+                COMMAND_WARNINGS.warn(
+                    "unparsable command",
+                    format_args!("control command refused: {e}"),
+                );
                 return Response::Err {
                     hdr: CtrlHdr::new(VIRTIO_GPU_RESP_ERR_UNSPEC),
                     code: ErrorCode::Unspec,
@@ -557,11 +561,14 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                     WireError::BadLength(_) => ErrorCode::InvalidParameter,
                     WireError::Truncated { .. } | WireError::UnknownType(_) => ErrorCode::Unspec,
                 };
-                log::warn!(
-                    "{} ({:#06x}) ctx {}: {code}: {e}",
+                COMMAND_WARNINGS.warn(
                     ctrl_type_name(hdr.type_),
-                    hdr.type_,
-                    hdr.ctx_id
+                    format_args!(
+                        "{} ({:#06x}) ctx {}: {code}: {e}",
+                        ctrl_type_name(hdr.type_),
+                        hdr.type_,
+                        hdr.ctx_id
+                    ),
                 );
                 return Response::error_for(&hdr, code);
             }
@@ -1188,12 +1195,17 @@ fn map_ok(hdr: &CtrlHdr, map_info: u32) -> Vec<u8> {
     .encode()
 }
 
-/// The error response for a refused command, logged with the reason.
+/// Refused commands, by command: the guest can send as many bad ones as it likes, so each
+/// kind is logged the 1st, 2nd, 4th, … time and counted (the counts go to the VMM with the
+/// virtqueue stats). One per device process.
+pub static COMMAND_WARNINGS: LogLimiter = LogLimiter::new("hostmem_device::gpu");
+
+/// The error response for a refused command, logged (rate-limited) with the reason.
 fn refused(hdr: &CtrlHdr, (code, reason): Refusal) -> Response {
-    log::warn!(
-        "{} ctx {}: {code}: {reason}",
-        ctrl_type_name(hdr.type_),
-        hdr.ctx_id
+    let name = ctrl_type_name(hdr.type_);
+    COMMAND_WARNINGS.warn(
+        name,
+        format_args!("{name} ctx {}: {code}: {reason}", hdr.ctx_id),
     );
     Response::error_for(hdr, code)
 }

@@ -25,6 +25,11 @@ use crate::mirror::{MirrorFaults, MirrorPlacer};
 use crate::virtio::{guest_memory, VirtioGpu};
 use crate::{Error, Result};
 
+/// Transport messages the device dropped or refused (the guest's queue set-ups reach it
+/// this way): logged the 1st, 2nd, 4th, … time of each kind, all counted in the stats.
+pub static TRANSPORT_WARNINGS: hostmem_base::log_limit::LogLimiter =
+    hostmem_base::log_limit::LogLimiter::new("hostmem_device::process");
+
 /// Exit code when the VMM broke the protocol or the mapping tube failed.
 pub const EXIT_TUBE: i32 = 3;
 /// Exit code for bad arguments or a failed start.
@@ -455,7 +460,12 @@ pub fn serve(
                     log::info!("transport tube closed: exiting");
                     return Ok(());
                 }
-                Err(e) => log::warn!("transport tube: dropped a bad message: {e}"),
+                Err(e) => {
+                    TRANSPORT_WARNINGS.warn(
+                        "bad transport message",
+                        format_args!("transport tube: dropped a bad message: {e}"),
+                    );
+                }
             }
         }
         if stop_if_asked(dev.gpu())? {
@@ -506,7 +516,10 @@ pub fn handle_transport<P: Placer>(
     let msg: TransportMsg = match serde_json::from_slice(bytes) {
         Ok(m) => m,
         Err(e) => {
-            log::warn!("transport: not a message ({} bytes): {e}", bytes.len());
+            TRANSPORT_WARNINGS.warn(
+                "bad transport message",
+                format_args!("transport: not a message ({} bytes): {e}", bytes.len()),
+            );
             return None;
         }
     };
@@ -520,7 +533,10 @@ pub fn handle_transport<P: Placer>(
     };
     let done = |r: Result<()>| {
         let error = r.err().map(|e| {
-            log::warn!("transport message {seq} refused: {e}");
+            TRANSPORT_WARNINGS.warn(
+                "transport message refused",
+                format_args!("transport message {seq} refused: {e}"),
+            );
             e.to_string()
         });
         Some(TransportReply::Done { seq, error })

@@ -514,7 +514,10 @@ impl ShmemPlacer {
 
     fn refused(&mut self, what: &str, e: impl std::fmt::Display) -> PlaceError {
         self.stats.refused += 1;
-        log::warn!("vhost-user: {what} refused: {e}");
+        VHOST_USER_WARNINGS.warn(
+            "placement refused by the frontend",
+            format_args!("vhost-user: {what} refused: {e}"),
+        );
         PlaceError::Unspec(format!("frontend refused {what}: {e}"))
     }
 
@@ -721,8 +724,15 @@ impl std::fmt::Debug for VuGpu {
     }
 }
 
+/// What the frontend made the device refuse, by kind (logged the 1st, 2nd, 4th, … time).
+pub static VHOST_USER_WARNINGS: hostmem_base::log_limit::LogLimiter =
+    hostmem_base::log_limit::LogLimiter::new("hostmem_device::vhost_user");
+
 fn bad<T>(why: impl std::fmt::Display) -> VuResult<T> {
-    log::warn!("vhost-user: refused: {why}");
+    VHOST_USER_WARNINGS.warn(
+        "frontend request refused",
+        format_args!("vhost-user: refused: {why}"),
+    );
     Err(VuError::InvalidParam)
 }
 

@@ -49,6 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostmem_base::kvm::Vm;
+use hostmem_base::log_limit::LogLimiter;
 use hostmem_base::mmap::{check_range, is_page_aligned, MemoryMapping, Prot};
 use hostmem_base::shm::{file_facts, mapping_facts, FileFacts};
 use hostmem_base::window::Window;
@@ -278,6 +279,9 @@ pub struct Hostmem {
     /// of the VM such as the guest probe's RAM.
     slot_changes: AtomicU64,
     faults: Faults,
+    /// What the device made the VMM refuse (events, protocol errors), by kind: logged the
+    /// 1st, 2nd, 4th, … time, all counted ([`Hostmem::warnings`]).
+    warnings: LogLimiter,
 }
 
 impl Hostmem {
@@ -318,6 +322,7 @@ impl Hostmem {
             resets: AtomicU64::new(0),
             slot_changes: AtomicU64::new(slot_changes),
             faults: Faults::default(),
+            warnings: LogLimiter::new("hostmem_vmm::hostmem"),
         })
     }
 
@@ -429,6 +434,17 @@ impl Hostmem {
         self.protocol_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Logs a warning the device caused, rate-limited per `kind` (1st, 2nd, 4th, …) and
+    /// counted ([`Hostmem::warnings`]). Everything the device can repeat at will goes here.
+    pub fn warn(&self, kind: &'static str, what: std::fmt::Arguments<'_>) -> bool {
+        self.warnings.warn(kind, what)
+    }
+
+    /// Every warning the device caused so far, by kind (logged or not).
+    pub fn warnings(&self) -> std::collections::BTreeMap<String, u64> {
+        self.warnings.counts()
+    }
+
     /// Memslot changes made for the window so far (0 without KVM): 1 in fixed mode for the
     /// whole run, two per blob in per-blob-slot mode.
     pub fn memslot_changes(&self) -> u64 {
@@ -470,9 +486,20 @@ impl Hostmem {
             }
             Err(r) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "refused {what} of resource {resource_id} at {offset:#x}+{len:#x}: {}",
-                    r.reason
+                let kind = match (what, r.code) {
+                    ("map", RefuseCode::InvalidParameter) => "map refused: invalid parameter",
+                    ("map", RefuseCode::OutOfMemory) => "map refused: out of memory",
+                    ("map", _) => "map refused: other",
+                    (_, RefuseCode::InvalidParameter) => "unmap refused: invalid parameter",
+                    (_, RefuseCode::OutOfMemory) => "unmap refused: out of memory",
+                    _ => "unmap refused: other",
+                };
+                self.warnings.warn(
+                    kind,
+                    format_args!(
+                        "refused {what} of resource {resource_id} at {offset:#x}+{len:#x}: {}",
+                        r.reason
+                    ),
                 );
                 r.outcome()
             }

@@ -100,6 +100,7 @@ const STATS: QueueStats = QueueStats {
     bad_chains: 1,
     interrupts: 3,
     suppressed: 6,
+    warnings: std::collections::BTreeMap::new(),
 };
 
 fn fake_device(script: Script) -> (Arc<Tube>, FakeDevice) {

@@ -32,6 +32,7 @@ use crate::virtio_pci::{PciLayout, VirtioPciGpu};
 
 mod session;
 
+use hostmem_base::log_limit::merge_counts;
 pub use session::Transport;
 use session::{add_stats, connect, Session};
 
@@ -167,6 +168,21 @@ pub struct Report {
     pub seccomp_violations: Vec<String>,
     /// Errors that are not guest mismatches.
     pub errors: Vec<String>,
+    /// Warnings the guest or the device caused, by kind: every one counted, each kind
+    /// logged only the 1st, 2nd, 4th, … time (`hostmem_base::log_limit`).
+    pub warnings: WarningsReport,
+}
+
+/// `"warnings"` in the JSON: counts by kind, at most `log_limit::MAX_KINDS` kinds each.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WarningsReport {
+    /// Counted by the VMM: refused events and protocol errors on the mapping tube, bad
+    /// register writes and refused queue set-ups in the transport, refused backend
+    /// requests.
+    pub vmm: std::collections::BTreeMap<String, u64>,
+    /// What the device says it refused (bad chains, bad commands, transport messages),
+    /// summed over device lifetimes: the device's claim.
+    pub device: std::collections::BTreeMap<String, u64>,
 }
 
 /// The workspace's seeded generator (splitmix64, `hostmem_base::rng`).
@@ -295,6 +311,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let mut usage = UsageCheck::default();
     let device_usage = |s: &Session| Usage::of(&s.pid().to_string());
     let mut vq = VirtqueueReport::default();
+    let mut device_warnings = std::collections::BTreeMap::new();
     let slots_at_start = hostmem.memslot_changes();
     let mut warm_up_slots = 0;
     let tenth = (u64::from(opts.blobs) / 10).max(1);
@@ -430,7 +447,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }
         let Some(why) = lost else { continue };
         let Some(s) = session.take() else { continue };
-        add_stats(&pci, &mut vq);
+        add_stats(&pci, &mut vq, &mut device_warnings);
         let exit = s.stop(&why);
         pci.detach();
         exits_violations(&mut violations, &exit);
@@ -465,7 +482,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     }
     let results = guest.results()?;
     if let Some(s) = session.take() {
-        add_stats(&pci, &mut vq);
+        add_stats(&pci, &mut vq, &mut device_warnings);
         // A vhost-user backend serves until it is killed: it ended cleanly if it was still
         // serving when the run ended it.
         let serving = match &s {
@@ -548,6 +565,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }),
         seconds: t0.elapsed().as_secs_f64(),
         errors,
+        warnings: WarningsReport {
+            vmm: {
+                let mut w = hostmem.warnings();
+                merge_counts(&mut w, &pci.warnings());
+                merge_counts(&mut w, &crate::vhost_frontend::backend_request_warnings());
+                w
+            },
+            device: device_warnings,
+        },
     };
     Ok(report)
 }

@@ -110,9 +110,14 @@ pub(super) fn connect(
 }
 
 /// Adds the device's virtqueue counters to `vq` (before it stops).
-pub(super) fn add_stats(pci: &VirtioPciGpu, vq: &mut VirtqueueReport) {
+pub(super) fn add_stats(
+    pci: &VirtioPciGpu,
+    vq: &mut VirtqueueReport,
+    warnings: &mut std::collections::BTreeMap<String, u64>,
+) {
     match pci.stats() {
         Ok(s) => {
+            hostmem_base::log_limit::merge_counts(warnings, &s.warnings);
             vq.kicks += s.kicks;
             vq.chains += s.chains;
             vq.bad_chains += s.bad_chains;
