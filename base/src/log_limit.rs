@@ -43,6 +43,16 @@ impl LogLimiter {
     /// Counts one occurrence of `kind`; logs `what` (with the kind and its count) at WARN
     /// when the count is a power of two. Returns whether it logged.
     pub fn warn(&self, kind: &'static str, what: std::fmt::Arguments<'_>) -> bool {
+        self.log(log::Level::Warn, kind, what)
+    }
+
+    /// [`LogLimiter::warn`] at another level (what is normal once but not 30,000 times).
+    pub fn log(
+        &self,
+        level: log::Level,
+        kind: &'static str,
+        what: std::fmt::Arguments<'_>,
+    ) -> bool {
         let n = {
             let mut c = self.lock();
             let key = if c.len() >= MAX_KINDS && !c.contains_key(kind) {
@@ -55,7 +65,7 @@ impl LogLimiter {
             *n
         };
         if n.is_power_of_two() {
-            log::warn!(target: self.target, "{what} ({kind}, {n} so far)");
+            log::log!(target: self.target, level, "{what} ({kind}, {n} so far)");
             true
         } else {
             false

@@ -789,6 +789,7 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
             show_progress: false,
             use_kvm: true,
             command_timeout: COMMAND_TIMEOUT,
+            guest_event_flood: 0,
         };
         let t = std::time::Instant::now();
         let r = run(&opts).unwrap();
@@ -836,6 +837,7 @@ fn run_reports_a_flood_by_kind_and_logs_it_log_n_times() {
             show_progress: false,
             use_kvm: true,
             command_timeout: Duration::from_secs(10),
+            guest_event_flood: 0,
         };
         let log0 = log_len();
         let r = run(&opts).unwrap();

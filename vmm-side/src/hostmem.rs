@@ -440,6 +440,11 @@ impl Hostmem {
         self.warnings.warn(kind, what)
     }
 
+    /// [`Hostmem::warn`] at INFO, for what the guest may report once but also without end.
+    pub fn info(&self, kind: &'static str, what: std::fmt::Arguments<'_>) -> bool {
+        self.warnings.log(log::Level::Info, kind, what)
+    }
+
     /// Every warning the device caused so far, by kind (logged or not).
     pub fn warnings(&self) -> std::collections::BTreeMap<String, u64> {
         self.warnings.counts()

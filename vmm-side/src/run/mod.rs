@@ -102,6 +102,9 @@ pub struct RunOptions {
     /// How long one guest command may take before the device is declared hung, killed and
     /// restarted ([`COMMAND_TIMEOUT`] by default; tests shorten it).
     pub command_timeout: std::time::Duration,
+    /// Test knob (0 in real runs): the guest driver raises its repeatable events this many
+    /// times each ([`GuestParams::flood_events`]).
+    pub guest_event_flood: u64,
 }
 
 /// The report of a run (`--json` prints it).
@@ -166,12 +169,16 @@ pub struct Report {
     pub seconds: f64,
     /// Syscalls the device's seccomp filter refused or (log mode) logged, by name.
     pub seccomp_violations: Vec<String>,
-    /// Errors that are not guest mismatches.
+    /// Errors that are not guest mismatches: at most [`MAX_ERRORS`], then one line that
+    /// says how many more.
     pub errors: Vec<String>,
     /// Warnings the guest or the device caused, by kind: every one counted, each kind
     /// logged only the 1st, 2nd, 4th, … time (`hostmem_base::log_limit`).
     pub warnings: WarningsReport,
 }
+
+/// Most errors a report lists.
+pub const MAX_ERRORS: usize = 64;
 
 /// `"warnings"` in the JSON: counts by kind, at most `log_limit::MAX_KINDS` kinds each.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -273,6 +280,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         ctx_capset: if virgl { VIRTIO_GPU_CAPSET_VENUS } else { 0 },
         ops_capset: if virgl { VIRGL_TEST_CAPSET } else { 0 },
         holes_expected: opts.mode == Mode::PerBlobSlot,
+        flood_events: opts.guest_event_flood,
     };
     let mut guest = GuestVm::new(
         vm.clone(),
@@ -317,6 +325,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let tenth = (u64::from(opts.blobs) / 10).max(1);
     let mut last_tenth = 0;
     let mut killed = false;
+    let mut drained = false;
+    let mut warmed_up = false;
     let mut waiting_since: Option<Instant> = None;
     let progress = opts.show_progress && std::io::stderr().is_terminal();
     let guest_t0 = Instant::now();
@@ -340,7 +350,14 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }
         let mut lost: Option<String> = None;
         match &event {
+            GuestEvent::WarmedUp if warmed_up => {
+                hostmem.warn(
+                    "guest warmed up again",
+                    format_args!("guest driver reported the warm-up again; ignored"),
+                );
+            }
             GuestEvent::WarmedUp => {
+                warmed_up = true;
                 // The warm-up blob is not part of the workload (per-blob-slot mode adds and
                 // deletes a slot for it); the state both processes create lazily on their
                 // first event is part of the baseline, so it is not taken for a leak.
@@ -354,7 +371,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 }
             }
             GuestEvent::Progress(done) => {
-                if done / tenth != last_tenth {
+                // Only forward progress within the workload is sampled: at most 10 samples
+                // (and `Samples` is bounded anyway).
+                if *done <= u64::from(opts.blobs) && done / tenth > last_tenth {
                     last_tenth = done / tenth;
                     if let Ok(u) = Usage::of("self") {
                         usage.vmm_rss_anon_kib_samples.push(u.rss_anon_kib);
@@ -401,9 +420,19 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 }
             }
             GuestEvent::DeviceLost(live) => {
-                log::info!("guest driver saw DEVICE_NEEDS_RESET with {live} blobs live: it resets the device");
+                hostmem.info(
+                    "guest saw DEVICE_NEEDS_RESET",
+                    format_args!("guest driver saw DEVICE_NEEDS_RESET with {live} blobs live: it resets the device"),
+                );
+            }
+            GuestEvent::Drained if drained => {
+                hostmem.warn(
+                    "guest drained again",
+                    format_args!("guest driver reported the drain again; ignored"),
+                );
             }
             GuestEvent::Drained => {
+                drained = true;
                 if let Some(s) = &session {
                     // Everything is unmapped and unreferenced and the device still serves:
                     // both processes must be back where they started.
@@ -526,6 +555,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     vq.polls = results.polls;
     vq.notify_exits = pci.notify_exits();
     let counters = hostmem.counters();
+    if errors.len() > MAX_ERRORS {
+        let more = errors.len() - MAX_ERRORS;
+        errors.truncate(MAX_ERRORS);
+        errors.push(format!("… and {more} more errors"));
+    }
     let report = Report {
         mode: opts.mode.name(),
         backend: opts.device.backend.clone(),
