@@ -316,6 +316,13 @@ pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
     /// Live contexts and the capset each asked for.
     contexts: BTreeMap<u32, u32>,
     max_blobs: usize,
+    /// Bytes all live blobs may hold together ([`Gpu::set_blob_budget`]; `None`: no bound).
+    blob_budget: Option<u64>,
+    /// Bytes the live blobs hold now, and at most so far.
+    blob_bytes: u64,
+    blob_bytes_max: u64,
+    /// CREATE_BLOBs refused because they would pass the budget.
+    budget_refusals: u64,
     /// Pipelined commands in order: answered, or waiting for the placer's verdict.
     queue: VecDeque<Queued>,
     /// Commands not started yet because a placement before them is unsettled and the
@@ -387,6 +394,10 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             blobs: BTreeMap::new(),
             contexts: BTreeMap::new(),
             max_blobs: MAX_BLOBS,
+            blob_budget: None,
+            blob_bytes: 0,
+            blob_bytes_max: 0,
+            budget_refusals: 0,
             queue: VecDeque::new(),
             deferred: VecDeque::new(),
             due: VecDeque::new(),
@@ -411,6 +422,26 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 map_via: Some(MapVia(&via)),
             };
             self.placer.place_announced(d.ticket, &req);
+        }
+    }
+
+    /// Bounds the bytes all live blobs hold together (`None`: no bound): a CREATE_BLOB past
+    /// it is refused with `ERR_OUT_OF_MEMORY`. Whoever touches a blob's pages first is
+    /// charged for them (the VMM when the guest writes it through BAR2, this process when
+    /// the renderer does), so the bound is on the blobs' sizes, not on who touched what;
+    /// the device is started with its memory limit as its budget.
+    pub fn set_blob_budget(&mut self, bytes: Option<u64>) {
+        self.blob_budget = bytes;
+    }
+
+    /// The blob memory budget, the bytes live blobs hold now and at most so far, and the
+    /// CREATE_BLOBs refused at the budget.
+    pub fn blob_memory(&self) -> BlobMemory {
+        BlobMemory {
+            budget: self.blob_budget,
+            bytes: self.blob_bytes,
+            bytes_max: self.blob_bytes_max,
+            refused: self.budget_refusals,
         }
     }
 
@@ -512,6 +543,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             }
         }
         self.blobs.clear();
+        self.blob_bytes = 0;
         let ctxs: Vec<u32> = self.contexts.keys().copied().collect();
         for ctx in ctxs {
             match self.backend.destroy_context(ctx) {
@@ -904,6 +936,17 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 format!("{} blobs: limit reached", self.blobs.len()),
             );
         }
+        let after = self.blob_bytes.saturating_add(c.size);
+        if let Some(budget) = self.blob_budget.filter(|b| after > *b) {
+            self.budget_refusals += 1;
+            return refuse(
+                ErrorCode::OutOfMemory,
+                format!(
+                    "blob memory budget: {} bytes live + {} > {budget}",
+                    self.blob_bytes, c.size
+                ),
+            );
+        }
         self.backend
             .create_blob(&BlobCreate {
                 ctx_id,
@@ -925,6 +968,8 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 mapped_at: None,
             },
         );
+        self.blob_bytes = after;
+        self.blob_bytes_max = self.blob_bytes_max.max(after);
         log::debug!("resource {id}: created {:#x} bytes in ctx {ctx_id}", c.size);
         Ok(())
     }
@@ -1084,7 +1129,9 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             self.unmap_blob(id)?;
         }
         self.backend.unref(id).map_err(backend_refusal)?;
-        self.blobs.remove(&id);
+        if let Some(b) = self.blobs.remove(&id) {
+            self.blob_bytes = self.blob_bytes.saturating_sub(b.size);
+        }
         log::debug!("resource {id}: unref'd");
         Ok(())
     }
@@ -1193,6 +1240,19 @@ fn map_ok(hdr: &CtrlHdr, map_info: u32) -> Vec<u8> {
         map_info,
     }
     .encode()
+}
+
+/// The device's blob memory ([`Gpu::blob_memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobMemory {
+    /// The budget (`None`: none).
+    pub budget: Option<u64>,
+    /// Bytes of live blobs now.
+    pub bytes: u64,
+    /// Most bytes of live blobs at once.
+    pub bytes_max: u64,
+    /// CREATE_BLOBs refused at the budget.
+    pub refused: u64,
 }
 
 /// Refused commands, by command: the guest can send as many bad ones as it likes, so each

@@ -60,6 +60,10 @@ pub struct Args {
     /// kept in reserve), to exercise the headroom refusal.
     #[arg(long, value_name = "N")]
     pub vma_limit: Option<usize>,
+    /// Bytes all live blobs may hold together (the VMM passes the device's memory limit):
+    /// a CREATE_BLOB past it is refused with ERR_OUT_OF_MEMORY.
+    #[arg(long, value_name = "BYTES")]
+    pub blob_budget: Option<u64>,
     /// Test knob: the Nth mirror placement fails after its Map event was sent (as if its
     /// MAP_FIXED returned ENOMEM), to exercise the take-back ([`crate::mirror::MirrorFaults`]).
     #[arg(long, value_name = "N")]
@@ -253,7 +257,9 @@ fn run(args: &Args) -> Result<()> {
         fail_place: args.test_fail_mirror_place,
         fail_restore: args.test_fail_mirror_restore,
     });
-    let mut dev = VirtioGpu::new(Gpu::new(backend, placer));
+    let mut gpu = Gpu::new(backend, placer);
+    gpu.set_blob_budget(args.blob_budget);
+    let mut dev = VirtioGpu::new(gpu);
     let poll = IdlePoll::new(Duration::from_micros(args.idle_poll_max_us));
     serve(&transport, &mut dev, poll)
 }
@@ -278,6 +284,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         shmem_size: size,
         max_connections: None,
         ack_timeout: crate::vhost_user::ACK_TIMEOUT,
+        blob_budget: args.blob_budget,
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.test_ops, None)?;

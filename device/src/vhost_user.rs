@@ -157,6 +157,8 @@ pub struct Options {
     /// How long a `SHMEM_MAP`/`SHMEM_UNMAP` may wait for its ack before the frontend is
     /// taken for broken and its connection closed ([`ACK_TIMEOUT`]; shorter in tests).
     pub ack_timeout: Duration,
+    /// The blob memory budget of each connection's device ([`Gpu::set_blob_budget`]).
+    pub blob_budget: Option<u64>,
 }
 
 impl Default for Options {
@@ -167,6 +169,7 @@ impl Default for Options {
             shmem_size: DEFAULT_SHMEM_SIZE,
             max_connections: None,
             ack_timeout: ACK_TIMEOUT,
+            blob_budget: None,
         }
     }
 }
@@ -1450,6 +1453,10 @@ pub fn serve_listener(listener: &UnixListener, opts: &Options) -> Result<()> {
             .gpu_mut()
             .placer_mut()
             .set_ack_timeout(opts.ack_timeout);
+        lock(&vu)
+            .device_mut()
+            .gpu_mut()
+            .set_blob_budget(opts.blob_budget);
         let end = serve_connection(stream, &vu)?;
         let mut g = lock(&vu);
         let st = g.dev.gpu().placer().stats();

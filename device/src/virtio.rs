@@ -514,6 +514,10 @@ impl<P: Placer> VirtioGpu<P> {
     /// The counters since the device started (a reset keeps them).
     pub fn stats(&self) -> QueueStats {
         let mut s = self.stats.clone();
+        let blobs = self.gpu.blob_memory();
+        s.blob_budget = blobs.budget.unwrap_or(0);
+        s.blob_bytes_max = blobs.bytes_max;
+        s.blob_budget_refusals = blobs.refused;
         s.warnings = self.limiter.counts();
         for l in [
             &crate::gpu::COMMAND_WARNINGS,

@@ -351,6 +351,15 @@ pub struct QueueStats {
     /// device's own claim; the VMM keeps at most `log_limit::MAX_KINDS` kinds of it.
     #[serde(default)]
     pub warnings: std::collections::BTreeMap<String, u64>,
+    /// The device's blob memory budget in bytes (0: none): CREATE_BLOB past it is refused.
+    #[serde(default)]
+    pub blob_budget: u64,
+    /// Most bytes its live blobs held at once.
+    #[serde(default)]
+    pub blob_bytes_max: u64,
+    /// CREATE_BLOBs it refused at the budget.
+    #[serde(default)]
+    pub blob_budget_refusals: u64,
 }
 
 /// device → VMM on the transport tube: the answer to the [`TransportMsg`] with `seq`.

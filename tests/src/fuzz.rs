@@ -188,7 +188,10 @@ fn validator_state() -> &'static std::sync::Mutex<ValidatorState> {
             None,
             DEFAULT_WINDOW_GPA,
             Mode::Fixed,
-            Limits { max_live: 6 },
+            Limits {
+                max_live: 6,
+                ..Limits::default()
+            },
         )
         .expect("window");
         let sealed = |n: u64| {

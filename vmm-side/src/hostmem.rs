@@ -64,6 +64,8 @@ pub const WINDOW_SLOT: u32 = 1;
 const FIRST_BLOB_SLOT: u32 = 2;
 /// Default limit of live placements.
 pub const DEFAULT_MAX_LIVE: usize = 16 * 1024;
+/// How a refusal at [`Limits::max_placed_bytes`] starts.
+const PLACED_BYTES: &str = "placed bytes limit";
 
 /// How blobs reach the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -143,12 +145,18 @@ pub struct MapEvent {
 pub struct Limits {
     /// Live placements.
     pub max_live: usize,
+    /// Bytes of live placements together: the blob memory the VMM lets the guest reach
+    /// (and so touch, which charges the pages to the VMM) at once, whatever the device
+    /// says. `hostmem run` sets the device's memory limit; default: no bound beyond the
+    /// window.
+    pub max_placed_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_live: DEFAULT_MAX_LIVE,
+            max_placed_bytes: u64::MAX,
         }
     }
 }
@@ -182,6 +190,11 @@ struct State {
     free_slots: Vec<u32>,
     next_slot: u32,
     max_live_seen: usize,
+    /// Bytes of live placements now and at most so far, and maps refused at
+    /// [`Limits::max_placed_bytes`].
+    placed_bytes: u64,
+    placed_bytes_max: u64,
+    placed_bytes_refused: u64,
 }
 
 /// Counters the run reports.
@@ -241,6 +254,7 @@ fn check_unmap(st: &State, resource_id: u32, offset: u64, len: u64) -> Result<()
 fn forget_live(st: &mut State, offset: u64) {
     if let Some(l) = st.live.remove(&offset) {
         st.by_resource.remove(&l.resource_id);
+        st.placed_bytes = st.placed_bytes.saturating_sub(l.len);
     }
 }
 
@@ -385,6 +399,22 @@ impl Hostmem {
         self.lock().max_live_seen
     }
 
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Bytes of live placements now, at most so far, and maps refused at
+    /// [`Limits::max_placed_bytes`].
+    pub fn placed_bytes(&self) -> (u64, u64, u64) {
+        let st = self.lock();
+        (
+            st.placed_bytes,
+            st.placed_bytes_max,
+            st.placed_bytes_refused,
+        )
+    }
+
     /// `(offset, len)` of every live placement.
     pub fn live_ranges(&self) -> Vec<(u64, u64)> {
         self.lock().live.iter().map(|(o, l)| (*o, l.len)).collect()
@@ -515,7 +545,15 @@ impl Hostmem {
         let fd = fd.ok_or_else(|| Refusal::invalid("placement event without an fd"))?;
         let facts = mapping_facts(fd.as_fd()).map_err(|e| Refusal::invalid(format!("fd: {e}")))?;
         let mut st = self.lock();
-        let prot = check_map_in(&st, &self.limits, self.window.size(), ev, &facts)?;
+        let prot = match check_map_in(&st, &self.limits, self.window.size(), ev, &facts) {
+            Ok(p) => p,
+            Err(r) => {
+                if r.code == RefuseCode::OutOfMemory && r.reason.starts_with(PLACED_BYTES) {
+                    st.placed_bytes_refused += 1;
+                }
+                return Err(r);
+            }
+        };
         let slot = match (self.mode, &self.vm) {
             (Mode::Fixed, _) => {
                 self.window
@@ -558,6 +596,8 @@ impl Hostmem {
             },
         );
         st.max_live_seen = st.max_live_seen.max(st.live.len());
+        st.placed_bytes = st.placed_bytes.saturating_add(ev.len);
+        st.placed_bytes_max = st.placed_bytes_max.max(st.placed_bytes);
         Ok(())
     }
 
@@ -675,6 +715,7 @@ impl Hostmem {
         }
         st.live.clear();
         st.by_resource.clear();
+        st.placed_bytes = 0;
         // Still under our lock, so that an audit never sees the table emptied before the
         // window is.
         self.window.restore_all()?;
@@ -767,6 +808,13 @@ fn check_map_in(
         return Err(Refusal::invalid(format!(
             "fd is sealed against writes (seals {:#x})",
             facts.seals.unwrap_or(0)
+        )));
+    }
+    let placed = st.placed_bytes.saturating_add(ev.len);
+    if placed > limits.max_placed_bytes {
+        return Err(Refusal::oom(format!(
+            "{PLACED_BYTES}: {} live + {} > {}",
+            st.placed_bytes, ev.len, limits.max_placed_bytes
         )));
     }
     if st.live.len() >= limits.max_live {

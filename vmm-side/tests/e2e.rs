@@ -29,6 +29,11 @@ fn options(mode: Mode, blobs: u32) -> RunOptions {
     }
 }
 
+/// The device memory limit of [`options`].
+fn o_limit() -> Option<u64> {
+    device_config().memory_limit
+}
+
 #[test]
 fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     let _serial = serial();
@@ -44,6 +49,13 @@ fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     assert!(r.guest_verified >= 240, "{}", r.guest_verified);
     assert_eq!(r.memslot_changes, 1, "fixed mode keeps exactly one memslot");
     assert!(r.max_live_placements > 1);
+    // Blob memory is bounded on both sides by the device's memory limit, and reported.
+    let limit = o_limit();
+    let b = r.blob_memory;
+    assert_eq!(b.device_budget, limit, "{b:?}");
+    assert_eq!(b.vmm_placed_limit, limit, "{b:?}");
+    assert!(b.vmm_placed_bytes_max > 0 && b.device_bytes_max >= b.vmm_placed_bytes_max);
+    assert_eq!((b.device_refused, b.vmm_refused), (0, 0));
     assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fd count back to baseline");
     // The whole workload under gpu_device_shm.policy with the kill action: no violation.
     assert!(
@@ -500,7 +512,11 @@ fn a_guest_flooding_events_leaves_a_bounded_report() {
     assert!(samples >= 2, "start and end are sampled");
     let w = &r.warnings.vmm;
     assert_eq!(w.get("guest warmed up again"), Some(&10_000), "{w:?}");
-    assert_eq!(w.get("guest saw DEVICE_NEEDS_RESET"), Some(&10_000), "{w:?}");
+    assert_eq!(
+        w.get("guest saw DEVICE_NEEDS_RESET"),
+        Some(&10_000),
+        "{w:?}"
+    );
     let json = serde_json::to_string(&r).unwrap();
     assert!(json.len() < 32 << 10, "report of {} bytes", json.len());
 }

@@ -133,7 +133,10 @@ fn refused_events_give_log_n_lines_and_exact_counts() {
         None,
         DEFAULT_WINDOW_GPA,
         Mode::Fixed,
-        Limits { max_live: 1 },
+        Limits {
+            max_live: 1,
+            ..Limits::default()
+        },
     )
     .unwrap();
     let blob = SharedMemory::new("floods-blob", 4096).unwrap();

@@ -213,16 +213,40 @@ fn the_vhost_user_device_is_oom_killed_at_its_memory_limit() {
     );
     let mut fe = Fe::new(&path);
     assert_ok(&fe.roundtrip(&Command::ctx_create(1, SHM_CAPSET_ID, b"t")));
-    let size = 64 << 20;
-    blob(&mut fe, 1, 7, size);
-    // The device writes every page of the blob's memfd: charged to its group.
-    let fill = encode_stream(&[ShmOp::Fill {
-        resource_id: 7,
-        offset: 0,
-        len: size,
-        seed: 1,
-    }]);
-    fe.post(&Command::submit_3d(1, fill));
+    // Blobs up to the device's blob budget (its memory limit; one more byte is refused,
+    // issue 22) and the device writes every page of them: with its own memory on top, that
+    // is past the limit of its group.
+    let size = 8 << 20;
+    for r in 7..11 {
+        blob(&mut fe, 1, r, size);
+    }
+    let past = fe.roundtrip(&Command::create_blob(
+        1,
+        11,
+        VIRTIO_GPU_BLOB_MEM_HOST3D,
+        VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+        0,
+        4096,
+    ));
+    assert!(
+        matches!(
+            past,
+            Response::Err {
+                code: ErrorCode::OutOfMemory,
+                ..
+            }
+        ),
+        "past the budget: {past:?}"
+    );
+    for r in 7..11 {
+        let fill = encode_stream(&[ShmOp::Fill {
+            resource_id: r,
+            offset: 0,
+            len: size,
+            seed: 1,
+        }]);
+        fe.post(&Command::submit_3d(1, fill));
+    }
     let info = dev.wait().unwrap();
     assert!(
         matches!(info, hostmem_jail::launch::ExitInfo::Signaled { signal, .. } if signal == libc::SIGKILL),

@@ -894,6 +894,9 @@ struct Args {
     /// The seccomp program's fd, when jailed.
     #[arg(long)]
     seccomp_fd: Option<i32>,
+    /// The blob memory budget, as for `hostmem-gpu-device`.
+    #[arg(long)]
+    blob_budget: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -983,7 +986,9 @@ fn main() -> anyhow::Result<()> {
         control_attack: None,
         report: args.once.clone(),
     };
-    let mut dev = VirtioGpu::new(Gpu::new(backend, placer));
+    let mut gpu = Gpu::new(backend, placer);
+    gpu.set_blob_budget(args.blob_budget);
+    let mut dev = VirtioGpu::new(gpu);
     serve(&transport, &mut dev)
 }
 

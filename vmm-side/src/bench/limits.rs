@@ -21,6 +21,7 @@ pub fn run_limits(opts: &BenchOptions) -> Vec<LimitReport> {
     let mut out = Vec::new();
     let unlimited = Limits {
         max_live: usize::MAX,
+        ..Limits::default()
     };
     for (mode, limits) in [
         (Mode::PerBlobSlot, Limits::default()),

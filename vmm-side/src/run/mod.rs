@@ -172,9 +172,31 @@ pub struct Report {
     /// Errors that are not guest mismatches: at most [`MAX_ERRORS`], then one line that
     /// says how many more.
     pub errors: Vec<String>,
+    /// The blob memory bounds and how close the run came to them.
+    pub blob_memory: BlobMemoryReport,
     /// Warnings the guest or the device caused, by kind: every one counted, each kind
     /// logged only the 1st, 2nd, 4th, … time (`hostmem_base::log_limit`).
     pub warnings: WarningsReport,
+}
+
+/// `"blob_memory"` in the JSON: what bounds the blob memory the guest can make the host
+/// hold, on both sides (issue 22: the pages are charged to whoever touches them first).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BlobMemoryReport {
+    /// The device's budget for all its live blobs together, in bytes (its memory limit;
+    /// `null`: none): CREATE_BLOB past it is refused with ERR_OUT_OF_MEMORY.
+    pub device_budget: Option<u64>,
+    /// Most bytes the device's live blobs held at once (the largest over device lifetimes).
+    pub device_bytes_max: u64,
+    /// CREATE_BLOBs the device refused at its budget (summed over lifetimes).
+    pub device_refused: u64,
+    /// The VMM's own bound on the bytes of live placements (`null`: the window only),
+    /// independent of what the device says.
+    pub vmm_placed_limit: Option<u64>,
+    /// Most bytes the VMM had placed at once.
+    pub vmm_placed_bytes_max: u64,
+    /// Placements the VMM refused at its bound (`ERR_OUT_OF_MEMORY` to the guest).
+    pub vmm_refused: u64,
 }
 
 /// Most errors a report lists.
@@ -264,12 +286,17 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let vm = Arc::new(Vm::open()?);
     // The in-kernel irqchip must exist before the vCPU; the queues' irqfds need it.
     vm.create_irqchip().context("KVM_CREATE_IRQCHIP")?;
+    // The guest may reach (and touch, charging the VMM) at most the device's memory limit
+    // of blobs at once, whatever the device does; the device bounds its blobs the same.
     let hostmem = Arc::new(Hostmem::new(
         opts.window,
         Some(vm.clone()),
         DEFAULT_WINDOW_GPA,
         opts.mode,
-        Limits::default(),
+        Limits {
+            max_placed_bytes: opts.device.memory_limit.unwrap_or(u64::MAX),
+            ..Limits::default()
+        },
     )?);
     let virgl = opts.device.backend == "virgl";
     let params = GuestParams {
@@ -320,6 +347,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let device_usage = |s: &Session| Usage::of(&s.pid().to_string());
     let mut vq = VirtqueueReport::default();
     let mut device_warnings = std::collections::BTreeMap::new();
+    let mut blob_memory = BlobMemoryReport::default();
     let slots_at_start = hostmem.memslot_changes();
     let mut warm_up_slots = 0;
     let tenth = (u64::from(opts.blobs) / 10).max(1);
@@ -476,7 +504,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }
         let Some(why) = lost else { continue };
         let Some(s) = session.take() else { continue };
-        add_stats(&pci, &mut vq, &mut device_warnings);
+        add_stats(&pci, &mut vq, &mut device_warnings, &mut blob_memory);
         let exit = s.stop(&why);
         pci.detach();
         exits_violations(&mut violations, &exit);
@@ -511,7 +539,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     }
     let results = guest.results()?;
     if let Some(s) = session.take() {
-        add_stats(&pci, &mut vq, &mut device_warnings);
+        add_stats(&pci, &mut vq, &mut device_warnings, &mut blob_memory);
         // A vhost-user backend serves until it is killed: it ended cleanly if it was still
         // serving when the run ended it.
         let serving = match &s {
@@ -599,6 +627,16 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }),
         seconds: t0.elapsed().as_secs_f64(),
         errors,
+        blob_memory: {
+            let (_, max, refused) = hostmem.placed_bytes();
+            let limit = hostmem.limits().max_placed_bytes;
+            BlobMemoryReport {
+                vmm_placed_limit: (limit != u64::MAX).then_some(limit),
+                vmm_placed_bytes_max: max,
+                vmm_refused: refused,
+                ..blob_memory
+            }
+        },
         warnings: WarningsReport {
             vmm: {
                 let mut w = hostmem.warnings();
