@@ -15,7 +15,7 @@ mod common;
 #[path = "../../device/tests/common/frontend.rs"]
 mod frontend;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -371,6 +371,8 @@ fn errno(r: std::io::Result<u64>) -> Option<i32> {
 
 #[test]
 fn shmem_map_goes_through_every_check_of_the_mapping_service() {
+    // Serial: the run tests here compare the process's fd count.
+    let _g = common::serial();
     let hm = common::hostmem(REGION);
     let svc = ShmemService::new(hm.clone());
     let sealed = SharedMemory::new("blob", 4 * PAGE).unwrap();
@@ -409,6 +411,30 @@ fn shmem_map_goes_through_every_check_of_the_mapping_service() {
     assert_eq!(
         errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &a.as_fd())),
         einval
+    );
+    // Files the VMM gave the device (issue 22): the window itself, guest RAM; and a
+    // read-only reopen of a good blob.
+    let refused0 = hm.counters().refused;
+    let ram = SharedMemory::new("guest-ram", 4 * PAGE).unwrap();
+    ram.seal_for_sharing().unwrap();
+    hm.note_given("guest RAM", ram.as_fd()).unwrap();
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &ram.as_fd())),
+        einval
+    );
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &hm.window().memfd().as_fd())),
+        einval
+    );
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &ro.as_fd())),
+        einval
+    );
+    assert_eq!(
+        hm.counters().refused,
+        refused0 + 3,
+        "refused by the mapping service"
     );
     assert_eq!(hm.live(), 0, "nothing placed by a refused request");
     // A good one is placed in the window before the ack.
