@@ -452,7 +452,10 @@ impl Backend for VirglBackend {
                      (a vrend HOST3D buffer), so it cannot be placed in the VMM's window",
                     blob.ctx_id
                 );
-                log::warn!("virgl: MAP_BLOB refused: {why}");
+                crate::gpu::COMMAND_WARNINGS.warn(
+                    "virgl blob not exportable",
+                    format_args!("virgl: MAP_BLOB refused: {why}"),
+                );
                 return Err(BackendError::Unspec(why));
             }
         };

@@ -295,7 +295,11 @@ impl VirtioPciGpu {
                 }
             }
             Err(e) => {
-                log::error!("virtio-pci: queue {index}: {e}; the device needs a reset");
+                self.warnings.log(
+                    log::Level::Error,
+                    "queue enable failed",
+                    format_args!("virtio-pci: queue {index}: {e}; the device needs a reset"),
+                );
                 let transport_failed = !matches!(e, Error::Refused { .. });
                 if let Some(q) = self.v.queues.get_mut(usize::from(index)) {
                     q.enabled = false;
