@@ -111,6 +111,10 @@ pub enum Error {
     /// `F_SEAL_FUTURE_WRITE`): the MAP_FIXED would fail with EPERM, so it is refused first.
     #[error("fd is sealed against writes (seals {0:#x}): a read/write placement would fail")]
     WriteSealed(i32),
+    /// An fd that `mmap` would refuse for how it was opened or where it lives
+    /// ([`FileFacts::mapping_refusal`](crate::shm::FileFacts::mapping_refusal)).
+    #[error("{0}")]
+    Unmappable(String),
     /// The window's mappings in `/proc/self/maps` differ from its placement table.
     #[error("window mappings differ from the placement table: {0}")]
     WindowMismatch(String),

@@ -10,6 +10,7 @@
 pub mod error;
 pub mod fd;
 pub mod kvm;
+pub mod log_limit;
 pub mod mmap;
 pub mod procfs;
 pub mod rng;

@@ -19,7 +19,7 @@ pub struct SharedMemory {
 }
 
 /// What `fstat` and the seals say about a file someone handed us.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FileFacts {
     /// Size in bytes.
     pub size: u64,
@@ -27,6 +27,13 @@ pub struct FileFacts {
     pub mode: u32,
     /// Seals, if the file supports them (memfds do).
     pub seals: Option<i32>,
+    /// The file's identity: `(st_dev, st_ino)` (two fds for one file have the same).
+    pub id: (u64, u64),
+    /// How the fd was opened (`F_GETFL`: access mode, `O_PATH`), when read
+    /// ([`mapping_facts`]; `None` from [`file_facts`], which the device's policy allows).
+    pub status_flags: Option<i32>,
+    /// The file system's magic (`fstatfs`), when read ([`mapping_facts`]).
+    pub fs_type: Option<libc::c_long>,
 }
 
 impl FileFacts {
@@ -51,9 +58,44 @@ impl FileFacts {
     pub fn is_regular(&self) -> bool {
         SFlag::from_bits_truncate(self.mode & SFlag::S_IFMT.bits()) == SFlag::S_IFREG
     }
+
+    /// Why `mmap(MAP_SHARED)` with `prot` would refuse this fd for how it was opened or
+    /// where the file lives (what [`mapping_facts`] read; `None`: nothing against it, or
+    /// not read). Checked before the syscall so that the refusal names the cause instead
+    /// of coming back as a failed mapping.
+    pub fn mapping_refusal(&self, prot: crate::mmap::Prot) -> Option<String> {
+        if let Some(fl) = self.status_flags {
+            if fl & libc::O_PATH != 0 {
+                return Some("fd is an O_PATH handle: it cannot be mapped (EBADF)".into());
+            }
+            let acc = fl & libc::O_ACCMODE;
+            let name = match acc {
+                libc::O_RDONLY => "O_RDONLY",
+                libc::O_WRONLY => "O_WRONLY",
+                _ => "O_RDWR",
+            };
+            let need_write = prot.bits() & libc::PROT_WRITE as u32 != 0;
+            if acc == libc::O_WRONLY || (need_write && acc != libc::O_RDWR) {
+                return Some(format!(
+                    "fd was opened {name}: a shared {} mapping needs {} (EACCES)",
+                    if need_write { "read/write" } else { "read" },
+                    if need_write { "O_RDWR" } else { "read access" },
+                ));
+            }
+        }
+        if self.fs_type == Some(nix::sys::statfs::HUGETLBFS_MAGIC.0) {
+            return Some(
+                "fd is a hugetlbfs file: it maps only at huge-page alignment, which window \
+                 placements do not have (EINVAL)"
+                    .into(),
+            );
+        }
+        None
+    }
 }
 
-/// `fstat` + `F_GET_SEALS` on any fd.
+/// `fstat` + `F_GET_SEALS` on any fd: the calls the device's own policy allows (its mirror
+/// reads these before each placement).
 pub fn file_facts(fd: BorrowedFd<'_>) -> Result<FileFacts> {
     let st = fstat(fd.as_raw_fd()).map_err(Error::Fstat)?;
     let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).ok();
@@ -61,7 +103,23 @@ pub fn file_facts(fd: BorrowedFd<'_>) -> Result<FileFacts> {
         size: st.st_size as u64,
         mode: st.st_mode,
         seals,
+        id: (st.st_dev, st.st_ino),
+        status_flags: None,
+        fs_type: None,
     })
+}
+
+/// [`file_facts`] and what else decides whether a shared mapping of `fd` can work: how it
+/// was opened (`F_GETFL`) and its file system (`fstatfs`), for
+/// [`FileFacts::mapping_refusal`]. For the VMM, which checks every fd a device sends before
+/// it maps it.
+pub fn mapping_facts(fd: BorrowedFd<'_>) -> Result<FileFacts> {
+    let mut facts = file_facts(fd)?;
+    facts.status_flags = Some(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).map_err(Error::Fstat)?);
+    facts.fs_type = nix::sys::statfs::fstatfs(fd)
+        .ok()
+        .map(|s| s.filesystem_type().0);
+    Ok(facts)
 }
 
 impl SharedMemory {

@@ -469,6 +469,9 @@ impl Window {
         if prot == Prot::READ_WRITE && facts.write_sealed() {
             return Err(Error::WriteSealed(facts.seals.unwrap_or(0)));
         }
+        if let Some(why) = facts.mapping_refusal(prot) {
+            return Err(Error::Unmappable(why));
+        }
         st.budget.admit()?;
         let target = FixedTarget {
             addr: self.map.as_ptr() as usize + offset as usize, // inside the window: checked

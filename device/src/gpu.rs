@@ -71,6 +71,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use hostmem_base::log_limit::LogLimiter;
 use hostmem_base::mmap::{is_page_aligned, Prot};
 use hostmem_base::window::FixedTarget;
 
@@ -333,6 +334,13 @@ pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
     /// Live contexts and the capset each asked for.
     contexts: BTreeMap<u32, u32>,
     max_blobs: usize,
+    /// Bytes all live blobs may hold together ([`Gpu::set_blob_budget`]; `None`: no bound).
+    blob_budget: Option<u64>,
+    /// Bytes the live blobs hold now, and at most so far.
+    blob_bytes: u64,
+    blob_bytes_max: u64,
+    /// CREATE_BLOBs refused because they would pass the budget.
+    budget_refusals: u64,
     /// Pipelined commands in order: answered, or waiting for the placer's verdict.
     queue: VecDeque<Queued>,
     /// Commands not started yet because a placement before them is unsettled and the
@@ -414,6 +422,10 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             blobs: BTreeMap::new(),
             contexts: BTreeMap::new(),
             max_blobs: MAX_BLOBS,
+            blob_budget: None,
+            blob_bytes: 0,
+            blob_bytes_max: 0,
+            budget_refusals: 0,
             queue: VecDeque::new(),
             deferred: VecDeque::new(),
             due: VecDeque::new(),
@@ -580,6 +592,26 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         }
     }
 
+    /// Bounds the bytes all live blobs hold together (`None`: no bound): a CREATE_BLOB past
+    /// it is refused with `ERR_OUT_OF_MEMORY`. Whoever touches a blob's pages first is
+    /// charged for them (the VMM when the guest writes it through BAR2, this process when
+    /// the renderer does), so the bound is on the blobs' sizes, not on who touched what;
+    /// the device is started with its memory limit as its budget.
+    pub fn set_blob_budget(&mut self, bytes: Option<u64>) {
+        self.blob_budget = bytes;
+    }
+
+    /// The blob memory budget, the bytes live blobs hold now and at most so far, and the
+    /// CREATE_BLOBs refused at the budget.
+    pub fn blob_memory(&self) -> BlobMemory {
+        BlobMemory {
+            budget: self.blob_budget,
+            bytes: self.blob_bytes,
+            bytes_max: self.blob_bytes_max,
+            refused: self.budget_refusals,
+        }
+    }
+
     /// Lowers the blob limit (tests, small jails).
     pub fn set_max_blobs(&mut self, max: usize) {
         self.max_blobs = max;
@@ -682,6 +714,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             }
         }
         self.blobs.clear();
+        self.blob_bytes = 0;
         let ctxs: Vec<u32> = self.contexts.keys().copied().collect();
         for ctx in ctxs {
             match self.backend.destroy_context(ctx) {
@@ -714,7 +747,10 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         let hdr = match CtrlHdr::parse(request) {
             Ok(h) => h,
             Err(e) => {
-                log::warn!("control command refused: {e}");
+                COMMAND_WARNINGS.warn(
+                    "unparsable command",
+                    format_args!("control command refused: {e}"),
+                );
                 return Response::Err {
                     hdr: CtrlHdr::new(VIRTIO_GPU_RESP_ERR_UNSPEC),
                     code: ErrorCode::Unspec,
@@ -728,11 +764,14 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                     WireError::BadLength(_) => ErrorCode::InvalidParameter,
                     WireError::Truncated { .. } | WireError::UnknownType(_) => ErrorCode::Unspec,
                 };
-                log::warn!(
-                    "{} ({:#06x}) ctx {}: {code}: {e}",
+                COMMAND_WARNINGS.warn(
                     ctrl_type_name(hdr.type_),
-                    hdr.type_,
-                    hdr.ctx_id
+                    format_args!(
+                        "{} ({:#06x}) ctx {}: {code}: {e}",
+                        ctrl_type_name(hdr.type_),
+                        hdr.type_,
+                        hdr.ctx_id
+                    ),
                 );
                 return Response::error_for(&hdr, code);
             }
@@ -1100,6 +1139,17 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 format!("{} blobs: limit reached", self.blobs.len()),
             );
         }
+        let after = self.blob_bytes.saturating_add(c.size);
+        if let Some(budget) = self.blob_budget.filter(|b| after > *b) {
+            self.budget_refusals += 1;
+            return refuse(
+                ErrorCode::OutOfMemory,
+                format!(
+                    "blob memory budget: {} bytes live + {} > {budget}",
+                    self.blob_bytes, c.size
+                ),
+            );
+        }
         self.backend
             .create_blob(&BlobCreate {
                 ctx_id,
@@ -1121,6 +1171,8 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
                 mapped_at: None,
             },
         );
+        self.blob_bytes = after;
+        self.blob_bytes_max = self.blob_bytes_max.max(after);
         log::debug!("resource {id}: created {:#x} bytes in ctx {ctx_id}", c.size);
         Ok(())
     }
@@ -1280,7 +1332,9 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             self.unmap_blob(id)?;
         }
         self.backend.unref(id).map_err(backend_refusal)?;
-        self.blobs.remove(&id);
+        if let Some(b) = self.blobs.remove(&id) {
+            self.blob_bytes = self.blob_bytes.saturating_sub(b.size);
+        }
         log::debug!("resource {id}: unref'd");
         Ok(())
     }
@@ -1392,12 +1446,30 @@ fn map_ok(hdr: &CtrlHdr, map_info: u32) -> Vec<u8> {
     .encode()
 }
 
-/// The error response for a refused command, logged with the reason.
+/// The device's blob memory ([`Gpu::blob_memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobMemory {
+    /// The budget (`None`: none).
+    pub budget: Option<u64>,
+    /// Bytes of live blobs now.
+    pub bytes: u64,
+    /// Most bytes of live blobs at once.
+    pub bytes_max: u64,
+    /// CREATE_BLOBs refused at the budget.
+    pub refused: u64,
+}
+
+/// Refused commands, by command: the guest can send as many bad ones as it likes, so each
+/// kind is logged the 1st, 2nd, 4th, … time and counted (the counts go to the VMM with the
+/// virtqueue stats). One per device process.
+pub static COMMAND_WARNINGS: LogLimiter = LogLimiter::new("hostmem_device::gpu");
+
+/// The error response for a refused command, logged (rate-limited) with the reason.
 fn refused(hdr: &CtrlHdr, (code, reason): Refusal) -> Response {
-    log::warn!(
-        "{} ctx {}: {code}: {reason}",
-        ctrl_type_name(hdr.type_),
-        hdr.ctx_id
+    let name = ctrl_type_name(hdr.type_);
+    COMMAND_WARNINGS.warn(
+        name,
+        format_args!("{name} ctx {}: {code}: {reason}", hdr.ctx_id),
     );
     Response::error_for(hdr, code)
 }

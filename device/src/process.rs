@@ -25,6 +25,11 @@ use crate::mirror::{MirrorFaults, MirrorPlacer};
 use crate::virtio::{guest_memory, VirtioGpu};
 use crate::{Error, Result};
 
+/// Transport messages the device dropped or refused (the guest's queue set-ups reach it
+/// this way): logged the 1st, 2nd, 4th, … time of each kind, all counted in the stats.
+pub static TRANSPORT_WARNINGS: hostmem_base::log_limit::LogLimiter =
+    hostmem_base::log_limit::LogLimiter::new("hostmem_device::process");
+
 /// Exit code when the VMM broke the protocol or the mapping tube failed.
 pub const EXIT_TUBE: i32 = 3;
 /// Exit code for bad arguments or a failed start.
@@ -55,6 +60,10 @@ pub struct Args {
     /// kept in reserve), to exercise the headroom refusal.
     #[arg(long, value_name = "N")]
     pub vma_limit: Option<usize>,
+    /// Bytes all live blobs may hold together (the VMM passes the device's memory limit):
+    /// a CREATE_BLOB past it is refused with ERR_OUT_OF_MEMORY.
+    #[arg(long, value_name = "BYTES")]
+    pub blob_budget: Option<u64>,
     /// Test knob: the Nth mirror placement fails after its Map event was sent (as if its
     /// MAP_FIXED returned ENOMEM), to exercise the take-back ([`crate::mirror::MirrorFaults`]).
     #[arg(long, value_name = "N")]
@@ -248,7 +257,9 @@ fn run(args: &Args) -> Result<()> {
         fail_place: args.test_fail_mirror_place,
         fail_restore: args.test_fail_mirror_restore,
     });
-    let mut dev = VirtioGpu::new(Gpu::new(backend, placer));
+    let mut gpu = Gpu::new(backend, placer);
+    gpu.set_blob_budget(args.blob_budget);
+    let mut dev = VirtioGpu::new(gpu);
     let poll = IdlePoll::new(Duration::from_micros(args.idle_poll_max_us));
     serve(&transport, &mut dev, poll)
 }
@@ -281,6 +292,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         shmem_size: size,
         max_connections: with_server.then_some(1),
         ack_timeout: crate::vhost_user::ACK_TIMEOUT,
+        blob_budget: args.blob_budget,
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.test_ops, server)?;
@@ -469,7 +481,12 @@ pub fn serve(
                     log::info!("transport tube closed: exiting");
                     return Ok(());
                 }
-                Err(e) => log::warn!("transport tube: dropped a bad message: {e}"),
+                Err(e) => {
+                    TRANSPORT_WARNINGS.warn(
+                        "bad transport message",
+                        format_args!("transport tube: dropped a bad message: {e}"),
+                    );
+                }
             }
         }
         if stop_if_asked(dev.gpu())? {
@@ -520,7 +537,10 @@ pub fn handle_transport<P: Placer>(
     let msg: TransportMsg = match serde_json::from_slice(bytes) {
         Ok(m) => m,
         Err(e) => {
-            log::warn!("transport: not a message ({} bytes): {e}", bytes.len());
+            TRANSPORT_WARNINGS.warn(
+                "bad transport message",
+                format_args!("transport: not a message ({} bytes): {e}", bytes.len()),
+            );
             return None;
         }
     };
@@ -534,7 +554,10 @@ pub fn handle_transport<P: Placer>(
     };
     let done = |r: Result<()>| {
         let error = r.err().map(|e| {
-            log::warn!("transport message {seq} refused: {e}");
+            TRANSPORT_WARNINGS.warn(
+                "transport message refused",
+                format_args!("transport message {seq} refused: {e}"),
+            );
             e.to_string()
         });
         Some(TransportReply::Done { seq, error })

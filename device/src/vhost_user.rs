@@ -157,6 +157,8 @@ pub struct Options {
     /// How long a `SHMEM_MAP`/`SHMEM_UNMAP` may wait for its ack before the frontend is
     /// taken for broken and its connection closed ([`ACK_TIMEOUT`]; shorter in tests).
     pub ack_timeout: Duration,
+    /// The blob memory budget of each connection's device ([`Gpu::set_blob_budget`]).
+    pub blob_budget: Option<u64>,
 }
 
 impl Default for Options {
@@ -167,6 +169,7 @@ impl Default for Options {
             shmem_size: DEFAULT_SHMEM_SIZE,
             max_connections: None,
             ack_timeout: ACK_TIMEOUT,
+            blob_budget: None,
         }
     }
 }
@@ -514,7 +517,10 @@ impl ShmemPlacer {
 
     fn refused(&mut self, what: &str, e: impl std::fmt::Display) -> PlaceError {
         self.stats.refused += 1;
-        log::warn!("vhost-user: {what} refused: {e}");
+        VHOST_USER_WARNINGS.warn(
+            "placement refused by the frontend",
+            format_args!("vhost-user: {what} refused: {e}"),
+        );
         PlaceError::Unspec(format!("frontend refused {what}: {e}"))
     }
 
@@ -721,8 +727,15 @@ impl std::fmt::Debug for VuGpu {
     }
 }
 
+/// What the frontend made the device refuse, by kind (logged the 1st, 2nd, 4th, … time).
+pub static VHOST_USER_WARNINGS: hostmem_base::log_limit::LogLimiter =
+    hostmem_base::log_limit::LogLimiter::new("hostmem_device::vhost_user");
+
 fn bad<T>(why: impl std::fmt::Display) -> VuResult<T> {
-    log::warn!("vhost-user: refused: {why}");
+    VHOST_USER_WARNINGS.warn(
+        "frontend request refused",
+        format_args!("vhost-user: refused: {why}"),
+    );
     Err(VuError::InvalidParam)
 }
 
@@ -1461,6 +1474,10 @@ pub fn serve_listener_with(
             .gpu_mut()
             .placer_mut()
             .set_ack_timeout(opts.ack_timeout);
+        lock(&vu)
+            .device_mut()
+            .gpu_mut()
+            .set_blob_budget(opts.blob_budget);
         let end = serve_connection(stream, &vu)?;
         let mut g = lock(&vu);
         let st = g.dev.gpu().placer().stats();

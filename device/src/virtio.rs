@@ -438,32 +438,7 @@ pub fn min_response(request: &[u8]) -> usize {
     }
 }
 
-/// Logs each kind of guest misbehaviour the 1st, 2nd, 4th, 8th, ... time it happens, so a
-/// flood costs a logarithmic number of log lines.
-#[derive(Debug, Default)]
-pub struct LogLimiter {
-    counts: BTreeMap<&'static str, u64>,
-}
-
-impl LogLimiter {
-    /// Counts one occurrence of `kind`; logs `what` (with the count) when the count is a
-    /// power of two. Returns whether it logged.
-    pub fn warn(&mut self, kind: &'static str, what: std::fmt::Arguments<'_>) -> bool {
-        let n = self.counts.entry(kind).or_insert(0);
-        *n = n.saturating_add(1);
-        if n.is_power_of_two() {
-            log::warn!("virtio: {what} ({kind}, {n} so far)");
-            true
-        } else {
-            false
-        }
-    }
-
-    /// How often `kind` happened.
-    pub fn count(&self, kind: &str) -> u64 {
-        self.counts.get(kind).copied().unwrap_or(0)
-    }
-}
+pub use hostmem_base::log_limit::LogLimiter;
 
 /// One enabled queue.
 #[derive(Debug)]
@@ -522,7 +497,7 @@ impl<P: Placer> VirtioGpu<P> {
             pending: BTreeMap::new(),
             generation: 0,
             stats: QueueStats::default(),
-            limiter: LogLimiter::default(),
+            limiter: LogLimiter::new("hostmem_device::virtio"),
         }
     }
 
@@ -538,7 +513,19 @@ impl<P: Placer> VirtioGpu<P> {
 
     /// The counters since the device started (a reset keeps them).
     pub fn stats(&self) -> QueueStats {
-        self.stats
+        let mut s = self.stats.clone();
+        let blobs = self.gpu.blob_memory();
+        s.blob_budget = blobs.budget.unwrap_or(0);
+        s.blob_bytes_max = blobs.bytes_max;
+        s.blob_budget_refusals = blobs.refused;
+        s.warnings = self.limiter.counts();
+        for l in [
+            &crate::gpu::COMMAND_WARNINGS,
+            &crate::process::TRANSPORT_WARNINGS,
+        ] {
+            hostmem_base::log_limit::merge_counts(&mut s.warnings, &l.counts());
+        }
+        s
     }
 
     /// The guest memory, once the transport sent it.
@@ -1016,10 +1003,13 @@ fn fit_response(resp: Vec<u8>, p: &Pending) -> Vec<u8> {
         r.truncate(p.writable_len);
         return r;
     }
-    log::warn!(
-        "virtio: response of {} bytes does not fit the {} writable bytes: ERR_UNSPEC",
-        resp.len(),
-        p.writable_len
+    crate::gpu::COMMAND_WARNINGS.warn(
+        "response does not fit",
+        format_args!(
+            "virtio: response of {} bytes does not fit the {} writable bytes: ERR_UNSPEC",
+            resp.len(),
+            p.writable_len
+        ),
     );
     Response::error_for(&p.hdr.unwrap_or_default(), ErrorCode::Unspec).encode()
 }
@@ -1094,16 +1084,5 @@ mod tests {
             ..ok
         };
         assert!(rings_disjoint(&wrap).unwrap_err().contains("overflows"));
-    }
-
-    #[test]
-    fn the_limiter_logs_powers_of_two() {
-        let mut l = LogLimiter::default();
-        let logged: Vec<bool> = (0..9).map(|_| l.warn("k", format_args!("x"))).collect();
-        assert_eq!(
-            logged,
-            [true, true, false, true, false, false, false, true, false]
-        );
-        assert_eq!(l.count("k"), 9);
     }
 }

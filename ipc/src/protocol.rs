@@ -331,7 +331,7 @@ pub enum TransportMsg {
 }
 
 /// What the device counted on its virtqueues since it started.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueStats {
     /// Kicks: the sum of the kick eventfds' counters the device read.
     pub kicks: u64,
@@ -346,6 +346,20 @@ pub struct QueueStats {
     /// Used-buffer notifications the driver suppressed (`VRING_AVAIL_F_NO_INTERRUPT` or
     /// event index): it polls the used ring.
     pub suppressed: u64,
+    /// What the device refused of the guest (bad chains, bad commands, refused transport
+    /// messages), by kind: every one counted, logged only the 1st, 2nd, 4th, … time. The
+    /// device's own claim; the VMM keeps at most `log_limit::MAX_KINDS` kinds of it.
+    #[serde(default)]
+    pub warnings: std::collections::BTreeMap<String, u64>,
+    /// The device's blob memory budget in bytes (0: none): CREATE_BLOB past it is refused.
+    #[serde(default)]
+    pub blob_budget: u64,
+    /// Most bytes its live blobs held at once.
+    #[serde(default)]
+    pub blob_bytes_max: u64,
+    /// CREATE_BLOBs it refused at the budget.
+    #[serde(default)]
+    pub blob_budget_refusals: u64,
 }
 
 /// device → VMM on the transport tube: the answer to the [`TransportMsg`] with `seq`.

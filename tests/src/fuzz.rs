@@ -188,7 +188,10 @@ fn validator_state() -> &'static std::sync::Mutex<ValidatorState> {
             None,
             DEFAULT_WINDOW_GPA,
             Mode::Fixed,
-            Limits { max_live: 6 },
+            Limits {
+                max_live: 6,
+                ..Limits::default()
+            },
         )
         .expect("window");
         let sealed = |n: u64| {
@@ -285,12 +288,14 @@ pub fn validator(data: &[u8]) {
                             0 => None,
                             _ => Some(r.u32() as i32),
                         },
+                        ..FileFacts::default()
                     }
                 } else {
                     FileFacts {
                         size: 16 * VPAGE,
                         mode: libc::S_IFREG | 0o600,
                         seals: Some(libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL),
+                        ..FileFacts::default()
                     }
                 };
                 if let Ok(prot) = hm.check_map(&ev, &facts) {

@@ -247,7 +247,7 @@ fn connect(v: &Vmm, scenario: &str) -> Session {
             dev.facts()
         );
     }
-    let mut drv = QueueDriver::new(dev.transport()).unwrap();
+    let mut drv = QueueDriver::new(dev.transport(), &v.hm).unwrap();
     drv.set_timeout(COMMAND_TIMEOUT).unwrap();
     drv.ctx_create(CTX, 0).unwrap();
     Session { dev, drv }
@@ -472,6 +472,18 @@ fn scenario_body_with(
         Verdict::Flood(n) => {
             result.unwrap_or_else(|e| panic!("{name}: the good event after the flood: {e}"));
             assert_eq!(after.refused - before.refused, n, "{name}: each refused");
+            // Each answered and counted, logged the 1st, 2nd, 4th, … time only.
+            let lines = logged_since(log0, "refused unmap").len();
+            assert_eq!(
+                lines,
+                (64 - n.leading_zeros()) as usize,
+                "{name}: log lines"
+            );
+            assert_eq!(
+                v.hm.warnings().get("unmap refused: invalid parameter"),
+                Some(&n),
+                "{name}: counted by kind"
+            );
             v.guest_reads(16 * P, &b, "blob 2 after the flood");
         }
         Verdict::BadResponse => {
@@ -636,6 +648,10 @@ scenarios! {
     fd_is_dev_zero: "dev-zero" => Verdict::Refused("not a regular mappable file");
     fd_is_a_short_memfd: "short-memfd" => Verdict::Refused("placement needs");
     fd_can_shrink_and_is_truncated_after_sending: "unsealed-truncate" => Verdict::Refused("F_SEAL_SHRINK");
+    fd_is_guest_ram_given_by_the_vmm: "guest-ram-as-blob" => Verdict::Refused("the VMM's own guest RAM");
+    fd_is_the_window_memfd_given_by_the_vmm: "window-as-blob" => Verdict::Refused("the VMM's own window memfd");
+    fd_is_a_read_only_reopen_of_the_blob: "read-only-reopen" => Verdict::Refused("opened O_RDONLY");
+    fd_is_an_o_path_reopen_of_the_blob: "path-reopen" => Verdict::Refused("O_PATH");
     map_without_its_fd: "no-fd" => Verdict::ProtocolErrors(1);
     map_with_two_fds: "two-fds" => Verdict::ProtocolErrors(1);
     malformed_json: "malformed" => Verdict::ProtocolErrors(1);
@@ -676,6 +692,8 @@ jailed_scenarios! {
     jailed_placement_of_a_live_resource_id_again: "same-resource-twice" => Verdict::Refused("is already placed");
     jailed_fd_is_a_short_memfd: "short-memfd" => Verdict::Refused("placement needs");
     jailed_fd_can_shrink_and_is_truncated: "unsealed-truncate" => Verdict::Refused("F_SEAL_SHRINK");
+    jailed_fd_is_guest_ram_given_by_the_vmm: "guest-ram-as-blob" => Verdict::Refused("the VMM's own guest RAM");
+    jailed_fd_is_the_window_memfd_given_by_the_vmm: "window-as-blob" => Verdict::Refused("the VMM's own window memfd");
     jailed_malformed_json: "malformed" => Verdict::ProtocolErrors(1);
     jailed_oversized_message: "oversized" => Verdict::ProtocolErrors(1);
     jailed_flood_of_bogus_events: "flood" => Verdict::Flood(5000);
@@ -771,6 +789,7 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
             show_progress: false,
             use_kvm: true,
             command_timeout: COMMAND_TIMEOUT,
+            guest_event_flood: 0,
         };
         let t = std::time::Instant::now();
         let r = run(&opts).unwrap();
@@ -790,6 +809,56 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
         assert!(r.blobs_mapped >= 29, "{}", r.blobs_mapped);
         assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
         assert_eq!(VMM_PANICS.load(Ordering::SeqCst), 0);
+    });
+}
+
+/// `hostmem run` with a device that floods the VMM with 5,000 bogus unmaps on the guest's
+/// second MAP_BLOB: the run completes, and its report (`--json`) has the exact count by kind
+/// under `warnings.vmm` while the log got ⌊log2 5000⌋ + 1 lines (issue 22 item 4).
+#[test]
+fn run_reports_a_flood_by_kind_and_logs_it_log_n_times() {
+    let _serial = serial();
+    with_watchdog("run flood", || {
+        let marker = std::env::temp_dir().join(format!(
+            "hostmem-hostile-run-flood-{}-once",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&marker);
+        let opts = RunOptions {
+            transport: Default::default(),
+            mode: Mode::Fixed,
+            window: 32 << 20,
+            blobs: 20,
+            seed: 12,
+            max_live: 8,
+            device: config("flood", Some(&marker), false),
+            restart: Restart::Never,
+            kill_after: None,
+            show_progress: false,
+            use_kvm: true,
+            command_timeout: Duration::from_secs(10),
+            guest_event_flood: 0,
+        };
+        let log0 = log_len();
+        let r = run(&opts).unwrap();
+        let _ = std::fs::remove_file(&marker);
+        if !r.kvm {
+            println!("skipped: /dev/kvm unusable: the run's guest checks did not run");
+        }
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.refused_events, 5000);
+        assert_eq!(
+            r.warnings.vmm.get("unmap refused: invalid parameter"),
+            Some(&5000),
+            "{:?}",
+            r.warnings
+        );
+        assert_eq!(logged_since(log0, "refused unmap").len(), 13);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["warnings"]["vmm"]["unmap refused: invalid parameter"],
+            5000
+        );
     });
 }
 

@@ -37,7 +37,7 @@ struct params {
     uint64_t seed;
     uint64_t max_live;     /* most blobs mapped at once */
     uint64_t batch;        /* commands per batch (in flight at once), <= 64 */
-    uint64_t reserved;     /* 0 */
+    uint64_t flood_events; /* test only, 0 otherwise: raise each repeatable event this often */
     uint32_t ctx_capset;   /* capset of the context the blobs live in (0: default) */
     uint32_t ops_capset;   /* != 0: FILL/CHECKSUM streams go to a second context of this capset */
     uint32_t holes_expected; /* per-blob-slot mode: an unmapped range reads as a hole (MMIO) */

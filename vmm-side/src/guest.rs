@@ -91,6 +91,10 @@ pub struct GuestParams {
     pub ops_capset: u32,
     /// Per-blob-slot mode: unmapped window ranges are holes.
     pub holes_expected: bool,
+    /// Test knob (0 in real runs): after the warm-up the driver raises `EV_PROGRESS` (past
+    /// the workload), `EV_WARMED_UP` and `EV_DEVICE_LOST` this many times each, as a
+    /// hostile guest could.
+    pub flood_events: u64,
 }
 
 /// An event the driver raised (`EV_*` in `abi.h`).
@@ -266,6 +270,7 @@ impl GuestVm {
             (16, params.seed),
             (24, params.max_live),
             (32, params.batch),
+            (40, params.flood_events),
         ] {
             p[at..at + 8].copy_from_slice(&v.to_le_bytes());
         }

@@ -26,7 +26,11 @@
 //!   placement, read-only or with `PROT_EXEC` (a guest write to a read-only placement would
 //!   fail KVM_RUN with EFAULT), a write-sealed file (the VMM's read/write mapping would
 //!   fail), a file that can shrink (a guest access would fault), a
-//!   socket, pipe, directory or device node, one resource id twice at once, more than
+//!   socket, pipe, directory or device node, an fd `mmap` would refuse for how it was
+//!   opened or where it lives (read-only or write-only, `O_PATH`, hugetlbfs:
+//!   [`FileFacts::mapping_refusal`], checked before the syscall), **any file the VMM gave
+//!   it** (the window's memfd, guest RAM: [`Hostmem::note_given`], by `st_dev`/`st_ino`, so
+//!   a dup or a `/proc` reopen is the same file), one resource id twice at once, more than
 //!   [`Limits::max_live`] placements or past the VMA headroom (invariant 7); it cannot unmap
 //!   what it did not place or part of a placement, and it cannot leave a hole: every range
 //!   is background or a blob at every moment (invariant 2), and on its death every
@@ -36,16 +40,18 @@
 //!   vhost-user backend: it must read the guest's requests and write its responses anywhere
 //!   the driver points descriptors. It can therefore read and write any guest RAM; the
 //!   jail (seccomp, namespaces, no other fds) keeps it from reaching anything beyond what
-//!   virtio already gives a device. The hostmem window adds no access to guest RAM.
+//!   virtio already gives a device. The hostmem window adds no access to guest RAM: a
+//!   Map whose fd is guest RAM (or the window itself) is refused by the file's identity.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use hostmem_base::kvm::Vm;
+use hostmem_base::log_limit::LogLimiter;
 use hostmem_base::mmap::{check_range, is_page_aligned, MemoryMapping, Prot};
-use hostmem_base::shm::{file_facts, FileFacts};
+use hostmem_base::shm::{file_facts, mapping_facts, FileFacts};
 use hostmem_base::window::Window;
 use hostmem_ipc::protocol::{Outcome, RefuseCode};
 use serde::Serialize;
@@ -58,6 +64,8 @@ pub const WINDOW_SLOT: u32 = 1;
 const FIRST_BLOB_SLOT: u32 = 2;
 /// Default limit of live placements.
 pub const DEFAULT_MAX_LIVE: usize = 16 * 1024;
+/// How a refusal at [`Limits::max_placed_bytes`] starts.
+const PLACED_BYTES: &str = "placed bytes limit";
 
 /// How blobs reach the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -137,12 +145,18 @@ pub struct MapEvent {
 pub struct Limits {
     /// Live placements.
     pub max_live: usize,
+    /// Bytes of live placements together: the blob memory the VMM lets the guest reach
+    /// (and so touch, which charges the pages to the VMM) at once, whatever the device
+    /// says. `hostmem run` sets the device's memory limit; default: no bound beyond the
+    /// window.
+    pub max_placed_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_live: DEFAULT_MAX_LIVE,
+            max_placed_bytes: u64::MAX,
         }
     }
 }
@@ -156,14 +170,31 @@ struct Live {
     slot: Option<(u32, Arc<MemoryMapping>)>,
 }
 
+/// A file the VMM handed the device (the window's memfd, guest RAM): never accepted back
+/// as a blob, by identity.
+#[derive(Debug, Clone, Copy)]
+struct Given {
+    /// `(st_dev, st_ino)`.
+    id: (u64, u64),
+    what: &'static str,
+}
+
 #[derive(Debug, Default)]
 struct State {
     live: BTreeMap<u64, Live>,
+    /// Every file the VMM gave a device ([`Hostmem::note_given`]), kept for the life of
+    /// the `Hostmem` (a device may hold them as long).
+    given: Vec<Given>,
     /// Window offset of each live resource id (a device places a resource once at a time).
     by_resource: HashMap<u32, u64>,
     free_slots: Vec<u32>,
     next_slot: u32,
     max_live_seen: usize,
+    /// Bytes of live placements now and at most so far, and maps refused at
+    /// [`Limits::max_placed_bytes`].
+    placed_bytes: u64,
+    placed_bytes_max: u64,
+    placed_bytes_refused: u64,
 }
 
 /// Counters the run reports.
@@ -223,6 +254,7 @@ fn check_unmap(st: &State, resource_id: u32, offset: u64, len: u64) -> Result<()
 fn forget_live(st: &mut State, offset: u64) {
     if let Some(l) = st.live.remove(&offset) {
         st.by_resource.remove(&l.resource_id);
+        st.placed_bytes = st.placed_bytes.saturating_sub(l.len);
     }
 }
 
@@ -261,6 +293,9 @@ pub struct Hostmem {
     /// of the VM such as the guest probe's RAM.
     slot_changes: AtomicU64,
     faults: Faults,
+    /// What the device made the VMM refuse (events, protocol errors), by kind: logged the
+    /// 1st, 2nd, 4th, … time, all counted ([`Hostmem::warnings`]).
+    warnings: LogLimiter,
 }
 
 impl Hostmem {
@@ -274,6 +309,7 @@ impl Hostmem {
         limits: Limits,
     ) -> anyhow::Result<Self> {
         let window = Arc::new(Window::new(size)?);
+        let window_id = file_facts(window.memfd().as_fd())?.id;
         let mut slot_changes = 0;
         if let (Some(vm), Mode::Fixed) = (&vm, mode) {
             vm.set_region(WINDOW_SLOT, window_gpa, window.clone(), 0, size as usize)?;
@@ -287,6 +323,10 @@ impl Hostmem {
             limits,
             state: Mutex::new(State {
                 next_slot: FIRST_BLOB_SLOT,
+                given: vec![Given {
+                    id: window_id,
+                    what: "window memfd",
+                }],
                 ..State::default()
             }),
             maps_ok: AtomicU64::new(0),
@@ -296,7 +336,27 @@ impl Hostmem {
             resets: AtomicU64::new(0),
             slot_changes: AtomicU64::new(slot_changes),
             faults: Faults::default(),
+            warnings: LogLimiter::new("hostmem_vmm::hostmem"),
         })
+    }
+
+    /// Records that the VMM gives `fd`'s file to a device (`what`: "guest RAM", for logs):
+    /// a placement event whose fd is that file (any fd of it: a dup, a reopen through
+    /// `/proc`) is refused from then on as `InvalidParameter`. The window's memfd is recorded
+    /// by [`Hostmem::new`]; whoever hands the device any other file records it before it
+    /// does (the transport's guest RAM, the host-side queue driver's).
+    pub fn note_given(&self, what: &'static str, fd: BorrowedFd<'_>) -> anyhow::Result<()> {
+        let id = file_facts(fd)?.id;
+        let mut st = self.lock();
+        if !st.given.iter().any(|g| g.id == id) {
+            st.given.push(Given { id, what });
+        }
+        Ok(())
+    }
+
+    /// How many files are recorded as given to the device ([`Hostmem::note_given`]).
+    pub fn given_files(&self) -> usize {
+        self.lock().given.len()
     }
 
     /// Installs (or with `None` removes) a fault-injection hook, run at each
@@ -337,6 +397,22 @@ impl Hostmem {
     /// Most live placements seen at once.
     pub fn max_live_seen(&self) -> usize {
         self.lock().max_live_seen
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Bytes of live placements now, at most so far, and maps refused at
+    /// [`Limits::max_placed_bytes`].
+    pub fn placed_bytes(&self) -> (u64, u64, u64) {
+        let st = self.lock();
+        (
+            st.placed_bytes,
+            st.placed_bytes_max,
+            st.placed_bytes_refused,
+        )
     }
 
     /// `(offset, len)` of every live placement.
@@ -388,6 +464,22 @@ impl Hostmem {
         self.protocol_errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Logs a warning the device caused, rate-limited per `kind` (1st, 2nd, 4th, …) and
+    /// counted ([`Hostmem::warnings`]). Everything the device can repeat at will goes here.
+    pub fn warn(&self, kind: &'static str, what: std::fmt::Arguments<'_>) -> bool {
+        self.warnings.warn(kind, what)
+    }
+
+    /// [`Hostmem::warn`] at INFO, for what the guest may report once but also without end.
+    pub fn info(&self, kind: &'static str, what: std::fmt::Arguments<'_>) -> bool {
+        self.warnings.log(log::Level::Info, kind, what)
+    }
+
+    /// Every warning the device caused so far, by kind (logged or not).
+    pub fn warnings(&self) -> std::collections::BTreeMap<String, u64> {
+        self.warnings.counts()
+    }
+
     /// Memslot changes made for the window so far (0 without KVM): 1 in fixed mode for the
     /// whole run, two per blob in per-blob-slot mode.
     pub fn memslot_changes(&self) -> u64 {
@@ -429,9 +521,20 @@ impl Hostmem {
             }
             Err(r) => {
                 self.refused.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "refused {what} of resource {resource_id} at {offset:#x}+{len:#x}: {}",
-                    r.reason
+                let kind = match (what, r.code) {
+                    ("map", RefuseCode::InvalidParameter) => "map refused: invalid parameter",
+                    ("map", RefuseCode::OutOfMemory) => "map refused: out of memory",
+                    ("map", _) => "map refused: other",
+                    (_, RefuseCode::InvalidParameter) => "unmap refused: invalid parameter",
+                    (_, RefuseCode::OutOfMemory) => "unmap refused: out of memory",
+                    _ => "unmap refused: other",
+                };
+                self.warnings.warn(
+                    kind,
+                    format_args!(
+                        "refused {what} of resource {resource_id} at {offset:#x}+{len:#x}: {}",
+                        r.reason
+                    ),
                 );
                 r.outcome()
             }
@@ -440,9 +543,17 @@ impl Hostmem {
 
     fn try_map(&self, ev: &MapEvent, fd: Option<OwnedFd>) -> Result<(), Refusal> {
         let fd = fd.ok_or_else(|| Refusal::invalid("placement event without an fd"))?;
-        let facts = file_facts(fd.as_fd()).map_err(|e| Refusal::invalid(format!("fd: {e}")))?;
+        let facts = mapping_facts(fd.as_fd()).map_err(|e| Refusal::invalid(format!("fd: {e}")))?;
         let mut st = self.lock();
-        let prot = check_map_in(&st, &self.limits, self.window.size(), ev, &facts)?;
+        let prot = match check_map_in(&st, &self.limits, self.window.size(), ev, &facts) {
+            Ok(p) => p,
+            Err(r) => {
+                if r.code == RefuseCode::OutOfMemory && r.reason.starts_with(PLACED_BYTES) {
+                    st.placed_bytes_refused += 1;
+                }
+                return Err(r);
+            }
+        };
         let slot = match (self.mode, &self.vm) {
             (Mode::Fixed, _) => {
                 self.window
@@ -485,6 +596,8 @@ impl Hostmem {
             },
         );
         st.max_live_seen = st.max_live_seen.max(st.live.len());
+        st.placed_bytes = st.placed_bytes.saturating_add(ev.len);
+        st.placed_bytes_max = st.placed_bytes_max.max(st.placed_bytes);
         Ok(())
     }
 
@@ -602,6 +715,7 @@ impl Hostmem {
         }
         st.live.clear();
         st.by_resource.clear();
+        st.placed_bytes = 0;
         // Still under our lock, so that an audit never sees the table emptied before the
         // window is.
         self.window.restore_all()?;
@@ -657,6 +771,21 @@ fn check_map_in(
             facts.mode
         )));
     }
+    // How the fd was opened (read-only, O_PATH) or where it lives (hugetlbfs) would make
+    // the MAP_FIXED fail: refuse it here, named, rather than as out of memory.
+    if let Some(why) = facts.mapping_refusal(prot) {
+        return Err(Refusal::invalid(why));
+    }
+    // An fd the VMM handed the device (guest RAM, the window itself) would alias that memory
+    // in the window: guest RAM at a blob's address, or the window's background through a
+    // placement no restore zeroes.
+    if let Some(g) = st.given.iter().find(|g| g.id == facts.id) {
+        return Err(Refusal::invalid(format!(
+            "fd is the VMM's own {} (st_dev {:#x}, st_ino {}): no fd the VMM gave the \
+             device is accepted back as a blob",
+            g.what, facts.id.0, facts.id.1
+        )));
+    }
     let need = ev
         .fd_offset
         .checked_add(ev.len)
@@ -679,6 +808,13 @@ fn check_map_in(
         return Err(Refusal::invalid(format!(
             "fd is sealed against writes (seals {:#x})",
             facts.seals.unwrap_or(0)
+        )));
+    }
+    let placed = st.placed_bytes.saturating_add(ev.len);
+    if placed > limits.max_placed_bytes {
+        return Err(Refusal::oom(format!(
+            "{PLACED_BYTES}: {} live + {} > {}",
+            st.placed_bytes, ev.len, limits.max_placed_bytes
         )));
     }
     if st.live.len() >= limits.max_live {

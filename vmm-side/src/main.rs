@@ -338,6 +338,7 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         show_progress: !a.json,
         use_kvm: true,
         command_timeout: run::COMMAND_TIMEOUT,
+        guest_event_flood: 0,
     };
     let r = run::run(&opts)?;
     if a.json {

@@ -42,16 +42,22 @@ pub fn serve(hostmem: &Hostmem, tube: &Arc<Tube>) -> ServeEnd {
                 hostmem.note_protocol_error();
                 match refuse_lost_fds(hostmem, &message) {
                     Some(reply) => {
-                        log::warn!("mapping tube: an event's fds did not arrive (EMFILE or too many fds): refused");
+                        hostmem.warn(
+                            "event fds lost",
+                            format_args!("mapping tube: an event's fds did not arrive (EMFILE or too many fds): refused"),
+                        );
                         match tube.send(&reply, &[]) {
                             Ok(()) => {}
                             Err(TubeError::Hangup) => return ServeEnd::Hangup,
                             Err(e) => return ServeEnd::TubeFailed(e.to_string()),
                         }
                     }
-                    None => log::warn!(
-                        "mapping tube: dropped a message whose fds did not arrive and that is not an event"
-                    ),
+                    None => {
+                        hostmem.warn(
+                            "event fds lost",
+                            format_args!("mapping tube: dropped a message whose fds did not arrive and that is not an event"),
+                        );
+                    }
                 }
                 continue;
             }
@@ -63,7 +69,10 @@ pub fn serve(hostmem: &Hostmem, tube: &Arc<Tube>) -> ServeEnd {
             ) => {
                 // The offending message's fds are already closed by the tube.
                 hostmem.note_protocol_error();
-                log::warn!("mapping tube: dropped a bad message from the device: {e}");
+                hostmem.warn(
+                    "bad message",
+                    format_args!("mapping tube: dropped a bad message from the device: {e}"),
+                );
                 continue;
             }
             Err(e) => return ServeEnd::TubeFailed(e.to_string()),
@@ -87,7 +96,10 @@ pub fn serve(hostmem: &Hostmem, tube: &Arc<Tube>) -> ServeEnd {
             }) => (seq, hostmem.handle_unmap(resource_id, offset, len)),
             Err(other) => {
                 hostmem.note_protocol_error();
-                log::warn!("mapping tube: unexpected message from the device: {other:?}");
+                hostmem.warn(
+                    "unexpected message",
+                    format_args!("mapping tube: unexpected message from the device: {other:?}"),
+                );
                 continue;
             }
         };
@@ -149,7 +161,7 @@ fn handle_batch(
                 let fd = fds.next();
                 if trace {
                     if let Some(f) = &fd {
-                        if let Ok(facts) = hostmem_base::shm::file_facts(f.as_fd()) {
+                        if let Ok(facts) = hostmem_base::shm::mapping_facts(f.as_fd()) {
                             let _ = hostmem.check_map(&ev, &facts);
                         }
                     }
@@ -193,7 +205,12 @@ fn handle_batch(
             }
             Err(other) => {
                 hostmem.note_protocol_error();
-                log::warn!("mapping tube: a batch holds a message that is no event: {other:?}");
+                hostmem.warn(
+                    "unexpected message",
+                    format_args!(
+                        "mapping tube: a batch holds a message that is no event: {other:?}"
+                    ),
+                );
                 continue;
             }
         };

@@ -25,7 +25,13 @@ fn options(mode: Mode, blobs: u32) -> RunOptions {
         show_progress: false,
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
+        guest_event_flood: 0,
     }
+}
+
+/// The device memory limit of [`options`].
+fn o_limit() -> Option<u64> {
+    device_config().memory_limit
 }
 
 #[test]
@@ -43,6 +49,13 @@ fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     assert!(r.guest_verified >= 240, "{}", r.guest_verified);
     assert_eq!(r.memslot_changes, 1, "fixed mode keeps exactly one memslot");
     assert!(r.max_live_placements > 1);
+    // Blob memory is bounded on both sides by the device's memory limit, and reported.
+    let limit = o_limit();
+    let b = r.blob_memory;
+    assert_eq!(b.device_budget, limit, "{b:?}");
+    assert_eq!(b.vmm_placed_limit, limit, "{b:?}");
+    assert!(b.vmm_placed_bytes_max > 0 && b.device_bytes_max >= b.vmm_placed_bytes_max);
+    assert_eq!((b.device_refused, b.vmm_refused), (0, 0));
     assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fd count back to baseline");
     // The whole workload under gpu_device_shm.policy with the kill action: no violation.
     assert!(
@@ -473,4 +486,37 @@ fn a_burst_of_maps_and_unmaps_in_one_kick_with_the_idle_poll_off() {
     drop(d);
     let exit = dev.finish("test done");
     assert_eq!(exit.code, Some(0), "{exit:?}");
+}
+
+/// Issue 22 item 5: a guest that raises its repeatable events without end (10,000 times
+/// each: progress past the workload, the warm-up, a device loss) leaves a report of bounded
+/// size: at most `Samples::MAX` RSS samples, repeated events counted by kind, the run
+/// itself unharmed.
+#[test]
+fn a_guest_flooding_events_leaves_a_bounded_report() {
+    let _serial = serial();
+    if !kvm() {
+        return;
+    }
+    let mut o = options(Mode::Fixed, 40);
+    o.guest_event_flood = 10_000;
+    let r = run(&o).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.blobs_mapped, 40);
+    assert_eq!(r.guest_mismatches, 0);
+    let samples = r.usage.vmm_rss_anon_kib_samples.len();
+    assert!(
+        samples <= hostmem_vmm::resources::Samples::MAX + 1,
+        "{samples} RSS samples"
+    );
+    assert!(samples >= 2, "start and end are sampled");
+    let w = &r.warnings.vmm;
+    assert_eq!(w.get("guest warmed up again"), Some(&10_000), "{w:?}");
+    assert_eq!(
+        w.get("guest saw DEVICE_NEEDS_RESET"),
+        Some(&10_000),
+        "{w:?}"
+    );
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(json.len() < 32 << 10, "report of {} bytes", json.len());
 }

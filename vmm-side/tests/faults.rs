@@ -318,6 +318,7 @@ fn soak_map_unmap_cycles_return_every_resource() {
         show_progress: false,
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
+        guest_event_flood: 0,
     };
     let r = run(&o).unwrap();
     let u = &r.usage;
@@ -366,7 +367,10 @@ fn soak_map_unmap_cycles_return_every_resource() {
 #[test]
 fn pipelined_maps_with_refusals_in_the_middle_are_undone() {
     let _s = serial();
-    let mut v = Vmm::with_limits(Limits { max_live: 4 });
+    let mut v = Vmm::with_limits(Limits {
+        max_live: 4,
+        ..Limits::default()
+    });
     v.start_device();
     let at = |res: u32| u64::from(res) * 4 * P;
     for res in 1..=6u32 {

@@ -299,3 +299,226 @@ fn the_device_runs_under_its_memory_limit() {
         other => panic!("{other}"),
     }
 }
+
+/// `path` (a `/proc/self/fd/N`) opened again with these access flags, as an owned fd.
+fn reopen(path: &str, read: bool, write: bool, custom: i32) -> std::os::fd::OwnedFd {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(read)
+        .write(write)
+        .custom_flags(custom)
+        .open(path)
+        .unwrap_or_else(|e| panic!("reopen {path}: {e}"))
+        .into()
+}
+
+/// Issue 22 item 6: a file the VMM gave the device (the window's own memfd, guest RAM) is
+/// refused as a blob by identity, whichever fd of it comes back (a dup, a reopen); the
+/// window is unchanged and a copy of the same size and seals is accepted.
+#[test]
+fn fds_the_vmm_gave_the_device_never_come_back_as_blobs() {
+    let _s = common::serial();
+    let mut g = guest();
+    // Guest RAM as the transport and the queue driver make it, recorded as given.
+    let ram = SharedMemory::new("hardening-guest-ram", 8 * P).unwrap();
+    ram.seal_for_sharing().unwrap();
+    g.hm.note_given("guest RAM", ram.as_fd()).unwrap();
+    g.hm.note_given("guest RAM", ram.as_fd()).unwrap();
+    assert_eq!(g.hm.given_files(), 2, "window + RAM, each once");
+    let win = g.hm.window().memfd();
+    let win_path = format!("/proc/self/fd/{}", win.as_fd().as_raw_fd());
+    let ram_path = format!("/proc/self/fd/{}", ram.as_fd().as_raw_fd());
+    let tries: Vec<(&str, std::os::fd::OwnedFd, &str)> = vec![
+        (
+            "the window memfd",
+            win.try_clone_fd().unwrap(),
+            "window memfd",
+        ),
+        (
+            "a reopen of the window",
+            reopen(&win_path, true, true, 0),
+            "window memfd",
+        ),
+        ("guest RAM", ram.try_clone_fd().unwrap(), "guest RAM"),
+        (
+            "a reopen of guest RAM",
+            reopen(&ram_path, true, true, 0),
+            "guest RAM",
+        ),
+    ];
+    let before = g.hm.counters();
+    for (i, (what, fd, names)) in tries.into_iter().enumerate() {
+        let why = refused_invalid(
+            g.hm.handle_map(&ev(20 + i as u32, 4 * P, 4 * P, RW), Some(fd)),
+            what,
+        );
+        assert!(
+            why.contains("the VMM's own") && why.contains(names),
+            "{what}: {why}"
+        );
+        g.hm.audit().unwrap();
+        assert_eq!(g.hm.live(), 0, "{what}: nothing placed");
+        g.reads_zeros(4 * P, 4 * P);
+        g.writes_land(4 * P, 4 * P, 30 + i as u64);
+        g.hm.window().restore_all().unwrap();
+    }
+    assert_eq!(g.hm.counters().refused - before.refused, 4);
+    assert_eq!(g.hm.counters().maps_ok, before.maps_ok);
+    // Another file with the same size and seals is a blob like any other.
+    let copy = SharedMemory::new("hardening-not-given", 8 * P).unwrap();
+    copy.seal_for_sharing().unwrap();
+    assert_eq!(
+        g.hm.handle_map(
+            &ev(30, 4 * P, 4 * P, RW),
+            Some(copy.try_clone_fd().unwrap())
+        ),
+        Outcome::Ok
+    );
+    g.hm.audit().unwrap();
+}
+
+/// Issue 22 item 7: what `mmap` would refuse is refused before it, as an invalid parameter
+/// that names the cause (not as a failed MAP_FIXED answered out of memory): a read-only or
+/// write-only reopen of a good blob, an `O_PATH` handle, a hugetlbfs memfd.
+#[test]
+fn fds_mmap_would_refuse_are_invalid_parameters_before_the_mmap() {
+    let _s = common::serial();
+    let mut g = guest();
+    let b = blob(4 * P);
+    let path = format!("/proc/self/fd/{}", b.as_fd().as_raw_fd());
+    let mut tries: Vec<(&str, std::os::fd::OwnedFd, &str)> = vec![
+        ("O_RDONLY reopen", reopen(&path, true, false, 0), "O_RDONLY"),
+        ("O_WRONLY reopen", reopen(&path, false, true, 0), "O_WRONLY"),
+        (
+            "O_PATH handle",
+            reopen(&path, true, false, libc::O_PATH),
+            "O_PATH",
+        ),
+    ];
+    match nix::sys::memfd::memfd_create(
+        c"hardening-huge",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+            | nix::sys::memfd::MemFdCreateFlag::MFD_HUGETLB
+            | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    ) {
+        Ok(fd) => {
+            nix::unistd::ftruncate(&fd, 2 << 20).unwrap();
+            fcntl(
+                fd.as_raw_fd(),
+                FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+            )
+            .unwrap();
+            tries.push(("hugetlbfs memfd", fd, "hugetlbfs"));
+        }
+        Err(e) => println!("skipped: memfd_create(MFD_HUGETLB) failed ({e}): no hugetlbfs case"),
+    }
+    for (i, (what, fd, names)) in tries.into_iter().enumerate() {
+        let why = refused_invalid(
+            g.hm.handle_map(&ev(40 + i as u32, 0, 4 * P, RW), Some(fd)),
+            what,
+        );
+        assert!(why.contains(names), "{what}: {why}");
+        g.hm.audit().unwrap();
+        assert_eq!(g.hm.live(), 0);
+        g.writes_land(0, 4 * P, 50 + i as u64);
+    }
+    // The same blob through a read/write reopen is fine.
+    assert_eq!(
+        g.hm.handle_map(&ev(49, 0, 4 * P, RW), Some(reopen(&path, true, true, 0))),
+        Outcome::Ok
+    );
+}
+
+/// The VMM's `RssShmem` in KiB (shared pages it has touched and still maps).
+fn rss_shmem_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Issue 22 item 1: blob memory is bounded whoever touches it. The guest writes every page
+/// of its blobs through BAR2 (the probe vCPU), which charges the VMM, not the device's
+/// cgroup. The device counts every blob's size against its memory limit (CREATE_BLOB past
+/// it: ERR_OUT_OF_MEMORY), and the VMM bounds the bytes it has placed on its own (a map
+/// past it: ERR_OUT_OF_MEMORY, whatever the device says); the VMM's touched shared memory
+/// stays within its bound; both are reported.
+#[test]
+fn blob_memory_is_bounded_whoever_touches_it() {
+    use hostmem_device::wire::ErrorCode;
+    use hostmem_vmm::queue_driver::CmdError;
+    let _s = common::serial();
+    if !common::kvm() {
+        return;
+    }
+    const BLOB: u64 = 4 << 20;
+    const WIN: u64 = 64 << 20;
+    let vm = Arc::new(Vm::open().unwrap());
+    let hm = Arc::new(
+        Hostmem::new(
+            WIN,
+            Some(vm.clone()),
+            DEFAULT_WINDOW_GPA,
+            Mode::Fixed,
+            Limits {
+                max_placed_bytes: 3 * BLOB,
+                ..Limits::default()
+            },
+        )
+        .unwrap(),
+    );
+    let mut probe = GuestProbe::new(vm, DEFAULT_WINDOW_GPA, WIN, 4 << 20).unwrap();
+    let mut cfg = common::device_config();
+    cfg.memory_limit = Some(8 * BLOB);
+    let (dev, mut drv) = common::start_device(&cfg, &hm);
+    drv.ctx_create(1, 0).unwrap();
+    for r in 1..=8 {
+        drv.create_blob(1, r, 0, BLOB).unwrap();
+    }
+    match drv.create_blob(1, 9, 0, BLOB) {
+        Err(CmdError::Device(ErrorCode::OutOfMemory)) => {}
+        other => panic!("a blob past the device's budget: {other:?}"),
+    }
+    let shmem0 = rss_shmem_kib();
+    for r in 1..=3u32 {
+        let at = u64::from(r - 1) * BLOB;
+        drv.map_blob(1, r, at).unwrap();
+        assert_eq!(
+            probe.fill(at, BLOB, u64::from(r)).unwrap(),
+            ProbeWrite::Written
+        );
+    }
+    match drv.map_blob(1, 4, 3 * BLOB) {
+        Err(CmdError::Device(ErrorCode::OutOfMemory)) => {}
+        other => panic!("a placement past the VMM's bound: {other:?}"),
+    }
+    assert_eq!(hm.placed_bytes(), (3 * BLOB, 3 * BLOB, 1));
+    let grown = rss_shmem_kib().saturating_sub(shmem0);
+    assert!(
+        grown >= 3 * BLOB / 1024 - 512,
+        "the guest touched every page: +{grown} KiB"
+    );
+    assert!(
+        grown <= 3 * BLOB / 1024 + 1024,
+        "the VMM holds what it placed and no more: +{grown} KiB"
+    );
+    // Unmapping makes room at the VMM, not at the device: blobs live until unref'd.
+    drv.unmap_blob(1, 1).unwrap();
+    drv.map_blob(1, 4, 3 * BLOB).unwrap();
+    assert_eq!(probe.fill(3 * BLOB, BLOB, 4).unwrap(), ProbeWrite::Written);
+    match drv.create_blob(1, 9, 0, BLOB) {
+        Err(CmdError::Device(ErrorCode::OutOfMemory)) => {}
+        other => panic!("still past the device's budget: {other:?}"),
+    }
+    drv.unref(1).unwrap();
+    drv.create_blob(1, 9, 0, BLOB).unwrap();
+    let st = drv.device_stats().unwrap();
+    assert_eq!(st.blob_budget, 8 * BLOB);
+    assert_eq!(st.blob_bytes_max, 8 * BLOB);
+    assert_eq!(st.blob_budget_refusals, 2);
+    drop(drv);
+    let exit = dev.stop("test done");
+    assert!(!exit.oom_killed, "{exit:?}");
+}

@@ -32,7 +32,10 @@ fn start() -> Vmm {
             None,
             DEFAULT_WINDOW_GPA,
             Mode::Fixed,
-            Limits { max_live: 8 },
+            Limits {
+                max_live: 8,
+                ..Limits::default()
+            },
         )
         .unwrap(),
     );

@@ -15,7 +15,7 @@ mod common;
 #[path = "../../device/tests/common/frontend.rs"]
 mod frontend;
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -213,16 +213,40 @@ fn the_vhost_user_device_is_oom_killed_at_its_memory_limit() {
     );
     let mut fe = Fe::new(&path);
     assert_ok(&fe.roundtrip(&Command::ctx_create(1, SHM_CAPSET_ID, b"t")));
-    let size = 64 << 20;
-    blob(&mut fe, 1, 7, size);
-    // The device writes every page of the blob's memfd: charged to its group.
-    let fill = encode_stream(&[ShmOp::Fill {
-        resource_id: 7,
-        offset: 0,
-        len: size,
-        seed: 1,
-    }]);
-    fe.post(&Command::submit_3d(1, fill));
+    // Blobs up to the device's blob budget (its memory limit; one more byte is refused,
+    // issue 22) and the device writes every page of them: with its own memory on top, that
+    // is past the limit of its group.
+    let size = 8 << 20;
+    for r in 7..11 {
+        blob(&mut fe, 1, r, size);
+    }
+    let past = fe.roundtrip(&Command::create_blob(
+        1,
+        11,
+        VIRTIO_GPU_BLOB_MEM_HOST3D,
+        VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+        0,
+        4096,
+    ));
+    assert!(
+        matches!(
+            past,
+            Response::Err {
+                code: ErrorCode::OutOfMemory,
+                ..
+            }
+        ),
+        "past the budget: {past:?}"
+    );
+    for r in 7..11 {
+        let fill = encode_stream(&[ShmOp::Fill {
+            resource_id: r,
+            offset: 0,
+            len: size,
+            seed: 1,
+        }]);
+        fe.post(&Command::submit_3d(1, fill));
+    }
     let info = dev.wait().unwrap();
     assert!(
         matches!(info, hostmem_jail::launch::ExitInfo::Signaled { signal, .. } if signal == libc::SIGKILL),
@@ -256,6 +280,7 @@ fn vu_options(blobs: u32) -> RunOptions {
         show_progress: false,
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
+        guest_event_flood: 0,
     }
 }
 
@@ -346,6 +371,8 @@ fn errno(r: std::io::Result<u64>) -> Option<i32> {
 
 #[test]
 fn shmem_map_goes_through_every_check_of_the_mapping_service() {
+    // Serial: the run tests here compare the process's fd count.
+    let _g = common::serial();
     let hm = common::hostmem(REGION);
     let svc = ShmemService::new(hm.clone());
     let sealed = SharedMemory::new("blob", 4 * PAGE).unwrap();
@@ -384,6 +411,30 @@ fn shmem_map_goes_through_every_check_of_the_mapping_service() {
     assert_eq!(
         errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &a.as_fd())),
         einval
+    );
+    // Files the VMM gave the device (issue 22): the window itself, guest RAM; and a
+    // read-only reopen of a good blob.
+    let refused0 = hm.counters().refused;
+    let ram = SharedMemory::new("guest-ram", 4 * PAGE).unwrap();
+    ram.seal_for_sharing().unwrap();
+    hm.note_given("guest RAM", ram.as_fd()).unwrap();
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &ram.as_fd())),
+        einval
+    );
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &hm.window().memfd().as_fd())),
+        einval
+    );
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    assert_eq!(
+        errno(svc.shmem_map(&mmap_req(1, 0, PAGE, 0), &ro.as_fd())),
+        einval
+    );
+    assert_eq!(
+        hm.counters().refused,
+        refused0 + 3,
+        "refused by the mapping service"
     );
     assert_eq!(hm.live(), 0, "nothing placed by a refused request");
     // A good one is placed in the window before the ack.

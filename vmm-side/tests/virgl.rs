@@ -48,6 +48,7 @@ fn virgl_run_jailed_guest_sees_what_the_renderer_sees() {
         show_progress: false,
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
+        guest_event_flood: 0,
     };
     let jailed = opts.device.jailed;
     let r = run(&opts).unwrap();

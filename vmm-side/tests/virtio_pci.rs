@@ -100,6 +100,10 @@ const STATS: QueueStats = QueueStats {
     bad_chains: 1,
     interrupts: 3,
     suppressed: 6,
+    warnings: std::collections::BTreeMap::new(),
+    blob_budget: 0,
+    blob_bytes_max: 0,
+    blob_budget_refusals: 0,
 };
 
 fn fake_device(script: Script) -> (Arc<Tube>, FakeDevice) {

@@ -568,7 +568,10 @@ impl VirglBackend {
                     ),
                     None => format!("resource {resource_id}: OPAQUE export without an fd: {e}"),
                 };
-                log::warn!("virgl: MAP_BLOB refused: {why}");
+                crate::gpu::COMMAND_WARNINGS.warn(
+                    "virgl blob not exportable",
+                    format_args!("virgl: MAP_BLOB refused: {why}"),
+                );
                 return Err(BackendError::Unspec(why));
             }
         };
@@ -586,7 +589,10 @@ impl VirglBackend {
             }
             Err(why) => {
                 let why = format!("resource {resource_id}: OPAQUE fd refused: {why}");
-                log::warn!("virgl: MAP_BLOB refused: {why}");
+                crate::gpu::COMMAND_WARNINGS.warn(
+                    "virgl opaque fd refused",
+                    format_args!("virgl: MAP_BLOB refused: {why}"),
+                );
                 Err(BackendError::Unspec(why))
             }
         }

@@ -112,6 +112,17 @@ enum Scenario {
     WriteSealedBlob,
     /// A read-only placement (a guest write there would fault).
     ReadOnly,
+    // Fds the VMM gave the device, sent back as the blob (issue 22): refused by identity.
+    /// Guest RAM's memfd as the blob (it would alias guest RAM in the window).
+    GuestRamAsBlob,
+    /// The window's own memfd as the blob (its background through an alias).
+    WindowAsBlob,
+    // Fds that mmap would refuse, refused before it (issue 22): the blob reopened
+    // through /proc (unjailed only: the jail has no open).
+    /// The blob reopened O_RDONLY.
+    ReadOnlyReopen,
+    /// The blob reopened O_PATH.
+    PathReopen,
     /// Allocate heap without end.
     Oom,
     /// Allocate memfd pages without end (what blobs are made of).
@@ -527,6 +538,37 @@ impl HostilePlacer {
                 *prot = libc::PROT_READ as u32;
                 self.bad_event(msg, fd)
             }
+            Scenario::GuestRamAsBlob => {
+                let ram = held()
+                    .ram
+                    .first()
+                    .ok_or_else(|| PlaceError::Unspec("no guest RAM held".into()))?
+                    .try_clone()
+                    .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+                self.bad_event(msg, ram.as_fd())
+            }
+            Scenario::WindowAsBlob => {
+                let w = self
+                    .window
+                    .memfd()
+                    .try_clone_fd()
+                    .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+                self.bad_event(msg, w.as_fd())
+            }
+            Scenario::ReadOnlyReopen | Scenario::PathReopen => {
+                use std::os::unix::fs::OpenOptionsExt;
+                let flags = if self.scenario == Scenario::PathReopen {
+                    libc::O_PATH
+                } else {
+                    0
+                };
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(flags)
+                    .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .map_err(|e| PlaceError::Unspec(format!("reopen: {e}")))?;
+                self.bad_event(msg, f.as_fd())
+            }
             Scenario::Oom => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {
@@ -852,6 +894,9 @@ struct Args {
     /// The seccomp program's fd, when jailed.
     #[arg(long)]
     seccomp_fd: Option<i32>,
+    /// The blob memory budget, as for `hostmem-gpu-device`.
+    #[arg(long)]
+    blob_budget: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -941,7 +986,9 @@ fn main() -> anyhow::Result<()> {
         control_attack: None,
         report: args.once.clone(),
     };
-    let mut dev = VirtioGpu::new(Gpu::new(backend, placer));
+    let mut gpu = Gpu::new(backend, placer);
+    gpu.set_blob_budget(args.blob_budget);
+    let mut dev = VirtioGpu::new(gpu);
     serve(&transport, &mut dev)
 }
 

@@ -359,7 +359,7 @@ impl Route {
             _ => {
                 let device = Device::start(&opts.device, hostmem.clone())
                     .with_context(|| format!("{}: starting the device", kind.name()))?;
-                let mut driver = QueueDriver::new(device.transport())?;
+                let mut driver = QueueDriver::new(device.transport(), hostmem)?;
                 wait_as_the_layout_wants(&mut driver, opts);
                 driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
                 Route::Sandboxed {

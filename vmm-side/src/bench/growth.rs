@@ -181,7 +181,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<Vec<GrowthPoint>> {
             Limits::default(),
         )?);
         let dev = Device::start(&opts.device, hm.clone()).context("growth: device")?;
-        let mut d = QueueDriver::new(dev.transport())?;
+        let mut d = QueueDriver::new(dev.transport(), &hm)?;
         d.ctx_create(CTX, 0)?;
         // The cycled blob (resource 1) at the top of the window, the background from 0.
         let top = window - blob;

@@ -21,6 +21,7 @@ pub fn run_limits(opts: &BenchOptions) -> Vec<LimitReport> {
     let mut out = Vec::new();
     let unlimited = Limits {
         max_live: usize::MAX,
+        ..Limits::default()
     };
     for (mode, limits) in [
         (Mode::PerBlobSlot, Limits::default()),
@@ -135,7 +136,7 @@ fn limit_sandboxed(mode: Mode, opts: &BenchOptions) -> anyhow::Result<LimitRepor
         Limits::default(),
     )?);
     let device = Device::start(&opts.device, hm.clone())?;
-    let mut driver = QueueDriver::new(device.transport())?;
+    let mut driver = QueueDriver::new(device.transport(), &hm)?;
     driver.ctx_create(CTX, 0)?;
     let (mapped, stopped_by, seconds) = fill(opts, |n| {
         let res = 1 + n as u32;

@@ -68,7 +68,7 @@ impl VhostUserCase {
         let probe = GuestProbe::new(vm, DEFAULT_WINDOW_GPA, opts.window, ram)?;
         let mut device = VhostUserDevice::start(&opts.device, hostmem.clone(), REPLY_TIMEOUT)
             .context("starting the vhost-user device")?;
-        let mut driver = QueueDriver::new(device.transport()?)?;
+        let mut driver = QueueDriver::new(device.transport()?, &hostmem)?;
         driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
         let mut c = VhostUserCase {
             hostmem,

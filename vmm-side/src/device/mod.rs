@@ -524,6 +524,12 @@ pub(crate) fn jail_config(
         None if cfg.jailed => bail!("a jailed device needs a seccomp policy"),
         None => None,
     };
+    // The device's blobs together may hold what its memory limit allows, whoever touches
+    // their pages (issue 22: the guest writing them through BAR2 charges the VMM).
+    let mut args = args;
+    if let Some(bytes) = cfg.memory_limit {
+        args.extend(["--blob-budget".into(), bytes.to_string()]);
+    }
     let mut env = vec![];
     if let Some(f) = &cfg.log_filter {
         env.push(("RUST_LOG".into(), f.into()));

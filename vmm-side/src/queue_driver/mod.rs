@@ -37,6 +37,8 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
+use crate::hostmem::Hostmem;
+
 mod commands;
 
 /// Default time a command (or a transport message) may take before the device is declared
@@ -286,9 +288,14 @@ fn need_event(event: u16, new: u16, old: u16) -> bool {
 
 impl QueueDriver {
     /// A driver for the device behind `transport` (see [`crate::device::Device::transport`]):
-    /// creates guest RAM and both queues and hands them to the device.
-    pub fn new(transport: Arc<Tube>) -> Result<QueueDriver, DriverError> {
+    /// creates guest RAM and both queues and hands them to the device. The RAM is recorded
+    /// with `hostmem` first ([`Hostmem::note_given`]), so that the device cannot hand it
+    /// back as a blob.
+    pub fn new(transport: Arc<Tube>, hostmem: &Hostmem) -> Result<QueueDriver, DriverError> {
         let ram = SharedMemory::new("hostmem-guest-ram", RAM_SIZE)
+            .map_err(|e| DriverError::Memory(e.to_string()))?;
+        hostmem
+            .note_given("guest RAM", ram.as_fd())
             .map_err(|e| DriverError::Memory(e.to_string()))?;
         // The device maps it too: it must not be able to shrink it under our mapping, nor
         // add a seal (F_SEAL_SEAL).

@@ -32,6 +32,7 @@ use crate::virtio_pci::{PciLayout, VirtioPciGpu};
 
 mod session;
 
+use hostmem_base::log_limit::merge_counts;
 pub use session::Transport;
 use session::{add_stats, connect, Session};
 
@@ -101,6 +102,9 @@ pub struct RunOptions {
     /// How long one guest command may take before the device is declared hung, killed and
     /// restarted ([`COMMAND_TIMEOUT`] by default; tests shorten it).
     pub command_timeout: std::time::Duration,
+    /// Test knob (0 in real runs): the guest driver raises its repeatable events this many
+    /// times each ([`GuestParams::flood_events`]).
+    pub guest_event_flood: u64,
 }
 
 /// The report of a run (`--json` prints it).
@@ -165,8 +169,49 @@ pub struct Report {
     pub seconds: f64,
     /// Syscalls the device's seccomp filter refused or (log mode) logged, by name.
     pub seccomp_violations: Vec<String>,
-    /// Errors that are not guest mismatches.
+    /// Errors that are not guest mismatches: at most [`MAX_ERRORS`], then one line that
+    /// says how many more.
     pub errors: Vec<String>,
+    /// The blob memory bounds and how close the run came to them.
+    pub blob_memory: BlobMemoryReport,
+    /// Warnings the guest or the device caused, by kind: every one counted, each kind
+    /// logged only the 1st, 2nd, 4th, … time (`hostmem_base::log_limit`).
+    pub warnings: WarningsReport,
+}
+
+/// `"blob_memory"` in the JSON: what bounds the blob memory the guest can make the host
+/// hold, on both sides (issue 22: the pages are charged to whoever touches them first).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct BlobMemoryReport {
+    /// The device's budget for all its live blobs together, in bytes (its memory limit;
+    /// `null`: none): CREATE_BLOB past it is refused with ERR_OUT_OF_MEMORY.
+    pub device_budget: Option<u64>,
+    /// Most bytes the device's live blobs held at once (the largest over device lifetimes).
+    pub device_bytes_max: u64,
+    /// CREATE_BLOBs the device refused at its budget (summed over lifetimes).
+    pub device_refused: u64,
+    /// The VMM's own bound on the bytes of live placements (`null`: the window only),
+    /// independent of what the device says.
+    pub vmm_placed_limit: Option<u64>,
+    /// Most bytes the VMM had placed at once.
+    pub vmm_placed_bytes_max: u64,
+    /// Placements the VMM refused at its bound (`ERR_OUT_OF_MEMORY` to the guest).
+    pub vmm_refused: u64,
+}
+
+/// Most errors a report lists.
+pub const MAX_ERRORS: usize = 64;
+
+/// `"warnings"` in the JSON: counts by kind, at most `log_limit::MAX_KINDS` kinds each.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WarningsReport {
+    /// Counted by the VMM: refused events and protocol errors on the mapping tube, bad
+    /// register writes and refused queue set-ups in the transport, refused backend
+    /// requests.
+    pub vmm: std::collections::BTreeMap<String, u64>,
+    /// What the device says it refused (bad chains, bad commands, transport messages),
+    /// summed over device lifetimes: the device's claim.
+    pub device: std::collections::BTreeMap<String, u64>,
 }
 
 /// The workspace's seeded generator (splitmix64, `hostmem_base::rng`).
@@ -241,12 +286,17 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let vm = Arc::new(Vm::open()?);
     // The in-kernel irqchip must exist before the vCPU; the queues' irqfds need it.
     vm.create_irqchip().context("KVM_CREATE_IRQCHIP")?;
+    // The guest may reach (and touch, charging the VMM) at most the device's memory limit
+    // of blobs at once, whatever the device does; the device bounds its blobs the same.
     let hostmem = Arc::new(Hostmem::new(
         opts.window,
         Some(vm.clone()),
         DEFAULT_WINDOW_GPA,
         opts.mode,
-        Limits::default(),
+        Limits {
+            max_placed_bytes: opts.device.memory_limit.unwrap_or(u64::MAX),
+            ..Limits::default()
+        },
     )?);
     let virgl = opts.device.backend == "virgl";
     let params = GuestParams {
@@ -257,6 +307,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         ctx_capset: if virgl { VIRTIO_GPU_CAPSET_VENUS } else { 0 },
         ops_capset: if virgl { VIRGL_TEST_CAPSET } else { 0 },
         holes_expected: opts.mode == Mode::PerBlobSlot,
+        flood_events: opts.guest_event_flood,
     };
     let mut guest = GuestVm::new(
         vm.clone(),
@@ -275,6 +326,10 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         },
         vec![guest.ram_region()?],
     )?;
+    // Every device attached gets guest RAM: none may hand it back as a blob.
+    for fd in pci.guest_ram_fds() {
+        hostmem.note_given("guest RAM", fd)?;
+    }
     // Baseline after the window, VM, guest and transport exist: from here on the device's
     // comings and goings must leave the VMM's fd count unchanged.
     let fds_start = procfs::fd_count()?;
@@ -291,11 +346,15 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let mut usage = UsageCheck::default();
     let device_usage = |s: &Session| Usage::of(&s.pid().to_string());
     let mut vq = VirtqueueReport::default();
+    let mut device_warnings = std::collections::BTreeMap::new();
+    let mut blob_memory = BlobMemoryReport::default();
     let slots_at_start = hostmem.memslot_changes();
     let mut warm_up_slots = 0;
     let tenth = (u64::from(opts.blobs) / 10).max(1);
     let mut last_tenth = 0;
     let mut killed = false;
+    let mut drained = false;
+    let mut warmed_up = false;
     let mut waiting_since: Option<Instant> = None;
     let progress = opts.show_progress && std::io::stderr().is_terminal();
     let guest_t0 = Instant::now();
@@ -319,7 +378,14 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }
         let mut lost: Option<String> = None;
         match &event {
+            GuestEvent::WarmedUp if warmed_up => {
+                hostmem.warn(
+                    "guest warmed up again",
+                    format_args!("guest driver reported the warm-up again; ignored"),
+                );
+            }
             GuestEvent::WarmedUp => {
+                warmed_up = true;
                 // The warm-up blob is not part of the workload (per-blob-slot mode adds and
                 // deletes a slot for it); the state both processes create lazily on their
                 // first event is part of the baseline, so it is not taken for a leak.
@@ -333,7 +399,9 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 }
             }
             GuestEvent::Progress(done) => {
-                if done / tenth != last_tenth {
+                // Only forward progress within the workload is sampled: at most 10 samples
+                // (and `Samples` is bounded anyway).
+                if *done <= u64::from(opts.blobs) && done / tenth > last_tenth {
                     last_tenth = done / tenth;
                     if let Ok(u) = Usage::of("self") {
                         usage.vmm_rss_anon_kib_samples.push(u.rss_anon_kib);
@@ -380,9 +448,19 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 }
             }
             GuestEvent::DeviceLost(live) => {
-                log::info!("guest driver saw DEVICE_NEEDS_RESET with {live} blobs live: it resets the device");
+                hostmem.info(
+                    "guest saw DEVICE_NEEDS_RESET",
+                    format_args!("guest driver saw DEVICE_NEEDS_RESET with {live} blobs live: it resets the device"),
+                );
+            }
+            GuestEvent::Drained if drained => {
+                hostmem.warn(
+                    "guest drained again",
+                    format_args!("guest driver reported the drain again; ignored"),
+                );
             }
             GuestEvent::Drained => {
+                drained = true;
                 if let Some(s) = &session {
                     // Everything is unmapped and unreferenced and the device still serves:
                     // both processes must be back where they started.
@@ -426,7 +504,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }
         let Some(why) = lost else { continue };
         let Some(s) = session.take() else { continue };
-        add_stats(&pci, &mut vq);
+        add_stats(&pci, &mut vq, &mut device_warnings, &mut blob_memory);
         let exit = s.stop(&why);
         pci.detach();
         exits_violations(&mut violations, &exit);
@@ -461,7 +539,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     }
     let results = guest.results()?;
     if let Some(s) = session.take() {
-        add_stats(&pci, &mut vq);
+        add_stats(&pci, &mut vq, &mut device_warnings, &mut blob_memory);
         // A vhost-user backend serves until it is killed: it ended cleanly if it was still
         // serving when the run ended it.
         let serving = match &s {
@@ -505,6 +583,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     vq.polls = results.polls;
     vq.notify_exits = pci.notify_exits();
     let counters = hostmem.counters();
+    if errors.len() > MAX_ERRORS {
+        let more = errors.len() - MAX_ERRORS;
+        errors.truncate(MAX_ERRORS);
+        errors.push(format!("… and {more} more errors"));
+    }
     let report = Report {
         mode: opts.mode.name(),
         backend: opts.device.backend.clone(),
@@ -544,6 +627,25 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
         }),
         seconds: t0.elapsed().as_secs_f64(),
         errors,
+        blob_memory: {
+            let (_, max, refused) = hostmem.placed_bytes();
+            let limit = hostmem.limits().max_placed_bytes;
+            BlobMemoryReport {
+                vmm_placed_limit: (limit != u64::MAX).then_some(limit),
+                vmm_placed_bytes_max: max,
+                vmm_refused: refused,
+                ..blob_memory
+            }
+        },
+        warnings: WarningsReport {
+            vmm: {
+                let mut w = hostmem.warnings();
+                merge_counts(&mut w, &pci.warnings());
+                merge_counts(&mut w, &crate::vhost_frontend::backend_request_warnings());
+                w
+            },
+            device: device_warnings,
+        },
     };
     Ok(report)
 }

@@ -110,9 +110,20 @@ pub(super) fn connect(
 }
 
 /// Adds the device's virtqueue counters to `vq` (before it stops).
-pub(super) fn add_stats(pci: &VirtioPciGpu, vq: &mut VirtqueueReport) {
+pub(super) fn add_stats(
+    pci: &VirtioPciGpu,
+    vq: &mut VirtqueueReport,
+    warnings: &mut std::collections::BTreeMap<String, u64>,
+    blobs: &mut super::BlobMemoryReport,
+) {
     match pci.stats() {
         Ok(s) => {
+            hostmem_base::log_limit::merge_counts(warnings, &s.warnings);
+            if s.blob_budget != 0 {
+                blobs.device_budget = Some(s.blob_budget);
+            }
+            blobs.device_bytes_max = blobs.device_bytes_max.max(s.blob_bytes_max);
+            blobs.device_refused = blobs.device_refused.saturating_add(s.blob_budget_refusals);
             vq.kicks += s.kicks;
             vq.chains += s.chains;
             vq.bad_chains += s.bad_chains;

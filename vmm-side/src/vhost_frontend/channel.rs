@@ -31,13 +31,22 @@ impl ShmemService {
     }
 }
 
+/// Backend requests refused before they reach `Hostmem`, by kind.
+pub(crate) static NACKS: hostmem_base::log_limit::LogLimiter =
+    hostmem_base::log_limit::LogLimiter::new("hostmem_vmm::vhost_frontend");
+
 /// The id a placement at `offset` is known by (its page index).
 fn placement_id(offset: u64) -> Option<u32> {
     u32::try_from(offset / PAGE).ok()
 }
 
+/// A refused backend request, logged rate-limited (the device can send as many as it
+/// likes; SHMEM_MAPs that reach `Hostmem` are logged there).
 fn nack(errno: i32, why: &str) -> std::io::Error {
-    log::warn!("vhost-user frontend: nack: {why}");
+    NACKS.warn(
+        "backend request refused",
+        format_args!("vhost-user frontend: nack: {why}"),
+    );
     std::io::Error::from_raw_os_error(errno)
 }
 

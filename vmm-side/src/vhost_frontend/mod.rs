@@ -622,3 +622,8 @@ fn serve_tube(mut link: Box<dyn DeviceLink>, tube: &Tube) {
         }
     }
 }
+
+/// Backend requests the frontend refused before they reached `Hostmem`, by kind.
+pub fn backend_request_warnings() -> std::collections::BTreeMap<String, u64> {
+    channel::NACKS.counts()
+}

@@ -117,7 +117,10 @@ impl VirtioPciGpu {
                     );
                 }
                 if let Err(e) = k.write(1) {
-                    log::warn!("virtio-pci: kicking queue {queue}: {e}");
+                    self.warnings.warn(
+                        "kick failed",
+                        format_args!("virtio-pci: kicking queue {queue}: {e}"),
+                    );
                 }
             }
             _ => log::debug!("virtio-pci: notify write at notify+{within:#x} ignored"),
@@ -206,10 +209,8 @@ impl VirtioPciGpu {
             .iter()
             .find(|(s, l, _)| *s <= within && end <= s + *l as u64)
         else {
-            log::warn!(
-                "virtio-pci: {}-byte common cfg write at {within:#x} does not fit one field; ignored",
-                data.len()
-            );
+            self.warnings.warn("bad common cfg write", format_args!("virtio-pci: {}-byte common cfg write at {within:#x} does not fit one field; ignored",
+                data.len()));
             return;
         };
         // Merge the written bytes into the field's current value (a 32-bit half of a 64-bit
@@ -234,15 +235,26 @@ impl VirtioPciGpu {
             Common::QueueSize => self.write_queue_size(value as u16),
             Common::QueueEnable => match value {
                 1 => self.enable_queue(sel),
-                _ => log::warn!("virtio-pci: queue_enable {value} on queue {sel} ignored"),
+                _ => {
+                    self.warnings.warn(
+                        "bad queue_enable",
+                        format_args!("virtio-pci: queue_enable {value} on queue {sel} ignored"),
+                    );
+                }
             },
             Common::QueueDesc | Common::QueueDriver | Common::QueueDevice => {
                 let Some(q) = self.v.queues.get_mut(usize::from(sel)) else {
-                    log::warn!("virtio-pci: ring address for missing queue {sel} ignored");
+                    self.warnings.warn(
+                        "missing queue",
+                        format_args!("virtio-pci: ring address for missing queue {sel} ignored"),
+                    );
                     return;
                 };
                 if q.enabled {
-                    log::warn!("virtio-pci: ring address of enabled queue {sel} ignored");
+                    self.warnings.warn(
+                        "write to an enabled queue",
+                        format_args!("virtio-pci: ring address of enabled queue {sel} ignored"),
+                    );
                     return;
                 }
                 match field {
@@ -263,14 +275,20 @@ impl VirtioPciGpu {
             | Common::ConfigGeneration
             | Common::QueueNotifyOff
             | Common::QueueNotifyData => {
-                log::warn!("virtio-pci: write to read-only {field:?} ignored")
+                self.warnings.warn(
+                    "write to a read-only field",
+                    format_args!("virtio-pci: write to read-only {field:?} ignored"),
+                );
             }
         }
     }
 
     fn write_driver_features(&mut self, value: u32) {
         if self.v.status & status::FEATURES_OK != 0 {
-            log::warn!("virtio-pci: driver features written after FEATURES_OK; ignored");
+            self.warnings.warn(
+                "bad driver features",
+                format_args!("virtio-pci: driver features written after FEATURES_OK; ignored"),
+            );
             return;
         }
         let f = &mut self.v.driver_features;
@@ -278,9 +296,12 @@ impl VirtioPciGpu {
             0 => *f = (*f & !0xffff_ffff) | u64::from(value),
             1 => *f = (*f & 0xffff_ffff) | (u64::from(value) << 32),
             sel if value != 0 => {
-                log::warn!(
+                self.warnings.warn(
+                    "bad driver features",
+                    format_args!(
                     "virtio-pci: driver features {value:#x} in word {sel} ignored (none offered)"
-                )
+                ),
+                );
             }
             _ => {}
         }
@@ -296,23 +317,22 @@ impl VirtioPciGpu {
         // include it.
         let mut new = value & !status::DEVICE_NEEDS_RESET;
         if old & !new != 0 {
-            log::warn!(
-                "virtio-pci: status {value:#x} clears bits of {old:#x} (only a reset may); ignored"
-            );
+            self.warnings.warn("bad status write", format_args!("virtio-pci: status {value:#x} clears bits of {old:#x} (only a reset may); ignored"));
             return;
         }
         let added = new & !old;
         if added & status::FEATURES_OK != 0 {
             let f = self.v.driver_features;
             if f & !OFFERED_FEATURES != 0 || f & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!(
-                    "virtio-pci: FEATURES_OK refused: driver features {f:#x} (offered {OFFERED_FEATURES:#x}, VERSION_1 required)"
-                );
+                self.warnings.warn("FEATURES_OK refused", format_args!("virtio-pci: FEATURES_OK refused: driver features {f:#x} (offered {OFFERED_FEATURES:#x}, VERSION_1 required)"));
                 new &= !status::FEATURES_OK;
             }
         }
         if added & status::DRIVER_OK != 0 && new & status::FEATURES_OK == 0 {
-            log::warn!("virtio-pci: DRIVER_OK without FEATURES_OK refused");
+            self.warnings.warn(
+                "FEATURES_OK refused",
+                format_args!("virtio-pci: DRIVER_OK without FEATURES_OK refused"),
+            );
             new &= !status::DRIVER_OK;
         }
         self.v.status = new;
@@ -321,13 +341,19 @@ impl VirtioPciGpu {
     fn write_queue_size(&mut self, size: u16) {
         let sel = self.v.queue_select;
         let Some(q) = self.v.queues.get_mut(usize::from(sel)) else {
-            log::warn!("virtio-pci: queue_size for missing queue {sel} ignored");
+            self.warnings.warn(
+                "missing queue",
+                format_args!("virtio-pci: queue_size for missing queue {sel} ignored"),
+            );
             return;
         };
         if q.enabled {
-            log::warn!("virtio-pci: queue_size of enabled queue {sel} ignored");
+            self.warnings.warn(
+                "write to an enabled queue",
+                format_args!("virtio-pci: queue_size of enabled queue {sel} ignored"),
+            );
         } else if !size.is_power_of_two() || size > MAX_QUEUE_SIZE {
-            log::warn!("virtio-pci: queue_size {size} for queue {sel} refused (power of two <= {MAX_QUEUE_SIZE})");
+            self.warnings.warn("bad queue_size", format_args!("virtio-pci: queue_size {size} for queue {sel} refused (power of two <= {MAX_QUEUE_SIZE})"));
         } else {
             q.size = size;
         }

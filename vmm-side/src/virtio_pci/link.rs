@@ -13,6 +13,11 @@ use hostmem_ipc::Tube;
 
 use super::{status, Error, VirtioPciGpu, VirtioState, NUM_QUEUES, VIRTIO_F_RING_EVENT_IDX};
 
+/// Stale replies on a device link (the device answers what was not asked, or late): the
+/// one per-process limiter of the transport, since the exchange has no transport at hand.
+pub(super) static LINK_WARNINGS: hostmem_base::log_limit::LogLimiter =
+    hostmem_base::log_limit::LogLimiter::new("hostmem_vmm::virtio_pci::link");
+
 /// The transport's link to the device: what it must tell the device process when the guest
 /// sets the device up. Every call completes only when the device has answered.
 pub trait DeviceLink: Send + std::fmt::Debug {
@@ -210,7 +215,10 @@ impl VirtioPciGpu {
 
     pub(super) fn enable_queue(&mut self, index: u16) {
         let Some(q) = self.queue(index).copied() else {
-            log::warn!("virtio-pci: enabling missing queue {index} refused");
+            self.warnings.warn(
+                "queue enable refused",
+                format_args!("virtio-pci: enabling missing queue {index} refused"),
+            );
             return;
         };
         let st = self.device_status();
@@ -243,7 +251,10 @@ impl VirtioPciGpu {
             })
         };
         if let Some(why) = why {
-            log::warn!("virtio-pci: enabling queue {index} refused: {why}");
+            self.warnings.warn(
+                "queue enable refused",
+                format_args!("virtio-pci: enabling queue {index} refused: {why}"),
+            );
             return;
         }
         if let Some(q) = self.v.queues.get_mut(usize::from(index)) {
@@ -284,7 +295,11 @@ impl VirtioPciGpu {
                 }
             }
             Err(e) => {
-                log::error!("virtio-pci: queue {index}: {e}; the device needs a reset");
+                self.warnings.log(
+                    log::Level::Error,
+                    "queue enable failed",
+                    format_args!("virtio-pci: queue {index}: {e}; the device needs a reset"),
+                );
                 let transport_failed = !matches!(e, Error::Refused { .. });
                 if let Some(q) = self.v.queues.get_mut(usize::from(index)) {
                     q.enabled = false;
@@ -350,7 +365,12 @@ fn request(
                 got: format!("{reply:?}"),
             });
         }
-        log::warn!("virtio-pci: stale reply {reply:?} while waiting for {what} {seq}; skipped");
+        LINK_WARNINGS.warn(
+            "stale transport reply",
+            format_args!(
+                "virtio-pci: stale reply {reply:?} while waiting for {what} {seq}; skipped"
+            ),
+        );
     }
 }
 

@@ -42,11 +42,12 @@
 //! configuration, ISR, device configuration, notify), `link.rs` the [`DeviceLink`] trait, the
 //! native [`TubeLink`] and the exchanges with the device process.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hostmem_base::kvm::{EventFd, KvmError, Vm, EFD_NONBLOCK};
+use hostmem_base::log_limit::LogLimiter;
 use hostmem_base::shm::{file_facts, FileFacts};
 use hostmem_ipc::protocol::GuestRegion;
 use hostmem_ipc::MAX_FDS;
@@ -429,6 +430,9 @@ pub struct VirtioPciGpu {
     bar_sizing: [bool; 6],
     /// Notify writes that exited to the VMM (see `notify_exit`).
     notify_exits: u64,
+    /// What the guest (bad register writes) or the device (refused queue set-ups) made the
+    /// transport refuse, by kind: logged the 1st, 2nd, 4th, … time, all counted.
+    warnings: LogLimiter,
 }
 
 /// [`EventBinder`] + `Debug` (so the transport can derive `Debug`).
@@ -492,6 +496,7 @@ impl VirtioPciGpu {
             interrupt_line: 10,
             bar_sizing: [false; 6],
             notify_exits: 0,
+            warnings: LogLimiter::new("hostmem_vmm::virtio_pci"),
         };
         // On an error, Drop unbinds what was bound so far.
         for queue in 0..NUM_QUEUES {
@@ -563,6 +568,20 @@ impl VirtioPciGpu {
     /// The layout this transport decodes.
     pub fn layout(&self) -> PciLayout {
         self.layout
+    }
+
+    /// Every warning the guest or the device caused in the transport, by kind (logged or
+    /// not), with the link's stale replies.
+    pub fn warnings(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut w = self.warnings.counts();
+        hostmem_base::log_limit::merge_counts(&mut w, &link::LINK_WARNINGS.counts());
+        w
+    }
+
+    /// The memfds of guest RAM that every attaching device gets (to record them with
+    /// [`Hostmem::note_given`](crate::hostmem::Hostmem::note_given)).
+    pub fn guest_ram_fds(&self) -> impl Iterator<Item = BorrowedFd<'_>> {
+        self.guest_ram.iter().map(|(_, fd)| fd.as_fd())
     }
 
     /// The kick eventfd of `queue` (bound to its notify address).

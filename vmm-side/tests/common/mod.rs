@@ -78,6 +78,6 @@ pub fn hostmem(size: u64) -> Arc<Hostmem> {
 /// Starts the device of `cfg` on `hm` and a host-side driver on its virtqueues.
 pub fn start_device(cfg: &DeviceConfig, hm: &Arc<Hostmem>) -> (Device, QueueDriver) {
     let dev = Device::start(cfg, hm.clone()).expect("device start");
-    let drv = QueueDriver::new(dev.transport()).expect("queue driver");
+    let drv = QueueDriver::new(dev.transport(), hm).expect("queue driver");
     (dev, drv)
 }
