@@ -65,7 +65,7 @@ pub struct UsageCheck {
 pub struct Samples {
     kept: Vec<u64>,
     stride: u64,
-    skipped: u64,
+    since_kept: u64,
     /// The latest sample pushed, when it was not kept (it is reported as the last).
     latest: Option<u64>,
 }
@@ -84,12 +84,12 @@ impl Samples {
     /// Adds a sample.
     pub fn push(&mut self, v: u64) {
         let stride = self.stride.max(1);
-        self.skipped += 1;
-        if self.skipped < stride && !self.kept.is_empty() {
+        self.since_kept += 1;
+        if self.since_kept < stride && !self.kept.is_empty() {
             self.latest = Some(v);
             return;
         }
-        self.skipped = 0;
+        self.since_kept = 0;
         self.latest = None;
         if self.kept.len() >= Self::MAX {
             let first = self.kept[0];

@@ -331,7 +331,7 @@ fn soak_map_unmap_cycles_return_every_resource() {
         u.vmm_end.fds,
         u.vmm_start.vmas,
         u.vmm_end.vmas,
-        u.vmm_rss_anon_kib_samples,
+        u.vmm_rss_anon_kib_samples.values(),
         u.device_start.fds,
         u.device_end.fds,
         u.device_start.vmas,
