@@ -288,11 +288,13 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
         if n == 1 {
             // The one line a script waits for.
             println!(
-                "hostmem vhost-user: ready on {} (device pid {}, jailed {}, seccomp {}, {} capsets, region 1 of {} bytes, memory limit {} MiB by {})",
+                "hostmem vhost-user: ready on {} (device pid {}, jailed {}, seccomp {}, no_new_privs {}, CapEff {}, {} capsets, region 1 of {} bytes, memory limit {} MiB by {})",
                 opts.socket.display(),
                 facts.pid,
                 facts.jailed,
                 facts.seccomp,
+                facts.no_new_privs,
+                facts.cap_eff,
                 facts.num_capsets,
                 opts.shmem_size,
                 facts.memory_limit.bytes >> 20,

@@ -263,10 +263,12 @@ pub fn start_backend(
     match connect() {
         Ok(facts) => {
             log::info!(
-                "vhost-user device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, memory limit {} MiB by {})",
+                "vhost-user device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, no_new_privs {}, CapEff {}, memory limit {} MiB by {})",
                 facts.start_ms,
                 if facts.jailed { "" } else { "NOT " },
                 facts.seccomp,
+                facts.no_new_privs,
+                facts.cap_eff,
                 facts.memory_limit.bytes >> 20,
                 facts.memory_limit.how
             );
