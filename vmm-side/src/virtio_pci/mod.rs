@@ -417,6 +417,12 @@ pub struct VirtioPciGpu {
     guest_ram: Vec<(GuestRegion, OwnedFd)>,
     events: Vec<QueueEvents>,
     link: Option<Box<dyn DeviceLink>>,
+    /// The device was declared lost (a reset it did not complete, a link that failed): why.
+    /// Until its supervisor has stopped it ([`VirtioPciGpu::detach`]) no reset completes.
+    lost: Option<String>,
+    /// The window the device places in: after a reset the device answered, nothing of it
+    /// may be left there.
+    window: Option<Arc<crate::hostmem::Hostmem>>,
     reply_timeout: Duration,
     /// Last num_capsets a device reported (the device cfg keeps it while detached).
     num_capsets: u32,
@@ -487,6 +493,8 @@ impl VirtioPciGpu {
             guest_ram,
             events: Vec::new(),
             link: None,
+            lost: None,
+            window: None,
             reply_timeout: REPLY_TIMEOUT,
             num_capsets: 0,
             config_generation: 0,
@@ -543,6 +551,20 @@ impl VirtioPciGpu {
     /// (default [`REPLY_TIMEOUT`]); applies from the next [`VirtioPciGpu::attach`].
     pub fn set_reply_timeout(&mut self, t: Duration) {
         self.reply_timeout = t;
+    }
+
+    /// The window the attached devices place in: a reset the device answered is complete
+    /// only if no placement is left in it; otherwise the device is declared lost.
+    pub fn watch_window(&mut self, hostmem: Arc<crate::hostmem::Hostmem>) {
+        self.window = Some(hostmem);
+    }
+
+    /// Why the transport declared the device lost, until its supervisor stopped it (and
+    /// said so with [`VirtioPciGpu::detach`]). While this is `Some`, the guest reads
+    /// `DEVICE_NEEDS_RESET` and no reset completes: the supervisor must stop the device
+    /// (kill it, restore the window) before the guest runs again.
+    pub fn lost(&self) -> Option<&str> {
+        self.lost.as_deref()
     }
 
     /// The device status the guest reads.
