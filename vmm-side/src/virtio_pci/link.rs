@@ -348,7 +348,7 @@ impl VirtioPciGpu {
     /// only when the device answered it and left nothing in the window
     /// ([`VirtioPciGpu::watch_window`]); otherwise the device is declared lost
     /// ([`VirtioPciGpu::lost`]) and the status reads DEVICE_NEEDS_RESET, never 0, until the
-    /// supervisor stopped it and the driver reset again (virtio 1.2 §2.1.1, §4.1.4.3.2: the
+    /// supervisor stopped it and the driver reset again (virtio 1.2 §2.1, §4.1.4.3.2: the
     /// driver waits for 0 before it re-initialises).
     pub(super) fn reset(&mut self) {
         if let Some(why) = &self.lost {
