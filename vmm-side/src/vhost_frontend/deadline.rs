@@ -89,7 +89,8 @@ impl Watchdog {
     /// Runs `f` (one request on the socket) with the socket shut down at `timeout` from now
     /// if it has not returned by then. Returns `f`'s result and whether the deadline (this
     /// call's or an earlier one's) was missed: then the socket is shut down and the result
-    /// is no answer of the backend's.
+    /// is no answer of the backend's. (A timeout so long that the deadline is past the
+    /// clock's range means no deadline; the transport's is seconds.)
     pub(crate) fn bounded<T>(&self, timeout: Duration, f: impl FnOnce() -> T) -> (T, bool) {
         {
             let mut st = self.shared.lock();
