@@ -85,6 +85,8 @@ struct Script {
     reset_delay: Duration,
     /// Answer this many Resets at once first.
     fast_resets: usize,
+    /// Answer later Resets with stale replies (seq 0) every 5 ms, never with the real one.
+    stale_flood: bool,
 }
 
 /// One message the fake device received and how many fds came with it.
@@ -135,6 +137,16 @@ fn fake_device(script: Script) -> (Arc<Tube>, FakeDevice) {
                 resets += 1;
                 if resets > script.fast_resets {
                     std::thread::sleep(script.reset_delay);
+                    while script.stale_flood {
+                        let stale = TransportReply::Done {
+                            seq: 0,
+                            error: None,
+                        };
+                        if theirs.send(&stale, &[]).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
                 TransportReply::Done { seq, error: None }
             }
@@ -658,6 +670,44 @@ fn a_reset_that_times_out_is_not_done_and_the_device_is_lost() {
     assert_eq!(rd(&mut gpu, 0x14, 1) as u8, status::DEVICE_NEEDS_RESET);
     wr(&mut gpu, 0x14, 1, 0);
     assert_eq!(rd(&mut gpu, 0x14, 1), 0);
+    drop(tube);
+    drop(gpu);
+    dev.thread.join().unwrap();
+}
+
+/// Every wait on the device is bounded (issue 22 item 3's category, on the native link): a
+/// device that answers a Reset only with stale replies, each within the receive timeout,
+/// cannot keep the guest's status write waiting past the exchange's deadline; the reset is
+/// not done and the device is lost. Mutation-checked: with the old per-receive timeout the
+/// write never returns and the test fails at its 10 s bound.
+#[test]
+fn stale_replies_cannot_stretch_an_exchange_past_its_deadline() {
+    let (mut gpu, _) = gpu();
+    let timeout = Duration::from_millis(300);
+    gpu.set_reply_timeout(timeout);
+    let (tube, dev) = fake_device(Script {
+        fast_resets: 1,
+        stale_flood: true,
+        ..Script::default()
+    });
+    gpu.attach(tube.clone(), 1).unwrap();
+    full_init(&mut gpu);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let guest = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        wr(&mut gpu, 0x14, 1, 0);
+        tx.send(t0.elapsed()).unwrap();
+        gpu
+    });
+    let took = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reset returned within 10 s");
+    let mut gpu = guest.join().unwrap();
+    assert!(took >= timeout && took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(rd(&mut gpu, 0x14, 1) as u8, status::DEVICE_NEEDS_RESET);
+    let why = gpu.lost().expect("declared lost").to_string();
+    assert!(why.contains("Reset"), "{why}");
+    assert!(gpu.warnings().get("stale transport reply").copied() > Some(10));
     drop(tube);
     drop(gpu);
     dev.thread.join().unwrap();

@@ -3,9 +3,9 @@
 //! resets sent over the link, each answered before the guest's access completes.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hostmem_base::kvm::{eventfd_as_fd, EventFd};
 use hostmem_ipc::protocol::{GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply};
@@ -52,6 +52,10 @@ pub struct TubeLink {
     /// One request/reply exchange at a time (`stats` takes `&self`).
     exchange: Mutex<()>,
     seq: AtomicU64,
+    /// Each exchange's deadline, from its send.
+    timeout: Duration,
+    /// The receive timeout was shortened to what was left of a deadline (stale replies).
+    shortened: AtomicBool,
 }
 
 impl TubeLink {
@@ -65,6 +69,8 @@ impl TubeLink {
             tube,
             exchange: Mutex::new(()),
             seq: AtomicU64::new(1),
+            timeout,
+            shortened: AtomicBool::new(false),
         })
     }
 }
@@ -388,7 +394,9 @@ fn reply_seq(r: &TransportReply) -> u64 {
 }
 
 /// One exchange: send, then wait for the reply with the same seq (older replies, left by
-/// an exchange that timed out, are skipped).
+/// an exchange that timed out, are skipped). The whole exchange has one deadline, the
+/// link's timeout from the send: a device that keeps sending stale replies cannot keep us
+/// waiting past it.
 fn request(
     link: &TubeLink,
     what: &'static str,
@@ -396,7 +404,13 @@ fn request(
     fds: &[BorrowedFd<'_>],
 ) -> Result<TransportReply, Error> {
     let _one_at_a_time = link.exchange.lock().unwrap_or_else(|p| p.into_inner());
+    if link.shortened.swap(false, Ordering::Relaxed) {
+        link.tube
+            .set_recv_timeout(Some(link.timeout))
+            .map_err(Error::Timeouts)?;
+    }
     let seq = link.seq.fetch_add(1, Ordering::Relaxed);
+    let deadline = Instant::now().checked_add(link.timeout);
     link.tube
         .send(&msg(seq), fds)
         .map_err(|source| Error::Send { what, source })?;
@@ -422,6 +436,23 @@ fn request(
                 "virtio-pci: stale reply {reply:?} while waiting for {what} {seq}; skipped"
             ),
         );
+        // (A timeout past the clock's range has no deadline: each wait gets all of it.)
+        let left = match deadline {
+            Some(d) => d
+                .checked_duration_since(Instant::now())
+                .filter(|l| !l.is_zero()),
+            None => Some(link.timeout),
+        };
+        let Some(left) = left else {
+            return Err(Error::NoAnswer {
+                what,
+                timeout: link.timeout,
+            });
+        };
+        link.shortened.store(true, Ordering::Relaxed);
+        link.tube
+            .set_recv_timeout(Some(left))
+            .map_err(Error::Timeouts)?;
     }
 }
 

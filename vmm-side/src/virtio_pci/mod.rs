@@ -287,6 +287,15 @@ pub enum Error {
         /// The cause.
         source: hostmem_ipc::Error,
     },
+    /// The device did not answer within the exchange's deadline (it sent only stale
+    /// replies meanwhile).
+    #[error("the device did not answer {what} within {timeout:?}")]
+    NoAnswer {
+        /// Which message.
+        what: &'static str,
+        /// The deadline.
+        timeout: Duration,
+    },
     /// The device answered with a reply that does not fit the message.
     #[error("the device answered {what} (seq {seq}) with {got}")]
     UnexpectedReply {
