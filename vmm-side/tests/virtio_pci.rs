@@ -137,15 +137,17 @@ fn fake_device(script: Script) -> (Arc<Tube>, FakeDevice) {
                 resets += 1;
                 if resets > script.fast_resets {
                     std::thread::sleep(script.reset_delay);
-                    while script.stale_flood {
-                        let stale = TransportReply::Done {
-                            seq: 0,
-                            error: None,
-                        };
-                        if theirs.send(&stale, &[]).is_err() {
-                            return;
+                    if script.stale_flood {
+                        loop {
+                            let stale = TransportReply::Done {
+                                seq: 0,
+                                error: None,
+                            };
+                            if theirs.send(&stale, &[]).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(5));
                         }
-                        std::thread::sleep(Duration::from_millis(5));
                     }
                 }
                 TransportReply::Done { seq, error: None }
