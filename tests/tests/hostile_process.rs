@@ -812,6 +812,70 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
     });
 }
 
+/// Issue 22 item 2: `hostmem run` with a device that stays busy across the guest's reset
+/// (it places a blob at offset 0 when the Reset comes and never answers). The reset is not
+/// reported done: the transport declares the device lost, the run kills it and restores the
+/// window before the guest's status write completes, the guest reads DEVICE_NEEDS_RESET
+/// (not 0) and resets again on the restarted device, whose completed reset leaves the
+/// window's first page zero (the guest checks), and the run completes. Mutation-checked: with
+/// the old reset (log "device reset failed", clear the state) the guest reads status 0 with
+/// the stale blob in BAR2 (a mismatch at offset 0) and never sees DEVICE_NEEDS_RESET.
+#[test]
+fn run_stops_a_device_that_does_not_complete_a_reset() {
+    let _serial = serial();
+    with_watchdog("run stall-reset", || {
+        let marker = std::env::temp_dir().join(format!(
+            "hostmem-hostile-run-stall-reset-{}-once",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&marker);
+        let opts = RunOptions {
+            transport: Default::default(),
+            mode: Mode::Fixed,
+            window: 32 << 20,
+            blobs: 20,
+            seed: 11,
+            max_live: 8,
+            device: config("stall-reset", Some(&marker), false),
+            restart: Restart::OnFailure(1),
+            kill_after: None,
+            show_progress: false,
+            use_kvm: true,
+            command_timeout: COMMAND_TIMEOUT,
+            guest_event_flood: 0,
+        };
+        if let Err(why) = hostmem_base::kvm::Vm::available() {
+            println!("skipped: /dev/kvm unusable ({why}): no guest, so no guest reset to stall");
+            return;
+        }
+        let r = run(&opts);
+        let _ = std::fs::remove_file(&marker);
+        let r = r.unwrap();
+        assert_eq!(
+            r.guest_mismatches, 0,
+            "the window read zeros after the reset"
+        );
+        assert_eq!(
+            r.guest_driver.resets_refused, 1,
+            "the guest read DEVICE_NEEDS_RESET, not 0, and reset again"
+        );
+        assert_eq!(r.device_exits.len(), 1, "{:?}", r.device_exits);
+        let exit = &r.device_exits[0];
+        assert!(exit.cause.contains("reset not completed"), "{exit:?}");
+        assert_eq!(
+            exit.signal,
+            Some(libc::SIGKILL),
+            "the busy device is killed"
+        );
+        assert_eq!(exit.restored, 1, "its blob was restored: {exit:?}");
+        assert_eq!(r.restarts, 1, "{r:?}");
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.blobs_mapped, 20);
+        assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fds back to baseline");
+        assert_eq!(VMM_PANICS.load(Ordering::SeqCst), 0);
+    });
+}
+
 /// `hostmem run` with a device that floods the VMM with 5,000 bogus unmaps on the guest's
 /// second MAP_BLOB: the run completes, and its report (`--json`) has the exact count by kind
 /// under `warnings.vmm` while the log got ⌊log2 5000⌋ + 1 lines (issue 22 item 4).

@@ -66,6 +66,7 @@ struct results {
     uint32_t map_hist[1024];
     uint32_t unmap_hist[1024];
     char message[256];
+    uint64_t resets_refused; /* resets that read DEVICE_NEEDS_RESET instead of 0 (redone) */
 };
 
 #endif

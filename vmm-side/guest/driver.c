@@ -336,12 +336,31 @@ static void kick(struct vq *q, u16 index)
 }
 
 static u32 num_capsets;
+static void mismatch(u64 offset);
+static volatile u64 *window_at(u64 offset);
 
 static void device_init(void)
 {
     cc_w8(CC_STATUS, 0);
-    while (cc_r8(CC_STATUS) != 0)
-        ;
+    /* A reset the device did not complete reads DEVICE_NEEDS_RESET, never 0: by the time the
+     * read returns, the VMM has stopped that device and restored the window. Reset again. */
+    for (u8 st; (st = cc_r8(CC_STATUS)) != 0;) {
+        if (st & S_NEEDS_RESET) {
+            R->resets_refused++;
+            cc_w8(CC_STATUS, 0);
+        }
+    }
+    /* A completed reset left nothing of the device in the window: its first page reads
+     * zeros (without memslots in per-blob-slot mode, a read there is a hole). */
+    if (!P->holes_expected) {
+        volatile u64 *w = window_at(0);
+        for (u64 i = 0; i < 4096 / 8; i++) {
+            if (w[i] != 0) {
+                mismatch(8 * i);
+                break;
+            }
+        }
+    }
     cc_w8(CC_STATUS, S_ACKNOWLEDGE);
     cc_w8(CC_STATUS, S_ACKNOWLEDGE | S_DRIVER);
     cc_w32(CC_DFSELECT, 0);

@@ -48,7 +48,7 @@ const TSS_GPA: u64 = 0x6_0000;
 const IO_BITMAP_OFFSET: u64 = 0x68;
 const PARAMS_GPA: u64 = 0x8_0000;
 const RESULTS_GPA: u64 = 0x8_1000;
-const RESULTS_LEN: usize = 8656;
+const RESULTS_LEN: usize = 8664;
 const IMAGE_GPA: u64 = 0x10_0000;
 const IMAGE_MAX: usize = 0xf_0000;
 const STACK_TOP: u64 = 0x20_0000;
@@ -116,7 +116,15 @@ pub enum GuestEvent {
     Fatal(String),
     /// After a loss, the driver set the new device up; no blob is live yet.
     Reinitialised,
+    /// Not the driver's: the transport declared the device lost
+    /// ([`VirtioPciGpu::lost`]) during the guest's last access, which completes when the
+    /// vCPU runs again. The supervisor must stop the device (and
+    /// [`VirtioPciGpu::detach`]) first.
+    TransportLost(String),
 }
+
+/// [`run_vcpu`]'s code for [`GuestEvent::TransportLost`] (the driver's codes are 1..=8).
+const TRANSPORT_LOST: u32 = u32::MAX;
 
 /// Latency summary from the driver's histograms.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -154,6 +162,9 @@ pub struct GuestResults {
     pub device_resets: u64,
     /// Commands in flight when the device was lost.
     pub lost_commands: u64,
+    /// Resets that read DEVICE_NEEDS_RESET instead of 0 (the device was lost during them;
+    /// the driver reset again).
+    pub resets_refused: u64,
     /// TSC at the start and the end of the workload.
     pub tsc: (u64, u64),
     /// MAP_BLOB latency (submit to used entry seen).
@@ -346,6 +357,11 @@ impl GuestVm {
         self.holes += holes;
         self.exits += exits;
         let code = code?;
+        if code == TRANSPORT_LOST {
+            return Ok(GuestEvent::TransportLost(
+                pci.lost().unwrap_or("the device is lost").to_string(),
+            ));
+        }
         let arg = self.read_u64(RESULTS_GPA)?;
         Ok(match code {
             1 => GuestEvent::Done,
@@ -402,6 +418,7 @@ impl GuestVm {
             capsets: q(72),
             device_resets: q(80),
             lost_commands: q(88),
+            resets_refused: q(8656),
             tsc: (q(96), q(104)),
             map: hist_latency(&hist(208)),
             unmap: hist_latency(&hist(4304)),
@@ -499,6 +516,11 @@ fn run_vcpu(
         };
         if let Some(code) = event {
             return Ok(code);
+        }
+        if pci.lost().is_some() {
+            // The access that made the transport give up on the device (a reset it did not
+            // complete) completes only after the supervisor stopped the device.
+            return Ok(TRANSPORT_LOST);
         }
     }
 }

@@ -520,3 +520,122 @@ fn bench_runs_the_vhost_user_case_with_one_memslot() {
     );
     assert!(bench::render(&r).contains("vhost-user-sandboxed"));
 }
+
+// ---- issue 22 item 3: every wait on the backend is bounded ----
+
+/// Binds nothing (no KVM needed: the transport's eventfds stay unbound).
+#[derive(Debug)]
+struct NoBinder;
+
+impl hostmem_vmm::virtio_pci::EventBinder for NoBinder {
+    fn bind_kick(
+        &self,
+        _: &hostmem_base::kvm::EventFd,
+        _: u64,
+    ) -> Result<(), hostmem_base::kvm::KvmError> {
+        Ok(())
+    }
+    fn unbind_kick(
+        &self,
+        _: &hostmem_base::kvm::EventFd,
+        _: u64,
+    ) -> Result<(), hostmem_base::kvm::KvmError> {
+        Ok(())
+    }
+    fn bind_call(
+        &self,
+        _: &hostmem_base::kvm::EventFd,
+        _: u32,
+    ) -> Result<(), hostmem_base::kvm::KvmError> {
+        Ok(())
+    }
+    fn unbind_call(
+        &self,
+        _: &hostmem_base::kvm::EventFd,
+        _: u32,
+    ) -> Result<(), hostmem_base::kvm::KvmError> {
+        Ok(())
+    }
+}
+
+/// A vhost-user backend that never answers (the real jailed device, stopped with SIGSTOP
+/// as if busy in a long `SUBMIT_3D`): the guest's reset (`RESET_DEVICE`, acked) returns
+/// within a bound although `vhost`'s `wait_for_ack` retries on `EAGAIN`; the reset is not
+/// done (the guest reads DEVICE_NEEDS_RESET), the device is declared lost as a native
+/// device that misses its reply timeout is, and stopping it restores the window.
+/// Mutation-checked: without the deadline (`Watchdog::bounded` calling straight through)
+/// the reset does not return within 15 s and the test fails.
+#[test]
+fn a_backend_that_never_acks_is_lost_within_a_bound() {
+    use hostmem_vmm::hostmem::DEFAULT_WINDOW_GPA;
+    use hostmem_vmm::vhost_frontend::VhostUserDevice;
+    use hostmem_vmm::virtio_pci::{status, PciLayout, VirtioPciGpu};
+    let _g = common::serial();
+    let deadline = Duration::from_secs(2);
+    let window = 64 << 20;
+    let hm = common::hostmem(window);
+    let mut dev = VhostUserDevice::start(&common::device_config(), hm.clone(), deadline)
+        .expect("vhost-user device");
+    let ram = SharedMemory::new("guest-ram", 2 << 20).unwrap();
+    ram.seal_for_sharing().unwrap();
+    let region = hostmem_ipc::protocol::GuestRegion {
+        gpa: 0,
+        size: 2 << 20,
+        fd_offset: 0,
+    };
+    let mut gpu = VirtioPciGpu::with_binder(
+        std::sync::Arc::new(NoBinder),
+        PciLayout::new(DEFAULT_WINDOW_GPA, window),
+        vec![(region, ram.try_clone_fd().unwrap())],
+    )
+    .unwrap();
+    gpu.watch_window(hm.clone());
+    let n = dev.facts().num_capsets;
+    gpu.attach_link(dev.take_link().unwrap(), n).unwrap();
+    let status_gpa = gpu.layout().bar0_gpa + 0x14;
+    // Memory decoding on (PCI command register of bus 0, device 1).
+    assert!(gpu.pio_write(0xcf8, &(0x8000_0000u32 | (1 << 11) | 0x04).to_le_bytes()));
+    assert!(gpu.pio_write(0xcfc, &0x6u16.to_le_bytes()));
+    // A reset the device answers completes.
+    assert!(gpu.mmio_write(status_gpa, &[0]));
+    let mut st = [0xffu8];
+    assert!(gpu.mmio_read(status_gpa, &mut st));
+    assert_eq!(st[0], 0);
+    // The device stops answering.
+    dev.kill(libc::SIGSTOP);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let guest = std::thread::spawn(move || {
+        let t0 = std::time::Instant::now();
+        assert!(gpu.mmio_write(status_gpa, &[0]));
+        tx.send(t0.elapsed()).unwrap();
+        gpu
+    });
+    let took = rx.recv_timeout(Duration::from_secs(15));
+    let Ok(took) = took else {
+        let exit = dev.stop("the test gave up");
+        let _ = guest.join();
+        panic!("the reset did not return within 15 s for a {deadline:?} deadline ({exit:?})");
+    };
+    let mut gpu = guest.join().unwrap();
+    assert!(took >= deadline, "{took:?}");
+    let mut st = [0u8];
+    assert!(gpu.mmio_read(status_gpa, &mut st));
+    assert_eq!(st[0], status::DEVICE_NEEDS_RESET, "the reset is not done");
+    let why = gpu.lost().expect("declared lost").to_string();
+    assert!(
+        why.contains("RESET_DEVICE") && why.contains("no answer within"),
+        "{why}"
+    );
+    assert!(!gpu.is_attached());
+    // What the supervisor does with a lost device: kill it, restore the window.
+    let exit = dev.stop(&why);
+    assert_eq!(exit.signal, Some(libc::SIGKILL), "{exit:?}");
+    assert_eq!(hm.live(), 0);
+    gpu.detach();
+    assert!(gpu.mmio_write(status_gpa, &[0]));
+    assert!(gpu.mmio_read(status_gpa, &mut st));
+    assert_eq!(
+        st[0], 0,
+        "after the supervisor stopped it, the driver's reset completes"
+    );
+}

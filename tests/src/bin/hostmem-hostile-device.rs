@@ -123,6 +123,12 @@ enum Scenario {
     ReadOnlyReopen,
     /// The blob reopened O_PATH.
     PathReopen,
+    // A device busy across the guest's reset (issue 22 item 2).
+    /// On the first Reset, places a blob of its own at window offset 0 (filled with 0xA5:
+    /// a placement it does not drop) and never answers: the VMM must not report the reset
+    /// done, must kill it and restore the window, and the guest must read
+    /// DEVICE_NEEDS_RESET.
+    StallReset,
     /// Allocate heap without end.
     Oom,
     /// Allocate memfd pages without end (what blobs are made of).
@@ -192,6 +198,42 @@ fn hang() -> ! {
 }
 
 impl HostilePlacer {
+    /// [`Scenario::StallReset`]: a placement of our own at offset 0 that the reset does
+    /// not drop, then silence.
+    fn stall_reset(&mut self) -> anyhow::Result<()> {
+        let blob = SharedMemory::new("hostile-stall", PAGE)?;
+        hostmem_base::mmap::MemoryMapping::from_fd(
+            blob.as_fd(),
+            0,
+            PAGE as usize,
+            hostmem_base::mmap::Prot::READ_WRITE,
+        )?
+        .write_slice(0, &[0xa5; PAGE as usize])?;
+        blob.seal_size()?;
+        self.window.place(
+            0,
+            PAGE,
+            blob.as_fd(),
+            0,
+            hostmem_base::mmap::Prot::READ_WRITE,
+        )?;
+        self.seq += 1;
+        let msg = DeviceMsg::Map {
+            seq: self.seq,
+            resource_id: 999,
+            offset: 0,
+            len: PAGE,
+            fd_offset: 0,
+            prot: hostmem_base::mmap::Prot::READ_WRITE.bits(),
+            map_info: 1,
+        };
+        self.send_msg(&msg, &[blob.as_fd()])
+            .and_then(|()| self.reply(self.seq))
+            .map_err(|e| anyhow::anyhow!("placing the stall blob: {e:?}"))?;
+        log::warn!("hostile device: a blob at offset 0, and the Reset is never answered");
+        hang()
+    }
+
     fn map_msg(&mut self, req: &MapRequest<'_>) -> DeviceMsg {
         self.seq += 1;
         DeviceMsg::Map {
@@ -295,7 +337,9 @@ impl HostilePlacer {
             | Scenario::NoReady
             | Scenario::BadVersion
             | Scenario::VmmRole
-            | Scenario::NotReady => self.honest(req),
+            | Scenario::NotReady
+            // Its attack is on the Reset, not on a map.
+            | Scenario::StallReset => self.honest(req),
             Scenario::OutsideWindow => {
                 *offset = size;
                 self.bad_event(msg, fd)
@@ -1116,6 +1160,10 @@ fn transport_msg(
             TransportMsg::QueueEnable { seq, queue }
         }
         TransportMsg::Reset { seq } => {
+            let placer = dev.gpu_mut().placer_mut();
+            if placer.scenario == Scenario::StallReset && placer.armed {
+                placer.stall_reset()?;
+            }
             shadow.real = None;
             TransportMsg::Reset { seq }
         }

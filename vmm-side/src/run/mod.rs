@@ -250,6 +250,9 @@ pub struct GuestDriverReport {
     pub capsets: u64,
     /// Times the driver reset the device after it was lost.
     pub device_resets: u64,
+    /// Resets the guest wrote that read DEVICE_NEEDS_RESET instead of 0: the device did
+    /// not complete them and was stopped; the driver reset again.
+    pub resets_refused: u64,
     /// Port I/O and MMIO exits the VMM served (PCI configuration, BAR0, events, holes).
     pub vm_exits: u64,
 }
@@ -330,6 +333,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     for fd in pci.guest_ram_fds() {
         hostmem.note_given("guest RAM", fd)?;
     }
+    // A reset the device answered is complete only with nothing of it left in the window.
+    pci.watch_window(hostmem.clone());
     // Baseline after the window, VM, guest and transport exist: from here on the device's
     // comings and goings must leave the VMM's fd count unchanged.
     let fds_start = procfs::fd_count()?;
@@ -490,6 +495,16 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
                 guest_failed = true;
                 break;
             }
+            GuestEvent::TransportLost(why) => {
+                // The guest's access (a reset the device did not complete) waits in the
+                // vCPU until the device is stopped and the window restored, below.
+                lost = Some(why.clone());
+            }
+        }
+        if lost.is_none() {
+            if let Some(why) = pci.lost() {
+                lost = Some(why.to_string());
+            }
         }
         if lost.is_none() {
             if let Some(s) = &session {
@@ -503,7 +518,11 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             }
         }
         let Some(why) = lost else { continue };
-        let Some(s) = session.take() else { continue };
+        let Some(s) = session.take() else {
+            // Nothing left to stop: the loss is settled.
+            pci.detach();
+            continue;
+        };
         add_stats(&pci, &mut vq, &mut device_warnings, &mut blob_memory);
         let exit = s.stop(&why);
         pci.detach();
@@ -610,6 +629,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             mismatches: results.mismatches,
             capsets: results.capsets,
             device_resets: results.device_resets,
+            resets_refused: results.resets_refused,
             vm_exits: guest.exits(),
         },
         virtqueue: vq,

@@ -87,6 +87,8 @@ pub(super) fn connect(
             let device = Device::start(&opts.device, hostmem.clone())?;
             if let Err(e) = pci.attach(device.transport(), device.facts().num_capsets) {
                 let exit = device.stop("the transport could not attach it");
+                // Stopped: a loss the transport declared during the attach is settled.
+                pci.detach();
                 anyhow::bail!("attaching the device to the virtio-pci transport: {e} ({exit:?})");
             }
             Ok(Session::Native(device))
@@ -102,6 +104,7 @@ pub(super) fn connect(
             };
             if let Err(e) = attached {
                 let exit = device.stop("the transport could not attach it");
+                pci.detach();
                 anyhow::bail!("attaching the vhost-user device to the transport: {e} ({exit:?})");
             }
             Ok(Session::VhostUser(device))

@@ -44,10 +44,21 @@
 //! features), `SET_VRING_NUM/ADDR/BASE(0)/KICK/CALL/ENABLE` with the transport's kick and
 //! call eventfds (their `KVM_IOEVENTFD`/`KVM_IRQFD` stay in the VMM). Every request without
 //! a reply carries `NEED_REPLY`, so each completes only when the device answered, as the
-//! transport tube's messages do; the socket has a read timeout, so a hung device cannot
-//! hang the vCPU. A guest reset is `RESET_DEVICE`; the device drops its blobs without
-//! `SHMEM_UNMAP` then (we are blocked on its reply), so the whole window is restored
-//! ([`Hostmem::reset`]) after the ack.
+//! transport tube's messages do. A guest reset is `RESET_DEVICE`; the device drops its
+//! blobs without `SHMEM_UNMAP` then (we are blocked on its reply), so the whole window is
+//! restored ([`Hostmem::reset`]) after the ack.
+//!
+//! # Every wait is bounded
+//!
+//! The socket's read timeout bounds nothing: the `vhost` crate's receive loop retries on
+//! `EAGAIN`, so a device that never answers (one busy in a long `SUBMIT_3D`, a stopped
+//! one) would hold the vCPU in `wait_for_ack` for as long as it likes. Each request, from
+//! `SET_OWNER` on, therefore runs under a deadline (`deadline.rs`: a watchdog thread
+//! `shutdown(2)`s the socket when the deadline passes, the crate's blocked receive returns
+//! end of file). A request that missed its deadline fails as a broken link: the transport
+//! declares the device lost (the guest reads `DEVICE_NEEDS_RESET`; a reset it wrote is not
+//! complete) and the supervisor kills the device and restores the window, as for a native
+//! device that misses its transport tube's reply timeout. The socket stays shut down.
 //!
 //! vhost-user's `SHMEM_MAP` carries no resource id: a placement is keyed by its page index
 //! in the window (unique, since live placements cannot overlap), and an unmap must name the
@@ -84,9 +95,11 @@ use crate::virtio_pci::{
 use hostmem_jail::launch::ExitInfo;
 
 mod channel;
+mod deadline;
 
 use channel::Channel;
 pub use channel::ShmemService;
+use deadline::Watchdog;
 
 const PAGE: u64 = 4096;
 
@@ -104,6 +117,10 @@ pub fn required_protocol_features() -> VhostUserProtocolFeatures {
 /// The transport's link over vhost-user (see the module doc).
 pub struct VhostUserLink {
     fe: Frontend,
+    /// Shuts the socket down when a request misses its deadline.
+    watchdog: Arc<Watchdog>,
+    /// Each request's deadline.
+    timeout: Duration,
     hostmem: Arc<Hostmem>,
     /// Virtio features the device offered (GET_FEATURES).
     device_features: u64,
@@ -116,6 +133,27 @@ impl std::fmt::Debug for VhostUserLink {
         f.debug_struct("VhostUserLink")
             .field("features", &self.features)
             .finish()
+    }
+}
+
+impl VhostUserLink {
+    /// One request to the device, ended at its deadline (see the module doc).
+    fn bounded<T>(
+        &mut self,
+        what: &'static str,
+        f: impl FnOnce(&mut Frontend) -> Result<T, vhost::Error>,
+    ) -> Result<T, PciError> {
+        let (fe, timeout) = (&mut self.fe, self.timeout);
+        let (res, late) = self.watchdog.bounded(timeout, || f(fe));
+        if late {
+            return Err(PciError::Link {
+                what,
+                reason: format!(
+                    "no answer within {timeout:?}: the device is lost (its socket is shut down)"
+                ),
+            });
+        }
+        res.map_err(|e| link_err(what, e))
     }
 }
 
@@ -156,10 +194,8 @@ impl DeviceLink for VhostUserLink {
                 mmap_handle: fd.as_raw_fd(),
             })
             .collect();
-        self.fe
-            .set_mem_table(&table)
+        self.bounded("SET_MEM_TABLE", |fe| fe.set_mem_table(&table))
             .map(|_| ())
-            .map_err(|e| link_err("SET_MEM_TABLE", e))
     }
 
     fn queue_enable(
@@ -178,42 +214,29 @@ impl DeviceLink for VhostUserLink {
             });
         }
         if self.features != Some(features) {
-            self.fe
-                .set_features(features)
-                .map_err(|e| link_err("SET_FEATURES", e))?;
+            self.bounded("SET_FEATURES", |fe| fe.set_features(features))?;
             self.features = Some(features);
         }
         let q = usize::from(setup.index);
-        let fe = &mut self.fe;
-        fe.set_vring_num(q, setup.size)
-            .map_err(|e| link_err("SET_VRING_NUM", e))?;
-        fe.set_vring_addr(
-            q,
-            &VringConfigData {
-                queue_max_size: MAX_QUEUE_SIZE,
-                queue_size: setup.size,
-                flags: 0,
-                desc_table_addr: setup.desc,
-                used_ring_addr: setup.used,
-                avail_ring_addr: setup.avail,
-                log_addr: None,
-            },
-        )
-        .map_err(|e| link_err("SET_VRING_ADDR", e))?;
-        fe.set_vring_base(q, 0)
-            .map_err(|e| link_err("SET_VRING_BASE", e))?;
-        fe.set_vring_kick(q, kick)
-            .map_err(|e| link_err("SET_VRING_KICK", e))?;
-        fe.set_vring_call(q, call)
-            .map_err(|e| link_err("SET_VRING_CALL", e))?;
-        fe.set_vring_enable(q, true)
-            .map_err(|e| link_err("SET_VRING_ENABLE", e))
+        self.bounded("SET_VRING_NUM", |fe| fe.set_vring_num(q, setup.size))?;
+        let addrs = VringConfigData {
+            queue_max_size: MAX_QUEUE_SIZE,
+            queue_size: setup.size,
+            flags: 0,
+            desc_table_addr: setup.desc,
+            used_ring_addr: setup.used,
+            avail_ring_addr: setup.avail,
+            log_addr: None,
+        };
+        self.bounded("SET_VRING_ADDR", |fe| fe.set_vring_addr(q, &addrs))?;
+        self.bounded("SET_VRING_BASE", |fe| fe.set_vring_base(q, 0))?;
+        self.bounded("SET_VRING_KICK", |fe| fe.set_vring_kick(q, kick))?;
+        self.bounded("SET_VRING_CALL", |fe| fe.set_vring_call(q, call))?;
+        self.bounded("SET_VRING_ENABLE", |fe| fe.set_vring_enable(q, true))
     }
 
     fn reset(&mut self) -> Result<(), PciError> {
-        self.fe
-            .reset_device()
-            .map_err(|e| link_err("RESET_DEVICE", e))?;
+        self.bounded("RESET_DEVICE", |fe| fe.reset_device())?;
         self.features = None;
         // The device dropped its blobs without SHMEM_UNMAP (we were blocked on its reply).
         let n = self.hostmem.reset().map_err(|e| PciError::Link {
@@ -310,9 +333,14 @@ impl VhostUserDevice {
             drop(dir);
             stream.set_read_timeout(Some(timeout))?;
             stream.set_write_timeout(Some(timeout))?;
+            let watchdog = Arc::new(Watchdog::new(
+                stream.try_clone()?,
+                format!("vhost-user-deadline-{pid}"),
+            )?);
             let mut fe = Frontend::from_stream(stream, u64::from(NUM_QUEUES));
             negotiate(
                 &mut fe,
+                Deadline { watchdog, timeout },
                 hostmem.clone(),
                 size,
                 pid,
@@ -491,40 +519,63 @@ impl Drop for VhostUserDevice {
     }
 }
 
+/// The deadline every request of a connection runs under.
+struct Deadline {
+    watchdog: Arc<Watchdog>,
+    timeout: Duration,
+}
+
+impl Deadline {
+    /// `f` (one request) bounded by the deadline; `what` names it in the error.
+    fn run<T>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce() -> Result<T, vhost::Error>,
+    ) -> anyhow::Result<T> {
+        match self.watchdog.bounded(self.timeout, f) {
+            (_, true) => bail!(
+                "{what}: no answer within {:?}: the device is lost",
+                self.timeout
+            ),
+            (res, false) => res.with_context(|| what),
+        }
+    }
+}
+
 /// Everything between the connection and the first guest request (see the module doc);
-/// the backend channel's thread runs on `service_cpus`.
+/// the backend channel's thread runs on `service_cpus`. Every request is bounded by
+/// `deadline`.
 fn negotiate(
     fe: &mut Frontend,
+    deadline: Deadline,
     hostmem: Arc<Hostmem>,
     size: u64,
     pid: i32,
     service_cpus: Vec<usize>,
 ) -> anyhow::Result<(VhostUserLink, Channel, u32)> {
-    fe.set_owner().context("SET_OWNER")?;
-    let features = fe.get_features().context("GET_FEATURES")?;
+    let d = &deadline;
+    d.run("SET_OWNER", || fe.set_owner())?;
+    let features = d.run("GET_FEATURES", || fe.get_features())?;
     if features & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
         bail!("the device offers no protocol features ({features:#x})");
     }
     let need = required_protocol_features();
-    let offered = fe
-        .get_protocol_features()
-        .context("GET_PROTOCOL_FEATURES")?;
+    let offered = d.run("GET_PROTOCOL_FEATURES", || fe.get_protocol_features())?;
     if !offered.contains(need) {
         bail!(
             "the device lacks protocol features {:?}",
             need.difference(offered)
         );
     }
-    fe.set_protocol_features(need)
-        .context("SET_PROTOCOL_FEATURES")?;
+    d.run("SET_PROTOCOL_FEATURES", || fe.set_protocol_features(need))?;
     // From here every request without a reply is acked (REPLY_ACK): each completes only
     // when the device answered.
     fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    let queues = fe.get_queue_num().context("GET_QUEUE_NUM")?;
+    let queues = d.run("GET_QUEUE_NUM", || fe.get_queue_num())?;
     if queues < u64::from(NUM_QUEUES) {
         bail!("the device has {queues} queues, virtio-gpu needs {NUM_QUEUES}");
     }
-    let shmem = fe.get_shmem_config().context("GET_SHMEM_CONFIG")?;
+    let shmem = d.run("GET_SHMEM_CONFIG", || fe.get_shmem_config())?;
     let (nregions, region) = (
         shmem.nregions,
         shmem.memory_sizes.get(usize::from(SHMEM_ID)).copied(),
@@ -532,23 +583,35 @@ fn negotiate(
     if nregions != 1 || region != Some(size) {
         bail!("GET_SHMEM_CONFIG: {nregions} regions, region 1 {region:?} bytes; the window is {size:#x}");
     }
-    let (_, config) = fe
-        .get_config(
+    let (_, config) = d.run("GET_CONFIG", || {
+        fe.get_config(
             0,
             CONFIG_SIZE as u32,
             VhostUserConfigFlags::empty(),
             &[0u8; CONFIG_SIZE],
         )
-        .context("GET_CONFIG")?;
+    })?;
     let num_capsets = config
         .get(12..16)
         .and_then(|b| <[u8; 4]>::try_from(b).ok())
         .map(u32::from_le_bytes)
         .context("GET_CONFIG: short config")?;
-    let channel = Channel::start(fe, hostmem.clone(), pid, service_cpus)?;
+    // SET_BACKEND_REQ_FD (acked) is the channel's one request on this socket.
+    let (channel, late) = d.watchdog.bounded(d.timeout, || {
+        Channel::start(fe, hostmem.clone(), pid, service_cpus)
+    });
+    if late {
+        bail!(
+            "SET_BACKEND_REQ_FD: no answer within {:?}: the device is lost",
+            d.timeout
+        );
+    }
+    let channel = channel?;
     Ok((
         VhostUserLink {
             fe: fe.clone(),
+            watchdog: deadline.watchdog.clone(),
+            timeout: deadline.timeout,
             hostmem,
             device_features: features,
             features: None,

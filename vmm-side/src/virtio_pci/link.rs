@@ -3,9 +3,9 @@
 //! resets sent over the link, each answered before the guest's access completes.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hostmem_base::kvm::{eventfd_as_fd, EventFd};
 use hostmem_ipc::protocol::{GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply};
@@ -52,6 +52,10 @@ pub struct TubeLink {
     /// One request/reply exchange at a time (`stats` takes `&self`).
     exchange: Mutex<()>,
     seq: AtomicU64,
+    /// Each exchange's deadline, from its send.
+    timeout: Duration,
+    /// The receive timeout was shortened to what was left of a deadline (stale replies).
+    shortened: AtomicBool,
 }
 
 impl TubeLink {
@@ -65,6 +69,8 @@ impl TubeLink {
             tube,
             exchange: Mutex::new(()),
             seq: AtomicU64::new(1),
+            timeout,
+            shortened: AtomicBool::new(false),
         })
     }
 }
@@ -178,17 +184,46 @@ impl VirtioPciGpu {
         Ok(())
     }
 
-    /// The device died: forget it; set DEVICE_NEEDS_RESET in device_status and the ISR's
-    /// config-change bit, bump config_generation; queues are no longer live.
+    /// The device is gone (it died, or its supervisor stopped it after
+    /// [`VirtioPciGpu::lost`]): forget it; set DEVICE_NEEDS_RESET in device_status and the
+    /// ISR's config-change bit, bump config_generation; queues are no longer live. A loss
+    /// the transport declared is settled: the guest's next reset can complete.
     pub fn detach(&mut self) {
         if self.link.take().is_some() {
             log::info!("virtio-pci: device detached; the driver must reset");
+        }
+        if let Some(why) = self.lost.take() {
+            log::info!("virtio-pci: the lost device ({why}) is stopped; the driver must reset");
         }
         self.v.needs_reset = true;
         for q in &mut self.v.queues {
             q.live = false;
         }
         self.config_changed();
+    }
+
+    /// The transport gives up on the device (a reset it did not complete, a link that
+    /// failed or timed out): it is forgotten as by [`VirtioPciGpu::detach`], the guest reads
+    /// DEVICE_NEEDS_RESET, and [`VirtioPciGpu::lost`] says why until the supervisor has
+    /// stopped it. The device may still run and still have placements in the window: only
+    /// its supervisor can kill it and restore the window, and no reset completes before.
+    fn declare_lost(&mut self, why: String) {
+        self.warnings.log(
+            log::Level::Error,
+            "device lost",
+            format_args!(
+                "virtio-pci: device lost: {why}; it must be stopped, the driver must reset"
+            ),
+        );
+        self.link = None;
+        self.v.needs_reset = true;
+        for q in &mut self.v.queues {
+            q.live = false;
+        }
+        self.config_changed();
+        if self.lost.is_none() {
+            self.lost = Some(why);
+        }
     }
 
     /// Whether a device is attached.
@@ -305,7 +340,7 @@ impl VirtioPciGpu {
                     q.enabled = false;
                 }
                 if transport_failed {
-                    self.detach();
+                    self.declare_lost(format!("queue {index} could not be enabled: {e}"));
                 } else {
                     self.v.needs_reset = true;
                     self.config_changed();
@@ -315,16 +350,38 @@ impl VirtioPciGpu {
     }
 
     /// Device status 0: the device drops everything (the write completes only after its
-    /// Done), then every virtio register is back to its initial value.
+    /// Done), then every virtio register is back to its initial value. A reset is complete
+    /// only when the device answered it and left nothing in the window
+    /// ([`VirtioPciGpu::watch_window`]); otherwise the device is declared lost
+    /// ([`VirtioPciGpu::lost`]) and the status reads DEVICE_NEEDS_RESET, never 0, until the
+    /// supervisor stopped it and the driver reset again (virtio 1.2 §2.1, §4.1.4.3.2: the
+    /// driver waits for 0 before it re-initialises).
     pub(super) fn reset(&mut self) {
-        if let Some(link) = self.link.as_mut() {
-            if let Err(e) = link.reset() {
-                // The driver polls the status for 0 after a reset, so it must read 0 even so;
-                // the device's next answer (or its supervisor) tells what became of it.
-                log::error!("virtio-pci: device reset failed: {e}");
-            }
+        if let Some(why) = &self.lost {
+            // The lost device still runs (its supervisor has not stopped it): nothing it
+            // holds is dropped yet.
+            self.warnings.warn(
+                "reset while the device is lost",
+                format_args!("virtio-pci: reset while the lost device ({why}) is not stopped yet; status stays DEVICE_NEEDS_RESET"),
+            );
+            self.v = VirtioState::INITIAL;
+            self.v.needs_reset = true;
+            return;
         }
+        let failed = match self.link.as_mut().map(|link| link.reset()) {
+            None => None,
+            Some(Err(e)) => Some(format!("reset not completed: {e}")),
+            Some(Ok(())) => match self.window.as_ref().map(|h| h.live()) {
+                Some(n) if n > 0 => Some(format!(
+                    "reset answered with {n} placements still in the window"
+                )),
+                _ => None,
+            },
+        };
         self.v = VirtioState::INITIAL;
+        if let Some(why) = failed {
+            self.declare_lost(why);
+        }
     }
 }
 
@@ -337,7 +394,9 @@ fn reply_seq(r: &TransportReply) -> u64 {
 }
 
 /// One exchange: send, then wait for the reply with the same seq (older replies, left by
-/// an exchange that timed out, are skipped).
+/// an exchange that timed out, are skipped). The whole exchange has one deadline, the
+/// link's timeout from the send: a device that keeps sending stale replies cannot keep us
+/// waiting past it.
 fn request(
     link: &TubeLink,
     what: &'static str,
@@ -345,7 +404,13 @@ fn request(
     fds: &[BorrowedFd<'_>],
 ) -> Result<TransportReply, Error> {
     let _one_at_a_time = link.exchange.lock().unwrap_or_else(|p| p.into_inner());
+    if link.shortened.swap(false, Ordering::Relaxed) {
+        link.tube
+            .set_recv_timeout(Some(link.timeout))
+            .map_err(Error::Timeouts)?;
+    }
     let seq = link.seq.fetch_add(1, Ordering::Relaxed);
+    let deadline = Instant::now().checked_add(link.timeout);
     link.tube
         .send(&msg(seq), fds)
         .map_err(|source| Error::Send { what, source })?;
@@ -371,6 +436,23 @@ fn request(
                 "virtio-pci: stale reply {reply:?} while waiting for {what} {seq}; skipped"
             ),
         );
+        // (A timeout past the clock's range has no deadline: each wait gets all of it.)
+        let left = match deadline {
+            Some(d) => d
+                .checked_duration_since(Instant::now())
+                .filter(|l| !l.is_zero()),
+            None => Some(link.timeout),
+        };
+        let Some(left) = left else {
+            return Err(Error::NoAnswer {
+                what,
+                timeout: link.timeout,
+            });
+        };
+        link.shortened.store(true, Ordering::Relaxed);
+        link.tube
+            .set_recv_timeout(Some(left))
+            .map_err(Error::Timeouts)?;
     }
 }
 

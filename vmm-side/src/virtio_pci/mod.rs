@@ -287,6 +287,15 @@ pub enum Error {
         /// The cause.
         source: hostmem_ipc::Error,
     },
+    /// The device did not answer within the exchange's deadline (it sent only stale
+    /// replies meanwhile).
+    #[error("the device did not answer {what} within {timeout:?}")]
+    NoAnswer {
+        /// Which message.
+        what: &'static str,
+        /// The deadline.
+        timeout: Duration,
+    },
     /// The device answered with a reply that does not fit the message.
     #[error("the device answered {what} (seq {seq}) with {got}")]
     UnexpectedReply {
@@ -417,6 +426,12 @@ pub struct VirtioPciGpu {
     guest_ram: Vec<(GuestRegion, OwnedFd)>,
     events: Vec<QueueEvents>,
     link: Option<Box<dyn DeviceLink>>,
+    /// The device was declared lost (a reset it did not complete, a link that failed): why.
+    /// Until its supervisor has stopped it ([`VirtioPciGpu::detach`]) no reset completes.
+    lost: Option<String>,
+    /// The window the device places in: after a reset the device answered, nothing of it
+    /// may be left there.
+    window: Option<Arc<crate::hostmem::Hostmem>>,
     reply_timeout: Duration,
     /// Last num_capsets a device reported (the device cfg keeps it while detached).
     num_capsets: u32,
@@ -487,6 +502,8 @@ impl VirtioPciGpu {
             guest_ram,
             events: Vec::new(),
             link: None,
+            lost: None,
+            window: None,
             reply_timeout: REPLY_TIMEOUT,
             num_capsets: 0,
             config_generation: 0,
@@ -543,6 +560,20 @@ impl VirtioPciGpu {
     /// (default [`REPLY_TIMEOUT`]); applies from the next [`VirtioPciGpu::attach`].
     pub fn set_reply_timeout(&mut self, t: Duration) {
         self.reply_timeout = t;
+    }
+
+    /// The window the attached devices place in: a reset the device answered is complete
+    /// only if no placement is left in it; otherwise the device is declared lost.
+    pub fn watch_window(&mut self, hostmem: Arc<crate::hostmem::Hostmem>) {
+        self.window = Some(hostmem);
+    }
+
+    /// Why the transport declared the device lost, until its supervisor stopped it (and
+    /// said so with [`VirtioPciGpu::detach`]). While this is `Some`, the guest reads
+    /// `DEVICE_NEEDS_RESET` and no reset completes: the supervisor must stop the device
+    /// (kill it, restore the window) before the guest runs again.
+    pub fn lost(&self) -> Option<&str> {
+        self.lost.as_deref()
     }
 
     /// The device status the guest reads.
