@@ -7,6 +7,8 @@
 //! spawner ([`sandbox`]) and small `/proc` readers ([`procfs`]). Every `unsafe` block has a
 //! `// SAFETY:` comment that says why it holds.
 
+#[cfg(feature = "attack")]
+pub mod attack;
 pub mod error;
 pub mod fd;
 pub mod kvm;

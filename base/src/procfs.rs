@@ -114,6 +114,8 @@ pub fn fd_count() -> Result<usize> {
 pub struct ProcStatus {
     /// `Seccomp:` (0 off, 1 strict, 2 filter).
     pub seccomp: u32,
+    /// `Seccomp_filters:` (how many filters are stacked; Linux >= 5.9).
+    pub seccomp_filters: u32,
     /// `NoNewPrivs:`.
     pub no_new_privs: bool,
     /// `CapEff:`.
@@ -144,6 +146,9 @@ pub fn status_of(pid: &str) -> Result<ProcStatus> {
             "Seccomp" => {
                 st.seccomp = v.parse().map_err(|_| parse_err(&path, k))?;
                 seen += 1;
+            }
+            "Seccomp_filters" => {
+                st.seccomp_filters = v.parse().map_err(|_| parse_err(&path, k))?;
             }
             "NoNewPrivs" => {
                 st.no_new_privs = v == "1";

@@ -39,4 +39,7 @@ pub enum Error {
     /// Polling the transport tube and the kick eventfds failed.
     #[error("poll: {0}")]
     Poll(nix::errno::Errno),
+    /// The run-time seccomp filter could not be stacked.
+    #[error("jail: {0}")]
+    Jail(#[from] hostmem_jail::Error),
 }

@@ -211,6 +211,14 @@ pub fn main_with_args(args: &[String]) -> i32 {
     }
 }
 
+/// The end of start-up, before the first input: the device's code is loaded (its backend's
+/// libraries too), so it stacks the run-time filter (`hostmem_jail::runtime`: no new
+/// executable pages, no exec) on all its threads. The VMM checks it after `Ready`.
+pub fn end_start_up() -> Result<()> {
+    hostmem_jail::runtime::forbid_new_code()?;
+    Ok(())
+}
+
 fn run(args: &Args) -> Result<()> {
     let take = |fd| hostmem_base::fd::take_inherited(fd).map_err(Error::Base);
     let need = |fd: Option<i32>, flag: &str| {
@@ -240,6 +248,9 @@ fn run(args: &Args) -> Result<()> {
         None => None,
     };
     let backend = make_backend_with(&args.backend, args.test_ops, server)?;
+    // All our code is loaded (the backend's libraries too): from here on nothing new may
+    // run (W^X for the whole run; the VMM checks Seccomp_filters after Ready).
+    end_start_up()?;
     let backend_name = backend.name().to_string();
     let num_capsets = u32::try_from(backend.capsets().len()).unwrap_or(u32::MAX);
     mapping.send(
@@ -296,6 +307,8 @@ fn run_vhost_user(args: &Args) -> Result<()> {
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.test_ops, server)?;
+    // As in `run`: no new code once the backend (and its libraries) exist.
+    end_start_up()?;
     let num_capsets = u32::try_from(probe.capsets().len()).unwrap_or(u32::MAX);
     let backend_name = probe.name().to_string();
     let first = if with_server {

@@ -1030,6 +1030,9 @@ pub fn spawn(cfg: JailConfig) -> Result<JailedChild, Error> {
 pub struct JailFacts {
     /// `Seccomp:` (2 = filter).
     pub seccomp: u32,
+    /// `Seccomp_filters:`: 1 at start-up (the launch policy), 2 once the device stacked
+    /// its run-time filter ([`crate::runtime`]).
+    pub seccomp_filters: u32,
     /// `NoNewPrivs:`.
     pub no_new_privs: bool,
     /// `CapEff:`.
@@ -1065,6 +1068,7 @@ pub fn jail_facts(pid: i32) -> Result<JailFacts, Error> {
     }
     Ok(JailFacts {
         seccomp: st.seccomp,
+        seccomp_filters: st.seccomp_filters,
         no_new_privs: st.no_new_privs,
         cap_eff: st.cap_eff,
         cap_prm: st.cap_prm,

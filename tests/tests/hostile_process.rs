@@ -936,6 +936,9 @@ jailed_scenarios! {
     jailed_write_seal_on_the_window_is_killed: "fd-write-seal-window" => Verdict::KilledBySeccomp("fcntl");
     jailed_fallocate_is_killed: "fd-fallocate" => Verdict::KilledBySeccomp("fallocate");
     jailed_memfd_hugetlb_is_killed: "memfd-hugetlb" => Verdict::KilledBySeccomp("memfd_create");
+    // W^X: the launch policy lets the loader map code from any file; the run-time filter the
+    // device stacks at the end of start-up kills an executable mapping of a memfd it wrote.
+    jailed_run_time_code_is_killed: "run-code" => Verdict::KilledBySeccomp("mmap");
     jailed_read_only_placement: "read-only" => Verdict::Refused("only READ|WRITE");
 }
 

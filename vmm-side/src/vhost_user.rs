@@ -248,10 +248,12 @@ pub fn start_backend(
         let DeviceMsg::Ready { num_capsets, .. } = msg else {
             bail!("device sent {msg:?} instead of Ready");
         };
+        let seccomp_filters = crate::device::check_runtime_filter(cfg, pid)?;
         Ok(DeviceFacts {
             pid,
             jailed: cfg.jailed,
             seccomp: st.seccomp,
+            seccomp_filters,
             no_new_privs: st.no_new_privs,
             cap_eff: format!("{:016x}", st.cap_eff),
             open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
@@ -263,10 +265,11 @@ pub fn start_backend(
     match connect() {
         Ok(facts) => {
             log::info!(
-                "vhost-user device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, no_new_privs {}, CapEff {}, memory limit {} MiB by {})",
+                "vhost-user device pid {pid} up in {:.1} ms ({}jailed, seccomp {} ({} filters), no_new_privs {}, CapEff {}, memory limit {} MiB by {})",
                 facts.start_ms,
                 if facts.jailed { "" } else { "NOT " },
                 facts.seccomp,
+                facts.seccomp_filters,
                 facts.no_new_privs,
                 facts.cap_eff,
                 facts.memory_limit.bytes >> 20,

@@ -105,6 +105,9 @@ enum Scenario {
     FdFallocate,
     /// memfd_create(MFD_HUGETLB): the policy kills it.
     MemfdHugetlb,
+    /// Run-time code: write `mov eax, 42; ret` into a memfd, map it READ|EXEC as the loader
+    /// maps libraries, call it (the run-time filter must kill the device at the mmap).
+    RunCode,
     /// Under a policy that allows every fcntl and fallocate: every seal of every kind and
     /// every fallocate mode on the window and guest RAM; seals must fail (F_SEAL_SEAL).
     FdAnySeal,
@@ -561,6 +564,18 @@ impl HostilePlacer {
                     "memfd_create(MFD_HUGETLB): {r:?}"
                 )))
             }
+            Scenario::RunCode => {
+                let code = SharedMemory::new("hostile-code", PAGE)
+                    .map_err(|e| PlaceError::Unspec(e.to_string()))?;
+                let mut page = vec![0xccu8; PAGE as usize];
+                page[..6].copy_from_slice(&[0xb8, 42, 0, 0, 0, 0xc3]);
+                nix::unistd::write(code.as_fd(), &page)
+                    .map_err(|e| PlaceError::Unspec(format!("writing the code: {e}")))?;
+                let r = hostmem_base::attack::run_code_from_fd(code.as_fd(), PAGE as usize);
+                // Still alive: the filters let new code in (a failed test says so).
+                log::error!("hostile device: run-time code from a memfd: {r:?}");
+                Err(PlaceError::Unspec(format!("run-time code ran: {r:?}")))
+            }
             Scenario::FdAnySeal => {
                 fd_any_seal(&self.window).map_err(PlaceError::Unspec)?;
                 self.honest(req)
@@ -990,6 +1005,8 @@ fn main() -> anyhow::Result<()> {
     // has no fallocate.
     let mirror = Window::mirror_of(SharedMemory::from_fd(memfd, size)?)?;
     let backend = hostmem_device::process::make_backend(&args.backend)?;
+    // The real device's end of start-up: the run-time filter (no new code).
+    hostmem_device::process::end_start_up()?;
     if args.scenario == Scenario::NoReady {
         hang()
     }

@@ -165,6 +165,8 @@ pub struct DeviceFacts {
     pub jailed: bool,
     /// `Seccomp:` from /proc.
     pub seccomp: u32,
+    /// `Seccomp_filters:` after Ready: the launch policy and the run-time filter.
+    pub seccomp_filters: u32,
     /// `NoNewPrivs:`.
     pub no_new_privs: bool,
     /// `CapEff:` as 16 hex digits.
@@ -281,10 +283,12 @@ impl Device {
             let DeviceMsg::Ready { num_capsets, .. } = msg else {
                 bail!("device sent {msg:?} instead of Ready");
             };
+            let seccomp_filters = check_runtime_filter(cfg, pid)?;
             Ok(DeviceFacts {
                 pid,
                 jailed: cfg.jailed,
                 seccomp: st.seccomp,
+                seccomp_filters,
                 no_new_privs: st.no_new_privs,
                 cap_eff: format!("{:016x}", st.cap_eff),
                 open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
@@ -303,10 +307,11 @@ impl Device {
             }
         };
         log::info!(
-            "device pid {pid} up in {:.1} ms ({}jailed, seccomp {}, no_new_privs {}, CapEff {}, {} fds, memory limit {} MiB by {})",
+            "device pid {pid} up in {:.1} ms ({}jailed, seccomp {} ({} filters), no_new_privs {}, CapEff {}, {} fds, memory limit {} MiB by {})",
             facts.start_ms,
             if facts.jailed { "" } else { "NOT " },
             facts.seccomp,
+            facts.seccomp_filters,
             facts.no_new_privs,
             facts.cap_eff,
             facts.open_fds,
@@ -587,6 +592,21 @@ pub(crate) fn check_jailed(cfg: &DeviceConfig, pid: i32) -> anyhow::Result<procf
         }
     }
     Ok(st)
+}
+
+/// Checks after `Ready` that a jailed device stacked its run-time filter (no new code,
+/// `hostmem_jail::runtime`): `Seccomp_filters` must have grown past the launch policy's
+/// one. Returns the count.
+pub(crate) fn check_runtime_filter(cfg: &DeviceConfig, pid: i32) -> anyhow::Result<u32> {
+    let st = procfs::status_of(&pid.to_string())?;
+    if cfg.jailed && st.seccomp_filters < 2 {
+        bail!(
+            "device pid {pid} did not stack its run-time filter (Seccomp_filters {}): it \
+             could still map new code",
+            st.seccomp_filters
+        );
+    }
+    Ok(st.seccomp_filters)
 }
 
 /// True if the child `pid` has exited or was killed (or was already reaped). Peeks without
