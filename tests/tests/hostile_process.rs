@@ -942,11 +942,30 @@ jailed_scenarios! {
     jailed_read_only_placement: "read-only" => Verdict::Refused("only READ|WRITE");
 }
 
+/// A policy folder in the temporary directory, removed when the test ends (also when it
+/// fails).
+struct TempPolicy(PathBuf);
+
+impl TempPolicy {
+    fn policy(&self) -> Option<PathBuf> {
+        Some(self.0.join("gpu_device_shm.policy"))
+    }
+}
+
+impl Drop for TempPolicy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A copy of our policy folder where `fcntl` and `fallocate` are allowed with any
 /// arguments: what the VMM's own defences must hold against if the policy were looser.
-fn loose_policy() -> PathBuf {
+fn loose_policy(test: &str) -> TempPolicy {
     let ours = hostmem_vmm::policy::default_dir();
-    let dir = std::env::temp_dir().join(format!("hostmem-loose-policy-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "hostmem-loose-policy-{}-{test}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["common_device.policy", "gpu_device_shm.policy"] {
         let text = std::fs::read_to_string(ours.join(f)).unwrap();
@@ -971,7 +990,7 @@ fn loose_policy() -> PathBuf {
         };
         std::fs::write(dir.join(f), loose).unwrap();
     }
-    dir.join("gpu_device_shm.policy")
+    TempPolicy(dir)
 }
 
 /// Every seal of every kind and every fallocate mode on the window and guest RAM, allowed by
@@ -981,10 +1000,11 @@ fn loose_policy() -> PathBuf {
 /// F_SEAL_FUTURE_WRITE succeeds and the test fails.)
 #[test]
 fn jailed_any_seal_on_the_window_under_a_loose_policy() {
+    let loose = loose_policy("fd-any-seal");
     scenario_jailed_with(
         "fd-any-seal",
         Verdict::Survives,
-        Some(loose_policy()),
+        loose.policy(),
         Some(DEFAULT_DEVICE_MEMORY),
     );
 }
@@ -993,10 +1013,11 @@ fn jailed_any_seal_on_the_window_under_a_loose_policy() {
 /// MAP_FIXED (which would fail), as an invalid parameter.
 #[test]
 fn jailed_write_sealed_blob_under_a_loose_policy() {
+    let loose = loose_policy("write-sealed-blob");
     scenario_jailed_with(
         "write-sealed-blob",
         Verdict::Refused("sealed against writes"),
-        Some(loose_policy()),
+        loose.policy(),
         Some(DEFAULT_DEVICE_MEMORY),
     );
 }
