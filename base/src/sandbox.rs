@@ -63,8 +63,10 @@ pub enum Step {
     GidMap,
     /// Waiting for the parent's go-ahead (the parent died or failed).
     WaitParent,
-    /// `prctl(PR_SET_PDEATHSIG)`.
+    /// `prctl(PR_SET_PDEATHSIG)`, or the parent was gone when it was set.
     Pdeathsig,
+    /// Unblocking every signal (`rt_sigprocmask`).
+    SignalMask,
     /// Writing the child's pid into [`JailPlan::cgroup_procs`] (parent side).
     Cgroup,
     /// Sending the seccomp listener on [`JailPlan::listener_socket`].
@@ -118,7 +120,7 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 32] = [
+    const ALL: [Step; 33] = [
         Step::Pipe,
         Step::Clone,
         Step::Setgroups,
@@ -126,6 +128,7 @@ impl Step {
         Step::GidMap,
         Step::WaitParent,
         Step::Pdeathsig,
+        Step::SignalMask,
         Step::Cgroup,
         Step::SendListener,
         Step::SetIds,
@@ -167,6 +170,7 @@ impl Step {
             Step::GidMap => "gid_map",
             Step::WaitParent => "wait for parent",
             Step::Pdeathsig => "pdeathsig",
+            Step::SignalMask => "unblock signals",
             Step::Cgroup => "join the cgroup",
             Step::SendListener => "send the seccomp listener",
             Step::SetIds => "setresuid/setresgid",
@@ -480,6 +484,19 @@ fn child_main(p: &mut Prepared<'_>) -> ! {
     // SAFETY: see above.
     unsafe {
         libc::close(p.sync_w);
+        // No signal blocked in the program: the parent may block some (the supervisors
+        // read SIGINT/SIGTERM from a signalfd) and a mask survives the exec.
+        let none = 0u64; // the kernel's sigset_t: 64 bits on x86_64
+        check!(
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &none as *const u64,
+                std::ptr::null_mut::<u64>(),
+                8usize
+            ),
+            Step::SignalMask
+        );
         check!(
             libc::prctl(
                 libc::PR_SET_PDEATHSIG,
@@ -741,6 +758,29 @@ fn child_main(p: &mut Prepared<'_>) -> ! {
             ),
             Step::Fds
         );
+        // Again, last: the credential changes above cleared the first one (the kernel
+        // resets pdeath_signal on every change of creds it considers one). The parent is
+        // alive iff it still holds the error pipe's read end (it does until the exec):
+        // checked after the prctl, so a parent that died in between is not missed.
+        check!(
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0
+            ),
+            Step::Pdeathsig
+        );
+        let mut pfd = libc::pollfd {
+            fd: err_w,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        if libc::poll(&mut pfd, 1, 0) < 0 || pfd.revents & libc::POLLERR != 0 {
+            Errno::set_raw(libc::EPIPE);
+            child_fail(err_w, Step::Pdeathsig, None);
+        }
         if let Some(fprog) = &p.exec_filter {
             // The filter points into plan.exec_filter (SockFilter is #[repr(C)] like
             // sock_filter), alive until the exec; no_new_privs is set above.

@@ -219,6 +219,11 @@ fn jail_facts_from_outside_and_inside() {
     assert_eq!(v["ro_write_existing"], libc::EROFS);
     assert_eq!(v["ro_create"], libc::EROFS);
     assert_eq!(v["hostname"], "hostmem-jail");
+    assert_eq!(
+        v["pdeathsig"],
+        libc::SIGKILL,
+        "the jailed program dies with its parent: PR_SET_PDEATHSIG survives the jail's credential changes and the exec: {v}"
+    );
     let caps: Vec<String> = serde_json::from_value(v["caps"].clone()).unwrap();
     for k in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
         let l = caps.iter().find(|l| l.starts_with(k)).unwrap();

@@ -13,6 +13,7 @@
 //! * [`mod@bench`]: `hostmem bench` (cases, runner, limits, report, plot, the
 //!   `vhost-user-sandboxed` case).
 //! * [`policy`]: compiling the device's seccomp policy.
+//! * [`stop`]: SIGINT/SIGTERM as a request to stop (both supervisors).
 //! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the link to the
 //!   device: the transport tube or vhost-user).
 //! * [`vhost_user`]: `hostmem vhost-user`: the jailed device as a vhost-user backend on a
@@ -34,6 +35,7 @@ pub mod queue_driver;
 pub mod resources;
 pub mod run;
 pub mod service;
+pub mod stop;
 pub mod vhost_frontend;
 pub mod vhost_user;
 pub mod virtio_pci;

@@ -252,10 +252,12 @@ fn main() -> ExitCode {
         .format_timestamp_micros()
         .init();
     let cli = Cli::parse();
+    // The supervisors take SIGINT/SIGTERM as "stop": installed while this is the only thread.
+    let stop = || hostmem_vmm::stop::StopSignals::install().map_err(|e| anyhow::anyhow!("blocking SIGINT/SIGTERM: {e}"));
     let res = match cli.cmd {
-        Cmd::Run(a) => cmd_run(a),
+        Cmd::Run(a) => stop().and_then(|s| cmd_run(a, &s)),
         Cmd::Bench(a) => cmd_bench(a),
-        Cmd::VhostUser(a) => cmd_vhost_user(a),
+        Cmd::VhostUser(a) => stop().and_then(|s| cmd_vhost_user(a, &s)),
         Cmd::Policy(p) => policy_cmd::run(p),
         Cmd::Device { .. } => unreachable!("handled before clap"),
     };
@@ -268,7 +270,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
+fn cmd_vhost_user(a: VhostUserArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<i32> {
     use hostmem_vmm::vhost_user::{supervise, vhost_user_device, SuperviseOptions};
     let mut device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
     device.memory_limit = Some(a.device_memory);
@@ -284,7 +286,7 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
         max_starts: a.max_starts,
         backoff: std::time::Duration::from_millis(200),
     };
-    supervise(&device, &opts, |n, facts| {
+    let end = supervise(&device, &opts, Some(stop), |n, facts| {
         if n == 1 {
             // The one line a script waits for.
             println!(
@@ -304,10 +306,11 @@ fn cmd_vhost_user(a: VhostUserArgs) -> anyhow::Result<i32> {
             log::warn!("vhost-user device restarted (start {n}, pid {})", facts.pid);
         }
     })?;
+    println!("hostmem vhost-user: {end}");
     Ok(0)
 }
 
-fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
+fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<i32> {
     let mut device = run::default_device(&a.backend, a.policy_dir)?;
     device.seccomp_log = a.seccomp_log;
     device.memory_limit = Some(a.device_memory);
@@ -342,7 +345,7 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<i32> {
         command_timeout: run::COMMAND_TIMEOUT,
         guest_event_flood: 0,
     };
-    let r = run::run(&opts)?;
+    let r = run::run_until_stopped(&opts, Some(stop))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

@@ -30,7 +30,10 @@ use hostmem_ipc::protocol::{handshake, DeviceMsg, Hello, Role, VmmMsg};
 use hostmem_ipc::Tube;
 use hostmem_jail::launch::{self, ExitInfo, JailedChild};
 
+use nix::sys::signal::Signal;
+
 use crate::device::{memory_end, DeviceCgroup, DeviceConfig, DeviceFacts};
+use crate::stop::StopSignals;
 
 /// Fd number of the listening socket in the device (`--socket-fd`).
 pub const SOCKET_FD: i32 = 3;
@@ -96,6 +99,15 @@ impl BackendDevice {
     pub fn wait(&mut self) -> anyhow::Result<ExitInfo> {
         let info = self.child.wait()?;
         self.end_render_server();
+        Ok(info)
+    }
+
+    /// The exit, if the device has ended (then its render server is ended too).
+    pub fn try_wait(&mut self) -> anyhow::Result<Option<ExitInfo>> {
+        let info = self.child.try_wait()?;
+        if info.is_some() {
+            self.end_render_server();
+        }
         Ok(info)
     }
 
@@ -308,24 +320,132 @@ pub struct SuperviseOptions {
     pub backoff: Duration,
 }
 
+/// How [`supervise`] ended.
+#[derive(Debug, Clone, Default)]
+pub struct SuperviseEnd {
+    /// Devices started.
+    pub starts: usize,
+    /// The stop signal that ended it (`None`: `max_starts` were served).
+    pub stopped_by: Option<Signal>,
+    /// The last device's pid and how it ended, in words.
+    pub last_device: Option<(i32, String)>,
+    /// The socket file was removed.
+    pub socket_removed: bool,
+    /// The last device's memory cgroup, if it had one, and whether it is gone.
+    pub cgroup: Option<(PathBuf, bool)>,
+}
+
+impl std::fmt::Display for SuperviseEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.stopped_by {
+            Some(s) => write!(f, "stopped by {s}")?,
+            None => write!(f, "done")?,
+        }
+        write!(f, " after {} device start(s)", self.starts)?;
+        if let Some((pid, how)) = &self.last_device {
+            write!(f, "; device pid {pid} {how}")?;
+        }
+        write!(
+            f,
+            "; socket {}",
+            if self.socket_removed { "removed" } else { "NOT removed" }
+        )?;
+        if let Some((dir, gone)) = &self.cgroup {
+            let state = if *gone { "removed" } else { "NOT removed" };
+            write!(f, "; memory cgroup {} {state}", dir.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// The socket file we bound, removed when dropped (if it is still ours: same inode).
+struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> SocketFile {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        SocketFile {
+            path: path.to_path_buf(),
+            id,
+        }
+    }
+
+    fn remove(&mut self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some(id) = self.id.take() else {
+            return false;
+        };
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == id => std::fs::remove_file(&self.path).is_ok(),
+            _ => false,
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// Binds the socket, starts the device and restarts it whenever it ends. `on_ready` is
 /// called after each start (the first call is where `hostmem vhost-user` prints its one
-/// line). Returns after `max_starts` starts have ended, or on a failed start.
+/// line). Returns after `max_starts` starts have ended, when a stop signal arrives (the
+/// device is killed and reaped, its cgroup and the socket file removed), or on a failed
+/// start.
 pub fn supervise(
     cfg: &DeviceConfig,
     opts: &SuperviseOptions,
+    stop: Option<&StopSignals>,
     mut on_ready: impl FnMut(usize, &DeviceFacts),
-) -> anyhow::Result<()> {
+) -> anyhow::Result<SuperviseEnd> {
     let listener = bind_socket(&opts.socket)?;
-    let mut starts = 0usize;
+    let mut socket = SocketFile::new(&opts.socket);
+    let mut end = SuperviseEnd::default();
+    let stopped = |end: &mut SuperviseEnd, socket: &mut SocketFile, sig: Signal| {
+        end.stopped_by = Some(sig);
+        end.socket_removed = socket.remove();
+    };
     loop {
-        if opts.max_starts.is_some_and(|m| starts >= m) {
-            return Ok(());
+        if opts.max_starts.is_some_and(|m| end.starts >= m) {
+            end.socket_removed = socket.remove();
+            return Ok(end);
+        }
+        if let Some(sig) = stop.and_then(StopSignals::received) {
+            stopped(&mut end, &mut socket, sig);
+            return Ok(end);
         }
         let mut dev = start_backend(cfg, &listener, opts.shmem_size)?;
-        starts += 1;
-        on_ready(starts, dev.facts());
-        let info = dev.wait()?;
+        end.starts += 1;
+        on_ready(end.starts, dev.facts());
+        let pid = dev.facts().pid;
+        let cgroup = dev.facts().memory_limit.cgroup.clone();
+        let info = match stop {
+            None => dev.wait()?,
+            Some(stop) => loop {
+                if let Some(info) = dev.try_wait()? {
+                    break info;
+                }
+                if let Some(sig) = stop.wait(Duration::from_millis(200)) {
+                    log::info!("{sig}: ending vhost-user device pid {pid}");
+                    let how = dev.end();
+                    end.last_device = Some((pid, how.described.unwrap_or_default()));
+                    end.cgroup = cgroup.map(|d| {
+                        let gone = !d.exists();
+                        (d, gone)
+                    });
+                    stopped(&mut end, &mut socket, sig);
+                    return Ok(end);
+                }
+            },
+        };
+        end.last_device = Some((pid, dev.describe(&info)));
         let oom = if dev.oom_killed(&info) {
             let limit = &dev.facts().memory_limit;
             log::error!(
@@ -342,6 +462,15 @@ pub fn supervise(
             dev.facts().pid,
             dev.describe(&info)
         );
-        std::thread::sleep(opts.backoff);
+        drop(dev);
+        match stop {
+            Some(s) => {
+                if let Some(sig) = s.wait(opts.backoff) {
+                    stopped(&mut end, &mut socket, sig);
+                    return Ok(end);
+                }
+            }
+            None => std::thread::sleep(opts.backoff),
+        }
     }
 }

@@ -45,7 +45,7 @@ fn jailed_backend_serves_a_frontend_and_is_restarted() {
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let sup = std::thread::spawn(move || {
-        supervise(&cfg, &opts, |n, facts| {
+        supervise(&cfg, &opts, None, |n, facts| {
             tx.send((n, facts.clone())).unwrap();
         })
     });

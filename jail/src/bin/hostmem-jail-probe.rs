@@ -121,6 +121,9 @@ fn facts(ro: Option<String>) -> serde_json::Value {
         "as": lim(Resource::RLIMIT_AS),
         "hostname": nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
         "connect_loopback": errno_of(net),
+        // The signal the kernel sends us when our parent dies (0: none; credential changes
+        // and privileged execs clear it).
+        "pdeathsig": nix::sys::prctl::get_pdeathsig().ok().flatten().map_or(0, |s| s as i32),
     });
     if let Some(p) = ro {
         let path = std::path::Path::new(&p);

@@ -54,6 +54,8 @@ impl DeviceCgroup {
         if !parent.join("memory.limit_in_bytes").exists() {
             return Err(format!("{} has no memory.limit_in_bytes", parent.display()));
         }
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| remove_stale(&parent));
         let dir = parent.join(format!(
             "hostmem-device-{}-{}",
             std::process::id(),
@@ -97,6 +99,55 @@ impl DeviceCgroup {
             .ok()
             .and_then(|t| t.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+/// Removes the device cgroups (`hostmem-device-<pid>-<n>`) of supervisors that are gone: a
+/// supervisor killed outright cannot remove its own. A device still in one (from a build
+/// whose devices outlived their supervisor) is killed first.
+fn remove_stale(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("hostmem-device-"))
+            .and_then(|n| n.split_once('-'))
+            .and_then(|(pid, n)| n.parse::<u64>().ok().and(pid.parse::<i32>().ok()))
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = e.path();
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            log::warn!(
+                "stale device cgroup {}: killing its process {p} (its supervisor {pid} is gone)",
+                dir.display()
+            );
+            hostmem_base::sandbox::kill(p, libc::SIGKILL);
+        }
+        let t0 = std::time::Instant::now();
+        loop {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => {
+                    log::info!(
+                        "removed the stale device cgroup {} (its supervisor {pid} is gone)",
+                        dir.display()
+                    );
+                    break;
+                }
+                Err(err) if t0.elapsed() > Duration::from_secs(3) => {
+                    log::warn!("stale device cgroup {} not removed: {err}", dir.display());
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 }
 

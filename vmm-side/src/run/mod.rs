@@ -169,6 +169,8 @@ pub struct Report {
     pub seconds: f64,
     /// Syscalls the device's seccomp filter refused or (log mode) logged, by name.
     pub seccomp_violations: Vec<String>,
+    /// The stop signal (SIGINT/SIGTERM) that ended the run early, if one did.
+    pub stopped_by: Option<String>,
     /// Errors that are not guest mismatches: at most [`MAX_ERRORS`], then one line that
     /// says how many more.
     pub errors: Vec<String>,
@@ -279,6 +281,15 @@ pub struct VirtqueueReport {
 
 /// Runs the workload and returns its report.
 pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
+    run_until_stopped(opts, None)
+}
+
+/// [`run`], ended early (the device stopped, the window restored, the report made, an
+/// error saying so) when `stop` reports SIGINT or SIGTERM.
+pub fn run_until_stopped(
+    opts: &RunOptions,
+    stop: Option<&crate::stop::StopSignals>,
+) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     if !opts.use_kvm {
         anyhow::bail!("hostmem run needs KVM: its guest driver runs in a KVM guest");
@@ -365,10 +376,17 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     let guest_t0 = Instant::now();
     let mut guest_wall = None;
     let mut guest_failed = false;
+    let mut stopped_by: Option<String> = None;
     // Wall time at the guest's last event, when it also read its TSC (`tsc_end`).
     let mut last_event_at = guest_t0.elapsed();
 
     loop {
+        if let Some(sig) = stop.and_then(crate::stop::StopSignals::received) {
+            log::warn!("{sig}: stopping the run");
+            errors.push(format!("stopped by {sig}"));
+            stopped_by = Some(sig.to_string());
+            break;
+        }
         let event = match guest.run_until_event(&mut pci) {
             Ok(e) => e,
             Err(e) => {
@@ -578,7 +596,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             results.errors, results.last_error.0, results.last_error.1
         ));
     }
-    if !guest_failed && guest_wall.is_none() {
+    if stopped_by.is_none() && !guest_failed && guest_wall.is_none() {
         errors.push("the guest driver did not finish".into());
     }
     if !results.message.is_empty() && !guest_failed {
@@ -646,6 +664,7 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
             procfs::fd_count()?
         }),
         seconds: t0.elapsed().as_secs_f64(),
+        stopped_by,
         errors,
         blob_memory: {
             let (_, max, refused) = hostmem.placed_bytes();
