@@ -253,7 +253,10 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     // The supervisors take SIGINT/SIGTERM as "stop": installed while this is the only thread.
-    let stop = || hostmem_vmm::stop::StopSignals::install().map_err(|e| anyhow::anyhow!("blocking SIGINT/SIGTERM: {e}"));
+    let stop = || {
+        hostmem_vmm::stop::StopSignals::install()
+            .map_err(|e| anyhow::anyhow!("blocking SIGINT/SIGTERM: {e}"))
+    };
     let res = match cli.cmd {
         Cmd::Run(a) => stop().and_then(|s| cmd_run(a, &s)),
         Cmd::Bench(a) => cmd_bench(a),

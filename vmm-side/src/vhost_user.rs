@@ -348,7 +348,11 @@ impl std::fmt::Display for SuperviseEnd {
         write!(
             f,
             "; socket {}",
-            if self.socket_removed { "removed" } else { "NOT removed" }
+            if self.socket_removed {
+                "removed"
+            } else {
+                "NOT removed"
+            }
         )?;
         if let Some((dir, gone)) = &self.cgroup {
             let state = if *gone { "removed" } else { "NOT removed" };

@@ -114,7 +114,10 @@ impl Drop for CgroupsOf {
 /// Whether `pid` is a live process (a zombie waiting for its reaper counts as ended).
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
+        .map(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
         .unwrap_or(false)
 }
 
@@ -164,8 +167,17 @@ fn kill_and_remove(cg: &Path) {
     }
 }
 
-fn socket_path(tag: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("hostmem-sig-{tag}-{}.sock", std::process::id()))
+/// A socket path, removed when the test ends however it ends.
+struct SocketPath(PathBuf);
+
+impl Drop for SocketPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn socket_path(tag: &str) -> SocketPath {
+    SocketPath(std::env::temp_dir().join(format!("hostmem-sig-{tag}-{}.sock", std::process::id())))
 }
 
 fn usable() -> bool {
@@ -181,14 +193,18 @@ fn stop_vhost_user_with(sig: Signal) {
     if !usable() {
         return;
     }
-    let socket = socket_path(sig.as_str());
-    let mut sup = Supervisor::vhost_user(&socket);
+    let guard = socket_path(sig.as_str());
+    let socket = &guard.0;
+    let mut sup = Supervisor::vhost_user(socket);
     let dev = sup.ready();
     let cgroups = cgroups_of(sup.pid());
     assert!(socket.exists(), "the socket is there while it serves");
     sup.signal(sig);
     let (status, rest) = sup.finish();
-    assert!(status.success(), "{sig} ends it cleanly: {status:?}, {rest}");
+    assert!(
+        status.success(),
+        "{sig} ends it cleanly: {status:?}, {rest}"
+    );
     assert!(
         rest.contains(&format!("stopped by {sig}")) && rest.contains("socket removed"),
         "one summary line: {rest:?}"
@@ -197,7 +213,10 @@ fn stop_vhost_user_with(sig: Signal) {
     assert!(!socket.exists(), "{} removed", socket.display());
     for cg in &cgroups {
         assert!(!cg.exists(), "{} removed", cg.display());
-        assert!(rest.contains("memory cgroup") && rest.contains("removed"), "{rest}");
+        assert!(
+            rest.contains("memory cgroup") && rest.contains("removed"),
+            "{rest}"
+        );
     }
 }
 
@@ -217,8 +236,9 @@ fn a_killed_supervisors_device_dies_and_its_cgroup_is_removed_by_the_next() {
     if !usable() {
         return;
     }
-    let socket = socket_path("kill");
-    let mut first = Supervisor::vhost_user(&socket);
+    let guard = socket_path("kill");
+    let socket = &guard.0;
+    let mut first = Supervisor::vhost_user(socket);
     let dev = first.ready();
     let first_pid = first.pid();
     let _clean = CgroupsOf(first_pid);
@@ -231,7 +251,7 @@ fn a_killed_supervisors_device_dies_and_its_cgroup_is_removed_by_the_next() {
         || !alive(dev),
     );
     // A killed supervisor removes nothing: the next one at the same path does.
-    let mut second = Supervisor::vhost_user(&socket);
+    let mut second = Supervisor::vhost_user(socket);
     let dev2 = second.ready();
     for cg in &stale {
         assert!(!cg.exists(), "stale {} removed at start", cg.display());
@@ -250,7 +270,14 @@ fn sigterm_ends_hostmem_run_with_its_device_and_cgroup() {
         return;
     }
     let mut child = Command::new(HOSTMEM)
-        .args(["run", "--blobs", "1000000", "--json", "--device-memory", "64M"])
+        .args([
+            "run",
+            "--blobs",
+            "1000000",
+            "--json",
+            "--device-memory",
+            "64M",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -263,14 +290,18 @@ fn sigterm_ends_hostmem_run_with_its_device_and_cgroup() {
     };
     // The device is up when its cgroup has a process.
     let mut dev = 0;
-    wait_until("hostmem run's device starts", Duration::from_secs(30), || {
-        dev = cgroups_of(pid)
-            .iter()
-            .filter_map(|cg| std::fs::read_to_string(cg.join("cgroup.procs")).ok())
-            .find_map(|p| p.lines().next().and_then(|l| l.trim().parse().ok()))
-            .unwrap_or(0);
-        dev != 0
-    });
+    wait_until(
+        "hostmem run's device starts",
+        Duration::from_secs(30),
+        || {
+            dev = cgroups_of(pid)
+                .iter()
+                .filter_map(|cg| std::fs::read_to_string(cg.join("cgroup.procs")).ok())
+                .find_map(|p| p.lines().next().and_then(|l| l.trim().parse().ok()))
+                .unwrap_or(0);
+            dev != 0
+        },
+    );
     let cgroups = cgroups_of(pid);
     std::thread::sleep(Duration::from_millis(500));
     sup.out = child.stdout.take().map(BufReader::new);
