@@ -11,7 +11,7 @@
 //! never cross it, they live in virtqueues in guest RAM.
 //!
 //! [`Device::stop`] / death handling: on tube EOF, child exit or a command timeout the
-//! device is asked to exit (the transport tube is shut down: EOF), killed if needed, its exit is reported (signal; for SIGSYS the syscall), the
+//! device is asked to exit (the transport tube is shut down: EOF), killed if needed, its exit is reported (signal; for SIGSYS the syscall by the kernel's audit record, the device's own SIGSYS record only as its claim), the
 //! whole window goes back to background and every blob memslot is deleted, so the guest keeps
 //! running and reads zeros where blobs were.
 //!
