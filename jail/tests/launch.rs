@@ -304,13 +304,27 @@ fn seccomp_is_verified_and_a_kill_names_the_syscall_with_its_args() {
             }),
             "{what}"
         );
-        let r = c.sigsys_report().expect("a SIGSYS report");
-        println!("{what}: {r}");
+        let f = c.sigsys_finding();
+        println!("{what}: {f}");
+        // The handler's record: the program's claim, with the arguments.
+        let r = f.device_claim.as_ref().expect("the handler's record");
         assert_eq!(r.name, what);
         assert_eq!(r.nr as i64, nr);
         let args = r.args.expect("the handler reports the arguments");
         if let Some(a) = arg0 {
             assert_eq!(args[0], a);
+        }
+        // The fact: the kernel's audit record (the filter is installed with FLAG_LOG), where
+        // the kernel's rate limit let it through.
+        match &f.kernel_record {
+            Some(k) => {
+                assert_eq!(k.name, what, "{f}");
+                assert_eq!(f.claim_agrees(), Some(true), "an honest claim: {f}");
+            }
+            None => println!(
+                "{what}: no kernel record here: {:?}",
+                f.kernel_record_unavailable.as_deref().expect("a reason")
+            ),
         }
     }
 }
@@ -634,7 +648,7 @@ fn a_trap_before_the_programs_handler_is_named_by_the_kernel() {
                 core: false
             })
         );
-        if let Some(r) = c.sigsys_report() {
+        if let Some(r) = c.sigsys_finding().kernel_record {
             assert_eq!(r.name, "mprotect", "{r}");
             assert_eq!(r.code, 0x0003_0000, "a trap: {r}");
             return;
