@@ -28,6 +28,15 @@ fn loader() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Removes a test's folder however the test ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `None` (and a `skipped:` line) when this machine cannot create the namespaces.
 fn jail_works() -> bool {
     let cfg = JailConfig {
@@ -131,6 +140,7 @@ fn jail_facts_from_outside_and_inside() {
     // so this also checks that bind sources are opened before.
     let dir = std::env::temp_dir().join(format!("hostmem-jail-ro-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _gone = RemoveOnDrop(dir.clone());
     std::fs::write(dir.join("hello"), "hi").unwrap();
     // World-writable, so only the read-only mount can refuse the write.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -236,6 +246,7 @@ fn jail_facts_from_outside_and_inside() {
         Some(ExitInfo::Exited(0))
     );
     std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!dir.exists());
 }
 
 #[test]
