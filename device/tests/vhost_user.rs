@@ -68,7 +68,7 @@ fn negotiation_config_and_shmem_config() {
     let mut fe = connect(&path);
     fe.set_owner().unwrap();
     let f = fe.get_features().unwrap();
-    for bit in [32u32, 29, 0, 3, 4, 30] {
+    for bit in [32u32, 29, 0, 1, 2, 3, 4, 30] {
         assert_ne!(f & (1 << bit), 0, "feature bit {bit} offered: {f:#x}");
     }
     fe.set_features(f).unwrap();
@@ -258,12 +258,16 @@ fn a_frontend_that_adds_a_memory_region_before_it_acks_does_not_deadlock() {
 }
 
 #[test]
-fn display_info_answers_the_one_disabled_scanout() {
+fn display_info_answers_the_default_scanout() {
     let (path, t) = backend("display", 1);
     let mut fe = Fe::new(&path);
     match fe.roundtrip(&Command::get_display_info()) {
         Response::OkDisplayInfo { modes, .. } => {
-            assert!(modes.iter().all(|m| m.enabled == 0), "{modes:?}");
+            assert_eq!(
+                (modes[0].width, modes[0].height, modes[0].enabled),
+                (1024, 768, 1)
+            );
+            assert!(modes[1..].iter().all(|m| m.enabled == 0), "{modes:?}");
         }
         other => panic!("{other:?}"),
     }
