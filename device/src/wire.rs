@@ -1894,6 +1894,108 @@ mod tests {
         assert_eq!(&b[32..40], &0x0102_0304_0506_0708u64.to_le_bytes());
     }
 
+    /// Every display command: its size, its type and fields at their offsets, and a round
+    /// trip; one byte short of each is truncated.
+    #[test]
+    fn display_commands_have_the_specs_layout() {
+        let r = Rect::new(1, 2, 3, 4);
+        let cases: Vec<(Command, usize, u32)> = vec![
+            (Command::create_2d(7, 67, 640, 480), 40, 0x0101),
+            (Command::set_scanout(1, 7, r), 48, 0x0103),
+            (Command::resource_flush(7, r), 48, 0x0104),
+            (Command::transfer_to_host_2d(7, r, 0x1122), 56, 0x0105),
+            (
+                Command::attach_backing(7, &[(0x1000, 4096), (0x9000, 100)]),
+                32 + 32,
+                0x0106,
+            ),
+            (Command::detach_backing(7), 32, 0x0107),
+            (Command::get_edid(1), 32, 0x010a),
+            (Command::assign_uuid(7), 32, 0x010b),
+            (
+                Command::set_scanout_blob(1, 7, 2, (640, 480), 2560, 4096),
+                96,
+                0x010d,
+            ),
+            (Command::update_cursor(0, (5, 6), 7, (1, 2)), 56, 0x0300),
+            (Command::move_cursor(0, (5, 6)), 56, 0x0301),
+        ];
+        for (c, size, t) in cases {
+            let b = c.encode();
+            assert_eq!(b.len(), size, "{c:?}");
+            assert_eq!(&b[0..4], &t.to_le_bytes(), "{c:?}");
+            assert_eq!(c.type_(), t);
+            assert_eq!(Command::parse(&b).unwrap(), c);
+            let fixed = if t == 0x0106 { 32 } else { size };
+            assert!(
+                matches!(
+                    Command::parse(&b[..fixed - 1]),
+                    Err(WireError::Truncated { .. })
+                ),
+                "{c:?}"
+            );
+            let f = c.clone().fenced(9);
+            assert_eq!(Command::parse(&f.encode()).unwrap().hdr().fence_id, 9);
+        }
+        // Field offsets (Linux's virtio_gpu.h).
+        let b = Command::create_2d(7, 67, 640, 480).encode();
+        assert_eq!(&b[24..28], &7u32.to_le_bytes());
+        assert_eq!(&b[28..32], &67u32.to_le_bytes());
+        assert_eq!(&b[32..36], &640u32.to_le_bytes());
+        assert_eq!(&b[36..40], &480u32.to_le_bytes());
+        let b = Command::set_scanout(1, 7, r).encode();
+        assert_eq!(&b[24..28], &1u32.to_le_bytes(), "rect.x");
+        assert_eq!(&b[36..40], &4u32.to_le_bytes(), "rect.height");
+        assert_eq!(&b[40..44], &1u32.to_le_bytes(), "scanout_id");
+        assert_eq!(&b[44..48], &7u32.to_le_bytes(), "resource_id");
+        let b = Command::transfer_to_host_2d(7, r, 0x1122).encode();
+        assert_eq!(&b[40..48], &0x1122u64.to_le_bytes(), "offset");
+        assert_eq!(&b[48..52], &7u32.to_le_bytes(), "resource_id");
+        let b = Command::attach_backing(7, &[(0x1000, 4096), (0x9000, 100)]).encode();
+        assert_eq!(&b[28..32], &2u32.to_le_bytes(), "nr_entries");
+        assert_eq!(&b[48..56], &0x9000u64.to_le_bytes(), "entry 1 addr");
+        let b = Command::set_scanout_blob(1, 7, 2, (640, 480), 2560, 4096).encode();
+        assert_eq!(&b[48..52], &640u32.to_le_bytes(), "width");
+        assert_eq!(&b[56..60], &2u32.to_le_bytes(), "format");
+        assert_eq!(&b[64..68], &2560u32.to_le_bytes(), "strides[0]");
+        assert_eq!(&b[80..84], &4096u32.to_le_bytes(), "offsets[0]");
+        let b = Command::update_cursor(0, (5, 6), 7, (1, 2)).encode();
+        assert_eq!(&b[28..32], &5u32.to_le_bytes(), "pos.x");
+        assert_eq!(&b[40..44], &7u32.to_le_bytes(), "resource_id");
+        assert_eq!(&b[48..52], &2u32.to_le_bytes(), "hot_y");
+        // ATTACH_BACKING's nr_entries is checked against the message.
+        let mut b = Command::attach_backing(7, &[(0x1000, 4096)]).encode();
+        b[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Command::parse(&b), Err(WireError::BadLength(_))));
+    }
+
+    #[test]
+    fn edid_and_uuid_responses_round_trip() {
+        let r = Response::OkEdid {
+            hdr: CtrlHdr::new(VIRTIO_GPU_RESP_OK_EDID),
+            edid: vec![7; 128],
+        };
+        let e = r.encode();
+        assert_eq!(e.len(), RESP_EDID_SIZE);
+        assert_eq!(&e[24..28], &128u32.to_le_bytes());
+        assert_eq!(Response::parse(&e).unwrap(), r);
+        let mut bad = e.clone();
+        bad[24..28].copy_from_slice(&1025u32.to_le_bytes());
+        assert!(matches!(
+            Response::parse(&bad),
+            Err(WireError::BadLength(_))
+        ));
+        assert!(Response::parse(&e[..RESP_EDID_SIZE - 1]).is_err());
+        let u = Response::OkResourceUuid {
+            hdr: CtrlHdr::new(VIRTIO_GPU_RESP_OK_RESOURCE_UUID),
+            uuid: [9; 16],
+        };
+        let e = u.encode();
+        assert_eq!(e.len(), RESP_RESOURCE_UUID_SIZE);
+        assert_eq!(Response::parse(&e).unwrap(), u);
+        assert!(Response::parse(&e[..39]).is_err());
+    }
+
     #[test]
     fn huge_nr_entries_is_refused_without_allocating() {
         let mut b = Command::create_blob(0, 1, 1, 1, 0, 4096).encode();
