@@ -1019,7 +1019,10 @@ fn the_transport_messages_are_answered_with_their_seq() {
 
 /// Frames a sink saw, with a copy of the 2D resource's bytes.
 #[derive(Debug, Default, Clone)]
-struct FrameLog(std::sync::Arc<std::sync::Mutex<Vec<(FrameInfo, Vec<u8>)>>>);
+struct FrameLog(std::sync::Arc<std::sync::Mutex<Vec<Frame>>>);
+
+/// A frame's description and bytes.
+type Frame = (FrameInfo, Vec<u8>);
 
 impl FrameSink for FrameLog {
     fn frame(&mut self, info: &FrameInfo, pixels: FramePixels<'_>) {
