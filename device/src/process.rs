@@ -720,6 +720,31 @@ mod tests {
     }
 
     #[test]
+    fn display_defaults_to_one_1024x768_scanout_and_can_be_set() {
+        let with = |d: Option<&str>| {
+            let mut a = vec!["--vhost-user", "--socket-fd", "3"];
+            a.extend(d.iter().flat_map(|d| ["--display", d]));
+            parse(&a)
+        };
+        assert_eq!(with(None).unwrap().display.modes(), &[(1024, 768)]);
+        let two = with(Some("1920x1080,640x480")).unwrap();
+        assert_eq!(two.display.num_scanouts(), 2);
+        for bad in ["0x0", "1024", "99999x10", "a,b"] {
+            let e = with(Some(bad)).unwrap_err();
+            assert!(e.contains("display"), "{bad}: {e}");
+        }
+        let a = parse(&[
+            "--transport-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--window-gpa",
+            "4294967296",
+        ]);
+        assert_eq!(a.unwrap().window_gpa, Some(1 << 32));
+    }
+
+    #[test]
     fn args_name_the_render_server_socket() {
         let a = parse(&[
             "--transport-fd",
