@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use frontend::{assert_ok, blob, connect, Fe, PAGE, RAM_GPA, RAM_SIZE};
-use hostmem_device::backend::shm::SHM_CAPSET_ID;
+use hostmem_device::backend::shm::{ShmBackend, SHM_CAPSET_ID};
 use hostmem_device::vhost_user::{serve_listener, Options, CONFIG_SIZE, SHMEM_ID};
 use hostmem_device::wire::*;
 use vhost::vhost_user::message::{
@@ -327,4 +327,20 @@ fn a_shmem_map_never_acked_ends_the_connection_and_the_next_frontend_is_served()
     drop(fe);
     t.join().unwrap();
     let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn config_reports_the_displays_scanouts() {
+    use hostmem_device::display::DisplayConfig;
+    let mut vu = hostmem_device::vhost_user::VuGpu::new(Box::new(ShmBackend::new()), REGION);
+    assert_eq!(
+        u32::from_le_bytes(vu.config()[8..12].try_into().unwrap()),
+        1
+    );
+    vu.device_mut()
+        .gpu_mut()
+        .set_display(DisplayConfig::parse("800x600,640x480,320x200").unwrap());
+    let cfg = vu.config();
+    assert_eq!(u32::from_le_bytes(cfg[8..12].try_into().unwrap()), 3);
+    assert_eq!(u32::from_le_bytes(cfg[12..16].try_into().unwrap()), 1);
 }
