@@ -10,7 +10,7 @@
 //! # Rules (every refusal is an error response, never a panic)
 //!
 //! * Scanouts: [`DisplayConfig`] (1 by default, 1024×768; at most
-//!   [`VIRTIO_GPU_MAX_SCANOUTS`]), all enabled in `GET_DISPLAY_INFO`. A scanout id at or
+//!   [`VIRTIO_GPU_MAX_SCANOUTS`](crate::wire::VIRTIO_GPU_MAX_SCANOUTS)), all enabled in `GET_DISPLAY_INFO`. A scanout id at or
 //!   past their number is `ERR_INVALID_SCANOUT_ID` (`SET_SCANOUT`, `SET_SCANOUT_BLOB`,
 //!   `GET_EDID`; logged only on the cursor queue, which has no responses).
 //! * `RESOURCE_CREATE_2D`: id non-zero and unused (`ERR_INVALID_RESOURCE_ID`); format one
@@ -57,19 +57,20 @@ use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::os::fd::{AsFd, BorrowedFd};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
-
 use crate::backend::ExportedBlob;
-use crate::virtio::GuestMemoryMmap;
 use crate::wire::{
-    CtrlHdr, DisplayOne, ErrorCode, GetEdid, MemEntry, Rect, ResourceAttachBacking,
-    ResourceCreate2d, ResourceFlush, Response, SetScanout, SetScanoutBlob, TransferToHost2d,
-    UpdateCursor, VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM, VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM,
-    VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM,
-    VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM, VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM,
-    VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM, VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM, VIRTIO_GPU_MAX_SCANOUTS,
-    VIRTIO_GPU_RESP_OK_DISPLAY_INFO, VIRTIO_GPU_RESP_OK_EDID, VIRTIO_GPU_RESP_OK_RESOURCE_UUID,
+    CtrlHdr, DisplayOne, ErrorCode, GetEdid, Rect, ResourceFlush, Response, SetScanout,
+    SetScanoutBlob, VIRTIO_GPU_RESP_OK_DISPLAY_INFO, VIRTIO_GPU_RESP_OK_EDID,
+    VIRTIO_GPU_RESP_OK_RESOURCE_UUID,
 };
+
+mod cursor;
+mod format;
+mod resource;
+
+pub use cursor::CursorInfo;
+pub use format::{DisplayConfig, Format};
+use resource::Resource2d;
 
 /// Width of the default scanout.
 pub const DEFAULT_WIDTH: u32 = 1024;
@@ -96,151 +97,6 @@ pub type Refusal = (ErrorCode, String);
 
 fn refuse<T>(code: ErrorCode, reason: impl Into<String>) -> Result<T, Refusal> {
     Err((code, reason.into()))
-}
-
-/// The pixel formats served: the 4-byte unorm ones Linux and Mesa use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// `B8G8R8A8_UNORM` (1).
-    B8G8R8A8,
-    /// `B8G8R8X8_UNORM` (2).
-    B8G8R8X8,
-    /// `A8R8G8B8_UNORM` (3).
-    A8R8G8B8,
-    /// `X8R8G8B8_UNORM` (4).
-    X8R8G8B8,
-    /// `R8G8B8A8_UNORM` (67).
-    R8G8B8A8,
-    /// `X8B8G8R8_UNORM` (68).
-    X8B8G8R8,
-    /// `A8B8G8R8_UNORM` (121).
-    A8B8G8R8,
-    /// `R8G8B8X8_UNORM` (134).
-    R8G8B8X8,
-}
-
-impl Format {
-    /// Every format served.
-    pub const ALL: [Format; 8] = [
-        Format::B8G8R8A8,
-        Format::B8G8R8X8,
-        Format::A8R8G8B8,
-        Format::X8R8G8B8,
-        Format::R8G8B8A8,
-        Format::X8B8G8R8,
-        Format::A8B8G8R8,
-        Format::R8G8B8X8,
-    ];
-
-    /// The format of a `VIRTIO_GPU_FORMAT_*` value, if it is served.
-    pub fn from_u32(v: u32) -> Option<Format> {
-        Some(match v {
-            VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM => Format::B8G8R8A8,
-            VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM => Format::B8G8R8X8,
-            VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM => Format::A8R8G8B8,
-            VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM => Format::X8R8G8B8,
-            VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM => Format::R8G8B8A8,
-            VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM => Format::X8B8G8R8,
-            VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM => Format::A8B8G8R8,
-            VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM => Format::R8G8B8X8,
-            _ => return None,
-        })
-    }
-
-    /// The wire value.
-    pub fn to_u32(self) -> u32 {
-        match self {
-            Format::B8G8R8A8 => VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM,
-            Format::B8G8R8X8 => VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM,
-            Format::A8R8G8B8 => VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM,
-            Format::X8R8G8B8 => VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM,
-            Format::R8G8B8A8 => VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM,
-            Format::X8B8G8R8 => VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM,
-            Format::A8B8G8R8 => VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM,
-            Format::R8G8B8X8 => VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM,
-        }
-    }
-
-    /// Bytes per pixel (4 for every format served).
-    pub fn bytes_per_pixel(self) -> u32 {
-        BYTES_PER_PIXEL
-    }
-}
-
-/// The scanouts the device has: one size per scanout, 1 to [`VIRTIO_GPU_MAX_SCANOUTS`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DisplayConfig {
-    modes: Vec<(u32, u32)>,
-}
-
-impl Default for DisplayConfig {
-    fn default() -> Self {
-        DisplayConfig {
-            modes: vec![(DEFAULT_WIDTH, DEFAULT_HEIGHT)],
-        }
-    }
-}
-
-impl DisplayConfig {
-    /// Scanouts of these sizes. Refused: none, more than [`VIRTIO_GPU_MAX_SCANOUTS`], a width
-    /// or height outside what an EDID detailed timing holds ([`crate::edid::MIN_SIZE`] ..=
-    /// [`crate::edid::MAX_SIZE`]).
-    pub fn new(modes: Vec<(u32, u32)>) -> Result<DisplayConfig, String> {
-        if modes.is_empty() || modes.len() > VIRTIO_GPU_MAX_SCANOUTS {
-            return Err(format!(
-                "{} scanouts (1 to {VIRTIO_GPU_MAX_SCANOUTS})",
-                modes.len()
-            ));
-        }
-        let range = crate::edid::MIN_SIZE..=crate::edid::MAX_SIZE;
-        for (w, h) in &modes {
-            if !range.contains(w) || !range.contains(h) {
-                return Err(format!(
-                    "scanout {w}x{h}: width and height must be {} to {}",
-                    range.start(),
-                    range.end()
-                ));
-            }
-        }
-        Ok(DisplayConfig { modes })
-    }
-
-    /// Parses `WxH[,WxH...]` (the device's `--display`).
-    pub fn parse(s: &str) -> Result<DisplayConfig, String> {
-        let modes = s
-            .split(',')
-            .map(|m| {
-                let (w, h) = m
-                    .trim()
-                    .split_once(['x', 'X'])
-                    .ok_or_else(|| format!("{m:?}: expected WIDTHxHEIGHT"))?;
-                let n = |v: &str| {
-                    v.trim()
-                        .parse::<u32>()
-                        .map_err(|e| format!("{m:?}: {v:?}: {e}"))
-                };
-                Ok((n(w)?, n(h)?))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        DisplayConfig::new(modes)
-    }
-
-    /// The scanouts' sizes.
-    pub fn modes(&self) -> &[(u32, u32)] {
-        &self.modes
-    }
-
-    /// `virtio_gpu_config.num_scanouts`.
-    pub fn num_scanouts(&self) -> u32 {
-        self.modes.len() as u32
-    }
-}
-
-impl std::str::FromStr for DisplayConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        DisplayConfig::parse(s)
-    }
 }
 
 /// One flushed frame of a scanout: what [`FrameSink::frame`] gets, and what
@@ -288,31 +144,6 @@ pub enum FramePixels<'a> {
     },
 }
 
-/// The cursor, as the last accepted cursor command left it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CursorInfo {
-    /// Scanout.
-    pub scanout_id: u32,
-    /// Position of the hot spot.
-    pub x: u32,
-    /// Position of the hot spot.
-    pub y: u32,
-    /// The resource the image came from (0: hidden).
-    pub resource_id: u32,
-    /// Hot spot in the image.
-    pub hot_x: u32,
-    /// Hot spot in the image.
-    pub hot_y: u32,
-    /// The image's format (`None` when hidden).
-    pub format: Option<Format>,
-    /// The image: [`CURSOR_SIZE`]² pixels copied at `UPDATE_CURSOR` (empty when hidden).
-    pub image: Vec<u8>,
-    /// `UPDATE_CURSOR`s accepted.
-    pub updates: u64,
-    /// `MOVE_CURSOR`s accepted.
-    pub moves: u64,
-}
-
 /// Where flushed frames go: the supervisor's end in a later part (issue 26); tests record
 /// them. Called inside the command, so it must not block for long.
 pub trait FrameSink: Send {
@@ -349,56 +180,6 @@ pub struct DisplayStats {
     pub cursor_refusals: u64,
     /// `RESOURCE_CREATE_2D`s refused at a memory bound.
     pub budget_refusals: u64,
-}
-
-/// A 2D resource: its host copy and its guest backing.
-#[derive(Debug)]
-struct Resource2d {
-    format: Format,
-    width: u32,
-    height: u32,
-    stride: u32,
-    data: Vec<u8>,
-    /// Backing entries (guest address, length), checked at attach time.
-    backing: Option<Backing>,
-}
-
-/// Guest RAM ranges backing a 2D resource, in order.
-#[derive(Debug)]
-struct Backing {
-    entries: Vec<(u64, u64)>,
-    /// Offset of each entry's first byte in the backing.
-    starts: Vec<u64>,
-    len: u64,
-}
-
-impl Backing {
-    /// Copies `dst.len()` bytes from backing offset `off` (the caller checked the range
-    /// lies in the backing). Fails when guest RAM does not hold an entry any more.
-    fn read(&self, mem: &GuestMemoryMmap, off: u64, dst: &mut [u8]) -> Result<(), String> {
-        let mut off = off;
-        let mut done = 0usize;
-        // The entry holding `off`: the last one starting at or before it.
-        let mut i = self.starts.partition_point(|s| *s <= off).saturating_sub(1);
-        while done < dst.len() {
-            let (Some(&(gpa, len)), Some(&start)) = (self.entries.get(i), self.starts.get(i))
-            else {
-                return Err(format!("backing offset {off:#x} past its end"));
-            };
-            let within = off - start;
-            let n = usize::try_from((len - within).min((dst.len() - done) as u64))
-                .unwrap_or(usize::MAX);
-            let part = dst
-                .get_mut(done..done + n)
-                .ok_or_else(|| "backing read out of range".to_string())?;
-            mem.read_slice(part, GuestAddress(gpa + within))
-                .map_err(|e| format!("backing {gpa:#x}+{within:#x}: {e}"))?;
-            done += n;
-            off += n as u64;
-            i += 1;
-        }
-        Ok(())
-    }
 }
 
 /// What a scanout shows.
@@ -476,12 +257,6 @@ impl Default for Display {
     fn default() -> Self {
         Display::new(DisplayConfig::default())
     }
-}
-
-/// Cursor commands refused: logged the 1st, 2nd, 4th, … time per kind.
-fn cursor_refused(stats: &mut DisplayStats, name: &'static str, reason: &str) {
-    stats.cursor_refusals += 1;
-    crate::gpu::COMMAND_WARNINGS.warn(name, format_args!("{name}: refused: {reason}"));
 }
 
 impl Display {
@@ -657,245 +432,6 @@ impl Display {
             hdr: c.hdr.response(VIRTIO_GPU_RESP_OK_EDID),
             edid: block.to_vec(),
         })
-    }
-
-    /// `RESOURCE_CREATE_2D` checks up to the memory bounds: the bytes the resource needs.
-    /// `blob_taken`: the id is a blob's.
-    pub fn check_create_2d(&self, c: &ResourceCreate2d, blob_taken: bool) -> Result<u64, Refusal> {
-        let id = c.resource_id;
-        if id == 0 {
-            return refuse(ErrorCode::InvalidResourceId, "resource id 0");
-        }
-        if blob_taken || self.resources.contains_key(&id) {
-            return refuse(
-                ErrorCode::InvalidResourceId,
-                format!("resource {id} exists"),
-            );
-        }
-        let Some(format) = Format::from_u32(c.format) else {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!("format {} not served", c.format),
-            );
-        };
-        let dims = 1..=MAX_2D_DIMENSION;
-        if !dims.contains(&c.width) || !dims.contains(&c.height) {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!(
-                    "size {}x{}: width and height must be 1 to {MAX_2D_DIMENSION}",
-                    c.width, c.height
-                ),
-            );
-        }
-        let bytes = u64::from(c.width)
-            .checked_mul(u64::from(format.bytes_per_pixel()))
-            .and_then(|s| s.checked_mul(u64::from(c.height)))
-            .ok_or((ErrorCode::InvalidParameter, "size overflows".to_string()))?;
-        if self.resources.len() >= MAX_2D_RESOURCES {
-            return refuse(
-                ErrorCode::OutOfMemory,
-                format!("{} 2D resources: limit reached", self.resources.len()),
-            );
-        }
-        match self.bytes.checked_add(bytes) {
-            Some(after) if after <= self.budget => Ok(bytes),
-            _ => refuse(
-                ErrorCode::OutOfMemory,
-                format!(
-                    "2D memory budget: {} bytes live + {bytes} > {}",
-                    self.bytes, self.budget
-                ),
-            ),
-        }
-    }
-
-    /// Counts a creation refused at a memory bound.
-    pub fn note_budget_refusal(&mut self) {
-        self.stats.budget_refusals += 1;
-    }
-
-    /// `RESOURCE_CREATE_2D` after [`Display::check_create_2d`] and the handler's shared
-    /// budget: allocates the host copy (zeroed). A failed allocation is `ERR_OUT_OF_MEMORY`.
-    pub fn create_2d(&mut self, c: &ResourceCreate2d, bytes: u64) -> Result<(), Refusal> {
-        let format = Format::from_u32(c.format)
-            .ok_or((ErrorCode::InvalidParameter, "format".to_string()))?;
-        let len = usize::try_from(bytes)
-            .map_err(|_| (ErrorCode::OutOfMemory, format!("{bytes} bytes")))?;
-        let mut data = Vec::new();
-        data.try_reserve_exact(len)
-            .map_err(|e| (ErrorCode::OutOfMemory, format!("{bytes} bytes: {e}")))?;
-        data.resize(len, 0);
-        self.resources.insert(
-            c.resource_id,
-            Resource2d {
-                format,
-                width: c.width,
-                height: c.height,
-                stride: c.width.saturating_mul(BYTES_PER_PIXEL),
-                data,
-                backing: None,
-            },
-        );
-        self.bytes = self.bytes.saturating_add(bytes);
-        self.bytes_max = self.bytes_max.max(self.bytes);
-        log::debug!(
-            "resource {}: 2D {}x{} {format:?}",
-            c.resource_id,
-            c.width,
-            c.height
-        );
-        Ok(())
-    }
-
-    fn resource_2d(&mut self, id: u32) -> Result<&mut Resource2d, Refusal> {
-        self.resources
-            .get_mut(&id)
-            .ok_or((ErrorCode::InvalidResourceId, format!("no 2D resource {id}")))
-    }
-
-    /// `RESOURCE_ATTACH_BACKING` against guest RAM `mem` (see the module docs).
-    pub fn attach_backing(
-        &mut self,
-        c: &ResourceAttachBacking,
-        mem: Option<&GuestMemoryMmap>,
-    ) -> Result<(), Refusal> {
-        let id = c.resource_id;
-        let excluded = self.excluded.clone();
-        let res = self.resource_2d(id)?;
-        if res.backing.is_some() {
-            return refuse(
-                ErrorCode::Unspec,
-                format!("resource {id} has backing already"),
-            );
-        }
-        let n = c.entries.len();
-        if n == 0 || n > MAX_BACKING_ENTRIES {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!("{n} mem entries (1 to {MAX_BACKING_ENTRIES})"),
-            );
-        }
-        let Some(mem) = mem else {
-            return refuse(ErrorCode::Unspec, "no guest memory yet");
-        };
-        let mut entries = Vec::with_capacity(n);
-        let mut starts = Vec::with_capacity(n);
-        let mut total: u64 = 0;
-        for (i, e) in c.entries.iter().enumerate() {
-            let (addr, len) = check_entry(i, e, mem, &excluded)?;
-            starts.push(total);
-            total = match total.checked_add(len) {
-                Some(t) if t <= MAX_BACKING_BYTES => t,
-                _ => {
-                    return refuse(
-                        ErrorCode::InvalidParameter,
-                        format!("backing larger than {MAX_BACKING_BYTES} bytes"),
-                    )
-                }
-            };
-            entries.push((addr, len));
-        }
-        res.backing = Some(Backing {
-            entries,
-            starts,
-            len: total,
-        });
-        log::debug!("resource {id}: {n} backing entries, {total} bytes");
-        Ok(())
-    }
-
-    /// `RESOURCE_DETACH_BACKING`.
-    pub fn detach_backing(&mut self, id: u32) -> Result<(), Refusal> {
-        let res = self.resource_2d(id)?;
-        if res.backing.take().is_none() {
-            return refuse(ErrorCode::Unspec, format!("resource {id} has no backing"));
-        }
-        Ok(())
-    }
-
-    /// `TRANSFER_TO_HOST_2D` from guest RAM `mem`.
-    pub fn transfer_to_host_2d(
-        &mut self,
-        c: &TransferToHost2d,
-        mem: Option<&GuestMemoryMmap>,
-    ) -> Result<(), Refusal> {
-        let id = c.resource_id;
-        let res = self.resource_2d(id)?;
-        let r = c.r;
-        if !r.within(res.width, res.height) {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!(
-                    "rect {r:?} outside resource {id} of {}x{}",
-                    res.width, res.height
-                ),
-            );
-        }
-        let Some(backing) = res.backing.as_ref() else {
-            return refuse(ErrorCode::Unspec, format!("resource {id} has no backing"));
-        };
-        if r.is_empty() {
-            return Ok(());
-        }
-        let bpp = u64::from(BYTES_PER_PIXEL);
-        let stride = u64::from(res.stride);
-        let row = u64::from(r.width) * bpp;
-        // The last byte read: offset + stride × (height − 1) + row.
-        let src_end = stride
-            .checked_mul(u64::from(r.height) - 1)
-            .and_then(|v| v.checked_add(row))
-            .and_then(|v| v.checked_add(c.offset));
-        match src_end {
-            Some(end) if end <= backing.len => {}
-            _ => {
-                return refuse(
-                    ErrorCode::InvalidParameter,
-                    format!(
-                        "offset {:#x} + {} rows of stride {stride}: past the backing's {} bytes",
-                        c.offset, r.height, backing.len
-                    ),
-                )
-            }
-        }
-        let Some(mem) = mem else {
-            return refuse(ErrorCode::Unspec, "no guest memory");
-        };
-        let row_len = usize::try_from(row).unwrap_or(usize::MAX);
-        let full_rows = r.x == 0 && r.width == res.width;
-        let rows: Vec<(u64, u64, usize)> = if full_rows {
-            // Whole rows are contiguous on both sides: one read.
-            let len = usize::try_from(stride * u64::from(r.height)).unwrap_or(usize::MAX);
-            vec![(c.offset, u64::from(r.y) * stride, len)]
-        } else {
-            (0..u64::from(r.height))
-                .map(|h| {
-                    (
-                        c.offset + stride * h,
-                        (u64::from(r.y) + h) * stride + u64::from(r.x) * bpp,
-                        row_len,
-                    )
-                })
-                .collect()
-        };
-        for (src, dst, len) in rows {
-            let dst = usize::try_from(dst).unwrap_or(usize::MAX);
-            let Some(part) = dst
-                .checked_add(len)
-                .and_then(|end| res.data.get_mut(dst..end))
-            else {
-                return refuse(ErrorCode::Unspec, "transfer outside the host copy");
-            };
-            backing
-                .read(mem, src, part)
-                .map_err(|e| (ErrorCode::Unspec, format!("resource {id}: {e}")))?;
-        }
-        self.stats.transfers += 1;
-        self.stats.transferred_bytes = self
-            .stats
-            .transferred_bytes
-            .saturating_add(row * u64::from(r.height));
-        Ok(())
     }
 
     /// `SET_SCANOUT`; `is_blob`: the resource id is a blob's.
@@ -1220,108 +756,6 @@ impl Display {
         };
         n
     }
-
-    /// A cursor-queue command (already parsed): `UPDATE_CURSOR` or `MOVE_CURSOR`.
-    pub fn cursor_command(&mut self, c: &UpdateCursor, update: bool) {
-        let name = if update {
-            "UPDATE_CURSOR"
-        } else {
-            "MOVE_CURSOR"
-        };
-        if self.scanout_index(c.pos.scanout_id).is_err() {
-            let why = format!(
-                "scanout {} (the device has {})",
-                c.pos.scanout_id,
-                self.scanouts.len()
-            );
-            cursor_refused(&mut self.stats, name, &why);
-            return;
-        }
-        if update {
-            let (format, image) = if c.resource_id == 0 {
-                (None, Vec::new())
-            } else {
-                let Some(res) = self.resources.get(&c.resource_id) else {
-                    let why = format!("no 2D resource {}", c.resource_id);
-                    cursor_refused(&mut self.stats, name, &why);
-                    return;
-                };
-                if res.width != CURSOR_SIZE || res.height != CURSOR_SIZE {
-                    let why = format!(
-                        "resource {} is {}x{}, a cursor is {CURSOR_SIZE}x{CURSOR_SIZE}",
-                        c.resource_id, res.width, res.height
-                    );
-                    cursor_refused(&mut self.stats, name, &why);
-                    return;
-                }
-                if c.hot_x >= CURSOR_SIZE || c.hot_y >= CURSOR_SIZE {
-                    let why = format!("hot spot ({}, {}) outside the image", c.hot_x, c.hot_y);
-                    cursor_refused(&mut self.stats, name, &why);
-                    return;
-                }
-                (Some(res.format), res.data.clone())
-            };
-            self.cursor.resource_id = c.resource_id;
-            self.cursor.hot_x = c.hot_x;
-            self.cursor.hot_y = c.hot_y;
-            self.cursor.format = format;
-            self.cursor.image = image;
-            self.cursor.updates += 1;
-        } else {
-            self.cursor.moves += 1;
-        }
-        self.cursor.scanout_id = c.pos.scanout_id;
-        self.cursor.x = c.pos.x;
-        self.cursor.y = c.pos.y;
-        self.sink.cursor(&self.cursor);
-    }
-
-    /// A cursor-queue command that is neither (logged, counted).
-    pub fn cursor_refused(&mut self, name: &'static str, reason: &str) {
-        cursor_refused(&mut self.stats, name, reason);
-    }
-}
-
-/// One backing entry checked: `(addr, len)`.
-fn check_entry(
-    i: usize,
-    e: &MemEntry,
-    mem: &GuestMemoryMmap,
-    excluded: &[(u64, u64)],
-) -> Result<(u64, u64), Refusal> {
-    let (addr, len) = (e.addr, u64::from(e.length));
-    if len == 0 {
-        return refuse(
-            ErrorCode::InvalidParameter,
-            format!("mem entry {i}: length 0"),
-        );
-    }
-    let Some(end) = addr.checked_add(len) else {
-        return refuse(
-            ErrorCode::InvalidParameter,
-            format!("mem entry {i}: {addr:#x}+{len:#x} wraps"),
-        );
-    };
-    for &(start, size) in excluded {
-        let x_end = start.saturating_add(size);
-        if addr < x_end && start < end {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!("mem entry {i}: {addr:#x}+{len:#x} is in the hostmem window {start:#x}+{size:#x}"),
-            );
-        }
-    }
-    if !mem.check_range(
-        GuestAddress(addr),
-        e.length as usize,
-        vm_memory::Permissions::Read,
-    ) {
-        return refuse(
-            ErrorCode::InvalidParameter,
-            format!("mem entry {i}: {addr:#x}+{len:#x} is not guest RAM"),
-        );
-    }
-    Ok((addr, len))
 }
 
 /// The common part of two rects (`None` when it is empty).
@@ -1344,31 +778,6 @@ fn intersect(a: &Rect, b: &Rect) -> Option<Rect> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn display_config_parses_and_bounds() {
-        assert_eq!(DisplayConfig::default().modes(), &[(1024, 768)]);
-        let c = DisplayConfig::parse("1920x1080, 800X600").unwrap();
-        assert_eq!(c.modes(), &[(1920, 1080), (800, 600)]);
-        assert_eq!(c.num_scanouts(), 2);
-        for bad in ["", "1024", "0x768", "1024x0", "5000x100", "axb", "1x2x3"] {
-            assert!(DisplayConfig::parse(bad).is_err(), "{bad:?}");
-        }
-        let many = vec!["64x64"; 17].join(",");
-        assert!(DisplayConfig::parse(&many).is_err());
-        assert!(DisplayConfig::parse(&vec!["64x64"; 16].join(",")).is_ok());
-    }
-
-    #[test]
-    fn formats_round_trip_and_unknown_ones_are_none() {
-        for f in Format::ALL {
-            assert_eq!(Format::from_u32(f.to_u32()), Some(f));
-            assert_eq!(f.bytes_per_pixel(), 4);
-        }
-        for v in [0, 5, 66, 100, 133, 135, u32::MAX] {
-            assert_eq!(Format::from_u32(v), None, "{v}");
-        }
-    }
 
     #[test]
     fn rects_intersect_without_overflow() {
