@@ -43,6 +43,7 @@
 
 mod breakdown;
 mod cases;
+mod cpu;
 mod growth;
 mod limits;
 mod plot;
