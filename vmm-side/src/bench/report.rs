@@ -631,6 +631,7 @@ pub fn render(r: &BenchReport) -> String {
             let _ = writeln!(s);
         }
     }
+    render_cpu(&mut s, &r.cases);
     let _ = writeln!(s, "\nremap test (two blobs alternating at one offset):");
     for c in &r.cases {
         let x = &c.remap;
@@ -671,9 +672,15 @@ pub fn render(r: &BenchReport) -> String {
     if !r.growth.is_empty() {
         let _ = write!(s, "\n{}", super::growth::render(&r.growth));
     }
-    let _ = writeln!(s, "\nratios:");
+    let _ = writeln!(
+        s,
+        "\nratios (of the first level's figures; then of each round's batches: median, IQR):"
+    );
     for (k, v) in &r.ratios {
-        let _ = writeln!(s, "  {k:<34} {v:8.2}");
+        let spread = r.round_ratios.get(k).map_or(String::new(), |x| {
+            format!("  {}", spread_text(&x.spread, "rounds", ""))
+        });
+        let _ = writeln!(s, "  {k:<34} {v:8.2}{spread}");
     }
     let _ = writeln!(
         s,
@@ -706,19 +713,62 @@ pub fn render(r: &BenchReport) -> String {
             Some(false) => "FAIL",
             None => "n/a ",
         };
-        let _ = writeln!(
-            s,
-            "  {verdict} {:<62} {:>9} (goal {})",
-            t.name,
-            t.value.map_or("-".into(), |v| format!("{v:.2}")),
-            t.goal
-        );
+        let unit = match (t.ratio.is_some(), t.spread_of) {
+            (true, _) => "×",
+            (false, Some("cold starts")) => " ms",
+            _ => "",
+        };
+        let value = match (t.value, t.spread) {
+            (Some(_), Some(sp)) => spread_text(&sp, t.spread_of.unwrap_or(""), unit),
+            (Some(v), None) => format!("{v:.2}{unit}"),
+            (None, _) => "-".into(),
+        };
+        let _ = writeln!(s, "  {verdict}  {:<62} {value}  (goal {})", t.name, t.goal);
     }
     for e in &r.errors {
         let _ = writeln!(s, "error: {e}");
     }
     let _ = writeln!(s, "{:.1} s", r.seconds);
     s
+}
+
+/// `p50 2.90× (IQR 2.70–3.10, 12 rounds)`.
+fn spread_text(sp: &Spread, of: &str, unit: &str) -> String {
+    format!(
+        "p50 {:.2}{unit} (IQR {:.2}–{:.2}, {} {of})",
+        sp.p50, sp.p25, sp.p75, sp.n
+    )
+}
+
+/// The CPU table: per case, µs per map+unmap pair.
+fn render_cpu(s: &mut String, cases: &[CaseReport]) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        s,
+        "\nCPU per map+unmap pair (µs of user + system over the timed batches, first level; guest: \
+         the guest's reads and RAM re-read, part of vmm; after: polling once a batch ended, not in total):"
+    );
+    let _ = writeln!(
+        s,
+        "{:<27} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9}  device time from",
+        "case", "vmm", "device", "total", "×floor", "guest", "after"
+    );
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    for c in cases {
+        let p = &c.cpu;
+        let _ = writeln!(
+            s,
+            "{:<27} {:>9.1} {:>9} {:>9} {:>7} {:>9.1} {:>9.1}  {}",
+            c.name,
+            p.vmm_us,
+            opt(p.device_us, 1),
+            opt(p.total_us, 1),
+            opt(p.ratio_to_floor, 2),
+            p.guest_us,
+            p.after_us,
+            p.device_clock.unwrap_or("(no device process)")
+        );
+    }
 }
 
 /// Writes `bench.json`, `bench.txt` (the table) and `bench.svg` into `dir`, and
@@ -853,5 +903,199 @@ pub(super) fn case_report(
             .map(|r| round_report(r, device.is_some()))
             .collect(),
         cpu: cpu_report(&first, device),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rr(rounds: &[f64]) -> RoundRatios {
+        RoundRatios {
+            rounds: rounds.to_vec(),
+            spread: Spread::of(rounds).unwrap(),
+        }
+    }
+
+    fn target<'a>(ts: &'a [Target], key: &str) -> &'a Target {
+        ts.iter()
+            .find(|t| t.ratio.as_deref() == Some(key))
+            .unwrap_or_else(|| panic!("no target on {key}"))
+    }
+
+    /// The verdict follows the median of the rounds, not the pooled ratio, in both
+    /// directions.
+    #[test]
+    fn targets_are_judged_on_the_medians() {
+        let ratios: BTreeMap<String, f64> = [
+            ("throughput_pipelined_vs_floor", 0.55),
+            ("latency_fixed_sandboxed_vs_floor", 4.5),
+            ("slot_vs_fixed_sandboxed_cycle", 1.5),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let rounds: BTreeMap<String, RoundRatios> = [
+            // Median 0.48 < 0.5: FAIL though the pooled 0.55 would pass.
+            (
+                "throughput_pipelined_vs_floor",
+                rr(&[0.4, 0.45, 0.6, 0.48, 0.7]),
+            ),
+            // Median 3.15 <= 4: PASS though the pooled 4.5 would fail.
+            (
+                "latency_fixed_sandboxed_vs_floor",
+                rr(&[3.0, 3.2, 5.0, 3.1]),
+            ),
+            // An even count: the median is the mean of the middle two, 2.0, on the goal.
+            ("slot_vs_fixed_sandboxed_cycle", rr(&[1.9, 2.1])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let ts = targets(&[], &ratios, &rounds, &[10.0, 60.0, 70.0]);
+        let thr = target(&ts, "throughput_pipelined_vs_floor");
+        assert_eq!(thr.value, Some(0.48));
+        assert_eq!(thr.pass, Some(false));
+        assert_eq!(thr.pooled, Some(0.55));
+        assert_eq!(thr.spread.unwrap().n, 5);
+        assert_eq!(
+            (thr.spread.unwrap().p25, thr.spread.unwrap().p75),
+            (0.45, 0.6)
+        );
+        let lat = target(&ts, "latency_fixed_sandboxed_vs_floor");
+        assert!((lat.value.unwrap() - 3.15).abs() < 1e-12, "{lat:?}");
+        assert_eq!(lat.pass, Some(true));
+        let slot = target(&ts, "slot_vs_fixed_sandboxed_cycle");
+        assert!((slot.value.unwrap() - 2.0).abs() < 1e-12);
+        assert_eq!(slot.pass, Some(true));
+        // No rounds of a ratio: no value, no verdict, even with a pooled ratio.
+        let rf = target(&ts, "slot_vs_fixed_sandboxed_refault");
+        assert_eq!((rf.value, rf.pass, rf.spread), (None, None, None));
+        // The cold start: the median start (60 ms) fails < 50.
+        let cold = ts.iter().find(|t| t.name.contains("cold start")).unwrap();
+        assert_eq!((cold.value, cold.pass), (Some(60.0), Some(false)));
+        assert_eq!(cold.spread_of, Some("cold starts"));
+        assert_eq!(cold.spread.unwrap().n, 3);
+        // No fixed-mode case ran: the holes target has nothing to judge.
+        let holes = ts.iter().find(|t| t.name.contains("holes")).unwrap();
+        assert_eq!(holes.pass, None);
+        // The text prints the median with its spread beside the verdict.
+        let line = |t: &Target| {
+            let sp = t.spread.unwrap();
+            spread_text(&sp, "rounds", "×")
+        };
+        assert_eq!(line(lat), "p50 3.15× (IQR 3.08–3.65, 4 rounds)");
+    }
+
+    /// A case whose first level has these rounds of 10 pairs each: latency p50 (µs), pairs
+    /// per second, the VMM's and the device's CPU time (ns).
+    fn case(
+        name: &'static str,
+        rounds: &[(f64, f64, u64, Option<u64>)],
+        device: bool,
+    ) -> CaseReport {
+        let mut s = Samples::default();
+        for &(lat, per_s, vmm_ns, dev_ns) in rounds {
+            let pairs = 10;
+            let cpu = CpuSums {
+                vmm_ns,
+                device_ns: dev_ns,
+                batches: 1,
+                ..CpuSums::default()
+            };
+            s.rounds.push(Round {
+                cycle_p50_us: lat,
+                refault_p50_us: 2.0 * lat,
+                pairs,
+                op_seconds: pairs as f64 / per_s,
+                cpu,
+            });
+            s.cpu.add(&cpu);
+            s.cycles += pairs;
+            s.op_seconds += pairs as f64 / per_s;
+            s.cycle_us.push(lat);
+            s.refault_us.push(2.0 * lat);
+        }
+        let clock = device.then_some(DeviceClock::ProcStat { pid: 1 });
+        case_report(name, Mode::Fixed, &[(0, s)], Checks::default(), clock)
+    }
+
+    #[test]
+    fn round_ratios_pair_the_same_rounds() {
+        let floor = case(
+            "floor",
+            &[
+                (10.0, 1000.0, 100_000, None),
+                (20.0, 500.0, 200_000, None),
+                (40.0, 250.0, 100_000, None),
+            ],
+            false,
+        );
+        // One round more than the floor (the floor failed after three): left out.
+        let sandboxed = case(
+            "fixed-sandboxed",
+            &[
+                (30.0, 250.0, 100_000, Some(200_000)),
+                (50.0, 250.0, 100_000, Some(300_000)),
+                (100.0, 125.0, 100_000, Some(100_000)),
+                (7.0, 1.0, 1, Some(1)),
+            ],
+            true,
+        );
+        // A device whose time could not be read in one round: no CPU figure that round.
+        let pipelined = case(
+            "fixed-sandboxed-pipelined",
+            &[
+                (50.0, 800.0, 100_000, Some(100_000)),
+                (60.0, 400.0, 100_000, None),
+                (80.0, 100.0, 100_000, Some(300_000)),
+            ],
+            true,
+        );
+        let mut cases = vec![floor, sandboxed, pipelined];
+        set_cpu_ratios(&mut cases);
+        let rr = round_ratios(&cases);
+        let lat = &rr["latency_fixed_sandboxed_vs_floor"];
+        assert_eq!(lat.rounds, vec![3.0, 2.5, 2.5]);
+        assert_eq!((lat.spread.n, lat.spread.p50), (3, 2.5));
+        let thr = &rr["throughput_pipelined_vs_floor"];
+        assert_eq!(thr.rounds, vec![0.8, 0.8, 0.4]);
+        // CPU per pair: floor 10, 20, 10 µs; sandboxed (VMM + device) 30, 40, 20 µs.
+        assert_eq!(
+            rr["cpu_fixed_sandboxed_vs_floor"].rounds,
+            vec![3.0, 2.0, 2.0]
+        );
+        assert_eq!(rr["cpu_pipelined_vs_floor"].rounds, vec![2.0, 4.0]);
+        assert!(
+            !rr.contains_key("slot_vs_fixed_sandboxed_cycle"),
+            "no slot case ran"
+        );
+        // The whole level: CPU per pair and its ratio to the floor's.
+        let cpu = |n: &str| cases.iter().find(|c| c.name == n).unwrap().cpu.clone();
+        let f = cpu("floor");
+        assert_eq!(
+            (f.pairs, f.vmm_us, f.device_us, f.total_us),
+            (30, 400.0 / 30.0, None, Some(400.0 / 30.0))
+        );
+        assert_eq!(f.ratio_to_floor, Some(1.0));
+        assert_eq!(f.device_clock, None);
+        let sb = cpu("fixed-sandboxed");
+        assert_eq!(sb.pairs, 40);
+        assert_eq!(sb.device_us, Some(600_001.0 / 1e3 / 40.0));
+        let total = sb.total_us.unwrap();
+        assert!((total - (900_002.0 / 1e3 / 40.0)).abs() < 1e-9, "{total}");
+        assert!((sb.ratio_to_floor.unwrap() - total / (400.0 / 30.0)).abs() < 1e-9);
+        assert_eq!(sb.device_clock, Some("/proc/<pid>/stat ticks"));
+        // One round without the device's time: no total for the level.
+        let p = cpu("fixed-sandboxed-pipelined");
+        assert_eq!(
+            (p.device_us, p.total_us, p.ratio_to_floor),
+            (None, None, None)
+        );
+        let pooled = ratios(&cases);
+        assert!(!pooled.contains_key("cpu_pipelined_vs_floor"));
+        assert!(
+            (pooled["cpu_fixed_sandboxed_vs_floor"] - sb.ratio_to_floor.unwrap()).abs() < 1e-12
+        );
     }
 }
