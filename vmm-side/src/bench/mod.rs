@@ -47,6 +47,7 @@ mod cpu;
 mod growth;
 mod limits;
 mod plot;
+mod repeat;
 mod report;
 mod runner;
 pub mod vhost_user;
@@ -56,9 +57,14 @@ pub use cases::{BlobSpec, CaseKind, InprocPlacer, Workload};
 pub use growth::GrowthPoint;
 pub use limits::run_limits;
 pub use plot::plot;
+pub use repeat::{
+    render_repeat, render_summary, summarize, write_repeat, RepeatReport, RepeatSummary,
+    TargetAcross,
+};
 pub use report::{
-    ratios, render, targets, write_out, BenchReport, CaseReport, Checks, DeviceMemory, LimitReport,
-    Machine, OptionsReport, RemapReport, SweepPoint, Target,
+    ratios, render, round_ratios, targets, write_out, BenchReport, CaseReport, Checks, CpuReport,
+    DeviceMemory, LimitReport, Machine, OptionsReport, RemapReport, RoundRatios, RoundReport,
+    SweepPoint, Target,
 };
 pub use runner::run;
 
