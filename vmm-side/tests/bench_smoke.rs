@@ -249,6 +249,11 @@ fn tiny_bench_every_case_maps_what_it_claims() {
         assert!(cpu["vmm_us"].as_f64().unwrap() > 0.0, "{cpu}");
         assert!(cpu["total_us"].as_f64().unwrap() > 0.0, "{cpu}");
         assert!(cpu["ratio_to_floor"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(cpu["excl_guest_us"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(
+            cpu["excl_guest_ratio_to_floor"].as_f64().unwrap() > 0.0,
+            "{cpu}"
+        );
         assert!(cpu["guest_us"].as_f64().is_some() && cpu["after_us"].as_f64().is_some());
         let sandboxed = c["name"].as_str().unwrap().contains("sandboxed");
         assert_eq!(cpu["device_us"].as_f64().is_some(), sandboxed, "{cpu}");
@@ -308,6 +313,12 @@ fn rounds_spreads_and_cpu(r: &bench::BenchReport, o: &BenchOptions) {
         }
         let floor = r.case("floor").unwrap().cpu.total_us.unwrap();
         assert_eq!(cpu.ratio_to_floor, Some(total / floor), "{}", c.name);
+        // Without the guest's steps: the placement path's own cost, still positive.
+        let excl = cpu.excl_guest_us.unwrap();
+        assert!(excl > 0.0, "{}: {cpu:?}", c.name);
+        assert!((excl - (total - cpu.guest_us)).abs() < 1e-9, "{}", c.name);
+        let floor_excl = r.case("floor").unwrap().cpu.excl_guest_us.unwrap();
+        assert_eq!(cpu.excl_guest_ratio_to_floor, Some(excl / floor_excl));
     }
     assert_eq!(r.case("floor").unwrap().cpu.ratio_to_floor, Some(1.0));
     // Every pooled ratio has its rounds (no vhost-user case in the tiny run).
@@ -332,6 +343,7 @@ fn rounds_spreads_and_cpu(r: &bench::BenchReport, o: &BenchOptions) {
         "cpu_fixed_sandboxed_vs_floor",
         "cpu_pipelined_vs_floor",
         "cpu_slot_inproc_vs_floor",
+        "cpu_excl_guest_fixed_sandboxed_vs_floor",
     ] {
         assert!(r.round_ratios.contains_key(k), "{k}");
     }

@@ -82,6 +82,8 @@ pub struct RoundReport {
     /// CPU time (µs, the VMM's and the device's) per pair (`None`: the device's could not
     /// be read).
     pub cpu_us_per_pair: Option<f64>,
+    /// The same without the driver thread's time in the guest's steps.
+    pub cpu_excl_guest_us_per_pair: Option<f64>,
 }
 
 /// CPU cost per map+unmap pair at the first level: user + system time over the timed
@@ -102,8 +104,13 @@ pub struct CpuReport {
     /// `total_us` over the floor's (in the same run).
     pub ratio_to_floor: Option<f64>,
     /// The part of `vmm_us` the driver thread spent running the guest's reads and RAM
-    /// re-read (`CLOCK_THREAD_CPUTIME_ID`): the same work in every case.
+    /// re-read (`CLOCK_THREAD_CPUTIME_ID`): the same work in every fixed-mode case (in
+    /// slot mode it holds the refaults after each memslot change).
     pub guest_us: f64,
+    /// `total_us` - `guest_us`: the pair's own cost, the placement path in both processes.
+    pub excl_guest_us: Option<f64>,
+    /// `excl_guest_us` over the floor's.
+    pub excl_guest_ratio_to_floor: Option<f64>,
     /// After each batch, until the case was idle again (the device's idle poll, the mapping
     /// service's reply spin; the VMM's and the device's, µs per pair): not in `total_us`.
     pub after_us: f64,
@@ -333,6 +340,8 @@ enum Metric {
     Refault,
     /// CPU time (VMM + device) per pair.
     Cpu,
+    /// The same without the guest's steps.
+    CpuExclGuest,
 }
 
 /// Every ratio: its key, numerator case, denominator case and metric.
@@ -394,6 +403,12 @@ fn ratio_defs() -> Vec<(String, &'static str, &'static str, Metric)> {
         (vu, "vhost_user"),
     ] {
         v.push((format!("cpu_{key}_vs_floor"), case, "floor", Cpu));
+        v.push((
+            format!("cpu_excl_guest_{key}_vs_floor"),
+            case,
+            "floor",
+            CpuExclGuest,
+        ));
     }
     v
 }
@@ -427,6 +442,7 @@ pub fn ratios(cases: &[CaseReport]) -> BTreeMap<String, f64> {
             Metric::Throughput => Some(c.cycles_per_s),
             Metric::Refault => Some(c.guest_refault_us.p50),
             Metric::Cpu => c.cpu.total_us,
+            Metric::CpuExclGuest => c.cpu.excl_guest_us,
         })
     };
     ratio_defs()
@@ -445,6 +461,7 @@ pub fn round_ratios(cases: &[CaseReport]) -> BTreeMap<String, RoundRatios> {
         Metric::Throughput => Some(r.cycles_per_s),
         Metric::Refault => Some(r.guest_refault_p50_us),
         Metric::Cpu => r.cpu_us_per_pair,
+        Metric::CpuExclGuest => r.cpu_excl_guest_us_per_pair,
     };
     let mut out = BTreeMap::new();
     for (k, num, den, m) in ratio_defs() {
@@ -464,14 +481,16 @@ pub fn round_ratios(cases: &[CaseReport]) -> BTreeMap<String, RoundRatios> {
     out
 }
 
-/// Fills in every case's `cpu.ratio_to_floor`.
+/// Fills in every case's `cpu.ratio_to_floor` and `cpu.excl_guest_ratio_to_floor`.
 pub fn set_cpu_ratios(cases: &mut [CaseReport]) {
     let floor = cases
         .iter()
         .find(|c| c.name == "floor")
-        .and_then(|c| c.cpu.total_us);
+        .map(|c| (c.cpu.total_us, c.cpu.excl_guest_us));
+    let (total, excl) = floor.unwrap_or((None, None));
     for c in cases {
-        c.cpu.ratio_to_floor = ratio_of(c.cpu.total_us, floor);
+        c.cpu.ratio_to_floor = ratio_of(c.cpu.total_us, total);
+        c.cpu.excl_guest_ratio_to_floor = ratio_of(c.cpu.excl_guest_us, excl);
     }
 }
 
@@ -746,25 +765,28 @@ fn render_cpu(s: &mut String, cases: &[CaseReport]) {
     let _ = writeln!(
         s,
         "\nCPU per map+unmap pair (µs of user + system over the timed batches, first level; guest: \
-         the guest's reads and RAM re-read, part of vmm; after: polling once a batch ended, not in total):"
+         the guest's reads and RAM re-read, part of vmm; w/o guest: total - guest; after: polling \
+         once a batch ended, in no other column):"
     );
     let _ = writeln!(
         s,
-        "{:<27} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9}  device time from",
-        "case", "vmm", "device", "total", "×floor", "guest", "after"
+        "{:<27} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9}  device time from",
+        "case", "vmm", "device", "total", "×floor", "guest", "w/o guest", "×floor", "after"
     );
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for c in cases {
         let p = &c.cpu;
         let _ = writeln!(
             s,
-            "{:<27} {:>9.1} {:>9} {:>9} {:>7} {:>9.1} {:>9.1}  {}",
+            "{:<27} {:>9.1} {:>9} {:>9} {:>7} {:>9.1} {:>9} {:>7} {:>9.1}  {}",
             c.name,
             p.vmm_us,
             opt(p.device_us, 1),
             opt(p.total_us, 1),
             opt(p.ratio_to_floor, 2),
             p.guest_us,
+            opt(p.excl_guest_us, 1),
+            opt(p.excl_guest_ratio_to_floor, 2),
             p.after_us,
             p.device_clock.unwrap_or("(no device process)")
         );
@@ -811,6 +833,11 @@ fn total_per_pair(cpu: &CpuSums, pairs: u64, device: bool) -> Option<f64> {
     }
 }
 
+/// [`total_per_pair`] without the guest's steps.
+fn excl_guest(cpu: &CpuSums, pairs: u64, device: bool) -> Option<f64> {
+    total_per_pair(cpu, pairs, device).map(|t| (t - per_pair(cpu.guest_ns, pairs)).max(0.0))
+}
+
 fn round_report(r: &Round, device: bool) -> RoundReport {
     RoundReport {
         cycle_p50_us: r.cycle_p50_us,
@@ -822,6 +849,7 @@ fn round_report(r: &Round, device: bool) -> RoundReport {
         guest_refault_p50_us: r.refault_p50_us,
         cycles: r.pairs,
         cpu_us_per_pair: total_per_pair(&r.cpu, r.pairs, device),
+        cpu_excl_guest_us_per_pair: excl_guest(&r.cpu, r.pairs, device),
     }
 }
 
@@ -839,6 +867,8 @@ pub(super) fn cpu_report(s: &Samples, device: Option<DeviceClock>) -> CpuReport 
             .map(|d| per_pair(d, pairs)),
         total_us: total_per_pair(c, pairs, has_device),
         ratio_to_floor: None,
+        excl_guest_us: excl_guest(c, pairs, has_device),
+        excl_guest_ratio_to_floor: None,
         guest_us: per_pair(c.guest_ns, pairs),
         after_us: per_pair(c.after_ns, pairs),
         device_clock: device.map(DeviceClock::source),
@@ -988,7 +1018,7 @@ mod tests {
     }
 
     /// A case whose first level has these rounds of 10 pairs each: latency p50 (µs), pairs
-    /// per second, the VMM's and the device's CPU time (ns).
+    /// per second, the VMM's (half of it the guest's) and the device's CPU time (ns).
     fn case(
         name: &'static str,
         rounds: &[(f64, f64, u64, Option<u64>)],
@@ -997,11 +1027,13 @@ mod tests {
         let mut s = Samples::default();
         for &(lat, per_s, vmm_ns, dev_ns) in rounds {
             let pairs = 10;
+            // Half of the VMM's time in the guest's steps.
             let cpu = CpuSums {
                 vmm_ns,
                 device_ns: dev_ns,
+                guest_ns: vmm_ns / 2,
+                after_ns: 0,
                 batches: 1,
-                ..CpuSums::default()
             };
             s.rounds.push(Round {
                 cycle_p50_us: lat,
@@ -1086,6 +1118,17 @@ mod tests {
         assert!((total - (900_002.0 / 1e3 / 40.0)).abs() < 1e-9, "{total}");
         assert!((sb.ratio_to_floor.unwrap() - total / (400.0 / 30.0)).abs() < 1e-9);
         assert_eq!(sb.device_clock, Some("/proc/<pid>/stat ticks"));
+        // Without the guest's half of the VMM's time: floor 5, 10, 5 µs per pair, sandboxed
+        // 25, 35, 15.
+        assert_eq!(sb.guest_us, 150_000.0 / 1e3 / 40.0);
+        let excl = sb.excl_guest_us.unwrap();
+        assert!((excl - (total - sb.guest_us)).abs() < 1e-9, "{sb:?}");
+        assert_eq!(f.excl_guest_us, Some(200.0 / 30.0));
+        assert!((sb.excl_guest_ratio_to_floor.unwrap() - excl / (200.0 / 30.0)).abs() < 1e-9);
+        assert_eq!(
+            rr["cpu_excl_guest_fixed_sandboxed_vs_floor"].rounds,
+            vec![5.0, 3.5, 3.0]
+        );
         // One round without the device's time: no total for the level.
         let p = cpu("fixed-sandboxed-pipelined");
         assert_eq!(
