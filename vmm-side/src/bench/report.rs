@@ -699,7 +699,7 @@ pub fn render(r: &BenchReport) -> String {
         let spread = r.round_ratios.get(k).map_or(String::new(), |x| {
             format!("  {}", spread_text(&x.spread, "rounds", ""))
         });
-        let _ = writeln!(s, "  {k:<34} {v:8.2}{spread}");
+        let _ = writeln!(s, "  {k:<42} {v:8.2}{spread}");
     }
     let _ = writeln!(
         s,
