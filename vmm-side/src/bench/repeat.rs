@@ -30,6 +30,8 @@ pub struct RepeatSummary {
     pub targets: Vec<TargetAcross>,
     /// Per case, each run's CPU per pair over the floor's (`None`: not measured that run).
     pub cpu_ratio_to_floor: BTreeMap<String, Vec<Option<f64>>>,
+    /// The same without the guest's steps (`CpuReport::excl_guest_ratio_to_floor`).
+    pub cpu_excl_guest_ratio_to_floor: BTreeMap<String, Vec<Option<f64>>>,
     /// Runs that reported errors.
     pub runs_with_errors: usize,
 }
@@ -54,21 +56,25 @@ pub struct TargetAcross {
 /// The summary of `runs`.
 pub fn summarize(runs: &[BenchReport]) -> RepeatSummary {
     let targets: Vec<&[Target]> = runs.iter().map(|r| r.targets.as_slice()).collect();
-    let mut cpu: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
-    for (i, r) in runs.iter().enumerate() {
-        for c in &r.cases {
-            let v = cpu.entry(c.name.to_string()).or_default();
-            v.resize(i, None);
-            v.push(c.cpu.ratio_to_floor);
+    let per_case = |f: &dyn Fn(&super::report::CaseReport) -> Option<f64>| {
+        let mut out: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
+        for (i, r) in runs.iter().enumerate() {
+            for c in &r.cases {
+                let v = out.entry(c.name.to_string()).or_default();
+                v.resize(i, None);
+                v.push(f(c));
+            }
         }
-    }
-    for v in cpu.values_mut() {
-        v.resize(runs.len(), None);
-    }
+        for v in out.values_mut() {
+            v.resize(runs.len(), None);
+        }
+        out
+    };
     RepeatSummary {
         runs: runs.len(),
         targets: summarize_targets(&targets),
-        cpu_ratio_to_floor: cpu,
+        cpu_ratio_to_floor: per_case(&|c| c.cpu.ratio_to_floor),
+        cpu_excl_guest_ratio_to_floor: per_case(&|c| c.cpu.excl_guest_ratio_to_floor),
         runs_with_errors: runs.iter().filter(|r| !r.errors.is_empty()).count(),
     }
 }
@@ -120,23 +126,35 @@ pub fn render_summary(s: &RepeatSummary) -> String {
             .iter()
             .map(|v| v.map_or("-".into(), |v| format!("{v:.2}")))
             .collect();
+        let verdict = match (t.judged, s.runs - t.judged) {
+            (0, _) => "n/a".to_string(),
+            (_, 0) => format!("{}/{} PASS", t.passed, s.runs),
+            (_, na) => format!("{}/{} PASS ({na} n/a)", t.passed, s.runs),
+        };
         let _ = writeln!(
             out,
-            "  {}/{} PASS  {:<62} {}  (goal {})",
-            t.passed,
-            s.runs,
+            "  {verdict:<10} {:<62} {}  (goal {})",
             t.name,
             values.join(" "),
             t.goal
         );
     }
-    let _ = writeln!(out, "CPU per pair over the floor's, each run:");
-    for (case, v) in &s.cpu_ratio_to_floor {
-        let values: Vec<String> = v
-            .iter()
+    let fmt = |v: &[Option<f64>]| {
+        v.iter()
             .map(|v| v.map_or("-".into(), |v| format!("{v:.2}")))
-            .collect();
-        let _ = writeln!(out, "  {case:<27} {}", values.join(" "));
+            .collect::<Vec<String>>()
+            .join(" ")
+    };
+    let _ = writeln!(
+        out,
+        "CPU per pair over the floor's, each run (total; without the guest's steps):"
+    );
+    for (case, v) in &s.cpu_ratio_to_floor {
+        let excl = s
+            .cpu_excl_guest_ratio_to_floor
+            .get(case)
+            .map_or(String::new(), |e| fmt(e));
+        let _ = writeln!(out, "  {case:<27} {};  {excl}", fmt(v));
     }
     if s.runs_with_errors > 0 {
         let _ = writeln!(out, "{} of {} runs had errors", s.runs_with_errors, s.runs);
@@ -193,24 +211,39 @@ mod tests {
         ];
         // x not measured.
         let c = vec![t("x", None, None), t("y", Some(3.5), Some(true))];
-        let s = summarize_targets(&[&a, &b, &c]);
+        // y missing from one run.
+        let d = vec![t("x", Some(0.7), Some(true))];
+        let s = summarize_targets(&[&a, &b, &c, &d]);
         assert_eq!(s.len(), 2);
         assert_eq!(s[0].name, "x");
-        assert_eq!(s[0].values, vec![Some(0.6), Some(0.4), None]);
-        assert_eq!((s[0].passed, s[0].judged), (1, 2));
-        assert_eq!(s[0].spread.unwrap().n, 2);
-        assert_eq!(s[1].values, vec![Some(3.0), Some(5.0), Some(3.5)]);
+        assert_eq!(s[0].values, vec![Some(0.6), Some(0.4), None, Some(0.7)]);
+        assert_eq!((s[0].passed, s[0].judged), (2, 3));
+        assert_eq!(s[0].spread.unwrap().n, 3);
+        assert_eq!(s[0].spread.unwrap().p50, 0.6);
+        assert_eq!(s[1].values, vec![Some(3.0), Some(5.0), Some(3.5), None]);
         assert_eq!((s[1].passed, s[1].judged), (2, 3));
         assert_eq!(s[1].spread.unwrap().p50, 3.5);
         assert!(summarize_targets(&[]).is_empty());
+        let never = summarize_targets(&[&[t("z", None, None)][..], &[t("z", None, None)][..]]);
+        let cpu: BTreeMap<String, Vec<Option<f64>>> = [(
+            "floor".to_string(),
+            vec![Some(1.0), Some(1.0), None, Some(1.0)],
+        )]
+        .into();
         let text = render_summary(&RepeatSummary {
-            runs: 3,
-            targets: s,
-            cpu_ratio_to_floor: BTreeMap::new(),
+            runs: 4,
+            targets: s.into_iter().chain(never).collect(),
+            cpu_ratio_to_floor: cpu.clone(),
+            cpu_excl_guest_ratio_to_floor: cpu,
             runs_with_errors: 1,
         });
-        assert!(text.contains("2/3 PASS"), "{text}");
-        assert!(text.contains("0.60 0.40 -"), "{text}");
-        assert!(text.contains("1 of 3 runs had errors"), "{text}");
+        assert!(text.contains("2/4 PASS (1 n/a)"), "{text}");
+        assert!(text.contains("0.60 0.40 - 0.70"), "{text}");
+        assert!(text.contains("  n/a        z"), "{text}");
+        assert!(
+            text.contains("1.00 1.00 - 1.00;  1.00 1.00 - 1.00"),
+            "{text}"
+        );
+        assert!(text.contains("1 of 4 runs had errors"), "{text}");
     }
 }
