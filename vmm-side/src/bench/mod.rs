@@ -35,6 +35,12 @@
 //! per-hop breakdown (`breakdown`), and `--growth` the window's cost as it grows
 //! (`growth`).
 //!
+//! Every ratio is also computed per round (round `r` of one case over round `r` of the
+//! other: batches that met the same noise), and the targets are judged on the median of the
+//! rounds, reported with its interquartile range. Each case's CPU time per pair (the VMM's,
+//! the device's, the guest's part) is measured over the same batches (`cpu`; decision 037).
+//! `--repeat N` runs it all N times and summarizes (`repeat`).
+//!
 //! Also measured: the device's cold start (spawn, jail, seccomp, handshake → Ready) and its
 //! resident memory, after every timed batch and 100 ms apart (a stopped device's namespaces
 //! are torn down by kernel workers for a while, and a start right after another skips a
