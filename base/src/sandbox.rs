@@ -903,6 +903,21 @@ impl SigsysRecord {
             ip: u64_at(64),
         })
     }
+
+    /// The record's bytes as the handler writes them ([`SigsysRecord::parse`] reads them
+    /// back). Anything that holds the report fd can write these: a record is the program's
+    /// claim, never proof of which call seccomp stopped.
+    pub fn to_bytes(&self) -> [u8; SIGSYS_RECORD_LEN] {
+        let mut rec = [0u8; SIGSYS_RECORD_LEN];
+        rec[0..4].copy_from_slice(&SIGSYS_MAGIC.to_ne_bytes());
+        rec[4..8].copy_from_slice(&self.nr.to_ne_bytes());
+        rec[8..12].copy_from_slice(&self.arch.to_ne_bytes());
+        for (i, a) in self.args.iter().enumerate() {
+            rec[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_ne_bytes());
+        }
+        rec[64..72].copy_from_slice(&self.ip.to_ne_bytes());
+        rec
+    }
 }
 
 static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
@@ -985,4 +1000,23 @@ pub fn install_sigsys_reporter(report_fd: RawFd) -> Result<(), Errno> {
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sigsys_record_reads_back_as_written() {
+        let r = SigsysRecord {
+            nr: libc::SYS_ptrace as i32,
+            arch: 0xc000_003e,
+            args: [1, 2, 3, 4, 5, u64::MAX],
+            ip: 0x4141_4141,
+        };
+        assert_eq!(SigsysRecord::parse(&r.to_bytes()), Some(r));
+        let mut bad = r.to_bytes();
+        bad[0] ^= 1;
+        assert_eq!(SigsysRecord::parse(&bad), None, "wrong magic");
+    }
 }

@@ -77,6 +77,22 @@ pub fn install_filter(prog: &[SockFilter], tsync: bool) -> Result<(), SeccompErr
     Ok(())
 }
 
+/// [`install_filter`] with `SECCOMP_FILTER_FLAG_LOG`: the kernel also writes an audit
+/// record (`type=1326`) for the calls this filter traps (and answers with an errno), as far
+/// as `/proc/sys/kernel/seccomp/actions_logged` names those actions. Kills are logged
+/// either way. That record is the kernel's word on which call a `SECCOMP_RET_TRAP` stopped,
+/// where a SIGSYS handler's report is only the program's own (see
+/// `docs/decisions/036-kernel-record-over-device-claim.md`).
+pub fn install_filter_logged(prog: &[SockFilter], tsync: bool) -> Result<(), SeccompError> {
+    check_len(prog)?;
+    let mut flags = libc::SECCOMP_FILTER_FLAG_LOG;
+    if tsync {
+        flags |= libc::SECCOMP_FILTER_FLAG_TSYNC;
+    }
+    set_mode_filter(prog, flags).map_err(SeccompError::Install)?;
+    Ok(())
+}
+
 /// Installs `prog` for this thread (and the threads it creates later) and returns the
 /// listener of its `SECCOMP_RET_USER_NOTIF` actions: every such call blocks until whoever
 /// holds the listener answers it ([`NotifyListener`]). no_new_privs must be set first.

@@ -29,12 +29,17 @@
 //!   still sends `RESOURCE_UNREF` for them; the backend stops letting streams touch them.
 //! * `CTX_ATTACH_RESOURCE` / `CTX_DETACH_RESOURCE` (Linux sends them for every HOST3D
 //!   blob handle it opens and closes): the context must be live (`ERR_INVALID_CONTEXT_ID`)
-//!   and the resource must exist (`ERR_INVALID_RESOURCE_ID`); then `OK_NODATA`. Nothing
+//!   and the resource (a blob or a 2D resource) must exist (`ERR_INVALID_RESOURCE_ID`);
+//!   then `OK_NODATA`. Nothing
 //!   else changes: which streams may touch a blob is the backend's rule (its creation
 //!   context), and resource ids are device-global.
-//! * `GET_DISPLAY_INFO`: `OK_DISPLAY_INFO` with every scanout disabled (hostmem has no
-//!   display; Linux's driver refuses a device without scanouts, so the device reports
-//!   `num_scanouts` 1 and answers this at probe).
+//! * The display commands (`GET_DISPLAY_INFO`, `GET_EDID`, 2D resources and their
+//!   backing, `TRANSFER_TO_HOST_2D`, `SET_SCANOUT`, `SET_SCANOUT_BLOB`, `RESOURCE_FLUSH`,
+//!   `RESOURCE_ASSIGN_UUID`, the cursor queue) go to the [`Display`]
+//!   ([`crate::display`] has their rules). 2D resources share the resource id space with
+//!   blobs and the blob memory budget ([`Gpu::set_blob_budget`] bounds both together);
+//!   `RESOURCE_UNREF` of a 2D resource releases it there, and the unref of a blob disables
+//!   the scanouts that showed it. Cursor commands on the control queue are `ERR_UNSPEC`.
 //! * `SUBMIT_3D` runs the stream in the header's context (which must exist). **Hostmem
 //!   extension:** the backend's reply bytes (e.g. the shm backend's checksums) are appended
 //!   after the `OK_NODATA` header ([`Response::OkNoData`]'s `reply`); a plain virtio-gpu
@@ -76,15 +81,20 @@ use hostmem_base::mmap::{is_page_aligned, Prot};
 use hostmem_base::window::FixedTarget;
 
 use crate::backend::{Backend, BackendError, BlobCreate, ExportedBlob};
+use crate::display::{BlobRef, Display, DisplayConfig, FrameSink};
+use crate::virtio::GuestMemoryMmap;
 use crate::wire::{
     ctrl_type_name, Command, CtrlHdr, CtxCreate, ErrorCode, GetCapset, GetCapsetInfo, ResourceCmd,
-    ResourceCreateBlob, ResourceMapBlob, Response, Submit3d, WireError, VIRTIO_GPU_BLOB_FLAGS_ALL,
-    VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE, VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D,
-    VIRTIO_GPU_FLAG_FENCE, VIRTIO_GPU_FLAG_INFO_RING_IDX, VIRTIO_GPU_RESP_ERR_UNSPEC,
+    ResourceCreate2d, ResourceCreateBlob, ResourceMapBlob, Response, SetScanoutBlob, Submit3d,
+    WireError, VIRTIO_GPU_BLOB_FLAGS_ALL, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+    VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D, VIRTIO_GPU_FLAG_FENCE,
+    VIRTIO_GPU_FLAG_INFO_RING_IDX, VIRTIO_GPU_RESP_ERR_UNSPEC,
 };
 
-/// Scanouts a device reports in `virtio_gpu_config.num_scanouts`: one, always disabled in
-/// `GET_DISPLAY_INFO` (Linux 6.1's driver refuses a device with none).
+/// Scanouts of the default display ([`DisplayConfig::default`]: one, 1024×768), what the
+/// native transport reports in `virtio_gpu_config.num_scanouts` (Linux 6.1's driver refuses
+/// a device with none). A device with another `--display` reports its own count over
+/// vhost-user (`GET_CONFIG`).
 pub const NUM_SCANOUTS: u32 = 1;
 /// Most live blobs the handler keeps (`ERR_OUT_OF_MEMORY` beyond).
 pub const MAX_BLOBS: usize = 65536;
@@ -356,6 +366,10 @@ pub struct Gpu<P: Placer, B: Backend + ?Sized = dyn Backend> {
     retired: BTreeMap<(u32, u32), u64>,
     /// Parked responses whose fence retired, to go out first ([`Gpu::take_ready`]).
     released: VecDeque<(u64, Vec<u8>)>,
+    /// Scanouts, 2D resources, cursor.
+    display: Display,
+    /// Guest RAM, for 2D resources' backing ([`Gpu::set_guest_memory`]).
+    mem: Option<GuestMemoryMmap>,
 }
 
 /// A response parked behind its fence: (fence id, token, response).
@@ -432,6 +446,56 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             parked: BTreeMap::new(),
             retired: BTreeMap::new(),
             released: VecDeque::new(),
+            display: Display::default(),
+            mem: None,
+        }
+    }
+
+    /// Guest RAM, where 2D resources' backing lives (the virtio core passes what the
+    /// transport sent; `None` drops it).
+    pub fn set_guest_memory(&mut self, mem: Option<GuestMemoryMmap>) {
+        self.mem = mem;
+    }
+
+    /// The scanouts (every one disabled).
+    pub fn set_display(&mut self, config: DisplayConfig) {
+        self.display.set_config(config);
+    }
+
+    /// Where flushed frames go.
+    pub fn set_frame_sink(&mut self, sink: Box<dyn FrameSink>) {
+        self.display.set_sink(sink);
+    }
+
+    /// Guest-physical ranges `(start, len)` never accepted as backing: the hostmem window
+    /// (and, over vhost-user, the regions a frontend adds for its placements).
+    pub fn set_backing_exclusions(&mut self, ranges: Vec<(u64, u64)>) {
+        self.display.set_excluded(ranges);
+    }
+
+    /// The display state.
+    pub fn display(&self) -> &Display {
+        &self.display
+    }
+
+    /// The display state, mutably.
+    pub fn display_mut(&mut self) -> &mut Display {
+        &mut self.display
+    }
+
+    /// A cursor-queue command (no response: the chain goes back used with length 0). A
+    /// refusal is logged (rate-limited) and counted ([`crate::display::DisplayStats`]).
+    pub fn cursor(&mut self, request: &[u8]) {
+        match Command::parse(request) {
+            Ok(Command::UpdateCursor(c)) => self.display.cursor_command(&c, true),
+            Ok(Command::MoveCursor(c)) => self.display.cursor_command(&c, false),
+            Ok(other) => self.display.cursor_refused(
+                ctrl_type_name(other.type_()),
+                "not a cursor command (cursor queue)",
+            ),
+            Err(e) => self
+                .display
+                .cursor_refused("cursor command", &format!("cursor queue: {e}")),
         }
     }
 
@@ -715,6 +779,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         }
         self.blobs.clear();
         self.blob_bytes = 0;
+        let resources_2d = self.display.reset();
         let ctxs: Vec<u32> = self.contexts.keys().copied().collect();
         for ctx in ctxs {
             match self.backend.destroy_context(ctx) {
@@ -727,7 +792,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         }
         self.contexts.clear();
         log::info!(
-            "reset: {} unmapped, {} blobs and {} contexts dropped, {} responses discarded, {} failures",
+            "reset: {} unmapped, {} blobs, {resources_2d} 2D resources and {} contexts dropped, {} responses discarded, {} failures",
             sum.unmapped,
             sum.blobs,
             sum.contexts,
@@ -1050,14 +1115,78 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             }
             Command::GetCapsetInfo(c) => self.capset_info(c),
             Command::GetCapset(c) => self.capset(c),
-            Command::GetDisplayInfo(h) => Ok(Response::OkDisplayInfo {
-                hdr: h.response(crate::wire::VIRTIO_GPU_RESP_OK_DISPLAY_INFO),
-                modes: Vec::new(),
-            }),
+            Command::GetDisplayInfo(h) => Ok(self.display.display_info(h)),
             Command::CtxAttachResource(c) | Command::CtxDetachResource(c) => {
                 self.ctx_resource(c).map(|()| ok(hdr))
             }
+            Command::GetEdid(c) => self.display.edid(c),
+            Command::ResourceCreate2d(c) => self.create_2d(c).map(|()| ok(hdr)),
+            Command::ResourceAttachBacking(c) => self
+                .display
+                .attach_backing(c, self.mem.as_ref())
+                .map(|()| ok(hdr)),
+            Command::ResourceDetachBacking(c) => {
+                self.display.detach_backing(c.resource_id).map(|()| ok(hdr))
+            }
+            Command::TransferToHost2d(c) => self
+                .display
+                .transfer_to_host_2d(c, self.mem.as_ref())
+                .map(|()| ok(hdr)),
+            Command::SetScanout(c) => {
+                let blob = self.blobs.contains_key(&c.resource_id);
+                self.display.set_scanout(c, blob).map(|()| ok(hdr))
+            }
+            Command::SetScanoutBlob(c) => self.set_scanout_blob(c).map(|()| ok(hdr)),
+            Command::ResourceFlush(c) => {
+                let blob = self.blobs.contains_key(&c.resource_id);
+                self.display.flush(c, blob).map(|()| ok(hdr))
+            }
+            Command::ResourceAssignUuid(c) => {
+                let blob = self.blobs.contains_key(&c.resource_id);
+                self.display.assign_uuid(hdr, c.resource_id, blob)
+            }
+            Command::UpdateCursor(_) | Command::MoveCursor(_) => refuse(
+                ErrorCode::Unspec,
+                "a cursor command belongs on the cursor queue",
+            ),
         }
+    }
+
+    /// `RESOURCE_CREATE_2D`: the display's checks, then the memory budget shared with the
+    /// blobs ([`Gpu::set_blob_budget`]).
+    fn create_2d(&mut self, c: &ResourceCreate2d) -> Result<(), Refusal> {
+        let blob = self.blobs.contains_key(&c.resource_id);
+        let bytes = match self.display.check_create_2d(c, blob) {
+            Ok(b) => b,
+            Err(r) => {
+                if r.0 == ErrorCode::OutOfMemory {
+                    self.display.note_budget_refusal();
+                }
+                return Err(r);
+            }
+        };
+        let live = self.blob_bytes.saturating_add(self.display.bytes());
+        if let Some(budget) = self.blob_budget.filter(|b| live.saturating_add(bytes) > *b) {
+            self.budget_refusals += 1;
+            self.display.note_budget_refusal();
+            return refuse(
+                ErrorCode::OutOfMemory,
+                format!("memory budget: {live} bytes live + {bytes} > {budget}"),
+            );
+        }
+        self.display.create_2d(c, bytes)
+    }
+
+    /// `SET_SCANOUT_BLOB`: the blob's size from the table, its export from the backend.
+    fn set_scanout_blob(&mut self, c: &SetScanoutBlob) -> Result<(), Refusal> {
+        let blob = self.blobs.get(&c.resource_id).map(|b| BlobRef {
+            resource_id: b.resource_id,
+            size: b.size,
+        });
+        let backend = &mut self.backend;
+        let id = c.resource_id;
+        self.display
+            .set_scanout_blob(c, blob, || backend.export_blob(id).map_err(backend_refusal))
     }
 
     /// `CTX_ATTACH_RESOURCE` / `CTX_DETACH_RESOURCE`: checks only (see the module docs).
@@ -1066,7 +1195,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         if !self.contexts.contains_key(&ctx_id) {
             return refuse(ErrorCode::InvalidContextId, format!("no context {ctx_id}"));
         }
-        if !self.blobs.contains_key(&c.resource_id) {
+        if !self.blobs.contains_key(&c.resource_id) && !self.display.has_resource(c.resource_id) {
             return refuse(
                 ErrorCode::InvalidResourceId,
                 format!("no resource {}", c.resource_id),
@@ -1081,7 +1210,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         if id == 0 {
             return refuse(ErrorCode::InvalidResourceId, "resource id 0");
         }
-        if self.blobs.contains_key(&id) {
+        if self.blobs.contains_key(&id) || self.display.has_resource(id) {
             return refuse(
                 ErrorCode::InvalidResourceId,
                 format!("resource {id} exists"),
@@ -1140,13 +1269,16 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
             );
         }
         let after = self.blob_bytes.saturating_add(c.size);
-        if let Some(budget) = self.blob_budget.filter(|b| after > *b) {
+        let live = after.saturating_add(self.display.bytes());
+        if let Some(budget) = self.blob_budget.filter(|b| live > *b) {
             self.budget_refusals += 1;
             return refuse(
                 ErrorCode::OutOfMemory,
                 format!(
-                    "blob memory budget: {} bytes live + {} > {budget}",
-                    self.blob_bytes, c.size
+                    "memory budget: {} blob + {} 2D bytes live + {} > {budget}",
+                    self.blob_bytes,
+                    self.display.bytes(),
+                    c.size
                 ),
             );
         }
@@ -1324,6 +1456,9 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
     }
 
     fn unref(&mut self, id: u32) -> Result<(), Refusal> {
+        if self.display.unref(id) {
+            return Ok(());
+        }
         let blob = match self.blobs.get(&id) {
             Some(b) => *b,
             None => return refuse(ErrorCode::InvalidResourceId, format!("no resource {id}")),
@@ -1335,6 +1470,7 @@ impl<P: Placer, B: Backend + ?Sized> Gpu<P, B> {
         if let Some(b) = self.blobs.remove(&id) {
             self.blob_bytes = self.blob_bytes.saturating_sub(b.size);
         }
+        self.display.forget(id);
         log::debug!("resource {id}: unref'd");
         Ok(())
     }

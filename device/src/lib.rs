@@ -5,6 +5,8 @@
 //!   virglrenderer backend.
 //! * [`gpu`]: the command handler: blob table, validation, error responses; placement goes
 //!   through the [`gpu::Placer`] trait.
+//! * [`display`]: scanouts, 2D resources and their guest backing, the cursor, and the
+//!   [`display::FrameSink`] flushed frames go to; [`edid`]: the EDID of a scanout.
 //! * [`mirror`]: the device's `Placer`: MAP_FIXED into the window mirror, then report the
 //!   placement to the VMM over the mapping tube and wait for its acknowledgment.
 //! * [`virtio`]: the virtio core: guest RAM (`vm-memory`) and split virtqueues
@@ -18,6 +20,8 @@
 #![forbid(unsafe_code)]
 
 pub mod backend;
+pub mod display;
+pub mod edid;
 pub mod error;
 pub mod gpu;
 pub mod mirror;

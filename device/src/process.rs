@@ -20,7 +20,8 @@ use hostmem_ipc::{Error as TubeError, Message, Tube};
 use nix::poll::PollTimeout;
 
 use crate::backend::Backend;
-use crate::gpu::{Gpu, Placer};
+use crate::display::DisplayConfig;
+use crate::gpu::{Gpu, Placer, NUM_SCANOUTS};
 use crate::mirror::{MirrorFaults, MirrorPlacer};
 use crate::virtio::{guest_memory, VirtioGpu};
 use crate::{Error, Result};
@@ -84,6 +85,21 @@ pub struct Args {
     /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
     #[arg(long)]
     pub test_ops: bool,
+    /// The scanouts: `WIDTHxHEIGHT`, or several separated by commas (at most 16; each side
+    /// 16 to 4095). The native transport reports one scanout (the VMM's device
+    /// configuration), so there only one size is accepted; vhost-user reports them all.
+    #[arg(
+        long,
+        value_name = "WxH[,WxH...]",
+        default_value = "1024x768",
+        value_parser = clap::value_parser!(DisplayConfig)
+    )]
+    pub display: DisplayConfig,
+    /// Guest-physical address of the hostmem window (the VMM's BAR): no 2D resource's
+    /// backing may lie in `GPA .. GPA + window size` (it is not guest RAM to the device
+    /// either; this makes the refusal explicit).
+    #[arg(long, value_name = "GPA")]
+    pub window_gpa: Option<u64>,
     /// virgl: the inherited fd of a socket to a running render server (the VMM starts the
     /// server).
     #[arg(long = "virgl-server-fd", value_name = "FD")]
@@ -224,6 +240,12 @@ fn run(args: &Args) -> Result<()> {
     let need = |fd: Option<i32>, flag: &str| {
         fd.ok_or_else(|| Error::Protocol(format!("{flag} is required")))
     };
+    if args.display.num_scanouts() != NUM_SCANOUTS {
+        return Err(Error::Protocol(format!(
+            "--display: the native transport reports {NUM_SCANOUTS} scanout, not {}",
+            args.display.num_scanouts()
+        )));
+    }
     let transport = Tube::from_fd(take(need(args.transport_fd, "--transport-fd")?)?)?;
     let mapping = Tube::from_fd(take(need(args.mapping_fd, "--mapping-fd")?)?)?;
     handshake::<DeviceMsg, VmmMsg>(&mapping, Role::Device, Duration::from_secs(20))?;
@@ -270,6 +292,10 @@ fn run(args: &Args) -> Result<()> {
     });
     let mut gpu = Gpu::new(backend, placer);
     gpu.set_blob_budget(args.blob_budget);
+    gpu.set_display(args.display.clone());
+    if let Some(gpa) = args.window_gpa {
+        gpu.set_backing_exclusions(vec![(gpa, size)]);
+    }
     let mut dev = VirtioGpu::new(gpu);
     let poll = IdlePoll::new(Duration::from_micros(args.idle_poll_max_us));
     serve(&transport, &mut dev, poll)
@@ -304,6 +330,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         max_connections: with_server.then_some(1),
         ack_timeout: crate::vhost_user::ACK_TIMEOUT,
         blob_budget: args.blob_budget,
+        display: args.display.clone(),
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.test_ops, server)?;
@@ -690,6 +717,31 @@ mod tests {
         assert_eq!(with(Some("1000")).unwrap().idle_poll_max_us, 1000);
         let e = with(Some("2000000")).unwrap_err();
         assert!(e.contains("idle-poll-max-us"), "{e}");
+    }
+
+    #[test]
+    fn display_defaults_to_one_1024x768_scanout_and_can_be_set() {
+        let with = |d: Option<&str>| {
+            let mut a = vec!["--vhost-user", "--socket-fd", "3"];
+            a.extend(d.iter().flat_map(|d| ["--display", d]));
+            parse(&a)
+        };
+        assert_eq!(with(None).unwrap().display.modes(), &[(1024, 768)]);
+        let two = with(Some("1920x1080,640x480")).unwrap();
+        assert_eq!(two.display.num_scanouts(), 2);
+        for bad in ["0x0", "1024", "99999x10", "a,b"] {
+            let e = with(Some(bad)).unwrap_err();
+            assert!(e.contains("display"), "{bad}: {e}");
+        }
+        let a = parse(&[
+            "--transport-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--window-gpa",
+            "4294967296",
+        ]);
+        assert_eq!(a.unwrap().window_gpa, Some(1 << 32));
     }
 
     #[test]

@@ -16,11 +16,13 @@
 //!
 //! # Messages
 //!
-//! * Virtio features offered: `VERSION_1`, `RING_EVENT_IDX`, `VIRGL`, `RESOURCE_BLOB`,
-//!   `CONTEXT_INIT`, plus `VHOST_USER_F_PROTOCOL_FEATURES` ([`OFFERED_FEATURES`]).
+//! * Virtio features offered: `VERSION_1`, `RING_EVENT_IDX`, `VIRGL`, `EDID`,
+//!   `RESOURCE_UUID`, `RESOURCE_BLOB`, `CONTEXT_INIT`, plus `VHOST_USER_F_PROTOCOL_FEATURES`
+//!   ([`OFFERED_FEATURES`]).
 //! * Protocol features ([`protocol_features`]): `MQ` (`GET_QUEUE_NUM` = 2), `REPLY_ACK`,
 //!   `BACKEND_REQ`, `BACKEND_SEND_FD`, `CONFIG` (`GET_CONFIG` answers
-//!   `struct virtio_gpu_config`, 16 bytes, with `num_capsets`; bytes past it read 0),
+//!   `struct virtio_gpu_config`, 16 bytes, with the display's `num_scanouts` and
+//!   `num_capsets`; bytes past it read 0),
 //!   `SHMEM` (`GET_SHMEM_CONFIG`: one region, id [`SHMEM_ID`] = 1, `memory_sizes[1]` = the
 //!   window size, as QEMU indexes the array by shmid), `CONFIGURE_MEM_SLOTS`
 //!   (`ADD_MEM_REG`/`REM_MEM_REG`, [`MAX_MEM_SLOTS`]) and `RESET_DEVICE`.
@@ -30,7 +32,9 @@
 //!   through the regions' `user_addr`. The memory the queues run on is taken when the first
 //!   queue starts; regions added while queues run (QEMU adds one per `SHMEM_MAP`, since the
 //!   mapping is fd-backed RAM in the guest's address space) are recorded, not applied: the
-//!   rings and command buffers live in guest RAM that was there before.
+//!   rings and command buffers live in guest RAM that was there before. Those regions are
+//!   never accepted as a 2D resource's backing ([`Gpu::set_backing_exclusions`]): they are
+//!   the hostmem window's placements, not RAM.
 //! * A queue starts when it has a size, ring addresses, kick and call eventfds and is
 //!   enabled (`SET_VRING_ENABLE`, or at the kick when `PROTOCOL_FEATURES` was not acked).
 //!   `SET_VRING_BASE` must be 0 (a fresh ring). `GET_VRING_BASE` stops the device: the
@@ -95,7 +99,8 @@ use vhost::VhostUserMemoryRegionBase;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
 use crate::backend::Backend;
-use crate::gpu::{Gpu, MapRequest, PlaceError, Placer, NUM_SCANOUTS};
+use crate::display::DisplayConfig;
+use crate::gpu::{Gpu, MapRequest, PlaceError, Placer};
 use crate::virtio::{GuestMemoryMmap, VirtioGpu, NUM_QUEUES, QUEUE_MAX_SIZE};
 use crate::{Error, Result};
 
@@ -117,6 +122,10 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 /// `VIRTIO_GPU_F_VIRGL`.
 pub const VIRTIO_GPU_F_VIRGL: u64 = 1 << 0;
+/// `VIRTIO_GPU_F_EDID`: `GET_EDID`.
+pub const VIRTIO_GPU_F_EDID: u64 = 1 << 1;
+/// `VIRTIO_GPU_F_RESOURCE_UUID`: `RESOURCE_ASSIGN_UUID`.
+pub const VIRTIO_GPU_F_RESOURCE_UUID: u64 = 1 << 2;
 /// `VIRTIO_GPU_F_RESOURCE_BLOB`.
 pub const VIRTIO_GPU_F_RESOURCE_BLOB: u64 = 1 << 3;
 /// `VIRTIO_GPU_F_CONTEXT_INIT`.
@@ -127,6 +136,8 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_F_RING_EVENT_IDX
     | VIRTIO_GPU_F_VIRGL
+    | VIRTIO_GPU_F_EDID
+    | VIRTIO_GPU_F_RESOURCE_UUID
     | VIRTIO_GPU_F_RESOURCE_BLOB
     | VIRTIO_GPU_F_CONTEXT_INIT
     | VHOST_USER_F_PROTOCOL_FEATURES;
@@ -159,6 +170,8 @@ pub struct Options {
     pub ack_timeout: Duration,
     /// The blob memory budget of each connection's device ([`Gpu::set_blob_budget`]).
     pub blob_budget: Option<u64>,
+    /// The scanouts ([`Gpu::set_display`]).
+    pub display: DisplayConfig,
 }
 
 impl Default for Options {
@@ -170,6 +183,7 @@ impl Default for Options {
             max_connections: None,
             ack_timeout: ACK_TIMEOUT,
             blob_budget: None,
+            display: DisplayConfig::default(),
         }
     }
 }
@@ -688,6 +702,8 @@ struct MemRegion {
     user_addr: u64,
     fd_offset: u64,
     file: File,
+    /// Added while queues ran (QEMU's region for a `SHMEM_MAP`): never backing.
+    late: bool,
 }
 
 /// One ring's setup as it arrives, message by message.
@@ -764,11 +780,11 @@ impl VuGpu {
         &mut self.dev
     }
 
-    /// `struct virtio_gpu_config`: no events, [`NUM_SCANOUTS`] scanout (always disabled,
-    /// see `GET_DISPLAY_INFO` in [`crate::gpu`]), the backend's capsets.
+    /// `struct virtio_gpu_config`: no events, the display's scanouts, the backend's capsets.
     pub fn config(&self) -> [u8; CONFIG_SIZE] {
         let mut c = [0u8; CONFIG_SIZE];
-        c[8..12].copy_from_slice(&NUM_SCANOUTS.to_le_bytes());
+        let scanouts = self.dev.gpu().display().num_scanouts();
+        c[8..12].copy_from_slice(&scanouts.to_le_bytes());
         c[12..16].copy_from_slice(&self.num_capsets.to_le_bytes());
         c
     }
@@ -837,15 +853,29 @@ impl VuGpu {
                 o.gpa, o.size
             ));
         }
+        let late = self.rings.iter().any(|r| r.started);
         self.regions.push(MemRegion {
             gpa,
             size,
             user_addr,
             fd_offset,
             file,
+            late,
         });
         self.memory_dirty = true;
+        self.update_exclusions();
         Ok(())
+    }
+
+    /// Tells the handler which regions are never backing: those added while queues ran.
+    fn update_exclusions(&mut self) {
+        let late: Vec<(u64, u64)> = self
+            .regions
+            .iter()
+            .filter(|r| r.late)
+            .map(|r| (r.gpa, r.size))
+            .collect();
+        self.dev.gpu_mut().set_backing_exclusions(late);
     }
 
     /// Maps the regions for the device core.
@@ -977,6 +1007,7 @@ impl VhostUserBackendReqHandlerMut for VuGpu {
         for (r, f) in ctx.iter().zip(files) {
             if let Err(e) = self.add_region(r, f) {
                 self.regions = old;
+                self.update_exclusions();
                 return Err(e);
             }
         }
@@ -1176,6 +1207,7 @@ impl VhostUserBackendReqHandlerMut for VuGpu {
             return bad(format!("no region {gpa:#x}+{size:#x} to remove"));
         }
         self.memory_dirty = true;
+        self.update_exclusions();
         Ok(())
     }
 
@@ -1478,6 +1510,10 @@ pub fn serve_listener_with(
             .device_mut()
             .gpu_mut()
             .set_blob_budget(opts.blob_budget);
+        lock(&vu)
+            .device_mut()
+            .gpu_mut()
+            .set_display(opts.display.clone());
         let end = serve_connection(stream, &vu)?;
         let mut g = lock(&vu);
         let st = g.dev.gpu().placer().stats();

@@ -14,7 +14,10 @@
 //!   into the chain's device-writable part and the head goes to the used ring. Responses
 //!   keep command order (the handler's pipeline guarantees it); MAP/UNMAP placements stay
 //!   in flight while the device goes on serving, exactly as the old control-queue loop did.
-//! * **cursorq (1)**: chains are consumed and returned used with length 0 (no cursor).
+//! * **cursorq (1)**: every chain is walked like a control chain (at most
+//!   [`MAX_CURSOR_REQUEST`] readable bytes), its command (`UPDATE_CURSOR`, `MOVE_CURSOR`)
+//!   handed to [`Gpu::cursor`], and the chain returned used with length 0 at once: cursor
+//!   commands have no response. A refused chain is counted and returned the same way.
 //!
 //! After a batch of used entries the call eventfd is signalled only when the driver wants
 //! it: `needs_notification` (event index) or, without event index, the avail ring's
@@ -41,7 +44,8 @@
 //! # Responses larger than the writable part
 //!
 //! Before a command runs, its writable part must hold the response's fixed part (24 bytes;
-//! 32 for `RESOURCE_MAP_BLOB`, 40 for `GET_CAPSET_INFO`), otherwise it is not run and gets
+//! 32 for `RESOURCE_MAP_BLOB`, 40 for `GET_CAPSET_INFO` and `RESOURCE_ASSIGN_UUID`, 408 for
+//! `GET_DISPLAY_INFO`, 1056 for `GET_EDID`), otherwise it is not run and gets
 //! `ERR_UNSPEC` (or nothing, below 24 bytes). An `OK_NODATA` response longer than the
 //! writable part (hostmem's `SUBMIT_3D` reply bytes) is cut to fit: a plain driver reads
 //! the header only. Any other response that does not fit (a capset larger than the buffer)
@@ -68,8 +72,10 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemory, GuestRegionMmap, M
 
 use crate::gpu::{Gpu, Placer};
 use crate::wire::{
-    CtrlHdr, ErrorCode, Response, CTRL_HDR_SIZE, RESP_CAPSET_INFO_SIZE, RESP_MAP_INFO_SIZE,
-    SUBMIT_3D_SIZE, VIRTIO_GPU_CMD_GET_CAPSET_INFO, VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
+    CtrlHdr, ErrorCode, Response, CTRL_HDR_SIZE, RESP_CAPSET_INFO_SIZE, RESP_DISPLAY_INFO_SIZE,
+    RESP_EDID_SIZE, RESP_MAP_INFO_SIZE, RESP_RESOURCE_UUID_SIZE, SUBMIT_3D_SIZE,
+    VIRTIO_GPU_CMD_GET_CAPSET_INFO, VIRTIO_GPU_CMD_GET_DISPLAY_INFO, VIRTIO_GPU_CMD_GET_EDID,
+    VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID, VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB,
     VIRTIO_GPU_RESP_OK_NODATA,
 };
 use crate::{Error, Result};
@@ -90,6 +96,10 @@ pub const MAX_REGIONS: usize = 4;
 /// Largest device-readable part of a control chain: a `SUBMIT_3D` with a 1 MiB command
 /// stream. (`RESOURCE_CREATE_BLOB` with the handler's 16384 mem entries needs 256 KiB.)
 pub const MAX_REQUEST: usize = (1 << 20) + SUBMIT_3D_SIZE;
+
+/// Largest device-readable part of a cursor chain (`struct virtio_gpu_update_cursor` is 56
+/// bytes; the rest of a longer chain is not read).
+pub const MAX_CURSOR_REQUEST: usize = 4096;
 
 /// Rounds of "take every chain, re-enable notifications, look again" per kick.
 pub const MAX_ROUNDS: usize = 16;
@@ -434,6 +444,9 @@ pub fn min_response(request: &[u8]) -> usize {
     match CtrlHdr::parse(request).map(|h| h.type_) {
         Ok(VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB) => RESP_MAP_INFO_SIZE,
         Ok(VIRTIO_GPU_CMD_GET_CAPSET_INFO) => RESP_CAPSET_INFO_SIZE,
+        Ok(VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID) => RESP_RESOURCE_UUID_SIZE,
+        Ok(VIRTIO_GPU_CMD_GET_DISPLAY_INFO) => RESP_DISPLAY_INFO_SIZE,
+        Ok(VIRTIO_GPU_CMD_GET_EDID) => RESP_EDID_SIZE,
         _ => CTRL_HDR_SIZE,
     }
 }
@@ -562,6 +575,7 @@ impl<P: Placer> VirtioGpu<P> {
                 "queues are enabled: reset the device before replacing guest memory".into(),
             ));
         }
+        self.gpu.set_guest_memory(Some(mem.clone()));
         self.mem = Some(mem);
         Ok(())
     }
@@ -820,7 +834,20 @@ impl<P: Placer> VirtioGpu<P> {
             );
             return;
         }
-        // Returned at once with nothing written (no cursor head is ever in flight).
+        let desc = GuestAddress(q.queue.desc_table());
+        let size = q.queue.size();
+        match read_chain(mem, desc, size, head, MAX_CURSOR_REQUEST) {
+            Ok(chain) => self.gpu.cursor(&chain.request),
+            Err(refused) => {
+                self.stats.bad_chains += 1;
+                self.limiter.warn(
+                    refused.kind.describe(),
+                    format_args!("cursorq: head {head}: {}", refused.kind),
+                );
+            }
+        }
+        // Returned at once with nothing written (cursor commands have no response, and no
+        // cursor head is ever in flight).
         self.return_used(mem, index, head, 0);
     }
 

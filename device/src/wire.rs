@@ -2,31 +2,53 @@
 //! (virtio spec 1.2+ §5.7.6, Linux `include/uapi/linux/virtio_gpu.h`).
 //!
 //! Only the commands the hostmem device serves are decoded: blob resources, contexts
-//! (with `CTX_ATTACH_RESOURCE`/`CTX_DETACH_RESOURCE`), `SUBMIT_3D`, capsets and
-//! `GET_DISPLAY_INFO` (Linux's driver asks for it at probe). Everything here is plain data: [`Command::parse`] and
+//! (with `CTX_ATTACH_RESOURCE`/`CTX_DETACH_RESOURCE`), `SUBMIT_3D`, capsets, and the
+//! display half: `GET_DISPLAY_INFO`, `GET_EDID`, 2D resources (`RESOURCE_CREATE_2D`,
+//! `RESOURCE_ATTACH_BACKING`/`DETACH_BACKING`, `TRANSFER_TO_HOST_2D`), scanouts
+//! (`SET_SCANOUT`, `SET_SCANOUT_BLOB`, `RESOURCE_FLUSH`), `RESOURCE_ASSIGN_UUID` and the
+//! cursor queue's `UPDATE_CURSOR`/`MOVE_CURSOR`. Everything here is plain data: [`Command::parse`] and
 //! [`Response::parse`] never panic on any input (short buffers, unknown types, lengths that
 //! disagree with the message) and never allocate more than the message holds, so a fuzz
 //! target can call them directly.
 //!
 //! Trailing bytes after a fixed-size command are ignored, as virtio devices do with
 //! descriptor chains longer than the command. Variable parts are checked against the
-//! message: `RESOURCE_CREATE_BLOB`'s `nr_entries` mem entries, `SUBMIT_3D`'s `size`
-//! payload bytes, `CTX_CREATE`'s `nlen` (≤ 64).
+//! message: `RESOURCE_CREATE_BLOB`'s and `RESOURCE_ATTACH_BACKING`'s `nr_entries` mem
+//! entries, `SUBMIT_3D`'s `size` payload bytes, `CTX_CREATE`'s `nlen` (≤ 64), `OK_EDID`'s
+//! `size` (≤ 1024).
 
 use std::fmt;
 
 // ---- command types (enum virtio_gpu_ctrl_type) ----
 
-/// `VIRTIO_GPU_CMD_GET_DISPLAY_INFO`: answered with every scanout disabled.
+/// `VIRTIO_GPU_CMD_GET_DISPLAY_INFO`.
 pub const VIRTIO_GPU_CMD_GET_DISPLAY_INFO: u32 = 0x0100;
+/// `VIRTIO_GPU_CMD_RESOURCE_CREATE_2D`.
+pub const VIRTIO_GPU_CMD_RESOURCE_CREATE_2D: u32 = 0x0101;
 /// `VIRTIO_GPU_CMD_RESOURCE_UNREF`.
 pub const VIRTIO_GPU_CMD_RESOURCE_UNREF: u32 = 0x0102;
+/// `VIRTIO_GPU_CMD_SET_SCANOUT`.
+pub const VIRTIO_GPU_CMD_SET_SCANOUT: u32 = 0x0103;
+/// `VIRTIO_GPU_CMD_RESOURCE_FLUSH`.
+pub const VIRTIO_GPU_CMD_RESOURCE_FLUSH: u32 = 0x0104;
+/// `VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D`.
+pub const VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D: u32 = 0x0105;
+/// `VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING`.
+pub const VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING: u32 = 0x0106;
+/// `VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING`.
+pub const VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING: u32 = 0x0107;
 /// `VIRTIO_GPU_CMD_GET_CAPSET_INFO`.
 pub const VIRTIO_GPU_CMD_GET_CAPSET_INFO: u32 = 0x0108;
 /// `VIRTIO_GPU_CMD_GET_CAPSET`.
 pub const VIRTIO_GPU_CMD_GET_CAPSET: u32 = 0x0109;
+/// `VIRTIO_GPU_CMD_GET_EDID` (feature `VIRTIO_GPU_F_EDID`).
+pub const VIRTIO_GPU_CMD_GET_EDID: u32 = 0x010a;
+/// `VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID` (feature `VIRTIO_GPU_F_RESOURCE_UUID`).
+pub const VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID: u32 = 0x010b;
 /// `VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB`.
 pub const VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB: u32 = 0x010c;
+/// `VIRTIO_GPU_CMD_SET_SCANOUT_BLOB`.
+pub const VIRTIO_GPU_CMD_SET_SCANOUT_BLOB: u32 = 0x010d;
 /// `VIRTIO_GPU_CMD_CTX_CREATE`.
 pub const VIRTIO_GPU_CMD_CTX_CREATE: u32 = 0x0200;
 /// `VIRTIO_GPU_CMD_CTX_DESTROY`.
@@ -41,6 +63,10 @@ pub const VIRTIO_GPU_CMD_SUBMIT_3D: u32 = 0x0207;
 pub const VIRTIO_GPU_CMD_RESOURCE_MAP_BLOB: u32 = 0x0208;
 /// `VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB`.
 pub const VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB: u32 = 0x0209;
+/// `VIRTIO_GPU_CMD_UPDATE_CURSOR` (cursor queue).
+pub const VIRTIO_GPU_CMD_UPDATE_CURSOR: u32 = 0x0300;
+/// `VIRTIO_GPU_CMD_MOVE_CURSOR` (cursor queue).
+pub const VIRTIO_GPU_CMD_MOVE_CURSOR: u32 = 0x0301;
 
 // ---- response types ----
 
@@ -52,6 +78,10 @@ pub const VIRTIO_GPU_RESP_OK_DISPLAY_INFO: u32 = 0x1101;
 pub const VIRTIO_GPU_RESP_OK_CAPSET_INFO: u32 = 0x1102;
 /// `VIRTIO_GPU_RESP_OK_CAPSET`.
 pub const VIRTIO_GPU_RESP_OK_CAPSET: u32 = 0x1103;
+/// `VIRTIO_GPU_RESP_OK_EDID`.
+pub const VIRTIO_GPU_RESP_OK_EDID: u32 = 0x1104;
+/// `VIRTIO_GPU_RESP_OK_RESOURCE_UUID`.
+pub const VIRTIO_GPU_RESP_OK_RESOURCE_UUID: u32 = 0x1105;
 /// `VIRTIO_GPU_RESP_OK_MAP_INFO`.
 pub const VIRTIO_GPU_RESP_OK_MAP_INFO: u32 = 0x1106;
 /// `VIRTIO_GPU_RESP_ERR_UNSPEC`.
@@ -123,6 +153,25 @@ pub const VIRTIO_GPU_CAPSET_DRM: u32 = 6;
 /// `VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK`: the capset id in `CTX_CREATE.context_init`.
 pub const VIRTIO_GPU_CONTEXT_INIT_CAPSET_ID_MASK: u32 = 0xff;
 
+// ---- 2D formats (enum virtio_gpu_formats): the 4-byte ones Linux and Mesa use ----
+
+/// `VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM: u32 = 1;
+/// `VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM: u32 = 2;
+/// `VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM: u32 = 3;
+/// `VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM: u32 = 4;
+/// `VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM: u32 = 67;
+/// `VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM: u32 = 68;
+/// `VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM: u32 = 121;
+/// `VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM`.
+pub const VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM: u32 = 134;
+
 // ---- sizes ----
 
 /// `sizeof(struct virtio_gpu_ctrl_hdr)`.
@@ -160,6 +209,34 @@ pub const RESP_DISPLAY_INFO_SIZE: usize =
     CTRL_HDR_SIZE + VIRTIO_GPU_MAX_SCANOUTS * DISPLAY_ONE_SIZE;
 /// `sizeof(struct virtio_gpu_ctx_resource)` (`CTX_ATTACH_RESOURCE`/`CTX_DETACH_RESOURCE`).
 pub const CTX_RESOURCE_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_rect)`.
+pub const RECT_SIZE: usize = 16;
+/// `sizeof(struct virtio_gpu_resource_create_2d)`.
+pub const RESOURCE_CREATE_2D_SIZE: usize = CTRL_HDR_SIZE + 16;
+/// `sizeof(struct virtio_gpu_set_scanout)`.
+pub const SET_SCANOUT_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 8;
+/// `sizeof(struct virtio_gpu_resource_flush)`.
+pub const RESOURCE_FLUSH_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 8;
+/// `sizeof(struct virtio_gpu_transfer_to_host_2d)`.
+pub const TRANSFER_TO_HOST_2D_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 16;
+/// `sizeof(struct virtio_gpu_resource_attach_backing)` (without the mem entries).
+pub const RESOURCE_ATTACH_BACKING_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_resource_detach_backing)`.
+pub const RESOURCE_DETACH_BACKING_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_cmd_get_edid)`.
+pub const GET_EDID_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_resource_assign_uuid)`.
+pub const RESOURCE_ASSIGN_UUID_SIZE: usize = CTRL_HDR_SIZE + 8;
+/// `sizeof(struct virtio_gpu_set_scanout_blob)`.
+pub const SET_SCANOUT_BLOB_SIZE: usize = CTRL_HDR_SIZE + RECT_SIZE + 24 + 32;
+/// `sizeof(struct virtio_gpu_update_cursor)` (also `MOVE_CURSOR`).
+pub const UPDATE_CURSOR_SIZE: usize = CTRL_HDR_SIZE + 32;
+/// Bytes of `edid` in `virtio_gpu_resp_edid`.
+pub const EDID_MAX_SIZE: usize = 1024;
+/// `sizeof(struct virtio_gpu_resp_edid)`.
+pub const RESP_EDID_SIZE: usize = CTRL_HDR_SIZE + 8 + EDID_MAX_SIZE;
+/// `sizeof(struct virtio_gpu_resp_resource_uuid)`.
+pub const RESP_RESOURCE_UUID_SIZE: usize = CTRL_HDR_SIZE + 16;
 
 /// Why a buffer is not a well-formed command or response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -385,7 +462,194 @@ pub struct DisplayOne {
     pub flags: u32,
 }
 
-/// A control-queue command the hostmem device serves.
+/// `struct virtio_gpu_rect`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rect {
+    /// Left edge.
+    pub x: u32,
+    /// Top edge.
+    pub y: u32,
+    /// Width.
+    pub width: u32,
+    /// Height.
+    pub height: u32,
+}
+
+impl Rect {
+    /// A rect at `(x, y)` of `width` × `height`.
+    pub fn new(x: u32, y: u32, width: u32, height: u32) -> Rect {
+        Rect {
+            x,
+            y,
+            width,
+            height,
+        }
+    }
+
+    /// True when the rect lies inside `width` × `height` (checked arithmetic: a rect whose
+    /// `x + width` wraps is outside). An empty rect inside the bounds is inside.
+    pub fn within(&self, width: u32, height: u32) -> bool {
+        let right = u64::from(self.x) + u64::from(self.width);
+        let bottom = u64::from(self.y) + u64::from(self.height);
+        right <= u64::from(width) && bottom <= u64::from(height)
+    }
+
+    /// True when the rect has no pixels.
+    pub fn is_empty(&self) -> bool {
+        self.width == 0 || self.height == 0
+    }
+
+    fn read(r: &Reader<'_>, at: usize) -> Rect {
+        Rect {
+            x: r.u32(at),
+            y: r.u32(at + 4),
+            width: r.u32(at + 8),
+            height: r.u32(at + 12),
+        }
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        for v in [self.x, self.y, self.width, self.height] {
+            put_u32(out, v);
+        }
+    }
+}
+
+/// `VIRTIO_GPU_CMD_RESOURCE_CREATE_2D`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceCreate2d {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Guest-chosen id.
+    pub resource_id: u32,
+    /// `VIRTIO_GPU_FORMAT_*`.
+    pub format: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// `VIRTIO_GPU_CMD_SET_SCANOUT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetScanout {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// The part of the resource the scanout shows.
+    pub r: Rect,
+    /// Scanout.
+    pub scanout_id: u32,
+    /// 2D resource (0: disable the scanout).
+    pub resource_id: u32,
+}
+
+/// `VIRTIO_GPU_CMD_RESOURCE_FLUSH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceFlush {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// The rect that changed, in resource coordinates.
+    pub r: Rect,
+    /// Resource.
+    pub resource_id: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferToHost2d {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// The rect to copy, in resource coordinates.
+    pub r: Rect,
+    /// Offset of the rect's first byte in the backing (rows `width * 4` bytes apart).
+    pub offset: u64,
+    /// Resource.
+    pub resource_id: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING` and its mem entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceAttachBacking {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Resource.
+    pub resource_id: u32,
+    /// The `nr_entries` mem entries that follow (encoded `nr_entries` = `entries.len()`).
+    pub entries: Vec<MemEntry>,
+}
+
+/// `VIRTIO_GPU_CMD_GET_EDID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GetEdid {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Scanout.
+    pub scanout: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_SET_SCANOUT_BLOB`: a blob resource as the scanout's framebuffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetScanoutBlob {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// The part of the framebuffer the scanout shows.
+    pub r: Rect,
+    /// Scanout.
+    pub scanout_id: u32,
+    /// Blob resource (0: disable the scanout).
+    pub resource_id: u32,
+    /// Framebuffer width in pixels.
+    pub width: u32,
+    /// Framebuffer height in pixels.
+    pub height: u32,
+    /// `VIRTIO_GPU_FORMAT_*`.
+    pub format: u32,
+    /// Padding.
+    pub padding: u32,
+    /// Bytes per row of each plane (the formats served have one plane).
+    pub strides: [u32; 4],
+    /// Offset of each plane in the blob.
+    pub offsets: [u32; 4],
+}
+
+/// `struct virtio_gpu_cursor_pos`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CursorPos {
+    /// Scanout.
+    pub scanout_id: u32,
+    /// x.
+    pub x: u32,
+    /// y.
+    pub y: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// `VIRTIO_GPU_CMD_UPDATE_CURSOR` / `VIRTIO_GPU_CMD_MOVE_CURSOR` (`struct
+/// virtio_gpu_update_cursor`; MOVE uses only `pos`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateCursor {
+    /// Header.
+    pub hdr: CtrlHdr,
+    /// Position.
+    pub pos: CursorPos,
+    /// The cursor image: a 64×64 2D resource (0: hide the cursor).
+    pub resource_id: u32,
+    /// Hot spot x.
+    pub hot_x: u32,
+    /// Hot spot y.
+    pub hot_y: u32,
+    /// Padding.
+    pub padding: u32,
+}
+
+/// A control-queue (or cursor-queue) command the hostmem device serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// `GET_DISPLAY_INFO` (header only).
@@ -412,6 +676,28 @@ pub enum Command {
     GetCapsetInfo(GetCapsetInfo),
     /// `GET_CAPSET`.
     GetCapset(GetCapset),
+    /// `RESOURCE_CREATE_2D`.
+    ResourceCreate2d(ResourceCreate2d),
+    /// `SET_SCANOUT`.
+    SetScanout(SetScanout),
+    /// `RESOURCE_FLUSH`.
+    ResourceFlush(ResourceFlush),
+    /// `TRANSFER_TO_HOST_2D`.
+    TransferToHost2d(TransferToHost2d),
+    /// `RESOURCE_ATTACH_BACKING`.
+    ResourceAttachBacking(ResourceAttachBacking),
+    /// `RESOURCE_DETACH_BACKING`.
+    ResourceDetachBacking(ResourceCmd),
+    /// `GET_EDID`.
+    GetEdid(GetEdid),
+    /// `RESOURCE_ASSIGN_UUID`.
+    ResourceAssignUuid(ResourceCmd),
+    /// `SET_SCANOUT_BLOB`.
+    SetScanoutBlob(SetScanoutBlob),
+    /// `UPDATE_CURSOR` (cursor queue).
+    UpdateCursor(UpdateCursor),
+    /// `MOVE_CURSOR` (cursor queue).
+    MoveCursor(UpdateCursor),
 }
 
 /// Bounds-checked little-endian reads from a buffer known to hold `need` bytes.
@@ -463,11 +749,24 @@ fn type_name(t: u32) -> &'static str {
         VIRTIO_GPU_CMD_SUBMIT_3D => "SUBMIT_3D",
         VIRTIO_GPU_CMD_GET_CAPSET_INFO => "GET_CAPSET_INFO",
         VIRTIO_GPU_CMD_GET_CAPSET => "GET_CAPSET",
+        VIRTIO_GPU_CMD_RESOURCE_CREATE_2D => "RESOURCE_CREATE_2D",
+        VIRTIO_GPU_CMD_SET_SCANOUT => "SET_SCANOUT",
+        VIRTIO_GPU_CMD_RESOURCE_FLUSH => "RESOURCE_FLUSH",
+        VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D => "TRANSFER_TO_HOST_2D",
+        VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING => "RESOURCE_ATTACH_BACKING",
+        VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING => "RESOURCE_DETACH_BACKING",
+        VIRTIO_GPU_CMD_GET_EDID => "GET_EDID",
+        VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID => "RESOURCE_ASSIGN_UUID",
+        VIRTIO_GPU_CMD_SET_SCANOUT_BLOB => "SET_SCANOUT_BLOB",
+        VIRTIO_GPU_CMD_UPDATE_CURSOR => "UPDATE_CURSOR",
+        VIRTIO_GPU_CMD_MOVE_CURSOR => "MOVE_CURSOR",
         VIRTIO_GPU_RESP_OK_NODATA => "OK_NODATA",
         VIRTIO_GPU_RESP_OK_MAP_INFO => "OK_MAP_INFO",
         VIRTIO_GPU_RESP_OK_DISPLAY_INFO => "OK_DISPLAY_INFO",
         VIRTIO_GPU_RESP_OK_CAPSET_INFO => "OK_CAPSET_INFO",
         VIRTIO_GPU_RESP_OK_CAPSET => "OK_CAPSET",
+        VIRTIO_GPU_RESP_OK_EDID => "OK_EDID",
+        VIRTIO_GPU_RESP_OK_RESOURCE_UUID => "OK_RESOURCE_UUID",
         VIRTIO_GPU_RESP_ERR_UNSPEC => "ERR_UNSPEC",
         VIRTIO_GPU_RESP_ERR_OUT_OF_MEMORY => "ERR_OUT_OF_MEMORY",
         VIRTIO_GPU_RESP_ERR_INVALID_SCANOUT_ID => "ERR_INVALID_SCANOUT_ID",
@@ -491,6 +790,30 @@ fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_le_bytes());
 }
 
+fn put_entries(out: &mut Vec<u8>, entries: &[MemEntry]) {
+    for e in entries {
+        put_u64(out, e.addr);
+        put_u32(out, e.length);
+        put_u32(out, e.padding);
+    }
+}
+
+/// The first `nr_entries` mem entries in `bytes` (the caller checked they are there).
+fn mem_entries(bytes: &[u8], nr_entries: u32) -> Vec<MemEntry> {
+    bytes
+        .chunks_exact(MEM_ENTRY_SIZE)
+        .take(nr_entries as usize)
+        .map(|c| {
+            let e = Reader { b: c };
+            MemEntry {
+                addr: e.u64(0),
+                length: e.u32(8),
+                padding: e.u32(12),
+            }
+        })
+        .collect()
+}
+
 impl Command {
     /// Decodes one command. Never panics; see the module docs for what is checked.
     pub fn parse(bytes: &[u8]) -> Result<Command, WireError> {
@@ -507,18 +830,7 @@ impl Command {
                         "{name}: nr_entries {nr_entries} but the message holds {avail} entries"
                     )));
                 }
-                let entries = bytes[RESOURCE_CREATE_BLOB_SIZE..]
-                    .chunks_exact(MEM_ENTRY_SIZE)
-                    .take(nr_entries as usize)
-                    .map(|c| {
-                        let e = Reader { b: c };
-                        MemEntry {
-                            addr: e.u64(0),
-                            length: e.u32(8),
-                            padding: e.u32(12),
-                        }
-                    })
-                    .collect();
+                let entries = mem_entries(&bytes[RESOURCE_CREATE_BLOB_SIZE..], nr_entries);
                 Ok(Command::ResourceCreateBlob(ResourceCreateBlob {
                     hdr,
                     resource_id: r.u32(24),
@@ -612,8 +924,133 @@ impl Command {
                     capset_version: r.u32(28),
                 }))
             }
-            other => Err(WireError::UnknownType(other)),
+            other => {
+                Self::parse_display(hdr, name, bytes).unwrap_or(Err(WireError::UnknownType(other)))
+            }
         }
+    }
+
+    /// The display half of [`Command::parse`]: `None` for a type it does not know.
+    fn parse_display(
+        hdr: CtrlHdr,
+        name: &'static str,
+        bytes: &[u8],
+    ) -> Option<Result<Command, WireError>> {
+        let need = |size| Reader::new(bytes, name, size);
+        let parsed = match hdr.type_ {
+            VIRTIO_GPU_CMD_RESOURCE_CREATE_2D => need(RESOURCE_CREATE_2D_SIZE).map(|r| {
+                Command::ResourceCreate2d(ResourceCreate2d {
+                    hdr,
+                    resource_id: r.u32(24),
+                    format: r.u32(28),
+                    width: r.u32(32),
+                    height: r.u32(36),
+                })
+            }),
+            VIRTIO_GPU_CMD_SET_SCANOUT => need(SET_SCANOUT_SIZE).map(|r| {
+                Command::SetScanout(SetScanout {
+                    hdr,
+                    r: Rect::read(&r, 24),
+                    scanout_id: r.u32(40),
+                    resource_id: r.u32(44),
+                })
+            }),
+            VIRTIO_GPU_CMD_RESOURCE_FLUSH => need(RESOURCE_FLUSH_SIZE).map(|r| {
+                Command::ResourceFlush(ResourceFlush {
+                    hdr,
+                    r: Rect::read(&r, 24),
+                    resource_id: r.u32(40),
+                    padding: r.u32(44),
+                })
+            }),
+            VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D => need(TRANSFER_TO_HOST_2D_SIZE).map(|r| {
+                Command::TransferToHost2d(TransferToHost2d {
+                    hdr,
+                    r: Rect::read(&r, 24),
+                    offset: r.u64(40),
+                    resource_id: r.u32(48),
+                    padding: r.u32(52),
+                })
+            }),
+            VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING => {
+                need(RESOURCE_ATTACH_BACKING_SIZE).and_then(|r| {
+                    let nr_entries = r.u32(28);
+                    let rest = bytes
+                        .get(RESOURCE_ATTACH_BACKING_SIZE..)
+                        .unwrap_or_default();
+                    let avail = rest.len() / MEM_ENTRY_SIZE;
+                    if nr_entries as usize > avail {
+                        return Err(WireError::BadLength(format!(
+                            "{name}: nr_entries {nr_entries} but the message holds {avail} entries"
+                        )));
+                    }
+                    Ok(Command::ResourceAttachBacking(ResourceAttachBacking {
+                        hdr,
+                        resource_id: r.u32(24),
+                        entries: mem_entries(rest, nr_entries),
+                    }))
+                })
+            }
+            VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING | VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID => {
+                need(RESOURCE_DETACH_BACKING_SIZE).map(|r| {
+                    let c = ResourceCmd {
+                        hdr,
+                        resource_id: r.u32(24),
+                        padding: r.u32(28),
+                    };
+                    if hdr.type_ == VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID {
+                        Command::ResourceAssignUuid(c)
+                    } else {
+                        Command::ResourceDetachBacking(c)
+                    }
+                })
+            }
+            VIRTIO_GPU_CMD_GET_EDID => need(GET_EDID_SIZE).map(|r| {
+                Command::GetEdid(GetEdid {
+                    hdr,
+                    scanout: r.u32(24),
+                    padding: r.u32(28),
+                })
+            }),
+            VIRTIO_GPU_CMD_SET_SCANOUT_BLOB => need(SET_SCANOUT_BLOB_SIZE).map(|r| {
+                let four = |at: usize| [r.u32(at), r.u32(at + 4), r.u32(at + 8), r.u32(at + 12)];
+                Command::SetScanoutBlob(SetScanoutBlob {
+                    hdr,
+                    r: Rect::read(&r, 24),
+                    scanout_id: r.u32(40),
+                    resource_id: r.u32(44),
+                    width: r.u32(48),
+                    height: r.u32(52),
+                    format: r.u32(56),
+                    padding: r.u32(60),
+                    strides: four(64),
+                    offsets: four(80),
+                })
+            }),
+            VIRTIO_GPU_CMD_UPDATE_CURSOR | VIRTIO_GPU_CMD_MOVE_CURSOR => need(UPDATE_CURSOR_SIZE)
+                .map(|r| {
+                    let c = UpdateCursor {
+                        hdr,
+                        pos: CursorPos {
+                            scanout_id: r.u32(24),
+                            x: r.u32(28),
+                            y: r.u32(32),
+                            padding: r.u32(36),
+                        },
+                        resource_id: r.u32(40),
+                        hot_x: r.u32(44),
+                        hot_y: r.u32(48),
+                        padding: r.u32(52),
+                    };
+                    if hdr.type_ == VIRTIO_GPU_CMD_MOVE_CURSOR {
+                        Command::MoveCursor(c)
+                    } else {
+                        Command::UpdateCursor(c)
+                    }
+                }),
+            _ => return None,
+        };
+        Some(parsed)
     }
 
     /// The command's header.
@@ -630,6 +1067,15 @@ impl Command {
             Command::Submit3d(c) => &c.hdr,
             Command::GetCapsetInfo(c) => &c.hdr,
             Command::GetCapset(c) => &c.hdr,
+            Command::ResourceCreate2d(c) => &c.hdr,
+            Command::SetScanout(c) => &c.hdr,
+            Command::ResourceFlush(c) => &c.hdr,
+            Command::TransferToHost2d(c) => &c.hdr,
+            Command::ResourceAttachBacking(c) => &c.hdr,
+            Command::ResourceDetachBacking(c) | Command::ResourceAssignUuid(c) => &c.hdr,
+            Command::GetEdid(c) => &c.hdr,
+            Command::SetScanoutBlob(c) => &c.hdr,
+            Command::UpdateCursor(c) | Command::MoveCursor(c) => &c.hdr,
         }
     }
 
@@ -648,6 +1094,17 @@ impl Command {
             Command::Submit3d(_) => VIRTIO_GPU_CMD_SUBMIT_3D,
             Command::GetCapsetInfo(_) => VIRTIO_GPU_CMD_GET_CAPSET_INFO,
             Command::GetCapset(_) => VIRTIO_GPU_CMD_GET_CAPSET,
+            Command::ResourceCreate2d(_) => VIRTIO_GPU_CMD_RESOURCE_CREATE_2D,
+            Command::SetScanout(_) => VIRTIO_GPU_CMD_SET_SCANOUT,
+            Command::ResourceFlush(_) => VIRTIO_GPU_CMD_RESOURCE_FLUSH,
+            Command::TransferToHost2d(_) => VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D,
+            Command::ResourceAttachBacking(_) => VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING,
+            Command::ResourceDetachBacking(_) => VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING,
+            Command::GetEdid(_) => VIRTIO_GPU_CMD_GET_EDID,
+            Command::ResourceAssignUuid(_) => VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID,
+            Command::SetScanoutBlob(_) => VIRTIO_GPU_CMD_SET_SCANOUT_BLOB,
+            Command::UpdateCursor(_) => VIRTIO_GPU_CMD_UPDATE_CURSOR,
+            Command::MoveCursor(_) => VIRTIO_GPU_CMD_MOVE_CURSOR,
         }
     }
 
@@ -670,11 +1127,7 @@ impl Command {
                 put_u32(&mut out, c.entries.len() as u32);
                 put_u64(&mut out, c.blob_id);
                 put_u64(&mut out, c.size);
-                for e in &c.entries {
-                    put_u64(&mut out, e.addr);
-                    put_u32(&mut out, e.length);
-                    put_u32(&mut out, e.padding);
-                }
+                put_entries(&mut out, &c.entries);
             }
             Command::ResourceMapBlob(c) => {
                 put_u32(&mut out, c.resource_id);
@@ -709,6 +1162,70 @@ impl Command {
             Command::GetCapset(c) => {
                 put_u32(&mut out, c.capset_id);
                 put_u32(&mut out, c.capset_version);
+            }
+            Command::ResourceCreate2d(c) => {
+                for v in [c.resource_id, c.format, c.width, c.height] {
+                    put_u32(&mut out, v);
+                }
+            }
+            Command::SetScanout(c) => {
+                c.r.encode_into(&mut out);
+                put_u32(&mut out, c.scanout_id);
+                put_u32(&mut out, c.resource_id);
+            }
+            Command::ResourceFlush(c) => {
+                c.r.encode_into(&mut out);
+                put_u32(&mut out, c.resource_id);
+                put_u32(&mut out, c.padding);
+            }
+            Command::TransferToHost2d(c) => {
+                c.r.encode_into(&mut out);
+                put_u64(&mut out, c.offset);
+                put_u32(&mut out, c.resource_id);
+                put_u32(&mut out, c.padding);
+            }
+            Command::ResourceAttachBacking(c) => {
+                put_u32(&mut out, c.resource_id);
+                put_u32(&mut out, c.entries.len() as u32);
+                put_entries(&mut out, &c.entries);
+            }
+            Command::ResourceDetachBacking(c) | Command::ResourceAssignUuid(c) => {
+                put_u32(&mut out, c.resource_id);
+                put_u32(&mut out, c.padding);
+            }
+            Command::GetEdid(c) => {
+                put_u32(&mut out, c.scanout);
+                put_u32(&mut out, c.padding);
+            }
+            Command::SetScanoutBlob(c) => {
+                c.r.encode_into(&mut out);
+                for v in [
+                    c.scanout_id,
+                    c.resource_id,
+                    c.width,
+                    c.height,
+                    c.format,
+                    c.padding,
+                ] {
+                    put_u32(&mut out, v);
+                }
+                for v in c.strides.iter().chain(c.offsets.iter()) {
+                    put_u32(&mut out, *v);
+                }
+            }
+            Command::UpdateCursor(c) | Command::MoveCursor(c) => {
+                for v in [
+                    c.pos.scanout_id,
+                    c.pos.x,
+                    c.pos.y,
+                    c.pos.padding,
+                    c.resource_id,
+                    c.hot_x,
+                    c.hot_y,
+                    c.padding,
+                ] {
+                    put_u32(&mut out, v);
+                }
             }
         }
         out
@@ -828,6 +1345,154 @@ impl Command {
         })
     }
 
+    /// `RESOURCE_CREATE_2D` of `resource_id`.
+    pub fn create_2d(resource_id: u32, format: u32, width: u32, height: u32) -> Command {
+        Command::ResourceCreate2d(ResourceCreate2d {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D),
+            resource_id,
+            format,
+            width,
+            height,
+        })
+    }
+
+    /// `SET_SCANOUT` of `resource_id` (0: disable) on `scanout_id`, showing `r`.
+    pub fn set_scanout(scanout_id: u32, resource_id: u32, r: Rect) -> Command {
+        Command::SetScanout(SetScanout {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_SET_SCANOUT),
+            r,
+            scanout_id,
+            resource_id,
+        })
+    }
+
+    /// `RESOURCE_FLUSH` of `r` of `resource_id`.
+    pub fn resource_flush(resource_id: u32, r: Rect) -> Command {
+        Command::ResourceFlush(ResourceFlush {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_RESOURCE_FLUSH),
+            r,
+            resource_id,
+            padding: 0,
+        })
+    }
+
+    /// `TRANSFER_TO_HOST_2D` of `r` of `resource_id` from backing `offset`.
+    pub fn transfer_to_host_2d(resource_id: u32, r: Rect, offset: u64) -> Command {
+        Command::TransferToHost2d(TransferToHost2d {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D),
+            r,
+            offset,
+            resource_id,
+            padding: 0,
+        })
+    }
+
+    /// `RESOURCE_ATTACH_BACKING` of `entries` (guest address, length) to `resource_id`.
+    pub fn attach_backing(resource_id: u32, entries: &[(u64, u32)]) -> Command {
+        Command::ResourceAttachBacking(ResourceAttachBacking {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING),
+            resource_id,
+            entries: entries
+                .iter()
+                .map(|&(addr, length)| MemEntry {
+                    addr,
+                    length,
+                    padding: 0,
+                })
+                .collect(),
+        })
+    }
+
+    /// `RESOURCE_DETACH_BACKING` of `resource_id`.
+    pub fn detach_backing(resource_id: u32) -> Command {
+        Command::ResourceDetachBacking(ResourceCmd {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_RESOURCE_DETACH_BACKING),
+            resource_id,
+            padding: 0,
+        })
+    }
+
+    /// `GET_EDID` of `scanout`.
+    pub fn get_edid(scanout: u32) -> Command {
+        Command::GetEdid(GetEdid {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_GET_EDID),
+            scanout,
+            padding: 0,
+        })
+    }
+
+    /// `RESOURCE_ASSIGN_UUID` of `resource_id`.
+    pub fn assign_uuid(resource_id: u32) -> Command {
+        Command::ResourceAssignUuid(ResourceCmd {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_RESOURCE_ASSIGN_UUID),
+            resource_id,
+            padding: 0,
+        })
+    }
+
+    /// `SET_SCANOUT_BLOB` of a one-plane framebuffer of `width` × `height` in `format`,
+    /// `stride` bytes per row from `offset` in blob `resource_id`, shown whole.
+    pub fn set_scanout_blob(
+        scanout_id: u32,
+        resource_id: u32,
+        format: u32,
+        (width, height): (u32, u32),
+        stride: u32,
+        offset: u32,
+    ) -> Command {
+        Command::SetScanoutBlob(SetScanoutBlob {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_SET_SCANOUT_BLOB),
+            r: Rect::new(0, 0, width, height),
+            scanout_id,
+            resource_id,
+            width,
+            height,
+            format,
+            padding: 0,
+            strides: [stride, 0, 0, 0],
+            offsets: [offset, 0, 0, 0],
+        })
+    }
+
+    /// `UPDATE_CURSOR`: `resource_id` (0: hide) with its hot spot at `(x, y)` of `scanout_id`.
+    pub fn update_cursor(
+        scanout_id: u32,
+        (x, y): (u32, u32),
+        resource_id: u32,
+        (hot_x, hot_y): (u32, u32),
+    ) -> Command {
+        Command::UpdateCursor(UpdateCursor {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_UPDATE_CURSOR),
+            pos: CursorPos {
+                scanout_id,
+                x,
+                y,
+                padding: 0,
+            },
+            resource_id,
+            hot_x,
+            hot_y,
+            padding: 0,
+        })
+    }
+
+    /// `MOVE_CURSOR` to `(x, y)` of `scanout_id`.
+    pub fn move_cursor(scanout_id: u32, (x, y): (u32, u32)) -> Command {
+        Command::MoveCursor(UpdateCursor {
+            hdr: CtrlHdr::new(VIRTIO_GPU_CMD_MOVE_CURSOR),
+            pos: CursorPos {
+                scanout_id,
+                x,
+                y,
+                padding: 0,
+            },
+            resource_id: 0,
+            hot_x: 0,
+            hot_y: 0,
+            padding: 0,
+        })
+    }
+
     /// The same command with `VIRTIO_GPU_FLAG_FENCE` and `fence_id` set.
     pub fn fenced(mut self, fence_id: u64) -> Command {
         let hdr = match &mut self {
@@ -842,6 +1507,15 @@ impl Command {
             Command::Submit3d(c) => &mut c.hdr,
             Command::GetCapsetInfo(c) => &mut c.hdr,
             Command::GetCapset(c) => &mut c.hdr,
+            Command::ResourceCreate2d(c) => &mut c.hdr,
+            Command::SetScanout(c) => &mut c.hdr,
+            Command::ResourceFlush(c) => &mut c.hdr,
+            Command::TransferToHost2d(c) => &mut c.hdr,
+            Command::ResourceAttachBacking(c) => &mut c.hdr,
+            Command::ResourceDetachBacking(c) | Command::ResourceAssignUuid(c) => &mut c.hdr,
+            Command::GetEdid(c) => &mut c.hdr,
+            Command::SetScanoutBlob(c) => &mut c.hdr,
+            Command::UpdateCursor(c) | Command::MoveCursor(c) => &mut c.hdr,
         };
         hdr.flags |= VIRTIO_GPU_FLAG_FENCE;
         hdr.fence_id = fence_id;
@@ -947,6 +1621,21 @@ pub enum Response {
         /// The capset bytes.
         data: Vec<u8>,
     },
+    /// `OK_EDID`: `size` is `edid.len()` (at most [`EDID_MAX_SIZE`]; the rest of the
+    /// 1024-byte array is zero).
+    OkEdid {
+        /// Header.
+        hdr: CtrlHdr,
+        /// The EDID bytes.
+        edid: Vec<u8>,
+    },
+    /// `OK_RESOURCE_UUID`.
+    OkResourceUuid {
+        /// Header.
+        hdr: CtrlHdr,
+        /// The resource's UUID.
+        uuid: [u8; 16],
+    },
     /// One of the `ERR_*` responses.
     Err {
         /// Header.
@@ -965,6 +1654,8 @@ impl Response {
             | Response::OkDisplayInfo { hdr, .. }
             | Response::OkCapsetInfo { hdr, .. }
             | Response::OkCapset { hdr, .. }
+            | Response::OkEdid { hdr, .. }
+            | Response::OkResourceUuid { hdr, .. }
             | Response::Err { hdr, .. } => hdr,
         }
     }
@@ -977,6 +1668,8 @@ impl Response {
             Response::OkDisplayInfo { .. } => VIRTIO_GPU_RESP_OK_DISPLAY_INFO,
             Response::OkCapsetInfo { .. } => VIRTIO_GPU_RESP_OK_CAPSET_INFO,
             Response::OkCapset { .. } => VIRTIO_GPU_RESP_OK_CAPSET,
+            Response::OkEdid { .. } => VIRTIO_GPU_RESP_OK_EDID,
+            Response::OkResourceUuid { .. } => VIRTIO_GPU_RESP_OK_RESOURCE_UUID,
             Response::Err { code, .. } => code.to_u32(),
         }
     }
@@ -1023,6 +1716,17 @@ impl Response {
                 put_u32(&mut out, 0);
             }
             Response::OkCapset { data, .. } => out.extend_from_slice(data),
+            Response::OkEdid { edid, .. } => {
+                let n = edid.len().min(EDID_MAX_SIZE);
+                put_u32(&mut out, n as u32);
+                put_u32(&mut out, 0);
+                let mut block = [0u8; EDID_MAX_SIZE];
+                if let (Some(dst), Some(src)) = (block.get_mut(..n), edid.get(..n)) {
+                    dst.copy_from_slice(src);
+                }
+                out.extend_from_slice(&block);
+            }
+            Response::OkResourceUuid { uuid, .. } => out.extend_from_slice(uuid),
             Response::Err { .. } => {}
         }
         out
@@ -1076,6 +1780,27 @@ impl Response {
                 hdr,
                 data: rest.to_vec(),
             },
+            VIRTIO_GPU_RESP_OK_EDID => {
+                let r = Reader::new(bytes, "OK_EDID", RESP_EDID_SIZE)?;
+                let size = r.u32(24) as usize;
+                if size > EDID_MAX_SIZE {
+                    return Err(WireError::BadLength(format!(
+                        "OK_EDID: size {size} > {EDID_MAX_SIZE}"
+                    )));
+                }
+                let start = CTRL_HDR_SIZE + 8;
+                Response::OkEdid {
+                    hdr,
+                    edid: bytes.get(start..start + size).unwrap_or_default().to_vec(),
+                }
+            }
+            VIRTIO_GPU_RESP_OK_RESOURCE_UUID => {
+                let r = Reader::new(bytes, "OK_RESOURCE_UUID", RESP_RESOURCE_UUID_SIZE)?;
+                Response::OkResourceUuid {
+                    hdr,
+                    uuid: r.arr(CTRL_HDR_SIZE),
+                }
+            }
             other => match ErrorCode::from_u32(other) {
                 Some(code) => Response::Err { hdr, code },
                 None => return Err(WireError::UnknownType(other)),
@@ -1167,6 +1892,108 @@ mod tests {
         assert_eq!(&b[16..20], &7u32.to_le_bytes());
         assert_eq!(&b[24..28], &0x1122_3344u32.to_le_bytes());
         assert_eq!(&b[32..40], &0x0102_0304_0506_0708u64.to_le_bytes());
+    }
+
+    /// Every display command: its size, its type and fields at their offsets, and a round
+    /// trip; one byte short of each is truncated.
+    #[test]
+    fn display_commands_have_the_specs_layout() {
+        let r = Rect::new(1, 2, 3, 4);
+        let cases: Vec<(Command, usize, u32)> = vec![
+            (Command::create_2d(7, 67, 640, 480), 40, 0x0101),
+            (Command::set_scanout(1, 7, r), 48, 0x0103),
+            (Command::resource_flush(7, r), 48, 0x0104),
+            (Command::transfer_to_host_2d(7, r, 0x1122), 56, 0x0105),
+            (
+                Command::attach_backing(7, &[(0x1000, 4096), (0x9000, 100)]),
+                32 + 32,
+                0x0106,
+            ),
+            (Command::detach_backing(7), 32, 0x0107),
+            (Command::get_edid(1), 32, 0x010a),
+            (Command::assign_uuid(7), 32, 0x010b),
+            (
+                Command::set_scanout_blob(1, 7, 2, (640, 480), 2560, 4096),
+                96,
+                0x010d,
+            ),
+            (Command::update_cursor(0, (5, 6), 7, (1, 2)), 56, 0x0300),
+            (Command::move_cursor(0, (5, 6)), 56, 0x0301),
+        ];
+        for (c, size, t) in cases {
+            let b = c.encode();
+            assert_eq!(b.len(), size, "{c:?}");
+            assert_eq!(&b[0..4], &t.to_le_bytes(), "{c:?}");
+            assert_eq!(c.type_(), t);
+            assert_eq!(Command::parse(&b).unwrap(), c);
+            let fixed = if t == 0x0106 { 32 } else { size };
+            assert!(
+                matches!(
+                    Command::parse(&b[..fixed - 1]),
+                    Err(WireError::Truncated { .. })
+                ),
+                "{c:?}"
+            );
+            let f = c.clone().fenced(9);
+            assert_eq!(Command::parse(&f.encode()).unwrap().hdr().fence_id, 9);
+        }
+        // Field offsets (Linux's virtio_gpu.h).
+        let b = Command::create_2d(7, 67, 640, 480).encode();
+        assert_eq!(&b[24..28], &7u32.to_le_bytes());
+        assert_eq!(&b[28..32], &67u32.to_le_bytes());
+        assert_eq!(&b[32..36], &640u32.to_le_bytes());
+        assert_eq!(&b[36..40], &480u32.to_le_bytes());
+        let b = Command::set_scanout(1, 7, r).encode();
+        assert_eq!(&b[24..28], &1u32.to_le_bytes(), "rect.x");
+        assert_eq!(&b[36..40], &4u32.to_le_bytes(), "rect.height");
+        assert_eq!(&b[40..44], &1u32.to_le_bytes(), "scanout_id");
+        assert_eq!(&b[44..48], &7u32.to_le_bytes(), "resource_id");
+        let b = Command::transfer_to_host_2d(7, r, 0x1122).encode();
+        assert_eq!(&b[40..48], &0x1122u64.to_le_bytes(), "offset");
+        assert_eq!(&b[48..52], &7u32.to_le_bytes(), "resource_id");
+        let b = Command::attach_backing(7, &[(0x1000, 4096), (0x9000, 100)]).encode();
+        assert_eq!(&b[28..32], &2u32.to_le_bytes(), "nr_entries");
+        assert_eq!(&b[48..56], &0x9000u64.to_le_bytes(), "entry 1 addr");
+        let b = Command::set_scanout_blob(1, 7, 2, (640, 480), 2560, 4096).encode();
+        assert_eq!(&b[48..52], &640u32.to_le_bytes(), "width");
+        assert_eq!(&b[56..60], &2u32.to_le_bytes(), "format");
+        assert_eq!(&b[64..68], &2560u32.to_le_bytes(), "strides[0]");
+        assert_eq!(&b[80..84], &4096u32.to_le_bytes(), "offsets[0]");
+        let b = Command::update_cursor(0, (5, 6), 7, (1, 2)).encode();
+        assert_eq!(&b[28..32], &5u32.to_le_bytes(), "pos.x");
+        assert_eq!(&b[40..44], &7u32.to_le_bytes(), "resource_id");
+        assert_eq!(&b[48..52], &2u32.to_le_bytes(), "hot_y");
+        // ATTACH_BACKING's nr_entries is checked against the message.
+        let mut b = Command::attach_backing(7, &[(0x1000, 4096)]).encode();
+        b[28..32].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(Command::parse(&b), Err(WireError::BadLength(_))));
+    }
+
+    #[test]
+    fn edid_and_uuid_responses_round_trip() {
+        let r = Response::OkEdid {
+            hdr: CtrlHdr::new(VIRTIO_GPU_RESP_OK_EDID),
+            edid: vec![7; 128],
+        };
+        let e = r.encode();
+        assert_eq!(e.len(), RESP_EDID_SIZE);
+        assert_eq!(&e[24..28], &128u32.to_le_bytes());
+        assert_eq!(Response::parse(&e).unwrap(), r);
+        let mut bad = e.clone();
+        bad[24..28].copy_from_slice(&1025u32.to_le_bytes());
+        assert!(matches!(
+            Response::parse(&bad),
+            Err(WireError::BadLength(_))
+        ));
+        assert!(Response::parse(&e[..RESP_EDID_SIZE - 1]).is_err());
+        let u = Response::OkResourceUuid {
+            hdr: CtrlHdr::new(VIRTIO_GPU_RESP_OK_RESOURCE_UUID),
+            uuid: [9; 16],
+        };
+        let e = u.encode();
+        assert_eq!(e.len(), RESP_RESOURCE_UUID_SIZE);
+        assert_eq!(Response::parse(&e).unwrap(), u);
+        assert!(Response::parse(&e[..39]).is_err());
     }
 
     #[test]

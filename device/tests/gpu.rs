@@ -568,8 +568,10 @@ fn unknown_and_unsupported_types() {
     let mut g = gpu();
     for t in [
         0u32,
-        0x0101,
+        0x010e,
+        // A cursor command belongs on the cursor queue.
         0x0300,
+        0x0301,
         0xdead,
         VIRTIO_GPU_RESP_OK_NODATA,
         u32::MAX,
@@ -1168,7 +1170,7 @@ fn capset_ids_fit_linuxs_capset_mask() {
 }
 
 #[test]
-fn display_info_reports_disabled_scanouts() {
+fn display_info_reports_the_default_scanout() {
     let mut g = gpu();
     let out = g.handle(&Command::get_display_info().fenced(5).encode());
     assert_eq!(out.len(), 408, "virtio_gpu_resp_display_info");
@@ -1177,7 +1179,18 @@ fn display_info_reports_disabled_scanouts() {
             assert_eq!(hdr.type_, VIRTIO_GPU_RESP_OK_DISPLAY_INFO);
             assert_eq!(hdr.fence_id, 5);
             assert_eq!(modes.len(), 16);
-            assert!(modes.iter().all(|m| m.enabled == 0 && m.width == 0));
+            assert_eq!(
+                modes[0],
+                DisplayOne {
+                    x: 0,
+                    y: 0,
+                    width: 1024,
+                    height: 768,
+                    enabled: 1,
+                    flags: 0
+                }
+            );
+            assert!(modes[1..].iter().all(|m| m.enabled == 0 && m.width == 0));
         }
         other => panic!("{other:?}"),
     }

@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use frontend::{assert_ok, blob, connect, Fe, PAGE, RAM_GPA, RAM_SIZE};
-use hostmem_device::backend::shm::SHM_CAPSET_ID;
+use hostmem_device::backend::shm::{ShmBackend, SHM_CAPSET_ID};
 use hostmem_device::vhost_user::{serve_listener, Options, CONFIG_SIZE, SHMEM_ID};
 use hostmem_device::wire::*;
 use vhost::vhost_user::message::{
@@ -68,7 +68,7 @@ fn negotiation_config_and_shmem_config() {
     let mut fe = connect(&path);
     fe.set_owner().unwrap();
     let f = fe.get_features().unwrap();
-    for bit in [32u32, 29, 0, 3, 4, 30] {
+    for bit in [32u32, 29, 0, 1, 2, 3, 4, 30] {
         assert_ne!(f & (1 << bit), 0, "feature bit {bit} offered: {f:#x}");
     }
     fe.set_features(f).unwrap();
@@ -258,12 +258,16 @@ fn a_frontend_that_adds_a_memory_region_before_it_acks_does_not_deadlock() {
 }
 
 #[test]
-fn display_info_answers_the_one_disabled_scanout() {
+fn display_info_answers_the_default_scanout() {
     let (path, t) = backend("display", 1);
     let mut fe = Fe::new(&path);
     match fe.roundtrip(&Command::get_display_info()) {
         Response::OkDisplayInfo { modes, .. } => {
-            assert!(modes.iter().all(|m| m.enabled == 0), "{modes:?}");
+            assert_eq!(
+                (modes[0].width, modes[0].height, modes[0].enabled),
+                (1024, 768, 1)
+            );
+            assert!(modes[1..].iter().all(|m| m.enabled == 0), "{modes:?}");
         }
         other => panic!("{other:?}"),
     }
@@ -323,4 +327,20 @@ fn a_shmem_map_never_acked_ends_the_connection_and_the_next_frontend_is_served()
     drop(fe);
     t.join().unwrap();
     let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn config_reports_the_displays_scanouts() {
+    use hostmem_device::display::DisplayConfig;
+    let mut vu = hostmem_device::vhost_user::VuGpu::new(Box::new(ShmBackend::new()), REGION);
+    assert_eq!(
+        u32::from_le_bytes(vu.config()[8..12].try_into().unwrap()),
+        1
+    );
+    vu.device_mut()
+        .gpu_mut()
+        .set_display(DisplayConfig::parse("800x600,640x480,320x200").unwrap());
+    let cfg = vu.config();
+    assert_eq!(u32::from_le_bytes(cfg[8..12].try_into().unwrap()), 3);
+    assert_eq!(u32::from_le_bytes(cfg[12..16].try_into().unwrap()), 1);
 }

@@ -20,6 +20,7 @@ use hostmem_base::window::{MappedBy, Window};
 use hostmem_device::backend::shm::{checksum, encode_stream, pattern_bytes, ShmOp};
 use hostmem_device::backend::virgl::{VirglBackend, VirglOptions, TEST_CAPSET_ID};
 use hostmem_device::backend::{Backend, BackendError, ExportedBlob};
+use hostmem_device::display::{FrameInfo, FramePixels, FrameSink};
 use hostmem_device::gpu::{Gpu, MapRequest, PlaceError, Placer};
 use hostmem_device::wire::*;
 
@@ -134,6 +135,32 @@ fn pipe_resource_create(blob_id: u32, size: u32) -> Vec<u8> {
         blob_id,
     ];
     dwords.iter().flat_map(|d| d.to_le_bytes()).collect()
+}
+
+/// Frames a sink saw, with their bytes (a 2D resource's, or the blob read through its fd).
+#[derive(Debug, Default, Clone)]
+struct Frames(std::sync::Arc<std::sync::Mutex<Vec<Frame>>>);
+
+/// A frame's description and bytes.
+type Frame = (FrameInfo, Vec<u8>);
+
+impl FrameSink for Frames {
+    fn frame(&mut self, info: &FrameInfo, pixels: FramePixels<'_>) {
+        let bytes = match pixels {
+            FramePixels::Bytes(b) => b.to_vec(),
+            FramePixels::Blob {
+                fd,
+                fd_offset,
+                size,
+            } => {
+                let m = MemoryMapping::from_fd(fd, fd_offset, size as usize, Prot::READ).unwrap();
+                let mut b = vec![0u8; size as usize];
+                m.read_slice(0, &mut b).unwrap();
+                b
+            }
+        };
+        self.0.lock().unwrap().push((*info, bytes));
+    }
 }
 
 #[test]
@@ -397,6 +424,71 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
     g.placer().window.read(AT, &mut mirror).unwrap();
     assert!(mirror.iter().all(|&b| b == 0), "window reads zeros");
     g.placer().window.audit().expect("window is all background");
+
+    // The display with the virgl backend: the venus blob as a scanout (the sink reads it
+    // through the backend's export), and a 2D frame from guest RAM (2D resources live in
+    // the device core, never in the renderer).
+    let frames = Frames::default();
+    g.set_frame_sink(Box::new(frames.clone()));
+    let ram = SharedMemory::new("virgl-ram", 1 << 20).unwrap();
+    let region = hostmem_ipc::protocol::GuestRegion {
+        gpa: 0x10_0000,
+        size: 1 << 20,
+        fd_offset: 0,
+    };
+    let mem =
+        hostmem_device::virtio::guest_memory(&[region], vec![ram.try_clone_fd().unwrap()]).unwrap();
+    g.set_guest_memory(Some(mem.clone()));
+    ok(
+        &send(
+            &mut g,
+            Command::set_scanout_blob(0, 1, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM, (64, 64), 256, 0),
+        ),
+        "scanout of the venus blob",
+    );
+    ok(
+        &send(&mut g, Command::resource_flush(1, Rect::new(0, 0, 64, 64))),
+        "flush of the venus blob",
+    );
+    {
+        let f = frames.0.lock().unwrap();
+        assert_eq!(f.len(), 1);
+        assert!(
+            f[0].1 == pattern_bytes(43, 0, size as usize),
+            "the sink saw the renderer's writes"
+        );
+    }
+    let img: Vec<u8> = (0..32 * 32 * 4).map(|i| (i % 251) as u8).collect();
+    vm_memory::Bytes::write_slice(&mem, &img, vm_memory::GuestAddress(0x10_0000)).unwrap();
+    ok(&send(&mut g, Command::create_2d(40, 2, 32, 32)), "2D");
+    ok(
+        &send(
+            &mut g,
+            Command::attach_backing(40, &[(0x10_0000, 32 * 32 * 4)]),
+        ),
+        "backing",
+    );
+    let full = Rect::new(0, 0, 32, 32);
+    ok(
+        &send(&mut g, Command::transfer_to_host_2d(40, full, 0)),
+        "transfer",
+    );
+    ok(
+        &send(&mut g, Command::set_scanout(0, 40, full)),
+        "scanout of the 2D resource",
+    );
+    ok(&send(&mut g, Command::resource_flush(40, full)), "flush");
+    assert!(frames.0.lock().unwrap()[1].1 == img, "the 2D frame's bytes");
+    // A 2D id is unknown to the renderer: a stream naming it is refused by the backend.
+    let stray = encode_stream(&[ShmOp::Checksum {
+        resource_id: 40,
+        offset: 0,
+        len: 8,
+    }]);
+    assert!(err_code(&send(&mut g, Command::submit_3d(TEST, stray))).is_some());
+    ok(&send(&mut g, Command::unref(40)), "unref 2D");
+    eprintln!("virgl: a blob scanout and a 2D frame reached the sink");
+
     ok(&send(&mut g, Command::unref(1)), "unref");
     // The library freed the blob without touching the window (map_fixed's mapping is not
     // one it tracks): no hole where it was placed.
@@ -455,6 +547,12 @@ fn virgl_venus_shm_blob_vrend_pointer_only_and_unknown_ids() {
         }
         other => panic!("export of the vrend blob: {other:?}"),
     }
+    // A pointer-only blob cannot be a scanout either: the backend's refusal.
+    let r = send(
+        &mut g,
+        Command::set_scanout_blob(0, 2, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM, (64, 64), 256, 0),
+    );
+    assert_eq!(err_code(&r), Some(ErrorCode::Unspec), "{r:?}");
     ok(&send(&mut g, Command::unref(2)), "unref vrend blob");
     for c in [VENUS, TEST, VREND] {
         ok(&send(&mut g, Command::ctx_destroy(c)), "ctx destroy");

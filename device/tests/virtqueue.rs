@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use hostmem_base::shm::SharedMemory;
 use hostmem_device::backend::shm::{encode_stream, ShmBackend, ShmOp, SHM_CAPSET_ID};
 use hostmem_device::backend::Backend;
+use hostmem_device::display::{Format, FrameInfo, FramePixels, FrameSink};
 use hostmem_device::gpu::{Gpu, MapRequest, PlaceError, Placer};
 use hostmem_device::process::handle_transport;
 use hostmem_device::virtio::{
@@ -1014,4 +1015,112 @@ fn the_transport_messages_are_answered_with_their_seq() {
     done(7, true)(send(&mut dev, &TransportMsg::Reset { seq: 7 }, vec![]));
     assert!(!dev.queue_enabled(CONTROLQ));
     assert!(handle_transport(&mut dev, b"{not json", vec![]).is_none());
+}
+
+/// Frames a sink saw, with a copy of the 2D resource's bytes.
+#[derive(Debug, Default, Clone)]
+struct FrameLog(std::sync::Arc<std::sync::Mutex<Vec<Frame>>>);
+
+/// A frame's description and bytes.
+type Frame = (FrameInfo, Vec<u8>);
+
+impl FrameSink for FrameLog {
+    fn frame(&mut self, info: &FrameInfo, pixels: FramePixels<'_>) {
+        if let FramePixels::Bytes(b) = pixels {
+            self.0.lock().unwrap().push((*info, b.to_vec()));
+        }
+    }
+}
+
+#[test]
+fn a_frame_travels_through_the_queues_and_the_cursor_queue_is_served() {
+    let (mut drv, mut dev) = ready(true);
+    let log = FrameLog::default();
+    dev.gpu_mut().set_frame_sink(Box::new(log.clone()));
+    // The framebuffer in the driver's RAM: 32×16 pixels, 2 KiB, in two pieces.
+    let (w, h) = (32u32, 16u32);
+    let img: Vec<u8> = (0..w * h * 4).map(|i| (i * 7 + 3) as u8).collect();
+    let a = drv.alloc(&img[..1000], 1000);
+    let b = drv.alloc(&img[1000..], (img.len() - 1000) as u32);
+    let fmt = VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM;
+    assert_ok(&drv.roundtrip(&mut dev, &Command::create_2d(5, fmt, w, h)));
+    let backing = [(a, 1000u32), (b, img.len() as u32 - 1000)];
+    assert_ok(&drv.roundtrip(&mut dev, &Command::attach_backing(5, &backing)));
+    let full = Rect::new(0, 0, w, h);
+    let t = Command::transfer_to_host_2d(5, full, 0).fenced(3);
+    match drv.roundtrip(&mut dev, &t) {
+        Response::OkNoData { hdr, .. } => assert_eq!(hdr.fence_id, 3, "fence echoed"),
+        other => panic!("{other:?}"),
+    }
+    assert_ok(&drv.roundtrip(&mut dev, &Command::set_scanout(0, 5, full)));
+    assert_ok(&drv.roundtrip(&mut dev, &Command::resource_flush(5, full)));
+    {
+        let frames = log.0.lock().unwrap();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].1, img, "the exact bytes");
+        assert_eq!(
+            (frames[0].0.width, frames[0].0.format),
+            (w, Format::B8G8R8A8)
+        );
+    }
+    // Backing outside RAM (the window at 4 GiB is not RAM here): refused.
+    assert_ok(&drv.roundtrip(&mut dev, &Command::create_2d(6, fmt, 64, 64)));
+    let r = drv.roundtrip(&mut dev, &Command::attach_backing(6, &[(1 << 32, 4096)]));
+    assert_eq!(r.error(), Some(ErrorCode::InvalidParameter), "{r:?}");
+    assert_ok(&drv.roundtrip(&mut dev, &Command::attach_backing(6, &[(a, 4096)])));
+    // GET_DISPLAY_INFO fits the 512 writable bytes; GET_EDID's 1056 do not: not run.
+    assert!(matches!(
+        drv.roundtrip(&mut dev, &Command::get_display_info()),
+        Response::OkDisplayInfo { .. }
+    ));
+    let r = drv.roundtrip(&mut dev, &Command::get_edid(0));
+    assert_eq!(r.error(), Some(ErrorCode::Unspec), "{r:?}");
+    let wr = drv.chain(CONTROLQ, 0, &Command::get_edid(0).encode(), 1056);
+    drv.kick(&mut dev, CONTROLQ);
+    let used = drv.used(CONTROLQ);
+    assert_eq!(used, [(0, 1056)]);
+    assert!(matches!(drv.response(wr, 1056), Response::OkEdid { .. }));
+
+    // The cursor queue: UPDATE_CURSOR of the 64×64 resource, then a MOVE, each returned
+    // used with length 0 (no response), then one of the wrong size, refused.
+    drv.enable(&mut dev, CURSORQ, 8, false);
+    let up = Command::update_cursor(0, (10, 20), 6, (1, 2)).encode();
+    let c = drv.alloc(&up, up.len() as u32);
+    drv.desc(CURSORQ, 0, c, up.len() as u32, 0, 0);
+    drv.offer(CURSORQ, 0);
+    let mv = Command::move_cursor(0, (30, 40)).encode();
+    let m = drv.alloc(&mv, mv.len() as u32);
+    drv.desc(CURSORQ, 1, m, mv.len() as u32, 0, 0);
+    drv.offer(CURSORQ, 1);
+    drv.kick(&mut dev, CURSORQ);
+    assert_eq!(drv.used(CURSORQ), [(0, 0), (1, 0)]);
+    let cur = dev.gpu().display().cursor().clone();
+    assert_eq!(
+        (
+            cur.resource_id,
+            cur.x,
+            cur.y,
+            cur.hot_x,
+            cur.updates,
+            cur.moves
+        ),
+        (6, 30, 40, 1, 1, 1)
+    );
+    assert_eq!(cur.image.len(), 64 * 64 * 4);
+    let bad = Command::update_cursor(0, (0, 0), 5, (0, 0)).encode();
+    let x = drv.alloc(&bad, bad.len() as u32);
+    drv.desc(CURSORQ, 2, x, bad.len() as u32, 0, 0);
+    drv.offer(CURSORQ, 2);
+    drv.kick(&mut dev, CURSORQ);
+    assert_eq!(drv.used(CURSORQ), [(2, 0)]);
+    assert_eq!(
+        dev.gpu().display().cursor().resource_id,
+        6,
+        "a 32x16 cursor is refused"
+    );
+    assert_eq!(dev.gpu().display().stats().cursor_refusals, 1);
+    // A reset drops the resources and the scanout.
+    dev.reset();
+    assert_eq!(dev.gpu().display().resources(), 0);
+    assert_eq!(dev.gpu().display().scanout_resource(0), None);
 }

@@ -88,11 +88,13 @@ pub fn no_new_code_with(refuse: Action) -> Vec<SockFilter> {
 /// Stacks [`no_new_code`] on every thread of this process (TSYNC: renderer threads
 /// started during start-up get it too). As the launch filter does, it reports through the
 /// SIGSYS reporter when the launcher asked for one (a trap, so the report is written before
-/// the process dies) and only logs in the launcher's log mode. In a jail no_new_privs is
+/// the process dies; installed with `SECCOMP_FILTER_FLAG_LOG`, so the kernel's audit record
+/// names the call too) and only logs in the launcher's log mode. In a jail no_new_privs is
 /// already set; outside one (a device started by hand) it is set here first.
 pub fn forbid_new_code() -> Result<()> {
     use crate::launch::{SECCOMP_NOTIFY_ENV, SIGSYS_FD_ENV};
-    use hostmem_base::seccomp::{install_filter, set_no_new_privs, SeccompError};
+    use hostmem_base::seccomp::SeccompError;
+    use hostmem_base::seccomp::{install_filter, install_filter_logged, set_no_new_privs};
     let refuse = if std::env::var_os(SECCOMP_NOTIFY_ENV).is_some() {
         Action::Log
     } else if std::env::var_os(SIGSYS_FD_ENV).is_some() {
@@ -101,12 +103,20 @@ pub fn forbid_new_code() -> Result<()> {
         Action::KillProcess
     };
     let prog = no_new_code_with(refuse);
-    match install_filter(&prog, true) {
+    // A trap is logged (SECCOMP_FILTER_FLAG_LOG) so that the kernel's audit record names the
+    // call: the SIGSYS handler's record is only the device's claim.
+    let install = |p: &[SockFilter]| {
+        if refuse == Action::Trap {
+            install_filter_logged(p, true)
+        } else {
+            install_filter(p, true)
+        }
+    };
+    match install(&prog) {
         Ok(()) => Ok(()),
         Err(SeccompError::Install(nix::errno::Errno::EACCES)) => {
             set_no_new_privs().map_err(|e| Error::Seccomp(format!("no_new_privs: {e}")))?;
-            install_filter(&prog, true)
-                .map_err(|e| Error::Seccomp(format!("the run-time filter: {e}")))
+            install(&prog).map_err(|e| Error::Seccomp(format!("the run-time filter: {e}")))
         }
         Err(e) => Err(Error::Seccomp(format!("the run-time filter: {e}"))),
     }

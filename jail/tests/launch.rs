@@ -28,6 +28,15 @@ fn loader() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Removes a test's folder however the test ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `None` (and a `skipped:` line) when this machine cannot create the namespaces.
 fn jail_works() -> bool {
     let cfg = JailConfig {
@@ -131,6 +140,7 @@ fn jail_facts_from_outside_and_inside() {
     // so this also checks that bind sources are opened before.
     let dir = std::env::temp_dir().join(format!("hostmem-jail-ro-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _gone = RemoveOnDrop(dir.clone());
     std::fs::write(dir.join("hello"), "hi").unwrap();
     // World-writable, so only the read-only mount can refuse the write.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -236,6 +246,7 @@ fn jail_facts_from_outside_and_inside() {
         Some(ExitInfo::Exited(0))
     );
     std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!dir.exists());
 }
 
 #[test]
@@ -304,13 +315,27 @@ fn seccomp_is_verified_and_a_kill_names_the_syscall_with_its_args() {
             }),
             "{what}"
         );
-        let r = c.sigsys_report().expect("a SIGSYS report");
-        println!("{what}: {r}");
+        let f = c.sigsys_finding();
+        println!("{what}: {f}");
+        // The handler's record: the program's claim, with the arguments.
+        let r = f.device_claim.as_ref().expect("the handler's record");
         assert_eq!(r.name, what);
         assert_eq!(r.nr as i64, nr);
         let args = r.args.expect("the handler reports the arguments");
         if let Some(a) = arg0 {
             assert_eq!(args[0], a);
+        }
+        // The fact: the kernel's audit record (the filter is installed with FLAG_LOG), where
+        // the kernel's rate limit let it through.
+        match &f.kernel_record {
+            Some(k) => {
+                assert_eq!(k.name, what, "{f}");
+                assert_eq!(f.claim_agrees(), Some(true), "an honest claim: {f}");
+            }
+            None => println!(
+                "{what}: no kernel record here: {:?}",
+                f.kernel_record_unavailable.as_deref().expect("a reason")
+            ),
         }
     }
 }
@@ -634,7 +659,7 @@ fn a_trap_before_the_programs_handler_is_named_by_the_kernel() {
                 core: false
             })
         );
-        if let Some(r) = c.sigsys_report() {
+        if let Some(r) = c.sigsys_finding().kernel_record {
             assert_eq!(r.name, "mprotect", "{r}");
             assert_eq!(r.code, 0x0003_0000, "a trap: {r}");
             return;

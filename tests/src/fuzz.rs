@@ -8,6 +8,11 @@
 //! * [`wire`]: the device's virtio-gpu command and response parsers and the shm command
 //!   stream of `SUBMIT_3D` (STORE_CHECKSUM included, with its range checks); whatever
 //!   parses must encode and parse back to the same value.
+//! * [`display`]: the device's display commands run by a real command handler (shm
+//!   backend, 1 MiB of guest RAM, a hostmem window beside it): the bytes are a sequence of
+//!   commands, each `len: u16 LE` then its bytes, an odd `len` sending it on the cursor
+//!   queue; every response must parse, the display's books must balance (its bytes within
+//!   its budget, scanouts only showing live resources) and a reset empties it.
 //! * [`policy`]: the minijail policy parser, then the BPF compiler and the interpreter on
 //!   what compiled.
 //! * [`validator`]: the VMM's placement-event validator (`Hostmem`): the bytes are a program
@@ -45,6 +50,7 @@ pub type Target = fn(&[u8]);
 pub const TARGETS: &[(&str, Target)] = &[
     ("tube", tube),
     ("wire", wire),
+    ("display", display),
     ("policy", policy),
     ("validator", validator),
 ];
@@ -133,6 +139,82 @@ pub fn wire(data: &[u8]) {
             let _ = op.check_within(4096);
         }
     }
+}
+
+/// The display commands through the command handler (see the module docs).
+pub fn display(data: &[u8]) {
+    use hostmem_device::backend::shm::ShmBackend;
+    use hostmem_device::gpu::{Gpu, MapRequest, PlaceError, Placer};
+    use hostmem_device::virtio::guest_memory;
+    use hostmem_ipc::protocol::GuestRegion;
+
+    const RAM_GPA: u64 = 0x10_0000;
+    const RAM: u64 = 1 << 20;
+    const WINDOW_GPA: u64 = 1 << 32;
+    const BUDGET: u64 = 4 << 20;
+
+    struct NoPlace;
+    impl Placer for NoPlace {
+        fn map(&mut self, _req: &MapRequest<'_>) -> Result<(), PlaceError> {
+            Ok(())
+        }
+        fn unmap(&mut self, _id: u32, _offset: u64, _len: u64) -> Result<(), PlaceError> {
+            Ok(())
+        }
+        fn window_size(&self) -> u64 {
+            16 << 20
+        }
+    }
+    thread_local! {
+        static GPU: std::cell::RefCell<Gpu<NoPlace, ShmBackend>> = {
+            let memfd = SharedMemory::new("fuzz-display-ram", RAM).expect("memfd");
+            let region = GuestRegion { gpa: RAM_GPA, size: RAM, fd_offset: 0 };
+            let mem = guest_memory(&[region], vec![memfd.try_clone_fd().expect("dup")])
+                .expect("guest memory");
+            let mut g = Gpu::new(Box::new(ShmBackend::new()), NoPlace);
+            g.set_guest_memory(Some(mem));
+            g.set_backing_exclusions(vec![(WINDOW_GPA, 16 << 20)]);
+            g.set_display(
+                hostmem_device::display::DisplayConfig::parse("64x64,32x32").expect("config"),
+            );
+            g.display_mut().set_budget(BUDGET);
+            std::cell::RefCell::new(g)
+        };
+    }
+    GPU.with(|g| {
+        let mut g = g.borrow_mut();
+        let mut rest = data;
+        while let Some((head, tail)) = rest.split_first_chunk::<2>() {
+            let len = usize::from(u16::from_le_bytes(*head));
+            let n = len.min(tail.len());
+            let (cmd, after) = tail.split_at(n);
+            rest = after;
+            if len % 2 == 1 {
+                g.cursor(cmd);
+            } else {
+                let out = g.handle(cmd);
+                Response::parse(&out).expect("every answer parses");
+            }
+            let d = g.display();
+            assert!(
+                d.bytes() <= BUDGET,
+                "2D bytes {} past the budget",
+                d.bytes()
+            );
+            for s in 0..d.num_scanouts() {
+                if let Some(id) = d.scanout_resource(s) {
+                    assert!(
+                        d.has_resource(id) || g.blob(id).is_some(),
+                        "scanout {s} shows {id}, which is gone"
+                    );
+                }
+            }
+        }
+        g.reset_all();
+        assert_eq!(g.display().bytes(), 0);
+        assert_eq!(g.display().resources(), 0);
+        assert_eq!(g.blobs().count(), 0);
+    });
 }
 
 /// The policy parser, compiler and interpreter.

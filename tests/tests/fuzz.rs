@@ -82,6 +82,11 @@ fn fuzz_virtio_gpu_wire() {
 }
 
 #[test]
+fn fuzz_display_commands() {
+    fuzz("display", 40_000);
+}
+
+#[test]
 fn fuzz_policy_parser() {
     fuzz("policy", 100_000);
 }
@@ -98,7 +103,7 @@ fn fuzz_event_validator() {
 fn write_seed_corpora() {
     use hostmem_device::backend::shm::{encode_stream, ShmOp};
     use hostmem_device::wire::{
-        Command, CtrlHdr, ErrorCode, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
+        Command, CtrlHdr, ErrorCode, Rect, Response, VIRTIO_GPU_BLOB_FLAG_USE_MAPPABLE,
         VIRTIO_GPU_BLOB_MEM_GUEST, VIRTIO_GPU_BLOB_MEM_HOST3D,
     };
     use hostmem_ipc::protocol::{
@@ -250,6 +255,35 @@ fn write_seed_corpora() {
         ("get-display-info", Command::get_display_info()),
         ("ctx-attach-resource", Command::ctx_attach_resource(1, 5)),
         ("ctx-detach-resource", Command::ctx_detach_resource(1, 5)),
+        ("create-2d", Command::create_2d(2, 2, 1024, 768)),
+        (
+            "attach-backing",
+            Command::attach_backing(2, &[(0x10_0000, 0x1000), (0x20_0000, 0x2f_f000)]),
+        ),
+        ("detach-backing", Command::detach_backing(2)),
+        (
+            "transfer-to-host-2d",
+            Command::transfer_to_host_2d(2, Rect::new(8, 4, 16, 8), 4 * 4096 + 32),
+        ),
+        (
+            "set-scanout",
+            Command::set_scanout(0, 2, Rect::new(0, 0, 1024, 768)),
+        ),
+        (
+            "set-scanout-blob",
+            Command::set_scanout_blob(0, 5, 1, (1024, 768), 4096, 0),
+        ),
+        (
+            "resource-flush",
+            Command::resource_flush(2, Rect::new(0, 0, 1024, 768)),
+        ),
+        ("get-edid", Command::get_edid(0)),
+        ("assign-uuid", Command::assign_uuid(2)),
+        (
+            "update-cursor",
+            Command::update_cursor(0, (100, 200), 3, (1, 1)),
+        ),
+        ("move-cursor", Command::move_cursor(0, (300, 400))),
     ];
     for (name, c) in cmds {
         write("wire", &format!("cmd-{name}"), &c.encode());
@@ -264,6 +298,96 @@ fn write_seed_corpora() {
         "wire",
         "resp-err",
         &Response::error_for(&hdr, ErrorCode::InvalidParameter).encode(),
+    );
+    // display: sequences of commands, each `len: u16 LE` then its bytes; an odd `len` goes
+    // to the cursor queue, so a (56-byte) cursor command gets one pad byte, which the
+    // parser ignores as it ignores any tail.
+    let frame = |cmds: &[(bool, Command)]| {
+        let mut v = Vec::new();
+        for (cursor, c) in cmds {
+            let mut b = c.encode();
+            if *cursor {
+                b.push(0);
+            }
+            v.extend_from_slice(&(b.len() as u16).to_le_bytes());
+            v.extend_from_slice(&b);
+        }
+        v
+    };
+    let full = Rect::new(0, 0, 64, 64);
+    let seqs: Vec<(&str, Vec<(bool, Command)>)> = vec![
+        (
+            "frame",
+            vec![
+                (false, Command::create_2d(1, 2, 64, 64)),
+                (
+                    false,
+                    Command::attach_backing(1, &[(0x10_0000, 64 * 64 * 4)]),
+                ),
+                (false, Command::transfer_to_host_2d(1, full, 0)),
+                (false, Command::set_scanout(0, 1, full)),
+                (false, Command::resource_flush(1, full)),
+                (true, Command::update_cursor(0, (5, 5), 1, (0, 0))),
+                (true, Command::move_cursor(1, (9, 9))),
+                (false, Command::assign_uuid(1)),
+                (false, Command::unref(1)),
+            ],
+        ),
+        (
+            "blob-scanout",
+            vec![
+                (false, Command::ctx_create(1, 0, b"f")),
+                (
+                    false,
+                    Command::create_blob(1, 2, VIRTIO_GPU_BLOB_MEM_HOST3D, 0, 0, 0x10000),
+                ),
+                (
+                    false,
+                    Command::set_scanout_blob(1, 2, 2, (32, 32), 128, 4096),
+                ),
+                (false, Command::resource_flush(2, Rect::new(0, 0, 32, 32))),
+                (false, Command::get_edid(1)),
+                (false, Command::get_display_info()),
+                (false, Command::unref(2)),
+            ],
+        ),
+        (
+            "partial-transfer",
+            vec![
+                (false, Command::create_2d(3, 67, 16, 16)),
+                (
+                    false,
+                    Command::attach_backing(3, &[(0x10_0000, 512), (0x18_0000, 512)]),
+                ),
+                (
+                    false,
+                    Command::transfer_to_host_2d(3, Rect::new(2, 3, 4, 5), 3 * 64 + 8),
+                ),
+                (false, Command::detach_backing(3)),
+                (false, Command::transfer_to_host_2d(3, full, 0)),
+            ],
+        ),
+    ];
+    for (name, cmds) in seqs {
+        write("display", name, &frame(&cmds));
+    }
+    write(
+        "wire",
+        "resp-edid",
+        &Response::OkEdid {
+            hdr: CtrlHdr::new(0x1104),
+            edid: hostmem_device::edid::edid(1024, 768, 1).to_vec(),
+        }
+        .encode(),
+    );
+    write(
+        "wire",
+        "resp-resource-uuid",
+        &Response::OkResourceUuid {
+            hdr: CtrlHdr::new(0x1105),
+            uuid: [0x42; 16],
+        }
+        .encode(),
     );
     write(
         "wire",

@@ -336,12 +336,98 @@ enum Verdict {
     /// reads the blob; then the device is stopped and the VMM must restore its window
     /// (a read/write mapping of the window memfd) and serve a restarted device.
     Survives,
-    /// The jail's policy kills the device for this syscall (SIGSYS, named by the VMM); the
-    /// device is lost, the window restored, a restarted device works.
+    /// The jail's policy kills the device for this syscall (SIGSYS, named by the VMM from
+    /// the kernel's record; the device's own record agrees); the device is lost, the window
+    /// restored, a restarted device works.
     KilledBySeccomp(&'static str),
+    /// As [`Verdict::KilledBySeccomp`] for `call`, but the device wrote a forged record
+    /// claiming `claim` to its SIGSYS pipe: the VMM names `call` (the kernel's word) and
+    /// shows `claim` only as the device's claim, with a warning that the two disagree.
+    KilledBySeccompForging {
+        call: &'static str,
+        claim: &'static str,
+    },
     /// The kernel's OOM killer kills the device at its memory limit; the VMM reports it as
     /// out of memory, restores the window and a restarted device works.
     OomKilled,
+}
+
+/// A death by SIGSYS as the VMM reports it (the exit's JSON, as in `hostmem run --json`):
+/// `call` named by the kernel's audit record, or, where that record cannot be read here,
+/// no call named at all (`syscall` and `kernel_record` null, with the reason). The device's
+/// SIGSYS record is only `device_claim`: `call` for an honest device, `forged` for a lying
+/// one, whose lie appears nowhere as the fact and is warned about when the kernel's record
+/// contradicts it.
+fn killed_by_seccomp(
+    name: &str,
+    exit: &hostmem_vmm::device::DeviceExit,
+    call: &str,
+    forged: Option<&str>,
+    log0: usize,
+) {
+    assert_eq!(exit.signal, Some(libc::SIGSYS), "{name}: {exit:?}");
+    let j = serde_json::to_value(exit).unwrap();
+    let ended: Vec<String> = logged_since(log0, " ended (");
+    let ended = ended.last().cloned().unwrap_or_default();
+    let kernel = !j["kernel_record"].is_null();
+    if kernel {
+        assert_eq!(j["kernel_record"]["name"], call, "{name}: {j}");
+        let named = j["syscall"].as_str().unwrap_or_default();
+        assert!(named.starts_with(call), "{name}: named {named:?}: {j}");
+        assert!(
+            ended.contains(&format!("seccomp: {call} (nr ")),
+            "{name}: {ended}"
+        );
+    } else {
+        // No fact here (no /dev/kmsg, or the kernel's rate limit dropped the record): the
+        // call is unknown, and the device's word is not promoted to it.
+        assert!(
+            j["syscall"].is_null(),
+            "{name}: named without the kernel: {j}"
+        );
+        let why = j["kernel_record_unavailable"].as_str();
+        assert!(why.is_some_and(|w| !w.is_empty()), "{name}: no reason: {j}");
+        assert!(
+            ended.contains("seccomp: syscall unknown"),
+            "{name}: {ended}"
+        );
+        println!(
+            "{name}: the kernel's record is unavailable here: {}",
+            why.unwrap()
+        );
+    }
+    match forged {
+        None => assert_eq!(j["device_claim"]["name"], call, "{name}: {j}"),
+        Some(lie) => {
+            assert_eq!(
+                j["device_claim"]["name"], lie,
+                "{name}: the claim is kept: {j}"
+            );
+            assert_eq!(j["device_claim"]["ip"], 0x4141_4141_4141u64, "{name}: {j}");
+            let as_fact = format!("{lie} (nr ");
+            assert!(
+                !j["syscall"].as_str().unwrap_or_default().contains(&as_fact),
+                "{name}: the device's claim reported as the fact: {j}"
+            );
+            for v in j["seccomp_violations"].as_array().unwrap() {
+                let v = v.as_str().unwrap_or_default();
+                assert!(
+                    !v.contains(&as_fact),
+                    "{name}: the claim as a violation: {j}"
+                );
+            }
+            assert!(
+                ended.contains(&format!("its own claim disagrees: {lie} (nr "))
+                    || ended.contains(&format!("its own claim, unverified: {lie} (nr ")),
+                "{name}: the claim shown as a claim: {ended}"
+            );
+            if kernel {
+                let warned = logged_since(log0, "disagrees with the kernel");
+                assert_eq!(warned.len(), 1, "{name}: one warning: {warned:?}");
+                assert!(warned[0].contains(&as_fact), "{name}: {warned:?}");
+            }
+        }
+    }
 }
 
 fn scenario(name: &'static str, verdict: Verdict) {
@@ -503,7 +589,11 @@ fn scenario_body_with(
             assert_eq!(v.hm.live(), 2);
             v.guest_reads(16 * P, &b, "the unsolicited placement is visible");
         }
-        Verdict::Survives | Verdict::KilledBySeccomp(_) | Verdict::OomKilled | Verdict::Lost => {
+        Verdict::Survives
+        | Verdict::KilledBySeccomp(_)
+        | Verdict::KilledBySeccompForging { .. }
+        | Verdict::OomKilled
+        | Verdict::Lost => {
             let cause = match verdict {
                 Verdict::Survives => {
                     result.unwrap_or_else(|e| panic!("{name}: after the fd attack: {e}"));
@@ -529,10 +619,9 @@ fn scenario_body_with(
             let oom_lines = logged("out of memory: killed by the kernel's OOM killer");
             let exit = dev.stop(&cause);
             match verdict {
-                Verdict::KilledBySeccomp(call) => {
-                    assert_eq!(exit.signal, Some(libc::SIGSYS), "{name}: {exit:?}");
-                    let named = exit.syscall.clone().unwrap_or_default();
-                    assert!(named.starts_with(call), "{name}: named {named:?}: {exit:?}");
+                Verdict::KilledBySeccomp(call) => killed_by_seccomp(name, &exit, call, None, log0),
+                Verdict::KilledBySeccompForging { call, claim } => {
+                    killed_by_seccomp(name, &exit, call, Some(claim), log0)
                 }
                 Verdict::OomKilled => {
                     assert_eq!(exit.signal, Some(libc::SIGKILL), "{name}: {exit:?}");
@@ -939,6 +1028,9 @@ jailed_scenarios! {
     // W^X: the launch policy lets the loader map code from any file; the run-time filter the
     // device stacks at the end of start-up kills an executable mapping of a memfd it wrote.
     jailed_run_time_code_is_killed: "run-code" => Verdict::KilledBySeccomp("mmap");
+    // Issue 22 item 8: the device forges its SIGSYS record (ptrace) before the real call
+    // (fcntl): the kernel's record names the call, the forgery stays the device's claim.
+    jailed_forged_sigsys_record_is_only_a_claim: "forge-sigsys" => Verdict::KilledBySeccompForging { call: "fcntl", claim: "ptrace" };
     jailed_read_only_placement: "read-only" => Verdict::Refused("only READ|WRITE");
 }
 

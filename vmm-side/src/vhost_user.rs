@@ -28,7 +28,7 @@ use anyhow::{bail, Context};
 use hostmem_base::procfs;
 use hostmem_ipc::protocol::{handshake, DeviceMsg, Hello, Role, VmmMsg};
 use hostmem_ipc::Tube;
-use hostmem_jail::launch::{self, ExitInfo, JailedChild};
+use hostmem_jail::launch::{self, ExitInfo, JailedChild, SigsysFinding};
 
 use nix::sys::signal::Signal;
 
@@ -161,11 +161,11 @@ impl BackendDevice {
         let info = self.child.wait().ok();
         // Only the cgroup's counter tells an OOM kill from our own SIGKILL.
         let (oom_killed, max_memory) = memory_end(info.as_ref(), self.cgroup.as_ref());
-        let syscall = match info {
+        let sigsys = match info {
             Some(ExitInfo::Signaled { signal, .. }) if signal == libc::SIGSYS => {
-                self.child.sigsys_report().map(|r| r.to_string())
+                self.child.sigsys_finding()
             }
-            _ => None,
+            _ => SigsysFinding::default(),
         };
         let mut violations: Vec<String> = self
             .child
@@ -179,7 +179,8 @@ impl BackendDevice {
         BackendEnd {
             described: info.map(|i| crate::device::describe(&i, &self.child)),
             info,
-            syscall,
+            syscall: sigsys.syscall().map(|r| r.to_string()),
+            sigsys,
             violations,
             oom_killed,
             max_memory,
@@ -194,8 +195,11 @@ pub struct BackendEnd {
     pub info: Option<ExitInfo>,
     /// The same in words.
     pub described: Option<String>,
-    /// For SIGSYS: the syscall.
+    /// For SIGSYS: the syscall, by the kernel's word (`None` when its audit record could
+    /// not be read: never the device's own claim).
     pub syscall: Option<String>,
+    /// For SIGSYS: the kernel's record, why it is missing, and the device's claim.
+    pub sigsys: SigsysFinding,
     /// Seccomp violations logged.
     pub violations: Vec<String>,
     /// The kernel's OOM killer killed it at its memory limit (its cgroup counted a kill).

@@ -278,9 +278,14 @@ fn missing_rule_kills_the_device_by_sigsys_and_the_vmm_names_it() {
     let r = run(&o).unwrap();
     let exit = r.device_exits.first().expect("the device died");
     assert_eq!(exit.signal, Some(libc::SIGSYS), "{exit:?}");
+    // The device's claim (its SIGSYS record) names it too, but only the kernel's record is
+    // the fact.
+    let claim = exit.sigsys.device_claim.as_ref().map(|c| c.name.as_str());
+    assert_eq!(claim, Some("memfd_create"), "{exit:?}");
     match &exit.syscall {
         Some(name) => assert!(name.starts_with("memfd_create"), "{name}"),
         None => {
+            assert!(exit.sigsys.kernel_record_unavailable.is_some(), "{exit:?}");
             println!("skipped: the kernel's seccomp audit record was not readable from /dev/kmsg")
         }
     }

@@ -6,7 +6,8 @@
 use std::io::Read;
 
 use clap::Parser;
-use hostmem_base::seccomp::{install_filter, program_from_bytes, set_no_new_privs};
+use hostmem_base::seccomp::set_no_new_privs;
+use hostmem_base::seccomp::{install_filter, install_filter_logged, program_from_bytes};
 
 /// Installs the seccomp filter it is handed, then makes one call (or reports one fact of
 /// the jail through its exit code).
@@ -32,15 +33,21 @@ fn main() {
         f.read_to_end(&mut bytes).expect("read program");
         let prog = program_from_bytes(&bytes).expect("program");
         // As the device does: report a trapped call (number and arguments) on the pipe the
-        // launcher named, before the filter goes in.
-        if let Some(fd) = std::env::var("HOSTMEM_SIGSYS_FD")
+        // launcher named, before the filter goes in, and have the kernel log the trap (its
+        // record is the fact, ours only a claim).
+        let report_fd = std::env::var("HOSTMEM_SIGSYS_FD")
             .ok()
-            .and_then(|v| v.parse().ok())
-        {
+            .and_then(|v| v.parse().ok());
+        if let Some(fd) = report_fd {
             hostmem_base::sandbox::install_sigsys_reporter(fd).expect("SIGSYS reporter");
         }
         set_no_new_privs().expect("no_new_privs");
-        if install_filter(&prog, false).is_err() {
+        let installed = if report_fd.is_some() {
+            install_filter_logged(&prog, false)
+        } else {
+            install_filter(&prog, false)
+        };
+        if installed.is_err() {
             std::process::exit(3);
         }
     }

@@ -105,6 +105,12 @@ enum Scenario {
     FdFallocate,
     /// memfd_create(MFD_HUGETLB): the policy kills it.
     MemfdHugetlb,
+    /// Lies about its own death (issue 22 item 8): writes a forged record claiming `ptrace`
+    /// to its SIGSYS report pipe, closes the pipe (so that its real handler's record cannot
+    /// follow), then makes a call the policy kills (`fcntl(F_ADD_SEALS,
+    /// F_SEAL_FUTURE_WRITE)` on the window). The VMM must name `fcntl`, from the kernel's
+    /// record, and show `ptrace` only as the device's claim.
+    ForgeSigsys,
     /// Run-time code: write `mov eax, 42; ret` into a memfd, map it READ|EXEC as the loader
     /// maps libraries, call it (the run-time filter must kill the device at the mmap).
     RunCode,
@@ -546,6 +552,17 @@ impl HostilePlacer {
                     "F_SEAL_FUTURE_WRITE on the window: {r:?}"
                 )))
             }
+            Scenario::ForgeSigsys => {
+                forge_sigsys_claim().map_err(PlaceError::Unspec)?;
+                let r = fcntl(
+                    self.window.memfd().as_fd().as_raw_fd(),
+                    FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_FUTURE_WRITE),
+                );
+                // Only reached if the policy let the call through.
+                Err(PlaceError::Unspec(format!(
+                    "F_SEAL_FUTURE_WRITE on the window after the forged claim: {r:?}"
+                )))
+            }
             Scenario::FdFallocate => {
                 let r = fallocate(
                     self.window.memfd().as_fd().as_raw_fd(),
@@ -926,6 +943,30 @@ impl Placer for HostilePlacer {
     fn window_size(&self) -> u64 {
         self.window.size()
     }
+}
+
+/// [`Scenario::ForgeSigsys`]: a record claiming `ptrace` (with made-up arguments and ip) on
+/// the SIGSYS report pipe the launcher named, then the pipe closed, so that the last (and
+/// only) record the VMM reads from it is the lie.
+fn forge_sigsys_claim() -> Result<(), String> {
+    let fd: i32 = std::env::var(hostmem_jail::launch::SIGSYS_FD_ENV)
+        .map_err(|e| format!("no SIGSYS report fd: {e}"))?
+        .parse()
+        .map_err(|e| format!("SIGSYS report fd: {e}"))?;
+    let forged = hostmem_base::sandbox::SigsysRecord {
+        nr: libc::SYS_ptrace as i32,
+        arch: 0xc000_003e,
+        args: [libc::PTRACE_ATTACH as u64, 1, 0, 0, 0, 0],
+        ip: 0x4141_4141_4141,
+    };
+    let dup = hostmem_base::fd::dup_raw(fd).map_err(|e| format!("dup of fd {fd}: {e}"))?;
+    let n = nix::unistd::write(&dup, &forged.to_bytes())
+        .map_err(|e| format!("writing the forged record: {e}"))?;
+    drop(dup);
+    // The handler keeps writing to `fd` by number: closed, its true record goes nowhere.
+    nix::unistd::close(fd).map_err(|e| format!("closing fd {fd}: {e}"))?;
+    log::warn!("hostile device: forged a {n}-byte SIGSYS record claiming ptrace");
+    Ok(())
 }
 
 /// A hostile GPU device for the VMM's tests (started by the VMM, not by hand).

@@ -11,7 +11,7 @@
 //! never cross it, they live in virtqueues in guest RAM.
 //!
 //! [`Device::stop`] / death handling: on tube EOF, child exit or a command timeout the
-//! device is asked to exit (the transport tube is shut down: EOF), killed if needed, its exit is reported (signal; for SIGSYS the syscall), the
+//! device is asked to exit (the transport tube is shut down: EOF), killed if needed, its exit is reported (signal; for SIGSYS the syscall by the kernel's audit record, the device's own SIGSYS record only as its claim), the
 //! whole window goes back to background and every blob memslot is deleted, so the guest keeps
 //! running and reads zeros where blobs were.
 //!
@@ -40,7 +40,7 @@ use anyhow::{bail, Context};
 use hostmem_base::procfs;
 use hostmem_ipc::protocol::{handshake, DeviceMsg, Role, VmmMsg};
 use hostmem_ipc::Tube;
-use hostmem_jail::launch::{self, ExitInfo, JailConfig, JailedChild};
+use hostmem_jail::launch::{self, ExitInfo, JailConfig, JailedChild, SigsysFinding};
 use serde::Serialize;
 
 use crate::hostmem::Hostmem;
@@ -190,8 +190,14 @@ pub struct DeviceExit {
     pub code: Option<i32>,
     /// Signal, if it was killed.
     pub signal: Option<i32>,
-    /// For SIGSYS: the syscall that was refused.
+    /// For SIGSYS: the syscall that was refused, by the kernel's word (its audit record;
+    /// `null` when that record could not be read: never the device's own claim).
     pub syscall: Option<String>,
+    /// For SIGSYS, in the JSON as `kernel_record` (the kernel's audit record of the call,
+    /// or `null`), `kernel_record_unavailable` (why it is `null`) and `device_claim` (what
+    /// the device wrote to its SIGSYS report pipe: only its claim).
+    #[serde(flatten)]
+    pub sigsys: SigsysFinding,
     /// Placements that were live and have been restored to background.
     pub restored: usize,
     /// Seccomp violations the kernel logged for this device (log mode: the syscalls the
@@ -470,6 +476,7 @@ impl Device {
             code: None,
             signal: None,
             syscall: None,
+            sigsys: SigsysFinding::default(),
             restored,
             seccomp_violations: vec![],
             oom_killed,
@@ -496,7 +503,8 @@ impl Device {
                 ExitInfo::Signaled { signal, .. } => {
                     exit.signal = Some(*signal);
                     if *signal == libc::SIGSYS {
-                        exit.syscall = self.child.sigsys_report().map(|r| r.to_string());
+                        exit.sigsys = self.child.sigsys_finding();
+                        exit.syscall = exit.sigsys.syscall().map(|r| r.to_string());
                     }
                 }
             }
@@ -676,12 +684,11 @@ pub(crate) fn describe(info: &ExitInfo, child: &JailedChild) -> String {
             let name = nix::sys::signal::Signal::try_from(*signal)
                 .map(|s| s.as_str().to_string())
                 .unwrap_or_else(|_| signal.to_string());
-            match (*signal == libc::SIGSYS)
-                .then(|| child.sigsys_report())
-                .flatten()
-            {
-                Some(r) => format!("killed by {name} (seccomp: {r})"),
-                None => format!("killed by {name}"),
+            if *signal == libc::SIGSYS {
+                // The kernel's call as the fact, the device's record only as its claim.
+                format!("killed by {name} (seccomp: {})", child.sigsys_finding())
+            } else {
+                format!("killed by {name}")
             }
         }
     }

@@ -476,6 +476,7 @@ impl VhostUserDevice {
             code: None,
             signal: None,
             syscall: None,
+            sigsys: Default::default(),
             restored,
             seccomp_violations: vec![],
             oom_killed: false,
@@ -490,6 +491,7 @@ impl VhostUserDevice {
                 None => {}
             }
             exit.syscall = end.syscall;
+            exit.sigsys = end.sigsys;
             exit.seccomp_violations = end.violations;
             exit.oom_killed = end.oom_killed;
             exit.max_memory = end.max_memory;

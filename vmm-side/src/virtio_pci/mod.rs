@@ -108,6 +108,10 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 /// `VIRTIO_GPU_F_VIRGL`.
 pub const VIRTIO_GPU_F_VIRGL: u64 = 1 << 0;
+/// `VIRTIO_GPU_F_EDID`: the device answers `GET_EDID`.
+pub const VIRTIO_GPU_F_EDID: u64 = 1 << 1;
+/// `VIRTIO_GPU_F_RESOURCE_UUID`: the device answers `RESOURCE_ASSIGN_UUID`.
+pub const VIRTIO_GPU_F_RESOURCE_UUID: u64 = 1 << 2;
 /// `VIRTIO_GPU_F_RESOURCE_BLOB`.
 pub const VIRTIO_GPU_F_RESOURCE_BLOB: u64 = 1 << 3;
 /// `VIRTIO_GPU_F_CONTEXT_INIT`.
@@ -115,6 +119,8 @@ pub const VIRTIO_GPU_F_CONTEXT_INIT: u64 = 1 << 4;
 /// The features the device offers.
 pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_GPU_F_VIRGL
+    | VIRTIO_GPU_F_EDID
+    | VIRTIO_GPU_F_RESOURCE_UUID
     | VIRTIO_GPU_F_RESOURCE_BLOB
     | VIRTIO_GPU_F_CONTEXT_INIT;
 
