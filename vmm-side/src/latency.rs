@@ -5,6 +5,9 @@
 //! The histogram is `hdrhistogram`'s (the HdrHistogram of Java, Go and C, ported), with
 //! fixed bounds so that it never grows: 1 ns to one hour at two significant digits (values
 //! kept to within 1 %, about 36 KiB). Longer samples saturate at one hour.
+//!
+//! [`Spread`] is the median and interquartile range of a few values (the bench's per-round
+//! ratios), interpolated between ranks.
 
 use std::time::Duration;
 
@@ -32,6 +35,45 @@ impl Latency {
             p50: at(0.5),
             p99: at(0.99),
         }
+    }
+}
+
+/// Median and interquartile range of a handful of values (the bench's per-round ratios,
+/// its cold starts). Quantiles are interpolated linearly between the sorted values: the `q`
+/// quantile sits at rank `(n - 1) * q` (numpy's default, R's type 7), so the median of an
+/// even count is the mean of the two middle values and one value is its own p25, p50 and
+/// p75.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    /// Values summarized.
+    pub n: usize,
+    /// 25th percentile.
+    pub p25: f64,
+    /// Median.
+    pub p50: f64,
+    /// 75th percentile.
+    pub p75: f64,
+}
+
+impl Spread {
+    /// The spread of `values` (`None` when there are none or one is not finite).
+    pub fn of(values: &[f64]) -> Option<Spread> {
+        if values.is_empty() || values.iter().any(|v| !v.is_finite()) {
+            return None;
+        }
+        let mut v = values.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| {
+            let pos = (v.len() - 1) as f64 * q;
+            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+            v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+        };
+        Some(Spread {
+            n: v.len(),
+            p25: at(0.25),
+            p50: at(0.5),
+            p75: at(0.75),
+        })
     }
 }
 
@@ -99,6 +141,37 @@ mod tests {
         assert_eq!(l.p50, 51.0);
         assert_eq!(l.p99, 100.0);
         assert_eq!(Latency::of(&mut []), Latency::default());
+    }
+
+    #[test]
+    fn spread_of_an_odd_count() {
+        // Unsorted on purpose: 1 2 3 4 5 → ranks 1, 2, 3 exactly.
+        let s = Spread::of(&[5.0, 1.0, 4.0, 2.0, 3.0]).unwrap();
+        assert_eq!((s.n, s.p25, s.p50, s.p75), (5, 2.0, 3.0, 4.0));
+        // Between ranks: 7 values, p25 at rank 1.5.
+        let s = Spread::of(&[10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0]).unwrap();
+        assert_eq!((s.p25, s.p50, s.p75), (25.0, 40.0, 55.0));
+    }
+
+    #[test]
+    fn spread_of_an_even_count() {
+        // 1 2 3 10: median between 2 and 3; p25 at rank 0.75, p75 at rank 2.25.
+        let s = Spread::of(&[10.0, 3.0, 2.0, 1.0]).unwrap();
+        assert_eq!(s.n, 4);
+        assert_eq!(s.p50, 2.5);
+        assert_eq!(s.p25, 1.75);
+        assert_eq!(s.p75, 4.75);
+        let s = Spread::of(&[2.0, 1.0]).unwrap();
+        assert_eq!((s.p25, s.p50, s.p75), (1.25, 1.5, 1.75));
+    }
+
+    #[test]
+    fn spread_of_one_round_and_of_none() {
+        let s = Spread::of(&[2.9]).unwrap();
+        assert_eq!((s.n, s.p25, s.p50, s.p75), (1, 2.9, 2.9, 2.9));
+        assert_eq!(Spread::of(&[]), None);
+        assert_eq!(Spread::of(&[1.0, f64::NAN]), None);
+        assert_eq!(Spread::of(&[1.0, f64::INFINITY]), None);
     }
 
     #[test]

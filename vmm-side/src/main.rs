@@ -225,6 +225,11 @@ struct BenchArgs {
     /// to 1 ms when idle) or none (nothing pinned, the devices' default poll).
     #[arg(long, value_enum, default_value = "split")]
     cpu_layout: hostmem_vmm::bench::CpuLayout,
+    /// Run the whole bench N times in this process and summarize across the runs (per
+    /// target: each run's median and how many runs passed). With --json: one object with
+    /// every run and the summary; with --out: each run in run-<i>/ and repeat.json.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -450,6 +455,9 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
     if let Some(c) = a.cases {
         o.cases = c;
     }
+    if a.repeat > 1 {
+        return bench_repeat(&o, a.repeat as usize, a.json, a.out.as_deref());
+    }
     let r = bench::run(&o)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -463,4 +471,41 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(if r.errors.is_empty() { 0 } else { 1 })
+}
+
+/// `hostmem bench --repeat N`: N runs, each printed as it ends (text), then the summary.
+fn bench_repeat(
+    o: &hostmem_vmm::bench::BenchOptions,
+    n: usize,
+    json: bool,
+    out: Option<&std::path::Path>,
+) -> anyhow::Result<i32> {
+    use hostmem_vmm::bench;
+    let mut runs = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = bench::run(o)?;
+        if !json {
+            print!("=== run {}/{n} ===\n{}", i + 1, bench::render(&r));
+        }
+        runs.push(r);
+    }
+    let summary = bench::summarize(&runs);
+    let failed = summary.runs_with_errors > 0;
+    let rep = bench::RepeatReport {
+        repeat: n,
+        runs,
+        summary,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        print!("{}", bench::render_summary(&rep.summary));
+    }
+    if let Some(dir) = out {
+        bench::write_repeat(&rep, dir)?;
+        if !json {
+            println!("wrote {0}/run-<i>/ and {0}/repeat.json", dir.display());
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
 }

@@ -209,6 +209,7 @@ fn tiny_bench_every_case_maps_what_it_claims() {
     for t in &r.targets {
         assert!(t.value.is_some() && t.pass.is_some(), "{t:?}");
     }
+    rounds_spreads_and_cpu(&r, &o);
     assert_eq!(r.cold_starts, o.cold_starts);
     assert!(r.cold_start_ms.p50 > 0.0 && r.device_memory.idle_rss_kib > 0);
     // Limits: the cap (64) is reached in every mode at this size.
@@ -230,10 +231,169 @@ fn tiny_bench_every_case_maps_what_it_claims() {
     assert_eq!(json["targets"].as_array().unwrap().len(), 6);
     assert!(json["targets"][0]["pass"].is_boolean());
     assert!(json["breakdown"]["hops"].as_array().unwrap().len() == 10);
+    // The per-round ratios, their spreads and the CPU per pair, in the JSON too.
+    let lat = &json["round_ratios"]["latency_fixed_sandboxed_vs_floor"];
+    assert_eq!(lat["rounds"].as_array().unwrap().len(), o.rounds);
+    assert_eq!(lat["n"].as_u64(), Some(o.rounds as u64));
+    let q = |k: &str| lat[k].as_f64().unwrap();
+    assert!(
+        q("p25") > 0.0 && q("p25") <= q("p50") && q("p50") <= q("p75"),
+        "{lat}"
+    );
+    assert_eq!(json["targets"][1]["value"].as_f64(), Some(q("p50")));
+    assert_eq!(json["targets"][1]["spread"]["p50"].as_f64(), Some(q("p50")));
+    assert_eq!(json["targets"][1]["spread_of"], "rounds");
+    assert!(json["targets"][1]["pooled"].as_f64().unwrap() > 0.0);
+    for c in json["cases"].as_array().unwrap() {
+        let cpu = &c["cpu"];
+        assert!(cpu["vmm_us"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(cpu["total_us"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(cpu["ratio_to_floor"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(cpu["excl_guest_us"].as_f64().unwrap() > 0.0, "{cpu}");
+        assert!(
+            cpu["excl_guest_ratio_to_floor"].as_f64().unwrap() > 0.0,
+            "{cpu}"
+        );
+        assert!(cpu["guest_us"].as_f64().is_some() && cpu["after_us"].as_f64().is_some());
+        let sandboxed = c["name"].as_str().unwrap().contains("sandboxed");
+        assert_eq!(cpu["device_us"].as_f64().is_some(), sandboxed, "{cpu}");
+        assert_eq!(c["rounds"].as_array().unwrap().len(), o.rounds);
+        assert!(c["rounds"][0]["cpu_us_per_pair"].as_f64().unwrap() > 0.0);
+    }
     let svg = std::fs::read_to_string(dir.join("bench.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("fixed-sandboxed"));
     assert!(bench::render(&r).contains("slot-sandboxed"));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Every case has one round per round of the first level; every ratio has its per-round
+/// values (each the two cases' same round divided) and a sane spread; the targets are the
+/// medians; every case has a CPU cost per pair, with the device's for the sandboxed cases.
+fn rounds_spreads_and_cpu(r: &bench::BenchReport, o: &BenchOptions) {
+    // A batch per round (the pipelined one too: batch / queue_depth bursts of queue_depth).
+    let per_round = o.batch as u64;
+    for c in &r.cases {
+        assert_eq!(c.rounds.len(), o.rounds, "{}", c.name);
+        for x in &c.rounds {
+            assert_eq!(x.cycles, per_round, "{}: {x:?}", c.name);
+            assert!(
+                x.cycle_p50_us > 0.0 && x.cycles_per_s > 0.0,
+                "{}: {x:?}",
+                c.name
+            );
+            assert!(x.guest_refault_p50_us > 0.0, "{}: {x:?}", c.name);
+            assert!(x.cpu_us_per_pair.unwrap() > 0.0, "{}: {x:?}", c.name);
+        }
+        let cpu = &c.cpu;
+        assert_eq!(cpu.pairs, c.cycles, "{}", c.name);
+        assert!(cpu.vmm_us > 0.0, "{}: {cpu:?}", c.name);
+        // The guest's steps run on the driver thread, a part of the VMM's time.
+        assert!(
+            cpu.guest_us > 0.0 && cpu.guest_us <= cpu.vmm_us,
+            "{}: {cpu:?}",
+            c.name
+        );
+        let total = cpu.total_us.unwrap();
+        if c.name.contains("sandboxed") {
+            let dev = cpu
+                .device_us
+                .unwrap_or_else(|| panic!("{}: {cpu:?}", c.name));
+            assert!(dev > 0.0, "{}: {cpu:?}", c.name);
+            assert!(
+                (total - (cpu.vmm_us + dev)).abs() < 1e-9,
+                "{}: {cpu:?}",
+                c.name
+            );
+            // The device polls for at least 100 µs after its last command: the pause after
+            // each batch sees it.
+            assert!(cpu.after_us > 0.0, "{}: {cpu:?}", c.name);
+            // The device's own CPU clock, not the 10 ms ticks of /proc/<pid>/stat.
+            assert_eq!(cpu.device_clock, Some("process cpu clock"), "{}", c.name);
+        } else {
+            assert_eq!(cpu.device_us, None, "{}: no device process", c.name);
+            assert_eq!(total, cpu.vmm_us, "{}", c.name);
+        }
+        let floor = r.case("floor").unwrap().cpu.total_us.unwrap();
+        assert_eq!(cpu.ratio_to_floor, Some(total / floor), "{}", c.name);
+        // Without the guest's steps: the placement path's own cost, still positive.
+        let excl = cpu.excl_guest_us.unwrap();
+        assert!(excl > 0.0, "{}: {cpu:?}", c.name);
+        assert!((excl - (total - cpu.guest_us)).abs() < 1e-9, "{}", c.name);
+        let floor_excl = r.case("floor").unwrap().cpu.excl_guest_us.unwrap();
+        assert_eq!(cpu.excl_guest_ratio_to_floor, Some(excl / floor_excl));
+    }
+    assert_eq!(r.case("floor").unwrap().cpu.ratio_to_floor, Some(1.0));
+    // Every pooled ratio has its rounds (no vhost-user case in the tiny run).
+    for (k, pooled) in &r.ratios {
+        let rr = r
+            .round_ratios
+            .get(k)
+            .unwrap_or_else(|| panic!("{k}: no rounds"));
+        assert_eq!(rr.rounds.len(), o.rounds, "{k}");
+        assert!(rr.rounds.iter().all(|v| *v > 0.0), "{k}: {rr:?}");
+        let sp = rr.spread;
+        assert_eq!(sp.n, o.rounds, "{k}");
+        assert!(sp.p25 <= sp.p50 && sp.p50 <= sp.p75, "{k}: {sp:?}");
+        let (lo, hi) = rr
+            .rounds
+            .iter()
+            .fold((f64::MAX, 0.0f64), |(a, b), v| (a.min(*v), b.max(*v)));
+        assert!(lo <= sp.p25 && sp.p75 <= hi, "{k}: {rr:?}");
+        assert!(*pooled > 0.0, "{k}");
+    }
+    for k in [
+        "cpu_fixed_sandboxed_vs_floor",
+        "cpu_pipelined_vs_floor",
+        "cpu_slot_inproc_vs_floor",
+        "cpu_excl_guest_fixed_sandboxed_vs_floor",
+    ] {
+        assert!(r.round_ratios.contains_key(k), "{k}");
+    }
+    // A round's ratio is the two cases' batches of that round divided.
+    let (sb, fl) = (r.case("fixed-sandboxed").unwrap(), r.case("floor").unwrap());
+    for (i, v) in r.round_ratios["latency_fixed_sandboxed_vs_floor"]
+        .rounds
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(*v, sb.rounds[i].cycle_p50_us / fl.rounds[i].cycle_p50_us);
+    }
+    let p = r.case("fixed-sandboxed-pipelined").unwrap();
+    for (i, v) in r.round_ratios["throughput_pipelined_vs_floor"]
+        .rounds
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(*v, p.rounds[i].cycles_per_s / fl.rounds[i].cycles_per_s);
+    }
+    // Ratio targets are judged on the median of their rounds, the cold start on the median
+    // start.
+    for t in &r.targets {
+        match (&t.ratio, t.spread) {
+            (Some(k), Some(sp)) => {
+                assert_eq!(t.value, Some(sp.p50), "{t:?}");
+                assert_eq!(sp, r.round_ratios[k].spread, "{t:?}");
+                assert_eq!(t.pooled, Some(r.ratios[k]), "{t:?}");
+            }
+            (None, Some(sp)) => {
+                assert_eq!(t.spread_of, Some("cold starts"));
+                assert_eq!(sp.n, o.cold_starts);
+                assert_eq!(t.value, Some(sp.p50));
+            }
+            (None, None) => assert!(t.name.contains("holes"), "{t:?}"),
+            (Some(_), None) => panic!("a ratio target without rounds: {t:?}"),
+        }
+    }
+    let text = bench::render(r);
+    assert!(text.contains("CPU per map+unmap pair"), "{text}");
+    assert!(
+        text.contains("IQR") && text.contains(&format!("{} rounds)", o.rounds)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{} cold starts)", o.cold_starts)),
+        "{text}"
+    );
 }
 
 fn text_has_layout(text: &str) -> bool {

@@ -35,6 +35,12 @@
 //! per-hop breakdown (`breakdown`), and `--growth` the window's cost as it grows
 //! (`growth`).
 //!
+//! Every ratio is also computed per round (round `r` of one case over round `r` of the
+//! other: batches that met the same noise), and the targets are judged on the median of the
+//! rounds, reported with its interquartile range. Each case's CPU time per pair (the VMM's,
+//! the device's, the guest's part) is measured over the same batches (`cpu`; decision 037).
+//! `--repeat N` runs it all N times and summarizes (`repeat`).
+//!
 //! Also measured: the device's cold start (spawn, jail, seccomp, handshake → Ready) and its
 //! resident memory, after every timed batch and 100 ms apart (a stopped device's namespaces
 //! are torn down by kernel workers for a while, and a start right after another skips a
@@ -43,9 +49,11 @@
 
 mod breakdown;
 mod cases;
+mod cpu;
 mod growth;
 mod limits;
 mod plot;
+mod repeat;
 mod report;
 mod runner;
 pub mod vhost_user;
@@ -55,9 +63,14 @@ pub use cases::{BlobSpec, CaseKind, InprocPlacer, Workload};
 pub use growth::GrowthPoint;
 pub use limits::run_limits;
 pub use plot::plot;
+pub use repeat::{
+    render_repeat, render_summary, summarize, write_repeat, RepeatReport, RepeatSummary,
+    TargetAcross,
+};
 pub use report::{
-    ratios, render, targets, write_out, BenchReport, CaseReport, Checks, DeviceMemory, LimitReport,
-    Machine, OptionsReport, RemapReport, SweepPoint, Target,
+    ratios, render, round_ratios, targets, write_out, BenchReport, CaseReport, Checks, CpuReport,
+    DeviceMemory, LimitReport, Machine, OptionsReport, RemapReport, RoundRatios, RoundReport,
+    SweepPoint, Target,
 };
 pub use runner::run;
 

@@ -1,7 +1,8 @@
 //! The bench report: what is measured per case ([`CaseReport`]), the ratios and targets
 //! derived from it, the terminal table ([`render`]) and the files ([`write_out`]).
 
-use super::runner::Samples;
+use super::cpu::{CpuSums, DeviceClock};
+use super::runner::{Round, Samples};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use super::breakdown::Breakdown;
 use super::growth::GrowthPoint;
 use super::plot::plot;
 use crate::hostmem::Mode;
-use crate::latency::Latency;
+use crate::latency::{Latency, Spread};
 
 /// Guest and host checks of one case.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -65,6 +66,69 @@ pub struct SweepPoint {
     pub cycles: u64,
 }
 
+/// One round of a case at the first level: its batch alone. Round `r` of every case ran in
+/// the same interleaved round, so each round's ratio compares batches that met the same
+/// machine noise.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// Map+unmap latency p50 (µs) of the batch.
+    pub cycle_p50_us: f64,
+    /// Map+unmap pairs per second of the batch.
+    pub cycles_per_s: f64,
+    /// Guest re-read p50 (µs) of the batch.
+    pub guest_refault_p50_us: f64,
+    /// Pairs timed.
+    pub cycles: u64,
+    /// CPU time (µs, the VMM's and the device's) per pair (`None`: the device's could not
+    /// be read).
+    pub cpu_us_per_pair: Option<f64>,
+    /// The same without the driver thread's time in the guest's steps.
+    pub cpu_excl_guest_us_per_pair: Option<f64>,
+}
+
+/// CPU cost per map+unmap pair at the first level: user + system time over the timed
+/// batches (from the batch's first command to its last completion) divided by the pairs
+/// timed (decision 037).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuReport {
+    /// Pairs timed.
+    pub pairs: u64,
+    /// The VMM process, every thread (µs per pair; `getrusage(RUSAGE_SELF)`). Includes
+    /// `guest_us`.
+    pub vmm_us: f64,
+    /// The device process (µs per pair; `None`: the case has no device process, or its time
+    /// could not be read).
+    pub device_us: Option<f64>,
+    /// `vmm_us` + `device_us` (`None` when the device's is unknown).
+    pub total_us: Option<f64>,
+    /// `total_us` over the floor's (in the same run).
+    pub ratio_to_floor: Option<f64>,
+    /// The part of `vmm_us` the driver thread spent running the guest's reads and RAM
+    /// re-read (`CLOCK_THREAD_CPUTIME_ID`): the same work in every fixed-mode case (in
+    /// slot mode it holds the refaults after each memslot change).
+    pub guest_us: f64,
+    /// `total_us` - `guest_us`: the pair's own cost, the placement path in both processes.
+    pub excl_guest_us: Option<f64>,
+    /// `excl_guest_us` over the floor's.
+    pub excl_guest_ratio_to_floor: Option<f64>,
+    /// After each batch, until the case was idle again (the device's idle poll, the mapping
+    /// service's reply spin; the VMM's and the device's, µs per pair): not in `total_us`.
+    pub after_us: f64,
+    /// Where the device's time came from (`process cpu clock` or `/proc/<pid>/stat
+    /// ticks`); `None` without a device.
+    pub device_clock: Option<&'static str>,
+}
+
+/// A ratio per round at the first level and its spread (see [`round_ratios`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundRatios {
+    /// The ratio of each round, in round order.
+    pub rounds: Vec<f64>,
+    /// Median and interquartile range of `rounds`.
+    #[serde(flatten)]
+    pub spread: Spread,
+}
+
 /// The numbers of one case.
 #[derive(Debug, Clone, Serialize)]
 pub struct CaseReport {
@@ -111,6 +175,10 @@ pub struct CaseReport {
     pub sweep: Vec<SweepPoint>,
     /// The case failed here (its numbers are partial).
     pub failed: Option<String>,
+    /// Each round at the first level.
+    pub rounds: Vec<RoundReport>,
+    /// CPU cost per map+unmap pair at the first level.
+    pub cpu: CpuReport,
 }
 
 /// A target with its verdict.
@@ -120,10 +188,20 @@ pub struct Target {
     pub name: String,
     /// The goal.
     pub goal: String,
-    /// Measured value (`None`: a case it needs did not run).
+    /// Measured value (`None`: a case it needs did not run): for a ratio, the median of its
+    /// per-round values; for the cold start, the median start.
     pub value: Option<f64>,
-    /// Verdict.
+    /// Verdict, on `value`.
     pub pass: Option<bool>,
+    /// The ratio judged (a key of `ratios` and `round_ratios`).
+    pub ratio: Option<String>,
+    /// Median and interquartile range of what `value` is the median of.
+    pub spread: Option<Spread>,
+    /// What `spread` is over: `rounds` or `cold starts`.
+    pub spread_of: Option<&'static str>,
+    /// For a ratio, the ratio of the whole first level's figures (`ratios`), as judged
+    /// before per-round medians.
+    pub pooled: Option<f64>,
 }
 
 /// The largest number of simultaneously mapped blobs in one mode.
@@ -216,6 +294,8 @@ pub struct BenchReport {
     pub device_memory: DeviceMemory,
     /// Ratios (see [`ratios`]).
     pub ratios: BTreeMap<String, f64>,
+    /// The same ratios per round, with their spread (see [`round_ratios`]).
+    pub round_ratios: BTreeMap<String, RoundRatios>,
     /// Where one sandboxed map and unmap spend their time.
     pub breakdown: Option<Breakdown>,
     /// The pipelined case's batching: events per tube message (mean) in a traced batch.
@@ -249,9 +329,100 @@ impl BenchReport {
     }
 }
 
-/// Ratios from the case numbers (`None` entries are left out). Latency is the map+unmap
-/// p50 (`cycle_us`), throughput is pairs per second (`cycles_per_s`); each is compared with
-/// the floor's same figure:
+/// What a ratio compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Metric {
+    /// Map+unmap latency p50.
+    Latency,
+    /// Map+unmap pairs per second.
+    Throughput,
+    /// The guest's re-read p50.
+    Refault,
+    /// CPU time (VMM + device) per pair.
+    Cpu,
+    /// The same without the guest's steps.
+    CpuExclGuest,
+}
+
+/// Every ratio: its key, numerator case, denominator case and metric.
+fn ratio_defs() -> Vec<(String, &'static str, &'static str, Metric)> {
+    use Metric::*;
+    let vu = super::vhost_user::NAME;
+    let mut v = vec![
+        (
+            "slot_vs_fixed_sandboxed_cycle".into(),
+            "slot-sandboxed",
+            "fixed-sandboxed",
+            Latency,
+        ),
+        (
+            "slot_vs_fixed_sandboxed_refault".into(),
+            "slot-sandboxed",
+            "fixed-sandboxed",
+            Refault,
+        ),
+        (
+            "slot_vs_fixed_inproc_cycle".into(),
+            "slot-inproc",
+            "fixed-inproc",
+            Latency,
+        ),
+        (
+            "slot_vs_fixed_inproc_refault".into(),
+            "slot-inproc",
+            "fixed-inproc",
+            Refault,
+        ),
+        ("vhost_user_vs_floor".into(), vu, "floor", Latency),
+        (
+            "vhost_user_vs_fixed_sandboxed".into(),
+            vu,
+            "fixed-sandboxed",
+            Latency,
+        ),
+    ];
+    for (case, key) in [
+        ("fixed-sandboxed", "fixed_sandboxed"),
+        ("fixed-sandboxed-pipelined", "pipelined"),
+        ("fixed-inproc", "fixed_inproc"),
+    ] {
+        v.push((format!("latency_{key}_vs_floor"), case, "floor", Latency));
+        v.push((
+            format!("throughput_{key}_vs_floor"),
+            case,
+            "floor",
+            Throughput,
+        ));
+    }
+    for (case, key) in [
+        ("fixed-inproc", "fixed_inproc"),
+        ("slot-inproc", "slot_inproc"),
+        ("fixed-sandboxed", "fixed_sandboxed"),
+        ("slot-sandboxed", "slot_sandboxed"),
+        ("fixed-sandboxed-pipelined", "pipelined"),
+        (vu, "vhost_user"),
+    ] {
+        v.push((format!("cpu_{key}_vs_floor"), case, "floor", Cpu));
+        v.push((
+            format!("cpu_excl_guest_{key}_vs_floor"),
+            case,
+            "floor",
+            CpuExclGuest,
+        ));
+    }
+    v
+}
+
+fn ratio_of(num: Option<f64>, den: Option<f64>) -> Option<f64> {
+    match (num, den) {
+        (Some(n), Some(d)) if d > 0.0 && n.is_finite() && d.is_finite() => Some(n / d),
+        _ => None,
+    }
+}
+
+/// Ratios from the case numbers at the first level (`None` entries are left out). Latency
+/// is the map+unmap p50 (`cycle_us`), throughput is pairs per second (`cycles_per_s`), CPU
+/// is `cpu.total_us`; each is compared with the floor's same figure:
 /// * `latency_fixed_sandboxed_vs_floor`, `latency_pipelined_vs_floor`,
 ///   `latency_fixed_inproc_vs_floor`: latency over the floor's (lower is better);
 /// * `throughput_pipelined_vs_floor`, `throughput_fixed_sandboxed_vs_floor`,
@@ -259,68 +430,98 @@ impl BenchReport {
 ///   better);
 /// * `slot_vs_fixed_sandboxed_cycle`: slot-sandboxed / fixed-sandboxed latency;
 /// * `slot_vs_fixed_sandboxed_refault`: the same for the guest re-read;
-/// * `slot_vs_fixed_inproc_cycle`, `slot_vs_fixed_inproc_refault`: the in-process pair.
+/// * `slot_vs_fixed_inproc_cycle`, `slot_vs_fixed_inproc_refault`: the in-process pair;
+/// * `vhost_user_vs_floor`, `vhost_user_vs_fixed_sandboxed`: vhost-user-sandboxed's latency
+///   over theirs;
+/// * `cpu_<case>_vs_floor`: CPU time per pair over the floor's, for every other case.
 pub fn ratios(cases: &[CaseReport]) -> BTreeMap<String, f64> {
     let get = |n: &str| cases.iter().find(|c| c.name == n && c.cycles > 0);
-    let mut out = BTreeMap::new();
-    let mut put = |k: &str, num: Option<f64>, den: Option<f64>| {
-        if let (Some(n), Some(d)) = (num, den) {
-            if d > 0.0 {
-                out.insert(k.to_string(), n / d);
-            }
-        }
+    let figure = |n: &str, m: Metric| {
+        get(n).and_then(|c| match m {
+            Metric::Latency => Some(c.cycle_us.p50),
+            Metric::Throughput => Some(c.cycles_per_s),
+            Metric::Refault => Some(c.guest_refault_us.p50),
+            Metric::Cpu => c.cpu.total_us,
+            Metric::CpuExclGuest => c.cpu.excl_guest_us,
+        })
     };
-    let cyc = |n: &str| get(n).map(|c| c.cycle_us.p50);
-    let thr = |n: &str| get(n).map(|c| c.cycles_per_s);
-    let rf = |n: &str| get(n).map(|c| c.guest_refault_us.p50);
-    put(
-        "slot_vs_fixed_sandboxed_cycle",
-        cyc("slot-sandboxed"),
-        cyc("fixed-sandboxed"),
-    );
-    put(
-        "slot_vs_fixed_sandboxed_refault",
-        rf("slot-sandboxed"),
-        rf("fixed-sandboxed"),
-    );
-    put(
-        "slot_vs_fixed_inproc_cycle",
-        cyc("slot-inproc"),
-        cyc("fixed-inproc"),
-    );
-    put(
-        "slot_vs_fixed_inproc_refault",
-        rf("slot-inproc"),
-        rf("fixed-inproc"),
-    );
-    for (case, key) in [
-        ("fixed-sandboxed", "fixed_sandboxed"),
-        ("fixed-sandboxed-pipelined", "pipelined"),
-        ("fixed-inproc", "fixed_inproc"),
-    ] {
-        put(&format!("latency_{key}_vs_floor"), cyc(case), cyc("floor"));
-        put(
-            &format!("throughput_{key}_vs_floor"),
-            thr(case),
-            thr("floor"),
-        );
+    ratio_defs()
+        .into_iter()
+        .filter_map(|(k, num, den, m)| ratio_of(figure(num, m), figure(den, m)).map(|r| (k, r)))
+        .collect()
+}
+
+/// The ratios of [`ratios`] per round: round `r` of the numerator case over round `r` of
+/// the denominator (the same interleaved round), with their median and interquartile
+/// range. Rounds one of the two lacks (a case that failed) are left out.
+pub fn round_ratios(cases: &[CaseReport]) -> BTreeMap<String, RoundRatios> {
+    let get = |n: &str| cases.iter().find(|c| c.name == n && !c.rounds.is_empty());
+    let figure = |r: &RoundReport, m: Metric| match m {
+        Metric::Latency => Some(r.cycle_p50_us),
+        Metric::Throughput => Some(r.cycles_per_s),
+        Metric::Refault => Some(r.guest_refault_p50_us),
+        Metric::Cpu => r.cpu_us_per_pair,
+        Metric::CpuExclGuest => r.cpu_excl_guest_us_per_pair,
+    };
+    let mut out = BTreeMap::new();
+    for (k, num, den, m) in ratio_defs() {
+        let (Some(n), Some(d)) = (get(num), get(den)) else {
+            continue;
+        };
+        let rounds: Vec<f64> = n
+            .rounds
+            .iter()
+            .zip(&d.rounds)
+            .filter_map(|(a, b)| ratio_of(figure(a, m), figure(b, m)))
+            .collect();
+        if let Some(spread) = Spread::of(&rounds) {
+            out.insert(k, RoundRatios { rounds, spread });
+        }
     }
     out
 }
 
-/// The targets and verdicts.
+/// Fills in every case's `cpu.ratio_to_floor` and `cpu.excl_guest_ratio_to_floor`.
+pub fn set_cpu_ratios(cases: &mut [CaseReport]) {
+    let floor = cases
+        .iter()
+        .find(|c| c.name == "floor")
+        .map(|c| (c.cpu.total_us, c.cpu.excl_guest_us));
+    let (total, excl) = floor.unwrap_or((None, None));
+    for c in cases {
+        c.cpu.ratio_to_floor = ratio_of(c.cpu.total_us, total);
+        c.cpu.excl_guest_ratio_to_floor = ratio_of(c.cpu.excl_guest_us, excl);
+    }
+}
+
+/// The targets and verdicts. A ratio's verdict is on the median of its per-round values
+/// (`round_ratios`), the cold start's on the median start.
 pub fn targets(
     cases: &[CaseReport],
     ratios: &BTreeMap<String, f64>,
-    cold_start_ms: Option<f64>,
+    round_ratios: &BTreeMap<String, RoundRatios>,
+    cold_start_ms: &[f64],
 ) -> Vec<Target> {
-    let t = |name: &str, goal: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool| Target {
+    let plain = |name: &str, goal: &str, value: Option<f64>, ok: &dyn Fn(f64) -> bool| Target {
         name: name.into(),
         goal: goal.into(),
         value,
         pass: value.map(ok),
+        ratio: None,
+        spread: None,
+        spread_of: None,
+        pooled: None,
     };
-    let r = |k: &str| ratios.get(k).copied();
+    let ratio = |name: &str, goal: &str, key: &str, ok: &dyn Fn(f64) -> bool| {
+        let spread = round_ratios.get(key).map(|r| r.spread);
+        Target {
+            ratio: Some(key.into()),
+            spread,
+            spread_of: Some("rounds"),
+            pooled: ratios.get(key).copied(),
+            ..plain(name, goal, spread.map(|s| s.p50), ok)
+        }
+    };
     let fixed: Vec<&CaseReport> = cases
         .iter()
         .filter(|c| c.mode == Mode::Fixed.name())
@@ -331,35 +532,43 @@ pub fn targets(
             .map(|c| c.guest_holes + c.stale_reads)
             .sum::<u64>() as f64
     });
+    let cold = Spread::of(cold_start_ms);
     vec![
-        t(
+        ratio(
             "pipelined throughput (pairs/s) as a share of the floor's",
             ">= 0.5",
-            r("throughput_pipelined_vs_floor"),
+            "throughput_pipelined_vs_floor",
             &|v| v >= 0.5,
         ),
-        t(
+        ratio(
             "fixed-sandboxed map+unmap latency p50 over the floor's",
             "<= 4x",
-            r("latency_fixed_sandboxed_vs_floor"),
+            "latency_fixed_sandboxed_vs_floor",
             &|v| v <= 4.0,
         ),
-        t(
+        ratio(
             "fixed-sandboxed map+unmap p50 faster than slot-sandboxed",
             ">= 2x",
-            r("slot_vs_fixed_sandboxed_cycle"),
+            "slot_vs_fixed_sandboxed_cycle",
             &|v| v >= 2.0,
         ),
-        t("holes + stale reads in fixed mode", "0", bad, &|v| v == 0.0),
-        t(
+        plain("holes + stale reads in fixed mode", "0", bad, &|v| v == 0.0),
+        ratio(
             "guest re-read after a cycle cheaper (fixed vs slot, sandboxed)",
             ">= 5x",
-            r("slot_vs_fixed_sandboxed_refault"),
+            "slot_vs_fixed_sandboxed_refault",
             &|v| v >= 5.0,
         ),
-        t("device cold start p50 (ms)", "< 50", cold_start_ms, &|v| {
-            v < 50.0
-        }),
+        Target {
+            spread: cold,
+            spread_of: Some("cold starts"),
+            ..plain(
+                "device cold start p50 (ms)",
+                "< 50",
+                cold.map(|s| s.p50),
+                &|v| v < 50.0,
+            )
+        },
     ]
 }
 
@@ -441,6 +650,7 @@ pub fn render(r: &BenchReport) -> String {
             let _ = writeln!(s);
         }
     }
+    render_cpu(&mut s, &r.cases);
     let _ = writeln!(s, "\nremap test (two blobs alternating at one offset):");
     for c in &r.cases {
         let x = &c.remap;
@@ -481,9 +691,15 @@ pub fn render(r: &BenchReport) -> String {
     if !r.growth.is_empty() {
         let _ = write!(s, "\n{}", super::growth::render(&r.growth));
     }
-    let _ = writeln!(s, "\nratios:");
+    let _ = writeln!(
+        s,
+        "\nratios (of the first level's figures; then of each round's batches: median, IQR):"
+    );
     for (k, v) in &r.ratios {
-        let _ = writeln!(s, "  {k:<34} {v:8.2}");
+        let spread = r.round_ratios.get(k).map_or(String::new(), |x| {
+            format!("  {}", spread_text(&x.spread, "rounds", ""))
+        });
+        let _ = writeln!(s, "  {k:<42} {v:8.2}{spread}");
     }
     let _ = writeln!(
         s,
@@ -516,19 +732,65 @@ pub fn render(r: &BenchReport) -> String {
             Some(false) => "FAIL",
             None => "n/a ",
         };
-        let _ = writeln!(
-            s,
-            "  {verdict} {:<62} {:>9} (goal {})",
-            t.name,
-            t.value.map_or("-".into(), |v| format!("{v:.2}")),
-            t.goal
-        );
+        let unit = match (t.ratio.is_some(), t.spread_of) {
+            (true, _) => "×",
+            (false, Some("cold starts")) => " ms",
+            _ => "",
+        };
+        let value = match (t.value, t.spread) {
+            (Some(_), Some(sp)) => spread_text(&sp, t.spread_of.unwrap_or(""), unit),
+            (Some(v), None) => format!("{v:.2}{unit}"),
+            (None, _) => "-".into(),
+        };
+        let _ = writeln!(s, "  {verdict}  {:<62} {value}  (goal {})", t.name, t.goal);
     }
     for e in &r.errors {
         let _ = writeln!(s, "error: {e}");
     }
     let _ = writeln!(s, "{:.1} s", r.seconds);
     s
+}
+
+/// `p50 2.90× (IQR 2.70–3.10, 12 rounds)`.
+fn spread_text(sp: &Spread, of: &str, unit: &str) -> String {
+    format!(
+        "p50 {:.2}{unit} (IQR {:.2}–{:.2}, {} {of})",
+        sp.p50, sp.p25, sp.p75, sp.n
+    )
+}
+
+/// The CPU table: per case, µs per map+unmap pair.
+fn render_cpu(s: &mut String, cases: &[CaseReport]) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        s,
+        "\nCPU per map+unmap pair (µs of user + system over the timed batches, first level; guest: \
+         the guest's reads and RAM re-read, part of vmm; w/o guest: total - guest; after: polling \
+         once a batch ended, in no other column):"
+    );
+    let _ = writeln!(
+        s,
+        "{:<27} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9}  device time from",
+        "case", "vmm", "device", "total", "×floor", "guest", "w/o guest", "×floor", "after"
+    );
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    for c in cases {
+        let p = &c.cpu;
+        let _ = writeln!(
+            s,
+            "{:<27} {:>9.1} {:>9} {:>9} {:>7} {:>9.1} {:>9} {:>7} {:>9.1}  {}",
+            c.name,
+            p.vmm_us,
+            opt(p.device_us, 1),
+            opt(p.total_us, 1),
+            opt(p.ratio_to_floor, 2),
+            p.guest_us,
+            opt(p.excl_guest_us, 1),
+            opt(p.excl_guest_ratio_to_floor, 2),
+            p.after_us,
+            p.device_clock.unwrap_or("(no device process)")
+        );
+    }
 }
 
 /// Writes `bench.json`, `bench.txt` (the table) and `bench.svg` into `dir`, and
@@ -552,14 +814,76 @@ fn per_s(s: &Samples) -> f64 {
     }
 }
 
-/// A case's report from its levels (the first is the headline) and checks. What only the
-/// case knows — memslot changes over the whole run, peak live, the remap test, a failure —
-/// is left empty for the caller to fill in.
+/// µs per pair of `ns` over `pairs`.
+fn per_pair(ns: u64, pairs: u64) -> f64 {
+    if pairs == 0 {
+        0.0
+    } else {
+        ns as f64 / 1e3 / pairs as f64
+    }
+}
+
+/// The VMM's plus the device's time per pair (the VMM's alone without a device; `None` if
+/// the case has a device whose time is unknown).
+fn total_per_pair(cpu: &CpuSums, pairs: u64, device: bool) -> Option<f64> {
+    match (device, cpu.device_ns) {
+        (false, _) => Some(per_pair(cpu.vmm_ns, pairs)),
+        (true, Some(d)) => Some(per_pair(cpu.vmm_ns + d, pairs)),
+        (true, None) => None,
+    }
+}
+
+/// [`total_per_pair`] without the guest's steps.
+fn excl_guest(cpu: &CpuSums, pairs: u64, device: bool) -> Option<f64> {
+    total_per_pair(cpu, pairs, device).map(|t| (t - per_pair(cpu.guest_ns, pairs)).max(0.0))
+}
+
+fn round_report(r: &Round, device: bool) -> RoundReport {
+    RoundReport {
+        cycle_p50_us: r.cycle_p50_us,
+        cycles_per_s: if r.op_seconds > 0.0 {
+            r.pairs as f64 / r.op_seconds
+        } else {
+            0.0
+        },
+        guest_refault_p50_us: r.refault_p50_us,
+        cycles: r.pairs,
+        cpu_us_per_pair: total_per_pair(&r.cpu, r.pairs, device),
+        cpu_excl_guest_us_per_pair: excl_guest(&r.cpu, r.pairs, device),
+    }
+}
+
+/// The CPU report of a level (`ratio_to_floor` is filled in by [`set_cpu_ratios`]).
+pub(super) fn cpu_report(s: &Samples, device: Option<DeviceClock>) -> CpuReport {
+    let pairs: u64 = s.rounds.iter().map(|r| r.pairs).sum();
+    let c = &s.cpu;
+    let has_device = device.is_some();
+    CpuReport {
+        pairs,
+        vmm_us: per_pair(c.vmm_ns, pairs),
+        device_us: c
+            .device_ns
+            .filter(|_| has_device)
+            .map(|d| per_pair(d, pairs)),
+        total_us: total_per_pair(c, pairs, has_device),
+        ratio_to_floor: None,
+        excl_guest_us: excl_guest(c, pairs, has_device),
+        excl_guest_ratio_to_floor: None,
+        guest_us: per_pair(c.guest_ns, pairs),
+        after_us: per_pair(c.after_ns, pairs),
+        device_clock: device.map(DeviceClock::source),
+    }
+}
+
+/// A case's report from its levels (the first is the headline), checks and device clock
+/// (`None`: no device process). What only the case knows — memslot changes over the whole
+/// run, peak live, the remap test, a failure — is left empty for the caller to fill in.
 pub(super) fn case_report(
     name: &'static str,
     mode: Mode,
     levels: &[(usize, Samples)],
     checks: Checks,
+    device: Option<DeviceClock>,
 ) -> CaseReport {
     let first = levels.first().map(|(_, s)| s.clone()).unwrap_or_default();
     let timed: u64 = levels.iter().map(|(_, s)| s.cycles).sum();
@@ -603,5 +927,218 @@ pub(super) fn case_report(
             })
             .collect(),
         failed: None,
+        rounds: first
+            .rounds
+            .iter()
+            .map(|r| round_report(r, device.is_some()))
+            .collect(),
+        cpu: cpu_report(&first, device),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rr(rounds: &[f64]) -> RoundRatios {
+        RoundRatios {
+            rounds: rounds.to_vec(),
+            spread: Spread::of(rounds).unwrap(),
+        }
+    }
+
+    fn target<'a>(ts: &'a [Target], key: &str) -> &'a Target {
+        ts.iter()
+            .find(|t| t.ratio.as_deref() == Some(key))
+            .unwrap_or_else(|| panic!("no target on {key}"))
+    }
+
+    /// The verdict follows the median of the rounds, not the pooled ratio, in both
+    /// directions.
+    #[test]
+    fn targets_are_judged_on_the_medians() {
+        let ratios: BTreeMap<String, f64> = [
+            ("throughput_pipelined_vs_floor", 0.55),
+            ("latency_fixed_sandboxed_vs_floor", 4.5),
+            ("slot_vs_fixed_sandboxed_cycle", 1.5),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let rounds: BTreeMap<String, RoundRatios> = [
+            // Median 0.48 < 0.5: FAIL though the pooled 0.55 would pass.
+            (
+                "throughput_pipelined_vs_floor",
+                rr(&[0.4, 0.45, 0.6, 0.48, 0.7]),
+            ),
+            // Median 3.15 <= 4: PASS though the pooled 4.5 would fail.
+            (
+                "latency_fixed_sandboxed_vs_floor",
+                rr(&[3.0, 3.2, 5.0, 3.1]),
+            ),
+            // An even count: the median is the mean of the middle two, 2.0, on the goal.
+            ("slot_vs_fixed_sandboxed_cycle", rr(&[1.9, 2.1])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let ts = targets(&[], &ratios, &rounds, &[10.0, 60.0, 70.0]);
+        let thr = target(&ts, "throughput_pipelined_vs_floor");
+        assert_eq!(thr.value, Some(0.48));
+        assert_eq!(thr.pass, Some(false));
+        assert_eq!(thr.pooled, Some(0.55));
+        assert_eq!(thr.spread.unwrap().n, 5);
+        assert_eq!(
+            (thr.spread.unwrap().p25, thr.spread.unwrap().p75),
+            (0.45, 0.6)
+        );
+        let lat = target(&ts, "latency_fixed_sandboxed_vs_floor");
+        assert!((lat.value.unwrap() - 3.15).abs() < 1e-12, "{lat:?}");
+        assert_eq!(lat.pass, Some(true));
+        let slot = target(&ts, "slot_vs_fixed_sandboxed_cycle");
+        assert!((slot.value.unwrap() - 2.0).abs() < 1e-12);
+        assert_eq!(slot.pass, Some(true));
+        // No rounds of a ratio: no value, no verdict, even with a pooled ratio.
+        let rf = target(&ts, "slot_vs_fixed_sandboxed_refault");
+        assert_eq!((rf.value, rf.pass, rf.spread), (None, None, None));
+        // The cold start: the median start (60 ms) fails < 50.
+        let cold = ts.iter().find(|t| t.name.contains("cold start")).unwrap();
+        assert_eq!((cold.value, cold.pass), (Some(60.0), Some(false)));
+        assert_eq!(cold.spread_of, Some("cold starts"));
+        assert_eq!(cold.spread.unwrap().n, 3);
+        // No fixed-mode case ran: the holes target has nothing to judge.
+        let holes = ts.iter().find(|t| t.name.contains("holes")).unwrap();
+        assert_eq!(holes.pass, None);
+        // The text prints the median with its spread beside the verdict.
+        let line = |t: &Target| {
+            let sp = t.spread.unwrap();
+            spread_text(&sp, "rounds", "×")
+        };
+        assert_eq!(line(lat), "p50 3.15× (IQR 3.08–3.65, 4 rounds)");
+    }
+
+    /// A case whose first level has these rounds of 10 pairs each: latency p50 (µs), pairs
+    /// per second, the VMM's (half of it the guest's) and the device's CPU time (ns).
+    fn case(
+        name: &'static str,
+        rounds: &[(f64, f64, u64, Option<u64>)],
+        device: bool,
+    ) -> CaseReport {
+        let mut s = Samples::default();
+        for &(lat, per_s, vmm_ns, dev_ns) in rounds {
+            let pairs = 10;
+            // Half of the VMM's time in the guest's steps.
+            let cpu = CpuSums {
+                vmm_ns,
+                device_ns: dev_ns,
+                guest_ns: vmm_ns / 2,
+                after_ns: 0,
+                batches: 1,
+            };
+            s.rounds.push(Round {
+                cycle_p50_us: lat,
+                refault_p50_us: 2.0 * lat,
+                pairs,
+                op_seconds: pairs as f64 / per_s,
+                cpu,
+            });
+            s.cpu.add(&cpu);
+            s.cycles += pairs;
+            s.op_seconds += pairs as f64 / per_s;
+            s.cycle_us.push(lat);
+            s.refault_us.push(2.0 * lat);
+        }
+        let clock = device.then_some(DeviceClock::ProcStat { pid: 1 });
+        case_report(name, Mode::Fixed, &[(0, s)], Checks::default(), clock)
+    }
+
+    #[test]
+    fn round_ratios_pair_the_same_rounds() {
+        let floor = case(
+            "floor",
+            &[
+                (10.0, 1000.0, 100_000, None),
+                (20.0, 500.0, 200_000, None),
+                (40.0, 250.0, 100_000, None),
+            ],
+            false,
+        );
+        // One round more than the floor (the floor failed after three): left out.
+        let sandboxed = case(
+            "fixed-sandboxed",
+            &[
+                (30.0, 250.0, 100_000, Some(200_000)),
+                (50.0, 250.0, 100_000, Some(300_000)),
+                (100.0, 125.0, 100_000, Some(100_000)),
+                (7.0, 1.0, 1, Some(1)),
+            ],
+            true,
+        );
+        // A device whose time could not be read in one round: no CPU figure that round.
+        let pipelined = case(
+            "fixed-sandboxed-pipelined",
+            &[
+                (50.0, 800.0, 100_000, Some(100_000)),
+                (60.0, 400.0, 100_000, None),
+                (80.0, 100.0, 100_000, Some(300_000)),
+            ],
+            true,
+        );
+        let mut cases = vec![floor, sandboxed, pipelined];
+        set_cpu_ratios(&mut cases);
+        let rr = round_ratios(&cases);
+        let lat = &rr["latency_fixed_sandboxed_vs_floor"];
+        assert_eq!(lat.rounds, vec![3.0, 2.5, 2.5]);
+        assert_eq!((lat.spread.n, lat.spread.p50), (3, 2.5));
+        let thr = &rr["throughput_pipelined_vs_floor"];
+        assert_eq!(thr.rounds, vec![0.8, 0.8, 0.4]);
+        // CPU per pair: floor 10, 20, 10 µs; sandboxed (VMM + device) 30, 40, 20 µs.
+        assert_eq!(
+            rr["cpu_fixed_sandboxed_vs_floor"].rounds,
+            vec![3.0, 2.0, 2.0]
+        );
+        assert_eq!(rr["cpu_pipelined_vs_floor"].rounds, vec![2.0, 4.0]);
+        assert!(
+            !rr.contains_key("slot_vs_fixed_sandboxed_cycle"),
+            "no slot case ran"
+        );
+        // The whole level: CPU per pair and its ratio to the floor's.
+        let cpu = |n: &str| cases.iter().find(|c| c.name == n).unwrap().cpu.clone();
+        let f = cpu("floor");
+        assert_eq!(
+            (f.pairs, f.vmm_us, f.device_us, f.total_us),
+            (30, 400.0 / 30.0, None, Some(400.0 / 30.0))
+        );
+        assert_eq!(f.ratio_to_floor, Some(1.0));
+        assert_eq!(f.device_clock, None);
+        let sb = cpu("fixed-sandboxed");
+        assert_eq!(sb.pairs, 40);
+        assert_eq!(sb.device_us, Some(600_001.0 / 1e3 / 40.0));
+        let total = sb.total_us.unwrap();
+        assert!((total - (900_002.0 / 1e3 / 40.0)).abs() < 1e-9, "{total}");
+        assert!((sb.ratio_to_floor.unwrap() - total / (400.0 / 30.0)).abs() < 1e-9);
+        assert_eq!(sb.device_clock, Some("/proc/<pid>/stat ticks"));
+        // Without the guest's half of the VMM's time: floor 5, 10, 5 µs per pair, sandboxed
+        // 25, 35, 15.
+        assert_eq!(sb.guest_us, 150_000.0 / 1e3 / 40.0);
+        let excl = sb.excl_guest_us.unwrap();
+        assert!((excl - (total - sb.guest_us)).abs() < 1e-9, "{sb:?}");
+        assert_eq!(f.excl_guest_us, Some(200.0 / 30.0));
+        assert!((sb.excl_guest_ratio_to_floor.unwrap() - excl / (200.0 / 30.0)).abs() < 1e-9);
+        assert_eq!(
+            rr["cpu_excl_guest_fixed_sandboxed_vs_floor"].rounds,
+            vec![5.0, 3.5, 3.0]
+        );
+        // One round without the device's time: no total for the level.
+        let p = cpu("fixed-sandboxed-pipelined");
+        assert_eq!(
+            (p.device_us, p.total_us, p.ratio_to_floor),
+            (None, None, None)
+        );
+        let pooled = ratios(&cases);
+        assert!(!pooled.contains_key("cpu_pipelined_vs_floor"));
+        assert!(
+            (pooled["cpu_fixed_sandboxed_vs_floor"] - sb.ratio_to_floor.unwrap()).abs() < 1e-12
+        );
     }
 }

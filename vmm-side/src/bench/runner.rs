@@ -12,10 +12,11 @@ use hostmem_base::kvm::Vm;
 use hostmem_base::procfs;
 
 use super::cases::{BlobSpec, CaseKind, Route, Workload, CTX, SPIN_CHUNK};
+use super::cpu::{self, batch_cost, CpuSums, DeviceClock, Reading};
 use super::limits::run_limits;
 use super::report::{
-    case_report, lat, ratios, targets, BenchReport, CaseReport, Checks, DeviceMemory, Machine,
-    OptionsReport, RemapReport,
+    case_report, lat, ratios, round_ratios, set_cpu_ratios, targets, BenchReport, CaseReport,
+    Checks, DeviceMemory, Machine, OptionsReport, RemapReport,
 };
 use super::vhost_user::{self, VhostUserCase};
 use super::{BenchOptions, CpuLayout};
@@ -36,6 +37,35 @@ pub(super) struct Samples {
     pub(super) memslot_changes: u64,
     /// TLB-shootdown IPIs during the timed batches (the whole machine's).
     pub(super) tlb_shootdowns: u64,
+    /// Each batch (one per round), in round order.
+    pub(super) rounds: Vec<Round>,
+    /// CPU time of the batches, summed.
+    pub(super) cpu: CpuSums,
+}
+
+/// One batch of a case: its own numbers, so that each round can be compared with the
+/// floor's batch of the same round.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Round {
+    /// Map+unmap latency p50 (µs) of the batch.
+    pub(super) cycle_p50_us: f64,
+    /// Guest re-read p50 (µs).
+    pub(super) refault_p50_us: f64,
+    /// Map+unmap pairs timed.
+    pub(super) pairs: u64,
+    /// Their time (s), as `Samples::op_seconds`.
+    pub(super) op_seconds: f64,
+    /// The batch's CPU time.
+    pub(super) cpu: CpuSums,
+}
+
+/// Where a batch's samples begin (`Samples::mark`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Mark {
+    cycle: usize,
+    refault: usize,
+    cycles: u64,
+    op_seconds: f64,
 }
 
 struct CaseRun {
@@ -52,6 +82,10 @@ struct CaseRun {
     failed: Option<String>,
     breakdown: Option<super::breakdown::Breakdown>,
     pipeline: Option<super::breakdown::PipelineTrace>,
+    /// The device's CPU clock (sandboxed cases).
+    device_clock: Option<DeviceClock>,
+    /// The driver thread's CPU time in guest steps during the current batch.
+    guest_cpu: Duration,
 }
 
 impl Samples {
@@ -61,6 +95,29 @@ impl Samples {
         if let (Some(a), Some(b)) = (before, procfs::tlb_shootdowns()) {
             self.tlb_shootdowns += b.saturating_sub(a);
         }
+    }
+
+    /// Where the next batch's samples begin.
+    pub(super) fn mark(&self) -> Mark {
+        Mark {
+            cycle: self.cycle_us.len(),
+            refault: self.refault_us.len(),
+            cycles: self.cycles,
+            op_seconds: self.op_seconds,
+        }
+    }
+
+    /// The batch that began at `m` is done: its round and its CPU time.
+    pub(super) fn end_round(&mut self, m: Mark, cpu: CpuSums) {
+        let p50 = |v: &[f64]| crate::latency::Latency::of(&mut v.to_vec()).p50;
+        self.rounds.push(Round {
+            cycle_p50_us: p50(&self.cycle_us[m.cycle..]),
+            refault_p50_us: p50(&self.refault_us[m.refault..]),
+            pairs: self.cycles - m.cycles,
+            op_seconds: self.op_seconds - m.op_seconds,
+            cpu,
+        });
+        self.cpu.add(&cpu);
     }
 
     /// One timed map+unmap cycle and the guest's RAM re-read after it.
@@ -105,7 +162,10 @@ impl CaseRun {
             failed: None,
             breakdown: None,
             pipeline: None,
+            device_clock: None,
+            guest_cpu: Duration::ZERO,
         };
+        c.device_clock = c.device_pid().map(DeviceClock::of);
         for b in wl.cycling.iter().chain(wl.spin.iter()) {
             c.path.create(b)?;
         }
@@ -193,10 +253,26 @@ impl CaseRun {
         &mut self.levels.last_mut().expect("just pushed").1
     }
 
-    /// One batch of `opts.batch` cycles.
+    /// Runs a guest step (a check, the RAM re-read) and counts the driver thread's CPU time
+    /// in it (`guest_cpu`).
+    fn guest_step<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let t = cpu::this_thread();
+        let r = f(self);
+        self.guest_cpu += cpu::this_thread().saturating_sub(t);
+        r
+    }
+
+    /// One batch of `opts.batch` cycles: a round of this case, with its CPU time (the
+    /// batch, then the wait until the case is idle again: [`settle`]).
     fn batch(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
         let slots0 = self.hostmem.memslot_changes();
         let tlb0 = procfs::tlb_shootdowns();
+        let mark = self.samples().mark();
+        self.guest_cpu = Duration::ZERO;
+        let start = Reading::take(self.device_clock);
         if self.kind == CaseKind::FixedSandboxedPipelined {
             self.batch_pipelined(opts, wl)?;
         } else {
@@ -206,18 +282,23 @@ impl CaseRun {
                 let t = Instant::now();
                 self.path.map(&self.hostmem, &b)?;
                 let m = t.elapsed();
-                self.guest_check_mapped(&b)?;
+                self.guest_step(|c| c.guest_check_mapped(&b))?;
                 let t = Instant::now();
                 self.path.unmap(&self.hostmem, &b)?;
                 let u = t.elapsed();
-                self.guest_check_unmapped(&b)?;
-                let r = self.probe.touch_ram(opts.working_set)?;
+                self.guest_step(|c| c.guest_check_unmapped(&b))?;
+                let r = self.guest_step(|c| Ok(c.probe.touch_ram(opts.working_set)?))?;
                 self.samples().cycle(m, u, r);
             }
         }
+        let end = Reading::take(self.device_clock);
         let d = self.hostmem.memslot_changes() - slots0;
         self.samples().memslot_changes += d;
         self.samples().add_tlb_since(tlb0);
+        settle(opts);
+        let idle = Reading::take(self.device_clock);
+        let cost = batch_cost(start, end, idle, self.guest_cpu);
+        self.samples().end_round(mark, cost);
         Ok(())
     }
 
@@ -244,9 +325,7 @@ impl CaseRun {
             let map_wall = t0.elapsed();
             let mut unmap_lat = Vec::with_capacity(q);
             // The guest reads every blob while all of them are mapped.
-            for b in blobs {
-                self.guest_check_mapped(b)?;
-            }
+            self.guest_step(|c| blobs.iter().try_for_each(|b| c.guest_check_mapped(b)))?;
             let Route::Sandboxed {
                 driver: Some(d), ..
             } = &mut self.path
@@ -262,10 +341,8 @@ impl CaseRun {
                 unmap_lat.push(us(at.elapsed()));
             }
             let unmap_wall = t1.elapsed();
-            for b in blobs {
-                self.guest_check_unmapped(b)?;
-            }
-            let r = self.probe.touch_ram(opts.working_set)?;
+            self.guest_step(|c| blobs.iter().try_for_each(|b| c.guest_check_unmapped(b)))?;
+            let r = self.guest_step(|c| Ok(c.probe.touch_ram(opts.working_set)?))?;
             let s = self.samples();
             // Latency of a pair: a blob's map plus its unmap, each among q in flight.
             s.cycle_us
@@ -512,7 +589,7 @@ fn machine() -> Machine {
 /// the mapping service poll for a while after their last work (the device's idle poll,
 /// `opts.device.idle_poll_max` at most, and [`hostmem_ipc::REPLY_SPIN`]), and on two cores
 /// a case whose batch starts while another case's pollers still spin measures them.
-fn settle(opts: &BenchOptions) {
+pub(super) fn settle(opts: &BenchOptions) {
     let device = opts
         .device
         .idle_poll_max
@@ -705,7 +782,13 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             peak_live: c.peak_live(),
             remap: c.remap,
             failed: c.failed.clone(),
-            ..case_report(c.kind.name(), c.kind.mode(), &c.levels, c.checks)
+            ..case_report(
+                c.kind.name(),
+                c.kind.mode(),
+                &c.levels,
+                c.checks,
+                c.device_clock,
+            )
         });
     }
     drop(cases);
@@ -739,9 +822,10 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         vec![]
     };
     let cold = lat(&cold_ms);
-    let mut ratios = ratios(&reports);
-    vhost_user::add_ratios(&reports, &mut ratios);
-    let targets = targets(&reports, &ratios, (!cold_ms.is_empty()).then_some(cold.p50));
+    set_cpu_ratios(&mut reports);
+    let ratios = ratios(&reports);
+    let round_ratios = round_ratios(&reports);
+    let targets = targets(&reports, &ratios, &round_ratios, &cold_ms);
     Ok(BenchReport {
         machine: machine(),
         options: OptionsReport {
@@ -776,6 +860,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             after_run_rss_kib,
         },
         ratios,
+        round_ratios,
         breakdown,
         pipelined_events_per_message: pipelined_trace.map(|t| t.events_per_message),
         pipelined_trace,

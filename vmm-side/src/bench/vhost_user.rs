@@ -10,16 +10,16 @@
 //!
 //! Kept in a file of its own so that the runner only calls it (see [`VhostUserCase`]).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use hostmem_base::kvm::Vm;
 use hostmem_device::backend::shm::{encode_stream, ShmOp};
 
+use super::cpu::{self, batch_cost, DeviceClock, Reading};
 use super::report::case_report;
-use super::runner::Samples;
+use super::runner::{settle, Samples};
 use super::{BenchOptions, BlobSpec, CaseKind, CaseReport, Checks, Workload};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 use crate::probe::{GuestProbe, ProbeRead};
@@ -44,6 +44,7 @@ pub struct VhostUserCase {
     checks: Checks,
     levels: Vec<(usize, Samples)>,
     failed: Option<String>,
+    device_clock: DeviceClock,
 }
 
 impl VhostUserCase {
@@ -70,6 +71,7 @@ impl VhostUserCase {
             .context("starting the vhost-user device")?;
         let mut driver = QueueDriver::new(device.transport()?, &hostmem)?;
         driver.ctx_create(CTX, 0).context("CTX_CREATE")?;
+        let device_clock = DeviceClock::of(device.pid());
         let mut c = VhostUserCase {
             hostmem,
             probe,
@@ -81,6 +83,7 @@ impl VhostUserCase {
             checks: Checks::default(),
             levels: vec![],
             failed: None,
+            device_clock,
         };
         for b in &wl.cycling {
             c.create(b)?;
@@ -195,13 +198,17 @@ impl VhostUserCase {
         &mut self.levels.last_mut().expect("just pushed").1
     }
 
-    /// One batch of `opts.batch` cycles, timed like `fixed-sandboxed`'s.
+    /// One batch of `opts.batch` cycles, timed like `fixed-sandboxed`'s (its round, with
+    /// its CPU time).
     pub fn batch(&mut self, opts: &BenchOptions, wl: &Workload) {
         if self.failed.is_some() {
             return;
         }
         let slots0 = self.hostmem.memslot_changes();
         let tlb0 = hostmem_base::procfs::tlb_shootdowns();
+        let mark = self.samples().mark();
+        let mut guest = Duration::ZERO;
+        let start = Reading::take(Some(self.device_clock));
         let r = (|| -> anyhow::Result<()> {
             for _ in 0..opts.batch {
                 let b = wl.cycling[self.cursor % wl.cycling.len()];
@@ -209,23 +216,33 @@ impl VhostUserCase {
                 let t = Instant::now();
                 self.map(&b)?;
                 let m = t.elapsed();
+                let g = cpu::this_thread();
                 self.guest_check(&b, true)?;
+                guest += cpu::this_thread().saturating_sub(g);
                 let t = Instant::now();
                 self.unmap(&b)?;
                 let u = t.elapsed();
+                let g = cpu::this_thread();
                 self.guest_check(&b, false)?;
                 let rf = self.probe.touch_ram(opts.working_set)?;
+                guest += cpu::this_thread().saturating_sub(g);
                 self.samples().cycle(m, u, rf);
             }
             Ok(())
         })();
+        let end = Reading::take(Some(self.device_clock));
         let d = self.hostmem.memslot_changes() - slots0;
         self.samples().memslot_changes += d;
         self.samples().add_tlb_since(tlb0);
         if let Err(e) = r {
             log::error!("{NAME}: {e:#}");
             self.failed = Some(format!("{e:#}"));
+            return;
         }
+        settle(opts);
+        let idle = Reading::take(Some(self.device_clock));
+        let cost = batch_cost(start, end, idle, guest);
+        self.samples().end_round(mark, cost);
     }
 
     /// Stops the device and reports the case (first level as the headline, as the others).
@@ -238,27 +255,13 @@ impl VhostUserCase {
             memslot_changes: self.hostmem.memslot_changes(),
             peak_live: self.hostmem.max_live_seen(),
             failed: self.failed.clone(),
-            ..case_report(NAME, Mode::Fixed, &self.levels, self.checks)
-        }
-    }
-}
-
-/// Adds `vhost_user_vs_floor` and `vhost_user_vs_fixed_sandboxed` (cycle p50 over theirs).
-pub fn add_ratios(cases: &[CaseReport], out: &mut BTreeMap<String, f64>) {
-    let cyc = |n: &str| {
-        cases
-            .iter()
-            .find(|c| c.name == n && c.cycles > 0)
-            .map(|c| c.cycle_us.p50)
-    };
-    for (key, den) in [
-        ("vhost_user_vs_floor", "floor"),
-        ("vhost_user_vs_fixed_sandboxed", "fixed-sandboxed"),
-    ] {
-        if let (Some(n), Some(d)) = (cyc(NAME), cyc(den)) {
-            if d > 0.0 {
-                out.insert(key.to_string(), n / d);
-            }
+            ..case_report(
+                NAME,
+                Mode::Fixed,
+                &self.levels,
+                self.checks,
+                Some(self.device_clock),
+            )
         }
     }
 }
