@@ -99,6 +99,25 @@ fn refuse<T>(code: ErrorCode, reason: impl Into<String>) -> Result<T, Refusal> {
     Err((code, reason.into()))
 }
 
+/// A served format and a size in 1 ..= [`MAX_2D_DIMENSION`] each way (2D resources and
+/// blob scanouts).
+fn format_and_size(format: u32, width: u32, height: u32) -> Result<Format, Refusal> {
+    let Some(f) = Format::from_u32(format) else {
+        return refuse(
+            ErrorCode::InvalidParameter,
+            format!("format {format} not served"),
+        );
+    };
+    let dims = 1..=MAX_2D_DIMENSION;
+    if !dims.contains(&width) || !dims.contains(&height) {
+        return refuse(
+            ErrorCode::InvalidParameter,
+            format!("size {width}x{height}: width and height must be 1 to {MAX_2D_DIMENSION}"),
+        );
+    }
+    Ok(f)
+}
+
 /// One flushed frame of a scanout: what [`FrameSink::frame`] gets, and what
 /// [`Display::latest_frame`] keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,19 +507,7 @@ impl Display {
             };
             return refuse(ErrorCode::InvalidResourceId, why);
         };
-        let Some(format) = Format::from_u32(c.format) else {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!("format {} not served", c.format),
-            );
-        };
-        let dims = 1..=MAX_2D_DIMENSION;
-        if !dims.contains(&c.width) || !dims.contains(&c.height) {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!("framebuffer {}x{}", c.width, c.height),
-            );
-        }
+        let format = format_and_size(c.format, c.width, c.height)?;
         let row = u64::from(c.width) * u64::from(format.bytes_per_pixel());
         let stride = u64::from(c.strides[0]);
         if stride < row {

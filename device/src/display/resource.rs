@@ -8,8 +8,8 @@ use crate::virtio::GuestMemoryMmap;
 use crate::wire::{ErrorCode, MemEntry, ResourceAttachBacking, ResourceCreate2d, TransferToHost2d};
 
 use super::{
-    refuse, Display, Format, Refusal, BYTES_PER_PIXEL, MAX_2D_DIMENSION, MAX_2D_RESOURCES,
-    MAX_BACKING_BYTES, MAX_BACKING_ENTRIES,
+    refuse, Display, Format, Refusal, BYTES_PER_PIXEL, MAX_2D_RESOURCES, MAX_BACKING_BYTES,
+    MAX_BACKING_ENTRIES,
 };
 
 /// A 2D resource: its host copy and its guest backing.
@@ -76,22 +76,7 @@ impl Display {
                 format!("resource {id} exists"),
             );
         }
-        let Some(format) = Format::from_u32(c.format) else {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!("format {} not served", c.format),
-            );
-        };
-        let dims = 1..=MAX_2D_DIMENSION;
-        if !dims.contains(&c.width) || !dims.contains(&c.height) {
-            return refuse(
-                ErrorCode::InvalidParameter,
-                format!(
-                    "size {}x{}: width and height must be 1 to {MAX_2D_DIMENSION}",
-                    c.width, c.height
-                ),
-            );
-        }
+        let format = super::format_and_size(c.format, c.width, c.height)?;
         let bytes = u64::from(c.width)
             .checked_mul(u64::from(format.bytes_per_pixel()))
             .and_then(|s| s.checked_mul(u64::from(c.height)))
