@@ -1,5 +1,5 @@
 //! KVM: a VM whose memslots are backed by host regions that stay mapped as long as the slot
-//! exists, with every memslot change counted (DESIGN.md invariant 3).
+//! exists, with every memslot change counted (invariant 3 in docs/invariants.md).
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};

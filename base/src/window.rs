@@ -1,6 +1,6 @@
 //! The hostmem `Window`: one memfd mapped once, MAP_SHARED, into which blobs are placed with
 //! `MAP_FIXED` and out of which they are removed by mapping the window's own background
-//! back (DESIGN.md invariants 2 and 7).
+//! back (invariants 2 and 7 in docs/invariants.md).
 //!
 //! The same type serves the VMM (whose window KVM reads as one memslot) and the device
 //! (whose *mirror* maps the same memfd). Bookkeeping keeps placements non-overlapping,

@@ -14,7 +14,7 @@
 //! command fails: a placement the VMM accepted is taken back with an Unmap before the
 //! guest hears of it; a mirror restore that fails after the VMM was told, or an Unmap the
 //! VMM refuses after the mirror was restored, breaks the tube (the device exits and the
-//! VMM restores its whole window, DESIGN.md invariant 4). For
+//! VMM restores its whole window, invariant 4 in docs/invariants.md). For
 //! an unmap, the guest still hears only after the VMM restored its window (invariant 2).
 //!
 //! **Batching.** Events wait in an outbox while [`MESSAGES_IN_FLIGHT`] of our messages

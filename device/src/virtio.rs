@@ -24,7 +24,7 @@
 //! `VRING_AVAIL_F_NO_INTERRUPT` flag (which virtio-queue 0.18 does not look at). Counted
 //! as `interrupts` / `suppressed` in [`QueueStats`].
 //!
-//! # The guest is untrusted (DESIGN invariant 8)
+//! # The guest is untrusted (invariant 8 in docs/invariants.md)
 //!
 //! Nothing in the rings is believed: the descriptor walk counts descriptors (a loop or a
 //! chain longer than the queue is refused), checks `next` indices, refuses indirect

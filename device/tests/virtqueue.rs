@@ -2,7 +2,7 @@
 //! RAM (a memfd mapped twice, once for the "driver" below and once by the device through
 //! `virtio::guest_memory`), kick and call eventfds, the shm backend and a pipelining fake
 //! placer. The happy path, notification suppression, and every hostile-driver case of
-//! DESIGN invariant 8: each must end in an error response or a chain returned with length
+//! invariant 8 in docs/invariants.md: each must end in an error response or a chain returned with length
 //! 0 (or dropped), and the device must go on serving.
 
 mod common;

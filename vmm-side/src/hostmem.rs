@@ -1,4 +1,4 @@
-//! The VMM's hostmem state and the mapping service's checks (DESIGN.md invariant 1).
+//! The VMM's hostmem state and the mapping service's checks (invariant 1 in docs/invariants.md).
 //!
 //! [`Hostmem`] owns the window and, when KVM is there, the VM whose memslots back it. In
 //! `fixed` mode the window is one memslot for its whole life and every accepted placement
@@ -6,7 +6,7 @@
 //! a memslot of its own at `window_gpa + offset`.
 //!
 //! Nothing from the device is trusted: [`Hostmem::check_map`] runs every check before any
-//! syscall (DESIGN.md invariant 1). The VMM keeps no blob fd after a placement: the mapping
+//! syscall (invariant 1 in docs/invariants.md). The VMM keeps no blob fd after a placement: the mapping
 //! holds the file, and restoring the range releases it.
 //!
 //! ## What a compromised device can and cannot do to the guest

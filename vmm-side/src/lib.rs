@@ -1,7 +1,7 @@
 //! hostmem-vmm: the VMM side of hostmem (binary `hostmem`).
 //!
 //! * [`hostmem`]: the window, the VM and its memslots, and every check the VMM makes of a
-//!   placement event before it repeats it (DESIGN.md invariant 1).
+//!   placement event before it repeats it (invariant 1 in docs/invariants.md).
 //! * [`service`]: the mapping-service thread on the mapping tube.
 //! * [`device`]: starting the jailed device, checking its jail, supervising and restarting it.
 //! * [`queue_driver`]: a virtio-gpu driver in the host (tests and the bench): split
