@@ -287,9 +287,10 @@ fn run(args: &Args) -> Result<()> {
     );
     // Frames go to the VMM on the mapping tube too (a duplicate: F_DUPFD_CLOEXEC), as
     // `DeviceMsg::Frame`, never waited for (`TubeSink`).
-    let frames = Tube::from_fd(mapping.as_fd().try_clone_to_owned().map_err(|e| {
-        Error::Protocol(format!("duplicating the mapping tube for frames: {e}"))
-    })?)?;
+    let frames =
+        Tube::from_fd(mapping.as_fd().try_clone_to_owned().map_err(|e| {
+            Error::Protocol(format!("duplicating the mapping tube for frames: {e}"))
+        })?)?;
     let mut placer = MirrorPlacer::new(mirror, mapping);
     placer.set_test_faults(MirrorFaults {
         fail_place: args.test_fail_mirror_place,

@@ -266,6 +266,10 @@ pub struct FrameMsg {
     pub rect: [u32; 4],
     /// The scanout's frame counter (1 for its first frame).
     pub seq: u64,
+    /// The fd is a blob the guest may still write (a `SET_SCANOUT_BLOB`), not a sealed
+    /// copy: the supervisor then does not ask for `F_SEAL_WRITE`.
+    #[serde(default)]
+    pub blob: bool,
 }
 
 /// What [`DeviceMsg::Cursor`] says.

@@ -216,11 +216,7 @@ impl Tube {
             });
         }
         let bytes = serde_json::to_vec(msg)?;
-        match self.send_bytes_flags(
-            &bytes,
-            fds,
-            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        ) {
+        match self.send_bytes_flags(&bytes, fds, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
             Ok(()) => Ok(true),
             Err(Error::Timeout) => Ok(false),
             Err(e) => Err(e),
@@ -250,13 +246,7 @@ impl Tube {
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
         let iov = [IoSlice::new(bytes)];
         loop {
-            match sendmsg::<()>(
-                self.sock.as_raw_fd(),
-                &iov,
-                cmsgs,
-                flags,
-                None,
-            ) {
+            match sendmsg::<()>(self.sock.as_raw_fd(), &iov, cmsgs, flags, None) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(Error::Hangup),

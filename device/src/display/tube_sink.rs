@@ -123,9 +123,9 @@ impl FrameSink for TubeSink {
         if self.broken {
             return;
         }
+        let blob = matches!(pixels, FramePixels::Blob { .. });
         let (fd, offset) = match pixels {
-            FramePixels::Bytes(bytes) => match SharedMemory::frozen_copy("hostmem-frame", bytes)
-            {
+            FramePixels::Bytes(bytes) => match SharedMemory::frozen_copy("hostmem-frame", bytes) {
                 Ok(shm) => (shm.into_fd(), frame.offset),
                 Err(e) => return self.fail("frame memfd", e),
             },
@@ -148,6 +148,7 @@ impl FrameSink for TubeSink {
             offset,
             rect: [r.x, r.y, r.width, r.height],
             seq: frame.seq,
+            blob,
         };
         if self.pending.insert(frame.scanout_id, (msg, fd)).is_some() {
             self.stats.coalesced += 1;
@@ -215,7 +216,10 @@ mod tests {
         };
         assert_eq!((f.seq, f.stride, f.format), (1, 8, 2));
         let facts = hostmem_base::shm::file_facts(fds[0].as_fd()).unwrap();
-        assert!(facts.sealed_for_sharing() && facts.write_sealed(), "{facts:?}");
+        assert!(
+            facts.sealed_for_sharing() && facts.write_sealed(),
+            "{facts:?}"
+        );
         assert_eq!(facts.size, 16);
         // Fill the socket until a send would block: frames then wait, one per scanout.
         let mut n = 2;
@@ -245,7 +249,11 @@ mod tests {
                 Err(e) => panic!("{e}"),
             }
         }
-        assert_eq!(last.get(&0), Some(&n), "the latest frame of scanout 0 went out");
+        assert_eq!(
+            last.get(&0),
+            Some(&n),
+            "the latest frame of scanout 0 went out"
+        );
         assert_eq!(last.get(&1), Some(&1));
     }
 }
