@@ -73,6 +73,10 @@ struct VhostUserArgs {
     /// An extra read-only bind mount for the jailed device (and render server).
     #[arg(long)]
     ro_bind: Vec<PathBuf>,
+    /// Write scanout 0's latest frame here as PNG at exit (SIGTERM/SIGINT too) and on
+    /// each SIGUSR1.
+    #[arg(long, value_name = "PATH")]
+    screenshot: Option<PathBuf>,
 }
 
 /// `--ro-bind` folders (canonical) and `--virgl-render-server` (its jail and policy from the
@@ -288,6 +292,8 @@ fn cmd_vhost_user(a: VhostUserArgs, stop: &hostmem_vmm::stop::StopSignals) -> an
         shmem_size: a.shmem_size,
         max_starts: a.max_starts,
         backoff: std::time::Duration::from_millis(200),
+        frames: Some(hostmem_vmm::display::Frames::new()),
+        screenshot: a.screenshot.clone(),
     };
     let end = supervise(&device, &opts, Some(stop), |n, facts| {
         if n == 1 {
@@ -309,8 +315,29 @@ fn cmd_vhost_user(a: VhostUserArgs, stop: &hostmem_vmm::stop::StopSignals) -> an
             log::warn!("vhost-user device restarted (start {n}, pid {})", facts.pid);
         }
     })?;
-    println!("hostmem vhost-user: {end}");
+    let frames = opts.frames.clone().unwrap_or_default();
+    let shot = screenshot_at_exit(&frames, a.screenshot.as_deref());
+    let d = frames.report();
+    println!(
+        "hostmem vhost-user: {end}; {} frames ({} refused){shot}",
+        d.frames, d.refused
+    );
     Ok(0)
+}
+
+/// `--screenshot` at exit: what the summary line says of it.
+fn screenshot_at_exit(
+    frames: &hostmem_vmm::display::Frames,
+    path: Option<&std::path::Path>,
+) -> String {
+    let Some(path) = path else {
+        return String::new();
+    };
+    match frames.screenshot(path) {
+        Ok(true) => format!(", screenshot written to {}", path.display()),
+        Ok(false) => ", no frame: no screenshot".to_string(),
+        Err(e) => format!(", screenshot {} FAILED: {e:#}", path.display()),
+    }
 }
 
 fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<i32> {

@@ -42,6 +42,8 @@ fn jailed_backend_serves_a_frontend_and_is_restarted() {
         shmem_size: REGION,
         max_starts: Some(2),
         backoff: Duration::from_millis(50),
+        frames: None,
+        screenshot: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let sup = std::thread::spawn(move || {
