@@ -181,6 +181,9 @@ struct RunArgs {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Write scanout 0's latest frame here as PNG at the end of the run.
+    #[arg(long, value_name = "PATH")]
+    screenshot: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -374,6 +377,7 @@ fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<
         use_kvm: true,
         command_timeout: run::COMMAND_TIMEOUT,
         guest_event_flood: 0,
+        screenshot: a.screenshot.clone(),
     };
     let r = run::run_until_stopped(&opts, Some(stop))?;
     if a.json {
@@ -400,6 +404,17 @@ fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<
         println!(
             "  virtqueue             {} chains, {} kicks (ioeventfd), {} interrupts, {} used-ring polls",
             q.chains, q.kicks, q.interrupts, q.polls
+        );
+        println!(
+            "  display               {} frames ({} refused), scanout 0 {}x{}{}",
+            r.display.frames,
+            r.display.refused,
+            r.display.width,
+            r.display.height,
+            r.screenshot
+                .as_ref()
+                .map(|p| format!(", screenshot written to {p}"))
+                .unwrap_or_default()
         );
         println!("  memslot changes       {}", r.memslot_changes);
         println!("  max live placements   {}", r.max_live_placements);
