@@ -63,6 +63,9 @@ pub enum Error {
     /// Writing zeros over background pages failed.
     #[error("writing zeros over the background failed: {0}")]
     ZeroFill(Errno),
+    /// Writing a memfd's contents failed.
+    #[error("writing the memfd failed: {0}")]
+    Write(Errno),
     /// A size of zero, or a value that does not fit the platform.
     #[error("invalid size {0:#x}")]
     InvalidSize(u64),

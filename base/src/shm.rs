@@ -188,6 +188,34 @@ impl SharedMemory {
         Ok(())
     }
 
+    /// A memfd holding exactly `bytes` (written through the file with `write(2)`, no
+    /// mapping), then sealed for good: F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE |
+    /// F_SEAL_SEAL, so whoever receives it reads bytes nobody can change any more (a frame
+    /// the device hands its supervisor).
+    pub fn frozen_copy(name: &str, bytes: &[u8]) -> Result<Self> {
+        let shm = SharedMemory::new(name, bytes.len() as u64)?;
+        let mut done = 0usize;
+        while let Some(rest) = bytes.get(done..).filter(|r| !r.is_empty()) {
+            match nix::unistd::write(&shm.fd, rest) {
+                Ok(0) => return Err(Error::Write(Errno::EIO)),
+                Ok(n) => done += n,
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::Write(e)),
+            }
+        }
+        fcntl(
+            shm.fd.as_raw_fd(),
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK
+                    | SealFlag::F_SEAL_GROW
+                    | SealFlag::F_SEAL_WRITE
+                    | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .map_err(Error::Seal)?;
+        Ok(shm)
+    }
+
     /// Current seals.
     pub fn seals(&self) -> Result<i32> {
         fcntl(self.fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(Error::Seal)

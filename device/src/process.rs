@@ -285,6 +285,12 @@ fn run(args: &Args) -> Result<()> {
     log::info!(
         "device ready: backend {backend_name} ({num_capsets} capsets), window {size:#x} bytes"
     );
+    // Frames go to the VMM on the mapping tube too (a duplicate: F_DUPFD_CLOEXEC), as
+    // `DeviceMsg::Frame`, never waited for (`TubeSink`).
+    let frames =
+        Tube::from_fd(mapping.as_fd().try_clone_to_owned().map_err(|e| {
+            Error::Protocol(format!("duplicating the mapping tube for frames: {e}"))
+        })?)?;
     let mut placer = MirrorPlacer::new(mirror, mapping);
     placer.set_test_faults(MirrorFaults {
         fail_place: args.test_fail_mirror_place,
@@ -293,6 +299,9 @@ fn run(args: &Args) -> Result<()> {
     let mut gpu = Gpu::new(backend, placer);
     gpu.set_blob_budget(args.blob_budget);
     gpu.set_display(args.display.clone());
+    gpu.set_frame_sink(Box::new(crate::display::TubeSink::new(
+        std::sync::Arc::new(frames),
+    )));
     if let Some(gpa) = args.window_gpa {
         gpu.set_backing_exclusions(vec![(gpa, size)]);
     }
@@ -331,6 +340,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         ack_timeout: crate::vhost_user::ACK_TIMEOUT,
         blob_budget: args.blob_budget,
         display: args.display.clone(),
+        frames: None,
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.test_ops, server)?;
@@ -344,6 +354,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         drop(probe);
         None
     };
+    let mut frames = None;
     if let Some(cfd) = args.control_fd {
         let control = Tube::from_fd(hostmem_base::fd::take_inherited(cfd)?)?;
         handshake::<DeviceMsg, VmmMsg>(&control, Role::Device, Duration::from_secs(20))?;
@@ -362,12 +373,14 @@ fn run_vhost_user(args: &Args) -> Result<()> {
             },
             &[],
         )?;
-        // The tube stays open (its EOF is the supervisor's end); nothing more is said on it.
-        std::mem::forget(control);
+        // The tube stays open (its EOF is the supervisor's end); frames and cursor
+        // updates go to the supervisor on it (`TubeSink`), nothing else is said on it.
+        frames = Some(std::sync::Arc::new(control));
     }
     log::info!(
         "vhost-user backend ready: backend {backend_name} ({num_capsets} capsets), region 1 of {size:#x} bytes"
     );
+    let opts = Options { frames, ..opts };
     crate::vhost_user::serve_listener_with(&listener, &opts, first)
 }
 
@@ -463,8 +476,12 @@ pub fn serve(
         }
         let working = dev.in_flight() > 0 || dev.busy();
         let spinning = !working && idle_since.is_some_and(|t| t.elapsed() < poll.window());
+        let sink_waits = dev.gpu().display().sink_pending();
         let timeout = if working || spinning {
             PollTimeout::ZERO
+        } else if sink_waits {
+            // A frame waits for room in the tube: come back for it soon.
+            PollTimeout::from(1u8)
         } else {
             poll.sleeping(Instant::now());
             PollTimeout::NONE
@@ -480,6 +497,9 @@ pub fn serve(
         };
         if !kicked.is_empty() {
             dev.gpu_mut().placer_mut().note_woke();
+        }
+        if sink_waits {
+            dev.gpu_mut().display_mut().retry_sink();
         }
         dev.poll_fences();
         if dev.busy() {

@@ -172,6 +172,11 @@ pub struct Options {
     pub blob_budget: Option<u64>,
     /// The scanouts ([`Gpu::set_display`]).
     pub display: DisplayConfig,
+    /// The tube flushed frames go to (the supervisor's control tube; a [`TubeSink`] per
+    /// connection on it). `None`: frames are kept nowhere.
+    ///
+    /// [`TubeSink`]: crate::display::TubeSink
+    pub frames: Option<Arc<hostmem_ipc::Tube>>,
 }
 
 impl Default for Options {
@@ -184,6 +189,7 @@ impl Default for Options {
             ack_timeout: ACK_TIMEOUT,
             blob_budget: None,
             display: DisplayConfig::default(),
+            frames: None,
         }
     }
 }
@@ -1384,9 +1390,10 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
             let fences = g.dev.gpu().fence_fds();
             let fence_timer = g.dev.gpu().parked() > 0 && fences.is_empty();
             fds.extend(fences.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
+            let sink_waits = g.dev.gpu().display().sink_pending();
             let timeout = if busy {
                 PollTimeout::ZERO
-            } else if fence_timer {
+            } else if fence_timer || sink_waits {
                 PollTimeout::from(1u8)
             } else {
                 match g.dev.gpu().placer().ack_deadline() {
@@ -1454,6 +1461,9 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
             return Ok(ConnectionEnd::AckTimeout(what));
         }
         g.dev.poll_fences();
+        if g.dev.gpu().display().sink_pending() {
+            g.dev.gpu_mut().display_mut().retry_sink();
+        }
         if busy {
             g.dev.process_busy();
         }
@@ -1514,6 +1524,12 @@ pub fn serve_listener_with(
             .device_mut()
             .gpu_mut()
             .set_display(opts.display.clone());
+        if let Some(tube) = &opts.frames {
+            lock(&vu)
+                .device_mut()
+                .gpu_mut()
+                .set_frame_sink(Box::new(crate::display::TubeSink::new(tube.clone())));
+        }
         let end = serve_connection(stream, &vu)?;
         let mut g = lock(&vu);
         let st = g.dev.gpu().placer().stats();

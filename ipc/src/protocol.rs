@@ -237,6 +237,56 @@ pub enum DeviceMsg {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         trace: bool,
     },
+    /// A scanout's flushed frame (1 fd: a sealed memfd holding a 2D resource's pixels, or
+    /// the blob a `SET_SCANOUT_BLOB` shows). No reply: the supervisor checks it
+    /// (`hostmem_vmm::display`) and keeps a copy of the latest per scanout.
+    Frame(FrameMsg),
+    /// The cursor changed (no fd, no reply).
+    Cursor(CursorMsg),
+}
+
+/// What [`DeviceMsg::Frame`] says about its fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrameMsg {
+    /// The scanout.
+    pub scanout_id: u32,
+    /// The resource it shows.
+    pub resource_id: u32,
+    /// Framebuffer width in pixels.
+    pub width: u32,
+    /// Framebuffer height in pixels.
+    pub height: u32,
+    /// Bytes from one row to the next.
+    pub stride: u32,
+    /// `VIRTIO_GPU_FORMAT_*`.
+    pub format: u32,
+    /// Where the framebuffer's first byte is in the fd.
+    pub offset: u64,
+    /// What changed: `[x, y, width, height]` in framebuffer coordinates.
+    pub rect: [u32; 4],
+    /// The scanout's frame counter (1 for its first frame).
+    pub seq: u64,
+    /// The fd is a blob the guest may still write (a `SET_SCANOUT_BLOB`), not a sealed
+    /// copy: the supervisor then does not ask for `F_SEAL_WRITE`.
+    #[serde(default)]
+    pub blob: bool,
+}
+
+/// What [`DeviceMsg::Cursor`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorMsg {
+    /// The scanout.
+    pub scanout_id: u32,
+    /// Hot spot position.
+    pub x: u32,
+    /// Hot spot position.
+    pub y: u32,
+    /// The image's resource (0: hidden).
+    pub resource_id: u32,
+    /// Hot spot in the image.
+    pub hot_x: u32,
+    /// Hot spot in the image.
+    pub hot_y: u32,
 }
 
 impl Message for VmmMsg {
@@ -248,7 +298,7 @@ impl Message for VmmMsg {
 impl Message for DeviceMsg {
     fn fd_count(&self) -> usize {
         match self {
-            DeviceMsg::Map { .. } => 1,
+            DeviceMsg::Map { .. } | DeviceMsg::Frame(_) => 1,
             DeviceMsg::Batch { events, .. } => events
                 .iter()
                 .filter(|e| matches!(e, DeviceMsg::Map { .. }))

@@ -203,6 +203,32 @@ impl Tube {
 
     /// Sends raw bytes with fds attached.
     pub fn send_bytes(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<()> {
+        self.send_bytes_flags(bytes, fds, MsgFlags::MSG_NOSIGNAL)
+    }
+
+    /// Sends a typed message without blocking (`MSG_DONTWAIT`): `Ok(false)` when the
+    /// socket's buffer is full (nothing was sent), `Ok(true)` when it went out.
+    pub fn try_send<T: Message>(&self, msg: &T, fds: &[BorrowedFd<'_>]) -> Result<bool> {
+        if fds.len() != msg.fd_count() {
+            return Err(Error::UnexpectedFds {
+                got: fds.len(),
+                expected: msg.fd_count(),
+            });
+        }
+        let bytes = serde_json::to_vec(msg)?;
+        match self.send_bytes_flags(&bytes, fds, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT) {
+            Ok(()) => Ok(true),
+            Err(Error::Timeout) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn send_bytes_flags(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        flags: MsgFlags,
+    ) -> Result<()> {
         if bytes.len() > MAX_MESSAGE {
             return Err(Error::Oversized {
                 len: bytes.len(),
@@ -220,13 +246,7 @@ impl Tube {
         let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
         let iov = [IoSlice::new(bytes)];
         loop {
-            match sendmsg::<()>(
-                self.sock.as_raw_fd(),
-                &iov,
-                cmsgs,
-                MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
+            match sendmsg::<()>(self.sock.as_raw_fd(), &iov, cmsgs, flags, None) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(Error::Hangup),

@@ -879,6 +879,7 @@ fn run_times_out_kills_and_restarts_a_silent_device() {
             use_kvm: true,
             command_timeout: COMMAND_TIMEOUT,
             guest_event_flood: 0,
+            screenshot: None,
         };
         let t = std::time::Instant::now();
         let r = run(&opts).unwrap();
@@ -932,6 +933,7 @@ fn run_stops_a_device_that_does_not_complete_a_reset() {
             use_kvm: true,
             command_timeout: COMMAND_TIMEOUT,
             guest_event_flood: 0,
+            screenshot: None,
         };
         if let Err(why) = hostmem_base::kvm::Vm::available() {
             println!("skipped: /dev/kvm unusable ({why}): no guest, so no guest reset to stall");
@@ -991,6 +993,7 @@ fn run_reports_a_flood_by_kind_and_logs_it_log_n_times() {
             use_kvm: true,
             command_timeout: Duration::from_secs(10),
             guest_event_flood: 0,
+            screenshot: None,
         };
         let log0 = log_len();
         let r = run(&opts).unwrap();

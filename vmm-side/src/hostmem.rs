@@ -296,6 +296,7 @@ pub struct Hostmem {
     /// What the device made the VMM refuse (events, protocol errors), by kind: logged the
     /// 1st, 2nd, 4th, … time, all counted ([`Hostmem::warnings`]).
     warnings: LogLimiter,
+    frames: crate::display::Frames,
 }
 
 impl Hostmem {
@@ -337,6 +338,7 @@ impl Hostmem {
             slot_changes: AtomicU64::new(slot_changes),
             faults: Faults::default(),
             warnings: LogLimiter::new("hostmem_vmm::hostmem"),
+            frames: crate::display::Frames::new(),
         })
     }
 
@@ -352,6 +354,22 @@ impl Hostmem {
             st.given.push(Given { id, what });
         }
         Ok(())
+    }
+
+    /// What the file `(st_dev, st_ino)` is if the VMM gave it to the device
+    /// ([`Hostmem::note_given`]): frames are checked against it as placements are.
+    pub fn given_as(&self, id: (u64, u64)) -> Option<&'static str> {
+        self.lock()
+            .given
+            .iter()
+            .find(|g| g.id == id)
+            .map(|g| g.what)
+    }
+
+    /// The frames the device sent ([`crate::display::Frames`]): kept here so that every
+    /// device of this window (restarts too) feeds the same display.
+    pub fn frames(&self) -> &crate::display::Frames {
+        &self.frames
     }
 
     /// How many files are recorded as given to the device ([`Hostmem::note_given`]).

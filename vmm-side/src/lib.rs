@@ -13,6 +13,8 @@
 //! * [`mod@bench`]: `hostmem bench` (cases, runner, limits, report, plot, the
 //!   `vhost-user-sandboxed` case).
 //! * [`policy`]: compiling the device's seccomp policy.
+//! * [`display`]: the frames a device sends: checked, copied out, the latest per scanout
+//!   kept, written as PNG (`--screenshot`).
 //! * [`stop`]: SIGINT/SIGTERM as a request to stop (both supervisors).
 //! * [`virtio_pci`]: the GPU's virtio-pci transport (config space, BAR0, the link to the
 //!   device: the transport tube or vhost-user).
@@ -26,6 +28,7 @@
 pub mod affinity;
 pub mod bench;
 pub mod device;
+pub mod display;
 pub mod guest;
 pub mod hostmem;
 pub mod latency;

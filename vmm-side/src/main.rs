@@ -73,6 +73,10 @@ struct VhostUserArgs {
     /// An extra read-only bind mount for the jailed device (and render server).
     #[arg(long)]
     ro_bind: Vec<PathBuf>,
+    /// Write scanout 0's latest frame here as PNG at exit (SIGTERM/SIGINT too) and on
+    /// each SIGUSR1.
+    #[arg(long, value_name = "PATH")]
+    screenshot: Option<PathBuf>,
 }
 
 /// `--ro-bind` folders (canonical) and `--virgl-render-server` (its jail and policy from the
@@ -177,6 +181,9 @@ struct RunArgs {
     /// Print one JSON object instead of the summary.
     #[arg(long)]
     json: bool,
+    /// Write scanout 0's latest frame here as PNG at the end of the run.
+    #[arg(long, value_name = "PATH")]
+    screenshot: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -293,6 +300,8 @@ fn cmd_vhost_user(a: VhostUserArgs, stop: &hostmem_vmm::stop::StopSignals) -> an
         shmem_size: a.shmem_size,
         max_starts: a.max_starts,
         backoff: std::time::Duration::from_millis(200),
+        frames: Some(hostmem_vmm::display::Frames::new()),
+        screenshot: a.screenshot.clone(),
     };
     let end = supervise(&device, &opts, Some(stop), |n, facts| {
         if n == 1 {
@@ -314,8 +323,29 @@ fn cmd_vhost_user(a: VhostUserArgs, stop: &hostmem_vmm::stop::StopSignals) -> an
             log::warn!("vhost-user device restarted (start {n}, pid {})", facts.pid);
         }
     })?;
-    println!("hostmem vhost-user: {end}");
+    let frames = opts.frames.clone().unwrap_or_default();
+    let shot = screenshot_at_exit(&frames, a.screenshot.as_deref());
+    let d = frames.report();
+    println!(
+        "hostmem vhost-user: {end}; {} frames ({} refused){shot}",
+        d.frames, d.refused
+    );
     Ok(0)
+}
+
+/// `--screenshot` at exit: what the summary line says of it.
+fn screenshot_at_exit(
+    frames: &hostmem_vmm::display::Frames,
+    path: Option<&std::path::Path>,
+) -> String {
+    let Some(path) = path else {
+        return String::new();
+    };
+    match frames.screenshot(path) {
+        Ok(true) => format!(", screenshot written to {}", path.display()),
+        Ok(false) => ", no frame: no screenshot".to_string(),
+        Err(e) => format!(", screenshot {} FAILED: {e:#}", path.display()),
+    }
 }
 
 fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<i32> {
@@ -352,6 +382,7 @@ fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<
         use_kvm: true,
         command_timeout: run::COMMAND_TIMEOUT,
         guest_event_flood: 0,
+        screenshot: a.screenshot.clone(),
     };
     let r = run::run_until_stopped(&opts, Some(stop))?;
     if a.json {
@@ -378,6 +409,17 @@ fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<
         println!(
             "  virtqueue             {} chains, {} kicks (ioeventfd), {} interrupts, {} used-ring polls",
             q.chains, q.kicks, q.interrupts, q.polls
+        );
+        println!(
+            "  display               {} frames ({} refused), scanout 0 {}x{}{}",
+            r.display.frames,
+            r.display.refused,
+            r.display.width,
+            r.display.height,
+            r.screenshot
+                .as_ref()
+                .map(|p| format!(", screenshot written to {p}"))
+                .unwrap_or_default()
         );
         println!("  memslot changes       {}", r.memslot_changes);
         println!("  max live placements   {}", r.max_live_placements);

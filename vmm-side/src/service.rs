@@ -77,6 +77,15 @@ pub fn serve(hostmem: &Hostmem, tube: &Arc<Tube>) -> ServeEnd {
             }
             Err(e) => return ServeEnd::TubeFailed(e.to_string()),
         };
+        // Frames and cursor updates need no reply: checked and kept (`display`).
+        if let DeviceMsg::Frame(f) = &msg {
+            hostmem.frames().receive(f, fds, &|id| hostmem.given_as(id));
+            continue;
+        }
+        if let DeviceMsg::Cursor(c) = &msg {
+            hostmem.frames().cursor(c);
+            continue;
+        }
         if let DeviceMsg::Batch { events, trace } = msg {
             let replies = handle_batch(hostmem, events, fds, trace);
             match tube.send(&VmmMsg::Replies { replies }, &[]) {

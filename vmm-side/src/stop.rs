@@ -13,10 +13,12 @@ use std::time::Duration;
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-/// The stop signals, readable without blocking.
+/// The stop signals, readable without blocking; SIGUSR1 on the same signalfd is a
+/// screenshot request, not a stop ([`StopSignals::take_screenshot_request`]).
 #[derive(Debug)]
 pub struct StopSignals {
     fd: SignalFd,
+    screenshot: std::sync::atomic::AtomicBool,
 }
 
 impl StopSignals {
@@ -26,22 +28,51 @@ impl StopSignals {
         let set = Self::set();
         set.thread_block()?;
         let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
-        Ok(StopSignals { fd })
+        Ok(StopSignals {
+            fd,
+            screenshot: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     fn set() -> SigSet {
         let mut set = SigSet::empty();
         set.add(Signal::SIGINT);
         set.add(Signal::SIGTERM);
+        set.add(Signal::SIGUSR1);
         set
     }
 
-    /// A stop signal that has arrived (taken), if any.
+    /// A stop signal that has arrived (taken), if any. A SIGUSR1 read on the way is noted
+    /// as a screenshot request.
     pub fn received(&self) -> Option<Signal> {
-        match self.fd.read_signal() {
-            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
-            _ => None,
+        loop {
+            match self.fd.read_signal() {
+                Ok(Some(info)) => match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGUSR1) => {
+                        self.screenshot
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(sig) => return Some(sig),
+                    Err(_) => return None,
+                },
+                _ => return None,
+            }
         }
+    }
+
+    /// True (once) when a SIGUSR1 asked for a screenshot since the last call.
+    pub fn take_screenshot_request(&self) -> bool {
+        let _ = self.received_peek();
+        self.screenshot
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reads pending signals without losing a stop: a stop read here is kept for
+    /// [`StopSignals::received`] by re-raising it into the (blocked) pending set.
+    fn received_peek(&self) -> Option<Signal> {
+        let sig = self.received()?;
+        let _ = nix::sys::signal::raise(sig);
+        Some(sig)
     }
 
     /// Waits up to `t` for a stop signal.

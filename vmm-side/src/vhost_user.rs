@@ -71,8 +71,9 @@ pub fn vhost_user_device(mut cfg: DeviceConfig) -> DeviceConfig {
 /// A running backend device.
 pub struct BackendDevice {
     child: JailedChild,
-    /// Kept open: its EOF would tell the device nothing, but closing it early is no use.
-    _control: Tube,
+    /// The control tube: after `Ready` the device sends its frames and cursor changes on
+    /// it ([`BackendDevice::feed`]).
+    control: std::sync::Arc<Tube>,
     facts: DeviceFacts,
     /// Its memory cgroup (removed after it is reaped, when this is dropped).
     cgroup: Option<DeviceCgroup>,
@@ -92,6 +93,45 @@ impl BackendDevice {
     /// What was checked at start.
     pub fn facts(&self) -> &DeviceFacts {
         &self.facts
+    }
+
+    /// Reads the device's frames and cursor changes off the control tube into `frames` on
+    /// a thread of its own, until the device's end closes. Every frame is checked
+    /// ([`crate::display::Frames::receive`]); this supervisor gives the device no file,
+    /// only sockets, which the regular-file check refuses.
+    pub fn feed(&self, frames: &crate::display::Frames) -> std::thread::JoinHandle<()> {
+        let (tube, frames) = (self.control.clone(), frames.clone());
+        std::thread::spawn(move || loop {
+            match tube.recv::<DeviceMsg>() {
+                Ok((DeviceMsg::Frame(f), fds)) => {
+                    frames.receive(&f, fds, &|_| None);
+                }
+                Ok((DeviceMsg::Cursor(c), _)) => frames.cursor(&c),
+                Ok((other, _)) => {
+                    crate::display::FRAME_WARNINGS.warn(
+                        "unexpected control message",
+                        format_args!("control tube: unexpected message from the device: {other:?}"),
+                    );
+                }
+                Err(hostmem_ipc::Error::Hangup) => return,
+                Err(
+                    e @ (hostmem_ipc::Error::Malformed(_)
+                    | hostmem_ipc::Error::UnexpectedFds { .. }
+                    | hostmem_ipc::Error::TooManyFds { .. }
+                    | hostmem_ipc::Error::Truncated
+                    | hostmem_ipc::Error::ControlTruncated { .. }),
+                ) => {
+                    crate::display::FRAME_WARNINGS.warn(
+                        "bad control message",
+                        format_args!("control tube: dropped a bad message from the device: {e}"),
+                    );
+                }
+                Err(e) => {
+                    log::warn!("control tube: {e}: no more frames from this device");
+                    return;
+                }
+            }
+        })
     }
 
     /// Waits for the device to end (its render server, whose only client it was, is
@@ -293,7 +333,7 @@ pub fn start_backend(
             );
             Ok(BackendDevice {
                 child,
-                _control: control,
+                control: std::sync::Arc::new(control),
                 facts,
                 cgroup,
                 render_server,
@@ -322,6 +362,10 @@ pub struct SuperviseOptions {
     pub max_starts: Option<usize>,
     /// Pause before a restart.
     pub backoff: Duration,
+    /// Where every device's frames go (kept across restarts); `None`: not read.
+    pub frames: Option<crate::display::Frames>,
+    /// Where a SIGUSR1 writes scanout 0's latest frame as PNG.
+    pub screenshot: Option<PathBuf>,
 }
 
 /// How [`supervise`] ended.
@@ -402,6 +446,19 @@ impl Drop for SocketFile {
     }
 }
 
+/// SIGUSR1: scanout 0's latest frame to `opts.screenshot` (logged either way).
+fn screenshot_on_request(opts: &SuperviseOptions) {
+    let (Some(frames), Some(path)) = (&opts.frames, &opts.screenshot) else {
+        log::warn!("SIGUSR1: no --screenshot path: nothing written");
+        return;
+    };
+    match frames.screenshot(path) {
+        Ok(true) => log::info!("SIGUSR1: screenshot written to {}", path.display()),
+        Ok(false) => log::warn!("SIGUSR1: no frame yet: nothing written"),
+        Err(e) => log::warn!("SIGUSR1: screenshot {}: {e:#}", path.display()),
+    }
+}
+
 /// Binds the socket, starts the device and restarts it whenever it ends. `on_ready` is
 /// called after each start (the first call is where `hostmem vhost-user` prints its one
 /// line). Returns after `max_starts` starts have ended, when a stop signal arrives (the
@@ -430,6 +487,9 @@ pub fn supervise(
             return Ok(end);
         }
         let mut dev = start_backend(cfg, &listener, opts.shmem_size)?;
+        if let Some(frames) = &opts.frames {
+            let _ = dev.feed(frames);
+        }
         end.starts += 1;
         on_ready(end.starts, dev.facts());
         let pid = dev.facts().pid;
@@ -440,7 +500,11 @@ pub fn supervise(
                 if let Some(info) = dev.try_wait()? {
                     break info;
                 }
-                if let Some(sig) = stop.wait(Duration::from_millis(200)) {
+                let sig = stop.wait(Duration::from_millis(200));
+                if stop.take_screenshot_request() {
+                    screenshot_on_request(opts);
+                }
+                if let Some(sig) = sig {
                     log::info!("{sig}: ending vhost-user device pid {pid}");
                     let how = dev.end();
                     end.last_device = Some((pid, how.described.unwrap_or_default()));

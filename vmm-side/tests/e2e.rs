@@ -26,6 +26,7 @@ fn options(mode: Mode, blobs: u32) -> RunOptions {
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
         guest_event_flood: 0,
+        screenshot: None,
     }
 }
 

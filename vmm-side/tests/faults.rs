@@ -319,6 +319,7 @@ fn soak_map_unmap_cycles_return_every_resource() {
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
         guest_event_flood: 0,
+        screenshot: None,
     };
     let r = run(&o).unwrap();
     let u = &r.usage;

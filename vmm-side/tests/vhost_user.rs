@@ -42,6 +42,8 @@ fn jailed_backend_serves_a_frontend_and_is_restarted() {
         shmem_size: REGION,
         max_starts: Some(2),
         backoff: Duration::from_millis(50),
+        frames: None,
+        screenshot: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let sup = std::thread::spawn(move || {
@@ -300,6 +302,7 @@ fn vu_options(blobs: u32) -> RunOptions {
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
         guest_event_flood: 0,
+        screenshot: None,
     }
 }
 

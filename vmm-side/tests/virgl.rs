@@ -49,6 +49,7 @@ fn virgl_run_jailed_guest_sees_what_the_renderer_sees() {
         use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
         guest_event_flood: 0,
+        screenshot: None,
     };
     let jailed = opts.device.jailed;
     let r = run(&opts).unwrap();

@@ -67,10 +67,12 @@ use crate::wire::{
 mod cursor;
 mod format;
 mod resource;
+mod tube_sink;
 
 pub use cursor::CursorInfo;
 pub use format::{DisplayConfig, Format};
 use resource::Resource2d;
+pub use tube_sink::{SinkStats, TubeSink};
 
 /// Width of the default scanout.
 pub const DEFAULT_WIDTH: u32 = 1024;
@@ -171,6 +173,16 @@ pub trait FrameSink: Send {
     /// The cursor changed (an accepted `UPDATE_CURSOR` or `MOVE_CURSOR`).
     fn cursor(&mut self, cursor: &CursorInfo) {
         let _ = cursor;
+    }
+    /// Sends what waits (called from the device loop; [`FrameSink::pending`]).
+    fn retry(&mut self) {}
+    /// True while something waits to go out: the device loop must come back soon.
+    fn pending(&self) -> bool {
+        false
+    }
+    /// What the sink counted, if it counts ([`TubeSink`]).
+    fn counters(&self) -> Option<SinkStats> {
+        None
     }
 }
 
@@ -333,6 +345,21 @@ impl Display {
     /// Where frames go from now on.
     pub fn set_sink(&mut self, sink: Box<dyn FrameSink>) {
         self.sink = sink;
+    }
+
+    /// The sink sends what waits ([`FrameSink::retry`]).
+    pub fn retry_sink(&mut self) {
+        self.sink.retry();
+    }
+
+    /// Something waits in the sink ([`FrameSink::pending`]).
+    pub fn sink_pending(&self) -> bool {
+        self.sink.pending()
+    }
+
+    /// The sink's counters, if it counts.
+    pub fn sink_stats(&self) -> Option<SinkStats> {
+        self.sink.counters()
     }
 
     /// Bounds the bytes of all 2D resources (default [`DEFAULT_2D_BUDGET`]).

@@ -67,7 +67,11 @@ const SLOT_STRIDE: u64 = (MAX_REQUEST + MAX_RESPONSE) as u64;
 /// Two descriptors per command: at most this many in flight.
 const SLOTS: u16 = QUEUE_SIZE / 2;
 /// Guest RAM size: the rings and every slot's buffers.
-const RAM_SIZE: u64 = BUF_BASE + SLOTS as u64 * SLOT_STRIDE;
+const RAM_SIZE: u64 = SCRATCH_GPA + SCRATCH_SIZE;
+/// Where the scratch area starts ([`QueueDriver::write_scratch`]): after every slot.
+pub const SCRATCH_GPA: u64 = BUF_BASE + SLOTS as u64 * SLOT_STRIDE;
+/// Bytes of guest RAM no queue or slot uses: a test's 2D backing.
+pub const SCRATCH_SIZE: u64 = 1 << 20;
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_WRITE: u16 = 2;
@@ -386,6 +390,19 @@ impl QueueDriver {
         let s = self.next_seq;
         self.next_seq += 1;
         s
+    }
+
+    /// Writes `data` at `offset` into the scratch area ([`SCRATCH_GPA`]: guest RAM no queue
+    /// uses, e.g. a 2D resource's backing).
+    pub fn write_scratch(&self, offset: u64, data: &[u8]) -> Result<(), DriverError> {
+        let end = offset.checked_add(data.len() as u64);
+        if end.is_none_or(|e| e > SCRATCH_SIZE) {
+            return Err(DriverError::Memory(format!(
+                "{} bytes at {offset:#x}: past the scratch area",
+                data.len()
+            )));
+        }
+        self.write(SCRATCH_GPA + offset, data)
     }
 
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DriverError> {

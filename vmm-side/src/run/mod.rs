@@ -105,11 +105,19 @@ pub struct RunOptions {
     /// Test knob (0 in real runs): the guest driver raises its repeatable events this many
     /// times each ([`GuestParams::flood_events`]).
     pub guest_event_flood: u64,
+    /// Write scanout 0's latest frame here as PNG at the end of the run (`--screenshot`).
+    pub screenshot: Option<std::path::PathBuf>,
 }
 
 /// The report of a run (`--json` prints it).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The frames the device sent ([`crate::display`]): accepted, refused, scanout 0's
+    /// latest frame's size.
+    pub display: crate::display::DisplayReport,
+    /// `--screenshot`: where scanout 0's latest frame was written (`None`: not asked, or
+    /// no frame came).
+    pub screenshot: Option<String>,
     /// `fixed` or `per-blob-slot`.
     pub mode: &'static str,
     /// Backend.
@@ -625,7 +633,20 @@ pub fn run_until_stopped(
         errors.truncate(MAX_ERRORS);
         errors.push(format!("… and {more} more errors"));
     }
+    let screenshot = match &opts.screenshot {
+        Some(path) => match hostmem.frames().screenshot(path) {
+            Ok(true) => Some(path.display().to_string()),
+            Ok(false) => None,
+            Err(e) => {
+                errors.push(format!("screenshot {}: {e:#}", path.display()));
+                None
+            }
+        },
+        None => None,
+    };
     let report = Report {
+        display: hostmem.frames().report(),
+        screenshot,
         mode: opts.mode.name(),
         backend: opts.device.backend.clone(),
         transport: opts.transport.name(),
