@@ -1,6 +1,7 @@
 //! SIGINT and SIGTERM as a request to stop: both supervisors (`hostmem run`, `hostmem
 //! vhost-user`) end their device, remove its socket and cgroup and print a summary instead of
-//! dying with the device still running.
+//! dying with the device still running. SIGUSR1 is read the same way, as a request for a
+//! screenshot (`--screenshot`), not a stop.
 //!
 //! The signals are blocked and read from a `signalfd` (no handler, no `unsafe`), so they
 //! must be blocked before any other thread exists: [`StopSignals::install`] is the first
