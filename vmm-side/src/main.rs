@@ -234,7 +234,7 @@ struct BenchArgs {
     cpu_layout: hostmem_vmm::bench::CpuLayout,
     /// Run the whole bench N times in this process and summarize across the runs (per
     /// target: each run's median and how many runs passed). With --json: one object with
-    /// every run and the summary; with --out: each run in run-<i>/ and repeat.json.
+    /// every run and the summary; with --out: each run in `run-<i>/` and repeat.json.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
 }
