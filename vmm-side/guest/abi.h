@@ -6,6 +6,7 @@
  *   0x0008_1000  struct results  (guest -> VMM, read at every event exit)
  *   0x0010_0000  the driver image (text, data, bss: rings and command buffers)
  *   0x0020_0000  top of the stack
+ *   0x0040_0000  the test pattern's framebuffer (DRAW_WIDTH x DRAW_HEIGHT, B8G8R8X8)
  *
  * Events: the guest writes results.event_arg, then `out EVENT_PORT, eax` with eax = EV_*.
  * The VMM handles the exit and resumes the vCPU (or ends the run at EV_DONE).
@@ -17,6 +18,11 @@
 #define RESULTS_GPA 0x81000ULL
 #define IMAGE_GPA 0x100000ULL
 #define STACK_TOP 0x200000ULL
+
+#define DRAW_GPA 0x400000ULL
+#define DRAW_WIDTH 64
+#define DRAW_HEIGHT 64
+#define DRAW_SALT 0x64726177ULL /* "draw" */
 
 #define EVENT_PORT 0x11
 #define EV_DONE 1          /* results final; the run is over */
@@ -67,6 +73,7 @@ struct results {
     uint32_t unmap_hist[1024];
     char message[256];
     uint64_t resets_refused; /* resets that read DEVICE_NEEDS_RESET instead of 0 (redone) */
+    uint64_t frames_drawn;   /* test patterns drawn and flushed on scanout 0 */
 };
 
 #endif

@@ -48,7 +48,7 @@ const TSS_GPA: u64 = 0x6_0000;
 const IO_BITMAP_OFFSET: u64 = 0x68;
 const PARAMS_GPA: u64 = 0x8_0000;
 const RESULTS_GPA: u64 = 0x8_1000;
-const RESULTS_LEN: usize = 8664;
+const RESULTS_LEN: usize = 8672;
 const IMAGE_GPA: u64 = 0x10_0000;
 const IMAGE_MAX: usize = 0xf_0000;
 const STACK_TOP: u64 = 0x20_0000;
@@ -137,6 +137,39 @@ pub struct TickLatency {
     pub samples: u64,
 }
 
+/// Width of the test pattern the driver draws on scanout 0 (`DRAW_WIDTH` in `abi.h`).
+pub const DRAW_WIDTH: u32 = 64;
+/// Its height (`DRAW_HEIGHT`).
+pub const DRAW_HEIGHT: u32 = 64;
+const DRAW_SALT: u64 = 0x6472_6177;
+
+/// Pixel `(x, y)` of the driver's test pattern for `seed` (`draw_pixel` in `driver.c`):
+/// B8G8R8X8 as a little-endian `u32`, X = 0xff.
+pub fn draw_pixel(seed: u64, x: u32, y: u32) -> u32 {
+    let mut z = (seed ^ DRAW_SALT ^ (u64::from(y) << 32 | u64::from(x)))
+        .wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32 | 0xff00_0000
+}
+
+/// Pixels of `frame` (`width × 4` bytes a row, B8G8R8X8) that are not the driver's test
+/// pattern for `seed`; a frame of another size counts every pixel of the pattern.
+pub fn draw_mismatches(seed: u64, width: u32, height: u32, pixels: &[u8]) -> u64 {
+    let n = u64::from(DRAW_WIDTH) * u64::from(DRAW_HEIGHT);
+    if (width, height) != (DRAW_WIDTH, DRAW_HEIGHT) || pixels.len() as u64 != n * 4 {
+        return n;
+    }
+    pixels
+        .chunks_exact(4)
+        .enumerate()
+        .filter(|(i, p)| {
+            let (x, y) = ((*i as u32) % DRAW_WIDTH, (*i as u32) / DRAW_WIDTH);
+            u32::from_le_bytes([p[0], p[1], p[2], p[3]]) != draw_pixel(seed, x, y)
+        })
+        .count() as u64
+}
+
 /// The driver's results page (`struct results`).
 #[derive(Debug, Clone, Default)]
 pub struct GuestResults {
@@ -165,6 +198,8 @@ pub struct GuestResults {
     /// Resets that read DEVICE_NEEDS_RESET instead of 0 (the device was lost during them;
     /// the driver reset again).
     pub resets_refused: u64,
+    /// Test patterns the driver drew and flushed on scanout 0 ([`draw_pixel`]).
+    pub frames_drawn: u64,
     /// TSC at the start and the end of the workload.
     pub tsc: (u64, u64),
     /// MAP_BLOB latency (submit to used entry seen).
@@ -419,6 +454,7 @@ impl GuestVm {
             device_resets: q(80),
             lost_commands: q(88),
             resets_refused: q(8656),
+            frames_drawn: q(8664),
             tsc: (q(96), q(104)),
             map: hist_latency(&hist(208)),
             unmap: hist_latency(&hist(4304)),

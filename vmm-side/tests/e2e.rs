@@ -46,6 +46,10 @@ fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     assert_eq!(r.blobs_mapped, 120);
     assert_eq!(r.guest_mismatches, 0);
     assert_eq!(r.guest_holes, 0);
+    // The driver's test pattern reached the VMM through a 2D resource on scanout 0, every
+    // pixel as drawn.
+    assert!(r.display.frames >= 1, "{:?}", r.display);
+    assert_eq!(r.display.mismatches, Some(0), "{:?}", r.display);
     // Every blob read once, zeros after every unmap, and the guest writes seen by the device.
     assert!(r.guest_verified >= 240, "{}", r.guest_verified);
     assert_eq!(r.memslot_changes, 1, "fixed mode keeps exactly one memslot");

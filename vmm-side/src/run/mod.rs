@@ -633,6 +633,26 @@ pub fn run_until_stopped(
         errors.truncate(MAX_ERRORS);
         errors.push(format!("… and {more} more errors"));
     }
+    // The driver drew its test pattern on scanout 0: the latest frame there must be it,
+    // pixel for pixel.
+    let mut display = hostmem.frames().report();
+    if !guest_failed && stopped_by.is_none() && guest_wall.is_some() {
+        let bad = match hostmem.frames().latest(0) {
+            Some(f) => {
+                crate::guest::draw_mismatches(opts.seed, f.msg.width, f.msg.height, &f.pixels)
+            }
+            None => {
+                errors.push("no frame of the guest's test pattern reached the VMM".into());
+                u64::from(crate::guest::DRAW_WIDTH) * u64::from(crate::guest::DRAW_HEIGHT)
+            }
+        };
+        if bad > 0 && display.frames > 0 {
+            errors.push(format!(
+                "{bad} pixels of the guest's test pattern on scanout 0 are wrong"
+            ));
+        }
+        display.mismatches = Some(bad);
+    }
     let screenshot = match &opts.screenshot {
         Some(path) => match hostmem.frames().screenshot(path) {
             Ok(true) => Some(path.display().to_string()),
@@ -645,7 +665,7 @@ pub fn run_until_stopped(
         None => None,
     };
     let report = Report {
-        display: hostmem.frames().report(),
+        display,
         screenshot,
         mode: opts.mode.name(),
         backend: opts.device.backend.clone(),
