@@ -628,11 +628,6 @@ pub fn run_until_stopped(
     vq.polls = results.polls;
     vq.notify_exits = pci.notify_exits();
     let counters = hostmem.counters();
-    if errors.len() > MAX_ERRORS {
-        let more = errors.len() - MAX_ERRORS;
-        errors.truncate(MAX_ERRORS);
-        errors.push(format!("… and {more} more errors"));
-    }
     // The driver drew its test pattern on scanout 0: the latest frame there must be it,
     // pixel for pixel.
     let mut display = hostmem.frames().report();
@@ -664,6 +659,11 @@ pub fn run_until_stopped(
         },
         None => None,
     };
+    if errors.len() > MAX_ERRORS {
+        let more = errors.len() - MAX_ERRORS;
+        errors.truncate(MAX_ERRORS);
+        errors.push(format!("… and {more} more errors"));
+    }
     let report = Report {
         display,
         screenshot,
