@@ -13,6 +13,9 @@
 //! command handler and **never waited for there**: QEMU 11.1 sends `ADD_MEM_REG` (and
 //! waits for its reply) before it acks a `SHMEM_MAP`, so a device waiting for the ack would
 //! deadlock with it. The command completes when its ack arrives (see "Placement").
+//! After its last work the loop polls without sleeping for an [`IdlePoll`] window
+//! ([`Options::idle_poll_max`], `--idle-poll-max-us`), as the native device's loop does, so
+//! an ack or the guest's next command that comes soon costs no wake-up from sleep.
 //!
 //! # Messages
 //!
