@@ -287,6 +287,17 @@ pub struct CursorMsg {
     pub hot_x: u32,
     /// Hot spot in the image.
     pub hot_y: u32,
+    /// [`image_hash`] of the image's pixels as the device copied them at `UPDATE_CURSOR`
+    /// (0 when hidden; absent from an older device: 0).
+    #[serde(default)]
+    pub image_hash: u64,
+}
+
+/// The hash [`CursorMsg::image_hash`] carries: FNV-1a (64-bit) over the bytes.
+pub fn image_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Message for VmmMsg {

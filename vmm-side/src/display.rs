@@ -216,18 +216,30 @@ pub struct DisplayReport {
     pub seq: u64,
     /// Cursor updates accepted.
     pub cursor_updates: u64,
-    /// The cursor's last position `(scanout, x, y)`.
-    pub cursor: Option<(u32, u32, u32)>,
+    /// The last cursor the device reported (position, image's resource, hot spot, image
+    /// hash).
+    pub cursor: Option<CursorMsg>,
     /// Screenshots written.
     pub screenshots: u64,
     /// Frames the guest's pattern check found wrong (`hostmem run`; `None`: not checked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mismatches: Option<u64>,
+    /// Fields of the last cursor (scanout, x, y, resource, hot spot, image hash) that are
+    /// not what the guest driver sent (`hostmem run`; `None`: not checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor_mismatches: Option<u64>,
+    /// Pixels of the blob frame the driver showed on scanout 0 (`SET_SCANOUT_BLOB`) that
+    /// are not the blob's bytes (`hostmem run`; `None`: not checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_scanout_mismatches: Option<u64>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     latest: BTreeMap<u32, KeptFrame>,
+    /// Scanout 0's latest frame of a blob (what `hostmem run`'s blob-scanout check reads
+    /// after a 2D frame replaced it): one more kept frame at most.
+    latest_blob0: Option<KeptFrame>,
     frames: u64,
     refused: u64,
     refusals: BTreeMap<String, u64>,
@@ -298,16 +310,17 @@ impl Frames {
                 return false;
             }
         };
+        let kept = KeptFrame {
+            msg: *msg,
+            format,
+            pixels,
+        };
         let mut st = self.lock();
         st.frames += 1;
-        st.latest.insert(
-            msg.scanout_id,
-            KeptFrame {
-                msg: *msg,
-                format,
-                pixels,
-            },
-        );
+        if msg.blob && msg.scanout_id == 0 {
+            st.latest_blob0 = Some(kept.clone());
+        }
+        st.latest.insert(msg.scanout_id, kept);
         true
     }
 
@@ -327,6 +340,12 @@ impl Frames {
         self.lock().latest.get(&scanout).cloned()
     }
 
+    /// Scanout 0's latest frame that showed a blob (`SET_SCANOUT_BLOB`), even if a 2D
+    /// frame came after it.
+    pub fn latest_blob0(&self) -> Option<KeptFrame> {
+        self.lock().latest_blob0.clone()
+    }
+
     /// The counters and scanout 0's latest frame's shape.
     pub fn report(&self) -> DisplayReport {
         let st = self.lock();
@@ -340,9 +359,11 @@ impl Frames {
             format: f0.map(|f| f.format),
             seq: f0.map_or(0, |f| f.msg.seq),
             cursor_updates: st.cursor_updates,
-            cursor: st.cursor.map(|c| (c.scanout_id, c.x, c.y)),
+            cursor: st.cursor,
             screenshots: st.screenshots,
             mismatches: None,
+            cursor_mismatches: None,
+            blob_scanout_mismatches: None,
         }
     }
 

@@ -50,6 +50,17 @@ fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     // pixel as drawn.
     assert!(r.display.frames >= 1, "{:?}", r.display);
     assert_eq!(r.display.mismatches, Some(0), "{:?}", r.display);
+    // The cursor the device reported is the one the driver sent (moved to its second
+    // position, the hot spot and image of its UPDATE_CURSOR), and the blob the driver showed
+    // with SET_SCANOUT_BLOB reached the VMM as the blob's bytes.
+    let c = r.display.cursor.expect("a cursor");
+    assert_eq!((c.scanout_id, c.x, c.y), (0, 210, 130), "{c:?}");
+    assert_eq!((c.hot_x, c.hot_y), (3, 5), "{c:?}");
+    assert_ne!(c.resource_id, 0, "{c:?}");
+    assert_eq!(r.display.cursor_mismatches, Some(0), "{:?}", r.display);
+    assert_eq!(r.display.cursor_updates, 2, "{:?}", r.display);
+    assert_eq!(r.display.blob_scanout_mismatches, Some(0), "{:?}", r.display);
+    assert!(r.display.frames >= 2, "{:?}", r.display);
     // Every blob read once, zeros after every unmap, and the guest writes seen by the device.
     assert!(r.guest_verified >= 240, "{}", r.guest_verified);
     assert_eq!(r.memslot_changes, 1, "fixed mode keeps exactly one memslot");

@@ -287,6 +287,55 @@ pub struct VirtqueueReport {
     pub notify_exits: u64,
 }
 
+/// The device's last cursor against what the guest driver sent (its `cursor_sent`, and
+/// the image it drew for `seed`): the fields that differ (7 when there is no cursor) and
+/// the errors to report.
+fn cursor_check(
+    seed: u64,
+    results: &crate::guest::GuestResults,
+    got: Option<&hostmem_ipc::protocol::CursorMsg>,
+) -> (u64, Vec<String>) {
+    let [scanout_id, x, y, resource_id, hot_x, hot_y] = results.cursor_sent;
+    let want = hostmem_ipc::protocol::CursorMsg {
+        scanout_id,
+        x,
+        y,
+        resource_id,
+        hot_x,
+        hot_y,
+        image_hash: hostmem_ipc::protocol::image_hash(&crate::guest::cursor_image(seed)),
+    };
+    let mut errors = Vec::new();
+    if results.cursor_commands < 2 {
+        errors.push(format!(
+            "the guest driver sent {} of its 2 cursor commands",
+            results.cursor_commands
+        ));
+    }
+    let Some(got) = got else {
+        errors.push("no cursor of the guest's reached the VMM".into());
+        return (7, errors);
+    };
+    let bad = [
+        got.scanout_id == want.scanout_id,
+        got.x == want.x,
+        got.y == want.y,
+        got.resource_id == want.resource_id,
+        got.hot_x == want.hot_x,
+        got.hot_y == want.hot_y,
+        got.image_hash == want.image_hash,
+    ]
+    .iter()
+    .filter(|ok| !**ok)
+    .count() as u64;
+    if bad > 0 {
+        errors.push(format!(
+            "the cursor the VMM saw ({got:?}) is not the one the guest driver sent ({want:?})"
+        ));
+    }
+    (bad, errors)
+}
+
 /// Runs the workload and returns its report.
 pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     run_until_stopped(opts, None)
@@ -647,6 +696,27 @@ pub fn run_until_stopped(
             ));
         }
         display.mismatches = Some(bad);
+        let (cursor_bad, why) = cursor_check(opts.seed, &results, display.cursor.as_ref());
+        errors.extend(why);
+        display.cursor_mismatches = Some(cursor_bad);
+        let bad = match hostmem.frames().latest_blob0() {
+            Some(f) => crate::guest::blob_scanout_mismatches(
+                opts.seed,
+                f.msg.width,
+                f.msg.height,
+                &f.pixels,
+            ),
+            None => {
+                errors.push("no frame of the guest's blob scanout reached the VMM".into());
+                u64::from(crate::guest::DRAW_WIDTH) * u64::from(crate::guest::DRAW_HEIGHT)
+            }
+        };
+        if bad > 0 && results.blob_scanouts > 0 {
+            errors.push(format!(
+                "{bad} pixels of the blob the guest showed on scanout 0 are not the blob's bytes"
+            ));
+        }
+        display.blob_scanout_mismatches = Some(bad);
     }
     let screenshot = match &opts.screenshot {
         Some(path) => match hostmem.frames().screenshot(path) {
