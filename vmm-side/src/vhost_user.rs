@@ -95,6 +95,11 @@ impl BackendDevice {
         &self.facts
     }
 
+    /// The control tube (to shut a [`BackendDevice::feed`] down).
+    pub fn control(&self) -> &std::sync::Arc<Tube> {
+        &self.control
+    }
+
     /// Reads the device's frames and cursor changes off the control tube into `frames` on
     /// a thread of its own, until the device's end closes. Every frame is checked
     /// ([`crate::display::Frames::receive`]); this supervisor gives the device no file,
