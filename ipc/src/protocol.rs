@@ -199,6 +199,11 @@ pub enum DeviceMsg {
         backend: String,
         /// Capsets the backend offers (`virtio_gpu_config.num_capsets`).
         num_capsets: u32,
+        /// Scanouts the device serves (its `--display`; `virtio_gpu_config.num_scanouts`).
+        /// Absent (a device from before the field, same protocol version: an addition
+        /// both sides read with a default, like [`FrameMsg::blob`]): 1.
+        #[serde(default = "one_scanout")]
+        num_scanouts: u32,
     },
     /// A blob was placed in the mirror (1 fd: the blob).
     Map {
@@ -243,6 +248,10 @@ pub enum DeviceMsg {
     Frame(FrameMsg),
     /// The cursor changed (no fd, no reply).
     Cursor(CursorMsg),
+}
+
+fn one_scanout() -> u32 {
+    1
 }
 
 /// What [`DeviceMsg::Frame`] says about its fd.

@@ -94,6 +94,7 @@ struct results {
     uint64_t cursor_commands; /* UPDATE_CURSOR and MOVE_CURSOR sent and used */
     uint32_t cursor_sent[6];  /* the cursor as the driver left it: scanout, x, y, resource, hot_x, hot_y */
     uint64_t blob_scanouts;   /* blobs shown with SET_SCANOUT_BLOB on scanout 0 and flushed */
+    uint64_t num_scanouts;    /* virtio_gpu_config.num_scanouts as the driver read it */
 };
 
 #endif

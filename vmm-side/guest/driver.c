@@ -398,6 +398,7 @@ static void device_init(void)
     if (cc_r8(CC_STATUS) & (S_NEEDS_RESET | S_FAILED))
         fatal("device failed during initialisation");
     num_capsets = *(volatile u32 *)(devcfg + 12);
+    R->num_scanouts = *(volatile u32 *)(devcfg + 8);
     for (u32 i = 0; i < SLOTS; i++)
         slots[i].busy = 0;
     in_flight = 0;
@@ -1122,6 +1123,7 @@ _Static_assert(offsetof(struct results, frames_drawn) == 8664, "results layout (
 _Static_assert(offsetof(struct results, cursor_commands) == 8672, "results layout (guest.rs)");
 _Static_assert(offsetof(struct results, cursor_sent) == 8680, "results layout (guest.rs)");
 _Static_assert(offsetof(struct results, blob_scanouts) == 8704, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, num_scanouts) == 8712, "results layout (guest.rs)");
 _Static_assert(sizeof(struct params) == 64, "params layout (guest.rs)");
 
 void driver_main(void);

@@ -48,7 +48,7 @@ const TSS_GPA: u64 = 0x6_0000;
 const IO_BITMAP_OFFSET: u64 = 0x68;
 const PARAMS_GPA: u64 = 0x8_0000;
 const RESULTS_GPA: u64 = 0x8_1000;
-const RESULTS_LEN: usize = 8712;
+const RESULTS_LEN: usize = 8720;
 const IMAGE_GPA: u64 = 0x10_0000;
 const IMAGE_MAX: usize = 0xf_0000;
 const STACK_TOP: u64 = 0x20_0000;
@@ -242,6 +242,8 @@ pub struct GuestResults {
     pub cursor_sent: [u32; 6],
     /// Blobs shown with `SET_SCANOUT_BLOB` on scanout 0 and flushed.
     pub blob_scanouts: u64,
+    /// `num_scanouts` of the device configuration, as the driver read it.
+    pub num_scanouts: u64,
     /// TSC at the start and the end of the workload.
     pub tsc: (u64, u64),
     /// MAP_BLOB latency (submit to used entry seen).
@@ -504,6 +506,7 @@ impl GuestVm {
                     .map_or(0, u32::from_le_bytes)
             }),
             blob_scanouts: q(8704),
+            num_scanouts: q(8712),
             tsc: (q(96), q(104)),
             map: hist_latency(&hist(208)),
             unmap: hist_latency(&hist(4304)),

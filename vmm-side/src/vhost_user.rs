@@ -306,7 +306,12 @@ pub fn start_backend(
         control.send(&VmmMsg::Hello(Hello::new(Role::Vmm)), &[])?;
         control.set_recv_timeout(Some(cfg.start_timeout))?;
         let (msg, _) = control.recv::<DeviceMsg>().context("waiting for Ready")?;
-        let DeviceMsg::Ready { num_capsets, .. } = msg else {
+        let DeviceMsg::Ready {
+            num_capsets,
+            num_scanouts,
+            ..
+        } = msg
+        else {
             bail!("device sent {msg:?} instead of Ready");
         };
         let seccomp_filters = crate::device::check_runtime_filter(cfg, pid)?;
@@ -320,6 +325,7 @@ pub fn start_backend(
             open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
             start_ms: t0.elapsed().as_secs_f64() * 1e3,
             num_capsets,
+            num_scanouts,
             memory_limit: memory.clone(),
         })
     };

@@ -453,6 +453,7 @@ impl HostilePlacer {
                     &DeviceMsg::Ready {
                         backend: "again".into(),
                         num_capsets: 1,
+                        num_scanouts: 1,
                     },
                     &[],
                 )?;
@@ -997,11 +998,15 @@ struct Args {
     /// The blob memory budget, as for `hostmem-gpu-device`.
     #[arg(long)]
     blob_budget: Option<u64>,
+    /// The window's guest-physical address, as for `hostmem-gpu-device` (the VMM passes it).
+    #[arg(long)]
+    window_gpa: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
     hostmem_device::process::init_logging();
     let args = <Args as clap::Parser>::parse();
+    log::debug!("hostile device: window at {:?}", args.window_gpa);
     // Jailed like the real device: the launcher installed the filter before the exec; the
     // SIGSYS reporter first, before any input is read.
     match args.seccomp_fd {
@@ -1067,6 +1072,7 @@ fn main() -> anyhow::Result<()> {
         &DeviceMsg::Ready {
             backend: args.backend.clone(),
             num_capsets,
+            num_scanouts: 1,
         },
         &[],
     )?;

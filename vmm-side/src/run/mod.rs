@@ -265,6 +265,9 @@ pub struct GuestDriverReport {
     pub resets_refused: u64,
     /// Port I/O and MMIO exits the VMM served (PCI configuration, BAR0, events, holes).
     pub vm_exits: u64,
+    /// `num_scanouts` the driver read in the device configuration (the device's, from its
+    /// `Ready`).
+    pub num_scanouts: u64,
 }
 
 /// The virtqueues' counters (`"virtqueue"` in the JSON).
@@ -760,6 +763,7 @@ pub fn run_until_stopped(
             device_resets: results.device_resets,
             resets_refused: results.resets_refused,
             vm_exits: guest.exits(),
+            num_scanouts: results.num_scanouts,
         },
         virtqueue: vq,
         device_memory_limit: facts.memory_limit.clone(),
