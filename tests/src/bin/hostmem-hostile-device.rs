@@ -126,6 +126,11 @@ enum Scenario {
     GuestRamAsBlob,
     /// The window's own memfd as the blob (its background through an alias).
     WindowAsBlob,
+    /// Forged `DeviceMsg::Frame`s on the mapping tube, then a normal placement (issue 26):
+    /// guest RAM's memfd as the frame, an unsealed memfd, a memfd shorter than the frame,
+    /// width 0, and a stride whose end overflows. The VMM refuses each before reading a
+    /// byte and counts it (`display.refused`).
+    ForgedFrames,
     // Fds that mmap would refuse, refused before it (issue 22): the blob reopened
     // through /proc (unjailed only: the jail has no open).
     /// The blob reopened O_RDONLY.
@@ -316,6 +321,52 @@ impl HostilePlacer {
         };
         self.send_msg(&msg, &[fd])?;
         self.reply(seq)
+    }
+
+    /// [`Scenario::ForgedFrames`]: five frames the VMM must refuse.
+    fn forged_frames(&self) -> Result<(), String> {
+        use hostmem_ipc::protocol::FrameMsg;
+        let e = |e: hostmem_base::Error| e.to_string();
+        let good = FrameMsg {
+            scanout_id: 0,
+            resource_id: 1,
+            width: 16,
+            height: 16,
+            stride: 64,
+            format: 2,
+            offset: 0,
+            rect: [0, 0, 16, 16],
+            seq: 1,
+            blob: false,
+        };
+        let ram = held()
+            .ram
+            .first()
+            .ok_or("no guest RAM held")?
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        let unsealed = SharedMemory::new("hostile-frame-unsealed", PAGE).map_err(e)?;
+        let short = SharedMemory::frozen_copy("hostile-frame-short", &[0x5a; 512]).map_err(e)?;
+        let frozen = SharedMemory::frozen_copy("hostile-frame", &[0x5a; 1024]).map_err(e)?;
+        let forged = [
+            (good, ram.as_fd()),
+            (good, unsealed.as_fd()),
+            (good, short.as_fd()),
+            (FrameMsg { width: 0, ..good }, frozen.as_fd()),
+            (
+                FrameMsg {
+                    stride: u32::MAX,
+                    offset: u64::MAX - 8,
+                    ..good
+                },
+                frozen.as_fd(),
+            ),
+        ];
+        for (msg, fd) in forged {
+            self.send_msg(&DeviceMsg::Frame(msg), &[fd])
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        Ok(())
     }
 
     fn attack(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError> {
@@ -623,6 +674,10 @@ impl HostilePlacer {
                     .try_clone()
                     .map_err(|e| PlaceError::Unspec(e.to_string()))?;
                 self.bad_event(msg, ram.as_fd())
+            }
+            Scenario::ForgedFrames => {
+                self.forged_frames().map_err(PlaceError::Unspec)?;
+                self.honest(req)
             }
             Scenario::WindowAsBlob => {
                 let w = self
@@ -1082,6 +1137,8 @@ fn main() -> anyhow::Result<()> {
         args.attack_on,
         if armed { "armed" } else { "disarmed" }
     );
+    // Frames go to the VMM as the real device sends them (a duplicate of the mapping tube).
+    let frames = Tube::from_fd(mapping.as_fd().try_clone_to_owned()?)?;
     let placer = HostilePlacer {
         window: mirror,
         tube: mapping,
@@ -1096,6 +1153,9 @@ fn main() -> anyhow::Result<()> {
     };
     let mut gpu = Gpu::new(backend, placer);
     gpu.set_blob_budget(args.blob_budget);
+    gpu.set_frame_sink(Box::new(hostmem_device::display::TubeSink::new(
+        std::sync::Arc::new(frames),
+    )));
     let mut dev = VirtioGpu::new(gpu);
     serve(&transport, &mut dev)
 }
@@ -1130,8 +1190,11 @@ fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result
     };
     shadow.shm.seal_size()?;
     loop {
+        dev.gpu_mut().display_mut().retry_sink();
         let timeout = if dev.in_flight() > 0 || dev.busy() {
             PollTimeout::ZERO
+        } else if dev.gpu().display().sink_pending() {
+            PollTimeout::from(1u8)
         } else {
             PollTimeout::NONE
         };
