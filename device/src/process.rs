@@ -302,7 +302,12 @@ fn run(args: &Args) -> Result<()> {
     }
     let mut dev = VirtioGpu::new(gpu);
     let poll = IdlePoll::new(Duration::from_micros(args.idle_poll_max_us));
-    serve(&transport, &mut dev, poll)
+    let end = serve(&transport, &mut dev, poll);
+    // What waits for room in the tube (the last cursor, a frame) still goes out.
+    dev.gpu_mut()
+        .display_mut()
+        .flush_sink(Duration::from_millis(500));
+    end
 }
 
 /// vhost-user mode: the supervisor handshake (if `--control-fd`), then

@@ -305,3 +305,32 @@ fn fields_added_within_a_protocol_version_read_with_their_defaults() {
     };
     assert_eq!((c.x, c.hot_y, c.image_hash), (1, 5, 0));
 }
+
+#[test]
+fn what_a_peer_sent_before_it_closed_with_our_messages_unread_is_still_received() {
+    // The peer's close with our message unread leaves ECONNRESET on our socket, which the
+    // kernel reports ahead of the peer's queued messages: they must still come, then EOF.
+    let (ours, theirs) = Tube::pair().unwrap();
+    for n in 0..3 {
+        theirs
+            .send(
+                &DeviceMsg::Ready {
+                    backend: format!("m{n}"),
+                    num_capsets: n,
+                    num_scanouts: 1,
+                },
+                &[],
+            )
+            .unwrap();
+    }
+    ours.send(&VmmMsg::Shutdown, &[]).unwrap();
+    drop(theirs);
+    for n in 0..3 {
+        let (msg, _) = ours.recv::<DeviceMsg>().unwrap();
+        assert!(
+            matches!(&msg, DeviceMsg::Ready { num_capsets, .. } if *num_capsets == n),
+            "{msg:?}"
+        );
+    }
+    assert!(matches!(ours.recv::<DeviceMsg>(), Err(Error::Hangup)));
+}

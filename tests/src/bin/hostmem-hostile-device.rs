@@ -1157,7 +1157,11 @@ fn main() -> anyhow::Result<()> {
         std::sync::Arc::new(frames),
     )));
     let mut dev = VirtioGpu::new(gpu);
-    serve(&transport, &mut dev)
+    let end = serve(&transport, &mut dev);
+    dev.gpu_mut()
+        .display_mut()
+        .flush_sink(Duration::from_millis(500));
+    end
 }
 
 /// Guest-physical address of the private shadow used ring (far above any guest RAM).
