@@ -345,7 +345,8 @@ pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
 }
 
 /// [`run`], ended early (the device stopped, the window restored, the report made, an
-/// error saying so) when `stop` reports SIGINT or SIGTERM.
+/// error saying so) when `stop` reports SIGINT or SIGTERM. A SIGUSR1 on `stop` writes a
+/// screenshot (`--screenshot`) between guest events and the run goes on.
 pub fn run_until_stopped(
     opts: &RunOptions,
     stop: Option<&crate::stop::StopSignals>,
@@ -446,6 +447,16 @@ pub fn run_until_stopped(
             errors.push(format!("stopped by {sig}"));
             stopped_by = Some(sig.to_string());
             break;
+        }
+        // SIGUSR1 with --screenshot: scanout 0's latest frame now, the run goes on.
+        if let (Some(stop), Some(path)) = (stop, &opts.screenshot) {
+            if stop.take_screenshot_request() {
+                match hostmem.frames().screenshot(path) {
+                    Ok(true) => log::info!("SIGUSR1: screenshot written to {}", path.display()),
+                    Ok(false) => log::warn!("SIGUSR1: no frame on scanout 0 yet, no screenshot"),
+                    Err(e) => log::warn!("SIGUSR1: screenshot {}: {e:#}", path.display()),
+                }
+            }
         }
         let event = match guest.run_until_event(&mut pci) {
             Ok(e) => e,
