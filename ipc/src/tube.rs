@@ -315,12 +315,12 @@ impl Tube {
 
     /// [`Tube::recv_bytes`] without waiting: `Ok(None)` when no message is queued.
     pub fn try_recv_bytes(&self) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
-        self.with_buf(
-            |buf| match self.after_reset(try_recv_with_fds(self.sock.as_fd(), buf), buf) {
+        self.with_buf(|buf| {
+            match self.after_reset(try_recv_with_fds(self.sock.as_fd(), buf), buf) {
                 Err(Errno::EAGAIN) => Ok(None),
                 got => Self::received(got, buf).map(Some),
-            },
-        )
+            }
+        })
     }
 
     /// Checks what one `recvmsg` brought.

@@ -59,7 +59,12 @@ fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     assert_ne!(c.resource_id, 0, "{c:?}");
     assert_eq!(r.display.cursor_mismatches, Some(0), "{:?}", r.display);
     assert_eq!(r.display.cursor_updates, 2, "{:?}", r.display);
-    assert_eq!(r.display.blob_scanout_mismatches, Some(0), "{:?}", r.display);
+    assert_eq!(
+        r.display.blob_scanout_mismatches,
+        Some(0),
+        "{:?}",
+        r.display
+    );
     assert!(r.display.frames >= 2, "{:?}", r.display);
     // One scanout by default: the device said so in its Ready, the transport's device
     // config said so to the driver.
@@ -106,7 +111,12 @@ fn per_blob_slot_mode_guest_sees_blobs_and_slots_churn() {
     // One add and one delete per blob (and the blob the driver shows on scanout 0); no
     // window slot.
     assert_eq!(r.memslot_changes, 2 * 61);
-    assert_eq!(r.display.blob_scanout_mismatches, Some(0), "{:?}", r.display);
+    assert_eq!(
+        r.display.blob_scanout_mismatches,
+        Some(0),
+        "{:?}",
+        r.display
+    );
 }
 
 #[test]
@@ -169,7 +179,12 @@ fn num_scanouts_in_the_device_config_is_the_devices_display() {
     );
     // Scanout 0 still shows what the driver drew.
     assert_eq!(r.display.mismatches, Some(0), "{:?}", r.display);
-    assert_eq!(r.display.blob_scanout_mismatches, Some(0), "{:?}", r.display);
+    assert_eq!(
+        r.display.blob_scanout_mismatches,
+        Some(0),
+        "{:?}",
+        r.display
+    );
 }
 
 #[test]
@@ -181,7 +196,10 @@ fn the_native_device_is_told_where_the_window_is_and_refuses_backing_there() {
         .split(|&b| b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let at = args.iter().position(|a| a == "--window-gpa").expect("--window-gpa");
+    let at = args
+        .iter()
+        .position(|a| a == "--window-gpa")
+        .expect("--window-gpa");
     let gpa = hm.window_gpa();
     assert_eq!(args.get(at + 1), Some(&gpa.to_string()), "{args:?}");
     use hostmem_device::wire::{Command, Response};
@@ -194,7 +212,10 @@ fn the_native_device_is_told_where_the_window_is_and_refuses_backing_there() {
         Response::OkNoData { .. }
     ));
     // A backing entry in the window (what the guest sees at BAR2): refused, nothing kept.
-    let r = ok(&mut d, Command::attach_backing(9, &[(gpa + 4096, 16 * 16 * 4)]));
+    let r = ok(
+        &mut d,
+        Command::attach_backing(9, &[(gpa + 4096, 16 * 16 * 4)]),
+    );
     assert!(matches!(r, Response::Err { .. }), "{r:?}");
     // The device still serves.
     assert!(matches!(

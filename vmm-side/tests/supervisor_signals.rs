@@ -366,9 +366,11 @@ fn sigusr1_asks_hostmem_run_for_a_screenshot_and_the_run_goes_on() {
         out: child.stdout.take().map(BufReader::new),
     };
     sup.child = Some(child);
-    wait_until("hostmem run's device starts", Duration::from_secs(30), || {
-        !cgroups_of(pid).is_empty()
-    });
+    wait_until(
+        "hostmem run's device starts",
+        Duration::from_secs(30),
+        || !cgroups_of(pid).is_empty(),
+    );
     std::thread::sleep(Duration::from_millis(500));
     sup.signal(Signal::SIGUSR1);
     let line = rx
