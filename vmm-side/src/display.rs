@@ -25,6 +25,9 @@ pub const MAX_SCANOUTS: u32 = 16;
 /// Most pixel bytes one kept frame may have (a 4096×4096 framebuffer): what a device can
 /// make the supervisor hold per scanout.
 pub const MAX_FRAME_BYTES: u64 = 64 << 20;
+/// Most pixel bytes all kept frames together may have: 16 scanouts of the largest frame
+/// would be 1 GiB of the supervisor's memory, at the device's word.
+pub const MAX_KEPT_BYTES: u64 = 128 << 20;
 
 /// The pixel formats (virtio-gpu's names give the bytes in memory order: `B8G8R8A8` is
 /// the bytes B, G, R, A).
@@ -237,8 +240,9 @@ pub struct DisplayReport {
 #[derive(Debug, Default)]
 struct State {
     latest: BTreeMap<u32, KeptFrame>,
-    /// Scanout 0's latest frame of a blob (what `hostmem run`'s blob-scanout check reads
-    /// after a 2D frame replaced it): one more kept frame at most.
+    /// Scanout 0's latest frame of a blob once a 2D frame replaced it there (what `hostmem
+    /// run`'s blob-scanout check reads): one more kept frame at most, within
+    /// [`MAX_KEPT_BYTES`] with the others.
     latest_blob0: Option<KeptFrame>,
     frames: u64,
     refused: u64,
@@ -246,6 +250,22 @@ struct State {
     cursor: Option<CursorMsg>,
     cursor_updates: u64,
     screenshots: u64,
+}
+
+impl State {
+    /// The bytes `latest_blob0` holds once `msg` is kept (a 2D frame on scanout 0 moves a
+    /// blob frame shown there into it; a blob frame there empties it).
+    fn blob0_after(&self, msg: &FrameMsg) -> u64 {
+        let len = |f: Option<&KeptFrame>| f.map_or(0, |f| f.pixels.len() as u64);
+        match (msg.scanout_id, msg.blob) {
+            (0, true) => 0,
+            (0, false) => match self.latest.get(&0) {
+                Some(f) if f.msg.blob => len(Some(f)),
+                _ => len(self.latest_blob0.as_ref()),
+            },
+            _ => len(self.latest_blob0.as_ref()),
+        }
+    }
 }
 
 /// The latest frame per scanout and the counters; clones share them (the receiving thread
@@ -303,6 +323,27 @@ impl Frames {
         let Some(format) = PixelFormat::from_u32(msg.format) else {
             return false;
         };
+        let bytes = u64::from(msg.width) * 4 * u64::from(msg.height);
+        let others: u64 = {
+            let st = self.lock();
+            let kept: u64 = st
+                .latest
+                .iter()
+                .filter(|(id, _)| **id != msg.scanout_id)
+                .map(|(_, f)| f.pixels.len() as u64)
+                .sum();
+            kept + st.blob0_after(msg)
+        };
+        if others + bytes > MAX_KEPT_BYTES {
+            self.refuse(
+                "frames past the kept bound",
+                &format!(
+                    "scanout {}: {bytes} bytes with {others} kept for other scanouts is more than {MAX_KEPT_BYTES}",
+                    msg.scanout_id
+                ),
+            );
+            return false;
+        }
         let pixels = match read_frame(msg, fd.as_fd()) {
             Ok(p) => p,
             Err(why) => {
@@ -317,10 +358,14 @@ impl Frames {
         };
         let mut st = self.lock();
         st.frames += 1;
-        if msg.blob && msg.scanout_id == 0 {
-            st.latest_blob0 = Some(kept.clone());
+        let old = st.latest.insert(msg.scanout_id, kept);
+        if msg.scanout_id == 0 {
+            if msg.blob {
+                st.latest_blob0 = None;
+            } else if let Some(old) = old.filter(|f| f.msg.blob) {
+                st.latest_blob0 = Some(old);
+            }
         }
-        st.latest.insert(msg.scanout_id, kept);
         true
     }
 
@@ -343,7 +388,11 @@ impl Frames {
     /// Scanout 0's latest frame that showed a blob (`SET_SCANOUT_BLOB`), even if a 2D
     /// frame came after it.
     pub fn latest_blob0(&self) -> Option<KeptFrame> {
-        self.lock().latest_blob0.clone()
+        let st = self.lock();
+        match st.latest.get(&0) {
+            Some(f) if f.msg.blob => Some(f.clone()),
+            _ => st.latest_blob0.clone(),
+        }
     }
 
     /// The counters and scanout 0's latest frame's shape.
@@ -557,6 +606,38 @@ mod tests {
             assert_eq!(f.to_rgba(px), want, "{f:?}");
         }
         assert!(PixelFormat::from_u32(0).is_none());
+    }
+
+    #[test]
+    fn kept_frames_together_stay_under_their_bound() {
+        // 4096x4096 frames are 64 MiB each: two scanouts fit, the third does not; a new
+        // frame for a scanout already kept replaces it within the bound.
+        let side = 4096u32;
+        let shm = || {
+            let s = SharedMemory::new("big", u64::from(side) * 4 * u64::from(side)).unwrap();
+            s.seal_size().unwrap();
+            s.into_fd()
+        };
+        // A blob scanout: the size seals are what it needs.
+        let on = |id| FrameMsg {
+            scanout_id: id,
+            blob: true,
+            ..msg(side, side)
+        };
+        let frames = Frames::new();
+        assert!(frames.receive(&on(0), vec![shm()], &|_| None));
+        assert!(frames.receive(&on(1), vec![shm()], &|_| None));
+        assert!(
+            !frames.receive(&on(2), vec![shm()], &|_| None),
+            "past 128 MiB"
+        );
+        assert!(
+            frames.receive(&on(1), vec![shm()], &|_| None),
+            "a replacement"
+        );
+        let r = frames.report();
+        assert_eq!((r.frames, r.refused), (3, 1));
+        assert_eq!(r.refusals.get("frames past the kept bound"), Some(&1));
     }
 
     #[test]

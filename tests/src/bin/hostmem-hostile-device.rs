@@ -1137,7 +1137,8 @@ fn main() -> anyhow::Result<()> {
         args.attack_on,
         if armed { "armed" } else { "disarmed" }
     );
-    // Frames go to the VMM as the real device sends them (a duplicate of the mapping tube).
+    // Frames go to the VMM on the mapping tube, as the real device sends them (only the
+    // placements are hostile here).
     let frames = Tube::from_fd(mapping.as_fd().try_clone_to_owned()?)?;
     let placer = HostilePlacer {
         window: mirror,
@@ -1194,10 +1195,10 @@ fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result
     };
     shadow.shm.seal_size()?;
     loop {
-        dev.gpu_mut().display_mut().retry_sink();
         let timeout = if dev.in_flight() > 0 || dev.busy() {
             PollTimeout::ZERO
         } else if dev.gpu().display().sink_pending() {
+            // A frame waits for room in the tube, as in the real device's loop.
             PollTimeout::from(1u8)
         } else {
             PollTimeout::NONE
@@ -1207,6 +1208,9 @@ fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result
             Ok(None) => (false, vec![]),
             Err(e) => bail!("poll: {e}"),
         };
+        if dev.gpu().display().sink_pending() {
+            dev.gpu_mut().display_mut().retry_sink();
+        }
         if dev.busy() {
             dev.process_busy();
         } else if !transport_ready && kicked.is_empty() {
