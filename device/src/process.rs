@@ -341,6 +341,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         blob_budget: args.blob_budget,
         display: args.display.clone(),
         frames: None,
+        idle_poll_max: Duration::from_micros(args.idle_poll_max_us),
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.test_ops, server)?;
