@@ -506,7 +506,10 @@ impl CaseRun {
                 // As a timed pipelined batch: all maps, the guest reads every blob, all
                 // unmaps.
                 let q = opts.queue_depth.clamp(1, wl.cycling.len());
+                let reps: usize = std::env::var("HOSTMEM_DBG_TRACE").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+                for rep in 0..reps {
                 d.set_trace(true)?;
+                let mut dtags = Vec::new();
                 for round in 0..2 {
                     let mut tags = Vec::with_capacity(q);
                     for b in &wl.cycling[..q] {
@@ -518,6 +521,7 @@ impl CaseRun {
                     }
                     for t in tags {
                         d.wait_ok_or_map(t)?;
+                        dtags.push(d.stamps(t));
                     }
                     if round == 0 {
                         for b in &wl.cycling[..q] {
@@ -528,6 +532,18 @@ impl CaseRun {
                 let recs = d.take_trace()?;
                 d.set_trace(false)?;
                 *pipeline = super::breakdown::PipelineTrace::of(&recs);
+                if reps > 1 {
+                    let t0 = recs.iter().map(|r| r.device.begin).filter(|v| *v > 0).min().unwrap_or(0);
+                    let rel = |v: u64| if v == 0 { -1.0 } else { (v as f64 - t0 as f64) / 1e3 };
+                    eprintln!("DBG rep {rep} {:?}", pipeline);
+                    for (r, st) in recs.iter().zip(&dtags) {
+                        let (k, seen) = st.unwrap_or((0, 0));
+                        eprintln!("DBG seq {:3} map {} b {:2} kick {:7.1} woke {:7.1} begin {:7.1} sent {:7.1} mirr {:7.1} | rcv {:7.1} chk {:7.1} plc {:7.1} rep {:7.1} | dev_rep {:7.1} used {:7.1} seen {:7.1}",
+                            r.seq, r.map as u8, r.batch, rel(k), rel(r.device.woke), rel(r.device.begin), rel(r.device.sent), rel(r.device.mirror_done),
+                            rel(r.vmm.received), rel(r.vmm.checked), rel(r.vmm.placed), rel(r.vmm.replied), rel(r.device.reply), rel(r.device.used), rel(seen));
+                    }
+                }
+                }
             }
             _ => {}
         }
