@@ -389,6 +389,13 @@ fn run_vhost_user(args: &Args) -> Result<()> {
 /// Placements in flight at most before the device waits for the oldest verdict.
 pub const MAX_IN_FLIGHT: usize = 32;
 
+/// How long the loop looks for a verdict (and for kicks) without blocking while
+/// placements are in flight and nothing else is to do, before it blocks on the oldest
+/// verdict ([`hostmem_ipc::REPLY_SPIN`], as the tube's own receive would spin). A pipelined
+/// batch's verdicts come tens of microseconds apart, and a chain that comes meanwhile is
+/// taken at once instead of after the verdict the loop waited for.
+pub const VERDICT_POLL: Duration = hostmem_ipc::REPLY_SPIN;
+
 /// Where the idle loop's polling window starts and what it shrinks back to ([`IdlePoll`]):
 /// after its last work the loop keeps polling its fds (kick eventfds, transport tube)
 /// without sleeping this long at least, like QEMU's `poll-max-ns`: waking a sleeping
@@ -467,6 +474,9 @@ pub fn serve(
     mut poll: IdlePoll,
 ) -> Result<()> {
     let mut idle_since: Option<Instant> = None;
+    // Since when the loop has been looking for a verdict (placements in flight, nothing
+    // else to do) without blocking.
+    let mut verdict_since: Option<Instant> = None;
     loop {
         if dev.in_flight() >= MAX_IN_FLIGHT {
             dev.finish_one();
@@ -508,13 +518,27 @@ pub fn serve(
             dev.process_busy();
         } else if !transport_ready && kicked.is_empty() {
             if working {
-                // Nothing new while placements are in flight: settle the oldest, and those
-                // whose verdicts came with it.
-                dev.finish_ready();
+                // Nothing new while placements are in flight: settle the verdicts that
+                // came (all of them, in order). None yet: look again, at the kicks too,
+                // for up to VERDICT_POLL before blocking on the oldest one, so chains
+                // that come meanwhile are taken at once and not after the verdict.
+                let since = *verdict_since.get_or_insert_with(Instant::now);
+                if dev.gpu_mut().placer_mut().next_verdict_ready()
+                    || since.elapsed() >= VERDICT_POLL
+                {
+                    verdict_since = None;
+                    dev.finish_ready();
+                } else {
+                    std::thread::yield_now();
+                    continue;
+                }
             } else if spinning {
                 std::thread::yield_now();
                 continue;
             }
+        }
+        if !kicked.is_empty() || transport_ready || !working {
+            verdict_since = None;
         }
         for index in kicked {
             dev.kick(index);

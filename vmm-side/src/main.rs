@@ -232,6 +232,11 @@ struct BenchArgs {
     /// to 1 ms when idle) or none (nothing pinned, the devices' default poll).
     #[arg(long, value_enum, default_value = "split")]
     cpu_layout: hostmem_vmm::bench::CpuLayout,
+    /// The layouts to measure in one run, the first as --cpu-layout: `split,none` also runs
+    /// fixed-sandboxed and its pipelined case unpinned, in the same rounds (--quick's
+    /// default); `split` alone does not.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    layouts: Option<Vec<hostmem_vmm::bench::CpuLayout>>,
     /// Run the whole bench N times in this process and summarize across the runs (per
     /// target: each run's median and how many runs passed). With --json: one object with
     /// every run and the summary; with --out: each run in `run-<i>/` and repeat.json.
@@ -478,6 +483,11 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
     o.limits = a.limits;
     o.growth = a.growth;
     o.cpu_layout = a.cpu_layout;
+    if let Some(l) = &a.layouts {
+        o.cpu_layout = l.first().copied().unwrap_or(a.cpu_layout);
+        o.also_unpinned = o.cpu_layout == bench::CpuLayout::Split
+            && l.contains(&bench::CpuLayout::None);
+    }
     o.queue_depth = a.queue_depth.max(1);
     o.blobs = o.blobs.max(o.queue_depth);
     o.seed = a.seed;

@@ -127,6 +127,11 @@ pub struct BenchOptions {
     pub vhost_user: bool,
     /// Where the bench's threads and the devices run.
     pub cpu_layout: CpuLayout,
+    /// With the split layout: also run `fixed-sandboxed` and `fixed-sandboxed-pipelined`
+    /// unpinned (the [`CpuLayout::None`] way, as `hostmem run` runs by default), as
+    /// `fixed-sandboxed-unpinned` and `fixed-sandboxed-pipelined-unpinned`, in the same
+    /// interleaved rounds, so both layouts' ratios to the floor come from one run.
+    pub also_unpinned: bool,
 }
 
 /// Where the bench's driver (the guest's vCPU), the devices and the mapping services run
@@ -171,6 +176,7 @@ impl BenchOptions {
             show_progress: true,
             vhost_user: true,
             cpu_layout: CpuLayout::Split,
+            also_unpinned: false,
         }
     }
 
@@ -184,6 +190,7 @@ impl BenchOptions {
             sync_remaps: 200,
             cold_starts: 12,
             limit_seconds: 20.0,
+            also_unpinned: true,
             ..BenchOptions::full(device)
         }
     }

@@ -269,6 +269,9 @@ pub struct OptionsReport {
     pub jailed: bool,
     /// Where the driver, the devices and the mapping services ran (`--cpu-layout`).
     pub cpu_layout: String,
+    /// The cases run unpinned beside the split ones (`--layouts split,none`): nothing
+    /// pinned, the devices' default idle poll, the driver polling for its replies.
+    pub unpinned_cases: Vec<String>,
 }
 
 /// The bench report (`--json`).
@@ -385,6 +388,8 @@ fn ratio_defs() -> Vec<(String, &'static str, &'static str, Metric)> {
         ("fixed-sandboxed", "fixed_sandboxed"),
         ("fixed-sandboxed-pipelined", "pipelined"),
         ("fixed-inproc", "fixed_inproc"),
+        ("fixed-sandboxed-unpinned", "fixed_sandboxed_unpinned"),
+        ("fixed-sandboxed-pipelined-unpinned", "pipelined_unpinned"),
     ] {
         v.push((format!("latency_{key}_vs_floor"), case, "floor", Latency));
         v.push((
@@ -401,6 +406,8 @@ fn ratio_defs() -> Vec<(String, &'static str, &'static str, Metric)> {
         ("slot-sandboxed", "slot_sandboxed"),
         ("fixed-sandboxed-pipelined", "pipelined"),
         (vu, "vhost_user"),
+        ("fixed-sandboxed-unpinned", "fixed_sandboxed_unpinned"),
+        ("fixed-sandboxed-pipelined-unpinned", "pipelined_unpinned"),
     ] {
         v.push((format!("cpu_{key}_vs_floor"), case, "floor", Cpu));
         v.push((
@@ -533,7 +540,7 @@ pub fn targets(
             .sum::<u64>() as f64
     });
     let cold = Spread::of(cold_start_ms);
-    vec![
+    let mut out = vec![
         ratio(
             "pipelined throughput (pairs/s) as a share of the floor's",
             ">= 0.5",
@@ -569,7 +576,28 @@ pub fn targets(
                 &|v| v < 50.0,
             )
         },
-    ]
+    ];
+    // The unpinned layout's, when it ran (`--layouts split,none`; issue 25 item 4).
+    if cases.iter().any(|c| c.name == "fixed-sandboxed-unpinned") {
+        out.push(ratio(
+            "unpinned fixed-sandboxed map+unmap latency p50 over the floor's",
+            "<= 4x",
+            "latency_fixed_sandboxed_unpinned_vs_floor",
+            &|v| v <= 4.0,
+        ));
+    }
+    if cases
+        .iter()
+        .any(|c| c.name == "fixed-sandboxed-pipelined-unpinned")
+    {
+        out.push(ratio(
+            "unpinned pipelined throughput (pairs/s) as a share of the floor's",
+            ">= 0.5",
+            "throughput_pipelined_unpinned_vs_floor",
+            &|v| v >= 0.5,
+        ));
+    }
+    out
 }
 
 /// The report as a terminal table.
@@ -589,6 +617,13 @@ pub fn render(r: &BenchReport) -> String {
         r.options.levels.first().copied().unwrap_or(0)
     );
     let _ = writeln!(s, "cpu layout: {}", r.options.cpu_layout);
+    if !r.options.unpinned_cases.is_empty() {
+        let _ = writeln!(
+            s,
+            "also unpinned, in the same rounds (nothing pinned, the devices' default poll): {}",
+            r.options.unpinned_cases.join(", ")
+        );
+    }
     let _ = writeln!(
         s,
         "\nlatency: per command, kick to used ring (pipelined: {} in flight); throughput: map+unmap pairs per second",
@@ -596,7 +631,7 @@ pub fn render(r: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:<27} {:>17} {:>17} {:>17} {:>9} {:>9} {:>8} {:>5} {:>17} {:>6} {:>6}",
+        "\n{:<34} {:>17} {:>17} {:>17} {:>9} {:>9} {:>8} {:>5} {:>17} {:>6} {:>6}",
         "case",
         "map p50/p99 µs",
         "unmap p50/p99 µs",
@@ -613,7 +648,7 @@ pub fn render(r: &BenchReport) -> String {
     for c in &r.cases {
         let _ = writeln!(
             s,
-            "{:<27} {:>17} {:>17} {:>17} {:>9.0} {:>9} {:>8.1} {:>5} {:>17} {:>6} {:>6}{}",
+            "{:<34} {:>17} {:>17} {:>17} {:>9.0} {:>9} {:>8.1} {:>5} {:>17} {:>6} {:>6}{}",
             c.name,
             pair(&c.map_us),
             pair(&c.unmap_us),
@@ -631,7 +666,7 @@ pub fn render(r: &BenchReport) -> String {
     if let Some(first) = r.cases.first() {
         let _ = write!(
             s,
-            "\nmap+unmap latency p50 µs / pairs per second by live placements:\n{:<27}",
+            "\nmap+unmap latency p50 µs / pairs per second by live placements:\n{:<34}",
             "case"
         );
         for p in &first.sweep {
@@ -639,7 +674,7 @@ pub fn render(r: &BenchReport) -> String {
         }
         let _ = writeln!(s);
         for c in &r.cases {
-            let _ = write!(s, "{:<27}", c.name);
+            let _ = write!(s, "{:<34}", c.name);
             for p in &c.sweep {
                 let _ = write!(
                     s,
@@ -656,7 +691,7 @@ pub fn render(r: &BenchReport) -> String {
         let x = &c.remap;
         let _ = writeln!(
             s,
-            "  {:<27} {} sync + {} concurrent remaps, spinning vCPU: {} reads, {} changes seen, {} background zeros, {} holes",
+            "  {:<34} {} sync + {} concurrent remaps, spinning vCPU: {} reads, {} changes seen, {} background zeros, {} holes",
             c.name, x.sync_remaps, x.remaps, x.spin_reads, x.spin_changes, x.spin_zero_reads, x.spin_holes
         );
     }
@@ -770,7 +805,7 @@ fn render_cpu(s: &mut String, cases: &[CaseReport]) {
     );
     let _ = writeln!(
         s,
-        "{:<27} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9}  device time from",
+        "{:<34} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9}  device time from",
         "case", "vmm", "device", "total", "×floor", "guest", "w/o guest", "×floor", "after"
     );
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
@@ -778,7 +813,7 @@ fn render_cpu(s: &mut String, cases: &[CaseReport]) {
         let p = &c.cpu;
         let _ = writeln!(
             s,
-            "{:<27} {:>9.1} {:>9} {:>9} {:>7} {:>9.1} {:>9} {:>7} {:>9.1}  {}",
+            "{:<34} {:>9.1} {:>9} {:>9} {:>7} {:>9.1} {:>9} {:>7} {:>9.1}  {}",
             c.name,
             p.vmm_us,
             opt(p.device_us, 1),

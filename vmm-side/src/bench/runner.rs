@@ -86,6 +86,8 @@ struct CaseRun {
     device_clock: Option<DeviceClock>,
     /// The driver thread's CPU time in guest steps during the current batch.
     guest_cpu: Duration,
+    /// Run unpinned beside the split layout's cases ([`BenchOptions::also_unpinned`]).
+    unpinned: bool,
 }
 
 impl Samples {
@@ -136,6 +138,30 @@ pub(super) fn us(d: Duration) -> f64 {
 }
 
 impl CaseRun {
+    /// The case's name in the report: the kind's, with `-unpinned` for the unpinned
+    /// copies ([`UNPINNED_KINDS`]).
+    fn name(&self) -> &'static str {
+        match (self.unpinned, self.kind) {
+            (true, CaseKind::FixedSandboxed) => "fixed-sandboxed-unpinned",
+            (true, CaseKind::FixedSandboxedPipelined) => "fixed-sandboxed-pipelined-unpinned",
+            (_, k) => k.name(),
+        }
+    }
+
+    /// Case `kind` set up unpinned: the device process and its mapping service start from
+    /// an unpinned driver thread (they inherit its CPUs) with `opts` as `--cpu-layout none`
+    /// would have them.
+    fn setup_unpinned(
+        kind: CaseKind,
+        opts: &BenchOptions,
+        wl: &Workload,
+    ) -> anyhow::Result<CaseRun> {
+        let _unpinned = DriverUnpinned::new();
+        let mut c = CaseRun::setup(kind, opts, wl)?;
+        c.unpinned = true;
+        Ok(c)
+    }
+
     fn setup(kind: CaseKind, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<CaseRun> {
         let vm = Arc::new(Vm::open()?);
         let hostmem = Arc::new(Hostmem::new(
@@ -164,6 +190,7 @@ impl CaseRun {
             pipeline: None,
             device_clock: None,
             guest_cpu: Duration::ZERO,
+            unpinned: false,
         };
         c.device_clock = c.device_pid().map(DeviceClock::of);
         for b in wl.cycling.iter().chain(wl.spin.iter()) {
@@ -305,6 +332,13 @@ impl CaseRun {
     fn batch_pipelined(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
         let q = opts.queue_depth.clamp(1, wl.cycling.len());
         let blobs = &wl.cycling[..q];
+        let dbg = std::env::var("HOSTMEM_DBG_TIMED").is_ok();
+        let mut dtags = Vec::new();
+        if dbg {
+            if let Route::Sandboxed { driver: Some(d), .. } = &mut self.path {
+                d.set_trace(true)?;
+            }
+        }
         for _ in 0..(opts.batch / q).max(1) {
             let Route::Sandboxed {
                 driver: Some(d), ..
@@ -321,6 +355,7 @@ impl CaseRun {
             for (tag, at) in tags.drain(..) {
                 d.wait_map(tag)?;
                 map_lat.push(us(at.elapsed()));
+                dtags.push(d.stamps(tag));
             }
             let map_wall = t0.elapsed();
             let mut unmap_lat = Vec::with_capacity(q);
@@ -339,6 +374,7 @@ impl CaseRun {
             for (tag, at) in tags.drain(..) {
                 d.wait_ok(tag)?;
                 unmap_lat.push(us(at.elapsed()));
+                dtags.push(d.stamps(tag));
             }
             let unmap_wall = t1.elapsed();
             self.guest_step(|c| blobs.iter().try_for_each(|b| c.guest_check_unmapped(b)))?;
@@ -352,6 +388,16 @@ impl CaseRun {
             s.refault_us.push(us(r));
             s.cycles += q as u64;
             s.op_seconds += (map_wall + unmap_wall).as_secs_f64();
+            if dbg {
+                eprintln!("DBG timed map_wall {:?} unmap_wall {:?}", map_wall, unmap_wall);
+            }
+        }
+        if dbg {
+            if let Route::Sandboxed { driver: Some(d), .. } = &mut self.path {
+                let recs = d.take_trace()?;
+                d.set_trace(false)?;
+                dbg_dump(&recs, &dtags);
+            }
         }
         Ok(())
     }
@@ -533,15 +579,8 @@ impl CaseRun {
                 d.set_trace(false)?;
                 *pipeline = super::breakdown::PipelineTrace::of(&recs);
                 if reps > 1 {
-                    let t0 = recs.iter().map(|r| r.device.begin).filter(|v| *v > 0).min().unwrap_or(0);
-                    let rel = |v: u64| if v == 0 { -1.0 } else { (v as f64 - t0 as f64) / 1e3 };
                     eprintln!("DBG rep {rep} {:?}", pipeline);
-                    for (r, st) in recs.iter().zip(&dtags) {
-                        let (k, seen) = st.unwrap_or((0, 0));
-                        eprintln!("DBG seq {:3} map {} b {:2} kick {:7.1} woke {:7.1} begin {:7.1} sent {:7.1} mirr {:7.1} | rcv {:7.1} chk {:7.1} plc {:7.1} rep {:7.1} | dev_rep {:7.1} used {:7.1} seen {:7.1}",
-                            r.seq, r.map as u8, r.batch, rel(k), rel(r.device.woke), rel(r.device.begin), rel(r.device.sent), rel(r.device.mirror_done),
-                            rel(r.vmm.received), rel(r.vmm.checked), rel(r.vmm.placed), rel(r.vmm.replied), rel(r.device.reply), rel(r.device.used), rel(seen));
-                    }
+                    dbg_dump(&recs, &dtags);
                 }
                 }
             }
@@ -633,7 +672,7 @@ fn apply_layout(opts: &BenchOptions) -> anyhow::Result<(BenchOptions, LayoutGuar
     o.device.service_cpus = vec![first];
     // A device with a CPU of its own may poll longer before it sleeps: a pause between
     // bursts (the guest reading what it mapped) then costs no wake-up from sleep.
-    o.device.idle_poll_max = Some(DEDICATED_IDLE_POLL_MAX);
+    o.device.idle_poll_max = Some(std::env::var("HOSTMEM_DBG_POLL_US").ok().and_then(|v| v.parse().ok()).map(Duration::from_micros).unwrap_or(DEDICATED_IDLE_POLL_MAX));
     // The driver is the guest's vCPU, a thread of the VMM's process: with the mapping
     // services, so each process's address space is live on one CPU only.
     crate::affinity::pin(0, &[first], "bench driver")?;
@@ -647,6 +686,41 @@ fn apply_layout(opts: &BenchOptions) -> anyhow::Result<(BenchOptions, LayoutGuar
             DEDICATED_IDLE_POLL_MAX.as_micros()
         ),
     ))
+}
+
+/// The kinds [`BenchOptions::also_unpinned`] runs a second time, unpinned.
+pub const UNPINNED_KINDS: [CaseKind; 2] =
+    [CaseKind::FixedSandboxed, CaseKind::FixedSandboxedPipelined];
+
+/// True when [`apply_layout`] did split (it does not with one CPU).
+fn laid_split(description: &str) -> bool {
+    description.starts_with("split")
+}
+
+/// The driver thread on every CPU the bench started with until it drops, then back on
+/// the split layout's driver CPU (the first): an unpinned case's batches, and its setup
+/// (the device and the mapping service it starts inherit the thread's CPUs).
+struct DriverUnpinned;
+
+impl DriverUnpinned {
+    fn new() -> Self {
+        if let Some(all) = ALL_CPUS.get() {
+            if let Err(e) = crate::affinity::pin(0, all, "bench driver (unpinned case)") {
+                log::warn!("{e:#}");
+            }
+        }
+        DriverUnpinned
+    }
+}
+
+impl Drop for DriverUnpinned {
+    fn drop(&mut self) {
+        if let Some(first) = ALL_CPUS.get().and_then(|a| a.first()) {
+            if let Err(e) = crate::affinity::pin(0, &[*first], "bench driver") {
+                log::warn!("{e:#}");
+            }
+        }
+    }
 }
 
 /// How long a device on a CPU of its own (`--cpu-layout split`) polls at most when idle.
@@ -683,6 +757,7 @@ fn progress(show: bool, done: usize, total: usize, what: &str) {
 pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
     let t0 = Instant::now();
     Vm::available().map_err(|why| anyhow!("/dev/kvm unusable: {why}"))?;
+    let original = opts;
     let (laid, _unpin, layout) = apply_layout(opts)?;
     let opts = &laid;
     let wl = Workload::new(opts)?;
@@ -694,6 +769,18 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         cases.push(
             CaseRun::setup(*k, opts, &wl).with_context(|| format!("setting up {}", k.name()))?,
         );
+    }
+    // The unpinned copies, as `--cpu-layout none` runs them (the options as given).
+    if opts.also_unpinned && opts.cpu_layout == CpuLayout::Split && laid_split(&layout) {
+        let mut unpinned = original.clone();
+        unpinned.cpu_layout = CpuLayout::None;
+        for k in opts.cases.iter().filter(|k| UNPINNED_KINDS.contains(k)) {
+            progress(show, 0, 1, &format!("setup {} unpinned", k.name()));
+            cases.push(
+                CaseRun::setup_unpinned(*k, &unpinned, &wl)
+                    .with_context(|| format!("setting up {} unpinned", k.name()))?,
+            );
+        }
     }
     let mut vhost_user = match VhostUserCase::wanted(opts) {
         true => VhostUserCase::setup(opts, &wl)
@@ -739,10 +826,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
                     continue;
                 }
                 settle(opts);
+                let unpinned = c.unpinned.then(DriverUnpinned::new);
                 if let Err(e) = c.batch(opts, &wl) {
-                    log::error!("{}: {e:#}", c.kind.name());
+                    log::error!("{}: {e:#}", c.name());
                     c.failed = Some(format!("{e:#}"));
                 }
+                drop(unpinned);
             }
             if let Some(v) = vhost_user.as_mut() {
                 settle(opts);
@@ -752,7 +841,12 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             progress(show, done, total, &format!("{} live", level));
         }
     }
-    for c in cases.iter_mut().filter(|c| c.failed.is_none()) {
+    // The remap test and the traces are the split layout's (the unpinned copies are timed
+    // batches only).
+    for c in cases
+        .iter_mut()
+        .filter(|c| c.failed.is_none() && !c.unpinned)
+    {
         progress(show, done, total, &format!("remaps {}", c.kind.name()));
         let res = c
             .set_background(0, &wl)
@@ -784,22 +878,27 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         .and_then(|c| c.device_pid())
         .and_then(|pid| procfs::status_of(&pid.to_string()).ok())
         .map(|s| s.vm_rss_kib);
+    let cases_unpinned: Vec<String> = cases
+        .iter()
+        .filter(|c| c.unpinned)
+        .map(|c| c.name().to_string())
+        .collect();
     let mut reports = Vec::new();
     let mut cycle_samples = Vec::new();
     for c in cases.iter_mut() {
         c.teardown();
         if let Some(f) = &c.failed {
-            errors.push(format!("{}: {f}", c.kind.name()));
+            errors.push(format!("{}: {f}", c.name()));
         }
         let first_cycles = c.levels.first().map(|(_, s)| s.cycle_us.clone());
-        cycle_samples.push((c.kind.name().to_string(), first_cycles.unwrap_or_default()));
+        cycle_samples.push((c.name().to_string(), first_cycles.unwrap_or_default()));
         reports.push(CaseReport {
             memslot_changes: c.hostmem.memslot_changes(),
             peak_live: c.peak_live(),
             remap: c.remap,
             failed: c.failed.clone(),
             ..case_report(
-                c.kind.name(),
+                c.name(),
                 c.kind.mode(),
                 &c.levels,
                 c.checks,
@@ -854,6 +953,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             queue_depth: opts.queue_depth,
             working_set: opts.working_set,
             jailed: opts.device.jailed,
+            unpinned_cases: cases_unpinned,
             cpu_layout: layout,
         },
         guest_refault: reports
@@ -887,6 +987,17 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         seconds: t0.elapsed().as_secs_f64(),
         cycle_samples,
     })
+}
+
+fn dbg_dump(recs: &[hostmem_ipc::protocol::TraceRecord], dtags: &[Option<(u64, u64)>]) {
+    let t0 = recs.iter().map(|r| r.device.begin).filter(|v| *v > 0).min().unwrap_or(0);
+    let rel = |v: u64| if v == 0 { -1.0 } else { (v as f64 - t0 as f64) / 1e3 };
+    for (r, st) in recs.iter().zip(dtags) {
+        let (k, seen) = st.unwrap_or((0, 0));
+        eprintln!("DBG seq {:3} map {} b {:2} kick {:7.1} woke {:7.1} begin {:7.1} sent {:7.1} mirr {:7.1} | rcv {:7.1} chk {:7.1} plc {:7.1} rep {:7.1} | dev_rep {:7.1} used {:7.1} seen {:7.1}",
+            r.seq, r.map as u8, r.batch, rel(k), rel(r.device.woke), rel(r.device.begin), rel(r.device.sent), rel(r.device.mirror_done),
+            rel(r.vmm.received), rel(r.vmm.checked), rel(r.vmm.placed), rel(r.vmm.replied), rel(r.device.reply), rel(r.device.used), rel(seen));
+    }
 }
 
 /// The pause before each timed cold start: longer than an RCU grace period and than the
