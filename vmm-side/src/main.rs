@@ -485,8 +485,8 @@ fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
     o.cpu_layout = a.cpu_layout;
     if let Some(l) = &a.layouts {
         o.cpu_layout = l.first().copied().unwrap_or(a.cpu_layout);
-        o.also_unpinned = o.cpu_layout == bench::CpuLayout::Split
-            && l.contains(&bench::CpuLayout::None);
+        o.also_unpinned =
+            o.cpu_layout == bench::CpuLayout::Split && l.contains(&bench::CpuLayout::None);
     }
     o.queue_depth = a.queue_depth.max(1);
     o.blobs = o.blobs.max(o.queue_depth);

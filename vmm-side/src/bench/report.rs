@@ -1088,6 +1088,69 @@ mod tests {
     }
 
     #[test]
+    fn unpinned_cases_have_their_ratios_and_targets() {
+        let floor = case(
+            "floor",
+            &[(10.0, 1000.0, 100_000, None), (20.0, 500.0, 200_000, None)],
+            false,
+        );
+        let split = case(
+            "fixed-sandboxed",
+            &[
+                (30.0, 250.0, 100_000, Some(1)),
+                (40.0, 250.0, 100_000, Some(1)),
+            ],
+            true,
+        );
+        let unpinned = case(
+            "fixed-sandboxed-unpinned",
+            &[
+                (35.0, 250.0, 100_000, Some(1)),
+                (90.0, 250.0, 100_000, Some(1)),
+            ],
+            true,
+        );
+        let piped = case(
+            "fixed-sandboxed-pipelined-unpinned",
+            &[
+                (50.0, 600.0, 100_000, Some(1)),
+                (60.0, 400.0, 100_000, Some(1)),
+            ],
+            true,
+        );
+        let mut cases = vec![floor, split];
+        let rr = round_ratios(&cases);
+        let ts = targets(&cases, &ratios(&cases), &rr, &[]);
+        assert_eq!(ts.len(), 6, "no unpinned target without the unpinned cases");
+        cases.extend([unpinned, piped]);
+        let rr = round_ratios(&cases);
+        let ts = targets(&cases, &ratios(&cases), &rr, &[]);
+        assert_eq!(ts.len(), 8);
+        // Round by round against the same floor: 3.5 and 4.5, median 4.0.
+        let lat = &rr["latency_fixed_sandboxed_unpinned_vs_floor"];
+        assert_eq!(lat.rounds, vec![3.5, 4.5]);
+        assert_eq!(
+            ts[6].ratio.as_deref(),
+            Some("latency_fixed_sandboxed_unpinned_vs_floor")
+        );
+        assert_eq!((ts[6].value, ts[6].pass), (Some(4.0), Some(true)));
+        assert_eq!(
+            rr["throughput_pipelined_unpinned_vs_floor"].rounds,
+            vec![0.6, 0.8]
+        );
+        assert_eq!(
+            ts[7].ratio.as_deref(),
+            Some("throughput_pipelined_unpinned_vs_floor")
+        );
+        assert_eq!(ts[7].pass, Some(true));
+        // The split case's ratio is still its own.
+        assert_eq!(
+            rr["latency_fixed_sandboxed_vs_floor"].rounds,
+            vec![3.0, 2.0]
+        );
+    }
+
+    #[test]
     fn round_ratios_pair_the_same_rounds() {
         let floor = case(
             "floor",

@@ -332,13 +332,6 @@ impl CaseRun {
     fn batch_pipelined(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
         let q = opts.queue_depth.clamp(1, wl.cycling.len());
         let blobs = &wl.cycling[..q];
-        let dbg = std::env::var("HOSTMEM_DBG_TIMED").is_ok();
-        let mut dtags = Vec::new();
-        if dbg {
-            if let Route::Sandboxed { driver: Some(d), .. } = &mut self.path {
-                d.set_trace(true)?;
-            }
-        }
         for _ in 0..(opts.batch / q).max(1) {
             let Route::Sandboxed {
                 driver: Some(d), ..
@@ -355,7 +348,6 @@ impl CaseRun {
             for (tag, at) in tags.drain(..) {
                 d.wait_map(tag)?;
                 map_lat.push(us(at.elapsed()));
-                dtags.push(d.stamps(tag));
             }
             let map_wall = t0.elapsed();
             let mut unmap_lat = Vec::with_capacity(q);
@@ -374,7 +366,6 @@ impl CaseRun {
             for (tag, at) in tags.drain(..) {
                 d.wait_ok(tag)?;
                 unmap_lat.push(us(at.elapsed()));
-                dtags.push(d.stamps(tag));
             }
             let unmap_wall = t1.elapsed();
             self.guest_step(|c| blobs.iter().try_for_each(|b| c.guest_check_unmapped(b)))?;
@@ -388,16 +379,6 @@ impl CaseRun {
             s.refault_us.push(us(r));
             s.cycles += q as u64;
             s.op_seconds += (map_wall + unmap_wall).as_secs_f64();
-            if dbg {
-                eprintln!("DBG timed map_wall {:?} unmap_wall {:?}", map_wall, unmap_wall);
-            }
-        }
-        if dbg {
-            if let Route::Sandboxed { driver: Some(d), .. } = &mut self.path {
-                let recs = d.take_trace()?;
-                d.set_trace(false)?;
-                dbg_dump(&recs, &dtags);
-            }
         }
         Ok(())
     }
@@ -552,10 +533,7 @@ impl CaseRun {
                 // As a timed pipelined batch: all maps, the guest reads every blob, all
                 // unmaps.
                 let q = opts.queue_depth.clamp(1, wl.cycling.len());
-                let reps: usize = std::env::var("HOSTMEM_DBG_TRACE").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-                for rep in 0..reps {
                 d.set_trace(true)?;
-                let mut dtags = Vec::new();
                 for round in 0..2 {
                     let mut tags = Vec::with_capacity(q);
                     for b in &wl.cycling[..q] {
@@ -567,7 +545,6 @@ impl CaseRun {
                     }
                     for t in tags {
                         d.wait_ok_or_map(t)?;
-                        dtags.push(d.stamps(t));
                     }
                     if round == 0 {
                         for b in &wl.cycling[..q] {
@@ -578,11 +555,6 @@ impl CaseRun {
                 let recs = d.take_trace()?;
                 d.set_trace(false)?;
                 *pipeline = super::breakdown::PipelineTrace::of(&recs);
-                if reps > 1 {
-                    eprintln!("DBG rep {rep} {:?}", pipeline);
-                    dbg_dump(&recs, &dtags);
-                }
-                }
             }
             _ => {}
         }
@@ -672,7 +644,7 @@ fn apply_layout(opts: &BenchOptions) -> anyhow::Result<(BenchOptions, LayoutGuar
     o.device.service_cpus = vec![first];
     // A device with a CPU of its own may poll longer before it sleeps: a pause between
     // bursts (the guest reading what it mapped) then costs no wake-up from sleep.
-    o.device.idle_poll_max = Some(std::env::var("HOSTMEM_DBG_POLL_US").ok().and_then(|v| v.parse().ok()).map(Duration::from_micros).unwrap_or(DEDICATED_IDLE_POLL_MAX));
+    o.device.idle_poll_max = Some(DEDICATED_IDLE_POLL_MAX);
     // The driver is the guest's vCPU, a thread of the VMM's process: with the mapping
     // services, so each process's address space is live on one CPU only.
     crate::affinity::pin(0, &[first], "bench driver")?;
@@ -897,13 +869,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             peak_live: c.peak_live(),
             remap: c.remap,
             failed: c.failed.clone(),
-            ..case_report(
-                c.name(),
-                c.kind.mode(),
-                &c.levels,
-                c.checks,
-                c.device_clock,
-            )
+            ..case_report(c.name(), c.kind.mode(), &c.levels, c.checks, c.device_clock)
         });
     }
     drop(cases);
@@ -987,17 +953,6 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
         seconds: t0.elapsed().as_secs_f64(),
         cycle_samples,
     })
-}
-
-fn dbg_dump(recs: &[hostmem_ipc::protocol::TraceRecord], dtags: &[Option<(u64, u64)>]) {
-    let t0 = recs.iter().map(|r| r.device.begin).filter(|v| *v > 0).min().unwrap_or(0);
-    let rel = |v: u64| if v == 0 { -1.0 } else { (v as f64 - t0 as f64) / 1e3 };
-    for (r, st) in recs.iter().zip(dtags) {
-        let (k, seen) = st.unwrap_or((0, 0));
-        eprintln!("DBG seq {:3} map {} b {:2} kick {:7.1} woke {:7.1} begin {:7.1} sent {:7.1} mirr {:7.1} | rcv {:7.1} chk {:7.1} plc {:7.1} rep {:7.1} | dev_rep {:7.1} used {:7.1} seen {:7.1}",
-            r.seq, r.map as u8, r.batch, rel(k), rel(r.device.woke), rel(r.device.begin), rel(r.device.sent), rel(r.device.mirror_done),
-            rel(r.vmm.received), rel(r.vmm.checked), rel(r.vmm.placed), rel(r.vmm.replied), rel(r.device.reply), rel(r.device.used), rel(seen));
-    }
 }
 
 /// The pause before each timed cold start: longer than an RCU grace period and than the
