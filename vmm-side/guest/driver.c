@@ -692,7 +692,7 @@ static void start_device(void)
         R->capsets++;
     }
     struct slot *c = cmd_ctx_create(CTX, P->ctx_capset);
-    struct slot *o = P->ops_capset ? cmd_ctx_create(OPS_CTX, P->ops_capset) : 0;
+    struct slot *o = P->ops_capset && P->ops_capset != OPS_NONE ? cmd_ctx_create(OPS_CTX, P->ops_capset) : 0;
     kick(&ctrlq, 0);
     if (wait(c) || !answer(c))
         fatal("CTX_CREATE failed");
@@ -802,17 +802,19 @@ static int add_blobs(u32 n, u64 *done)
         }
         nb[k++] = b;
     }
+    /* OPS_NONE: no device fills; the guest writes each pattern itself once it is mapped. */
+    int fills = P->ops_capset != OPS_NONE;
     for (u32 i = 0; i < k; i++) {
         cr[i] = cmd_create_blob(nb[i].res, nb[i].size);
-        fi[i] = cmd_stream(OP_FILL, nb[i].res, nb[i].size, nb[i].seed);
+        fi[i] = fills ? cmd_stream(OP_FILL, nb[i].res, nb[i].size, nb[i].seed) : 0;
     }
     kick(&ctrlq, 0);
     u32 ok[16];
     for (u32 i = 0; i < k; i++) {
-        if (wait(cr[i]) || wait(fi[i]))
+        if (wait(cr[i]) || (fi[i] && wait(fi[i])))
             return -1;
         ok[i] = answer(cr[i]) != 0;
-        ok[i] = answer(fi[i]) && ok[i];
+        ok[i] = (!fi[i] || answer(fi[i])) && ok[i];
         mp[i] = ok[i] ? cmd_map(nb[i].res, nb[i].offset) : 0;
     }
     kick(&ctrlq, 0);
@@ -841,8 +843,11 @@ static int add_blobs(u32 n, u64 *done)
         R->blobs_mapped++;
         struct blob *b = &live[nlive++];
         *b = nb[i];
+        if (!fills)
+            for (u64 q = 0; q < b->size / 8; q++)
+                window_at(b->offset)[q] = pattern_qword(b->seed, q);
         check_blob(b);
-        if (b->res % 4 == 0) {
+        if (fills && b->res % 4 == 0) {
             b->written_at = rng_below(b->size / 8);
             b->written = rng_next();
             window_at(b->offset)[b->written_at] = b->written;

@@ -46,7 +46,6 @@ fn virgl_run_jailed_guest_sees_what_the_renderer_sees() {
         restart: Restart::Never,
         kill_after: None,
         show_progress: false,
-        use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
         guest_event_flood: 0,
         screenshot: None,

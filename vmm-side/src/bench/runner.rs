@@ -466,8 +466,23 @@ impl CaseRun {
         Ok(())
     }
 
+    /// Without the cargo feature `trace` the device cannot be asked to trace: no per-hop
+    /// breakdown and no pipelined trace (the report has neither; this says why).
+    #[cfg(not(feature = "trace"))]
+    fn trace(&mut self, opts: &BenchOptions, _wl: &Workload) -> anyhow::Result<()> {
+        if self.kind == CaseKind::FixedSandboxed && opts.breakdown > 0 {
+            log::warn!(
+                "no per-hop breakdown: this build has no tracing (cargo feature `trace`: \
+                 cargo run --release -p hostmem-vmm --features trace -- bench)"
+            );
+        }
+        let _ = (&self.breakdown, &self.pipeline);
+        Ok(())
+    }
+
     /// The per-hop breakdown (fixed-sandboxed) and the pipelined batching (a traced
-    /// pipelined batch: events per tube message).
+    /// pipelined batch: events per tube message). Cargo feature `trace`.
+    #[cfg(feature = "trace")]
     fn trace(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
         let CaseRun {
             kind,

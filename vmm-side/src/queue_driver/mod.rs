@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_device::wire::ErrorCode;
+#[cfg(feature = "trace")]
+use hostmem_ipc::protocol::TraceRecord;
 use hostmem_ipc::protocol::{
-    monotonic_ns, GuestRegion, QueueSetup, QueueStats, TraceRecord, TransportMsg, TransportReply,
+    monotonic_ns, GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply,
 };
 use hostmem_ipc::{Tube, REPLY_SPIN};
 use nix::errno::Errno;
@@ -489,7 +491,8 @@ impl QueueDriver {
 
     /// Starts (`on`, forgetting older stamps) or stops tracing, here and in the device
     /// ([`TransportMsg::Trace`]): each command's kick and used-ring stamps, each placement's
-    /// device and VMM stamps (`hostmem bench`'s per-hop breakdown).
+    /// device and VMM stamps (`hostmem bench`'s per-hop breakdown). Cargo feature `trace`.
+    #[cfg(feature = "trace")]
     pub fn set_trace(&mut self, on: bool) -> Result<(), DriverError> {
         self.transport_request("Trace", |seq| TransportMsg::Trace { seq, on })?;
         self.trace = on;
@@ -504,7 +507,8 @@ impl QueueDriver {
     }
 
     /// The device's trace records so far, oldest first ([`TransportMsg::TraceTake`] until
-    /// one answers none).
+    /// one answers none). Cargo feature `trace`.
+    #[cfg(feature = "trace")]
     pub fn take_trace(&mut self) -> Result<Vec<TraceRecord>, DriverError> {
         let mut all = Vec::new();
         loop {
@@ -516,6 +520,7 @@ impl QueueDriver {
         }
     }
 
+    #[cfg(feature = "trace")]
     fn take_trace_part(&mut self) -> Result<Vec<TraceRecord>, DriverError> {
         match self.transport_request("TraceTake", |seq| TransportMsg::TraceTake { seq })? {
             TransportReply::Trace { records, .. } => Ok(records),
@@ -790,11 +795,9 @@ fn transport_call(
                 reason: reason.clone(),
             }),
         },
-        TransportReply::Stats { seq: s, .. } | TransportReply::Trace { seq: s, .. }
-            if *s == seq =>
-        {
-            Ok(reply)
-        }
+        TransportReply::Stats { seq: s, .. } if *s == seq => Ok(reply),
+        #[cfg(feature = "trace")]
+        TransportReply::Trace { seq: s, .. } if *s == seq => Ok(reply),
         other => Err(DriverError::BadReply {
             what,
             got: format!("{other:?}"),
