@@ -46,9 +46,10 @@ const VIRGL_TEST_CAPSET: u32 = hostmem_device::backend::virgl::TEST_CAPSET_ID;
 /// Without the feature the device has no virgl backend and refuses to start with it.
 #[cfg(not(feature = "virgl"))]
 const VIRGL_TEST_CAPSET: u32 = 30;
-/// virgl: whether the run proves renderer <-> guest sharing through the backend's test ops
-/// (`--test-ops`, a test knob: cargo feature `fault-injection`, on in tools/test). Without
-/// them the guest writes each blob's pattern itself ([`OPS_NONE`]) and the report's
+/// virgl: whether [`device_config`] gives the device `--test-ops`, with which the run proves
+/// renderer <-> guest sharing through the backend's test ops. A test knob: only in a build
+/// with the cargo feature `fault-injection` (tools/test's). A virgl device without it gets
+/// no streams: the guest writes each blob's pattern itself ([`OPS_NONE`]) and the report's
 /// `device_fills` is false.
 const VIRGL_SHARING_CHECKED: bool = cfg!(feature = "fault-injection");
 /// How long one guest command may take before the device is declared hung, killed and
@@ -335,7 +336,7 @@ pub fn run_until_stopped(
         max_live: opts.max_live as u64,
         batch: GUEST_BATCH,
         ctx_capset: if virgl { VIRTIO_GPU_CAPSET_VENUS } else { 0 },
-        ops_capset: match (virgl, VIRGL_SHARING_CHECKED) {
+        ops_capset: match (virgl, opts.device.extra_args.iter().any(|a| a == "--test-ops")) {
             (true, true) => VIRGL_TEST_CAPSET,
             (true, false) => OPS_NONE,
             (false, _) => 0,
