@@ -28,7 +28,10 @@ fn virgl_device() -> DeviceConfig {
 #[test]
 fn virgl_run_jailed_guest_sees_what_the_renderer_sees() {
     let r = virgl_run(virgl_device());
-    assert!(r.device_fills, "the fills and checksums went through the renderer");
+    assert!(
+        r.device_fills,
+        "the fills and checksums went through the renderer"
+    );
 }
 
 /// The user's virgl run (a build without the cargo feature `fault-injection`): the device

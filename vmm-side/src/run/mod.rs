@@ -336,7 +336,10 @@ pub fn run_until_stopped(
         max_live: opts.max_live as u64,
         batch: GUEST_BATCH,
         ctx_capset: if virgl { VIRTIO_GPU_CAPSET_VENUS } else { 0 },
-        ops_capset: match (virgl, opts.device.extra_args.iter().any(|a| a == "--test-ops")) {
+        ops_capset: match (
+            virgl,
+            opts.device.extra_args.iter().any(|a| a == "--test-ops"),
+        ) {
             (true, true) => VIRGL_TEST_CAPSET,
             (true, false) => OPS_NONE,
             (false, _) => 0,
