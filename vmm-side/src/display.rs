@@ -25,6 +25,9 @@ pub const MAX_SCANOUTS: u32 = 16;
 /// Most pixel bytes one kept frame may have (a 4096×4096 framebuffer): what a device can
 /// make the supervisor hold per scanout.
 pub const MAX_FRAME_BYTES: u64 = 64 << 20;
+/// Most pixel bytes all kept frames together may have: 16 scanouts of the largest frame
+/// would be 1 GiB of the supervisor's memory, at the device's word.
+pub const MAX_KEPT_BYTES: u64 = 128 << 20;
 
 /// The pixel formats (virtio-gpu's names give the bytes in memory order: `B8G8R8A8` is
 /// the bytes B, G, R, A).
@@ -291,6 +294,24 @@ impl Frames {
         let Some(format) = PixelFormat::from_u32(msg.format) else {
             return false;
         };
+        let bytes = u64::from(msg.width) * 4 * u64::from(msg.height);
+        let others: u64 = self
+            .lock()
+            .latest
+            .iter()
+            .filter(|(id, _)| **id != msg.scanout_id)
+            .map(|(_, f)| f.pixels.len() as u64)
+            .sum();
+        if others + bytes > MAX_KEPT_BYTES {
+            self.refuse(
+                "frames past the kept bound",
+                &format!(
+                    "scanout {}: {bytes} bytes with {others} kept for other scanouts is more than {MAX_KEPT_BYTES}",
+                    msg.scanout_id
+                ),
+            );
+            return false;
+        }
         let pixels = match read_frame(msg, fd.as_fd()) {
             Ok(p) => p,
             Err(why) => {
@@ -536,6 +557,38 @@ mod tests {
             assert_eq!(f.to_rgba(px), want, "{f:?}");
         }
         assert!(PixelFormat::from_u32(0).is_none());
+    }
+
+    #[test]
+    fn kept_frames_together_stay_under_their_bound() {
+        // 4096x4096 frames are 64 MiB each: two scanouts fit, the third does not; a new
+        // frame for a scanout already kept replaces it within the bound.
+        let side = 4096u32;
+        let shm = || {
+            let s = SharedMemory::new("big", u64::from(side) * 4 * u64::from(side)).unwrap();
+            s.seal_size().unwrap();
+            s.into_fd()
+        };
+        // A blob scanout: the size seals are what it needs.
+        let on = |id| FrameMsg {
+            scanout_id: id,
+            blob: true,
+            ..msg(side, side)
+        };
+        let frames = Frames::new();
+        assert!(frames.receive(&on(0), vec![shm()], &|_| None));
+        assert!(frames.receive(&on(1), vec![shm()], &|_| None));
+        assert!(
+            !frames.receive(&on(2), vec![shm()], &|_| None),
+            "past 128 MiB"
+        );
+        assert!(
+            frames.receive(&on(1), vec![shm()], &|_| None),
+            "a replacement"
+        );
+        let r = frames.report();
+        assert_eq!((r.frames, r.refused), (3, 1));
+        assert_eq!(r.refusals.get("frames past the kept bound"), Some(&1));
     }
 
     #[test]

@@ -1076,6 +1076,9 @@ fn main() -> anyhow::Result<()> {
         args.attack_on,
         if armed { "armed" } else { "disarmed" }
     );
+    // Frames go to the VMM on the mapping tube, as the real device sends them (only the
+    // placements are hostile here).
+    let frames = Tube::from_fd(mapping.as_fd().try_clone_to_owned()?)?;
     let placer = HostilePlacer {
         window: mirror,
         tube: mapping,
@@ -1090,6 +1093,9 @@ fn main() -> anyhow::Result<()> {
     };
     let mut gpu = Gpu::new(backend, placer);
     gpu.set_blob_budget(args.blob_budget);
+    gpu.set_frame_sink(Box::new(hostmem_device::display::TubeSink::new(
+        std::sync::Arc::new(frames),
+    )));
     let mut dev = VirtioGpu::new(gpu);
     serve(&transport, &mut dev)
 }
@@ -1126,6 +1132,9 @@ fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result
     loop {
         let timeout = if dev.in_flight() > 0 || dev.busy() {
             PollTimeout::ZERO
+        } else if dev.gpu().display().sink_pending() {
+            // A frame waits for room in the tube, as in the real device's loop.
+            PollTimeout::from(1u8)
         } else {
             PollTimeout::NONE
         };
@@ -1134,6 +1143,9 @@ fn serve(transport: &Tube, dev: &mut VirtioGpu<HostilePlacer>) -> anyhow::Result
             Ok(None) => (false, vec![]),
             Err(e) => bail!("poll: {e}"),
         };
+        if dev.gpu().display().sink_pending() {
+            dev.gpu_mut().display_mut().retry_sink();
+        }
         if dev.busy() {
             dev.process_busy();
         } else if !transport_ready && kicked.is_empty() {
