@@ -476,7 +476,6 @@ impl CaseRun {
                  cargo run --release -p hostmem-vmm --features trace -- bench)"
             );
         }
-        let _ = (&self.breakdown, &self.pipeline);
         Ok(())
     }
 
