@@ -111,7 +111,7 @@ pub struct Args {
 }
 
 /// The device's test knobs ([`Args::knobs`]): command-line flags only in a build with the
-/// cargo feature `fault-injection` (docs/decisions/039-test-knobs-behind-features.md);
+/// cargo feature `fault-injection` (docs/decisions/040-test-knobs-behind-features.md);
 /// without it every knob is off.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "fault-injection", derive(clap::Args))]
@@ -359,6 +359,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         blob_budget: args.blob_budget,
         display: args.display.clone(),
         frames: None,
+        idle_poll_max: Duration::from_micros(args.idle_poll_max_us),
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
     let probe = make_backend_with(&args.backend, args.knobs.test_ops, server)?;

@@ -13,6 +13,9 @@
 //! command handler and **never waited for there**: QEMU 11.1 sends `ADD_MEM_REG` (and
 //! waits for its reply) before it acks a `SHMEM_MAP`, so a device waiting for the ack would
 //! deadlock with it. The command completes when its ack arrives (see "Placement").
+//! After its last work the loop polls without sleeping for an [`IdlePoll`] window
+//! ([`Options::idle_poll_max`], `--idle-poll-max-us`), as the native device's loop does, so
+//! an ack or the guest's next command that comes soon costs no wake-up from sleep.
 //!
 //! # Messages
 //!
@@ -101,6 +104,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 use crate::backend::Backend;
 use crate::display::DisplayConfig;
 use crate::gpu::{Gpu, MapRequest, PlaceError, Placer};
+use crate::process::{IdlePoll, IDLE_POLL_MAX};
 use crate::virtio::{GuestMemoryMmap, VirtioGpu, NUM_QUEUES, QUEUE_MAX_SIZE};
 use crate::{Error, Result};
 
@@ -177,6 +181,10 @@ pub struct Options {
     ///
     /// [`TubeSink`]: crate::display::TubeSink
     pub frames: Option<Arc<hostmem_ipc::Tube>>,
+    /// How long the poll loop may keep polling after its last work before it sleeps
+    /// (`--idle-poll-max-us`; the window adapts up to this, [`IdlePoll`]). Zero: it sleeps
+    /// at once.
+    pub idle_poll_max: Duration,
 }
 
 impl Default for Options {
@@ -190,6 +198,7 @@ impl Default for Options {
             blob_budget: None,
             display: DisplayConfig::default(),
             frames: None,
+            idle_poll_max: IDLE_POLL_MAX,
         }
     }
 }
@@ -1364,14 +1373,28 @@ fn take_backend_channel(sock: &UnixStream, vu: &Mutex<VuGpu>) -> std::result::Re
 /// poll's timeout: once its ack is later than the placer's ack timeout the frontend is
 /// taken for broken and the connection ends ([`ConnectionEnd::AckTimeout`]). The caller
 /// resets the state afterwards (the requests in flight fail as on a disconnect).
-pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<ConnectionEnd> {
+///
+/// After its last work (a request, an ack, a kick, a fence) the loop keeps polling without
+/// sleeping for `poll`'s window ([`IdlePoll`], as the native device's loop does), acks
+/// outstanding or not: the ack of a `SHMEM_MAP` our VMM places comes within tens of
+/// microseconds, and the guest's next command often as soon, while a wake-up from sleep
+/// costs about as much again. Past the window it sleeps as before (up to the oldest ack's
+/// deadline), so a slow frontend (QEMU's ack waits for its `ADD_MEM_REG` round trip) costs
+/// at most one window of polling per burst.
+pub fn serve_connection(
+    stream: UnixStream,
+    vu: &Arc<Mutex<VuGpu>>,
+    mut poll_window: IdlePoll,
+) -> Result<ConnectionEnd> {
     let mut handler = BackendReqHandler::from_stream(stream, vu.clone());
     // The handler keeps its socket to itself; a duplicate (same open file description)
     // is what the loop polls.
     let sock = handler
         .try_clone_connection()
         .map_err(|e| Error::Protocol(format!("dup of the vhost-user socket: {e}")))?;
+    let mut last_work: Option<Instant> = None;
     loop {
+        let spinning = last_work.is_some_and(|t| t.elapsed() < poll_window.window());
         let (socket_ready, channel_ready, kicked, busy) = {
             let g = lock(vu);
             let busy = g.dev.busy();
@@ -1391,7 +1414,7 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
             let fence_timer = g.dev.gpu().parked() > 0 && fences.is_empty();
             fds.extend(fences.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
             let sink_waits = g.dev.gpu().display().sink_pending();
-            let timeout = if busy {
+            let timeout = if busy || spinning {
                 PollTimeout::ZERO
             } else if fence_timer || sink_waits {
                 PollTimeout::from(1u8)
@@ -1407,10 +1430,30 @@ pub fn serve_connection(stream: UnixStream, vu: &Arc<Mutex<VuGpu>>) -> Result<Co
                     None => PollTimeout::NONE,
                 }
             };
-            match poll(&mut fds, timeout) {
-                Ok(_) => {}
+            let sleeps = timeout != PollTimeout::ZERO;
+            if sleeps {
+                poll_window.sleeping(Instant::now());
+            }
+            let polled = poll(&mut fds, timeout);
+            if sleeps {
+                poll_window.woke(Instant::now());
+            }
+            let ready_fds = match polled {
+                Ok(0) if spinning && !busy && !fence_timer && !sink_waits => {
+                    // Nothing yet: poll again (the CPU to whoever else wants it first).
+                    // Parked fences without an fd and a waiting frame go on below.
+                    std::thread::yield_now();
+                    continue;
+                }
+                Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(Error::Poll(e)),
+            };
+            if ready_fds > 0 || busy {
+                // Something came (or the device works): poll a window again before
+                // sleeping. A timed wake-up with nothing ready (a fence timer, a
+                // deadline) is no work.
+                last_work = Some(Instant::now());
             }
             let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
             let s = fds.first().is_some_and(ready);
@@ -1530,7 +1573,7 @@ pub fn serve_listener_with(
                 .gpu_mut()
                 .set_frame_sink(Box::new(crate::display::TubeSink::new(tube.clone())));
         }
-        let end = serve_connection(stream, &vu)?;
+        let end = serve_connection(stream, &vu, IdlePoll::new(opts.idle_poll_max))?;
         let mut g = lock(&vu);
         let st = g.dev.gpu().placer().stats();
         g.reset(true);

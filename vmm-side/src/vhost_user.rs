@@ -270,6 +270,10 @@ pub fn start_backend(
         "--backend".into(),
         cfg.backend.clone(),
     ]);
+    // The poll loop's idle window, as for the native device (`Device::start`).
+    if let Some(max) = cfg.idle_poll_max {
+        args.extend(["--idle-poll-max-us".into(), max.as_micros().to_string()]);
+    }
     args.extend(cfg.extra_args.iter().cloned());
     let mut keep_fds = vec![(sock, SOCKET_FD), (control_dev.into_fd(), CONTROL_FD)];
     // virgl: the render server first, as for the native device; the device takes one

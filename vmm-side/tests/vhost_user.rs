@@ -660,3 +660,71 @@ fn a_backend_that_never_acks_is_lost_within_a_bound() {
         "after the supervisor stopped it, the driver's reset completes"
     );
 }
+
+// ---- issue 25 item 3: several placements in flight over our frontend ----
+
+#[test]
+fn several_placements_in_flight_over_our_frontend_each_answered_after_its_verdict() {
+    use hostmem_device::backend::shm::pattern_qword;
+    use hostmem_vmm::queue_driver::QueueDriver;
+    use hostmem_vmm::vhost_frontend::VhostUserDevice;
+    let _g = common::serial();
+    let hm = common::hostmem(REGION);
+    let mut dev = VhostUserDevice::start(
+        &common::device_config(),
+        hm.clone(),
+        Duration::from_secs(10),
+    )
+    .expect("vhost-user device");
+    let mut d = QueueDriver::new(dev.transport().unwrap(), &hm).unwrap();
+    d.ctx_create(1, 0).unwrap();
+    const N: u32 = 12;
+    let at = |i: u32| u64::from(i) * 4 * PAGE;
+    let seed = |i: u32| 0x5eed_0000 + u64::from(i);
+    for i in 0..N {
+        d.create_blob(1, 10 + i, 0, 2 * PAGE).unwrap();
+        let fill = encode_stream(&[ShmOp::Fill {
+            resource_id: 10 + i,
+            offset: 0,
+            len: 2 * PAGE,
+            seed: seed(i),
+        }]);
+        d.submit_3d(1, fill).unwrap();
+    }
+    let read = |off: u64| {
+        let mut q = [0u8; 8];
+        hm.window().read(off, &mut q).unwrap();
+        u64::from_le_bytes(q)
+    };
+    for round in 0..3 {
+        // Every MAP_BLOB in the ring before the first answer: the device sends the
+        // SHMEM_MAPs without waiting for each ack, and answers each after its own.
+        let tags: Vec<u64> = (0..N)
+            .map(|i| d.submit_map(1, 10 + i, at(i)).unwrap())
+            .collect();
+        for (i, t) in (0..N).zip(tags) {
+            d.wait_map(t).unwrap();
+            assert_eq!(
+                read(at(i)),
+                pattern_qword(seed(i), 0),
+                "round {round} blob {i}"
+            );
+        }
+        assert_eq!(hm.live(), N as usize);
+        // Invariant 2: an UNMAP_BLOB's answer comes only after the range is background
+        // again, for each of many in flight.
+        let tags: Vec<u64> = (0..N).map(|i| d.submit_unmap(1, 10 + i).unwrap()).collect();
+        for (i, t) in (0..N).zip(tags) {
+            d.wait_ok(t).unwrap();
+            assert_eq!(
+                read(at(i)),
+                0,
+                "round {round} blob {i} answered before its restore"
+            );
+        }
+        assert_eq!(hm.live(), 0);
+    }
+    assert_eq!(hm.counters().refused, 0);
+    drop(d);
+    dev.finish("test done");
+}

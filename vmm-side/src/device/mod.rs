@@ -447,9 +447,16 @@ impl Device {
                 .map(|r| format!("render server: {r}"))
                 .collect();
         }
-        // The child is gone, but another process may still hold its end of the mapping tube
-        // (an unjailed device that forked): shut our end down so that the service thread
-        // sees EOF (or EPIPE in a blocked reply) and returns either way.
+        // The child is gone: the service thread reads what it sent to the end (its last
+        // frame may still be queued) and sees EOF. Another process may still hold the
+        // device's end (an unjailed device that forked): after a bounded wait, shut our end
+        // down so that the service thread sees EOF (or EPIPE in a blocked reply) either way.
+        let t0 = std::time::Instant::now();
+        while self.service.as_ref().is_some_and(|s| !s.is_finished())
+            && t0.elapsed() < Duration::from_millis(500)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let _ = self.mapping.shutdown();
         if let Some(s) = self.service.take() {
             if s.join().is_err() {

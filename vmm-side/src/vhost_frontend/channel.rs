@@ -2,9 +2,10 @@
 //! placed by [`Hostmem`] before the ack, served on a thread of its own (see the parent
 //! module's "Threads").
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hostmem_device::vhost_user::SHMEM_ID;
@@ -113,6 +114,27 @@ impl VhostUserFrontendReqHandler for ShmemService {
     }
 }
 
+/// Polls `fd` without sleeping until it is readable or `spin` passed (yielding the CPU
+/// between looks), as the native mapping service's tube does before it sleeps
+/// ([`hostmem_ipc::REPLY_SPIN`]): the device's next request (the unmap after a map, the
+/// next map of a burst) mostly comes sooner than a wake-up from sleep would take.
+fn spin_until_readable(fd: &OwnedFd, spin: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let t0 = Instant::now();
+    loop {
+        let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut p, PollTimeout::ZERO) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => {}
+            // Readable, hung up or broken: the blocking receive says which.
+            Ok(_) | Err(_) => return,
+        }
+        if t0.elapsed() >= spin {
+            return;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// The backend channel served on its own thread. The thread hands the request handler back
 /// when it ends, so the socket's fd number stays ours until [`Channel::stop`] joined it.
 pub(super) struct Channel {
@@ -136,11 +158,15 @@ impl Channel {
         fe.set_backend_request_fd(&handler.get_tx_raw_fd())
             .context("SET_BACKEND_REQ_FD")?;
         let raw = handler.as_raw_fd();
+        // What the thread polls before each blocking receive (the same open file
+        // description as the handler's socket).
+        let look = hostmem_base::fd::dup_raw(raw).context("dup of the backend channel")?;
         let thread = std::thread::Builder::new()
             .name(format!("vhost-user-channel-{pid}"))
             .spawn(move || {
                 crate::affinity::pin_self_or_warn(&cpus, "vhost-user channel");
                 loop {
+                    spin_until_readable(&look, hostmem_ipc::REPLY_SPIN);
                     match handler.handle_request() {
                         // A refusal was nacked; the device fails the guest's command.
                         Ok(_) | Err(VuError::ReqHandlerError(_)) => {}
