@@ -91,10 +91,9 @@ use crate::wire::{
     VIRTIO_GPU_FLAG_INFO_RING_IDX, VIRTIO_GPU_RESP_ERR_UNSPEC,
 };
 
-/// Scanouts of the default display ([`DisplayConfig::default`]: one, 1024×768), what the
-/// native transport reports in `virtio_gpu_config.num_scanouts` (Linux 6.1's driver refuses
-/// a device with none). A device with another `--display` reports its own count over
-/// vhost-user (`GET_CONFIG`).
+/// Scanouts of the default display ([`DisplayConfig::default`]: one, 1024×768; Linux 6.1's
+/// driver refuses a device with none). A device with another `--display` reports its own
+/// count (natively in `DeviceMsg::Ready`, over vhost-user in `GET_CONFIG`).
 pub const NUM_SCANOUTS: u32 = 1;
 /// Most live blobs the handler keeps (`ERR_OUT_OF_MEMORY` beyond).
 pub const MAX_BLOBS: usize = 65536;

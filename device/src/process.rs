@@ -21,7 +21,7 @@ use nix::poll::PollTimeout;
 
 use crate::backend::Backend;
 use crate::display::DisplayConfig;
-use crate::gpu::{Gpu, Placer, NUM_SCANOUTS};
+use crate::gpu::{Gpu, Placer};
 use crate::mirror::MirrorPlacer;
 use crate::virtio::{guest_memory, VirtioGpu};
 use crate::{Error, Result};
@@ -76,8 +76,8 @@ pub struct Args {
     #[cfg_attr(not(feature = "fault-injection"), arg(skip))]
     pub knobs: TestKnobs,
     /// The scanouts: `WIDTHxHEIGHT`, or several separated by commas (at most 16; each side
-    /// 16 to 4095). The native transport reports one scanout (the VMM's device
-    /// configuration), so there only one size is accepted; vhost-user reports them all.
+    /// 16 to 4095). Both transports report them all: natively the count goes in `Ready`
+    /// (the VMM's device configuration reads it), over vhost-user in `GET_CONFIG`.
     #[arg(
         long,
         value_name = "WxH[,WxH...]",
@@ -253,12 +253,6 @@ fn run(args: &Args) -> Result<()> {
     let need = |fd: Option<i32>, flag: &str| {
         fd.ok_or_else(|| Error::Protocol(format!("{flag} is required")))
     };
-    if args.display.num_scanouts() != NUM_SCANOUTS {
-        return Err(Error::Protocol(format!(
-            "--display: the native transport reports {NUM_SCANOUTS} scanout, not {}",
-            args.display.num_scanouts()
-        )));
-    }
     let transport = Tube::from_fd(take(need(args.transport_fd, "--transport-fd")?)?)?;
     let mapping = Tube::from_fd(take(need(args.mapping_fd, "--mapping-fd")?)?)?;
     handshake::<DeviceMsg, VmmMsg>(&mapping, Role::Device, Duration::from_secs(20))?;
@@ -292,6 +286,7 @@ fn run(args: &Args) -> Result<()> {
         &DeviceMsg::Ready {
             backend: backend_name.clone(),
             num_capsets,
+            num_scanouts: args.display.num_scanouts(),
         },
         &[],
     )?;
@@ -325,7 +320,12 @@ fn run(args: &Args) -> Result<()> {
     }
     let mut dev = VirtioGpu::new(gpu);
     let poll = IdlePoll::new(Duration::from_micros(args.idle_poll_max_us));
-    serve(&transport, &mut dev, poll)
+    let end = serve(&transport, &mut dev, poll);
+    // What waits for room in the tube (the last cursor, a frame) still goes out.
+    dev.gpu_mut()
+        .display_mut()
+        .flush_sink(Duration::from_millis(500));
+    end
 }
 
 /// vhost-user mode: the supervisor handshake (if `--control-fd`), then
@@ -389,6 +389,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
             &DeviceMsg::Ready {
                 backend: backend_name.clone(),
                 num_capsets,
+                num_scanouts: args.display.num_scanouts(),
             },
             &[],
         )?;

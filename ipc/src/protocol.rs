@@ -199,6 +199,11 @@ pub enum DeviceMsg {
         backend: String,
         /// Capsets the backend offers (`virtio_gpu_config.num_capsets`).
         num_capsets: u32,
+        /// Scanouts the device serves (its `--display`; `virtio_gpu_config.num_scanouts`).
+        /// Absent (a device from before the field, same protocol version: an addition
+        /// both sides read with a default, like [`FrameMsg::blob`]): 1.
+        #[serde(default = "one_scanout")]
+        num_scanouts: u32,
     },
     /// A blob was placed in the mirror (1 fd: the blob).
     Map {
@@ -245,6 +250,10 @@ pub enum DeviceMsg {
     Cursor(CursorMsg),
 }
 
+fn one_scanout() -> u32 {
+    1
+}
+
 /// What [`DeviceMsg::Frame`] says about its fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrameMsg {
@@ -287,6 +296,17 @@ pub struct CursorMsg {
     pub hot_x: u32,
     /// Hot spot in the image.
     pub hot_y: u32,
+    /// [`image_hash`] of the image's pixels as the device copied them at `UPDATE_CURSOR`
+    /// (0 when hidden; absent from an older device: 0).
+    #[serde(default)]
+    pub image_hash: u64,
+}
+
+/// The hash [`CursorMsg::image_hash`] carries: FNV-1a (64-bit) over the bytes.
+pub fn image_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Message for VmmMsg {

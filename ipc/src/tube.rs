@@ -293,14 +293,33 @@ impl Tube {
             }
         }
         let got = polled.unwrap_or_else(|| recv_with_fds(self.sock.as_fd(), buf));
-        Self::received(got, buf)
+        Self::received(self.after_reset(got, buf), buf)
+    }
+
+    /// A peer that closed with messages of ours unread leaves ECONNRESET on our socket,
+    /// which the kernel reports (once) ahead of what the peer sent before it closed: read
+    /// those first (the error is cleared now); EOF comes after them.
+    fn after_reset(
+        &self,
+        got: std::result::Result<hostmem_base::fd::Received, Errno>,
+        buf: &mut [u8],
+    ) -> std::result::Result<hostmem_base::fd::Received, Errno> {
+        match got {
+            Err(Errno::ECONNRESET) => match try_recv_with_fds(self.sock.as_fd(), buf) {
+                Err(Errno::EAGAIN) => Err(Errno::ECONNRESET),
+                again => again,
+            },
+            got => got,
+        }
     }
 
     /// [`Tube::recv_bytes`] without waiting: `Ok(None)` when no message is queued.
     pub fn try_recv_bytes(&self) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
-        self.with_buf(|buf| match try_recv_with_fds(self.sock.as_fd(), buf) {
-            Err(Errno::EAGAIN) => Ok(None),
-            got => Self::received(got, buf).map(Some),
+        self.with_buf(|buf| {
+            match self.after_reset(try_recv_with_fds(self.sock.as_fd(), buf), buf) {
+                Err(Errno::EAGAIN) => Ok(None),
+                got => Self::received(got, buf).map(Some),
+            }
         })
     }
 

@@ -60,6 +60,7 @@ fn cross_process_round_trip_with_memfd() {
             &DeviceMsg::Ready {
                 backend: "test".into(),
                 num_capsets: 2,
+                num_scanouts: 3,
             },
             &[],
         )
@@ -82,6 +83,7 @@ fn cross_process_round_trip_with_memfd() {
         DeviceMsg::Ready {
             backend: "test".into(),
             num_capsets: 2,
+            num_scanouts: 3,
         }
     );
     assert!(fds.is_empty());
@@ -279,4 +281,56 @@ fn shutdown_ends_the_connection_while_other_holders_keep_the_socket() {
     assert!(matches!(other.recv::<VmmMsg>(), Err(Error::Hangup)));
     a.shutdown().unwrap();
     b.shutdown().unwrap();
+}
+
+#[test]
+fn fields_added_within_a_protocol_version_read_with_their_defaults() {
+    // A Ready from before num_scanouts: one scanout. A Cursor from before image_hash: 0.
+    let ready: DeviceMsg =
+        serde_json::from_str(r#"{"Ready":{"backend":"shm","num_capsets":1}}"#).unwrap();
+    assert_eq!(
+        ready,
+        DeviceMsg::Ready {
+            backend: "shm".into(),
+            num_capsets: 1,
+            num_scanouts: 1,
+        }
+    );
+    let cursor: DeviceMsg = serde_json::from_str(
+        r#"{"Cursor":{"scanout_id":0,"x":1,"y":2,"resource_id":3,"hot_x":4,"hot_y":5}}"#,
+    )
+    .unwrap();
+    let DeviceMsg::Cursor(c) = cursor else {
+        panic!("{cursor:?}")
+    };
+    assert_eq!((c.x, c.hot_y, c.image_hash), (1, 5, 0));
+}
+
+#[test]
+fn what_a_peer_sent_before_it_closed_with_our_messages_unread_is_still_received() {
+    // The peer's close with our message unread leaves ECONNRESET on our socket, which the
+    // kernel reports ahead of the peer's queued messages: they must still come, then EOF.
+    let (ours, theirs) = Tube::pair().unwrap();
+    for n in 0..3 {
+        theirs
+            .send(
+                &DeviceMsg::Ready {
+                    backend: format!("m{n}"),
+                    num_capsets: n,
+                    num_scanouts: 1,
+                },
+                &[],
+            )
+            .unwrap();
+    }
+    ours.send(&VmmMsg::Shutdown, &[]).unwrap();
+    drop(theirs);
+    for n in 0..3 {
+        let (msg, _) = ours.recv::<DeviceMsg>().unwrap();
+        assert!(
+            matches!(&msg, DeviceMsg::Ready { num_capsets, .. } if *num_capsets == n),
+            "{msg:?}"
+        );
+    }
+    assert!(matches!(ours.recv::<DeviceMsg>(), Err(Error::Hangup)));
 }

@@ -149,6 +149,7 @@ fn write_seed_corpora() {
             serde_json::to_vec(&DeviceMsg::Ready {
                 backend: "shm".into(),
                 num_capsets: 1,
+                num_scanouts: 1,
             })
             .unwrap(),
         ),

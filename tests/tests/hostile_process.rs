@@ -1015,6 +1015,82 @@ fn run_reports_a_flood_by_kind_and_logs_it_log_n_times() {
     });
 }
 
+/// `hostmem run` with a device that forges five `DeviceMsg::Frame`s on its mapping tube at
+/// the guest's second MAP_BLOB (guest RAM's memfd as the frame, an unsealed memfd, a short
+/// memfd, width 0, a stride whose end overflows) and then serves normally: the run
+/// completes with no error, every forged frame is refused before a byte is read and
+/// counted (`display.refused`), the log has fewer lines than refusals (1st, 2nd, 4th, …),
+/// and the guest's own frames, cursor and blob scanout still check out.
+fn run_with_forged_frames(jailed: bool) {
+    let _serial = serial();
+    if jailed && !jail_works() {
+        println!("skipped: user namespaces unavailable, jailed forged-frames run not run");
+        return;
+    }
+    if let Err(why) = hostmem_base::kvm::Vm::available() {
+        println!("skipped: /dev/kvm unusable ({why}): hostmem run needs its guest");
+        return;
+    }
+    with_watchdog("run forged-frames", move || {
+        // No restart, so no --once marker (which the jail could not create anyway).
+        let opts = RunOptions {
+            transport: Default::default(),
+            mode: Mode::Fixed,
+            window: 32 << 20,
+            blobs: 20,
+            seed: 13,
+            max_live: 8,
+            device: config("forged-frames", None, jailed),
+            restart: Restart::Never,
+            kill_after: None,
+            show_progress: false,
+            command_timeout: Duration::from_secs(10),
+            guest_event_flood: 0,
+            screenshot: None,
+        };
+        let log0 = log_len();
+        let r = run(&opts).unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.restarts, 0, "{r:?}");
+        let d = &r.display;
+        assert!(d.refused >= 5, "{d:?}");
+        assert_eq!(d.refused, 5, "exactly the forged ones: {d:?}");
+        assert_eq!(d.refusals.get("frame invalid"), Some(&5), "{d:?}");
+        let lines = logged_since(log0, "frame refused");
+        assert!(
+            !lines.is_empty() && lines.len() < 5,
+            "rate-limited: {lines:?}"
+        );
+        // What the log names, where a line was written: each a reason, not a crash.
+        for l in &lines {
+            assert!(
+                ["guest RAM", "shrinking", "past the fd", "size 0x16"]
+                    .iter()
+                    .any(|w| l.contains(w)),
+                "{l}"
+            );
+        }
+        // The device's real frames were taken and check out.
+        assert_eq!(d.mismatches, Some(0), "{d:?}");
+        assert_eq!(d.cursor_mismatches, Some(0), "{d:?}");
+        assert_eq!(d.blob_scanout_mismatches, Some(0), "{d:?}");
+        assert_eq!(r.blobs_mapped, 20);
+        assert_eq!(r.guest_mismatches, 0);
+        assert_eq!(r.vmm_fds.0, r.vmm_fds.1, "VMM fds back to baseline");
+        assert_eq!(VMM_PANICS.load(Ordering::SeqCst), 0);
+    });
+}
+
+#[test]
+fn run_refuses_and_counts_forged_frames() {
+    run_with_forged_frames(false);
+}
+
+#[test]
+fn jailed_run_refuses_and_counts_forged_frames() {
+    run_with_forged_frames(true);
+}
+
 // Attacker code on the fds the VMM gave the device (issue 14), from the real jail under the
 // real policy: every operation the policy allows on the window memfd, guest RAM and the
 // eventfds must fail or be harmless (Survives: the VMM's window and guest keep working, also

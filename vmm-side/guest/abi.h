@@ -7,6 +7,7 @@
  *   0x0010_0000  the driver image (text, data, bss: rings and command buffers)
  *   0x0020_0000  top of the stack
  *   0x0040_0000  the test pattern's framebuffer (DRAW_WIDTH x DRAW_HEIGHT, B8G8R8X8)
+ *   0x0041_0000  the cursor image (CURSOR_SIZE x CURSOR_SIZE, B8G8R8A8)
  *
  * Events: the guest writes results.event_arg, then `out EVENT_PORT, eax` with eax = EV_*.
  * The VMM handles the exit and resumes the vCPU (or ends the run at EV_DONE).
@@ -23,6 +24,22 @@
 #define DRAW_WIDTH 64
 #define DRAW_HEIGHT 64
 #define DRAW_SALT 0x64726177ULL /* "draw" */
+
+/* The cursor (after the pattern): UPDATE_CURSOR at CURSOR_X0,Y0 with the hot spot, then
+ * MOVE_CURSOR to CURSOR_X1,Y1. The image: draw_pixel's formula with CURSOR_SALT. */
+#define CURSOR_GPA 0x410000ULL
+#define CURSOR_SIZE 64
+#define CURSOR_SALT 0x63757273ULL /* "curs" */
+#define CURSOR_X0 100
+#define CURSOR_Y0 50
+#define CURSOR_X1 210
+#define CURSOR_Y1 130
+#define CURSOR_HOT_X 3
+#define CURSOR_HOT_Y 5
+
+/* The blob scanout (before the pattern): a DRAW_WIDTH x DRAW_HEIGHT blob filled (SUBMIT_3D
+ * FILL) with seed ^ BLOB_SCANOUT_SALT, shown by SET_SCANOUT_BLOB on scanout 0, flushed. */
+#define BLOB_SCANOUT_SALT 0x626c6f62ULL /* "blob" */
 
 #define EVENT_PORT 0x11
 #define EV_DONE 1          /* results final; the run is over */
@@ -77,6 +94,10 @@ struct results {
     char message[256];
     uint64_t resets_refused; /* resets that read DEVICE_NEEDS_RESET instead of 0 (redone) */
     uint64_t frames_drawn;   /* test patterns drawn and flushed on scanout 0 */
+    uint64_t cursor_commands; /* UPDATE_CURSOR and MOVE_CURSOR sent and used */
+    uint32_t cursor_sent[6];  /* the cursor as the driver left it: scanout, x, y, resource, hot_x, hot_y */
+    uint64_t blob_scanouts;   /* blobs shown with SET_SCANOUT_BLOB on scanout 0 and flushed */
+    uint64_t num_scanouts;    /* virtio_gpu_config.num_scanouts as the driver read it */
 };
 
 #endif

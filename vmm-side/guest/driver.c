@@ -9,6 +9,9 @@
  * RESOURCE_MAP_BLOB, a check of every byte through the window at the BAR address, a guest
  * write checked by the device (SUBMIT_3D CHECKSUM), RESOURCE_UNMAP_BLOB (the range must
  * read zeros afterwards) and RESOURCE_UNREF, batched so that many commands are in flight.
+ * Then the display: a filled blob shown on scanout 0 (SET_SCANOUT_BLOB, RESOURCE_FLUSH), a
+ * test pattern through a 2D resource on scanout 0, and a cursor (UPDATE_CURSOR, MOVE_CURSOR
+ * on the cursorq); the VMM checks each against what it knows of the seed.
  *
  * Built by vmm-side/build.rs with gcc (-ffreestanding -nostdlib, guest.ld), loaded as a flat
  * image at IMAGE_GPA. ABI with the VMM: abi.h.
@@ -144,7 +147,11 @@ static u8 cfg_read8(u32 dev, u32 off) { return (u8)(cfg_read32(dev, off) >> (8 *
 #define VIRTIO_GPU_CMD_RESOURCE_FLUSH 0x0104
 #define VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D 0x0105
 #define VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING 0x0106
+#define VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM 1
 #define VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM 2
+#define VIRTIO_GPU_CMD_SET_SCANOUT_BLOB 0x010d
+#define VIRTIO_GPU_CMD_UPDATE_CURSOR 0x0300
+#define VIRTIO_GPU_CMD_MOVE_CURSOR 0x0301
 #define VIRTIO_GPU_CMD_GET_CAPSET_INFO 0x0108
 #define VIRTIO_GPU_CMD_RESOURCE_CREATE_BLOB 0x010c
 #define VIRTIO_GPU_CMD_CTX_CREATE 0x0200
@@ -391,6 +398,7 @@ static void device_init(void)
     if (cc_r8(CC_STATUS) & (S_NEEDS_RESET | S_FAILED))
         fatal("device failed during initialisation");
     num_capsets = *(volatile u32 *)(devcfg + 12);
+    R->num_scanouts = *(volatile u32 *)(devcfg + 8);
     for (u32 i = 0; i < SLOTS; i++)
         slots[i].busy = 0;
     in_flight = 0;
@@ -895,6 +903,26 @@ static void rect_at(u8 *b, u32 at, u32 w, u32 h)
     put_u32(b, at + 12, h);
 }
 
+/* Posts the `n` commands one at a time, in order (each depends on the one before): 1 when
+ * every one was answered as wanted, 0 when one failed (`why` noted, the rest dropped), -1
+ * when the device was lost. */
+static int in_order(struct slot **s, u32 n, const char *why)
+{
+    for (u32 i = 0; i < n; i++) {
+        post(s[i]);
+        kick(&ctrlq, 0);
+        if (wait(s[i]))
+            return -1;
+        if (!answer(s[i])) {
+            for (u32 j = i + 1; j < n; j++)
+                s[j]->busy = 0;
+            copy_msg(why);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* RESOURCE_CREATE_2D, ATTACH_BACKING (guest RAM at DRAW_GPA), the pattern, TRANSFER_TO_HOST_2D,
  * SET_SCANOUT 0 and RESOURCE_FLUSH, each answered OK_NODATA (errors counted). */
 static int draw(void)
@@ -927,20 +955,156 @@ static int draw(void)
     s[4] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_FLUSH, 0, VIRTIO_GPU_RESP_OK_NODATA, 48);
     rect_at(s[4]->req, 24, w, h);
     put_u32(s[4]->req, 40, res);
-    /* One at a time, in order: each depends on the one before. */
-    for (u32 i = 0; i < 5; i++) {
-        post(s[i]);
-        kick(&ctrlq, 0);
-        if (wait(s[i]))
-            return -1;
-        if (!answer(s[i])) {
-            for (u32 j = i + 1; j < 5; j++)
-                s[j]->busy = 0;
-            copy_msg("drawing the test pattern failed");
-            return 0;
+    int r = in_order(s, 5, "drawing the test pattern failed");
+    if (r > 0)
+        R->frames_drawn++;
+    return r < 0 ? -1 : 0;
+}
+
+/* ---- the cursor queue ---- */
+
+static u8 cursor_req[64] __attribute__((aligned(8)));
+
+/* One command on the cursor queue (queue 1): one readable descriptor, which the device
+ * returns used with length 0 (cursor commands have no response). */
+static int cursor_cmd(u32 type, u32 res, u32 x, u32 y, u32 hot_x, u32 hot_y)
+{
+    struct vq *q = &cursorq;
+    memset(cursor_req, 0, sizeof(cursor_req));
+    hdr(cursor_req, type, 0);
+    put_u32(cursor_req, 24, 0); /* pos.scanout_id */
+    put_u32(cursor_req, 28, x);
+    put_u32(cursor_req, 32, y);
+    put_u32(cursor_req, 40, res);
+    put_u32(cursor_req, 44, hot_x);
+    put_u32(cursor_req, 48, hot_y);
+    q->desc[0] = (struct desc){(u64)(uintptr_t)cursor_req, 56, 0, 0};
+    q->avail.ring[q->avail_idx % q->size] = 0;
+    barrier();
+    q->avail_idx++;
+    q->avail.idx = q->avail_idx;
+    kick(q, 1);
+    u64 polls = 0;
+    while (*(volatile u16 *)&q->used.idx != q->avail_idx) {
+        R->polls++;
+        if ((++polls & 0x3ffff) == 0) {
+            event(EV_WAITING, polls);
+            if (cc_r8(CC_STATUS) & S_NEEDS_RESET) {
+                device_lost = 1;
+                return -1;
+            }
         }
+        __asm__ volatile("pause");
     }
-    R->frames_drawn++;
+    q->last_used = q->avail_idx;
+    R->cursor_commands++;
+    return 0;
+}
+
+/* A 64x64 cursor image in a 2D resource (guest RAM at CURSOR_GPA, transferred), then
+ * UPDATE_CURSOR on scanout 0 and MOVE_CURSOR (its resource and hot spot 0: a move keeps
+ * the image). vmm-side/src/run/mod.rs checks the device's last cursor against cursor_sent
+ * and the image against guest::cursor_pixel. */
+static int cursor(void)
+{
+    u32 res = next_res++, n = CURSOR_SIZE;
+    volatile u32 *img = (volatile u32 *)CURSOR_GPA;
+    for (u32 y = 0; y < n; y++)
+        for (u32 x = 0; x < n; x++)
+            img[y * n + x] = draw_pixel(P->seed ^ CURSOR_SALT, x, y);
+    barrier();
+    struct slot *s[3];
+    s[0] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, VIRTIO_GPU_RESP_OK_NODATA, 40);
+    put_u32(s[0]->req, 24, res);
+    put_u32(s[0]->req, 28, VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM);
+    put_u32(s[0]->req, 32, n);
+    put_u32(s[0]->req, 36, n);
+    s[1] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, VIRTIO_GPU_RESP_OK_NODATA, 48);
+    put_u32(s[1]->req, 24, res);
+    put_u32(s[1]->req, 28, 1);
+    put_u64(s[1]->req, 32, CURSOR_GPA);
+    put_u32(s[1]->req, 40, n * n * 4);
+    s[2] = new_cmd(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D, 0, VIRTIO_GPU_RESP_OK_NODATA, 56);
+    rect_at(s[2]->req, 24, n, n);
+    put_u64(s[2]->req, 40, 0);
+    put_u32(s[2]->req, 48, res);
+    int r = in_order(s, 3, "the cursor image failed");
+    if (r <= 0)
+        return r < 0 ? -1 : 0;
+    if (cursor_cmd(VIRTIO_GPU_CMD_UPDATE_CURSOR, res, CURSOR_X0, CURSOR_Y0, CURSOR_HOT_X, CURSOR_HOT_Y) ||
+        cursor_cmd(VIRTIO_GPU_CMD_MOVE_CURSOR, 0, CURSOR_X1, CURSOR_Y1, 0, 0))
+        return -1;
+    u32 sent[6] = {0, CURSOR_X1, CURSOR_Y1, res, CURSOR_HOT_X, CURSOR_HOT_Y};
+    for (u32 i = 0; i < 6; i++)
+        R->cursor_sent[i] = sent[i];
+    return 0;
+}
+
+/* ---- a blob as the scanout ---- */
+
+/* A DRAW_WIDTH x DRAW_HEIGHT blob, filled by the device (SUBMIT_3D FILL, seed ^
+ * BLOB_SCANOUT_SALT), mapped at window offset 0 and checked through the window, shown on
+ * scanout 0 with SET_SCANOUT_BLOB and flushed (run/mod.rs checks the frame against the
+ * fill pattern). Left mapped and shown: draw() replaces it, blob_scanout_done() drops it.
+ * Returns its resource id (0: it failed), -1 if the device was lost. */
+static int64_t blob_scanout(void)
+{
+    u32 res = next_res++, w = DRAW_WIDTH, h = DRAW_HEIGHT;
+    struct blob b = {res, 0, (u64)w * h * 4, P->seed ^ BLOB_SCANOUT_SALT, ~0ull, 0};
+    struct slot *c = cmd_create_blob(res, b.size);
+    struct slot *f = cmd_stream(OP_FILL, res, b.size, b.seed);
+    kick(&ctrlq, 0);
+    if (wait(c) || wait(f))
+        return -1;
+    int ok = answer(c) != 0;
+    ok = answer(f) && ok;
+    if (!ok) {
+        copy_msg("the scanout blob failed");
+        return 0;
+    }
+    struct slot *m = cmd_map(res, b.offset);
+    kick(&ctrlq, 0);
+    if (wait(m))
+        return -1;
+    if (!answer(m)) {
+        copy_msg("mapping the scanout blob failed");
+        return res;
+    }
+    check_blob(&b);
+    struct slot *s[2];
+    s[0] = new_cmd(VIRTIO_GPU_CMD_SET_SCANOUT_BLOB, 0, VIRTIO_GPU_RESP_OK_NODATA, 96);
+    rect_at(s[0]->req, 24, w, h);
+    put_u32(s[0]->req, 40, 0); /* scanout_id */
+    put_u32(s[0]->req, 44, res);
+    put_u32(s[0]->req, 48, w);
+    put_u32(s[0]->req, 52, h);
+    put_u32(s[0]->req, 56, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM);
+    put_u32(s[0]->req, 64, w * 4); /* strides[0] */
+    put_u32(s[0]->req, 80, 0);     /* offsets[0] */
+    s[1] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_FLUSH, 0, VIRTIO_GPU_RESP_OK_NODATA, 48);
+    rect_at(s[1]->req, 24, w, h);
+    put_u32(s[1]->req, 40, res);
+    int r = in_order(s, 2, "showing the blob on scanout 0 failed");
+    if (r < 0)
+        return -1;
+    if (r > 0)
+        R->blob_scanouts++;
+    return res;
+}
+
+/* Unmaps and unrefs the scanout blob (no longer shown: draw() set scanout 0 to the
+ * pattern); its range must read zeros again. */
+static int blob_scanout_done(u32 res)
+{
+    struct slot *u = cmd_res(VIRTIO_GPU_CMD_RESOURCE_UNMAP_BLOB, res);
+    struct slot *d = cmd_res(VIRTIO_GPU_CMD_RESOURCE_UNREF, res);
+    kick(&ctrlq, 0);
+    if (wait(u) || wait(d))
+        return -1;
+    int ok = answer(u) != 0;
+    ok = answer(d) && ok;
+    if (ok)
+        check_gone(0, (u64)DRAW_WIDTH * DRAW_HEIGHT * 4);
     return 0;
 }
 
@@ -961,6 +1125,10 @@ _Static_assert(offsetof(struct results, unmap_hist) == 4304, "results layout (gu
 _Static_assert(offsetof(struct results, message) == 8400, "results layout (guest.rs)");
 _Static_assert(offsetof(struct params, ctx_capset) == 48, "params layout (guest.rs)");
 _Static_assert(offsetof(struct results, frames_drawn) == 8664, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, cursor_commands) == 8672, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, cursor_sent) == 8680, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, blob_scanouts) == 8704, "results layout (guest.rs)");
+_Static_assert(offsetof(struct results, num_scanouts) == 8712, "results layout (guest.rs)");
 _Static_assert(sizeof(struct params) == 64, "params layout (guest.rs)");
 
 void driver_main(void);
@@ -1035,10 +1203,14 @@ void driver_main(void)
     }
     drain();
     event(EV_DRAINED, 0);
-    if (draw() < 0) {
+    /* The display: a blob on scanout 0, then the pattern (the picture scanout 0 keeps), the
+     * cursor over it. After a device loss each is done again on the new device, once. */
+    for (int tries = 0; tries < 2; tries++) {
+        int64_t blob = blob_scanout();
+        if (blob >= 0 && draw() == 0 && (blob == 0 || blob_scanout_done((u32)blob) == 0) &&
+            cursor() == 0)
+            break;
         recover();
-        if (draw() < 0)
-            recover();
     }
     R->tsc_end = rdtsc();
     for (;;)

@@ -219,24 +219,53 @@ pub struct DisplayReport {
     pub seq: u64,
     /// Cursor updates accepted.
     pub cursor_updates: u64,
-    /// The cursor's last position `(scanout, x, y)`.
-    pub cursor: Option<(u32, u32, u32)>,
+    /// The last cursor the device reported (position, image's resource, hot spot, image
+    /// hash).
+    pub cursor: Option<CursorMsg>,
     /// Screenshots written.
     pub screenshots: u64,
     /// Frames the guest's pattern check found wrong (`hostmem run`; `None`: not checked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mismatches: Option<u64>,
+    /// Fields of the last cursor (scanout, x, y, resource, hot spot, image hash) that are
+    /// not what the guest driver sent (`hostmem run`; `None`: not checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor_mismatches: Option<u64>,
+    /// Pixels of the blob frame the driver showed on scanout 0 (`SET_SCANOUT_BLOB`) that
+    /// are not the blob's bytes (`hostmem run`; `None`: not checked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_scanout_mismatches: Option<u64>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     latest: BTreeMap<u32, KeptFrame>,
+    /// Scanout 0's latest frame of a blob once a 2D frame replaced it there (what `hostmem
+    /// run`'s blob-scanout check reads): one more kept frame at most, within
+    /// [`MAX_KEPT_BYTES`] with the others.
+    latest_blob0: Option<KeptFrame>,
     frames: u64,
     refused: u64,
     refusals: BTreeMap<String, u64>,
     cursor: Option<CursorMsg>,
     cursor_updates: u64,
     screenshots: u64,
+}
+
+impl State {
+    /// The bytes `latest_blob0` holds once `msg` is kept (a 2D frame on scanout 0 moves a
+    /// blob frame shown there into it; a blob frame there empties it).
+    fn blob0_after(&self, msg: &FrameMsg) -> u64 {
+        let len = |f: Option<&KeptFrame>| f.map_or(0, |f| f.pixels.len() as u64);
+        match (msg.scanout_id, msg.blob) {
+            (0, true) => 0,
+            (0, false) => match self.latest.get(&0) {
+                Some(f) if f.msg.blob => len(Some(f)),
+                _ => len(self.latest_blob0.as_ref()),
+            },
+            _ => len(self.latest_blob0.as_ref()),
+        }
+    }
 }
 
 /// The latest frame per scanout and the counters; clones share them (the receiving thread
@@ -295,13 +324,16 @@ impl Frames {
             return false;
         };
         let bytes = u64::from(msg.width) * 4 * u64::from(msg.height);
-        let others: u64 = self
-            .lock()
-            .latest
-            .iter()
-            .filter(|(id, _)| **id != msg.scanout_id)
-            .map(|(_, f)| f.pixels.len() as u64)
-            .sum();
+        let others: u64 = {
+            let st = self.lock();
+            let kept: u64 = st
+                .latest
+                .iter()
+                .filter(|(id, _)| **id != msg.scanout_id)
+                .map(|(_, f)| f.pixels.len() as u64)
+                .sum();
+            kept + st.blob0_after(msg)
+        };
         if others + bytes > MAX_KEPT_BYTES {
             self.refuse(
                 "frames past the kept bound",
@@ -319,16 +351,21 @@ impl Frames {
                 return false;
             }
         };
+        let kept = KeptFrame {
+            msg: *msg,
+            format,
+            pixels,
+        };
         let mut st = self.lock();
         st.frames += 1;
-        st.latest.insert(
-            msg.scanout_id,
-            KeptFrame {
-                msg: *msg,
-                format,
-                pixels,
-            },
-        );
+        let old = st.latest.insert(msg.scanout_id, kept);
+        if msg.scanout_id == 0 {
+            if msg.blob {
+                st.latest_blob0 = None;
+            } else if let Some(old) = old.filter(|f| f.msg.blob) {
+                st.latest_blob0 = Some(old);
+            }
+        }
         true
     }
 
@@ -348,6 +385,16 @@ impl Frames {
         self.lock().latest.get(&scanout).cloned()
     }
 
+    /// Scanout 0's latest frame that showed a blob (`SET_SCANOUT_BLOB`), even if a 2D
+    /// frame came after it.
+    pub fn latest_blob0(&self) -> Option<KeptFrame> {
+        let st = self.lock();
+        match st.latest.get(&0) {
+            Some(f) if f.msg.blob => Some(f.clone()),
+            _ => st.latest_blob0.clone(),
+        }
+    }
+
     /// The counters and scanout 0's latest frame's shape.
     pub fn report(&self) -> DisplayReport {
         let st = self.lock();
@@ -361,9 +408,11 @@ impl Frames {
             format: f0.map(|f| f.format),
             seq: f0.map_or(0, |f| f.msg.seq),
             cursor_updates: st.cursor_updates,
-            cursor: st.cursor.map(|c| (c.scanout_id, c.x, c.y)),
+            cursor: st.cursor,
             screenshots: st.screenshots,
             mismatches: None,
+            cursor_mismatches: None,
+            blob_scanout_mismatches: None,
         }
     }
 

@@ -48,7 +48,7 @@ const TSS_GPA: u64 = 0x6_0000;
 const IO_BITMAP_OFFSET: u64 = 0x68;
 const PARAMS_GPA: u64 = 0x8_0000;
 const RESULTS_GPA: u64 = 0x8_1000;
-const RESULTS_LEN: usize = 8672;
+const RESULTS_LEN: usize = 8720;
 const IMAGE_GPA: u64 = 0x10_0000;
 const IMAGE_MAX: usize = 0xf_0000;
 const STACK_TOP: u64 = 0x20_0000;
@@ -176,6 +176,42 @@ pub fn draw_mismatches(seed: u64, width: u32, height: u32, pixels: &[u8]) -> u64
         .count() as u64
 }
 
+/// Width and height of the cursor image the driver sends (`CURSOR_SIZE` in `abi.h`).
+pub const CURSOR_SIZE: u32 = 64;
+const CURSOR_SALT: u64 = 0x6375_7273;
+const BLOB_SCANOUT_SALT: u64 = 0x626c_6f62;
+
+/// The cursor image the driver sends for `seed` (`cursor` in `driver.c`): [`draw_pixel`]
+/// of `seed ^ CURSOR_SALT`, B8G8R8A8, `CURSOR_SIZE × 4` bytes a row.
+pub fn cursor_image(seed: u64) -> Vec<u8> {
+    (0..CURSOR_SIZE)
+        .flat_map(|y| (0..CURSOR_SIZE).map(move |x| (x, y)))
+        .flat_map(|(x, y)| draw_pixel(seed ^ CURSOR_SALT, x, y).to_le_bytes())
+        .collect()
+}
+
+/// The bytes of the blob the driver shows with `SET_SCANOUT_BLOB` (`blob_scanout` in
+/// `driver.c`): the shm backend's FILL pattern of `seed ^ BLOB_SCANOUT_SALT`, its first
+/// `DRAW_WIDTH × DRAW_HEIGHT × 4` bytes (stride = a row, offset 0).
+pub fn blob_scanout_bytes(seed: u64) -> Vec<u8> {
+    let len = (DRAW_WIDTH * DRAW_HEIGHT * 4) as usize;
+    hostmem_device::backend::shm::pattern_bytes(seed ^ BLOB_SCANOUT_SALT, 0, len)
+}
+
+/// Pixels (4 bytes each) of a `width × height` frame that are not the driver's scanout
+/// blob for `seed`; a frame of another size counts every pixel.
+pub fn blob_scanout_mismatches(seed: u64, width: u32, height: u32, pixels: &[u8]) -> u64 {
+    let want = blob_scanout_bytes(seed);
+    if (width, height) != (DRAW_WIDTH, DRAW_HEIGHT) || pixels.len() != want.len() {
+        return u64::from(DRAW_WIDTH) * u64::from(DRAW_HEIGHT);
+    }
+    pixels
+        .chunks_exact(4)
+        .zip(want.chunks_exact(4))
+        .filter(|(a, b)| a != b)
+        .count() as u64
+}
+
 /// The driver's results page (`struct results`).
 #[derive(Debug, Clone, Default)]
 pub struct GuestResults {
@@ -206,6 +242,14 @@ pub struct GuestResults {
     pub resets_refused: u64,
     /// Test patterns the driver drew and flushed on scanout 0 ([`draw_pixel`]).
     pub frames_drawn: u64,
+    /// `UPDATE_CURSOR`s and `MOVE_CURSOR`s sent and used.
+    pub cursor_commands: u64,
+    /// The cursor as the driver left it: scanout, x, y, resource, hot_x, hot_y.
+    pub cursor_sent: [u32; 6],
+    /// Blobs shown with `SET_SCANOUT_BLOB` on scanout 0 and flushed.
+    pub blob_scanouts: u64,
+    /// `num_scanouts` of the device configuration, as the driver read it.
+    pub num_scanouts: u64,
     /// TSC at the start and the end of the workload.
     pub tsc: (u64, u64),
     /// MAP_BLOB latency (submit to used entry seen).
@@ -461,6 +505,14 @@ impl GuestVm {
             lost_commands: q(88),
             resets_refused: q(8656),
             frames_drawn: q(8664),
+            cursor_commands: q(8672),
+            cursor_sent: std::array::from_fn(|i| {
+                page.get(8680 + 4 * i..8684 + 4 * i)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u32::from_le_bytes)
+            }),
+            blob_scanouts: q(8704),
+            num_scanouts: q(8712),
             tsc: (q(96), q(104)),
             map: hist_latency(&hist(208)),
             unmap: hist_latency(&hist(4304)),

@@ -95,6 +95,11 @@ impl BackendDevice {
         &self.facts
     }
 
+    /// The control tube (to shut a [`BackendDevice::feed`] down).
+    pub fn control(&self) -> &std::sync::Arc<Tube> {
+        &self.control
+    }
+
     /// Reads the device's frames and cursor changes off the control tube into `frames` on
     /// a thread of its own, until the device's end closes. Every frame is checked
     /// ([`crate::display::Frames::receive`]); this supervisor gives the device no file,
@@ -305,7 +310,12 @@ pub fn start_backend(
         control.send(&VmmMsg::Hello(Hello::new(Role::Vmm)), &[])?;
         control.set_recv_timeout(Some(cfg.start_timeout))?;
         let (msg, _) = control.recv::<DeviceMsg>().context("waiting for Ready")?;
-        let DeviceMsg::Ready { num_capsets, .. } = msg else {
+        let DeviceMsg::Ready {
+            num_capsets,
+            num_scanouts,
+            ..
+        } = msg
+        else {
             bail!("device sent {msg:?} instead of Ready");
         };
         let seccomp_filters = crate::device::check_runtime_filter(cfg, pid)?;
@@ -319,6 +329,7 @@ pub fn start_backend(
             open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
             start_ms: t0.elapsed().as_secs_f64() * 1e3,
             num_capsets,
+            num_scanouts,
             memory_limit: memory.clone(),
         })
     };

@@ -49,6 +49,26 @@ fn fixed_mode_guest_sees_blobs_with_one_memslot() {
     // pixel as drawn.
     assert!(r.display.frames >= 1, "{:?}", r.display);
     assert_eq!(r.display.mismatches, Some(0), "{:?}", r.display);
+    // The cursor the device reported is the one the driver sent (moved to its second
+    // position, the hot spot and image of its UPDATE_CURSOR), and the blob the driver showed
+    // with SET_SCANOUT_BLOB reached the VMM as the blob's bytes.
+    let c = r.display.cursor.expect("a cursor");
+    assert_eq!((c.scanout_id, c.x, c.y), (0, 210, 130), "{c:?}");
+    assert_eq!((c.hot_x, c.hot_y), (3, 5), "{c:?}");
+    assert_ne!(c.resource_id, 0, "{c:?}");
+    assert_eq!(r.display.cursor_mismatches, Some(0), "{:?}", r.display);
+    assert_eq!(r.display.cursor_updates, 2, "{:?}", r.display);
+    assert_eq!(
+        r.display.blob_scanout_mismatches,
+        Some(0),
+        "{:?}",
+        r.display
+    );
+    assert!(r.display.frames >= 2, "{:?}", r.display);
+    // One scanout by default: the device said so in its Ready, the transport's device
+    // config said so to the driver.
+    assert_eq!(r.device.num_scanouts, 1);
+    assert_eq!(r.guest_driver.num_scanouts, 1);
     // Every blob read once, zeros after every unmap, and the guest writes seen by the device.
     assert!(r.guest_verified >= 240, "{}", r.guest_verified);
     assert_eq!(r.memslot_changes, 1, "fixed mode keeps exactly one memslot");
@@ -87,8 +107,15 @@ fn per_blob_slot_mode_guest_sees_blobs_and_slots_churn() {
     assert!(r.guest_verified >= 120);
     // The legacy way leaves guest-visible holes where blobs were.
     assert!(r.guest_holes > 0);
-    // One add and one delete per blob; no window slot.
-    assert_eq!(r.memslot_changes, 2 * 60);
+    // One add and one delete per blob (and the blob the driver shows on scanout 0); no
+    // window slot.
+    assert_eq!(r.memslot_changes, 2 * 61);
+    assert_eq!(
+        r.display.blob_scanout_mismatches,
+        Some(0),
+        "{:?}",
+        r.display
+    );
 }
 
 #[test]
@@ -132,6 +159,71 @@ fn code(r: Result<impl std::fmt::Debug, CmdError>) -> String {
         Err(CmdError::Device(c)) => format!("{c:?}"),
         other => format!("unexpected {other:?}"),
     }
+}
+
+#[test]
+fn num_scanouts_in_the_device_config_is_the_devices_display() {
+    let _serial = serial();
+    if !kvm() {
+        return;
+    }
+    let mut o = options(Mode::Fixed, 8);
+    o.device.extra_args = ["--display", "640x480,800x600"].map(String::from).to_vec();
+    let r = run(&o).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.device.num_scanouts, 2, "from the device's Ready");
+    assert_eq!(
+        r.guest_driver.num_scanouts, 2,
+        "what the driver read in virtio_gpu_config"
+    );
+    // Scanout 0 still shows what the driver drew.
+    assert_eq!(r.display.mismatches, Some(0), "{:?}", r.display);
+    assert_eq!(
+        r.display.blob_scanout_mismatches,
+        Some(0),
+        "{:?}",
+        r.display
+    );
+}
+
+#[test]
+fn the_native_device_is_told_where_the_window_is_and_refuses_backing_there() {
+    let _serial = serial();
+    let (hm, dev, mut d) = start(&[]);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", dev.pid())).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| a == "--window-gpa")
+        .expect("--window-gpa");
+    let gpa = hm.window_gpa();
+    assert_eq!(args.get(at + 1), Some(&gpa.to_string()), "{args:?}");
+    use hostmem_device::wire::{Command, Response};
+    let ok = |d: &mut QueueDriver, c: Command| {
+        let resp = d.call(&c.encode()).unwrap();
+        Response::parse(&resp).unwrap()
+    };
+    assert!(matches!(
+        ok(&mut d, Command::create_2d(9, 2, 16, 16)),
+        Response::OkNoData { .. }
+    ));
+    // A backing entry in the window (what the guest sees at BAR2): refused, nothing kept.
+    let r = ok(
+        &mut d,
+        Command::attach_backing(9, &[(gpa + 4096, 16 * 16 * 4)]),
+    );
+    assert!(matches!(r, Response::Err { .. }), "{r:?}");
+    // The device still serves.
+    assert!(matches!(
+        ok(&mut d, Command::unref(9)),
+        Response::OkNoData { .. }
+    ));
+    drop(d);
+    let exit = dev.finish("test done");
+    assert_eq!(exit.code, Some(0), "{exit:?}");
 }
 
 #[test]

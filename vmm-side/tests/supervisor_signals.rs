@@ -323,3 +323,69 @@ fn sigterm_ends_hostmem_run_with_its_device_and_cgroup() {
         assert!(!cg.exists(), "{} removed", cg.display());
     }
 }
+
+/// SIGUSR1 to `hostmem run --screenshot` is a screenshot request between guest events, not
+/// a stop: the run takes it (logs it; mid-workload there is no frame yet), goes on, and a
+/// SIGTERM still ends it as a stop.
+#[test]
+fn sigusr1_asks_hostmem_run_for_a_screenshot_and_the_run_goes_on() {
+    let _g = common::serial();
+    if !usable() || !common::kvm() {
+        return;
+    }
+    let shot = std::env::temp_dir().join(format!("hostmem-sigusr1-{}.png", std::process::id()));
+    let mut child = Command::new(HOSTMEM)
+        .args([
+            "run",
+            "--blobs",
+            "1000000",
+            "--json",
+            "--device-memory",
+            "64M",
+            "--screenshot",
+        ])
+        .arg(&shot)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hostmem run");
+    let pid = child.id() as i32;
+    let _clean = CgroupsOf(pid);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let err = child.stderr.take().map(BufReader::new).unwrap();
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            if line.contains("SIGUSR1") && tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut sup = Supervisor {
+        child: None,
+        out: child.stdout.take().map(BufReader::new),
+    };
+    sup.child = Some(child);
+    wait_until(
+        "hostmem run's device starts",
+        Duration::from_secs(30),
+        || !cgroups_of(pid).is_empty(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    sup.signal(Signal::SIGUSR1);
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the run logs the SIGUSR1 request");
+    assert!(
+        line.contains("no frame on scanout 0 yet") || line.contains("screenshot written"),
+        "{line}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(alive(pid), "SIGUSR1 is not a stop");
+    sup.signal(Signal::SIGTERM);
+    let (status, out) = sup.finish();
+    let report: serde_json::Value = serde_json::from_str(&out).expect("the report, as JSON");
+    assert_eq!(report["stopped_by"], "SIGTERM", "{out}");
+    assert_eq!(status.code(), Some(1));
+    let _ = std::fs::remove_file(&shot);
+}

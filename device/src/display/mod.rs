@@ -352,6 +352,19 @@ impl Display {
         self.sink.retry();
     }
 
+    /// At the device's end: the sink sends what still waits (the latest frame per scanout,
+    /// the last cursor: the supervisor's picture of the display), trying for at most
+    /// `within`.
+    pub fn flush_sink(&mut self, within: std::time::Duration) {
+        let t0 = std::time::Instant::now();
+        while self.sink.pending() && t0.elapsed() < within {
+            self.sink.retry();
+            if self.sink.pending() {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
     /// Something waits in the sink ([`FrameSink::pending`]).
     pub fn sink_pending(&self) -> bool {
         self.sink.pending()

@@ -164,6 +164,11 @@ impl FrameSink for TubeSink {
             resource_id: cursor.resource_id,
             hot_x: cursor.hot_x,
             hot_y: cursor.hot_y,
+            image_hash: if cursor.image.is_empty() {
+                0
+            } else {
+                hostmem_ipc::protocol::image_hash(&cursor.image)
+            },
         });
         self.send_pending();
     }

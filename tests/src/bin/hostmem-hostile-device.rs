@@ -126,6 +126,11 @@ enum Scenario {
     GuestRamAsBlob,
     /// The window's own memfd as the blob (its background through an alias).
     WindowAsBlob,
+    /// Forged `DeviceMsg::Frame`s on the mapping tube, then a normal placement (issue 26):
+    /// guest RAM's memfd as the frame, an unsealed memfd, a memfd shorter than the frame,
+    /// width 0, and a stride whose end overflows. The VMM refuses each before reading a
+    /// byte and counts it (`display.refused`).
+    ForgedFrames,
     // Fds that mmap would refuse, refused before it (issue 22): the blob reopened
     // through /proc (unjailed only: the jail has no open).
     /// The blob reopened O_RDONLY.
@@ -318,6 +323,52 @@ impl HostilePlacer {
         self.reply(seq)
     }
 
+    /// [`Scenario::ForgedFrames`]: five frames the VMM must refuse.
+    fn forged_frames(&self) -> Result<(), String> {
+        use hostmem_ipc::protocol::FrameMsg;
+        let e = |e: hostmem_base::Error| e.to_string();
+        let good = FrameMsg {
+            scanout_id: 0,
+            resource_id: 1,
+            width: 16,
+            height: 16,
+            stride: 64,
+            format: 2,
+            offset: 0,
+            rect: [0, 0, 16, 16],
+            seq: 1,
+            blob: false,
+        };
+        let ram = held()
+            .ram
+            .first()
+            .ok_or("no guest RAM held")?
+            .try_clone()
+            .map_err(|e| e.to_string())?;
+        let unsealed = SharedMemory::new("hostile-frame-unsealed", PAGE).map_err(e)?;
+        let short = SharedMemory::frozen_copy("hostile-frame-short", &[0x5a; 512]).map_err(e)?;
+        let frozen = SharedMemory::frozen_copy("hostile-frame", &[0x5a; 1024]).map_err(e)?;
+        let forged = [
+            (good, ram.as_fd()),
+            (good, unsealed.as_fd()),
+            (good, short.as_fd()),
+            (FrameMsg { width: 0, ..good }, frozen.as_fd()),
+            (
+                FrameMsg {
+                    stride: u32::MAX,
+                    offset: u64::MAX - 8,
+                    ..good
+                },
+                frozen.as_fd(),
+            ),
+        ];
+        for (msg, fd) in forged {
+            self.send_msg(&DeviceMsg::Frame(msg), &[fd])
+                .map_err(|e| format!("{e:?}"))?;
+        }
+        Ok(())
+    }
+
     fn attack(&mut self, req: &MapRequest<'_>) -> Result<(), PlaceError> {
         let fd = req.blob.fd.as_fd();
         let size = self.window.size();
@@ -453,6 +504,7 @@ impl HostilePlacer {
                     &DeviceMsg::Ready {
                         backend: "again".into(),
                         num_capsets: 1,
+                        num_scanouts: 1,
                     },
                     &[],
                 )?;
@@ -622,6 +674,10 @@ impl HostilePlacer {
                     .try_clone()
                     .map_err(|e| PlaceError::Unspec(e.to_string()))?;
                 self.bad_event(msg, ram.as_fd())
+            }
+            Scenario::ForgedFrames => {
+                self.forged_frames().map_err(PlaceError::Unspec)?;
+                self.honest(req)
             }
             Scenario::WindowAsBlob => {
                 let w = self
@@ -997,11 +1053,15 @@ struct Args {
     /// The blob memory budget, as for `hostmem-gpu-device`.
     #[arg(long)]
     blob_budget: Option<u64>,
+    /// The window's guest-physical address, as for `hostmem-gpu-device` (the VMM passes it).
+    #[arg(long)]
+    window_gpa: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
     hostmem_device::process::init_logging();
     let args = <Args as clap::Parser>::parse();
+    log::debug!("hostile device: window at {:?}", args.window_gpa);
     // Jailed like the real device: the launcher installed the filter before the exec; the
     // SIGSYS reporter first, before any input is read.
     match args.seccomp_fd {
@@ -1067,6 +1127,7 @@ fn main() -> anyhow::Result<()> {
         &DeviceMsg::Ready {
             backend: args.backend.clone(),
             num_capsets,
+            num_scanouts: 1,
         },
         &[],
     )?;
@@ -1097,7 +1158,11 @@ fn main() -> anyhow::Result<()> {
         std::sync::Arc::new(frames),
     )));
     let mut dev = VirtioGpu::new(gpu);
-    serve(&transport, &mut dev)
+    let end = serve(&transport, &mut dev);
+    dev.gpu_mut()
+        .display_mut()
+        .flush_sink(Duration::from_millis(500));
+    end
 }
 
 /// Guest-physical address of the private shadow used ring (far above any guest RAM).

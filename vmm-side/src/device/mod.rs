@@ -177,6 +177,8 @@ pub struct DeviceFacts {
     pub start_ms: f64,
     /// Capsets the device's backend offers (from `Ready`; `virtio_gpu_config.num_capsets`).
     pub num_capsets: u32,
+    /// Scanouts it serves (from `Ready`; `virtio_gpu_config.num_scanouts`).
+    pub num_scanouts: u32,
     /// How its memory is bounded.
     pub memory_limit: MemoryLimitFacts,
 }
@@ -248,6 +250,9 @@ impl Device {
             MAPPING_FD.to_string(),
             "--backend".into(),
             cfg.backend.clone(),
+            // Where the window is to the guest: no 2D resource's backing may lie there.
+            "--window-gpa".into(),
+            hostmem.window_gpa().to_string(),
         ]);
         if let Some(max) = cfg.idle_poll_max {
             args.extend(["--idle-poll-max-us".into(), max.as_micros().to_string()]);
@@ -286,7 +291,12 @@ impl Device {
             mapping.set_recv_timeout(Some(cfg.start_timeout))?;
             let (msg, _) = mapping.recv::<DeviceMsg>().context("waiting for Ready")?;
             mapping.set_recv_timeout(None)?;
-            let DeviceMsg::Ready { num_capsets, .. } = msg else {
+            let DeviceMsg::Ready {
+                num_capsets,
+                num_scanouts,
+                ..
+            } = msg
+            else {
                 bail!("device sent {msg:?} instead of Ready");
             };
             let seccomp_filters = check_runtime_filter(cfg, pid)?;
@@ -300,6 +310,7 @@ impl Device {
                 open_fds: procfs::open_fds_of(&pid.to_string())?.len(),
                 start_ms: t0.elapsed().as_secs_f64() * 1e3,
                 num_capsets,
+                num_scanouts,
                 memory_limit: memory.clone(),
             })
         };

@@ -277,6 +277,9 @@ pub struct GuestDriverReport {
     pub resets_refused: u64,
     /// Port I/O and MMIO exits the VMM served (PCI configuration, BAR0, events, holes).
     pub vm_exits: u64,
+    /// `num_scanouts` the driver read in the device configuration (the device's, from its
+    /// `Ready`).
+    pub num_scanouts: u64,
 }
 
 /// The virtqueues' counters (`"virtqueue"` in the JSON).
@@ -299,13 +302,63 @@ pub struct VirtqueueReport {
     pub notify_exits: u64,
 }
 
+/// The device's last cursor against what the guest driver sent (its `cursor_sent`, and
+/// the image it drew for `seed`): the fields that differ (7 when there is no cursor) and
+/// the errors to report.
+fn cursor_check(
+    seed: u64,
+    results: &crate::guest::GuestResults,
+    got: Option<&hostmem_ipc::protocol::CursorMsg>,
+) -> (u64, Vec<String>) {
+    let [scanout_id, x, y, resource_id, hot_x, hot_y] = results.cursor_sent;
+    let want = hostmem_ipc::protocol::CursorMsg {
+        scanout_id,
+        x,
+        y,
+        resource_id,
+        hot_x,
+        hot_y,
+        image_hash: hostmem_ipc::protocol::image_hash(&crate::guest::cursor_image(seed)),
+    };
+    let mut errors = Vec::new();
+    if results.cursor_commands < 2 {
+        errors.push(format!(
+            "the guest driver sent {} of its 2 cursor commands",
+            results.cursor_commands
+        ));
+    }
+    let Some(got) = got else {
+        errors.push("no cursor of the guest's reached the VMM".into());
+        return (7, errors);
+    };
+    let bad = [
+        got.scanout_id == want.scanout_id,
+        got.x == want.x,
+        got.y == want.y,
+        got.resource_id == want.resource_id,
+        got.hot_x == want.hot_x,
+        got.hot_y == want.hot_y,
+        got.image_hash == want.image_hash,
+    ]
+    .iter()
+    .filter(|ok| !**ok)
+    .count() as u64;
+    if bad > 0 {
+        errors.push(format!(
+            "the cursor the VMM saw ({got:?}) is not the one the guest driver sent ({want:?})"
+        ));
+    }
+    (bad, errors)
+}
+
 /// Runs the workload and returns its report.
 pub fn run(opts: &RunOptions) -> anyhow::Result<Report> {
     run_until_stopped(opts, None)
 }
 
 /// [`run`], ended early (the device stopped, the window restored, the report made, an
-/// error saying so) when `stop` reports SIGINT or SIGTERM.
+/// error saying so) when `stop` reports SIGINT or SIGTERM. A SIGUSR1 on `stop` writes a
+/// screenshot (`--screenshot`) between guest events and the run goes on.
 pub fn run_until_stopped(
     opts: &RunOptions,
     stop: Option<&crate::stop::StopSignals>,
@@ -420,6 +473,16 @@ pub fn run_until_stopped(
             errors.push(format!("stopped by {sig}"));
             stopped_by = Some(sig.to_string());
             break;
+        }
+        // SIGUSR1 with --screenshot: scanout 0's latest frame now, the run goes on.
+        if let (Some(stop), Some(path)) = (stop, &opts.screenshot) {
+            if stop.take_screenshot_request() {
+                match hostmem.frames().screenshot(path) {
+                    Ok(true) => log::info!("SIGUSR1: screenshot written to {}", path.display()),
+                    Ok(false) => log::warn!("SIGUSR1: no frame on scanout 0 yet, no screenshot"),
+                    Err(e) => log::warn!("SIGUSR1: screenshot {}: {e:#}", path.display()),
+                }
+            }
         }
         let event = match guest.run_until_event(&mut pci) {
             Ok(e) => e,
@@ -674,6 +737,27 @@ pub fn run_until_stopped(
             ));
         }
         display.mismatches = Some(bad);
+        let (cursor_bad, why) = cursor_check(opts.seed, &results, display.cursor.as_ref());
+        errors.extend(why);
+        display.cursor_mismatches = Some(cursor_bad);
+        let bad = match hostmem.frames().latest_blob0() {
+            Some(f) => crate::guest::blob_scanout_mismatches(
+                opts.seed,
+                f.msg.width,
+                f.msg.height,
+                &f.pixels,
+            ),
+            None => {
+                errors.push("no frame of the guest's blob scanout reached the VMM".into());
+                u64::from(crate::guest::DRAW_WIDTH) * u64::from(crate::guest::DRAW_HEIGHT)
+            }
+        };
+        if bad > 0 && results.blob_scanouts > 0 {
+            errors.push(format!(
+                "{bad} pixels of the blob the guest showed on scanout 0 are not the blob's bytes"
+            ));
+        }
+        display.blob_scanout_mismatches = Some(bad);
     }
     let screenshot = match &opts.screenshot {
         Some(path) => match hostmem.frames().screenshot(path) {
@@ -718,6 +802,7 @@ pub fn run_until_stopped(
             device_resets: results.device_resets,
             resets_refused: results.resets_refused,
             vm_exits: guest.exits(),
+            num_scanouts: results.num_scanouts,
         },
         virtqueue: vq,
         device_memory_limit: facts.memory_limit.clone(),

@@ -87,6 +87,7 @@ pub(super) fn connect(
     match opts.transport {
         Transport::VirtioPci => {
             let device = Device::start(&opts.device, hostmem.clone())?;
+            pci.set_num_scanouts(device.facts().num_scanouts);
             if let Err(e) = pci.attach(device.transport(), device.facts().num_capsets) {
                 let exit = device.stop("the transport could not attach it");
                 // Stopped: a loss the transport declared during the attach is settled.
@@ -98,6 +99,7 @@ pub(super) fn connect(
         Transport::VhostUser => {
             let mut device = VhostUserDevice::start(&opts.device, hostmem.clone(), REPLY_TIMEOUT)?;
             let num_capsets = device.facts().num_capsets;
+            pci.set_num_scanouts(device.facts().num_scanouts);
             let attached = match device.take_link() {
                 Some(link) => pci
                     .attach_link(link, num_capsets)

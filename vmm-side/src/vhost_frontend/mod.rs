@@ -71,7 +71,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hostmem_base::kvm::eventfd_from_fd;
@@ -287,6 +287,9 @@ pub struct VhostUserDevice {
     link: Option<VhostUserLink>,
     /// [`VhostUserDevice::transport`]: our end of the shim's tube and the shim.
     shim: Option<(Arc<Tube>, JoinHandle<()>)>,
+    /// The thread reading the device's frames and cursor off the control tube into
+    /// `hostmem`'s [`crate::display::Frames`], and that tube.
+    feed: Option<(Arc<Tube>, JoinHandle<()>)>,
     hostmem: Arc<Hostmem>,
     facts: DeviceFacts,
 }
@@ -360,11 +363,13 @@ impl VhostUserDevice {
                 log::info!(
                     "vhost-user device pid {pid} connected ({num_capsets} capsets, region 1 = window of {size:#x} bytes)"
                 );
+                let feed = Some((backend.control().clone(), backend.feed(hostmem.frames())));
                 Ok(VhostUserDevice {
                     backend: Some(backend),
                     channel,
                     link: Some(link),
                     shim: None,
+                    feed,
                     hostmem,
                     facts,
                 })
@@ -453,6 +458,18 @@ impl VhostUserDevice {
         let pid = self.facts.pid;
         let ended_before = self.has_ended();
         let end = self.backend.take().map(BackendDevice::end);
+        if let Some((tube, thread)) = self.feed.take() {
+            // The device is gone: the feed takes what it sent before and ends at the hangup
+            // (bounded, should anything else hold the device's end open).
+            let t0 = Instant::now();
+            while !thread.is_finished() && t0.elapsed() < Duration::from_secs(2) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let _ = tube.shutdown();
+            if thread.join().is_err() {
+                log::error!("vhost-user frontend: the frame feed panicked");
+            }
+        }
         // No SHMEM_MAP can arrive after this: the device is gone and the channel joined.
         self.channel.stop();
         if let Some((tube, thread)) = self.shim.take() {

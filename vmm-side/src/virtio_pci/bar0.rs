@@ -361,10 +361,10 @@ impl VirtioPciGpu {
 
     fn device_cfg_image(&self) -> [u8; DEVICE_CFG_LEN as usize] {
         let mut image = [0u8; DEVICE_CFG_LEN as usize];
-        // events_read, events_clear (reads 0), num_scanouts, num_capsets. One scanout (the
-        // device's default display, 1024x768): Linux's driver refuses a device with none.
+        // events_read, events_clear (reads 0), num_scanouts (the device's, from its
+        // `Ready`), num_capsets.
         image[0..4].copy_from_slice(&self.v.events_read.to_le_bytes());
-        image[8..12].copy_from_slice(&hostmem_device::gpu::NUM_SCANOUTS.to_le_bytes());
+        image[8..12].copy_from_slice(&self.num_scanouts.to_le_bytes());
         image[12..16].copy_from_slice(&self.num_capsets.to_le_bytes());
         image
     }

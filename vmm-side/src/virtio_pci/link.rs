@@ -138,6 +138,16 @@ impl DeviceLink for TubeLink {
 }
 
 impl VirtioPciGpu {
+    /// The device cfg's `num_scanouts` from now on (the next device's, before it attaches;
+    /// at least 1): a configuration change if it changed.
+    pub fn set_num_scanouts(&mut self, n: u32) {
+        let n = n.max(1);
+        if n != self.num_scanouts {
+            self.num_scanouts = n;
+            self.config_changed();
+        }
+    }
+
     /// A (new) device behind its transport tube: [`VirtioPciGpu::attach_link`] with a
     /// [`TubeLink`] whose exchanges are bounded by the reply timeout.
     pub fn attach(&mut self, transport: Arc<Tube>, num_capsets: u32) -> Result<(), Error> {

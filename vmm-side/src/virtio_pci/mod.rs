@@ -441,6 +441,9 @@ pub struct VirtioPciGpu {
     reply_timeout: Duration,
     /// Last num_capsets a device reported (the device cfg keeps it while detached).
     num_capsets: u32,
+    /// num_scanouts of the device cfg: the last device's (`Ready`), 1 before any (Linux's
+    /// driver refuses a GPU without scanouts).
+    num_scanouts: u32,
     config_generation: u8,
     v: VirtioState,
     // PCI state (a virtio reset leaves it alone).
@@ -512,6 +515,7 @@ impl VirtioPciGpu {
             window: None,
             reply_timeout: REPLY_TIMEOUT,
             num_capsets: 0,
+            num_scanouts: 1,
             config_generation: 0,
             v: VirtioState::INITIAL,
             config_address: 0,
