@@ -1051,13 +1051,15 @@ static int64_t blob_scanout(void)
 {
     u32 res = next_res++, w = DRAW_WIDTH, h = DRAW_HEIGHT;
     struct blob b = {res, 0, (u64)w * h * 4, P->seed ^ BLOB_SCANOUT_SALT, ~0ull, 0};
+    /* OPS_NONE: no device fill; the guest writes the pattern itself once it is mapped. */
+    int fills = P->ops_capset != OPS_NONE;
     struct slot *c = cmd_create_blob(res, b.size);
-    struct slot *f = cmd_stream(OP_FILL, res, b.size, b.seed);
+    struct slot *f = fills ? cmd_stream(OP_FILL, res, b.size, b.seed) : 0;
     kick(&ctrlq, 0);
-    if (wait(c) || wait(f))
+    if (wait(c) || (f && wait(f)))
         return -1;
     int ok = answer(c) != 0;
-    ok = answer(f) && ok;
+    ok = (!f || answer(f)) && ok;
     if (!ok) {
         copy_msg("the scanout blob failed");
         return 0;
@@ -1070,6 +1072,9 @@ static int64_t blob_scanout(void)
         copy_msg("mapping the scanout blob failed");
         return res;
     }
+    if (!fills)
+        for (u64 q = 0; q < b.size / 8; q++)
+            window_at(b.offset)[q] = pattern_qword(b.seed, q);
     check_blob(&b);
     struct slot *s[2];
     s[0] = new_cmd(VIRTIO_GPU_CMD_SET_SCANOUT_BLOB, 0, VIRTIO_GPU_RESP_OK_NODATA, 96);
