@@ -391,9 +391,8 @@ pub const MAX_IN_FLIGHT: usize = 32;
 
 /// Where the idle loop's polling window starts and what it shrinks back to ([`IdlePoll`]):
 /// after its last work the loop keeps polling its fds (kick eventfds, transport tube)
-/// without sleeping this long at least, like QEMU's `poll-max-ns`: waking a sleeping
-/// process costs tens of microseconds on a VM host (`hostmem bench`'s breakdown, "guest
-/// kick → device sees it"), far more than the next command usually takes to come.
+/// without sleeping this long at least, like QEMU's `poll-max-ns`: a wake-up from sleep
+/// costs more than the next command usually takes to come (decisions 043, 044).
 pub const IDLE_SPIN: Duration = Duration::from_micros(100);
 
 /// How far the polling window may grow by default (`--idle-poll-max-us`): KVM's default
