@@ -104,10 +104,7 @@ impl VmaBudget {
 
     /// A count is due when the estimate comes near the limit, or after this window placed a
     /// quarter of the headroom there was at the last count (2 VMAs each; at least
-    /// [`RECOUNT_EVERY`] placements apart). Reading `/proc/self/maps` costs about a
-    /// microsecond per VMA here (0.7 ms at 550 VMAs, in both processes): once every 256
-    /// placements it was the largest stall in a pipelined batch, and it grows with the
-    /// number of live placements.
+    /// [`RECOUNT_EVERY`] placements apart): a count costs time per VMA (decision 042).
     fn recount_due(&self) -> bool {
         let near = self.used_estimate() + 2 + 2 * self.reserve >= self.limit;
         let headroom = self.limit.saturating_sub(self.counted + self.reserve);

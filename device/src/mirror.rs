@@ -54,11 +54,8 @@ use crate::gpu::{MapRequest, PlaceError, Placer};
 
 /// How long the device waits for the VMM to answer one placement event.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Messages the device keeps waiting at the VMM at most while it has more events: with
-/// two, the VMM finds the next message queued when it answers one and does not idle while
-/// the device is busy with the chains after it (measured: the VMM sat idle about a quarter
-/// of a pipelined batch when the device sent only to an idle VMM); events that come
-/// meanwhile still go together.
+/// Messages waiting at the VMM at most while the device has more events, so the VMM finds
+/// the next one queued when it answers (decision 043, "Two messages in flight").
 pub const MESSAGES_IN_FLIGHT: usize = 2;
 /// Trace records kept at most (older ones are dropped).
 pub const MAX_TRACE: usize = 16 * 1024;

@@ -111,7 +111,7 @@ pub struct Args {
 }
 
 /// The device's test knobs ([`Args::knobs`]): command-line flags only in a build with the
-/// cargo feature `fault-injection` (docs/decisions/040-test-knobs-behind-features.md);
+/// cargo feature `fault-injection` (docs/decisions/059-test-knobs-behind-features.md);
 /// without it every knob is off.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "fault-injection", derive(clap::Args))]
@@ -409,9 +409,8 @@ pub const MAX_IN_FLIGHT: usize = 32;
 
 /// Where the idle loop's polling window starts and what it shrinks back to ([`IdlePoll`]):
 /// after its last work the loop keeps polling its fds (kick eventfds, transport tube)
-/// without sleeping this long at least, like QEMU's `poll-max-ns`: waking a sleeping
-/// process costs tens of microseconds on a VM host (`hostmem bench`'s breakdown, "guest
-/// kick → device sees it"), far more than the next command usually takes to come.
+/// without sleeping this long at least, like QEMU's `poll-max-ns`: a wake-up from sleep
+/// costs more than the next command usually takes to come (decisions 043, 044).
 pub const IDLE_SPIN: Duration = Duration::from_micros(100);
 
 /// How far the polling window may grow by default (`--idle-poll-max-us`): KVM's default

@@ -761,12 +761,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             errors.push(format!("{}: trace: {e:#}", c.kind.name()));
         }
     }
-    // Cold starts come last: a stopped device's namespaces are torn down afterwards by
-    // kernel workers (net, pid, user, mounts, cgroups; expedited RCU), which took 15% of
-    // the mapping service's CPU when they overlapped the timed batches. Each start comes
-    // after a pause (`COLD_START_GAP`) so it is cold: the cgroup attach waits for an RCU
-    // grace period (rcu_sync of the threadgroup rwsem) unless another start did the same
-    // moments earlier, and back-to-back starts measured 3.5 ms against 15 ms spaced.
+    // Cold starts last, `COLD_START_GAP` apart, so teardown misses the batches (decision 046).
     while cold_ms.len() < opts.cold_starts && errors.len() < opts.cold_starts {
         std::thread::sleep(COLD_START_GAP);
         timed_start(&mut cold_ms, &mut idle_rss, &mut errors);

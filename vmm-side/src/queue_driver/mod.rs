@@ -446,8 +446,8 @@ impl QueueDriver {
     /// ([`REPLY_SPIN`] by default). Zero for a driver that shares its CPU with the thread
     /// that must answer (the device, or the VMM's mapping service): under EEVDF a
     /// `sched_yield` loop does not hand the CPU to a task that has run ahead of its share,
-    /// so a yielding poller can keep that thread off its CPU until the next tick (seen as
-    /// a p99 of 3.9 ms in a pipelined batch). The sleep then ends with the
+    /// so a yielding poller can keep that thread off its CPU until the next tick (decision
+    /// 045). The sleep then ends with the
     /// call eventfd after the completion it waits for (`used_event`), one wake-up per wait.
     pub fn set_multi_reply_spin(&mut self, t: Duration) {
         self.multi_reply_spin = t;
