@@ -15,14 +15,17 @@
 //! background can always be mapped read/write because the window memfd is sealed with
 //! F_SEAL_SEAL and can never gain a write seal). What is known to fail is refused before the
 //! syscall: a write-sealed fd for a read/write placement ([`Error::WriteSealed`]).
-//! [`Window::inject_map_failures`] makes the next MAP_FIXEDs fail the way an old kernel's do
-//! (range unmapped, then an error), so tests reach every failure path on any kernel.
+//! `Window::inject_map_failures` (cargo feature `fault-injection`, on in the tests only)
+//! makes the next MAP_FIXEDs fail the way an old kernel's do (range unmapped, then an
+//! error), so tests reach every failure path on any kernel.
 
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+#[cfg(feature = "fault-injection")]
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Mutex;
 
 use nix::sys::mman::MapFlags;
@@ -101,10 +104,7 @@ impl VmaBudget {
 
     /// A count is due when the estimate comes near the limit, or after this window placed a
     /// quarter of the headroom there was at the last count (2 VMAs each; at least
-    /// [`RECOUNT_EVERY`] placements apart). Reading `/proc/self/maps` costs about a
-    /// microsecond per VMA here (0.7 ms at 550 VMAs, in both processes): once every 256
-    /// placements it was the largest stall in a pipelined batch, and it grows with the
-    /// number of live placements.
+    /// [`RECOUNT_EVERY`] placements apart): a count costs time per VMA (decision 042).
     fn recount_due(&self) -> bool {
         let near = self.used_estimate() + 2 + 2 * self.reserve >= self.limit;
         let headroom = self.limit.saturating_sub(self.counted + self.reserve);
@@ -202,8 +202,10 @@ pub struct Window {
     map: MemoryMapping,
     state: Mutex<State>,
     /// Test hook ([`Window::inject_map_failures`]): MAP_FIXEDs still to fail.
+    #[cfg(feature = "fault-injection")]
     fail_next: AtomicU32,
     /// ... and whether they unmap the range first, as kernels before 6.12 do.
+    #[cfg(feature = "fault-injection")]
     fail_unmaps: AtomicBool,
     /// Restores punch the background back to zeros ([`Window::set_zero_on_restore`]).
     zero_on_restore: AtomicBool,
@@ -249,7 +251,9 @@ impl Window {
                 placements: BTreeMap::new(),
                 budget,
             }),
+            #[cfg(feature = "fault-injection")]
             fail_next: AtomicU32::new(0),
+            #[cfg(feature = "fault-injection")]
             fail_unmaps: AtomicBool::new(false),
             zero_on_restore: AtomicBool::new(true),
         })
@@ -284,8 +288,9 @@ impl Window {
 
     /// Test hook: the next `count` MAP_FIXEDs of this window (placements, restores and the
     /// background mapped back after a failure) fail with ENOMEM; with `unmap_first` they
-    /// first unmap their range, as a failing MAP_FIXED does on kernels before 6.12. Not
-    /// used outside tests.
+    /// first unmap their range, as a failing MAP_FIXED does on kernels before 6.12. Only
+    /// with the cargo feature `fault-injection` (the tests' builds).
+    #[cfg(feature = "fault-injection")]
     #[doc(hidden)]
     pub fn inject_map_failures(&self, count: u32, unmap_first: bool) {
         self.fail_unmaps.store(unmap_first, Ordering::SeqCst);
@@ -528,6 +533,7 @@ impl Window {
         debug_assert!(check_range(offset, len, self.size()).is_ok());
         let addr = self.map.as_ptr() as usize + offset as usize;
         let want = NonZeroUsize::new(addr).ok_or(Error::InvalidSize(offset))?;
+        #[cfg(feature = "fault-injection")]
         if self
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

@@ -26,14 +26,14 @@
 //! keep command order.
 //!
 //! **Trace** (`hostmem bench`'s per-hop breakdown, off in a normal run): with
-//! [`MirrorPlacer::set_trace`] every placement gets [`DeviceStamps`], every event goes in a
+//! `MirrorPlacer::set_trace` (cargo feature `trace`) every placement gets [`DeviceStamps`], every event goes in a
 //! batch asking the VMM for its [`hostmem_ipc::protocol::VmmStamps`], and the records wait
-//! for [`MirrorPlacer::take_trace`].
+//! for `MirrorPlacer::take_trace`.
 //!
 //! `begin_map`/`begin_unmap` start a placement without waiting, `finish_next` waits for
 //! the oldest verdict; `map`/`unmap` are both in one call.
 //!
-//! **Test-only failure injection** ([`MirrorFaults`], [`MirrorPlacer::set_test_faults`];
+//! **Test-only failure injection** ([`MirrorFaults`], `MirrorPlacer::set_test_faults`, cargo feature `fault-injection`;
 //! the device's `--test-fail-mirror-place N` / `--test-fail-mirror-restore N`): the Nth
 //! mirror placement or restore fails as if its MAP_FIXED had returned ENOMEM, *after* its
 //! event was sent, to exercise the take-back and the broken tube above. Off unless a
@@ -54,11 +54,8 @@ use crate::gpu::{MapRequest, PlaceError, Placer};
 
 /// How long the device waits for the VMM to answer one placement event.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Messages the device keeps waiting at the VMM at most while it has more events: with
-/// two, the VMM finds the next message queued when it answers one and does not idle while
-/// the device is busy with the chains after it (measured: the VMM sat idle about a quarter
-/// of a pipelined batch when the device sent only to an idle VMM); events that come
-/// meanwhile still go together.
+/// Messages waiting at the VMM at most while the device has more events, so the VMM finds
+/// the next one queued when it answers (decision 043, "Two messages in flight").
 pub const MESSAGES_IN_FLIGHT: usize = 2;
 /// Trace records kept at most (older ones are dropped).
 pub const MAX_TRACE: usize = 16 * 1024;
@@ -188,6 +185,7 @@ impl MirrorPlacer {
 
     /// **Test only**: makes the Nth mirror placement or restore from now fail after its
     /// event was sent ([`MirrorFaults`]). A normal run never calls this.
+    #[cfg(feature = "fault-injection")]
     pub fn set_test_faults(&mut self, faults: MirrorFaults) {
         if faults != MirrorFaults::default() {
             log::warn!("test knob: mirror failure injection {faults:?}");
@@ -252,6 +250,7 @@ impl MirrorPlacer {
     }
 
     /// Starts (dropping older records) or stops tracing.
+    #[cfg(feature = "trace")]
     pub fn set_trace(&mut self, on: bool) {
         self.trace = on;
         self.open.clear();
@@ -294,6 +293,7 @@ impl MirrorPlacer {
     }
 
     /// Up to `max` of the finished trace records, oldest first (and forgets them).
+    #[cfg(feature = "trace")]
     pub fn take_trace(&mut self, max: usize) -> Vec<TraceRecord> {
         self.records.sort_by_key(|x| x.seq);
         let n = max.min(self.records.len());

@@ -22,7 +22,7 @@ use nix::poll::PollTimeout;
 use crate::backend::Backend;
 use crate::display::DisplayConfig;
 use crate::gpu::{Gpu, Placer};
-use crate::mirror::{MirrorFaults, MirrorPlacer};
+use crate::mirror::MirrorPlacer;
 use crate::virtio::{guest_memory, VirtioGpu};
 use crate::{Error, Result};
 
@@ -57,22 +57,10 @@ pub struct Args {
     /// Renderer backend.
     #[arg(long, default_value = "shm")]
     pub backend: String,
-    /// Test knob: allow the mirror only this many VMAs above the count at start (8 of them
-    /// kept in reserve), to exercise the headroom refusal.
-    #[arg(long, value_name = "N")]
-    pub vma_limit: Option<usize>,
     /// Bytes all live blobs may hold together (the VMM passes the device's memory limit):
     /// a CREATE_BLOB past it is refused with ERR_OUT_OF_MEMORY.
     #[arg(long, value_name = "BYTES")]
     pub blob_budget: Option<u64>,
-    /// Test knob: the Nth mirror placement fails after its Map event was sent (as if its
-    /// MAP_FIXED returned ENOMEM), to exercise the take-back ([`crate::mirror::MirrorFaults`]).
-    #[arg(long, value_name = "N")]
-    pub test_fail_mirror_place: Option<u64>,
-    /// Test knob: the Nth mirror restore fails after its Unmap event was sent (the device
-    /// then exits; [`crate::mirror::MirrorFaults`]).
-    #[arg(long, value_name = "N")]
-    pub test_fail_mirror_restore: Option<u64>,
     /// How long the idle loop may poll its fds before it sleeps, in microseconds: the
     /// window adapts between 100 µs and this ([`IdlePoll`]); 0 sleeps at once, at most 1 s.
     #[arg(
@@ -82,9 +70,11 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(0..=IDLE_POLL_LIMIT_US)
     )]
     pub idle_poll_max_us: u64,
-    /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
-    #[arg(long)]
-    pub test_ops: bool,
+    /// The test knobs: flags only with the cargo feature `fault-injection` (the tests'
+    /// builds); a user's build has none of them and they keep their defaults (off).
+    #[cfg_attr(feature = "fault-injection", command(flatten))]
+    #[cfg_attr(not(feature = "fault-injection"), arg(skip))]
+    pub knobs: TestKnobs,
     /// The scanouts: `WIDTHxHEIGHT`, or several separated by commas (at most 16; each side
     /// 16 to 4095). Both transports report them all: natively the count goes in `Ready`
     /// (the VMM's device configuration reads it), over vhost-user in `GET_CONFIG`.
@@ -118,6 +108,29 @@ pub struct Args {
     /// (a second Hello, once it checked the jail from /proc), then Ready.
     #[arg(long, value_name = "FD", requires = "vhost_user")]
     pub control_fd: Option<i32>,
+}
+
+/// The device's test knobs ([`Args::knobs`]): command-line flags only in a build with the
+/// cargo feature `fault-injection` (docs/decisions/059-test-knobs-behind-features.md);
+/// without it every knob is off.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "fault-injection", derive(clap::Args))]
+pub struct TestKnobs {
+    /// Test knob: allow the mirror only this many VMAs above the count at start (8 of them
+    /// kept in reserve), to exercise the headroom refusal.
+    #[cfg_attr(feature = "fault-injection", arg(long, value_name = "N"))]
+    pub vma_limit: Option<usize>,
+    /// Test knob: the Nth mirror placement fails after its Map event was sent (as if its
+    /// MAP_FIXED returned ENOMEM), to exercise the take-back ([`crate::mirror::MirrorFaults`]).
+    #[cfg_attr(feature = "fault-injection", arg(long, value_name = "N"))]
+    pub test_fail_mirror_place: Option<u64>,
+    /// Test knob: the Nth mirror restore fails after its Unmap event was sent (the device
+    /// then exits; [`crate::mirror::MirrorFaults`]).
+    #[cfg_attr(feature = "fault-injection", arg(long, value_name = "N"))]
+    pub test_fail_mirror_restore: Option<u64>,
+    /// Test knob: the backend's hostmem-private test ops (virgl: see `backend::virgl`).
+    #[cfg_attr(feature = "fault-injection", arg(long))]
+    pub test_ops: bool,
 }
 
 impl Args {
@@ -254,7 +267,7 @@ fn run(args: &Args) -> Result<()> {
     // The VMM zeroes the background it shares with us after its own restores; our policy
     // has no fallocate.
     let mirror = Window::mirror_of(SharedMemory::from_fd(memfd, size)?)?;
-    if let Some(limit) = args.vma_limit {
+    if let Some(limit) = args.knobs.vma_limit {
         let now = hostmem_base::procfs::vma_count()?;
         log::warn!("test knob: mirror VMA limit {now} + {limit} (reserve 8)");
         mirror.set_vma_limit(now + limit, 8);
@@ -263,7 +276,7 @@ fn run(args: &Args) -> Result<()> {
         Some(fd) => Some(hostmem_base::fd::take_inherited(fd)?),
         None => None,
     };
-    let backend = make_backend_with(&args.backend, args.test_ops, server)?;
+    let backend = make_backend_with(&args.backend, args.knobs.test_ops, server)?;
     // All our code is loaded (the backend's libraries too): from here on nothing new may
     // run (W^X for the whole run; the VMM checks Seccomp_filters after Ready).
     end_start_up()?;
@@ -286,11 +299,16 @@ fn run(args: &Args) -> Result<()> {
         Tube::from_fd(mapping.as_fd().try_clone_to_owned().map_err(|e| {
             Error::Protocol(format!("duplicating the mapping tube for frames: {e}"))
         })?)?;
-    let mut placer = MirrorPlacer::new(mirror, mapping);
-    placer.set_test_faults(MirrorFaults {
-        fail_place: args.test_fail_mirror_place,
-        fail_restore: args.test_fail_mirror_restore,
-    });
+    let placer = MirrorPlacer::new(mirror, mapping);
+    #[cfg(feature = "fault-injection")]
+    let placer = {
+        let mut placer = placer;
+        placer.set_test_faults(crate::mirror::MirrorFaults {
+            fail_place: args.knobs.test_fail_mirror_place,
+            fail_restore: args.knobs.test_fail_mirror_restore,
+        });
+        placer
+    };
     let mut gpu = Gpu::new(backend, placer);
     gpu.set_blob_budget(args.blob_budget);
     gpu.set_display(args.display.clone());
@@ -334,7 +352,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
     let with_server = server.is_some();
     let opts = Options {
         backend: args.backend.clone(),
-        test_ops: args.test_ops,
+        test_ops: args.knobs.test_ops,
         shmem_size: size,
         max_connections: with_server.then_some(1),
         ack_timeout: crate::vhost_user::ACK_TIMEOUT,
@@ -344,7 +362,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         idle_poll_max: Duration::from_micros(args.idle_poll_max_us),
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
-    let probe = make_backend_with(&args.backend, args.test_ops, server)?;
+    let probe = make_backend_with(&args.backend, args.knobs.test_ops, server)?;
     // As in `run`: no new code once the backend (and its libraries) exist.
     end_start_up()?;
     let num_capsets = u32::try_from(probe.capsets().len()).unwrap_or(u32::MAX);
@@ -398,9 +416,8 @@ pub const VERDICT_POLL: Duration = hostmem_ipc::REPLY_SPIN;
 
 /// Where the idle loop's polling window starts and what it shrinks back to ([`IdlePoll`]):
 /// after its last work the loop keeps polling its fds (kick eventfds, transport tube)
-/// without sleeping this long at least, like QEMU's `poll-max-ns`: waking a sleeping
-/// process costs tens of microseconds on a VM host (`hostmem bench`'s breakdown, "guest
-/// kick → device sees it"), far more than the next command usually takes to come.
+/// without sleeping this long at least, like QEMU's `poll-max-ns`: a wake-up from sleep
+/// costs more than the next command usually takes to come (decisions 043, 044).
 pub const IDLE_SPIN: Duration = Duration::from_micros(100);
 
 /// How far the polling window may grow by default (`--idle-poll-max-us`): KVM's default
@@ -547,10 +564,13 @@ pub fn serve(
         if transport_ready {
             match transport.try_recv_bytes() {
                 Ok(Some((bytes, fds))) => {
+                    #[cfg(feature = "trace")]
                     let reply = match trace_request(dev, &bytes) {
                         Some(r) => Some(r),
                         None => handle_transport(dev, &bytes, fds),
                     };
+                    #[cfg(not(feature = "trace"))]
+                    let reply = handle_transport(dev, &bytes, fds);
                     if let Some(reply) = reply {
                         match transport.send(&reply, &[]) {
                             Ok(()) => {}
@@ -585,10 +605,12 @@ pub fn serve(
 
 /// Trace records per [`TransportReply::Trace`]: each is ~300 bytes of JSON, and a tube
 /// message holds 64 KiB.
+#[cfg(feature = "trace")]
 pub const TRACE_PER_MESSAGE: usize = 128;
 
 /// The trace messages ([`TransportMsg::Trace`], [`TransportMsg::TraceTake`]), which need
-/// the mirror placer; `None` for any other message.
+/// the mirror placer; `None` for any other message. Only with the cargo feature `trace`.
+#[cfg(feature = "trace")]
 fn trace_request(dev: &mut VirtioGpu<MirrorPlacer>, bytes: &[u8]) -> Option<TransportReply> {
     match serde_json::from_slice::<TransportMsg>(bytes).ok()? {
         TransportMsg::Trace { seq, on } => {
@@ -634,9 +656,9 @@ pub fn handle_transport<P: Placer>(
         TransportMsg::GuestMemory { seq, .. }
         | TransportMsg::QueueEnable { seq, .. }
         | TransportMsg::Reset { seq }
-        | TransportMsg::Stats { seq }
-        | TransportMsg::Trace { seq, .. }
-        | TransportMsg::TraceTake { seq } => *seq,
+        | TransportMsg::Stats { seq } => *seq,
+        #[cfg(feature = "trace")]
+        TransportMsg::Trace { seq, .. } | TransportMsg::TraceTake { seq } => *seq,
     };
     let done = |r: Result<()>| {
         let error = r.err().map(|e| {
@@ -679,6 +701,7 @@ pub fn handle_transport<P: Placer>(
             stats: dev.stats(),
         }),
         // Only the device loop over the mirror placer traces ([`serve`]).
+        #[cfg(feature = "trace")]
         TransportMsg::Trace { .. } | TransportMsg::TraceTake { .. } => done(Err(Error::Protocol(
             "this device loop does not trace placements".into(),
         ))),
@@ -840,7 +863,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (a.test_fail_mirror_place, a.test_fail_mirror_restore),
+            (
+                a.knobs.test_fail_mirror_place,
+                a.knobs.test_fail_mirror_restore
+            ),
             (Some(2), None)
         );
         assert_eq!(
@@ -848,8 +874,8 @@ mod tests {
                 a.transport_fd,
                 a.mapping_fd,
                 a.seccomp_fd,
-                a.vma_limit,
-                a.test_ops
+                a.knobs.vma_limit,
+                a.knobs.test_ops
             ),
             (Some(3), Some(4), Some(9), Some(12), true)
         );

@@ -1376,9 +1376,8 @@ fn take_backend_channel(sock: &UnixStream, vu: &Mutex<VuGpu>) -> std::result::Re
 ///
 /// After its last work (a request, an ack, a kick, a fence) the loop keeps polling without
 /// sleeping for `poll`'s window ([`IdlePoll`], as the native device's loop does), acks
-/// outstanding or not: the ack of a `SHMEM_MAP` our VMM places comes within tens of
-/// microseconds, and the guest's next command often as soon, while a wake-up from sleep
-/// costs about as much again. Past the window it sleeps as before (up to the oldest ack's
+/// outstanding or not: acks and the guest's next command come sooner than a wake-up from
+/// sleep (decision 039). Past the window it sleeps as before (up to the oldest ack's
 /// deadline), so a slow frontend (QEMU's ack waits for its `ADD_MEM_REG` round trip) costs
 /// at most one window of polling per burst.
 pub fn serve_connection(

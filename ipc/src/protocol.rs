@@ -385,7 +385,8 @@ pub enum TransportMsg {
         seq: u64,
     },
     /// `hostmem bench`'s breakdown: start (`on`, dropping older records) or stop stamping
-    /// placements ([`TraceRecord`]). Answered `Done`.
+    /// placements ([`TraceRecord`]). Answered `Done`. Only with the cargo feature `trace`.
+    #[cfg(feature = "trace")]
     Trace {
         /// Sequence number.
         seq: u64,
@@ -393,7 +394,9 @@ pub enum TransportMsg {
         on: bool,
     },
     /// Hand over (and forget) the oldest trace records, as many as fit in one message:
-    /// answered [`TransportReply::Trace`] (empty when there are no more).
+    /// answered [`TransportReply::Trace`] (empty when there are no more). Only with the
+    /// cargo feature `trace`.
+    #[cfg(feature = "trace")]
     TraceTake {
         /// Sequence number.
         seq: u64,
@@ -449,7 +452,8 @@ pub enum TransportReply {
         /// The counters.
         stats: QueueStats,
     },
-    /// The trace records, oldest first.
+    /// The trace records, oldest first (cargo feature `trace`).
+    #[cfg(feature = "trace")]
     Trace {
         /// The message's sequence number.
         seq: u64,

@@ -157,8 +157,7 @@ impl Tube {
 
     /// Lets each receive poll the socket for up to `t` (yielding the CPU between polls)
     /// before it sleeps in `recvmsg`. For the request/reply paths whose peer answers within
-    /// microseconds: on hosts where waking an idle vCPU costs tens of microseconds (this
-    /// project's CI machines), polling keeps the waiter's CPU awake for the answer. Zero
+    /// microseconds, where waking an idle vCPU costs more (decision 044). Zero
     /// (the default) sleeps at once.
     pub fn set_recv_spin(&self, t: Duration) {
         let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);

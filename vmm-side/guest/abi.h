@@ -54,6 +54,8 @@
 #define PARAMS_MAGIC 0x48534f4d454d4850ULL /* "PHMEMOSH" */
 #define MAX_PENDING_MISMATCHES 8
 
+#define OPS_NONE 0xffffffffu /* params.ops_capset: the backend takes no FILL/CHECKSUM streams */
+
 struct params {
     uint64_t magic;
     uint64_t blobs;        /* blobs to create and map */
@@ -62,7 +64,8 @@ struct params {
     uint64_t batch;        /* commands per batch (in flight at once), <= 64 */
     uint64_t flood_events; /* test only, 0 otherwise: raise each repeatable event this often */
     uint32_t ctx_capset;   /* capset of the context the blobs live in (0: default) */
-    uint32_t ops_capset;   /* != 0: FILL/CHECKSUM streams go to a second context of this capset */
+    uint32_t ops_capset;   /* != 0: FILL/CHECKSUM streams go to a second context of this capset;
+                            * OPS_NONE: no streams, the guest writes each blob's pattern */
     uint32_t holes_expected; /* per-blob-slot mode: an unmapped range reads as a hole (MMIO) */
     uint32_t pad;
 };

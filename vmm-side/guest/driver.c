@@ -700,7 +700,7 @@ static void start_device(void)
         R->capsets++;
     }
     struct slot *c = cmd_ctx_create(CTX, P->ctx_capset);
-    struct slot *o = P->ops_capset ? cmd_ctx_create(OPS_CTX, P->ops_capset) : 0;
+    struct slot *o = P->ops_capset && P->ops_capset != OPS_NONE ? cmd_ctx_create(OPS_CTX, P->ops_capset) : 0;
     kick(&ctrlq, 0);
     if (wait(c) || !answer(c))
         fatal("CTX_CREATE failed");
@@ -810,17 +810,19 @@ static int add_blobs(u32 n, u64 *done)
         }
         nb[k++] = b;
     }
+    /* OPS_NONE: no device fills; the guest writes each pattern itself once it is mapped. */
+    int fills = P->ops_capset != OPS_NONE;
     for (u32 i = 0; i < k; i++) {
         cr[i] = cmd_create_blob(nb[i].res, nb[i].size);
-        fi[i] = cmd_stream(OP_FILL, nb[i].res, nb[i].size, nb[i].seed);
+        fi[i] = fills ? cmd_stream(OP_FILL, nb[i].res, nb[i].size, nb[i].seed) : 0;
     }
     kick(&ctrlq, 0);
     u32 ok[16];
     for (u32 i = 0; i < k; i++) {
-        if (wait(cr[i]) || wait(fi[i]))
+        if (wait(cr[i]) || (fi[i] && wait(fi[i])))
             return -1;
         ok[i] = answer(cr[i]) != 0;
-        ok[i] = answer(fi[i]) && ok[i];
+        ok[i] = (!fi[i] || answer(fi[i])) && ok[i];
         mp[i] = ok[i] ? cmd_map(nb[i].res, nb[i].offset) : 0;
     }
     kick(&ctrlq, 0);
@@ -849,8 +851,11 @@ static int add_blobs(u32 n, u64 *done)
         R->blobs_mapped++;
         struct blob *b = &live[nlive++];
         *b = nb[i];
+        if (!fills)
+            for (u64 q = 0; q < b->size / 8; q++)
+                window_at(b->offset)[q] = pattern_qword(b->seed, q);
         check_blob(b);
-        if (b->res % 4 == 0) {
+        if (fills && b->res % 4 == 0) {
             b->written_at = rng_below(b->size / 8);
             b->written = rng_next();
             window_at(b->offset)[b->written_at] = b->written;
@@ -1046,13 +1051,15 @@ static int64_t blob_scanout(void)
 {
     u32 res = next_res++, w = DRAW_WIDTH, h = DRAW_HEIGHT;
     struct blob b = {res, 0, (u64)w * h * 4, P->seed ^ BLOB_SCANOUT_SALT, ~0ull, 0};
+    /* OPS_NONE: no device fill; the guest writes the pattern itself once it is mapped. */
+    int fills = P->ops_capset != OPS_NONE;
     struct slot *c = cmd_create_blob(res, b.size);
-    struct slot *f = cmd_stream(OP_FILL, res, b.size, b.seed);
+    struct slot *f = fills ? cmd_stream(OP_FILL, res, b.size, b.seed) : 0;
     kick(&ctrlq, 0);
-    if (wait(c) || wait(f))
+    if (wait(c) || (f && wait(f)))
         return -1;
     int ok = answer(c) != 0;
-    ok = answer(f) && ok;
+    ok = (!f || answer(f)) && ok;
     if (!ok) {
         copy_msg("the scanout blob failed");
         return 0;
@@ -1065,6 +1072,9 @@ static int64_t blob_scanout(void)
         copy_msg("mapping the scanout blob failed");
         return res;
     }
+    if (!fills)
+        for (u64 q = 0; q < b.size / 8; q++)
+            window_at(b.offset)[q] = pattern_qword(b.seed, q);
     check_blob(&b);
     struct slot *s[2];
     s[0] = new_cmd(VIRTIO_GPU_CMD_SET_SCANOUT_BLOB, 0, VIRTIO_GPU_RESP_OK_NODATA, 96);

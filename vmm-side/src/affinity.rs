@@ -5,8 +5,7 @@
 //! places a blob with `MAP_FIXED`, the kernel must flush the TLB of every other CPU that
 //! currently runs a thread of the VMM's address space: a vCPU or driver spinning on
 //! another core turns each placement into an IPI round trip (a VM exit on a virtualised
-//! host). `hostmem bench`'s per-hop breakdown measured the VMM's MAP_FIXED at about twice
-//! the in-process floor's for exactly that reason, with a polling driver on the other core.
+//! host); decision 045 has the measurements.
 //! Giving each process its own cores (the device on some, the VMM's vCPU and mapping
 //! service on others) keeps each address space live on its own cores only, so no
 //! placement sends an IPI (`--device-cpus`, `--service-cpus`; the bench's `--cpu-layout

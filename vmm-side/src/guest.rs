@@ -74,6 +74,11 @@ fn setup<E: std::fmt::Display>(e: E) -> GuestError {
     GuestError::Setup(e.to_string())
 }
 
+/// [`GuestParams::ops_capset`] (`OPS_NONE` in `abi.h`): the backend takes no FILL or
+/// CHECKSUM streams (virgl without its test ops), so the guest writes each blob's pattern
+/// through the window itself and checks it there.
+pub const OPS_NONE: u32 = u32::MAX;
+
 /// What the driver is asked to do (`struct params`).
 #[derive(Debug, Clone, Copy)]
 pub struct GuestParams {
@@ -87,7 +92,8 @@ pub struct GuestParams {
     pub batch: u64,
     /// Capset of the context the blobs live in (0: the default).
     pub ctx_capset: u32,
-    /// Non-zero: FILL and CHECKSUM streams go to a second context of this capset.
+    /// Non-zero: FILL and CHECKSUM streams go to a second context of this capset;
+    /// [`OPS_NONE`]: no streams, the guest writes each blob's pattern itself.
     pub ops_capset: u32,
     /// Per-blob-slot mode: unmapped window ranges are holes.
     pub holes_expected: bool,

@@ -213,7 +213,7 @@ pub struct Counters {
 }
 
 /// Points in event handling where a fault-injection hook runs (tests: kill the device
-/// exactly there).
+/// exactly there; `Hostmem::set_fault_hook`, cargo feature `fault-injection`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
     /// A map event arrived (the device has placed the blob in its mirror); the VMM has not.
@@ -227,10 +227,12 @@ pub enum FaultPoint {
 }
 
 /// A fault-injection hook: called with the point and the event's resource id.
+#[cfg(feature = "fault-injection")]
 pub type FaultHook = Box<dyn Fn(FaultPoint, u32) + Send + Sync>;
 
+/// The fault hook; without the cargo feature `fault-injection` there is none to set.
 #[derive(Default)]
-struct Faults(Mutex<Option<FaultHook>>);
+struct Faults(#[cfg(feature = "fault-injection")] Mutex<Option<FaultHook>>);
 
 impl std::fmt::Debug for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -264,15 +266,25 @@ fn restore_refused(e: hostmem_base::Error) -> Refusal {
 }
 
 impl Faults {
+    #[cfg(feature = "fault-injection")]
     fn is_set(&self) -> bool {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
+    #[cfg(not(feature = "fault-injection"))]
+    fn is_set(&self) -> bool {
+        false
+    }
+
+    #[cfg(feature = "fault-injection")]
     fn at(&self, point: FaultPoint, resource_id: u32) {
         if let Some(h) = &*self.0.lock().unwrap_or_else(|p| p.into_inner()) {
             h(point, resource_id);
         }
     }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn at(&self, _point: FaultPoint, _resource_id: u32) {}
 }
 
 /// The VMM's hostmem: window, VM, mode and live placements.
@@ -378,7 +390,9 @@ impl Hostmem {
     }
 
     /// Installs (or with `None` removes) a fault-injection hook, run at each
-    /// [`FaultPoint`] of event handling. For tests; production never sets one.
+    /// [`FaultPoint`] of event handling. For tests: only with the cargo feature
+    /// `fault-injection`.
+    #[cfg(feature = "fault-injection")]
     pub fn set_fault_hook(&self, hook: Option<FaultHook>) {
         *self.faults.0.lock().unwrap_or_else(|p| p.into_inner()) = hook;
     }

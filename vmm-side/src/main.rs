@@ -175,8 +175,10 @@ struct RunArgs {
     /// own (`--device-cpus`).
     #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=hostmem_device::process::IDLE_POLL_LIMIT_US))]
     device_idle_poll_max_us: Option<u64>,
-    /// Fault injection: SIGKILL the device once this many blobs are mapped.
-    #[arg(long, hide = true)]
+    /// Test knob (cargo feature `fault-injection`): SIGKILL the device once this many blobs
+    /// are mapped.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long)]
     kill_after: Option<u32>,
     /// Print one JSON object instead of the summary.
     #[arg(long)]
@@ -382,10 +384,11 @@ fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<
         max_live: a.max_live.max(1),
         device,
         restart: a.restart,
+        #[cfg(feature = "fault-injection")]
         kill_after: a.kill_after,
         show_progress: !a.json,
-        use_kvm: true,
         command_timeout: run::COMMAND_TIMEOUT,
+        #[cfg(feature = "fault-injection")]
         guest_event_flood: 0,
         screenshot: a.screenshot.clone(),
     };

@@ -6,7 +6,7 @@
 //! get, and answered by one [`VmmMsg::Replies`]; a run of Unmaps in it goes back to
 //! background together ([`Hostmem::handle_unmaps`]). A traced batch (`hostmem bench`'s breakdown) gets
 //! [`VmmStamps`] per event; to stamp "checks done" apart from "placed", a traced Map runs
-//! the checks once on their own first (the placement repeats them, ~0.3 µs).
+//! the checks once on their own first (the placement repeats them; decision 047).
 
 use std::sync::Arc;
 

@@ -316,7 +316,6 @@ fn soak_map_unmap_cycles_return_every_resource() {
         restart: Restart::Never,
         kill_after: None,
         show_progress: false,
-        use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
         guest_event_flood: 0,
         screenshot: None,

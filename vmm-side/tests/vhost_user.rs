@@ -299,7 +299,6 @@ fn vu_options(blobs: u32) -> RunOptions {
         restart: Restart::OnFailure(2),
         kill_after: None,
         show_progress: false,
-        use_kvm: true,
         command_timeout: hostmem_vmm::queue_driver::COMMAND_TIMEOUT,
         guest_event_flood: 0,
         screenshot: None,

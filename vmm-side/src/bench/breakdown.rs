@@ -6,9 +6,12 @@
 
 use serde::Serialize;
 
+#[cfg(feature = "trace")]
 use super::cases::{BlobSpec, CTX};
+#[cfg(feature = "trace")]
 use super::report::lat;
 use crate::latency::Latency;
+#[cfg(feature = "trace")]
 use crate::queue_driver::QueueDriver;
 use hostmem_ipc::protocol::TraceRecord;
 
@@ -39,7 +42,9 @@ pub struct Breakdown {
 
 /// The hop names, in order, and how each is computed from a record and the driver's
 /// (kick, seen) stamps.
+#[cfg(feature = "trace")]
 type HopFn = fn(&TraceRecord, (u64, u64)) -> (u64, u64);
+#[cfg(feature = "trace")]
 const HOPS: [(&str, HopFn); 10] = [
     ("guest kick -> device wakes", |r, d| (d.0, r.device.woke)),
     ("device wakes -> placer (chain, parse, export)", |r, _| {
@@ -63,16 +68,18 @@ const HOPS: [(&str, HopFn); 10] = [
     ("used ring -> guest sees it", |r, d| (r.device.used, d.1)),
 ];
 
+#[cfg(feature = "trace")]
 fn us(from: u64, to: u64) -> f64 {
     // Stamps of one clock; a hop that the other side's parallel work made negative is 0.
     to.saturating_sub(from) as f64 / 1e3
 }
 
 /// Runs `n` synchronous map/unmap pairs over `blobs` (in turn) with tracing and returns
-/// the breakdown. `between(blob, mapped)` runs after each command, untimed, as the timed
+/// the breakdown (cargo feature `trace`). `between(blob, mapped)` runs after each command, untimed, as the timed
 /// cycle's guest checks do, so the hops are those of the cycle the latency table measures
 /// (idle gaps and all). Each command makes exactly one placement event, so the device's
 /// records and the driver's tags pair up in order.
+#[cfg(feature = "trace")]
 pub fn run(
     d: &mut QueueDriver,
     blobs: &[BlobSpec],

@@ -371,11 +371,8 @@ impl Route {
     }
 }
 
-/// `--cpu-layout split`: the driver shares its CPU with the mapping services and waits as
-/// a halted vCPU does, for its interrupt: polling there only takes the CPU from the
-/// service that must answer (a `sched_yield` loop kept a peer off its CPU for up to a tick
-/// under EEVDF: p99 3.9 ms in a pipelined batch). A wait for the last of many commands is
-/// still one wake-up (`used_event`).
+/// `--cpu-layout split`: the driver shares its CPU with the mapping services, so it sleeps
+/// for its interrupt as a halted vCPU does, one wake-up per wait (decision 045).
 pub(super) fn wait_as_the_layout_wants(driver: &mut QueueDriver, opts: &BenchOptions) {
     if !opts.device.device_cpus.is_empty() {
         driver.set_lone_reply_spin(std::time::Duration::ZERO);

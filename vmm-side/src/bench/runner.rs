@@ -493,8 +493,22 @@ impl CaseRun {
         Ok(())
     }
 
+    /// Without the cargo feature `trace` the device cannot be asked to trace: no per-hop
+    /// breakdown and no pipelined trace (the report has neither; this says why).
+    #[cfg(not(feature = "trace"))]
+    fn trace(&mut self, opts: &BenchOptions, _wl: &Workload) -> anyhow::Result<()> {
+        if self.kind == CaseKind::FixedSandboxed && opts.breakdown > 0 {
+            log::warn!(
+                "no per-hop breakdown: this build has no tracing (cargo feature `trace`: \
+                 cargo run --release -p hostmem-vmm --features trace -- bench)"
+            );
+        }
+        Ok(())
+    }
+
     /// The per-hop breakdown (fixed-sandboxed) and the pipelined batching (a traced
-    /// pipelined batch: events per tube message).
+    /// pipelined batch: events per tube message). Cargo feature `trace`.
+    #[cfg(feature = "trace")]
     fn trace(&mut self, opts: &BenchOptions, wl: &Workload) -> anyhow::Result<()> {
         let CaseRun {
             kind,
@@ -829,12 +843,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<BenchReport> {
             errors.push(format!("{}: trace: {e:#}", c.kind.name()));
         }
     }
-    // Cold starts come last: a stopped device's namespaces are torn down afterwards by
-    // kernel workers (net, pid, user, mounts, cgroups; expedited RCU), which took 15% of
-    // the mapping service's CPU when they overlapped the timed batches. Each start comes
-    // after a pause (`COLD_START_GAP`) so it is cold: the cgroup attach waits for an RCU
-    // grace period (rcu_sync of the threadgroup rwsem) unless another start did the same
-    // moments earlier, and back-to-back starts measured 3.5 ms against 15 ms spaced.
+    // Cold starts last, `COLD_START_GAP` apart, so teardown misses the batches (decision 046).
     while cold_ms.len() < opts.cold_starts && errors.len() < opts.cold_starts {
         std::thread::sleep(COLD_START_GAP);
         timed_start(&mut cold_ms, &mut idle_rss, &mut errors);

@@ -28,8 +28,10 @@ use std::time::{Duration, Instant};
 
 use hostmem_base::shm::SharedMemory;
 use hostmem_device::wire::ErrorCode;
+#[cfg(feature = "trace")]
+use hostmem_ipc::protocol::TraceRecord;
 use hostmem_ipc::protocol::{
-    monotonic_ns, GuestRegion, QueueSetup, QueueStats, TraceRecord, TransportMsg, TransportReply,
+    monotonic_ns, GuestRegion, QueueSetup, QueueStats, TransportMsg, TransportReply,
 };
 use hostmem_ipc::{Tube, REPLY_SPIN};
 use nix::errno::Errno;
@@ -444,8 +446,8 @@ impl QueueDriver {
     /// ([`REPLY_SPIN`] by default). Zero for a driver that shares its CPU with the thread
     /// that must answer (the device, or the VMM's mapping service): under EEVDF a
     /// `sched_yield` loop does not hand the CPU to a task that has run ahead of its share,
-    /// so a yielding poller can keep that thread off its CPU until the next tick (seen as
-    /// a p99 of 3.9 ms in a pipelined batch). The sleep then ends with the
+    /// so a yielding poller can keep that thread off its CPU until the next tick (decision
+    /// 045). The sleep then ends with the
     /// call eventfd after the completion it waits for (`used_event`), one wake-up per wait.
     pub fn set_multi_reply_spin(&mut self, t: Duration) {
         self.multi_reply_spin = t;
@@ -489,7 +491,8 @@ impl QueueDriver {
 
     /// Starts (`on`, forgetting older stamps) or stops tracing, here and in the device
     /// ([`TransportMsg::Trace`]): each command's kick and used-ring stamps, each placement's
-    /// device and VMM stamps (`hostmem bench`'s per-hop breakdown).
+    /// device and VMM stamps (`hostmem bench`'s per-hop breakdown). Cargo feature `trace`.
+    #[cfg(feature = "trace")]
     pub fn set_trace(&mut self, on: bool) -> Result<(), DriverError> {
         self.transport_request("Trace", |seq| TransportMsg::Trace { seq, on })?;
         self.trace = on;
@@ -504,7 +507,8 @@ impl QueueDriver {
     }
 
     /// The device's trace records so far, oldest first ([`TransportMsg::TraceTake`] until
-    /// one answers none).
+    /// one answers none). Cargo feature `trace`.
+    #[cfg(feature = "trace")]
     pub fn take_trace(&mut self) -> Result<Vec<TraceRecord>, DriverError> {
         let mut all = Vec::new();
         loop {
@@ -516,6 +520,7 @@ impl QueueDriver {
         }
     }
 
+    #[cfg(feature = "trace")]
     fn take_trace_part(&mut self) -> Result<Vec<TraceRecord>, DriverError> {
         match self.transport_request("TraceTake", |seq| TransportMsg::TraceTake { seq })? {
             TransportReply::Trace { records, .. } => Ok(records),
@@ -790,11 +795,9 @@ fn transport_call(
                 reason: reason.clone(),
             }),
         },
-        TransportReply::Stats { seq: s, .. } | TransportReply::Trace { seq: s, .. }
-            if *s == seq =>
-        {
-            Ok(reply)
-        }
+        TransportReply::Stats { seq: s, .. } if *s == seq => Ok(reply),
+        #[cfg(feature = "trace")]
+        TransportReply::Trace { seq: s, .. } if *s == seq => Ok(reply),
         other => Err(DriverError::BadReply {
             what,
             got: format!("{other:?}"),

@@ -24,7 +24,7 @@ use hostmem_base::procfs;
 use serde::Serialize;
 
 use crate::device::{DeviceConfig, DeviceExit, DeviceFacts};
-use crate::guest::{GuestEvent, GuestParams, GuestVm};
+use crate::guest::{GuestEvent, GuestParams, GuestVm, OPS_NONE};
 use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 pub use crate::latency::Latency;
 use crate::resources::{Usage, UsageCheck};
@@ -46,6 +46,12 @@ const VIRGL_TEST_CAPSET: u32 = hostmem_device::backend::virgl::TEST_CAPSET_ID;
 /// Without the feature the device has no virgl backend and refuses to start with it.
 #[cfg(not(feature = "virgl"))]
 const VIRGL_TEST_CAPSET: u32 = 30;
+/// virgl: whether [`device_config`] gives the device `--test-ops`, with which the run proves
+/// renderer <-> guest sharing through the backend's test ops. A test knob: only in a build
+/// with the cargo feature `fault-injection` (tools/test's). A virgl device without it gets
+/// no streams: the guest writes each blob's pattern itself ([`OPS_NONE`]) and the report's
+/// `device_fills` is false.
+const VIRGL_SHARING_CHECKED: bool = cfg!(feature = "fault-injection");
 /// How long one guest command may take before the device is declared hung, killed and
 /// restarted.
 pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -92,18 +98,18 @@ pub struct RunOptions {
     pub device: DeviceConfig,
     /// Restart policy.
     pub restart: Restart,
-    /// Fault injection: SIGKILL the device once this many blobs are mapped.
+    /// Fault injection: SIGKILL the device once this many blobs are mapped (cargo feature
+    /// `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub kill_after: Option<u32>,
     /// Draw a progress bar on a terminal.
     pub show_progress: bool,
-    /// Must be true: the guest driver runs in a KVM guest (kept so that a caller that turns
-    /// it off gets a clear error).
-    pub use_kvm: bool,
     /// How long one guest command may take before the device is declared hung, killed and
     /// restarted ([`COMMAND_TIMEOUT`] by default; tests shorten it).
     pub command_timeout: std::time::Duration,
-    /// Test knob (0 in real runs): the guest driver raises its repeatable events this many
-    /// times each ([`GuestParams::flood_events`]).
+    /// Test knob (cargo feature `fault-injection`): the guest driver raises its repeatable
+    /// events this many times each ([`GuestParams::flood_events`]).
+    #[cfg(feature = "fault-injection")]
     pub guest_event_flood: u64,
     /// Write scanout 0's latest frame here as PNG at the end of the run (`--screenshot`).
     pub screenshot: Option<std::path::PathBuf>,
@@ -139,6 +145,12 @@ pub struct Report {
     pub guest_verified: u64,
     /// Guest checks that did not match.
     pub guest_mismatches: u64,
+    /// Whether the device wrote each blob's pattern and checksummed the guest's writes (shm:
+    /// the backend; virgl: through the renderer's own mapping, the backend's test ops, only
+    /// in a build with the cargo feature `fault-injection`, as tools/test's). `false`: the
+    /// guest wrote each pattern itself and read it back through the window (virgl in a
+    /// user's build), so the run did not prove renderer <-> guest sharing.
+    pub device_fills: bool,
     /// Guest reads that hit unbacked memory.
     pub guest_holes: u64,
     /// Memslot changes made by the hostmem window over the whole run (the window's own
@@ -352,9 +364,6 @@ pub fn run_until_stopped(
     stop: Option<&crate::stop::StopSignals>,
 ) -> anyhow::Result<Report> {
     let t0 = Instant::now();
-    if !opts.use_kvm {
-        anyhow::bail!("hostmem run needs KVM: its guest driver runs in a KVM guest");
-    }
     if let Err(why) = Vm::available() {
         anyhow::bail!("hostmem run needs /dev/kvm ({why}): its guest driver runs in a KVM guest");
     }
@@ -380,10 +389,26 @@ pub fn run_until_stopped(
         max_live: opts.max_live as u64,
         batch: GUEST_BATCH,
         ctx_capset: if virgl { VIRTIO_GPU_CAPSET_VENUS } else { 0 },
-        ops_capset: if virgl { VIRGL_TEST_CAPSET } else { 0 },
+        ops_capset: match (
+            virgl,
+            opts.device.extra_args.iter().any(|a| a == "--test-ops"),
+        ) {
+            (true, true) => VIRGL_TEST_CAPSET,
+            (true, false) => OPS_NONE,
+            (false, _) => 0,
+        },
         holes_expected: opts.mode == Mode::PerBlobSlot,
+        #[cfg(feature = "fault-injection")]
         flood_events: opts.guest_event_flood,
+        #[cfg(not(feature = "fault-injection"))]
+        flood_events: 0,
     };
+    if params.ops_capset == OPS_NONE {
+        log::info!(
+            "virgl: no test ops in this build (cargo feature `fault-injection`): the guest \
+             writes each blob's pattern itself, renderer <-> guest sharing is not checked"
+        );
+    }
     let mut guest = GuestVm::new(
         vm.clone(),
         DEFAULT_WINDOW_GPA,
@@ -429,6 +454,7 @@ pub fn run_until_stopped(
     let mut warm_up_slots = 0;
     let tenth = (u64::from(opts.blobs) / 10).max(1);
     let mut last_tenth = 0;
+    #[cfg(feature = "fault-injection")]
     let mut killed = false;
     let mut drained = false;
     let mut warmed_up = false;
@@ -510,6 +536,7 @@ pub fn run_until_stopped(
                         opts.blobs
                     );
                 }
+                #[cfg(feature = "fault-injection")]
                 if let (Some(k), Some(s)) = (opts.kill_after, &session) {
                     if !killed && *done >= u64::from(k) && hostmem.live() > 0 {
                         killed = true;
@@ -760,6 +787,7 @@ pub fn run_until_stopped(
         kvm: true,
         guest_verified: results.verified,
         guest_mismatches: results.mismatches,
+        device_fills: params.ops_capset != OPS_NONE,
         guest_holes: guest.holes(),
         memslot_changes: hostmem.memslot_changes() - warm_up_slots,
         max_live_placements: hostmem.max_live_seen(),
@@ -861,8 +889,9 @@ pub fn device_config(
     DeviceConfig {
         program,
         pre_args,
-        // virgl: the run proves renderer <-> guest sharing through the test ops.
-        extra_args: if virgl {
+        // virgl: the run proves renderer <-> guest sharing through the test ops (a test
+        // knob: only in a build with the cargo feature `fault-injection`).
+        extra_args: if virgl && VIRGL_SHARING_CHECKED {
             vec!["--test-ops".into()]
         } else {
             vec![]

@@ -50,6 +50,8 @@ impl Session {
     pub(super) fn pid(&self) -> i32 {
         self.facts().pid
     }
+    /// `--kill-after` (cargo feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     pub(super) fn kill(&self, signal: i32) {
         match self {
             Session::Native(d) => d.kill(signal),

@@ -690,6 +690,7 @@ fn serve_tube(mut link: Box<dyn DeviceLink>, tube: &Tube) {
             TransportMsg::Reset { seq } => (seq, link.reset()),
             TransportMsg::Stats { seq } => (seq, link.stats().map(|_| ())),
             // Hop tracing is the native transport's bench mode: vhost-user has no such message.
+            #[cfg(feature = "trace")]
             TransportMsg::Trace { seq, .. } | TransportMsg::TraceTake { seq } => (
                 seq,
                 Err(PciError::Unsupported("hop tracing over vhost-user")),

@@ -397,9 +397,9 @@ impl VirtioPciGpu {
 
 fn reply_seq(r: &TransportReply) -> u64 {
     match r {
-        TransportReply::Done { seq, .. }
-        | TransportReply::Stats { seq, .. }
-        | TransportReply::Trace { seq, .. } => *seq,
+        TransportReply::Done { seq, .. } | TransportReply::Stats { seq, .. } => *seq,
+        #[cfg(feature = "trace")]
+        TransportReply::Trace { seq, .. } => *seq,
     }
 }
 
