@@ -7,8 +7,9 @@ use std::os::fd::{IntoRawFd, RawFd};
 use hostmem_base::sandbox;
 use hostmem_base::seccomp::SockFilter;
 
-use super::{RET_LOG, RET_TRAP, RET_USER_NOTIF, SECCOMP_NOTIFY_ENV, SIGSYS_FD_ENV};
 use crate::error::Error;
+
+use super::{RET_LOG, RET_TRAP, RET_USER_NOTIF, SECCOMP_NOTIFY_ENV, SIGSYS_FD_ENV};
 
 /// Turns every `SECCOMP_RET_LOG` of `prog` into `SECCOMP_RET_USER_NOTIF` (log mode with
 /// arguments, see the module doc). Returns how many were changed.

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use hostmem_base::seccomp::{ListenerEvent, NotifyListener, SeccompError};
 use nix::errno::Errno;
 
+use crate::error::Error;
+
 use super::{
-    errno_of, report::report_name, report::SyscallReport, step_err, LISTENER_WAIT, MAX_NOTIFIED,
+    errno_of, report::report_name, step_err, SyscallReport, LISTENER_WAIT, MAX_NOTIFIED,
     RET_USER_NOTIF,
 };
-use crate::error::Error;
 
 /// The log-mode listener thread of one program (see the module doc).
 #[derive(Debug)]

@@ -15,11 +15,12 @@ use hostmem_base::shm::SharedMemory;
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 
-use super::{
-    child::kills_to_traps, child::logs_to_notifications, errno_of, notify::Notifier,
-    report::kmsg_at_end, step_err, JailConfig, JailedChild, SECCOMP_NOTIFY_ENV, SIGSYS_FD_ENV,
-};
 use crate::error::Error;
+
+use super::{
+    errno_of, kills_to_traps, logs_to_notifications, notify::Notifier, report::kmsg_at_end,
+    step_err, JailConfig, JailedChild, SECCOMP_NOTIFY_ENV, SIGSYS_FD_ENV,
+};
 
 fn cstring(b: &[u8], what: &str) -> Result<CString, Error> {
     CString::new(b).map_err(|_| step_err(format!("{what}: NUL byte"), Errno::EINVAL))
