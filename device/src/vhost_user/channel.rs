@@ -37,7 +37,9 @@ pub(super) const FLAG_NEED_REPLY: u32 = 0x8;
 pub(super) const MAX_BACKEND_REQ_FD_BODY: usize = 256;
 /// How long a placement waits for the frontend's ack by default: a synchronous one
 /// ([`Placer::map`]) inside the call, an asynchronous one in the poll loop
-/// ([`serve_connection`](super::poll::serve_connection) closes the connection when the oldest ack is this late).
+/// ([`serve_connection`] closes the connection when the oldest ack is this late).
+///
+/// [`serve_connection`]: super::poll::serve_connection
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The backend channel (the socket `SET_BACKEND_REQ_FD` brought), driven by the device
@@ -155,7 +157,9 @@ impl BackendChannel {
 /// The [`Placer`] of vhost-user mode: `SHMEM_MAP`/`SHMEM_UNMAP` on the backend channel,
 /// asynchronous ([`Placer::verdicts_async`]): `begin_map` sends, the poll loop calls
 /// [`ShmemPlacer::receive`] when the channel is readable and then
-/// [`VirtioGpu::finish_one`](crate::virtio::VirtioGpu::finish_one) once per verdict.
+/// [`VirtioGpu::finish_one`] once per verdict.
+///
+/// [`VirtioGpu::finish_one`]: crate::virtio::VirtioGpu::finish_one
 #[derive(Debug)]
 pub struct ShmemPlacer {
     channel: Option<BackendChannel>,

@@ -1,19 +1,19 @@
 //! vhost-user backend mode (`hostmem-gpu-device --vhost-user --socket-fd N`): the same
-//! device core ([`VirtioGpu`](crate::virtio::VirtioGpu) over [`Gpu`](crate::gpu::Gpu)) served to any vhost-user frontend (QEMU's
+//! device core ([`VirtioGpu`] over [`Gpu`]) served to any vhost-user frontend (QEMU's
 //! `vhost-user-test-device-pci`, our own VMM's `hostmem run --transport vhost-user`).
 //!
 //! # One thread
 //!
 //! The device stays single-threaded under seccomp (no `clone` in its policy): instead of
 //! `vhost-user-backend`'s daemon, which spawns a worker thread per queue, the poll loop
-//! ([`serve_connection`]) drives `vhost`'s [`BackendReqHandler`](vhost::vhost_user::BackendReqHandler) itself. It polls the
+//! ([`serve_connection`]) drives `vhost`'s [`BackendReqHandler`] itself. It polls the
 //! frontend's socket, the backend channel and the queues' kick eventfds; a readable socket
 //! is one `handle_request`, a kick serves its queue, a readable backend channel brings acks.
 //! The backend channel's requests (`SHMEM_MAP`/`SHMEM_UNMAP`) are sent from inside the
 //! command handler and **never waited for there**: QEMU 11.1 sends `ADD_MEM_REG` (and
 //! waits for its reply) before it acks a `SHMEM_MAP`, so a device waiting for the ack would
 //! deadlock with it. The command completes when its ack arrives (see "Placement").
-//! After its last work the loop polls without sleeping for an [`IdlePoll`](crate::process::IdlePoll) window
+//! After its last work the loop polls without sleeping for an [`IdlePoll`] window
 //! ([`Options::idle_poll_max`], `--idle-poll-max-us`), as the native device's loop does, so
 //! an ack or the guest's next command that comes soon costs no wake-up from sleep.
 //!
@@ -36,7 +36,7 @@
 //!   queue starts; regions added while queues run (QEMU adds one per `SHMEM_MAP`, since the
 //!   mapping is fd-backed RAM in the guest's address space) are recorded, not applied: the
 //!   rings and command buffers live in guest RAM that was there before. Those regions are
-//!   never accepted as a 2D resource's backing ([`Gpu::set_backing_exclusions`](crate::gpu::Gpu::set_backing_exclusions)): they are
+//!   never accepted as a 2D resource's backing ([`Gpu::set_backing_exclusions`]): they are
 //!   the hostmem window's placements, not RAM.
 //! * A queue starts when it has a size, ring addresses, kick and call eventfds and is
 //!   enabled (`SET_VRING_ENABLE`, or at the kick when `PROTOCOL_FEATURES` was not acked).
@@ -46,15 +46,15 @@
 //! # Placement
 //!
 //! A vhost-user frontend owns the shared memory region; the device has no mirror of it.
-//! [`ShmemPlacer`] is the [`Placer`](crate::gpu::Placer) of this mode, a pipelining one with asynchronous
-//! verdicts ([`Placer::verdicts_async`](crate::gpu::Placer::verdicts_async)): `begin_map` sends
+//! [`ShmemPlacer`] is the [`Placer`] of this mode, a pipelining one with asynchronous
+//! verdicts ([`Placer::verdicts_async`]): `begin_map` sends
 //! `SHMEM_MAP { shmid 1, shm_offset, len, fd_offset, flags: WRITABLE }` with the blob's fd
 //! on the backend channel and returns; when the loop sees the channel readable,
 //! [`ShmemPlacer::receive`] reads the acks (`REPLY_ACK`) and the loop settles one command
-//! per ack ([`VirtioGpu::finish_one`](crate::virtio::VirtioGpu::finish_one)); commands behind an unsettled placement wait in the
+//! per ack ([`VirtioGpu::finish_one`]); commands behind an unsettled placement wait in the
 //! handler, in order. A refusal (non-zero ack, broken channel, no channel) fails the guest's
 //! command with `ERR_UNSPEC`. `begin_unmap` sends `SHMEM_UNMAP` likewise. The handler
-//! ([`Gpu`](crate::gpu::Gpu)) checked the offset, the size and overlaps before the placer is asked.
+//! ([`Gpu`]) checked the offset, the size and overlaps before the placer is asked.
 //!
 //! `vhost`'s `Backend` only sends and waits, and keeps its socket to itself, so the loop
 //! takes `SET_BACKEND_REQ_FD` off the frontend's socket before the crate's handler sees it
@@ -74,6 +74,15 @@
 //! request unacked past [`Options::ack_timeout`] is treated the same way: the poll loop's
 //! timeout runs to that deadline, and then the connection is closed
 //! ([`ConnectionEnd::AckTimeout`]).
+//!
+//! [`VirtioGpu`]: crate::virtio::VirtioGpu
+//! [`Gpu`]: crate::gpu::Gpu
+//! [`BackendReqHandler`]: vhost::vhost_user::BackendReqHandler
+//! [`IdlePoll`]: crate::process::IdlePoll
+//! [`Gpu::set_backing_exclusions`]: crate::gpu::Gpu::set_backing_exclusions
+//! [`Placer`]: crate::gpu::Placer
+//! [`VirtioGpu::finish_one`]: crate::virtio::VirtioGpu::finish_one
+//! [`Placer::verdicts_async`]: crate::gpu::Placer::verdicts_async
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,9 +167,13 @@ pub struct Options {
     /// How long a `SHMEM_MAP`/`SHMEM_UNMAP` may wait for its ack before the frontend is
     /// taken for broken and its connection closed ([`ACK_TIMEOUT`]; shorter in tests).
     pub ack_timeout: Duration,
-    /// The blob memory budget of each connection's device ([`Gpu::set_blob_budget`](crate::gpu::Gpu::set_blob_budget)).
+    /// The blob memory budget of each connection's device ([`Gpu::set_blob_budget`]).
+    ///
+    /// [`Gpu::set_blob_budget`]: crate::gpu::Gpu::set_blob_budget
     pub blob_budget: Option<u64>,
-    /// The scanouts ([`Gpu::set_display`](crate::gpu::Gpu::set_display)).
+    /// The scanouts ([`Gpu::set_display`]).
+    ///
+    /// [`Gpu::set_display`]: crate::gpu::Gpu::set_display
     pub display: DisplayConfig,
     /// The tube flushed frames go to (the supervisor's control tube; a [`TubeSink`] per
     /// connection on it). `None`: frames are kept nowhere.
@@ -168,8 +181,10 @@ pub struct Options {
     /// [`TubeSink`]: crate::display::TubeSink
     pub frames: Option<Arc<hostmem_ipc::Tube>>,
     /// How long the poll loop may keep polling after its last work before it sleeps
-    /// (`--idle-poll-max-us`; the window adapts up to this, [`IdlePoll`](crate::process::IdlePoll)). Zero: it sleeps
+    /// (`--idle-poll-max-us`; the window adapts up to this, [`IdlePoll`]). Zero: it sleeps
     /// at once.
+    ///
+    /// [`IdlePoll`]: crate::process::IdlePoll
     pub idle_poll_max: Duration,
 }
 

@@ -55,7 +55,9 @@ pub enum BadChain {
     OutsideRam,
     /// A device-readable descriptor after a device-writable one.
     WritableBeforeReadable,
-    /// The device-readable part exceeds [`MAX_REQUEST`](super::MAX_REQUEST).
+    /// The device-readable part exceeds [`MAX_REQUEST`].
+    ///
+    /// [`MAX_REQUEST`]: super::MAX_REQUEST
     RequestTooLarge,
     /// The writable part cannot hold the response's fixed part.
     ResponseTooSmall,

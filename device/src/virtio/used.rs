@@ -90,7 +90,9 @@ impl<P: Placer> VirtioGpu<P> {
         }
     }
 
-    /// Releases the responses whose fences retired ([`Gpu::poll_fences`](crate::gpu::Gpu::poll_fences)) and writes them.
+    /// Releases the responses whose fences retired ([`Gpu::poll_fences`]) and writes them.
+    ///
+    /// [`Gpu::poll_fences`]: crate::gpu::Gpu::poll_fences
     pub fn poll_fences(&mut self) {
         if self.gpu.parked() > 0 && self.gpu.poll_fences() > 0 {
             self.flush();
@@ -104,8 +106,10 @@ impl<P: Placer> VirtioGpu<P> {
     }
 
     /// Settles the oldest pipelined placement and every following one whose verdict is
-    /// already in ([`Gpu::finish_ready`](crate::gpu::Gpu::finish_ready)), then writes what became ready: one notification
+    /// already in ([`Gpu::finish_ready`]), then writes what became ready: one notification
     /// for the run, where one per verdict woke the driver again and again.
+    ///
+    /// [`Gpu::finish_ready`]: crate::gpu::Gpu::finish_ready
     pub fn finish_ready(&mut self) {
         self.gpu.finish_ready();
         self.flush();

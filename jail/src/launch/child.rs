@@ -41,11 +41,14 @@ pub fn kills_to_traps(prog: &mut [SockFilter]) -> usize {
 }
 
 /// The first act of a program whose filter the launcher installed before the exec
-/// ([`JailConfig::seccomp_at_exec`](super::JailConfig::seccomp_at_exec) with [`JailConfig::sigsys_reporter`](super::JailConfig::sigsys_reporter)): if the launcher
+/// ([`JailConfig::seccomp_at_exec`] with [`JailConfig::sigsys_reporter`]): if the launcher
 /// named a SIGSYS report fd ([`SIGSYS_FD_ENV`]), install the SIGSYS handler that reports a
 /// trapped call (number and arguments) on it before the process dies by SIGSYS. Needs
 /// `rt_sigaction(SIGSYS)` and `rt_sigprocmask` in the policy. Without the variable (no
 /// filter, or log mode) it does nothing.
+///
+/// [`JailConfig::seccomp_at_exec`]: super::JailConfig::seccomp_at_exec
+/// [`JailConfig::sigsys_reporter`]: super::JailConfig::sigsys_reporter
 pub fn child_install_sigsys_reporter() -> Result<(), Error> {
     let Some(rfd) = std::env::var(SIGSYS_FD_ENV)
         .ok()
