@@ -161,8 +161,8 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 /// How the backend serves.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Renderer backend name (`shm`, `virgl`).
-    pub backend: String,
+    /// Renderer backend.
+    pub backend: crate::backend::BackendKind,
     /// The backend's test ops.
     pub test_ops: bool,
     /// Size of shared memory region 1 (page-aligned).
@@ -190,7 +190,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            backend: "shm".into(),
+            backend: crate::backend::BackendKind::Shm,
             test_ops: false,
             shmem_size: DEFAULT_SHMEM_SIZE,
             max_connections: None,
@@ -1545,7 +1545,7 @@ pub fn serve_listener_with(
         served += 1;
         let backend = match first.take() {
             Some(b) => b,
-            None => crate::process::make_backend_with(&opts.backend, opts.test_ops, None)?,
+            None => crate::process::make_backend_with(opts.backend, opts.test_ops, None)?,
         };
         log::info!(
             "vhost-user: frontend {served} connected (backend {}, region {:#x} bytes)",
