@@ -5,10 +5,12 @@
 //! via `SCM_RIGHTS`. Every failure on receive is a typed [`Error`],
 //! and any fds that arrived with a bad message are closed, never leaked.
 //!
-//! [`protocol`] holds the message types and the versioned `Hello` handshake.
+//! [`protocol`] holds the message types and the versioned `Hello` handshake; [`pixel`] the
+//! scanout pixel formats both sides of a frame agree on.
 
 #![forbid(unsafe_code)]
 
+pub mod pixel;
 pub mod protocol;
 mod tube;
 

@@ -29,65 +29,7 @@ pub const MAX_FRAME_BYTES: u64 = 64 << 20;
 /// would be 1 GiB of the supervisor's memory, at the device's word.
 pub const MAX_KEPT_BYTES: u64 = 128 << 20;
 
-/// The pixel formats (virtio-gpu's names give the bytes in memory order: `B8G8R8A8` is
-/// the bytes B, G, R, A).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum PixelFormat {
-    /// 1.
-    B8G8R8A8,
-    /// 2.
-    B8G8R8X8,
-    /// 3.
-    A8R8G8B8,
-    /// 4.
-    X8R8G8B8,
-    /// 67.
-    R8G8B8A8,
-    /// 68.
-    X8B8G8R8,
-    /// 121.
-    A8B8G8R8,
-    /// 134.
-    R8G8B8X8,
-}
-
-impl PixelFormat {
-    /// The format of a `VIRTIO_GPU_FORMAT_*` value.
-    pub fn from_u32(v: u32) -> Option<PixelFormat> {
-        Some(match v {
-            1 => PixelFormat::B8G8R8A8,
-            2 => PixelFormat::B8G8R8X8,
-            3 => PixelFormat::A8R8G8B8,
-            4 => PixelFormat::X8R8G8B8,
-            67 => PixelFormat::R8G8B8A8,
-            68 => PixelFormat::X8B8G8R8,
-            121 => PixelFormat::A8B8G8R8,
-            134 => PixelFormat::R8G8B8X8,
-            _ => return None,
-        })
-    }
-
-    /// Where R, G, B and A (`None`: X, opaque) are in a pixel's 4 bytes.
-    fn layout(self) -> ([usize; 3], Option<usize>) {
-        match self {
-            PixelFormat::B8G8R8A8 => ([2, 1, 0], Some(3)),
-            PixelFormat::B8G8R8X8 => ([2, 1, 0], None),
-            PixelFormat::A8R8G8B8 => ([1, 2, 3], Some(0)),
-            PixelFormat::X8R8G8B8 => ([1, 2, 3], None),
-            PixelFormat::R8G8B8A8 => ([0, 1, 2], Some(3)),
-            PixelFormat::X8B8G8R8 => ([3, 2, 1], None),
-            PixelFormat::A8B8G8R8 => ([3, 2, 1], Some(0)),
-            PixelFormat::R8G8B8X8 => ([0, 1, 2], None),
-        }
-    }
-
-    /// One pixel's 4 bytes as RGBA (X reads as opaque).
-    pub fn to_rgba(self, px: [u8; 4]) -> [u8; 4] {
-        let ([r, g, b], a) = self.layout();
-        let at = |i: usize| px.get(i).copied().unwrap_or(0);
-        [at(r), at(g), at(b), a.map_or(0xff, at)]
-    }
-}
+pub use hostmem_ipc::pixel::PixelFormat;
 
 /// A frame the supervisor keeps: what the device said, and the pixels copied out of its
 /// fd, `width × 4` bytes a row, no padding.

@@ -1,82 +1,11 @@
 //! The pixel formats and the scanouts' configuration.
 
-use crate::wire::{
-    VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM, VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM,
-    VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM,
-    VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM, VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM,
-    VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM, VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM, VIRTIO_GPU_MAX_SCANOUTS,
-};
+use crate::wire::VIRTIO_GPU_MAX_SCANOUTS;
 
-use super::{BYTES_PER_PIXEL, DEFAULT_HEIGHT, DEFAULT_WIDTH};
+use super::{DEFAULT_HEIGHT, DEFAULT_WIDTH};
 
-/// The pixel formats served: the 4-byte unorm ones Linux and Mesa use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Format {
-    /// `B8G8R8A8_UNORM` (1).
-    B8G8R8A8,
-    /// `B8G8R8X8_UNORM` (2).
-    B8G8R8X8,
-    /// `A8R8G8B8_UNORM` (3).
-    A8R8G8B8,
-    /// `X8R8G8B8_UNORM` (4).
-    X8R8G8B8,
-    /// `R8G8B8A8_UNORM` (67).
-    R8G8B8A8,
-    /// `X8B8G8R8_UNORM` (68).
-    X8B8G8R8,
-    /// `A8B8G8R8_UNORM` (121).
-    A8B8G8R8,
-    /// `R8G8B8X8_UNORM` (134).
-    R8G8B8X8,
-}
-
-impl Format {
-    /// Every format served.
-    pub const ALL: [Format; 8] = [
-        Format::B8G8R8A8,
-        Format::B8G8R8X8,
-        Format::A8R8G8B8,
-        Format::X8R8G8B8,
-        Format::R8G8B8A8,
-        Format::X8B8G8R8,
-        Format::A8B8G8R8,
-        Format::R8G8B8X8,
-    ];
-
-    /// The format of a `VIRTIO_GPU_FORMAT_*` value, if it is served.
-    pub fn from_u32(v: u32) -> Option<Format> {
-        Some(match v {
-            VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM => Format::B8G8R8A8,
-            VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM => Format::B8G8R8X8,
-            VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM => Format::A8R8G8B8,
-            VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM => Format::X8R8G8B8,
-            VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM => Format::R8G8B8A8,
-            VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM => Format::X8B8G8R8,
-            VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM => Format::A8B8G8R8,
-            VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM => Format::R8G8B8X8,
-            _ => return None,
-        })
-    }
-
-    /// The wire value.
-    pub fn to_u32(self) -> u32 {
-        match self {
-            Format::B8G8R8A8 => VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM,
-            Format::B8G8R8X8 => VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM,
-            Format::A8R8G8B8 => VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM,
-            Format::X8R8G8B8 => VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM,
-            Format::R8G8B8A8 => VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM,
-            Format::X8B8G8R8 => VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM,
-            Format::A8B8G8R8 => VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM,
-            Format::R8G8B8X8 => VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM,
-        }
-    }
-
-    /// Bytes per pixel (4 for every format served).
-    pub fn bytes_per_pixel(self) -> u32 {
-        BYTES_PER_PIXEL
-    }
-}
+/// The pixel formats served (shared with the supervisor, which converts them).
+pub use hostmem_ipc::pixel::PixelFormat as Format;
 
 /// The scanouts the device has: one size per scanout, 1 to [`VIRTIO_GPU_MAX_SCANOUTS`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +108,24 @@ mod tests {
         }
         for v in [0, 5, 66, 100, 133, 135, u32::MAX] {
             assert_eq!(Format::from_u32(v), None, "{v}");
+        }
+    }
+
+    #[test]
+    fn the_shared_formats_are_the_wire_constants() {
+        use crate::wire::*;
+        let wire = [
+            (Format::B8G8R8A8, VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM),
+            (Format::B8G8R8X8, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM),
+            (Format::A8R8G8B8, VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM),
+            (Format::X8R8G8B8, VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM),
+            (Format::R8G8B8A8, VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM),
+            (Format::X8B8G8R8, VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM),
+            (Format::A8B8G8R8, VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM),
+            (Format::R8G8B8X8, VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM),
+        ];
+        for (f, v) in wire {
+            assert_eq!(f.to_u32(), v, "{f:?}");
         }
     }
 }
