@@ -115,31 +115,14 @@ pub const CONFIG_SIZE: usize = 16;
 /// Largest config read answered (QEMU's `VHOST_USER_MAX_CONFIG_SIZE`).
 const MAX_CONFIG_READ: usize = 256;
 
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_F_RING_EVENT_IDX`.
-pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
-/// `VIRTIO_GPU_F_VIRGL`.
-pub const VIRTIO_GPU_F_VIRGL: u64 = 1 << 0;
-/// `VIRTIO_GPU_F_EDID`: `GET_EDID`.
-pub const VIRTIO_GPU_F_EDID: u64 = 1 << 1;
-/// `VIRTIO_GPU_F_RESOURCE_UUID`: `RESOURCE_ASSIGN_UUID`.
-pub const VIRTIO_GPU_F_RESOURCE_UUID: u64 = 1 << 2;
-/// `VIRTIO_GPU_F_RESOURCE_BLOB`.
-pub const VIRTIO_GPU_F_RESOURCE_BLOB: u64 = 1 << 3;
-/// `VIRTIO_GPU_F_CONTEXT_INIT`.
-pub const VIRTIO_GPU_F_CONTEXT_INIT: u64 = 1 << 4;
+pub use crate::features::VIRTIO_F_RING_EVENT_IDX;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30).
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-/// The virtio features the backend offers.
-pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
-    | VIRTIO_F_RING_EVENT_IDX
-    | VIRTIO_GPU_F_VIRGL
-    | VIRTIO_GPU_F_EDID
-    | VIRTIO_GPU_F_RESOURCE_UUID
-    | VIRTIO_GPU_F_RESOURCE_BLOB
-    | VIRTIO_GPU_F_CONTEXT_INIT
-    | VHOST_USER_F_PROTOCOL_FEATURES;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 =
+    vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+/// The virtio features the backend offers: the GPU's ([`crate::features`]), event
+/// indexes and the protocol features.
+pub const OFFERED_FEATURES: u64 =
+    crate::features::GPU_FEATURES | VIRTIO_F_RING_EVENT_IDX | VHOST_USER_F_PROTOCOL_FEATURES;
 
 /// The protocol features the backend offers (`vhost` adds `REPLY_ACK` itself too).
 pub fn protocol_features() -> VhostUserProtocolFeatures {
@@ -156,8 +139,8 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 /// How the backend serves.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Renderer backend name (`shm`, `virgl`).
-    pub backend: String,
+    /// Renderer backend.
+    pub backend: crate::backend::BackendKind,
     /// The backend's test ops.
     pub test_ops: bool,
     /// Size of shared memory region 1 (page-aligned).
@@ -191,7 +174,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            backend: "shm".into(),
+            backend: crate::backend::BackendKind::Shm,
             test_ops: false,
             shmem_size: DEFAULT_SHMEM_SIZE,
             max_connections: None,

@@ -321,7 +321,7 @@ pub fn serve_listener_with(
         served += 1;
         let backend = match first.take() {
             Some(b) => b,
-            None => crate::process::make_backend_with(&opts.backend, opts.test_ops, None)?,
+            None => crate::process::make_backend_with(opts.backend, opts.test_ops, None)?,
         };
         log::info!(
             "vhost-user: frontend {served} connected (backend {}, region {:#x} bytes)",
