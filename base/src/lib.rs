@@ -19,6 +19,7 @@ pub mod rng;
 pub mod sandbox;
 pub mod seccomp;
 pub mod shm;
+pub mod size;
 #[cfg(feature = "virgl")]
 pub mod virgl;
 pub mod window;

@@ -23,6 +23,7 @@ pub mod backend;
 pub mod display;
 pub mod edid;
 pub mod error;
+pub mod features;
 pub mod gpu;
 pub mod mirror;
 pub mod process;

@@ -19,7 +19,9 @@ use hostmem_ipc::{Error as TubeError, Message, Tube};
 
 use nix::poll::PollTimeout;
 
-use crate::backend::Backend;
+use hostmem_base::size::parse_size;
+
+use crate::backend::{Backend, BackendKind};
 use crate::display::DisplayConfig;
 use crate::gpu::{Gpu, Placer};
 use crate::mirror::MirrorPlacer;
@@ -55,11 +57,11 @@ pub struct Args {
     #[arg(long, value_name = "FD")]
     pub seccomp_fd: Option<i32>,
     /// Renderer backend.
-    #[arg(long, default_value = "shm")]
-    pub backend: String,
+    #[arg(long, value_enum, default_value_t = BackendKind::Shm)]
+    pub backend: BackendKind,
     /// Bytes all live blobs may hold together (the VMM passes the device's memory limit):
-    /// a CREATE_BLOB past it is refused with ERR_OUT_OF_MEMORY.
-    #[arg(long, value_name = "BYTES")]
+    /// a CREATE_BLOB past it is refused with ERR_OUT_OF_MEMORY. K/M/G suffixes allowed.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub blob_budget: Option<u64>,
     /// How long the idle loop may poll its fds before it sleeps, in microseconds: the
     /// window adapts between 100 µs and this ([`IdlePoll`]); 0 sleeps at once, at most 1 s.
@@ -101,8 +103,14 @@ pub struct Args {
     /// vhost-user: the inherited fd of the listening UNIX stream socket.
     #[arg(long, value_name = "FD", requires = "vhost_user")]
     pub socket_fd: Option<i32>,
-    /// vhost-user: size of shared memory region 1 in bytes (a power of two).
-    #[arg(long, value_name = "BYTES", default_value_t = crate::vhost_user::DEFAULT_SHMEM_SIZE)]
+    /// vhost-user: size of shared memory region 1 in bytes (a power of two; K/M/G suffixes
+    /// allowed).
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = crate::vhost_user::DEFAULT_SHMEM_SIZE,
+        value_parser = parse_size
+    )]
     pub shmem_size: u64,
     /// vhost-user: fd of a tube to the supervisor: the Hello handshake, then wait for its go
     /// (a second Hello, once it checked the jail from /proc), then Ready.
@@ -148,27 +156,27 @@ impl Args {
     }
 }
 
-/// Creates the named backend.
-pub fn make_backend(name: &str) -> Result<Box<dyn Backend>> {
-    make_backend_with(name, false, None)
+/// Creates the backend.
+pub fn make_backend(kind: BackendKind) -> Result<Box<dyn Backend>> {
+    make_backend_with(kind, false, None)
 }
 
-/// Creates the named backend; `test_ops` turns on its hostmem-private test ops (virgl),
+/// Creates the backend; `test_ops` turns on its hostmem-private test ops (virgl),
 /// `render_server` (a socket to a running render server) runs virgl's venus there.
 pub fn make_backend_with(
-    name: &str,
+    kind: BackendKind,
     test_ops: bool,
     render_server: Option<std::os::fd::OwnedFd>,
 ) -> Result<Box<dyn Backend>> {
-    if render_server.is_some() && name != "virgl" {
+    if render_server.is_some() && kind != BackendKind::Virgl {
         return Err(Error::Backend(format!(
-            "a render server is for the virgl backend, not {name}"
+            "a render server is for the virgl backend, not {kind}"
         )));
     }
-    match name {
-        "shm" => Ok(Box::new(crate::backend::shm::ShmBackend::new())),
+    match kind {
+        BackendKind::Shm => Ok(Box::new(crate::backend::shm::ShmBackend::new())),
         #[cfg(feature = "virgl")]
-        "virgl" => {
+        BackendKind::Virgl => {
             let opts = crate::backend::virgl::VirglOptions {
                 test_ops,
                 render_server,
@@ -177,16 +185,13 @@ pub fn make_backend_with(
                 .map(|b| Box::new(b) as Box<dyn Backend>)
                 .map_err(|e| Error::Backend(format!("virgl: {e}")))
         }
-        other => {
+        #[cfg(not(feature = "virgl"))]
+        BackendKind::Virgl => {
             let _ = test_ops;
-            let built = if cfg!(feature = "virgl") {
-                "shm, virgl"
-            } else {
-                "shm"
-            };
-            Err(Error::Backend(format!(
-                "unknown backend {other} (this build has: {built})"
-            )))
+            Err(Error::Backend(
+                "backend virgl is not in this build (cargo feature `virgl`; this build has: shm)"
+                    .into(),
+            ))
         }
     }
 }
@@ -276,7 +281,7 @@ fn run(args: &Args) -> Result<()> {
         Some(fd) => Some(hostmem_base::fd::take_inherited(fd)?),
         None => None,
     };
-    let backend = make_backend_with(&args.backend, args.knobs.test_ops, server)?;
+    let backend = make_backend_with(args.backend, args.knobs.test_ops, server)?;
     // All our code is loaded (the backend's libraries too): from here on nothing new may
     // run (W^X for the whole run; the VMM checks Seccomp_filters after Ready).
     end_start_up()?;
@@ -351,7 +356,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
     // frontend needs a fresh device and server (the supervisor restarts it).
     let with_server = server.is_some();
     let opts = Options {
-        backend: args.backend.clone(),
+        backend: args.backend,
         test_ops: args.knobs.test_ops,
         shmem_size: size,
         max_connections: with_server.then_some(1),
@@ -362,7 +367,7 @@ fn run_vhost_user(args: &Args) -> Result<()> {
         idle_poll_max: Duration::from_micros(args.idle_poll_max_us),
     };
     // Fail before the supervisor hears Ready if the backend cannot start.
-    let probe = make_backend_with(&args.backend, args.knobs.test_ops, server)?;
+    let probe = make_backend_with(args.backend, args.knobs.test_ops, server)?;
     // As in `run`: no new code once the backend (and its libraries) exist.
     end_start_up()?;
     let num_capsets = u32::try_from(probe.capsets().len()).unwrap_or(u32::MAX);
@@ -826,7 +831,10 @@ mod tests {
             "5",
         ])
         .unwrap();
-        assert_eq!((a.backend.as_str(), a.render_server_fd), ("virgl", Some(5)));
+        assert_eq!(
+            (a.backend, a.render_server_fd),
+            (BackendKind::Virgl, Some(5))
+        );
         let bad = parse(&[
             "--transport-fd",
             "3",
@@ -896,9 +904,48 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_backend_is_refused_with_the_names() {
+        let base = ["--transport-fd", "3", "--mapping-fd", "4", "--backend"];
+        let e = parse(&[&base[..], &["foo"]].concat()).unwrap_err();
+        assert!(
+            e.contains("foo") && e.contains("shm") && e.contains("virgl"),
+            "{e}"
+        );
+        let a = parse(&[&base[..], &["shm"]].concat()).unwrap();
+        assert_eq!(a.backend, BackendKind::Shm);
+        assert_eq!(BackendKind::Virgl.to_string(), "virgl");
+    }
+
+    #[test]
+    fn sizes_take_suffixes() {
+        let a = parse(&[
+            "--transport-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--blob-budget",
+            "512M",
+        ]);
+        assert_eq!(a.unwrap().blob_budget, Some(512 << 20));
+        let a = parse(&[
+            "--transport-fd",
+            "3",
+            "--mapping-fd",
+            "4",
+            "--blob-budget",
+            "1073741824",
+        ]);
+        assert_eq!(a.unwrap().blob_budget, Some(1 << 30));
+        let v = parse(&["--vhost-user", "--socket-fd", "3", "--shmem-size", "64M"]).unwrap();
+        assert_eq!(v.shmem_size, 64 << 20);
+        let e = parse(&["--vhost-user", "--socket-fd", "3", "--shmem-size", "64Q"]).unwrap_err();
+        assert!(e.contains("shmem-size") && e.contains("K, M or G"), "{e}");
+    }
+
+    #[test]
     fn a_render_server_is_for_virgl_only() {
         let (a, _b) = hostmem_ipc::Tube::pair().unwrap();
-        match make_backend_with("shm", false, Some(a.into_fd())) {
+        match make_backend_with(BackendKind::Shm, false, Some(a.into_fd())) {
             Err(e) => assert!(e.to_string().contains("not shm"), "{e}"),
             Ok(b) => panic!("the {} backend took a render server", b.name()),
         }

@@ -205,7 +205,7 @@ fn config(scenario: &str, once: Option<&Path>, jailed: bool) -> DeviceConfig {
         program: PathBuf::from(env!("CARGO_BIN_EXE_hostmem-hostile-device")),
         pre_args,
         extra_args: vec![],
-        backend: "shm".into(),
+        backend: hostmem_device::backend::BackendKind::Shm,
         jailed,
         policy: jailed.then(|| hostmem_vmm::policy::default_dir().join("gpu_device_shm.policy")),
         seccomp_log: false,

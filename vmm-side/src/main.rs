@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use hostmem_base::size::parse_size;
+use hostmem_device::backend::BackendKind;
 use hostmem_vmm::hostmem::Mode;
 use hostmem_vmm::run::{self, Restart, RunOptions};
 
@@ -50,9 +52,9 @@ struct VhostUserArgs {
     /// Path of the listening socket (a stale socket there is removed).
     #[arg(long)]
     socket: PathBuf,
-    /// Renderer backend.
-    #[arg(long, default_value = "shm")]
-    backend: String,
+    /// Renderer backend: shm (always) or virgl (feature `virgl`).
+    #[arg(long, value_enum, default_value_t = BackendKind::Shm)]
+    backend: BackendKind,
     /// Size of shared memory region 1 (a power of two; K/M/G suffixes allowed).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     shmem_size: u64,
@@ -77,13 +79,22 @@ struct VhostUserArgs {
     /// each SIGUSR1.
     #[arg(long, value_name = "PATH")]
     screenshot: Option<PathBuf>,
+    /// How long the device's idle loop may poll before it sleeps, in µs (as the device's
+    /// own flag; default: the device's, 200; 0: sleep at once).
+    #[arg(long, value_name = "US", value_parser = idle_poll_us())]
+    idle_poll_max_us: Option<u64>,
+}
+
+/// `--idle-poll-max-us`: the device's range (0 to 1 s).
+fn idle_poll_us() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(0..=hostmem_device::process::IDLE_POLL_LIMIT_US)
 }
 
 /// `--ro-bind` folders (canonical) and `--virgl-render-server` (its jail and policy from the
 /// device's policy folder) added to `device`.
 fn add_binds_and_server(
     device: &mut hostmem_vmm::device::DeviceConfig,
-    backend: &str,
+    backend: BackendKind,
     ro_bind: &[PathBuf],
     server: Option<&PathBuf>,
 ) -> anyhow::Result<()> {
@@ -93,7 +104,7 @@ fn add_binds_and_server(
         device.ro_binds.push(dir);
     }
     if let Some(server) = server {
-        if backend != "virgl" {
+        if !backend.is_virgl() {
             anyhow::bail!("--virgl-render-server needs --backend virgl");
         }
         let program = std::fs::canonicalize(server)
@@ -136,8 +147,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 64)]
     max_live: usize,
     /// Renderer backend: shm (always) or virgl (feature `virgl`).
-    #[arg(long, default_value = "shm")]
-    backend: String,
+    #[arg(long, value_enum, default_value_t = BackendKind::Shm)]
+    backend: BackendKind,
     /// Restart policy: `never` or `on-failure[:N]`.
     #[arg(long, default_value = "on-failure:3")]
     restart: Restart,
@@ -170,11 +181,16 @@ struct RunArgs {
     /// CPUs the VMM's mapping-service thread may run on (default: any).
     #[arg(long)]
     service_cpus: Option<hostmem_vmm::affinity::CpuList>,
-    /// How long the device's idle loop may poll before it sleeps, in µs (native transport;
-    /// default: the device's, 200; 0: sleep at once). More suits a device on a CPU of its
-    /// own (`--device-cpus`).
-    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=hostmem_device::process::IDLE_POLL_LIMIT_US))]
-    device_idle_poll_max_us: Option<u64>,
+    /// How long the device's idle loop may poll before it sleeps, in µs (the device's own
+    /// flag, either transport; default: the device's, 200; 0: sleep at once). More suits a
+    /// device on a CPU of its own (`--device-cpus`). Old name: `--device-idle-poll-max-us`.
+    #[arg(
+        long,
+        alias = "device-idle-poll-max-us",
+        value_name = "US",
+        value_parser = idle_poll_us()
+    )]
+    idle_poll_max_us: Option<u64>,
     /// Test knob (cargo feature `fault-injection`): SIGKILL the device once this many blobs
     /// are mapped.
     #[cfg(feature = "fault-injection")]
@@ -246,20 +262,6 @@ struct BenchArgs {
     repeat: u32,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let (num, mult) = match s.trim().to_ascii_uppercase().chars().last() {
-        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M') => (&s[..s.len() - 1], 1 << 20),
-        Some('G') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("bad size {s}"))
-}
-
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().collect();
     if raw.get(1).map(String::as_str) == Some("device") {
@@ -294,11 +296,12 @@ fn main() -> ExitCode {
 
 fn cmd_vhost_user(a: VhostUserArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<i32> {
     use hostmem_vmm::vhost_user::{supervise, vhost_user_device, SuperviseOptions};
-    let mut device = vhost_user_device(run::default_device(&a.backend, a.policy_dir)?);
+    let mut device = vhost_user_device(run::default_device(a.backend, a.policy_dir)?);
     device.memory_limit = Some(a.device_memory);
+    device.idle_poll_max = a.idle_poll_max_us.map(std::time::Duration::from_micros);
     add_binds_and_server(
         &mut device,
-        &a.backend,
+        a.backend,
         &a.ro_bind,
         a.virgl_render_server.as_ref(),
     )?;
@@ -356,14 +359,12 @@ fn screenshot_at_exit(
 }
 
 fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<i32> {
-    let mut device = run::default_device(&a.backend, a.policy_dir)?;
+    let mut device = run::default_device(a.backend, a.policy_dir)?;
     device.seccomp_log = a.seccomp_log;
     device.memory_limit = Some(a.device_memory);
     device.device_cpus = a.device_cpus.clone().map(|l| l.0).unwrap_or_default();
     device.service_cpus = a.service_cpus.clone().map(|l| l.0).unwrap_or_default();
-    device.idle_poll_max = a
-        .device_idle_poll_max_us
-        .map(std::time::Duration::from_micros);
+    device.idle_poll_max = a.idle_poll_max_us.map(std::time::Duration::from_micros);
     if a.no_jail {
         device.jailed = false;
         device.policy = None;
@@ -371,7 +372,7 @@ fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<
     }
     add_binds_and_server(
         &mut device,
-        &a.backend,
+        a.backend,
         &a.ro_bind,
         a.virgl_render_server.as_ref(),
     )?;
@@ -474,7 +475,7 @@ fn cmd_run(a: RunArgs, stop: &hostmem_vmm::stop::StopSignals) -> anyhow::Result<
 
 fn cmd_bench(a: BenchArgs) -> anyhow::Result<i32> {
     use hostmem_vmm::bench;
-    let mut device = run::default_device("shm", a.policy_dir)?;
+    let mut device = run::default_device(BackendKind::Shm, a.policy_dir)?;
     if device.log_filter.is_none() {
         device.log_filter = Some("error".into());
     }
@@ -563,4 +564,88 @@ fn bench_repeat(
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("hostmem").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(&[&["run"], args].concat()).unwrap().cmd {
+            Cmd::Run(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_backend_is_refused_with_the_names() {
+        for cmd in [&["run"][..], &["vhost-user", "--socket", "/tmp/x"][..]] {
+            let e = parse(&[cmd, &["--backend", "foo"]].concat()).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::InvalidValue);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("'foo'") && msg.contains("shm") && msg.contains("virgl"),
+                "{msg}"
+            );
+        }
+        assert_eq!(run_args(&[]).backend, BackendKind::Shm);
+        assert_eq!(
+            run_args(&["--backend", "virgl"]).backend,
+            BackendKind::Virgl
+        );
+    }
+
+    #[test]
+    fn every_size_flag_takes_suffixes_and_refuses_garbage() {
+        let a = run_args(&["--window", "1G", "--device-memory", "512M"]);
+        assert_eq!((a.window, a.device_memory), (1 << 30, 512 << 20));
+        let a = run_args(&["--window", "268435456", "--device-memory", "0"]);
+        assert_eq!((a.window, a.device_memory), (256 << 20, 0));
+        let Cmd::VhostUser(v) = parse(&["vhost-user", "--socket", "/s", "--shmem-size", "64K"])
+            .unwrap()
+            .cmd
+        else {
+            panic!()
+        };
+        assert_eq!((v.shmem_size, v.device_memory), (64 << 10, 1 << 30));
+        let Cmd::Bench(b) = parse(&["bench", "--window", "2g"]).unwrap().cmd else {
+            panic!()
+        };
+        assert_eq!(b.window, Some(2 << 30));
+        for bad in [
+            &["run", "--window", "1X"][..],
+            &["run", "--device-memory=-1"][..],
+            &["run", "--window", "99999999999G"][..],
+            &["vhost-user", "--socket", "/s", "--shmem-size", "1.5M"][..],
+            &["bench", "--window", ""][..],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_idle_poll_has_the_devices_name_and_keeps_the_old_one() {
+        assert_eq!(
+            run_args(&["--idle-poll-max-us", "1000"]).idle_poll_max_us,
+            Some(1000)
+        );
+        assert_eq!(
+            run_args(&["--device-idle-poll-max-us", "7"]).idle_poll_max_us,
+            Some(7)
+        );
+        assert_eq!(run_args(&[]).idle_poll_max_us, None);
+        assert!(parse(&["run", "--idle-poll-max-us", "1000001"]).is_err());
+        let Cmd::VhostUser(v) = parse(&["vhost-user", "--socket", "/s", "--idle-poll-max-us", "0"])
+            .unwrap()
+            .cmd
+        else {
+            panic!()
+        };
+        assert_eq!(v.idle_poll_max_us, Some(0));
+    }
 }

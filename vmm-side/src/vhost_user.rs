@@ -58,7 +58,7 @@ pub fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
 pub fn vhost_user_device(mut cfg: DeviceConfig) -> DeviceConfig {
     if let Some(p) = cfg.policy.take() {
         let dir = p.parent().map(Path::to_path_buf).unwrap_or_default();
-        let name = if cfg.backend == "virgl" {
+        let name = if cfg.backend.is_virgl() {
             "gpu_device_vhost_user_virgl.policy"
         } else {
             "gpu_device_vhost_user.policy"
@@ -273,7 +273,7 @@ pub fn start_backend(
         "--shmem-size".into(),
         shmem_size.to_string(),
         "--backend".into(),
-        cfg.backend.clone(),
+        cfg.backend.name().into(),
     ]);
     // The poll loop's idle window, as for the native device (`Device::start`).
     if let Some(max) = cfg.idle_poll_max {

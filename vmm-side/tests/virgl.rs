@@ -20,7 +20,7 @@ use common::{device_config_for, hostmem, serial, start_device};
 /// `hostmem run`'s virgl device config (jailed, kill action, `--test-ops`, the virgl
 /// read-only binds), with the test's `hostmem` binary in device mode.
 fn virgl_device() -> DeviceConfig {
-    let cfg = device_config_for("virgl");
+    let cfg = device_config_for(hostmem_vmm::run::BackendKind::Virgl);
     assert!(cfg.extra_args.iter().any(|a| a == "--test-ops"));
     cfg
 }

@@ -10,6 +10,61 @@ pub mod shm;
 #[cfg(feature = "virgl")]
 pub mod virgl;
 
+/// Which renderer backend the device runs: `--backend` of both binaries (a clap value
+/// list, so an unknown name is refused with the names), [`crate::process::Args::backend`]
+/// and the VMM's `DeviceConfig::backend`. Its [`name`](BackendKind::name) is what the
+/// device's command line, the policy file names (`gpu_device_{name}.policy`) and the
+/// reports carry.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Plain memfd blobs (always built).
+    #[default]
+    Shm,
+    /// virglrenderer (cargo feature `virgl`; a build without it refuses to start one).
+    Virgl,
+}
+
+impl BackendKind {
+    /// The name on the command line and in reports: `shm`, `virgl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Shm => "shm",
+            BackendKind::Virgl => "virgl",
+        }
+    }
+
+    /// True for [`BackendKind::Virgl`].
+    pub fn is_virgl(self) -> bool {
+        self == BackendKind::Virgl
+    }
+
+    /// Whether this build of the device has the backend.
+    pub fn is_built(self) -> bool {
+        match self {
+            BackendKind::Shm => true,
+            BackendKind::Virgl => cfg!(feature = "virgl"),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Why a backend refused an operation. The handler turns it into a virtio-gpu error
 /// response ([`BackendError::response`]) and logs the message.
 #[derive(Debug, thiserror::Error)]

@@ -1036,8 +1036,8 @@ struct Args {
     #[arg(long)]
     mapping_fd: i32,
     /// Backend name, as for `hostmem-gpu-device`.
-    #[arg(long, default_value = "shm")]
-    backend: String,
+    #[arg(long, value_enum, default_value_t = hostmem_device::backend::BackendKind::Shm)]
+    backend: hostmem_device::backend::BackendKind,
     /// The attack.
     #[arg(long, value_enum, default_value = "none")]
     scenario: Scenario,
@@ -1051,7 +1051,7 @@ struct Args {
     #[arg(long)]
     seccomp_fd: Option<i32>,
     /// The blob memory budget, as for `hostmem-gpu-device`.
-    #[arg(long)]
+    #[arg(long, value_parser = hostmem_base::size::parse_size)]
     blob_budget: Option<u64>,
     /// The window's guest-physical address, as for `hostmem-gpu-device` (the VMM passes it).
     #[arg(long)]
@@ -1105,7 +1105,7 @@ fn main() -> anyhow::Result<()> {
     // The VMM zeroes the background it shares with us after its own restores; our policy
     // has no fallocate.
     let mirror = Window::mirror_of(SharedMemory::from_fd(memfd, size)?)?;
-    let backend = hostmem_device::process::make_backend(&args.backend)?;
+    let backend = hostmem_device::process::make_backend(args.backend)?;
     // The real device's end of start-up: the run-time filter (no new code).
     hostmem_device::process::end_start_up()?;
     if args.scenario == Scenario::NoReady {
@@ -1125,7 +1125,7 @@ fn main() -> anyhow::Result<()> {
     let num_capsets = u32::try_from(backend.capsets().len()).unwrap_or(u32::MAX);
     mapping.send(
         &DeviceMsg::Ready {
-            backend: args.backend.clone(),
+            backend: args.backend.name().to_string(),
             num_capsets,
             num_scanouts: 1,
         },

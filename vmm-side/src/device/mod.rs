@@ -80,8 +80,8 @@ pub struct DeviceConfig {
     pub pre_args: Vec<String>,
     /// Arguments after ours (e.g. `--vma-limit N` for tests).
     pub extra_args: Vec<String>,
-    /// Renderer backend name.
-    pub backend: String,
+    /// Renderer backend (`--backend` on the device's command line).
+    pub backend: hostmem_device::backend::BackendKind,
     /// Jail it (namespaces, empty root, no caps, seccomp).
     pub jailed: bool,
     /// The seccomp policy file (minijail syntax); `None` = no filter (only when unjailed).
@@ -249,7 +249,7 @@ impl Device {
             "--mapping-fd".into(),
             MAPPING_FD.to_string(),
             "--backend".into(),
-            cfg.backend.clone(),
+            cfg.backend.name().into(),
             // Where the window is to the guest: no 2D resource's backing may lie there.
             "--window-gpa".into(),
             hostmem.window_gpa().to_string(),

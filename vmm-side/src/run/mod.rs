@@ -29,6 +29,7 @@ use crate::hostmem::{Hostmem, Limits, Mode, DEFAULT_WINDOW_GPA};
 pub use crate::latency::Latency;
 use crate::resources::{Usage, UsageCheck};
 use crate::virtio_pci::{PciLayout, VirtioPciGpu};
+pub use hostmem_device::backend::BackendKind;
 
 mod session;
 
@@ -126,8 +127,8 @@ pub struct Report {
     pub screenshot: Option<String>,
     /// `fixed` or `per-blob-slot`.
     pub mode: &'static str,
-    /// Backend.
-    pub backend: String,
+    /// Backend: `shm` or `virgl`.
+    pub backend: &'static str,
     /// How the VMM reaches the device: `virtio-pci` (transport and mapping tubes) or
     /// `vhost-user` (the VMM as vhost-user frontend). The guest sees virtio-pci either way.
     pub transport: &'static str,
@@ -382,7 +383,7 @@ pub fn run_until_stopped(
             ..Limits::default()
         },
     )?);
-    let virgl = opts.device.backend == "virgl";
+    let virgl = opts.device.backend.is_virgl();
     let params = GuestParams {
         blobs: u64::from(opts.blobs),
         seed: opts.seed,
@@ -779,7 +780,7 @@ pub fn run_until_stopped(
         display,
         screenshot,
         mode: opts.mode.name(),
-        backend: opts.device.backend.clone(),
+        backend: opts.device.backend.name(),
         transport: opts.transport.name(),
         window_bytes: opts.window,
         seed: opts.seed,
@@ -853,8 +854,11 @@ fn exits_violations(all: &mut Vec<String>, exit: &DeviceExit) {
 
 /// Default device config for the run: the device binary found beside us, jailed under
 /// `gpu_device_{backend}.policy`.
-pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Result<DeviceConfig> {
-    let virgl = backend == "virgl";
+pub fn default_device(
+    backend: BackendKind,
+    policy_dir: Option<PathBuf>,
+) -> anyhow::Result<DeviceConfig> {
+    let virgl = backend.is_virgl();
     let exe = std::env::current_exe()?;
     let (program, pre_args) = if virgl
         && cfg!(feature = "virgl")
@@ -877,11 +881,11 @@ pub fn default_device(backend: &str, policy_dir: Option<PathBuf>) -> anyhow::Res
 pub fn device_config(
     program: PathBuf,
     pre_args: Vec<String>,
-    backend: &str,
+    backend: BackendKind,
     policy_dir: Option<PathBuf>,
 ) -> DeviceConfig {
     let dir = policy_dir.unwrap_or_else(crate::policy::default_dir);
-    let virgl = backend == "virgl";
+    let virgl = backend.is_virgl();
     let mut ro_binds = crate::policy::loader_ro_binds();
     if virgl {
         ro_binds.extend(crate::policy::virgl_ro_binds());
@@ -896,7 +900,7 @@ pub fn device_config(
         } else {
             vec![]
         },
-        backend: backend.to_string(),
+        backend,
         jailed: true,
         policy: Some(dir.join(format!("gpu_device_{backend}.policy"))),
         seccomp_log: false,

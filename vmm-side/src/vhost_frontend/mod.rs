@@ -312,7 +312,7 @@ impl VhostUserDevice {
         hostmem: Arc<Hostmem>,
         timeout: Duration,
     ) -> anyhow::Result<VhostUserDevice> {
-        if cfg.render_server.is_some() && cfg.backend != "virgl" {
+        if cfg.render_server.is_some() && !cfg.backend.is_virgl() {
             bail!(
                 "a render server is for the virgl backend, not {}",
                 cfg.backend

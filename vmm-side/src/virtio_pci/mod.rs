@@ -102,27 +102,14 @@ pub const NUM_QUEUES: u16 = 2;
 /// Largest queue size offered (and the initial `queue_size`).
 pub const MAX_QUEUE_SIZE: u16 = 256;
 
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_F_RING_EVENT_IDX` (not offered; forwarded to the device if it ever is).
-pub const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
-/// `VIRTIO_GPU_F_VIRGL`.
-pub const VIRTIO_GPU_F_VIRGL: u64 = 1 << 0;
-/// `VIRTIO_GPU_F_EDID`: the device answers `GET_EDID`.
-pub const VIRTIO_GPU_F_EDID: u64 = 1 << 1;
-/// `VIRTIO_GPU_F_RESOURCE_UUID`: the device answers `RESOURCE_ASSIGN_UUID`.
-pub const VIRTIO_GPU_F_RESOURCE_UUID: u64 = 1 << 2;
-/// `VIRTIO_GPU_F_RESOURCE_BLOB`.
-pub const VIRTIO_GPU_F_RESOURCE_BLOB: u64 = 1 << 3;
-/// `VIRTIO_GPU_F_CONTEXT_INIT`.
-pub const VIRTIO_GPU_F_CONTEXT_INIT: u64 = 1 << 4;
-/// The features the device offers.
-pub const OFFERED_FEATURES: u64 = VIRTIO_F_VERSION_1
-    | VIRTIO_GPU_F_VIRGL
-    | VIRTIO_GPU_F_EDID
-    | VIRTIO_GPU_F_RESOURCE_UUID
-    | VIRTIO_GPU_F_RESOURCE_BLOB
-    | VIRTIO_GPU_F_CONTEXT_INIT;
+// The feature bits, shared with the vhost-user backend (`VIRTIO_F_RING_EVENT_IDX` is not
+// offered here; forwarded to the device if it ever is).
+pub use hostmem_device::features::{
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VIRTIO_GPU_F_CONTEXT_INIT, VIRTIO_GPU_F_EDID,
+    VIRTIO_GPU_F_RESOURCE_BLOB, VIRTIO_GPU_F_RESOURCE_UUID, VIRTIO_GPU_F_VIRGL,
+};
+/// The features the device offers: the GPU's ([`hostmem_device::features::GPU_FEATURES`]).
+pub const OFFERED_FEATURES: u64 = hostmem_device::features::GPU_FEATURES;
 
 /// Device status bits (virtio 1.2 §2.1).
 pub mod status {

@@ -41,7 +41,7 @@ pub fn kvm() -> bool {
 
 /// `hostmem run`'s device config for `backend`, with this test's `hostmem` binary in its
 /// device mode: jailed under `gpu_device_{backend}.policy` where namespaces work.
-pub fn device_config_for(backend: &str) -> DeviceConfig {
+pub fn device_config_for(backend: hostmem_vmm::run::BackendKind) -> DeviceConfig {
     let mut cfg = hostmem_vmm::run::device_config(
         PathBuf::from(env!("CARGO_BIN_EXE_hostmem")),
         vec!["device".into()],
@@ -58,7 +58,7 @@ pub fn device_config_for(backend: &str) -> DeviceConfig {
 
 /// The shm device config ([`device_config_for`]).
 pub fn device_config() -> DeviceConfig {
-    device_config_for("shm")
+    device_config_for(hostmem_vmm::run::BackendKind::Shm)
 }
 
 /// A window of `size` bytes without KVM, in fixed mode, for command-level checks.
