@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, BorrowedFd};
+#[cfg(feature = "fault-injection")]
 use std::sync::atomic::Ordering;
 
 use nix::sys::mman::MapFlags;
