@@ -263,21 +263,27 @@ fn a_killed_supervisors_device_dies_and_its_cgroup_is_removed_by_the_next() {
     assert!(!socket.exists());
 }
 
+/// `hostmem run` with far more blobs than a test waits for (a signal ends it).
+fn long_run() -> Command {
+    let mut c = Command::new(HOSTMEM);
+    c.args([
+        "run",
+        "--blobs",
+        "1000000",
+        "--json",
+        "--device-memory",
+        "64M",
+    ]);
+    c
+}
+
 #[test]
 fn sigterm_ends_hostmem_run_with_its_device_and_cgroup() {
     let _g = common::serial();
     if !usable() || !common::kvm() {
         return;
     }
-    let mut child = Command::new(HOSTMEM)
-        .args([
-            "run",
-            "--blobs",
-            "1000000",
-            "--json",
-            "--device-memory",
-            "64M",
-        ])
+    let mut child = long_run()
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -334,16 +340,8 @@ fn sigusr1_asks_hostmem_run_for_a_screenshot_and_the_run_goes_on() {
         return;
     }
     let shot = std::env::temp_dir().join(format!("hostmem-sigusr1-{}.png", std::process::id()));
-    let mut child = Command::new(HOSTMEM)
-        .args([
-            "run",
-            "--blobs",
-            "1000000",
-            "--json",
-            "--device-memory",
-            "64M",
-            "--screenshot",
-        ])
+    let mut child = long_run()
+        .arg("--screenshot")
         .arg(&shot)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

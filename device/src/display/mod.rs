@@ -101,6 +101,15 @@ fn refuse<T>(code: ErrorCode, reason: impl Into<String>) -> Result<T, Refusal> {
     Err((code, reason.into()))
 }
 
+/// One past the last byte of `rows` rows of `row` bytes each, `stride` apart, from
+/// `offset` (`None`: no rows, or it overflows).
+fn rows_end(offset: u64, stride: u64, rows: u32, row: u64) -> Option<u64> {
+    stride
+        .checked_mul(u64::from(rows).checked_sub(1)?)?
+        .checked_add(row)?
+        .checked_add(offset)
+}
+
 /// A served format and a size in 1 ..= [`MAX_2D_DIMENSION`] each way (2D resources and
 /// blob scanouts).
 fn format_and_size(format: u32, width: u32, height: u32) -> Result<Format, Refusal> {
@@ -557,11 +566,7 @@ impl Display {
             );
         }
         let offset = u64::from(c.offsets[0]);
-        let end = stride
-            .checked_mul(u64::from(c.height) - 1)
-            .and_then(|v| v.checked_add(row))
-            .and_then(|v| v.checked_add(offset));
-        match end {
+        match rows_end(offset, stride, c.height, row) {
             Some(end) if end <= blob.size => {}
             _ => {
                 return refuse(

@@ -231,11 +231,7 @@ impl Display {
         let stride = u64::from(res.stride);
         let row = u64::from(r.width) * bpp;
         // The last byte read: offset + stride × (height − 1) + row.
-        let src_end = stride
-            .checked_mul(u64::from(r.height) - 1)
-            .and_then(|v| v.checked_add(row))
-            .and_then(|v| v.checked_add(c.offset));
-        match src_end {
+        match super::rows_end(c.offset, stride, r.height, row) {
             Some(end) if end <= backing.len => {}
             _ => {
                 return refuse(
