@@ -8,10 +8,8 @@
 
 mod common;
 
-use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
-use hostmem_base::mmap::{MemoryMapping, Prot};
 use hostmem_device::backend::shm::{encode_stream, pattern_bytes, ShmBackend, ShmOp};
 use hostmem_device::display::{
     CursorInfo, DisplayConfig, Format, FrameInfo, FramePixels, FrameSink, CURSOR_SIZE,
@@ -65,20 +63,7 @@ struct Recorder {
 
 impl FrameSink for Recorder {
     fn frame(&mut self, info: &FrameInfo, pixels: FramePixels<'_>) {
-        let bytes = match pixels {
-            FramePixels::Bytes(b) => b.to_vec(),
-            FramePixels::Blob {
-                fd,
-                fd_offset,
-                size,
-            } => {
-                let m = MemoryMapping::from_fd(fd.as_fd(), fd_offset, size as usize, Prot::READ)
-                    .expect("map the blob");
-                let mut b = vec![0u8; size as usize];
-                m.read_slice(0, &mut b).unwrap();
-                b
-            }
-        };
+        let bytes = pixels.copy_out().expect("the frame's bytes");
         self.frames
             .lock()
             .unwrap()

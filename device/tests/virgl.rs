@@ -146,19 +146,7 @@ type Frame = (FrameInfo, Vec<u8>);
 
 impl FrameSink for Frames {
     fn frame(&mut self, info: &FrameInfo, pixels: FramePixels<'_>) {
-        let bytes = match pixels {
-            FramePixels::Bytes(b) => b.to_vec(),
-            FramePixels::Blob {
-                fd,
-                fd_offset,
-                size,
-            } => {
-                let m = MemoryMapping::from_fd(fd, fd_offset, size as usize, Prot::READ).unwrap();
-                let mut b = vec![0u8; size as usize];
-                m.read_slice(0, &mut b).unwrap();
-                b
-            }
-        };
+        let bytes = pixels.copy_out().expect("the frame's bytes");
         self.0.lock().unwrap().push((*info, bytes));
     }
 }

@@ -174,6 +174,38 @@ pub enum FramePixels<'a> {
     },
 }
 
+impl FramePixels<'_> {
+    /// The bytes as the device holds them (a blob's `size` bytes from `fd_offset`, read
+    /// with `pread`): what a sink that keeps frames keeps.
+    pub fn copy_out(&self) -> nix::Result<Vec<u8>> {
+        match *self {
+            FramePixels::Bytes(b) => Ok(b.to_vec()),
+            FramePixels::Blob {
+                fd,
+                fd_offset,
+                size,
+            } => {
+                let len = usize::try_from(size).map_err(|_| nix::errno::Errno::EFBIG)?;
+                let mut out = vec![0u8; len];
+                let mut done = 0usize;
+                while done < len {
+                    let at = fd_offset
+                        .checked_add(done as u64)
+                        .and_then(|a| i64::try_from(a).ok())
+                        .ok_or(nix::errno::Errno::EOVERFLOW)?;
+                    match nix::sys::uio::pread(fd, &mut out[done..], at) {
+                        Ok(0) => return Err(nix::errno::Errno::EIO),
+                        Ok(n) => done += n,
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
 /// Where flushed frames go: the supervisor's end in a later part (issue 26); tests record
 /// them. Called inside the command, so it must not block for long.
 pub trait FrameSink: Send {
