@@ -923,31 +923,39 @@ static int in_order(struct slot **s, u32 n, const char *why)
     return 1;
 }
 
-/* RESOURCE_CREATE_2D, ATTACH_BACKING (guest RAM at DRAW_GPA), the pattern, TRANSFER_TO_HOST_2D,
- * SET_SCANOUT 0 and RESOURCE_FLUSH, each answered OK_NODATA (errors counted). */
-static int draw(void)
+/* A w x h 2D resource `res` of `format` holding draw_pixel(seed) from guest RAM at `gpa`:
+ * the pattern written there, then RESOURCE_CREATE_2D, ATTACH_BACKING and
+ * TRANSFER_TO_HOST_2D queued in s[0..3] (the caller adds its own and sends them in order). */
+static void pattern_2d(struct slot **s, u32 res, u32 format, u64 gpa, u32 w, u32 h, u64 seed)
 {
-    u32 res = next_res++, w = DRAW_WIDTH, h = DRAW_HEIGHT;
-    volatile u32 *fb = (volatile u32 *)DRAW_GPA;
+    volatile u32 *px = (volatile u32 *)(uintptr_t)gpa;
     for (u32 y = 0; y < h; y++)
         for (u32 x = 0; x < w; x++)
-            fb[y * w + x] = draw_pixel(P->seed, x, y);
+            px[y * w + x] = draw_pixel(seed, x, y);
     barrier();
-    struct slot *s[6];
     s[0] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, VIRTIO_GPU_RESP_OK_NODATA, 40);
     put_u32(s[0]->req, 24, res);
-    put_u32(s[0]->req, 28, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM);
+    put_u32(s[0]->req, 28, format);
     put_u32(s[0]->req, 32, w);
     put_u32(s[0]->req, 36, h);
     s[1] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, VIRTIO_GPU_RESP_OK_NODATA, 48);
     put_u32(s[1]->req, 24, res);
     put_u32(s[1]->req, 28, 1); /* nr_entries */
-    put_u64(s[1]->req, 32, DRAW_GPA);
+    put_u64(s[1]->req, 32, gpa);
     put_u32(s[1]->req, 40, w * h * 4);
     s[2] = new_cmd(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D, 0, VIRTIO_GPU_RESP_OK_NODATA, 56);
     rect_at(s[2]->req, 24, w, h);
     put_u64(s[2]->req, 40, 0); /* offset */
     put_u32(s[2]->req, 48, res);
+}
+
+/* RESOURCE_CREATE_2D, ATTACH_BACKING (guest RAM at DRAW_GPA), the pattern, TRANSFER_TO_HOST_2D,
+ * SET_SCANOUT 0 and RESOURCE_FLUSH, each answered OK_NODATA (errors counted). */
+static int draw(void)
+{
+    u32 res = next_res++, w = DRAW_WIDTH, h = DRAW_HEIGHT;
+    struct slot *s[6];
+    pattern_2d(s, res, VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM, DRAW_GPA, w, h, P->seed);
     s[3] = new_cmd(VIRTIO_GPU_CMD_SET_SCANOUT, 0, VIRTIO_GPU_RESP_OK_NODATA, 48);
     rect_at(s[3]->req, 24, w, h);
     put_u32(s[3]->req, 40, 0); /* scanout_id */
@@ -1008,26 +1016,8 @@ static int cursor_cmd(u32 type, u32 res, u32 x, u32 y, u32 hot_x, u32 hot_y)
 static int cursor(void)
 {
     u32 res = next_res++, n = CURSOR_SIZE;
-    volatile u32 *img = (volatile u32 *)CURSOR_GPA;
-    for (u32 y = 0; y < n; y++)
-        for (u32 x = 0; x < n; x++)
-            img[y * n + x] = draw_pixel(P->seed ^ CURSOR_SALT, x, y);
-    barrier();
     struct slot *s[3];
-    s[0] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_CREATE_2D, 0, VIRTIO_GPU_RESP_OK_NODATA, 40);
-    put_u32(s[0]->req, 24, res);
-    put_u32(s[0]->req, 28, VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM);
-    put_u32(s[0]->req, 32, n);
-    put_u32(s[0]->req, 36, n);
-    s[1] = new_cmd(VIRTIO_GPU_CMD_RESOURCE_ATTACH_BACKING, 0, VIRTIO_GPU_RESP_OK_NODATA, 48);
-    put_u32(s[1]->req, 24, res);
-    put_u32(s[1]->req, 28, 1);
-    put_u64(s[1]->req, 32, CURSOR_GPA);
-    put_u32(s[1]->req, 40, n * n * 4);
-    s[2] = new_cmd(VIRTIO_GPU_CMD_TRANSFER_TO_HOST_2D, 0, VIRTIO_GPU_RESP_OK_NODATA, 56);
-    rect_at(s[2]->req, 24, n, n);
-    put_u64(s[2]->req, 40, 0);
-    put_u32(s[2]->req, 48, res);
+    pattern_2d(s, res, VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM, CURSOR_GPA, n, n, P->seed ^ CURSOR_SALT);
     int r = in_order(s, 3, "the cursor image failed");
     if (r <= 0)
         return r < 0 ? -1 : 0;
